@@ -1,0 +1,32 @@
+# Two commands for a fresh machine with Python 3.11 and pip: `make demo` and `make test`.
+# The venv is created once and reinstalled only when pyproject.toml changes.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+
+export NO_ALBUMENTATIONS_UPDATE := 1
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: install demo test bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet -e '.[train,serve,dev]'
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/pipelines demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) benchmarks/train_throughput.py
+	$(PY) benchmarks/quality.py ../shared/data/magnetic_tile_defect/magnetic_tile
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

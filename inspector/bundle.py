@@ -1,0 +1,190 @@
+"""The bundle: everything the line needs to score parts, with nothing implicit, verified before use.
+
+```
+bundle/
+  model.onnx        embedder: input NCHW float32, dynamic batch, output NxD (L2-normalised)
+  references.npy    golden reference embeddings, float32 (R x D)
+  inspector.json    schema version, preprocessing, scoring, threshold + rule, provenance, sha256 of every file
+```
+A bundle is written to a temporary sibling directory and renamed into place, so a reader never sees half of one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from inspector.errors import BundleError
+from inspector.preprocess import PreprocessConfig
+from inspector.scoring import ScoringConfig
+
+SCHEMA_VERSION = 1
+MANIFEST = "inspector.json"
+MODEL_FILE = "model.onnx"
+REFERENCES_FILE = "references.npy"
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """The decision threshold and how it was chosen (rule name and its inputs), so it can be audited."""
+
+    value: float
+    rule: str = "manual"
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"value": float(self.value), "rule": self.rule, "details": self.details}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Threshold":
+        return cls(value=float(data["value"]), rule=str(data.get("rule", "manual")), details=dict(data.get("details", {})))
+
+
+@dataclass(frozen=True)
+class BundleSpec:
+    """What goes into ``inspector.json`` besides the file hashes."""
+
+    preprocessing: PreprocessConfig
+    scoring: ScoringConfig
+    threshold: Threshold
+    model: dict[str, Any] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)
+    reference_ids: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "model": {"input_name": "images", "output_name": "embeddings", "mode": "image", **self.model},
+            "preprocessing": self.preprocessing.to_dict(),
+            "scoring": self.scoring.to_dict(),
+            "threshold": self.threshold.to_dict(),
+            "provenance": self.provenance,
+            "references": {"count": len(self.reference_ids), "ids": list(self.reference_ids)},
+        }
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A verified bundle on disk."""
+
+    path: Path
+    spec: BundleSpec
+    references: np.ndarray
+    manifest: dict[str, Any]
+
+    @property
+    def model_path(self) -> Path:
+        return self.path / MODEL_FILE
+
+    @property
+    def model_version(self) -> str:
+        model = self.manifest.get("model", {})
+        return f"{model.get('name', 'model')}:{model.get('version', 'unversioned')}"
+
+
+def sha256_file(path: Path, block: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(block):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_bundle(out: str | Path, model: str | Path | bytes, references: np.ndarray, spec: BundleSpec, *, overwrite: bool = False) -> Path:
+    """Write a bundle atomically: everything goes to a temp dir beside ``out``, which is then renamed into place."""
+    out = Path(out)
+    refs = np.ascontiguousarray(np.asarray(references, dtype=np.float32))
+    if refs.ndim != 2 or len(refs) == 0:
+        raise BundleError(f"{out}: references must be a non-empty 2-D array, got shape {refs.shape}")
+    if spec.reference_ids and len(spec.reference_ids) != len(refs):
+        raise BundleError(f"{out}: {len(spec.reference_ids)} reference ids for {len(refs)} references")
+    if out.exists() and not overwrite:
+        raise BundleError(f"{out}: already exists (pass overwrite=True to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        if isinstance(model, bytes):
+            (tmp / MODEL_FILE).write_bytes(model)
+        else:
+            shutil.copyfile(model, tmp / MODEL_FILE)
+        np.save(tmp / REFERENCES_FILE, refs, allow_pickle=False)
+        manifest = spec.to_dict()
+        manifest["model"].setdefault("embedding_dim", int(refs.shape[1]))
+        manifest["provenance"] = {"created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **manifest["provenance"]}
+        manifest["files"] = {name: sha256_file(tmp / name) for name in (MODEL_FILE, REFERENCES_FILE)}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        for name in (MODEL_FILE, REFERENCES_FILE, MANIFEST):
+            with open(tmp / name, "rb") as fh:
+                os.fsync(fh.fileno())
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}-{time.time_ns()}")
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    """Parse ``inspector.json`` and check the schema version, naming the file on any problem."""
+    path = Path(path)
+    manifest_path = path / MANIFEST
+    if not path.is_dir():
+        raise BundleError(f"{path}: not a bundle directory")
+    if not manifest_path.is_file():
+        raise BundleError(f"{manifest_path}: missing (not a bundle?)")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BundleError(f"{manifest_path}: not valid JSON ({exc})") from None
+    version = manifest.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise BundleError(f"{manifest_path}: unknown schema_version {version!r} (this inspector reads {SCHEMA_VERSION})")
+    return manifest
+
+
+def load_bundle(path: str | Path) -> Bundle:
+    """Read and verify a bundle: schema known, every file present and matching its sha256."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    files = manifest.get("files") or {}
+    for name in (MODEL_FILE, REFERENCES_FILE):
+        if name not in files:
+            raise BundleError(f"{path / MANIFEST}: no sha256 recorded for {name}")
+        file_path = path / name
+        if not file_path.is_file():
+            raise BundleError(f"{file_path}: missing from the bundle")
+        actual = sha256_file(file_path)
+        if actual != files[name]:
+            raise BundleError(f"{file_path}: sha256 {actual[:12]}… does not match the manifest ({files[name][:12]}…): file changed or corrupt")
+    try:
+        references = np.load(path / REFERENCES_FILE, allow_pickle=False)
+    except ValueError as exc:
+        raise BundleError(f"{path / REFERENCES_FILE}: unreadable ({exc})") from None
+    if references.ndim != 2:
+        raise BundleError(f"{path / REFERENCES_FILE}: expected a 2-D array, got shape {references.shape}")
+    try:
+        spec = BundleSpec(
+            preprocessing=PreprocessConfig.from_dict(manifest["preprocessing"]),
+            scoring=ScoringConfig.from_dict(manifest["scoring"]),
+            threshold=Threshold.from_dict(manifest["threshold"]),
+            model={k: v for k, v in manifest.get("model", {}).items()},
+            provenance=dict(manifest.get("provenance", {})),
+            reference_ids=list(manifest.get("references", {}).get("ids", [])),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise BundleError(f"{path / MANIFEST}: invalid field ({exc})") from None
+    return Bundle(path=path, spec=spec, references=references.astype(np.float32, copy=False), manifest=manifest)

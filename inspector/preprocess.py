@@ -1,0 +1,157 @@
+"""Image loading and eval preprocessing: the one implementation the line, training-time evaluation and export use.
+
+Two inference paths that disagree (hand-written preprocessing on the line, another in training) is the classic
+way an anomaly model flags everything in production. Training-time evaluation, ONNX parity checks and the line
+scorer therefore all call :func:`load_image`, :meth:`Preprocessor.resize` and :meth:`Preprocessor.normalize`.
+Training augmentation runs between ``resize`` and ``normalize`` on the uint8 array.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from inspector.errors import ImageError
+
+ResizeMode = Literal["letterbox", "stretch"]
+Interpolation = Literal["bicubic", "bilinear", "nearest", "area"]
+
+_PIL_FILTERS: dict[str, Image.Resampling] = {
+    "bicubic": Image.Resampling.BICUBIC,
+    "bilinear": Image.Resampling.BILINEAR,
+    "nearest": Image.Resampling.NEAREST,
+    "area": Image.Resampling.BOX,
+}
+
+#: Images with more pixels than this are refused before decoding (a decompression bomb or a wrong file).
+DEFAULT_MAX_PIXELS = 64_000_000
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """How an image becomes a network input; stored in the bundle so the line reproduces it exactly.
+
+    ``letterbox`` keeps the aspect ratio and pads (squashing a 200x512 part to a square smears small defects);
+    the pad colour is the normalisation mean (rounded to uint8), so padding is ~0 after :meth:`Preprocessor.normalize`.
+    """
+
+    height: int = 224
+    width: int = 224
+    resize: ResizeMode = "letterbox"
+    interpolation: Interpolation = "bicubic"
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    colour: Literal["rgb"] = "rgb"
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.height < 8 or self.width < 8:
+            raise ValueError(f"input size {self.height}x{self.width} is too small (minimum 8x8)")
+        if self.resize not in ("letterbox", "stretch"):
+            raise ValueError(f"unknown resize mode {self.resize!r}: use 'letterbox' or 'stretch'")
+        if self.interpolation not in _PIL_FILTERS:
+            raise ValueError(f"unknown interpolation {self.interpolation!r}: use one of {sorted(_PIL_FILTERS)}")
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise ValueError("mean and std need three values each, std > 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "PreprocessConfig":
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        for key in ("mean", "std"):
+            if key in known:
+                known[key] = tuple(float(v) for v in known[key])
+        return cls(**known)
+
+
+def load_image(source: str | Path | bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, name: str | None = None) -> Image.Image:
+    """Open, fully decode and validate one image; raise :class:`ImageError` naming the file and the problem.
+
+    Decoding fully here (not lazily) is what turns a truncated JPEG into an error for that file instead of a crash
+    somewhere inside a batch later. Grayscale and palette images become RGB; EXIF orientation is applied.
+    """
+    label = name or (str(source) if not isinstance(source, bytes) else "<bytes>")
+    if isinstance(source, bytes):
+        if not source:
+            raise ImageError(label, "empty file (0 bytes)")
+        stream: Any = io.BytesIO(source)
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise ImageError(label, "no such file")
+        if path.stat().st_size == 0:
+            raise ImageError(label, "empty file (0 bytes)")
+        stream = path
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own max_pixels check decides
+            img = Image.open(stream)
+        with img:
+            width, height = img.size
+            if width * height > max_pixels:
+                raise ImageError(label, f"image is {width}x{height} px, over the limit of {max_pixels} pixels")
+            if width < 1 or height < 1:
+                raise ImageError(label, f"image has no pixels ({width}x{height})")
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            return img.convert("RGB")
+    except ImageError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageError(label, "not an image (unknown format)") from None
+    except Image.DecompressionBombError as exc:
+        raise ImageError(label, f"image too large: {exc}") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageError(label, f"cannot decode image ({exc})") from None
+
+
+class Preprocessor:
+    """Turns decoded images into the float32 NCHW batches the embedder takes."""
+
+    def __init__(self, config: PreprocessConfig | None = None) -> None:
+        self.config = config or PreprocessConfig()
+        self._mean = np.asarray(self.config.mean, dtype=np.float32) * 255.0
+        self._inv_std = 1.0 / (np.asarray(self.config.std, dtype=np.float32) * 255.0)
+        self._pad = tuple(int(round(m * 255.0)) for m in self.config.mean)
+
+    def resize(self, image: Image.Image) -> np.ndarray:
+        """Resize to the configured size (letterbox or stretch); returns HxWx3 uint8."""
+        cfg = self.config
+        resample = _PIL_FILTERS[cfg.interpolation]
+        if cfg.resize == "stretch":
+            out = image.resize((cfg.width, cfg.height), resample)
+            return np.asarray(out, dtype=np.uint8)
+        w, h = image.size
+        scale = min(cfg.width / w, cfg.height / h)
+        new_w = max(1, min(cfg.width, int(round(w * scale))))
+        new_h = max(1, min(cfg.height, int(round(h * scale))))
+        resized = image.resize((new_w, new_h), resample)
+        canvas = Image.new("RGB", (cfg.width, cfg.height), self._pad)
+        canvas.paste(resized, ((cfg.width - new_w) // 2, (cfg.height - new_h) // 2))
+        return np.asarray(canvas, dtype=np.uint8)
+
+    def normalize(self, array: np.ndarray) -> np.ndarray:
+        """HxWx3 uint8 (or a stack NxHxWx3) to float32 CHW (NCHW), scaled by mean/std."""
+        x = (array.astype(np.float32) - self._mean) * self._inv_std
+        return np.ascontiguousarray(np.moveaxis(x, -1, -3))
+
+    def __call__(self, image: Image.Image) -> np.ndarray:
+        """One decoded image to a float32 CHW array."""
+        return self.normalize(self.resize(image))
+
+    def batch(self, images: list[Image.Image]) -> np.ndarray:
+        """Several decoded images to one float32 NCHW batch."""
+        if not images:
+            return np.zeros((0, 3, self.config.height, self.config.width), dtype=np.float32)
+        return self.normalize(np.stack([self.resize(img) for img in images]))

@@ -1,0 +1,84 @@
+"""Anomaly score of a part: its distance to the nearest golden references, and the verdict against a threshold.
+
+Pure numpy so the line, training-time evaluation and the registry's pyfunc share one implementation. The
+reference bank is scanned in chunks, so 100,000 references never need a queries x references matrix in memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import numpy as np
+
+Aggregation = Literal["mean", "max", "min"]
+
+
+@dataclass(frozen=True)
+class ScoringConfig:
+    """How distances to the references become one score (stored in the bundle)."""
+
+    distance: Literal["euclidean"] = "euclidean"
+    k: int = 1
+    aggregation: Aggregation = "mean"
+    chunk_size: int = 8192
+
+    def __post_init__(self) -> None:
+        if self.distance != "euclidean":
+            raise ValueError(f"unknown distance {self.distance!r}: only 'euclidean' is supported")
+        if self.k < 1:
+            raise ValueError(f"k must be >= 1, got {self.k}")
+        if self.aggregation not in ("mean", "max", "min"):
+            raise ValueError(f"unknown aggregation {self.aggregation!r}: use mean, max or min")
+        if self.chunk_size < 1:
+            raise ValueError("chunk_size must be >= 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ScoringConfig":
+        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+
+
+def knn_distances(queries: np.ndarray, references: np.ndarray, k: int = 1, chunk_size: int = 8192) -> np.ndarray:
+    """Euclidean distances from each query to its k nearest references, ascending: shape (Q, k).
+
+    Keeps a running top-k while scanning the bank in chunks of ``chunk_size`` references.
+    """
+    q = np.asarray(queries, dtype=np.float32)
+    r = np.asarray(references, dtype=np.float32)
+    if q.ndim != 2 or r.ndim != 2:
+        raise ValueError(f"queries and references must be 2-D, got {q.shape} and {r.shape}")
+    if q.shape[1] != r.shape[1]:
+        raise ValueError(f"embedding sizes differ: queries {q.shape[1]}, references {r.shape[1]}")
+    if len(r) == 0:
+        raise ValueError("the reference bank is empty: add golden references first")
+    k_eff = min(k, len(r))
+    q_sq = np.einsum("ij,ij->i", q, q)[:, None]
+    best = np.full((len(q), 0), np.inf, dtype=np.float32)
+    for start in range(0, len(r), chunk_size):
+        chunk = r[start : start + chunk_size]
+        d2 = q_sq + np.einsum("ij,ij->i", chunk, chunk)[None, :] - 2.0 * (q @ chunk.T)
+        merged = np.concatenate([best, d2.astype(np.float32)], axis=1)
+        if merged.shape[1] > k_eff:
+            idx = np.argpartition(merged, k_eff - 1, axis=1)[:, :k_eff]
+            merged = np.take_along_axis(merged, idx, axis=1)
+        best = merged
+    best.sort(axis=1)
+    return np.sqrt(np.maximum(best, 0.0))
+
+
+def anomaly_scores(embeddings: np.ndarray, references: np.ndarray, config: ScoringConfig | None = None) -> np.ndarray:
+    """One score per embedding: the aggregated distance to its k nearest golden references (higher = more anomalous)."""
+    cfg = config or ScoringConfig()
+    if len(embeddings) == 0:
+        return np.zeros((0,), dtype=np.float32)
+    d = knn_distances(embeddings, references, k=cfg.k, chunk_size=cfg.chunk_size)
+    agg = {"mean": np.mean, "max": np.max, "min": np.min}[cfg.aggregation]
+    return agg(d, axis=1).astype(np.float32)
+
+
+def verdicts(scores: np.ndarray, threshold: float) -> np.ndarray:
+    """True where a part is flagged as anomalous (score strictly above the threshold)."""
+    return np.asarray(scores) > threshold

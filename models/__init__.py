@@ -1,0 +1,1 @@
+"""Plain torch library: backbones, the Siamese embedder, losses, datasets, training and ONNX export (no prefect, no mlflow)."""

@@ -1,0 +1,231 @@
+"""Metric-learning losses for the Siamese embedder: contrastive and triplet, on explicit pairs/triplets or in-batch.
+
+Labels are integers; ``0`` means a good part by convention and any other value is a defect (types may differ).
+The in-batch variants take every usable pair or triplet from ONE N×N distance matrix, so a batch of N labelled
+images gives N·(N-1)/2 pairs for the cost of N forward passes. With ``normal_label`` set (the default) only
+constraints that involve a good part are used: goods are pulled together and pushed away from defects, while two
+defects carry no constraint between them — two different defects need not look alike, and forcing them together
+would teach the model that "defective" is one appearance, which is exactly what fails on a never-seen defect type.
+
+Distances are Euclidean and computed in float32 with autocast off (half-precision Gram matrices lose the small
+distances between near-identical goods), with gradients that stay finite when two embeddings coincide.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import ContextManager, Literal
+
+import torch
+from torch import Tensor, nn
+
+Mining = Literal["hard", "all"]
+
+#: Squared distances are clamped to at least this before the square root: d(sqrt x)/dx is unbounded at 0.
+_EPS = 1e-12
+
+
+def _full_precision(t: Tensor) -> ContextManager[None]:
+    """Autocast switched off for ``t``'s device when it is on; distances are computed in float32."""
+    device_type = t.device.type
+    try:
+        enabled = torch.is_autocast_enabled(device_type)
+    except (RuntimeError, TypeError):  # a device type autocast does not know (e.g. meta)
+        enabled = False
+    return torch.autocast(device_type=device_type, enabled=False) if enabled else nullcontext()
+
+
+def _zero_with_grad(t: Tensor) -> Tensor:
+    """A 0 loss still connected to the graph, so ``loss.backward()`` works on a batch with nothing to learn."""
+    return t.sum() * 0.0
+
+
+def _check_batch(embeddings: Tensor, labels: Tensor) -> None:
+    if embeddings.dim() != 2:
+        raise ValueError(f"embeddings must be (N, D), got shape {tuple(embeddings.shape)}")
+    if labels.dim() != 1 or labels.shape[0] != embeddings.shape[0]:
+        raise ValueError(f"labels must be (N,) with N={embeddings.shape[0]}, got shape {tuple(labels.shape)}")
+
+
+def pairwise_distances(embeddings: Tensor) -> Tensor:
+    """N×N Euclidean distances (float32, same device), diagonal exactly 0, gradient finite everywhere.
+
+    Uses the Gram-matrix form ``|a|² + |b|² - 2a·b`` (O(N·D) memory, not O(N²·D)) on batch-centred embeddings:
+    distances do not change under translation, and centring shrinks the terms that cancel, which keeps small
+    distances accurate (L2-normalised embeddings all have norm 1 and would otherwise cancel badly).
+    Squared distances are clamped to ``1e-12`` before the square root, so coinciding embeddings get a zero (not
+    NaN) gradient; off the diagonal they read ``1e-6`` instead of 0.
+    """
+    if embeddings.dim() != 2:
+        raise ValueError(f"embeddings must be (N, D), got shape {tuple(embeddings.shape)}")
+    with _full_precision(embeddings):
+        x = embeddings.float()
+        x = x - x.mean(dim=0, keepdim=True).detach()
+        sq = (x * x).sum(dim=1)
+        d2 = sq[:, None] + sq[None, :] - 2.0 * (x @ x.T)
+        d = d2.clamp_min(_EPS).sqrt()
+        eye = torch.eye(x.shape[0], dtype=torch.bool, device=x.device)
+        return d.masked_fill(eye, 0.0)
+
+
+def paired_distances(first: Tensor, second: Tensor) -> Tensor:
+    """Row-wise Euclidean distances between two (N, D) batches (the two Siamese branches), NaN-free gradient."""
+    if first.shape != second.shape or first.dim() != 2:
+        raise ValueError(
+            f"need two (N, D) batches of the same shape, got {tuple(first.shape)} and {tuple(second.shape)}"
+        )
+    with _full_precision(first):
+        diff = first.float() - second.float()
+        return (diff * diff).sum(dim=1).clamp_min(_EPS).sqrt()
+
+
+def contrastive_loss(distance: Tensor, dissimilar: Tensor, margin: float = 1.0) -> Tensor:
+    """``mean((1-Y)·½·D² + Y·½·max(0, m-D)²)`` with Y=1 for a dissimilar pair (Hadsell, Chopra & LeCun 2006).
+
+    Similar pairs are pulled to distance 0; dissimilar pairs are pushed out only until they are ``margin`` apart,
+    so the model spends no capacity on defects that are already obviously far.
+    """
+    if distance.shape != dissimilar.shape:
+        raise ValueError(
+            f"distance {tuple(distance.shape)} and dissimilar {tuple(dissimilar.shape)} must have the same shape"
+        )
+    if distance.numel() == 0:
+        return _zero_with_grad(distance)
+    d = distance.float()
+    y = dissimilar.to(device=d.device, dtype=d.dtype)
+    similar_term = (1.0 - y) * 0.5 * d.pow(2)
+    dissimilar_term = y * 0.5 * torch.relu(margin - d).pow(2)
+    return (similar_term + dissimilar_term).mean()
+
+
+def _upper_pairs(n: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Indices (i, j) of all pairs i<j, in row-major order."""
+    idx = torch.triu_indices(n, n, offset=1, device=device)
+    return idx[0], idx[1]
+
+
+def in_batch_contrastive_loss(
+    embeddings: Tensor, labels: Tensor, margin: float = 1.0, normal_label: int | None = 0
+) -> Tensor:
+    """Contrastive loss over all pairs i<j of a labelled batch, from one N×N distance matrix.
+
+    Y = (labels_i != labels_j). With ``normal_label`` set, only pairs holding at least one normal sample are used
+    (good-good pulled together, good-defect pushed apart, defect-defect ignored); with ``None`` every pair is used
+    (generic metric learning: same label = similar). Mean over the pairs used; 0 (with grad) if there are none.
+    """
+    _check_batch(embeddings, labels)
+    labels = labels.to(embeddings.device)
+    i, j = _upper_pairs(embeddings.shape[0], embeddings.device)
+    if normal_label is not None:
+        keep = (labels[i] == normal_label) | (labels[j] == normal_label)
+        i, j = i[keep], j[keep]
+    if i.numel() == 0:
+        return _zero_with_grad(embeddings)
+    distance = pairwise_distances(embeddings)[i, j]
+    return contrastive_loss(distance, labels[i] != labels[j], margin=margin)
+
+
+def triplet_loss(anchor: Tensor, positive: Tensor, negative: Tensor, margin: float = 0.5) -> Tensor:
+    """``mean(relu(d(a,p) - d(a,n) + margin))`` over explicit triplets, Euclidean distance."""
+    if anchor.numel() == 0:
+        return _zero_with_grad(anchor)
+    losses = torch.relu(paired_distances(anchor, positive) - paired_distances(anchor, negative) + margin)
+    return losses.mean()
+
+
+def _triplet_masks(labels: Tensor, normal_label: int | None) -> tuple[Tensor, Tensor]:
+    """(valid anchor-positive, valid anchor-negative) N×N masks; the anchor is the row.
+
+    With ``normal_label``: anchors and positives are normal, negatives are anything else. Without: classic
+    metric learning, positive = same label (not itself), negative = different label.
+    """
+    n = labels.shape[0]
+    not_self = ~torch.eye(n, dtype=torch.bool, device=labels.device)
+    if normal_label is not None:
+        normal = labels == normal_label
+        positive = normal[:, None] & normal[None, :] & not_self
+        negative = normal[:, None] & ~normal[None, :]
+    else:
+        same = labels[:, None] == labels[None, :]
+        positive = same & not_self
+        negative = ~same
+    return positive, negative
+
+
+def in_batch_triplet_loss(
+    embeddings: Tensor,
+    labels: Tensor,
+    margin: float = 0.5,
+    mining: Mining = "hard",
+    normal_label: int | None = 0,
+) -> Tensor:
+    """Triplet loss mined from one N×N distance matrix (Hermans, Beyer & Leibe 2017, "In Defense of the Triplet Loss").
+
+    ``"hard"`` (batch-hard): per anchor with at least one positive and one negative, its farthest positive and
+    nearest negative; mean over those anchors. ``"all"`` (batch-all): every valid triplet, averaged over the
+    triplets with a positive loss only — averaging over all of them would let the many already-satisfied triplets
+    dilute the gradient towards 0 as training progresses. 0 (with grad) when the batch holds no valid triplet.
+    See :func:`_triplet_masks` for what ``normal_label`` does.
+    """
+    _check_batch(embeddings, labels)
+    if mining not in ("hard", "all"):
+        raise ValueError(f"unknown mining {mining!r}: use 'hard' or 'all'")
+    labels = labels.to(embeddings.device)
+    positive, negative = _triplet_masks(labels, normal_label)
+    d = pairwise_distances(embeddings)
+    if mining == "hard":
+        anchors = positive.any(dim=1) & negative.any(dim=1)
+        if not bool(anchors.any()):
+            return _zero_with_grad(embeddings)
+        hardest_positive = d.masked_fill(~positive, float("-inf")).amax(dim=1)
+        hardest_negative = d.masked_fill(~negative, float("inf")).amin(dim=1)
+        return torch.relu(hardest_positive[anchors] - hardest_negative[anchors] + margin).mean()
+    valid = positive[:, :, None] & negative[:, None, :]  # [anchor, positive, negative]
+    losses = torch.relu(d[:, :, None] - d[:, None, :] + margin)[valid]
+    active = losses[losses > 0]
+    if active.numel() == 0:
+        return _zero_with_grad(embeddings)
+    return active.mean()
+
+
+class ContrastiveLoss(nn.Module):
+    """In-batch contrastive loss as a module: stores the margin and what counts as normal."""
+
+    def __init__(self, margin: float = 1.0, normal_label: int | None = 0) -> None:
+        super().__init__()
+        self.margin = margin
+        self.normal_label = normal_label
+
+    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        return in_batch_contrastive_loss(embeddings, labels, margin=self.margin, normal_label=self.normal_label)
+
+    def forward_pairs(self, first: Tensor, second: Tensor, dissimilar: Tensor) -> Tensor:
+        """Explicit-pairs mode: the two Siamese branches' embeddings and Y (1 = dissimilar)."""
+        return contrastive_loss(paired_distances(first, second), dissimilar, margin=self.margin)
+
+    def extra_repr(self) -> str:
+        return f"margin={self.margin}, normal_label={self.normal_label}"
+
+
+class TripletLoss(nn.Module):
+    """In-batch triplet loss as a module: stores the margin, the mining strategy and what counts as normal."""
+
+    def __init__(self, margin: float = 0.5, mining: Mining = "hard", normal_label: int | None = 0) -> None:
+        super().__init__()
+        if mining not in ("hard", "all"):
+            raise ValueError(f"unknown mining {mining!r}: use 'hard' or 'all'")
+        self.margin = margin
+        self.mining: Mining = mining
+        self.normal_label = normal_label
+
+    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        return in_batch_triplet_loss(
+            embeddings, labels, margin=self.margin, mining=self.mining, normal_label=self.normal_label
+        )
+
+    def forward_triplets(self, anchor: Tensor, positive: Tensor, negative: Tensor) -> Tensor:
+        """Explicit-triplets mode."""
+        return triplet_loss(anchor, positive, negative, margin=self.margin)
+
+    def extra_repr(self) -> str:
+        return f"margin={self.margin}, mining={self.mining!r}, normal_label={self.normal_label}"

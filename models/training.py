@@ -1,0 +1,350 @@
+"""Training loop for the Siamese embedder: seeded, checkpointed each epoch, resumable, early-stopped on validation AUROC.
+
+Kept apart from the network (``models.siamese``) the way anomalib keeps ``lightning_model`` apart from
+``torch_model``. CUDA when present (AMP, pinned memory, non-blocking copies, channels_last), CPU otherwise.
+Validation scores through ``inspector.scoring``, the same code the line uses.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from inspector.metrics import roc_auc
+from inspector.scoring import ScoringConfig, anomaly_scores
+from models.losses import contrastive_loss, in_batch_contrastive_loss, in_batch_triplet_loss, triplet_loss
+from models.siamese import Embedder, pair_distance
+
+log = logging.getLogger(__name__)
+
+LossName = Literal["contrastive", "triplet"]
+Mode = Literal["in_batch", "pairs", "triplets"]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Training hyper-parameters; defaults work for a pretrained backbone on a few hundred images."""
+
+    epochs: int = 8
+    batch_size: int = 32
+    lr: float = 1e-3
+    backbone_lr_scale: float = 0.1
+    weight_decay: float = 1e-4
+    loss: LossName = "contrastive"
+    mode: Mode = "in_batch"
+    margin: float = 1.0
+    mining: Literal["hard", "all"] = "hard"
+    max_steps_per_epoch: int | None = None
+    early_stopping_patience: int = 3
+    min_delta: float = 1e-4
+    collapse_variance: float = 1e-5
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True
+    num_workers: int = 0
+    progress: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class EpochRecord:
+    epoch: int
+    train_loss: float
+    val_auroc: float | None
+    embedding_variance: float
+    seconds: float
+    images: int
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else float("nan")
+
+
+@dataclass
+class TrainHistory:
+    """What happened: one record per epoch, the best epoch, and why training stopped."""
+
+    epochs: list[EpochRecord] = field(default_factory=list)
+    best_epoch: int | None = None
+    best_val_auroc: float | None = None
+    stopped_early: bool = False
+    collapsed: bool = False
+    device: str = "cpu"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        for rec, e in zip(d["epochs"], self.epochs):
+            rec["images_per_second"] = e.images_per_second
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainHistory":
+        epochs = [EpochRecord(**{k: v for k, v in e.items() if k in EpochRecord.__dataclass_fields__}) for e in data.get("epochs", [])]
+        rest = {k: v for k, v in data.items() if k in cls.__dataclass_fields__ and k != "epochs"}
+        return cls(epochs=epochs, **rest)
+
+
+@dataclass
+class ValidationData:
+    """Preprocessed validation images: golden references and labelled queries (label 1 = anomalous)."""
+
+    references: Tensor
+    queries: Tensor
+    labels: np.ndarray
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+@torch.no_grad()
+def embed_tensor(embedder: Embedder, images: Tensor, batch_size: int = 64, device: torch.device | None = None) -> np.ndarray:
+    """Embed a preprocessed NCHW tensor in eval mode; float32 numpy out."""
+    device = device or next(embedder.parameters()).device
+    was_training = embedder.training
+    embedder.eval()
+    outs = []
+    for i in range(0, len(images), batch_size):
+        x = images[i : i + batch_size].to(device, non_blocking=True)
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        outs.append(embedder(x).float().cpu())
+    embedder.train(was_training)
+    if not outs:
+        return np.zeros((0, embedder.embedding_dim), dtype=np.float32)
+    return torch.cat(outs).numpy()
+
+
+def validate(embedder: Embedder, data: ValidationData, device: torch.device | None = None) -> tuple[float, float]:
+    """Validation image AUROC (scored like the line) and the mean per-dimension embedding variance."""
+    refs = embed_tensor(embedder, data.references, device=device)
+    queries = embed_tensor(embedder, data.queries, device=device)
+    scores = anomaly_scores(queries, refs, data.scoring)
+    variance = float(np.concatenate([refs, queries]).var(axis=0).mean())
+    return roc_auc(data.labels, scores), variance
+
+
+def _loss(embedder: Embedder, batch: Any, cfg: TrainConfig, device: torch.device) -> tuple[Tensor, Tensor, int]:
+    """Loss for one batch in the configured mode; returns (loss, embeddings for the collapse monitor, images seen)."""
+    move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
+    fmt = (lambda t: t.contiguous(memory_format=torch.channels_last)) if device.type == "cuda" else (lambda t: t)
+    if cfg.mode == "in_batch":
+        x, labels = move(batch[0]), move(batch[1])
+        z = embedder(fmt(x))
+        if cfg.loss == "contrastive":
+            loss = in_batch_contrastive_loss(z, labels, margin=cfg.margin)
+        else:
+            loss = in_batch_triplet_loss(z, labels, margin=cfg.margin, mining=cfg.mining)
+        return loss, z, len(x)
+    if cfg.mode == "pairs":
+        x1, x2, y = move(batch[0]), move(batch[1]), move(batch[2])
+        z = embedder(fmt(torch.cat([x1, x2])))
+        d = pair_distance(z[: len(x1)], z[len(x1) :])
+        if cfg.loss != "contrastive":
+            raise ValueError("mode 'pairs' trains with the contrastive loss; use mode 'triplets' for the triplet loss")
+        return contrastive_loss(d, y.float(), margin=cfg.margin), z, 2 * len(x1)
+    if cfg.mode == "triplets":
+        a, p, n = (move(t) for t in batch[:3])
+        z = embedder(fmt(torch.cat([a, p, n])))
+        za, zp, zn = z.split(len(a))
+        return triplet_loss(za, zp, zn, margin=cfg.margin), z, 3 * len(a)
+    raise ValueError(f"unknown training mode {cfg.mode!r}")
+
+
+def _optimizer(embedder: Embedder, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW with a smaller learning rate for the (pretrained) backbone than for the fresh projection head."""
+    backbone = [p for p in embedder.backbone.parameters() if p.requires_grad]
+    head = [p for n, p in embedder.named_parameters() if p.requires_grad and not n.startswith("backbone.")]
+    groups = [{"params": head, "lr": cfg.lr}]
+    if backbone:
+        groups.append({"params": backbone, "lr": cfg.lr * cfg.backbone_lr_scale})
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Write a checkpoint atomically (temp file, then rename), so a killed run never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    try:
+        return torch.load(path, map_location=map_location, weights_only=False)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: checkpoint not found") from None
+    except Exception as exc:  # a truncated or foreign file
+        raise ValueError(f"{path}: not a readable checkpoint ({exc})") from None
+
+
+def train(
+    embedder: Embedder,
+    dataset: Dataset,
+    config: TrainConfig | None = None,
+    *,
+    validation: ValidationData | None = None,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
+    extra_state: dict[str, Any] | None = None,
+) -> TrainHistory:
+    """Train ``embedder`` in place; returns the history. The best-validated weights are restored at the end.
+
+    With ``checkpoint_dir``, ``last.pt`` is written after every epoch and ``best.pt`` whenever validation improves;
+    ``resume=True`` continues from ``last.pt`` (same config) as if the run had not been interrupted.
+    """
+    cfg = config or TrainConfig()
+    device = resolve_device(cfg.device)
+    seed_everything(cfg.seed)
+    embedder.to(device)
+    if device.type == "cuda":
+        embedder.to(memory_format=torch.channels_last)
+    optimizer = _optimizer(embedder, cfg)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(cfg.epochs, 1))
+    use_amp = cfg.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    history = TrainHistory(device=str(device))
+    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir else None
+    best_state: dict[str, Tensor] | None = None
+    start_epoch = 0
+    bad_epochs = 0
+    best_score: float | None = None
+
+    if resume:
+        if ckpt_dir is None or not (ckpt_dir / "last.pt").is_file():
+            raise FileNotFoundError(f"resume asked but there is no checkpoint at {ckpt_dir}/last.pt")
+        state = load_checkpoint(ckpt_dir / "last.pt", map_location=device)
+        embedder.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        history = TrainHistory.from_dict(state["history"])
+        bad_epochs = int(state.get("bad_epochs", 0))
+        best_score = state.get("best_score")
+        start_epoch = int(state["epoch"]) + 1
+        if (ckpt_dir / "best.pt").is_file():
+            best_state = load_checkpoint(ckpt_dir / "best.pt", map_location="cpu")["model"]
+        torch.set_rng_state(state["torch_rng"])
+        log.info("resumed from %s at epoch %d", ckpt_dir / "last.pt", start_epoch)
+
+    loader_gen = torch.Generator().manual_seed(cfg.seed)
+    loader = DataLoader(
+        dataset,
+        batch_size=cfg.batch_size,
+        shuffle=True,
+        drop_last=len(dataset) > cfg.batch_size,  # type: ignore[arg-type]
+        num_workers=cfg.num_workers,
+        pin_memory=device.type == "cuda",
+        generator=loader_gen,
+        persistent_workers=cfg.num_workers > 0,
+    )
+
+    for epoch in range(start_epoch, cfg.epochs):
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(epoch)  # type: ignore[attr-defined]
+        loader_gen.manual_seed(cfg.seed * 1_000_003 + epoch)
+        embedder.train()
+        t0 = time.perf_counter()
+        total, n_batches, n_images = 0.0, 0, 0
+        variances: list[float] = []
+        steps = len(loader) if cfg.max_steps_per_epoch is None else min(len(loader), cfg.max_steps_per_epoch)
+        bar = _progress(steps, f"epoch {epoch + 1}/{cfg.epochs}", cfg.progress)
+        for step, batch in enumerate(loader):
+            if step >= steps:
+                break
+            optimizer.zero_grad(set_to_none=True)
+            with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
+                loss, z, seen = _loss(embedder, batch, cfg, device)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"epoch {epoch + 1}, step {step + 1}: loss is {loss.item()} (diverged); lower the learning rate")
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            total += float(loss.detach())
+            n_batches += 1
+            n_images += seen
+            variances.append(float(z.detach().float().var(dim=0).mean()))
+            if bar is not None:
+                bar.set_postfix(loss=f"{total / n_batches:.4f}")
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        scheduler.step()
+        seconds = time.perf_counter() - t0
+        val_auroc, variance = (None, float(np.mean(variances)) if variances else 0.0)
+        if validation is not None:
+            val_auroc, variance = validate(embedder, validation, device)
+        record = EpochRecord(epoch, total / max(n_batches, 1), val_auroc, variance, seconds, n_images)
+        history.epochs.append(record)
+        log.info("epoch %d loss %.4f val_auroc %s variance %.2e %.1f img/s", epoch + 1, record.train_loss, val_auroc, variance, record.images_per_second)
+        if variance < cfg.collapse_variance:
+            history.collapsed = True
+            log.warning("embedding collapse: mean embedding variance %.2e < %.1e at epoch %d", variance, cfg.collapse_variance, epoch + 1)
+
+        score = val_auroc if val_auroc is not None and not math.isnan(val_auroc) else -record.train_loss
+        improved = best_score is None or score > best_score + cfg.min_delta
+        if improved:
+            best_score, history.best_epoch, history.best_val_auroc, bad_epochs = score, epoch, val_auroc, 0
+            best_state = {k: v.detach().cpu().clone() for k, v in embedder.state_dict().items()}
+            if ckpt_dir is not None:
+                save_checkpoint(ckpt_dir / "best.pt", {"model": best_state, "epoch": epoch, **(extra_state or {})})
+        else:
+            bad_epochs += 1
+        stop = validation is not None and bad_epochs >= cfg.early_stopping_patience
+        history.stopped_early = stop and epoch + 1 < cfg.epochs
+        if ckpt_dir is not None:
+            save_checkpoint(
+                ckpt_dir / "last.pt",
+                {
+                    "model": embedder.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "epoch": epoch,
+                    "bad_epochs": bad_epochs,
+                    "best_score": best_score,
+                    "history": history.to_dict(),
+                    "train_config": cfg.to_dict(),
+                    "torch_rng": torch.get_rng_state(),
+                    **(extra_state or {}),
+                },
+            )
+        if stop:
+            log.info("early stop at epoch %d: no validation gain for %d epochs", epoch + 1, bad_epochs)
+            break
+
+    if best_state is not None:
+        embedder.load_state_dict(best_state)
+    return history
+
+
+def _progress(total: int, desc: str, enabled: bool) -> Any:
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - tqdm is in the train extra
+        return None
+    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)

@@ -1,0 +1,139 @@
+"""Finding the images of a dataset and splitting them deterministically.
+
+Reads the MVTec AD / anomalib Folder layout (``train/good``, ``test/good``, ``test/<defect>``) or plain folders of
+good and defective images. Splits are by a hash of each image's *group* (by default the file itself), never by
+file order, so adding images never moves old ones, and all images of one group (a physical part photographed
+several times, a capture session) land on the same side.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One image of a dataset: where it is, whether it is good, its defect type and its origin folder split."""
+
+    path: Path
+    label: int  # 0 good, 1 defective
+    defect_type: str  # "good" for good images
+    source_split: str  # "train" / "test" in the MVTec layout, "" for plain folders
+
+    @property
+    def is_good(self) -> bool:
+        return self.label == 0
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Image files directly in ``folder`` (sorted; hidden files and non-image suffixes ignored)."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+
+
+def scan_mvtec(root: str | Path) -> list[ImageRecord]:
+    """All images of an MVTec-layout folder; raises FileNotFoundError naming what is missing."""
+    root = Path(root)
+    if not (root / "train" / "good").is_dir():
+        raise FileNotFoundError(f"{root}: no train/good folder (expected the MVTec AD layout: train/good, test/good, test/<defect>)")
+    records = [ImageRecord(p, 0, "good", "train") for p in list_images(root / "train" / "good")]
+    test = root / "test"
+    if test.is_dir():
+        for sub in sorted(d for d in test.iterdir() if d.is_dir()):
+            label = 0 if sub.name == "good" else 1
+            records += [ImageRecord(p, label, sub.name, "test") for p in list_images(sub)]
+    return records
+
+
+def scan_folders(good: str | Path, defective: str | Path | None = None) -> list[ImageRecord]:
+    """Plain ``--good DIR --defective DIR`` input; sub-folders of the defective dir become defect types."""
+    good = Path(good)
+    if not good.is_dir():
+        raise FileNotFoundError(f"{good}: good-image folder not found")
+    records = [ImageRecord(p, 0, "good", "") for p in list_images(good)]
+    if defective is not None:
+        defective = Path(defective)
+        if not defective.is_dir():
+            raise FileNotFoundError(f"{defective}: defective-image folder not found")
+        records += [ImageRecord(p, 1, "defect", "") for p in list_images(defective)]
+        for sub in sorted(d for d in defective.iterdir() if d.is_dir()):
+            records += [ImageRecord(p, 1, sub.name, "") for p in list_images(sub)]
+    return records
+
+
+def mask_path(root: str | Path, record: ImageRecord) -> Path | None:
+    """The ground-truth mask of a defective MVTec image, if the dataset has one."""
+    if record.is_good:
+        return None
+    p = Path(root) / "ground_truth" / record.defect_type / f"{record.path.stem}_mask.png"
+    return p if p.is_file() else None
+
+
+def hash_fraction(key: str, salt: str = "") -> float:
+    """A stable number in [0, 1) for a key: the basis of every split here."""
+    digest = hashlib.sha256(f"{salt}:{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def assign_split(key: str, fractions: Sequence[tuple[str, float]], salt: str = "") -> str:
+    """Deterministic split of one group key given ``[(name, fraction), …]`` summing to 1."""
+    total = sum(f for _, f in fractions)
+    if abs(total - 1.0) > 1e-6:
+        raise ValueError(f"split fractions sum to {total}, not 1")
+    u = hash_fraction(key, salt)
+    acc = 0.0
+    for name, frac in fractions:
+        acc += frac
+        if u < acc:
+            return name
+    return fractions[-1][0]
+
+
+GroupKey = Callable[[Path], str]
+
+
+def group_by_file(path: Path) -> str:
+    """Default group: the image itself (its name, so a re-encoded copy elsewhere keeps its split)."""
+    return path.name
+
+
+def group_by_regex(pattern: str) -> GroupKey:
+    """Group by the first capture group of ``pattern`` in the file name (e.g. a session or part id prefix)."""
+    rx = re.compile(pattern)
+
+    def key(path: Path) -> str:
+        m = rx.search(path.name)
+        return m.group(1) if m and m.groups() else path.name
+
+    return key
+
+
+def group_by_number_gaps(paths: Iterable[Path], pattern: str, gap: int) -> dict[Path, str]:
+    """Group images whose sorted numeric ids (first capture group of ``pattern``) lie within ``gap`` of each other.
+
+    For capture sequences where one physical part is photographed several times in consecutive frames.
+    """
+    rx = re.compile(pattern)
+    numbered: list[tuple[int, Path]] = []
+    groups: dict[Path, str] = {}
+    for p in paths:
+        m = rx.search(p.name)
+        if m:
+            numbered.append((int(m.group(1)), p))
+        else:
+            groups[p] = p.name
+    numbered.sort()
+    current, prev = None, None
+    for n, p in numbered:
+        if prev is None or n - prev > gap:
+            current = f"g{n}"
+        groups[p] = str(current)
+        prev = n
+    return groups

@@ -1,0 +1,264 @@
+"""The main job as plain functions: split → train → export → golden references → threshold → evaluate.
+
+Each step is a small function with explicit inputs and outputs so Prefect tasks can wrap them one to one, and
+so the demo, the benchmarks and the tests run exactly the same code. Evaluation scores through ``inspector``
+(the ONNX model in the bundle), so the reported numbers are the numbers the line will produce.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from inspector.bundle import BundleSpec, Threshold, write_bundle
+from inspector.engine import Inspector, OnnxEmbedder
+from inspector.metrics import average_precision, rates_at_threshold, roc_auc
+from inspector.preprocess import PreprocessConfig, Preprocessor, load_image
+from inspector.scoring import ScoringConfig, anomaly_scores
+from models.export import check_parity, export_onnx
+from models.pairs import LabelledImageDataset, default_augmentation
+from models.siamese import Embedder, EmbedderConfig, build_embedder
+from models.synthetic import SyntheticDefects
+from models.training import TrainConfig, TrainHistory, ValidationData, train
+from pipelines.datasets import ImageRecord, assign_split, group_by_file
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Every setting of one training run, with defaults that work on parts never seen before."""
+
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    embedder: EmbedderConfig = field(default_factory=EmbedderConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    use_real_defects: bool = True
+    defect_fraction: float = 0.5
+    synthetic_fraction: float | None = None
+    epoch_size: int = 512
+    augment_strength: float = 1.0
+    calibration_fraction: float = 0.2
+    defect_train_fraction: float = 0.5
+    defect_val_fraction: float = 0.15
+    target_false_reject_rate: float = 0.01
+    max_validation_references: int = 256
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "preprocess": self.preprocess.to_dict(),
+            "embedder": self.embedder.to_dict(),
+            "train": self.train.to_dict(),
+            "scoring": self.scoring.to_dict(),
+            **{k: getattr(self, k) for k in self.__dataclass_fields__ if k not in ("preprocess", "embedder", "train", "scoring")},
+        }
+
+
+def tiny_recipe(**overrides: Any) -> Recipe:
+    """A small, fast recipe (tiny CNN, 64 px) for tests and quick demos on CPU."""
+    base = Recipe(
+        preprocess=PreprocessConfig(height=64, width=64, resize="stretch", interpolation="bilinear"),
+        embedder=EmbedderConfig(backbone="tiny_cnn", weights=None, embedding_dim=32, hidden_dim=64, pooling="gem"),
+        train=TrainConfig(epochs=4, batch_size=32, lr=3e-3, max_steps_per_epoch=None, progress=False),
+        epoch_size=256,
+    )
+    return replace(base, **overrides)
+
+
+@dataclass
+class DataSplit:
+    """Which image plays which role. Test defects are never used in training or validation."""
+
+    train_good: list[Path]
+    train_defective: list[Path]
+    calibration_good: list[Path]
+    validation_defective: list[Path]
+    test: list[ImageRecord]
+
+    def summary(self) -> dict[str, int]:
+        return {
+            "train_good": len(self.train_good),
+            "train_defective": len(self.train_defective),
+            "calibration_good": len(self.calibration_good),
+            "validation_defective": len(self.validation_defective),
+            "test_good": sum(r.is_good for r in self.test),
+            "test_defective": sum(not r.is_good for r in self.test),
+        }
+
+
+def split_records(records: Sequence[ImageRecord], recipe: Recipe, group_of: Callable[[Path], str] = group_by_file) -> DataSplit:
+    """Deterministic split by hashed group key.
+
+    Goods from ``train`` (or unlabelled-split goods) go to training/references or calibration; goods from ``test``
+    go to test. Defective images are split by group into train / validation / test, so the test set always holds
+    defects (and physical parts) the model never trained on.
+    """
+    train_good, cal_good, train_def, val_def, test = [], [], [], [], []
+    cal = recipe.calibration_fraction
+    d_train = recipe.defect_train_fraction if recipe.use_real_defects else 0.0
+    d_val = recipe.defect_val_fraction if recipe.use_real_defects else 0.0
+    salt = f"seed{recipe.seed}"
+    for r in records:
+        key = group_of(r.path)
+        if r.is_good:
+            if r.source_split == "test":
+                test.append(r)
+            elif assign_split(key, [("cal", cal), ("train", 1.0 - cal)], salt) == "cal":
+                cal_good.append(r.path)
+            else:
+                train_good.append(r.path)
+        else:
+            role = assign_split(key, [("train", d_train), ("val", d_val), ("test", 1.0 - d_train - d_val)], salt + r.defect_type)
+            if role == "train":
+                train_def.append(r.path)
+            elif role == "val":
+                val_def.append(r.path)
+            else:
+                test.append(r)
+    if len(train_good) < 2:
+        raise ValueError(f"only {len(train_good)} good training images after the split: need at least 2")
+    return DataSplit(train_good, train_def, cal_good, val_def, test)
+
+
+def load_preprocessed(paths: Sequence[Path], preprocessor: Preprocessor) -> np.ndarray:
+    """Eval-preprocess images (the line's own preprocessing) into one NCHW float32 array."""
+    return preprocessor.batch([load_image(p) for p in paths]) if paths else np.zeros((0, 3, preprocessor.config.height, preprocessor.config.width), np.float32)
+
+
+def validation_data(split: DataSplit, recipe: Recipe) -> ValidationData | None:
+    """Validation for early stopping: calibration goods vs held-out defects (or synthetic ones made from goods)."""
+    if not split.calibration_good:
+        return None
+    pre = Preprocessor(recipe.preprocess)
+    rng = np.random.default_rng(recipe.seed)
+    refs = list(split.train_good)
+    if len(refs) > recipe.max_validation_references:
+        refs = [refs[i] for i in sorted(rng.choice(len(refs), recipe.max_validation_references, replace=False))]
+    good = load_preprocessed(split.calibration_good, pre)
+    if split.validation_defective:
+        bad = load_preprocessed(split.validation_defective, pre)
+    else:
+        synth = SyntheticDefects()
+        resized = [pre.resize(load_image(p)) for p in split.calibration_good]
+        bad = pre.normalize(np.stack([synth(img, np.random.default_rng([recipe.seed, 7, i]))[0] for i, img in enumerate(resized)]))
+    labels = np.r_[np.zeros(len(good)), np.ones(len(bad))]
+    return ValidationData(
+        references=torch.from_numpy(load_preprocessed(refs, pre)),
+        queries=torch.from_numpy(np.concatenate([good, bad])),
+        labels=labels,
+        scoring=recipe.scoring,
+    )
+
+
+def fit_embedder(split: DataSplit, recipe: Recipe, checkpoint_dir: Path | None = None, *, resume: bool = False) -> tuple[Embedder, TrainHistory]:
+    """Train the Siamese embedder on the split's training images (real defects + synthetic ones)."""
+    torch.manual_seed(recipe.seed)
+    embedder = build_embedder(recipe.embedder)
+    dataset = LabelledImageDataset(
+        split.train_good,
+        split.train_defective,
+        Preprocessor(recipe.preprocess),
+        defect_fraction=recipe.defect_fraction,
+        synthetic_fraction=recipe.synthetic_fraction,
+        epoch_size=recipe.epoch_size,
+        augment=default_augmentation(recipe.augment_strength) if recipe.augment_strength > 0 else None,
+        synthetic=SyntheticDefects(),
+        seed=recipe.seed,
+    )
+    history = train(
+        embedder,
+        dataset,
+        replace(recipe.train, seed=recipe.seed),
+        validation=validation_data(split, recipe),
+        checkpoint_dir=checkpoint_dir,
+        resume=resume,
+        extra_state={"embedder_config": recipe.embedder.to_dict(), "preprocess": recipe.preprocess.to_dict()},
+    )
+    return embedder.cpu().eval(), history
+
+
+def percentile_threshold(good_scores: np.ndarray, target_frr: float) -> Threshold:
+    """Threshold at the (1 − target FRR) quantile of held-out good scores (good images only rule)."""
+    if len(good_scores) == 0:
+        raise ValueError("no calibration scores: cannot calibrate a threshold")
+    q = 1.0 - target_frr
+    value = float(np.quantile(good_scores, q, method="higher"))
+    return Threshold(value, rule="good_percentile", details={"quantile": q, "n_good": int(len(good_scores))})
+
+
+def build_bundle(embedder: Embedder, split: DataSplit, recipe: Recipe, out: Path, *, provenance: dict[str, Any] | None = None,
+                 model_name: str = "siamese-inspector", model_version: str = "dev", overwrite: bool = True) -> Path:
+    """Export to ONNX (with a parity check on real images), embed golden references and calibrate the threshold."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    onnx_path = out.parent / f".{out.name}.model.onnx"
+    pre = Preprocessor(recipe.preprocess)
+    export_onnx(embedder, onnx_path, height=recipe.preprocess.height, width=recipe.preprocess.width)
+    try:
+        parity_paths = (split.calibration_good or split.train_good)[:8]
+        parity = check_parity(embedder, onnx_path, load_preprocessed(parity_paths, pre))
+        onnx = OnnxEmbedder(onnx_path, recipe.preprocess)
+        references, ref_errors = onnx.embed(split.train_good)
+        bad_refs = [e for e in ref_errors if e]
+        if bad_refs:
+            raise ValueError(f"{len(bad_refs)} golden reference images could not be read: {bad_refs[:3]}")
+        if split.calibration_good:
+            cal_emb, _ = onnx.embed(split.calibration_good)
+            threshold = percentile_threshold(anomaly_scores(cal_emb, references, recipe.scoring), recipe.target_false_reject_rate)
+        else:
+            threshold = Threshold(float("inf"), rule="uncalibrated", details={"reason": "no calibration images"})
+        spec = BundleSpec(
+            preprocessing=recipe.preprocess,
+            scoring=recipe.scoring,
+            threshold=threshold,
+            model={"name": model_name, "version": model_version, "backbone": recipe.embedder.backbone, "parity_max_abs_diff": parity},
+            provenance=provenance or {},
+            reference_ids=[p.name for p in split.train_good],
+        )
+        return write_bundle(out, onnx_path, references, spec, overwrite=overwrite)
+    finally:
+        onnx_path.unlink(missing_ok=True)
+
+
+@dataclass
+class Evaluation:
+    """Scores of the test images through the bundle and the metrics computed from them."""
+
+    paths: list[str]
+    defect_types: list[str]
+    labels: np.ndarray
+    scores: np.ndarray
+    threshold: float
+    errors: list[str] = field(default_factory=list)
+
+    def metrics(self) -> dict[str, float]:
+        m = {"image_auroc": roc_auc(self.labels, self.scores), "average_precision": average_precision(self.labels, self.scores)}
+        m.update(rates_at_threshold(self.labels, self.scores, self.threshold))
+        return m
+
+    def per_type_auroc(self) -> dict[str, float]:
+        """AUROC of each defect type against all good test images."""
+        types = np.asarray(self.defect_types)
+        good = self.labels == 0
+        return {t: roc_auc(self.labels[good | (types == t)], self.scores[good | (types == t)]) for t in sorted(set(types[~good]))}
+
+
+def evaluate_bundle(bundle: Path, test: Sequence[ImageRecord]) -> Evaluation:
+    """Score the test images through the line's code path (``Inspector``) and keep per-image results."""
+    inspector = Inspector.from_bundle(bundle)
+    results = inspector.score([r.path for r in test])
+    kept = [(r, res) for r, res in zip(test, results) if res.error is None]
+    return Evaluation(
+        paths=[str(r.path) for r, _ in kept],
+        defect_types=[r.defect_type for r, _ in kept],
+        labels=np.array([r.label for r, _ in kept]),
+        scores=np.array([res.score for _, res in kept], dtype=np.float64),
+        threshold=inspector.threshold,
+        errors=[res.error for res in results if res.error],  # type: ignore[misc]
+    )

@@ -1,0 +1,47 @@
+"""Shared fixtures: environment for offline runs, small generated datasets, image files of every bad kind."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+MAGNETIC_TILES = SHARED_DATA / "magnetic_tile_defect" / "magnetic_tile"
+
+
+@pytest.fixture(scope="session")
+def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small generated MVTec-layout dataset shared by the tests that only read it."""
+    from models.demo_data import generate_demo_dataset
+
+    root = tmp_path_factory.mktemp("demo") / "data"
+    generate_demo_dataset(root, seed=0, n_train_good=48, n_test_good=16, n_test_per_defect=6, height=64, width=64)
+    return root
+
+
+@pytest.fixture()
+def bad_images(tmp_path: Path) -> dict[str, Path]:
+    """One file of each kind the line must survive: corrupt, empty, truncated, not an image, absurd size."""
+    good = tmp_path / "good.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 30, 3), dtype=np.uint8)).save(good)
+    jpeg = tmp_path / "full.jpg"
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(jpeg, quality=90)
+    truncated = tmp_path / "truncated.jpg"
+    truncated.write_bytes(jpeg.read_bytes()[: len(jpeg.read_bytes()) // 2])
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    text = tmp_path / "notes.png"
+    text.write_text("this is not an image")
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(good.read_bytes()[:40] + b"\x00" * 200)
+    huge = tmp_path / "huge.png"
+    Image.new("L", (12000, 12000)).save(huge)  # 144 MP, small on disk
+    return {"good": good, "truncated": truncated, "empty": empty, "text": text, "corrupt": corrupt, "huge": huge}

@@ -1,0 +1,94 @@
+"""Unit tests of the line scorer's pure parts: loading, preprocessing, scoring, metrics, bundle integrity."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from inspector.bundle import BundleSpec, Threshold, load_bundle, write_bundle
+from inspector.errors import BundleError, ImageError
+from inspector.metrics import average_precision, rates_at_threshold, roc_auc
+from inspector.preprocess import PreprocessConfig, Preprocessor, load_image
+from inspector.scoring import ScoringConfig, anomaly_scores, knn_distances
+
+
+def test_load_image_names_file_and_problem(bad_images: dict[str, Path]) -> None:
+    assert load_image(bad_images["good"]).mode == "RGB"
+    expected = {"empty": "empty file", "text": "not an image", "truncated": "cannot decode", "corrupt": "", "huge": "over the limit"}
+    for kind, fragment in expected.items():
+        with pytest.raises(ImageError) as info:
+            load_image(bad_images[kind])
+        assert str(bad_images[kind]) in str(info.value)
+        assert fragment in str(info.value)
+
+
+def test_letterbox_keeps_aspect_and_pads_to_zero() -> None:
+    img = Image.fromarray(np.full((100, 40, 3), 200, np.uint8))  # portrait 40x100
+    pre = Preprocessor(PreprocessConfig(height=50, width=50))
+    x = pre(img)
+    assert x.shape == (3, 50, 50) and x.dtype == np.float32
+    # content is 20 px wide in the middle; padding is the mean colour, ~0 after normalisation
+    assert np.allclose(x[:, :, :10], 0.0, atol=0.005) and np.allclose(x[:, :, -10:], 0.0, atol=0.005)
+    assert np.allclose(x[:, :, 20:30], (200 / 255 - 0.5) / 0.5, atol=1e-6)
+    stretched = Preprocessor(PreprocessConfig(height=50, width=50, resize="stretch"))(img)
+    assert np.allclose(stretched, (200 / 255 - 0.5) / 0.5, atol=1e-6)
+
+
+def test_preprocess_config_round_trip_and_validation() -> None:
+    cfg = PreprocessConfig(height=96, width=160, mean=(0.1, 0.2, 0.3))
+    assert PreprocessConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    with pytest.raises(ValueError):
+        PreprocessConfig(resize="squash")  # type: ignore[arg-type]
+
+
+def test_knn_distances_chunked_equals_brute_force() -> None:
+    rng = np.random.default_rng(0)
+    q, r = rng.normal(size=(7, 5)).astype(np.float32), rng.normal(size=(53, 5)).astype(np.float32)
+    brute = np.sort(np.linalg.norm(q[:, None] - r[None], axis=2), axis=1)[:, :3]
+    assert np.allclose(knn_distances(q, r, k=3, chunk_size=4), brute, atol=1e-4)
+    scores = anomaly_scores(q, r, ScoringConfig(k=3, aggregation="mean", chunk_size=10))
+    assert np.allclose(scores, brute.mean(axis=1), atol=1e-4)
+    with pytest.raises(ValueError, match="embedding sizes differ"):
+        knn_distances(q, r[:, :4])
+
+
+def test_metrics_against_hand_computed() -> None:
+    labels = np.array([0, 0, 1, 1])
+    # pairs (pos, neg): (0.35>0.1) (0.35<0.4) (0.8>0.1) (0.8>0.4) → 3 of 4
+    assert roc_auc(labels, np.array([0.1, 0.4, 0.35, 0.8])) == pytest.approx(0.75)
+    assert roc_auc(labels, np.array([0.5, 0.5, 0.5, 0.5])) == pytest.approx(0.5)
+    # ranking: 0.8(+) 0.4(-) 0.35(+) 0.1(-): AP = 0.5*1 + 0.5*(2/3)
+    assert average_precision(labels, np.array([0.1, 0.4, 0.35, 0.8])) == pytest.approx(0.5 + 1 / 3)
+    rates = rates_at_threshold(labels, np.array([0.1, 0.4, 0.35, 0.8]), threshold=0.3)
+    assert rates["false_reject_rate"] == pytest.approx(0.5) and rates["escape_rate"] == pytest.approx(0.0)
+
+
+def _spec() -> BundleSpec:
+    return BundleSpec(PreprocessConfig(height=32, width=32), ScoringConfig(k=2), Threshold(0.5, "manual"), model={"name": "m", "version": "3"})
+
+
+def test_bundle_round_trip_and_tamper_detection(tmp_path: Path) -> None:
+    refs = np.random.default_rng(0).normal(size=(4, 8)).astype(np.float32)
+    out = write_bundle(tmp_path / "b", b"not really onnx", refs, _spec())
+    bundle = load_bundle(out)
+    assert np.array_equal(bundle.references, refs)
+    assert bundle.spec.scoring.k == 2 and bundle.model_version == "m:3"
+    assert not list(tmp_path.glob(".b.*")), "no temp dirs left behind"
+    with pytest.raises(BundleError, match="already exists"):
+        write_bundle(out, b"x", refs, _spec())
+    (out / "model.onnx").write_bytes(b"tampered")
+    with pytest.raises(BundleError, match="model.onnx.*does not match"):
+        load_bundle(out)
+
+
+def test_bundle_unknown_schema_refused(tmp_path: Path) -> None:
+    out = write_bundle(tmp_path / "b", b"m", np.ones((1, 4), np.float32), _spec())
+    manifest = json.loads((out / "inspector.json").read_text())
+    manifest["schema_version"] = 99
+    (out / "inspector.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="unknown schema_version 99"):
+        load_bundle(out)
