@@ -116,7 +116,9 @@ def _to_uint8(image: _Array) -> _Array:
     return np.clip(np.rint(image), 0, 255).astype(np.uint8)
 
 
-def _polyline_distance(points: _Array, height: int, width: int, pad: float) -> tuple[_Array, _Array, tuple[slice, slice]]:
+def _polyline_distance(
+    points: _Array, height: int, width: int, pad: float
+) -> tuple[_Array, _Array, tuple[slice, slice]]:
     """Distance from each pixel of the polyline's bounding box to the polyline, and the arc parameter (0..1).
 
     Only the bounding box (grown by ``pad``) is computed, so long images cost nothing extra.
@@ -328,7 +330,7 @@ def _blend_colour(image: _Array, alpha: _Array, colour: _Array) -> _Array:
 def _scratch(scene: _Scene, rng: np.random.Generator) -> tuple[_Array, _Array]:
     """A tool or handling scratch: a thin smooth curve, bright (cuts through to clean metal) or dark."""
     size = _size_class(rng)
-    lo, hi = [(5.0, 12.0), (12.0, 24.0), (24.0, 48.0)][size]
+    lo, hi = [(6.0, 12.0), (12.0, 24.0), (24.0, 48.0)][size]
     length = max(rng.uniform(lo, hi) * scene.scale, 4.0)
     p0 = _random_point(rng, scene.inner)
     ang = rng.uniform(0, 2 * math.pi)
@@ -343,10 +345,12 @@ def _scratch(scene: _Scene, rng: np.random.Generator) -> tuple[_Array, _Array]:
     alpha = _finish(scene, _stroke_alpha(scene, pts, widths), scene.inner)
     k = _strength(rng)
     img = scene.image
-    if rng.random() < 0.6:
-        target = img + (250.0 - img) * 0.75 * k
+    # Bright where the surface is dull, dark where it is already in the highlight: either way a human sees it.
+    under = float(_luminance(img)[alpha > 0].mean()) if (alpha > 0).any() else 0.0
+    if rng.random() < (0.8 if under < 165.0 else 0.2):
+        target = img + (252.0 - img) * 0.85 * k
     else:
-        target = img * (1.0 - 0.55 * k)
+        target = img * (1.0 - 0.6 * k)
     return _blend_colour(img, alpha, target), alpha
 
 
@@ -661,9 +665,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=_parse_size, default=(96, 96), metavar="HxW", help="image size (default 96x96)")
     parser.add_argument("--train", type=int, default=80, metavar="N", help="good training images (default 80)")
     parser.add_argument("--test-good", type=int, default=24, metavar="N", help="good test images (default 24)")
-    parser.add_argument("--per-defect", type=int, default=8, metavar="N", help="test images per defect type (default 8)")
     parser.add_argument(
-        "--defects", default=",".join(DEFECT_TYPES), help=f"comma-separated defect types (default {','.join(DEFECT_TYPES)})"
+        "--per-defect", type=int, default=8, metavar="N", help="test images per defect type (default 8)"
+    )
+    parser.add_argument(
+        "--defects",
+        default=",".join(DEFECT_TYPES),
+        help=f"comma-separated defect types (default {','.join(DEFECT_TYPES)})",
     )
     args = parser.parse_args(argv)
     defects = [d.strip() for d in args.defects.split(",") if d.strip()]

@@ -89,7 +89,7 @@ class SyntheticDefects:
         return _fallback_spot(scene, rng)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Scene:
     """The image a defect is drawn on, with where defects may go (computed once per call)."""
 
@@ -128,12 +128,14 @@ def placement_weights(image: np.ndarray) -> np.ndarray:
     gray = cv2.cvtColor(content, cv2.COLOR_RGB2GRAY).astype(np.float32)
     mean = cv2.blur(gray, (small, small))
     std = np.sqrt(np.maximum(cv2.blur(gray * gray, (small, small)) - mean * mean, 0.0))
-    texture = cv2.blur(std, (2 * small + 1, 2 * small + 1))
+    # Opening-like: erosion removes thin ridges of high std (the part's outline) and keeps textured areas.
+    texture = cv2.blur(cv2.erode(std, np.ones((2 * small + 1, 2 * small + 1), np.uint8)), (small, small))
     frame = np.concatenate([content[:2].reshape(-1, 3), content[-2:].reshape(-1, 3),
                             content[:, :2].reshape(-1, 3), content[:, -2:].reshape(-1, 3)])
     background = np.median(frame, axis=0).astype(np.float32)
     distance = cv2.blur(np.linalg.norm(content.astype(np.float32) - background, axis=2), (small, small))
-    weights[y0:y1, x0:x1] = _unit(texture, 1.0) + _unit(distance, 4.0) + 0.01
+    # Squared texture: faint sensor noise on a background must weigh far less than the part's own texture.
+    weights[y0:y1, x0:x1] = _unit(texture, 1.0) ** 2 + _unit(distance, 4.0) + 0.01
     return weights
 
 
@@ -194,7 +196,7 @@ def _ensure_visible(
     change = np.abs(out.astype(np.int16) - image.astype(np.int16))[mask].mean()
     if change >= _MIN_MEAN_CHANGE:
         return out
-    dark = bool(image[mask].mean() > 127 or rng.random() < 0.5)
+    dark = bool(image[mask].mean() > 127)  # towards whichever end has headroom
     boosted, _ = composite(out, shade(out, rng.uniform(0.15, 0.35), dark), np.maximum(alpha, 0.5) * mask)
     return boosted
 
@@ -345,21 +347,25 @@ def _stain(scene: Scene, size: float, rng: np.random.Generator) -> tuple[np.ndar
 
 def _texture(scene: Scene, size: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """A region whose texture differs: blurred, noisy or grainy, or with lowered/raised local contrast."""
-    image = scene.image
     alpha = _irregular_blob(scene, size * rng.uniform(0.9, 1.4), (0.15, 0.4), rng) * rng.uniform(0.6, 1.0)
+    y0, y1, x0, x1 = scene.box
+    content = scene.image[y0:y1, x0:x1]  # filters must not pull in letterbox padding
     mode = ("blur", "noise", "contrast")[int(rng.integers(3))]
     if mode == "blur":
         sigma = max(1.0, size / 10)
-        layer = apply_albumentations(A.GaussianBlur(blur_limit=0, sigma_limit=(sigma, 2.5 * sigma), p=1.0), image, rng)
+        changed = apply_albumentations(A.GaussianBlur(blur_limit=0, sigma_limit=(sigma, 2.5 * sigma), p=1.0),
+                                       content, rng)
     elif mode == "noise":
         transform = A.GaussNoise(std_range=(0.02, 0.08), per_channel=False,
                                  noise_scale_factor=float(rng.uniform(0.3, 1.0)), p=1.0)
-        layer = apply_albumentations(transform, image, rng)
+        changed = apply_albumentations(transform, content, rng)
     else:
-        x = image.astype(np.float32)
-        local_mean = cv2.GaussianBlur(x, (0, 0), max(1.5, size / 8))
+        x = content.astype(np.float32)
+        local_mean = cv2.GaussianBlur(x, (0, 0), max(1.5, size / 8), borderType=cv2.BORDER_REFLECT_101)
         gain = rng.uniform(0.1, 0.5) if rng.random() < 0.5 else rng.uniform(1.6, 2.5)
-        layer = np.clip(local_mean + gain * (x - local_mean), 0, 255)
+        changed = np.clip(local_mean + gain * (x - local_mean), 0, 255)
+    layer = scene.image.astype(np.float32)
+    layer[y0:y1, x0:x1] = changed
     return layer, alpha
 
 

@@ -1,0 +1,403 @@
+"""Training datasets: labelled images for in-batch losses, explicit pairs for contrastive loss, triplets.
+
+Every item goes through the one eval preprocessing of :mod:`inspector.preprocess`:
+``load_image -> Preprocessor.resize -> (synthetic defect, augmentation on the uint8 array) -> Preprocessor.normalize``,
+so a model never trains on pixels the line would not produce. Images are decoded once (:class:`ImageStore`), which
+also turns an unreadable file into an :class:`~inspector.errors.ImageError` naming it before training starts.
+
+Determinism: which images make up item ``i`` of an epoch (the *plan*) is a function of ``(seed, epoch)`` alone, and
+how item ``i`` looks (augmentation, synthetic defect) of ``np.random.default_rng([seed, epoch, i])`` alone. So the
+same seed and epoch give the same items in any order, with any number of DataLoader workers. Call
+:meth:`set_epoch` before each epoch (before iterating the loader); the epoch lives in a shared-memory tensor, so it
+also reaches ``persistent_workers=True`` workers, which otherwise keep the copy of the dataset they started with.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Union
+
+import albumentations as A
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from inspector.preprocess import Preprocessor, load_image
+from models.synthetic import SyntheticDefects
+
+GOOD, DEFECT, SYNTHETIC = 0, 1, 2
+
+#: An albumentations transform (seeded per item from the item's rng), or ``f(image, rng) -> image`` on HxWx3 uint8.
+Augment = Union[A.BasicTransform, A.BaseCompose, Callable[[np.ndarray, np.random.Generator], np.ndarray]]
+
+# Seed-sequence key of the per-epoch plan; 4 entries with a non-zero last one, so it never equals an item's
+# [seed, epoch, index] (numpy's SeedSequence ignores trailing zeros).
+_PLAN_STREAM = 0x5EED
+
+
+class ImageStore:
+    """Decoded, resized uint8 images kept in memory (training sets here are hundreds of images, not millions).
+
+    Decoding once up front makes epochs cheap and makes a corrupt file fail at construction, naming the file.
+    The stacked array is read-only: augmentations and synthetic defects work on copies.
+    """
+
+    def __init__(self, paths: Sequence[str | Path], preprocessor: Preprocessor) -> None:
+        self.paths: tuple[Path, ...] = tuple(Path(p) for p in paths)
+        self.preprocessor = preprocessor
+        cfg = preprocessor.config
+        arrays = [preprocessor.resize(load_image(p, max_pixels=cfg.max_pixels)) for p in self.paths]
+        images = np.stack(arrays) if arrays else np.zeros((0, cfg.height, cfg.width, 3), np.uint8)
+        images.setflags(write=False)
+        self._images = images
+
+    def __len__(self) -> int:
+        return len(self._images)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self._images[i]
+
+
+def default_augmentation(strength: float = 1.0) -> A.Compose:
+    """Mild, label-preserving augmentation for parts; ``strength`` scales every range, 0 gives the identity.
+
+    Small shift/scale/rotation (a part never sits exactly the same way twice), brightness/contrast (lighting),
+    slight blur or noise (focus, sensor). No crops that could cut a defect out, no flips (a mirrored part may
+    itself be a defect), and blur/noise kept below what would erase a pit a few pixels wide.
+    """
+    if strength < 0:
+        raise ValueError(f"strength must be >= 0, got {strength}")
+    if strength == 0:
+        return A.Compose([])
+    s = float(strength)
+    return A.Compose([
+        A.Affine(
+            translate_percent=(-0.03 * s, 0.03 * s),
+            scale=(1.0 - 0.05 * s, 1.0 + 0.05 * s),
+            rotate=(-5.0 * s, 5.0 * s),
+            interpolation=cv2.INTER_LINEAR,
+            border_mode=cv2.BORDER_REFLECT_101,
+            p=0.8,
+        ),
+        A.RandomBrightnessContrast(brightness_limit=0.1 * s, contrast_limit=0.1 * s, p=0.8),
+        A.OneOf([
+            A.GaussianBlur(blur_limit=0, sigma_limit=(0.2, 0.2 + 0.4 * s), p=1.0),
+            A.GaussNoise(std_range=(0.0, min(0.5, 0.02 * s)), per_channel=False, p=1.0),
+        ], p=min(1.0, 0.3 * s)),
+    ])
+
+
+def augment_image(augment: Augment | None, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Apply ``augment`` with its randomness drawn from ``rng``; the result must keep the image's shape."""
+    if augment is None:
+        return image
+    if isinstance(augment, (A.BasicTransform, A.BaseCompose)):
+        seed = int(rng.integers(2**63))
+        augment.set_random_state(np.random.default_rng(seed), random.Random(seed))
+        out = augment(image=image)["image"]
+    else:
+        out = augment(image, rng)
+    if not isinstance(out, np.ndarray) or out.shape != image.shape or out.dtype != np.uint8:
+        got = f"{out.dtype} {out.shape}" if isinstance(out, np.ndarray) else type(out).__name__
+        raise ValueError(f"augmentation must return a {image.shape} uint8 array (size is fixed by the preprocessor), got {got}")
+    return out
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """Which images make up each item of one epoch.
+
+    ``kinds[i]`` is GOOD, DEFECT or SYNTHETIC: the label of a labelled item, or the kind of the last image of a
+    pair or triplet (GOOD for a similar pair). ``sources[i]`` holds one index per image of the item; every index
+    is into the good images except the last one of an item whose kind is DEFECT, which indexes the defective images.
+    """
+
+    kinds: np.ndarray
+    sources: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.kinds)
+
+
+class _SeededImageDataset(Dataset):
+    """Shared plumbing: image stores, the per-epoch plan, per-item rngs and the uint8 -> tensor path."""
+
+    def __init__(
+        self,
+        good: Sequence[str | Path],
+        defective: Sequence[str | Path],
+        preprocessor: Preprocessor | None,
+        *,
+        synthetic_fraction: float | None,
+        augment: Augment | None,
+        synthetic: SyntheticDefects | None,
+        seed: int,
+    ) -> None:
+        if seed < 0:
+            raise ValueError(f"seed must be >= 0, got {seed}")
+        self.preprocessor = preprocessor or Preprocessor()
+        self.good = ImageStore(good, self.preprocessor)
+        if len(self.good) < 2:
+            raise ValueError(f"need at least 2 good images to make training items, got {len(self.good)}")
+        self.defective = ImageStore(defective, self.preprocessor)
+        self.synthetic_fraction = _resolve_synthetic_fraction(synthetic_fraction, len(self.defective))
+        self.augment = augment
+        self.synthetic = synthetic or SyntheticDefects()
+        self.seed = int(seed)
+        self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
+        self._cached: tuple[int, EpochPlan] | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose items this dataset returns (new pairings, augmentations and defects)."""
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
+        self._epoch.fill_(int(epoch))
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch[0])
+
+    def plan(self) -> EpochPlan:
+        """The current epoch's plan (cheap: no image is touched)."""
+        return self._plan_for(self.epoch)
+
+    def _plan_for(self, epoch: int) -> EpochPlan:
+        if self._cached is None or self._cached[0] != epoch:
+            rng = np.random.default_rng([self.seed, epoch, 0, _PLAN_STREAM])
+            self._cached = (epoch, self._make_plan(rng))
+        return self._cached[1]
+
+    def kinds(self) -> np.ndarray:
+        """Per-item kind for the current epoch (see :class:`EpochPlan`)."""
+        return self.plan().kinds
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def _make_plan(self, rng: np.random.Generator) -> EpochPlan:
+        raise NotImplementedError
+
+    def _item(self, index: int) -> tuple[int, np.ndarray, np.random.Generator]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} items")
+        epoch = self.epoch  # read once: the plan and the item rng must agree
+        plan = self._plan_for(epoch)
+        return int(plan.kinds[index]), plan.sources[index], np.random.default_rng([self.seed, epoch, index])
+
+    def _good_view(self, i: int, rng: np.random.Generator) -> torch.Tensor:
+        return self._to_tensor(augment_image(self.augment, self.good[int(i)], rng))
+
+    def _negative_view(self, kind: int, i: int, rng: np.random.Generator) -> torch.Tensor:
+        if kind == DEFECT:
+            image = self.defective[int(i)]
+        else:
+            image, _ = self.synthetic(self.good[int(i)], rng)
+        return self._to_tensor(augment_image(self.augment, image, rng))
+
+    def _to_tensor(self, image: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(self.preprocessor.normalize(image))
+
+    def _negative_counts(self, n: int) -> dict[int, float]:
+        return {DEFECT: n * (1.0 - self.synthetic_fraction), SYNTHETIC: n * self.synthetic_fraction}
+
+
+class LabelledImageDataset(_SeededImageDataset):
+    """Single images with labels (GOOD, DEFECT, SYNTHETIC), for in-batch losses (batch-hard triplet, SupCon...).
+
+    About ``defect_fraction`` of the items are negatives, ``synthetic_fraction`` of those synthetic (default 1.0
+    without defective images, else 0.5). Counts are exact per epoch and every good (and defective) image is used
+    about equally often. ``epoch_size`` defaults to one pass over the good images as GOOD items.
+    """
+
+    def __init__(
+        self,
+        good: Sequence[str | Path],
+        defective: Sequence[str | Path] = (),
+        preprocessor: Preprocessor | None = None,
+        *,
+        defect_fraction: float = 0.5,
+        synthetic_fraction: float | None = None,
+        epoch_size: int | None = None,
+        augment: Augment | None = None,
+        synthetic: SyntheticDefects | None = None,
+        seed: int = 0,
+    ) -> None:
+        if not 0.0 <= defect_fraction < 1.0:
+            raise ValueError(f"defect_fraction must be in [0, 1), got {defect_fraction}")
+        if defect_fraction == 0.0 and synthetic_fraction is None:
+            synthetic_fraction = 1.0  # no negatives asked for: do not insist on defective images
+        super().__init__(good, defective, preprocessor, synthetic_fraction=synthetic_fraction, augment=augment,
+                         synthetic=synthetic, seed=seed)
+        self.defect_fraction = defect_fraction
+        self.epoch_size = math.ceil(len(self.good) / (1.0 - defect_fraction)) if epoch_size is None else epoch_size
+        if self.epoch_size < 1:
+            raise ValueError(f"epoch_size must be >= 1, got {epoch_size}")
+
+    def __len__(self) -> int:
+        return self.epoch_size
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        kind, sources, rng = self._item(index)
+        if kind == GOOD:
+            return self._good_view(sources[0], rng), GOOD
+        return self._negative_view(kind, sources[0], rng), kind
+
+    def _make_plan(self, rng: np.random.Generator) -> EpochPlan:
+        n = self.epoch_size
+        negatives = n * self.defect_fraction
+        kinds = balanced_kinds({GOOD: n - negatives, **self._negative_counts(negatives)}, rng)
+        sources = np.zeros((n, 1), np.int64)
+        for kind, store in ((GOOD, self.good), (SYNTHETIC, self.good), (DEFECT, self.defective)):
+            where = kinds == kind
+            sources[where, 0] = cycled_indices(int(where.sum()), len(store), rng)
+        return EpochPlan(kinds, sources)
+
+
+class PairDataset(_SeededImageDataset):
+    """Explicit pairs ``(x1, x2, y)`` for contrastive loss: y=0 similar (good, good), y=1 dissimilar.
+
+    ``x1`` is always a good image; for y=1 ``x2`` is a defective image or a synthetic defect made from a good one
+    (``synthetic_fraction`` of them). The two branches are augmented independently. Anchors cycle through all good
+    images; the two images of a similar pair are always different files.
+    """
+
+    def __init__(
+        self,
+        good: Sequence[str | Path],
+        defective: Sequence[str | Path] = (),
+        preprocessor: Preprocessor | None = None,
+        *,
+        num_pairs: int = 1000,
+        positive_fraction: float = 0.5,
+        synthetic_fraction: float | None = None,
+        augment: Augment | None = None,
+        synthetic: SyntheticDefects | None = None,
+        seed: int = 0,
+    ) -> None:
+        if num_pairs < 1:
+            raise ValueError(f"num_pairs must be >= 1, got {num_pairs}")
+        if not 0.0 <= positive_fraction <= 1.0:
+            raise ValueError(f"positive_fraction must be in [0, 1], got {positive_fraction}")
+        if positive_fraction == 1.0 and synthetic_fraction is None:
+            synthetic_fraction = 1.0
+        super().__init__(good, defective, preprocessor, synthetic_fraction=synthetic_fraction, augment=augment,
+                         synthetic=synthetic, seed=seed)
+        self.num_pairs = num_pairs
+        self.positive_fraction = positive_fraction
+
+    def __len__(self) -> int:
+        return self.num_pairs
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        kind, (first, second), rng = self._item(index)
+        x1 = self._good_view(first, rng)
+        if kind == GOOD:
+            return x1, self._good_view(second, rng), 0
+        return x1, self._negative_view(kind, second, rng), 1
+
+    def _make_plan(self, rng: np.random.Generator) -> EpochPlan:
+        n = self.num_pairs
+        positives = n * self.positive_fraction
+        kinds = balanced_kinds({GOOD: positives, **self._negative_counts(n - positives)}, rng)
+        n_good = len(self.good)
+        first = cycled_indices(n, n_good, rng)
+        second = _other_than(first, n_good, rng)  # similar pairs: a different good image
+        synthetic = kinds == SYNTHETIC
+        second[synthetic] = cycled_indices(int(synthetic.sum()), n_good, rng)
+        real = kinds == DEFECT
+        second[real] = cycled_indices(int(real.sum()), len(self.defective), rng)
+        return EpochPlan(kinds, np.stack([first, second], axis=1))
+
+
+class TripletDataset(_SeededImageDataset):
+    """Explicit triplets ``(anchor, positive, negative)``: two different good images and a defective or synthetic one.
+
+    Options as :class:`PairDataset`; every item has a negative, ``synthetic_fraction`` of them synthetic.
+    """
+
+    def __init__(
+        self,
+        good: Sequence[str | Path],
+        defective: Sequence[str | Path] = (),
+        preprocessor: Preprocessor | None = None,
+        *,
+        num_triplets: int = 1000,
+        synthetic_fraction: float | None = None,
+        augment: Augment | None = None,
+        synthetic: SyntheticDefects | None = None,
+        seed: int = 0,
+    ) -> None:
+        if num_triplets < 1:
+            raise ValueError(f"num_triplets must be >= 1, got {num_triplets}")
+        super().__init__(good, defective, preprocessor, synthetic_fraction=synthetic_fraction, augment=augment,
+                         synthetic=synthetic, seed=seed)
+        self.num_triplets = num_triplets
+
+    def __len__(self) -> int:
+        return self.num_triplets
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        kind, (anchor, positive, negative), rng = self._item(index)
+        return (self._good_view(anchor, rng), self._good_view(positive, rng),
+                self._negative_view(kind, negative, rng))
+
+    def _make_plan(self, rng: np.random.Generator) -> EpochPlan:
+        n = self.num_triplets
+        kinds = balanced_kinds(self._negative_counts(n), rng)
+        n_good = len(self.good)
+        anchor = cycled_indices(n, n_good, rng)
+        positive = _other_than(anchor, n_good, rng)
+        negative = np.zeros(n, np.int64)
+        for kind, count in ((SYNTHETIC, n_good), (DEFECT, len(self.defective))):
+            where = kinds == kind
+            negative[where] = cycled_indices(int(where.sum()), count, rng)
+        return EpochPlan(kinds, np.stack([anchor, positive, negative], axis=1))
+
+
+# ------------------------------------------------------------------------------------------ pure helpers
+
+
+def balanced_kinds(expected: dict[int, float], rng: np.random.Generator) -> np.ndarray:
+    """Exactly ``round(total)`` kinds with counts as close as possible to ``expected`` (largest remainder), shuffled."""
+    total = int(round(sum(expected.values())))
+    keys = list(expected)
+    floors = {k: int(math.floor(expected[k])) for k in keys}
+    spare = total - sum(floors.values())
+    by_remainder = sorted(keys, key=lambda k: (-(expected[k] - floors[k]), k))
+    for k in by_remainder[:spare]:
+        floors[k] += 1
+    kinds = np.concatenate([np.full(floors[k], k, np.int64) for k in keys]) if keys else np.zeros(0, np.int64)
+    return rng.permutation(kinds)
+
+
+def cycled_indices(n: int, pool: int, rng: np.random.Generator) -> np.ndarray:
+    """``n`` indices into ``range(pool)``: whole shuffled passes, so every index is used about equally often."""
+    if n == 0:
+        return np.zeros(0, np.int64)
+    if pool < 1:
+        raise ValueError(f"cannot draw {n} indices from an empty set of images")
+    passes = -(-n // pool)
+    return np.concatenate([rng.permutation(pool) for _ in range(passes)])[:n].astype(np.int64)
+
+
+def _other_than(first: np.ndarray, pool: int, rng: np.random.Generator) -> np.ndarray:
+    """A uniformly random index per entry, never equal to that entry (pool >= 2)."""
+    return (first + 1 + rng.integers(0, pool - 1, size=len(first))) % pool
+
+
+def _resolve_synthetic_fraction(synthetic_fraction: float | None, n_defective: int) -> float:
+    if synthetic_fraction is None:
+        return 1.0 if n_defective == 0 else 0.5
+    if not 0.0 <= synthetic_fraction <= 1.0:
+        raise ValueError(f"synthetic_fraction must be in [0, 1], got {synthetic_fraction}")
+    if synthetic_fraction < 1.0 and n_defective == 0:
+        raise ValueError(
+            f"synthetic_fraction={synthetic_fraction} asks for real defective images but none were given; "
+            "pass defective images or use synthetic_fraction=1.0 (or None)"
+        )
+    return float(synthetic_fraction)

@@ -1,0 +1,72 @@
+"""The layering rules: the line runtime never pulls in the training stack; models never pull in orchestration."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from inspector.bundle import BundleSpec, Threshold, write_bundle
+from inspector.preprocess import PreprocessConfig
+from inspector.scoring import ScoringConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+HEAVY = ("torch", "torchvision", "prefect", "mlflow", "albumentations", "timm")
+
+
+def _loaded_after(code: str) -> list[str]:
+    probe = code + f"\nimport sys, json; print(json.dumps(sorted({{m.split('.')[0] for m in sys.modules}} & set({HEAVY!r}))))"
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real bundle made with the training stack in *this* process; the probe scores with it in a clean one."""
+    import torch
+
+    from models.export import export_onnx
+    from models.siamese import EmbedderConfig, build_embedder
+
+    torch.manual_seed(0)
+    tmp = tmp_path_factory.mktemp("boundary")
+    model = build_embedder(EmbedderConfig(backbone="tiny_cnn", weights=None, embedding_dim=8, hidden_dim=16))
+    onnx_path = export_onnx(model, tmp / "m.onnx", height=32, width=32)
+    spec = BundleSpec(PreprocessConfig(height=32, width=32), ScoringConfig(), Threshold(0.5))
+    refs = np.eye(8, dtype=np.float32)[:3]
+    return write_bundle(tmp / "bundle", onnx_path, refs, spec)
+
+
+def test_inspector_scores_without_training_stack(tiny_bundle: Path, tmp_path: Path) -> None:
+    from PIL import Image
+
+    img = tmp_path / "part.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(img)
+    code = (
+        "import inspector\n"
+        f"r = inspector.Inspector.from_bundle({str(tiny_bundle)!r}).score([{str(img)!r}])\n"
+        "assert r[0].error is None and r[0].score is not None, r\n"
+        "import inspector.cli\n"
+    )
+    assert _loaded_after(code) == []
+
+
+def test_models_do_not_import_orchestration() -> None:
+    loaded = _loaded_after("import models.siamese, models.training, models.export, models.losses, models.backbones")
+    assert "prefect" not in loaded and "mlflow" not in loaded
+
+
+def test_no_forbidden_import_statements() -> None:
+    """Static check too, so a lazy import inside a function cannot hide from the runtime probe."""
+    import re
+
+    rule = {"inspector": HEAVY, "models": ("prefect", "mlflow")}
+    for package, banned in rule.items():
+        pattern = re.compile(rf"^\s*(import|from)\s+({'|'.join(banned)})\b", re.M)
+        for path in (ROOT / package).rglob("*.py"):
+            assert not pattern.search(path.read_text()), f"{path} imports one of {banned}"
