@@ -1,8 +1,12 @@
 """Detection quality on any MVTec-layout folder: frozen ImageNet Lite0 vs the Siamese-trained embedder, one run.
 
-Both are scored exactly as on the line (ONNX bundle through ``inspector``), on the same split: good training
-images are the golden references, test defects are never used in training (defects are split by group, see
-``--group-pattern``). Prints image AUROC overall and per defect type side by side.
+Three models, all scored exactly as on the line (ONNX bundle through ``inspector``) on the same split (good
+training images are the golden references; test defects are never used in training, defects are split by group,
+see ``--group-pattern``):
+  frozen global  the training-free baseline of DESIGN.md: ImageNet Lite0, global average pool, nearest reference;
+  frozen patch   the product's patch embedder before training (pretrained features, untrained projection);
+  trained        the product's default: the patch embedder after Siamese contrastive training.
+Prints image AUROC overall and per defect type side by side.
 
     .venv/bin/python benchmarks/quality.py ../shared/data/magnetic_tile_defect/magnetic_tile \\
         --group-pattern 'num_(\\d+)' --group-gap 2000
@@ -28,7 +32,7 @@ from torch import nn  # noqa: E402
 
 from inspector.preprocess import PreprocessConfig  # noqa: E402
 from models.backbones import build_backbone  # noqa: E402
-from models.siamese import EmbedderConfig  # noqa: E402
+from models.siamese import EmbedderConfig, build_embedder  # noqa: E402
 from models.training import TrainConfig  # noqa: E402
 from pipelines.datasets import group_by_file, group_by_number_gaps, scan_mvtec  # noqa: E402
 from pipelines.recipe import Recipe, build_bundle, evaluate_bundle, fit_embedder, split_records  # noqa: E402
@@ -83,6 +87,9 @@ def main() -> None:
     frozen_bundle = build_bundle(FrozenEmbedder().eval(), split, recipe, args.out / "frozen_bundle", model_name="frozen-lite0")
     frozen = evaluate_bundle(frozen_bundle, split.test)
     frozen_s = time.perf_counter() - t0
+    torch.manual_seed(recipe.seed)
+    untrained_bundle = build_bundle(build_embedder(recipe.embedder).eval(), split, recipe, args.out / "untrained_bundle", model_name="patch-untrained")
+    untrained = evaluate_bundle(untrained_bundle, split.test)
 
     t0 = time.perf_counter()
     embedder, history = fit_embedder(split, recipe, checkpoint_dir=args.out / "checkpoints")
@@ -90,19 +97,19 @@ def main() -> None:
     trained_bundle = build_bundle(embedder, split, recipe, args.out / "trained_bundle", model_name="siamese-lite0")
     trained = evaluate_bundle(trained_bundle, split.test)
 
-    fm, tm = frozen.metrics(), trained.metrics()
-    ft, tt = frozen.per_type_auroc(), trained.per_type_auroc()
+    fm, um, tm = frozen.metrics(), untrained.metrics(), trained.metrics()
+    ft, ut, tt = frozen.per_type_auroc(), untrained.per_type_auroc(), trained.per_type_auroc()
     n_test = {t: sum(1 for r in split.test if r.defect_type == t) for t in ft}
     print(f"\nimage AUROC on {len(trained.scores)} test images ({sum(trained.labels == 0)} good), input {h}x{w} {args.resize}")
-    print(f"{'':<14}{'frozen Lite0':>14}{'Siamese':>10}{'n':>6}")
-    print(f"{'overall':<14}{fm['image_auroc']:>14.3f}{tm['image_auroc']:>10.3f}{len(trained.scores):>6}")
+    print(f"{'':<14}{'frozen global':>14}{'frozen patch':>14}{'trained':>10}{'n':>6}")
+    print(f"{'overall':<14}{fm['image_auroc']:>14.3f}{um['image_auroc']:>14.3f}{tm['image_auroc']:>10.3f}{len(trained.scores):>6}")
     for t in ft:
-        print(f"{t:<14}{ft[t]:>14.3f}{tt[t]:>10.3f}{n_test[t]:>6}")
+        print(f"{t:<14}{ft[t]:>14.3f}{ut[t]:>14.3f}{tt[t]:>10.3f}{n_test[t]:>6}")
     print(f"\nSiamese at its calibrated threshold: false-reject {tm['false_reject_rate']:.3f}, escape {tm['escape_rate']:.3f}, F1 {tm['f1']:.3f}")
     print(f"frozen at its calibrated threshold:  false-reject {fm['false_reject_rate']:.3f}, escape {fm['escape_rate']:.3f}, F1 {fm['f1']:.3f}")
     imgs = sum(e.images for e in history.epochs)
     print(f"training: {len(history.epochs)} epochs, best epoch {history.best_epoch}, {train_s:.0f} s, {imgs / max(sum(e.seconds for e in history.epochs), 1e-9):.1f} img/s; frozen baseline built in {frozen_s:.0f} s")
-    (args.out / "results.json").write_text(json.dumps({"frozen": {**fm, "per_type": ft}, "trained": {**tm, "per_type": tt},
+    (args.out / "results.json").write_text(json.dumps({"frozen": {**fm, "per_type": ft}, "untrained_patch": {**um, "per_type": ut}, "trained": {**tm, "per_type": tt},
                                                        "history": history.to_dict(), "split": split.summary()}, indent=2, default=float))
 
 

@@ -1,7 +1,6 @@
-"""Training throughput (images/s) of the Siamese embedder on this machine, in-batch contrastive, one run.
+"""Training throughput (images/s) of the Siamese embedder on this machine, each with its training loss, one run.
 
-Baseline: the default line model (Lite0, last 2 stages trainable) at 224 px; every other row prints its ratio
-to it. Run on demand: ``.venv/bin/python benchmarks/train_throughput.py [--steps 6] [--batch 32]``.
+Baseline: the default line model (Lite0 patch embedder) at 224 px; every other row prints its ratio to it. Run on demand: ``.venv/bin/python benchmarks/train_throughput.py [--steps 6] [--batch 32]``.
 """
 
 from __future__ import annotations
@@ -14,33 +13,39 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import torch  # noqa: E402
 
-from models.losses import in_batch_contrastive_loss  # noqa: E402
 from models.siamese import EmbedderConfig, build_embedder  # noqa: E402
-from models.training import resolve_device  # noqa: E402
+from models.training import TrainConfig, batch_loss, resolve_device, resolve_mode  # noqa: E402
 
 CASES = [
-    ("lite0 224 px, last 2 stages trainable (default)", EmbedderConfig(), 224),
-    ("lite0 224 px, fully trainable", EmbedderConfig(trainable_stages=-1), 224),
-    ("lite0 128 px, last 2 stages trainable (demo)", EmbedderConfig(), 128),
-    ("resnet18 224 px, random init", EmbedderConfig(backbone="resnet18", weights=None), 224),
-    ("tiny_cnn 64 px (tests)", EmbedderConfig(backbone="tiny_cnn", weights=None, embedding_dim=32, hidden_dim=64), 64),
+    ("lite0 patch 224 px (default)", EmbedderConfig(), 224),
+    ("lite0 patch 224 px, projection head only", EmbedderConfig(trainable_stages=0), 224),
+    ("lite0 patch 128 px, projection head only (demo)", EmbedderConfig(trainable_stages=0), 128),
+    ("lite0 global 224 px, last 2 stages trainable", EmbedderConfig(mode="global"), 224),
+    ("resnet18 224 px, global, random init", EmbedderConfig(backbone="resnet18", weights=None, mode="global"), 224),
+    ("tiny_cnn 64 px, global (unit tests)", EmbedderConfig(backbone="tiny_cnn", weights=None, mode="global", embedding_dim=32, hidden_dim=64), 64),
 ]
 
 
 def measure(cfg: EmbedderConfig, size: int, batch: int, steps: int, device: torch.device) -> float:
-    """Images per second of forward + in-batch loss + backward + AdamW step, after one warm-up step."""
+    """Images per second of forward + the mode's loss + backward + AdamW step, after one warm-up step."""
     torch.manual_seed(0)
     model = build_embedder(cfg).to(device).train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    x = torch.randn(batch, 3, size, size, device=device)
-    labels = torch.arange(batch, device=device) % 2
+    tcfg = TrainConfig(mode=resolve_mode(model, "auto"))
+    x = torch.randn(batch, 3, size, size)
+    if tcfg.mode == "patch":  # pairs of (good, defect with a square mask) from distinct sources
+        masks = torch.zeros(batch // 2, 2, size, size)
+        masks[:, 1, size // 4 : size // 2, size // 4 : size // 2] = 1
+        data = (x.view(batch // 2, 2, 3, size, size), masks, torch.arange(batch).view(-1, 2) // 2, torch.tensor([[0, 1]]).repeat(batch // 2, 1))
+    else:
+        data = (x, torch.arange(batch) % 2)
     use_amp = device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
         with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
-            loss = in_batch_contrastive_loss(model(x), labels)
+            loss, _, _ = batch_loss(model, data, tcfg, device)
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()

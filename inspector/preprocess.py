@@ -125,21 +125,33 @@ class Preprocessor:
         self._inv_std = 1.0 / (np.asarray(self.config.std, dtype=np.float32) * 255.0)
         self._pad = tuple(int(round(m * 255.0)) for m in self.config.mean)
 
+    def placement(self, width: int, height: int) -> tuple[int, int, int, int]:
+        """Where an image of ``width`` x ``height`` lands on the input canvas: (new_w, new_h, left, top)."""
+        cfg = self.config
+        if cfg.resize == "stretch":
+            return cfg.width, cfg.height, 0, 0
+        scale = min(cfg.width / width, cfg.height / height)
+        new_w = max(1, min(cfg.width, int(round(width * scale))))
+        new_h = max(1, min(cfg.height, int(round(height * scale))))
+        return new_w, new_h, (cfg.width - new_w) // 2, (cfg.height - new_h) // 2
+
+    def _place(self, image: Image.Image, resample: Image.Resampling, fill: int | tuple[int, ...]) -> Image.Image:
+        new_w, new_h, left, top = self.placement(*image.size)
+        resized = image.resize((new_w, new_h), resample)
+        if (new_w, new_h) == (self.config.width, self.config.height):
+            return resized
+        canvas = Image.new(image.mode, (self.config.width, self.config.height), fill)
+        canvas.paste(resized, (left, top))
+        return canvas
+
     def resize(self, image: Image.Image) -> np.ndarray:
         """Resize to the configured size (letterbox or stretch); returns HxWx3 uint8."""
-        cfg = self.config
-        resample = _PIL_FILTERS[cfg.interpolation]
-        if cfg.resize == "stretch":
-            out = image.resize((cfg.width, cfg.height), resample)
-            return np.asarray(out, dtype=np.uint8)
-        w, h = image.size
-        scale = min(cfg.width / w, cfg.height / h)
-        new_w = max(1, min(cfg.width, int(round(w * scale))))
-        new_h = max(1, min(cfg.height, int(round(h * scale))))
-        resized = image.resize((new_w, new_h), resample)
-        canvas = Image.new("RGB", (cfg.width, cfg.height), self._pad)
-        canvas.paste(resized, ((cfg.width - new_w) // 2, (cfg.height - new_h) // 2))
-        return np.asarray(canvas, dtype=np.uint8)
+        return np.asarray(self._place(image, _PIL_FILTERS[self.config.interpolation], self._pad), dtype=np.uint8)
+
+    def resize_mask(self, mask: Image.Image) -> np.ndarray:
+        """A defect mask through the same geometry as :meth:`resize` (nearest neighbour, padding = no defect)."""
+        binary = mask.convert("L").point(lambda v: 255 if v >= 128 else 0)
+        return np.asarray(self._place(binary, Image.Resampling.NEAREST, 0)) > 0
 
     def normalize(self, array: np.ndarray) -> np.ndarray:
         """HxWx3 uint8 (or a stack NxHxWx3) to float32 CHW (NCHW), scaled by mean/std."""

@@ -1,7 +1,11 @@
 """Anomaly score of a part: its distance to the nearest golden references, and the verdict against a threshold.
 
-Pure numpy so the line, training-time evaluation and the registry's pyfunc share one implementation. The
-reference bank is scanned in chunks, so 100,000 references never need a queries x references matrix in memory.
+Two granularities share one code path. *Image* embeddings (N, D): the score is the distance to the k nearest
+reference embeddings. *Patch* embeddings (N, P, D): every patch of the part is compared with a bank of patches
+of the golden parts and the part's score is its worst patch (a small scratch is one far patch, which an
+image-level average would dilute). Pure numpy, so the line, training-time evaluation and the registry's pyfunc
+share one implementation. Queries and the bank are scanned in chunks, so a bank of 100,000 references never
+needs a full queries x references matrix in memory.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ class ScoringConfig:
     distance: Literal["euclidean"] = "euclidean"
     k: int = 1
     aggregation: Aggregation = "mean"
+    patch_aggregation: Literal["max"] = "max"
     chunk_size: int = 8192
 
     def __post_init__(self) -> None:
@@ -30,6 +35,8 @@ class ScoringConfig:
             raise ValueError(f"k must be >= 1, got {self.k}")
         if self.aggregation not in ("mean", "max", "min"):
             raise ValueError(f"unknown aggregation {self.aggregation!r}: use mean, max or min")
+        if self.patch_aggregation != "max":
+            raise ValueError(f"unknown patch aggregation {self.patch_aggregation!r}: only 'max' is supported")
         if self.chunk_size < 1:
             raise ValueError("chunk_size must be >= 1")
 
@@ -44,8 +51,16 @@ class ScoringConfig:
 def knn_distances(queries: np.ndarray, references: np.ndarray, k: int = 1, chunk_size: int = 8192) -> np.ndarray:
     """Euclidean distances from each query to its k nearest references, ascending: shape (Q, k).
 
-    Keeps a running top-k while scanning the bank in chunks of ``chunk_size`` references.
+    Queries go in blocks and the bank in chunks of ``chunk_size`` rows, keeping a running top-k, so memory stays
+    at about ``chunk_size²`` floats whatever the sizes.
     """
+    q_all = np.asarray(queries, dtype=np.float32)
+    if q_all.ndim == 2 and len(q_all) > chunk_size:
+        return np.concatenate([knn_distances(q_all[i : i + chunk_size], references, k, chunk_size) for i in range(0, len(q_all), chunk_size)])
+    return _knn_block(q_all, references, k, chunk_size)
+
+
+def _knn_block(queries: np.ndarray, references: np.ndarray, k: int, chunk_size: int) -> np.ndarray:
     q = np.asarray(queries, dtype=np.float32)
     r = np.asarray(references, dtype=np.float32)
     if q.ndim != 2 or r.ndim != 2:
@@ -69,14 +84,30 @@ def knn_distances(queries: np.ndarray, references: np.ndarray, k: int = 1, chunk
     return np.sqrt(np.maximum(best, 0.0))
 
 
-def anomaly_scores(embeddings: np.ndarray, references: np.ndarray, config: ScoringConfig | None = None) -> np.ndarray:
-    """One score per embedding: the aggregated distance to its k nearest golden references (higher = more anomalous)."""
+def patch_distances(embeddings: np.ndarray, references: np.ndarray, config: ScoringConfig | None = None) -> np.ndarray:
+    """Per-query (image mode, shape (N,)) or per-patch (patch mode, shape (N, P)) distance to the references.
+
+    ``references`` is a 2-D bank (M, D); a 3-D stack of reference patch embeddings (R, P, D) is flattened to one.
+    """
     cfg = config or ScoringConfig()
+    emb = np.asarray(embeddings, dtype=np.float32)
+    bank = np.asarray(references, dtype=np.float32)
+    if bank.ndim == 3:
+        bank = bank.reshape(-1, bank.shape[-1])
+    if emb.ndim not in (2, 3):
+        raise ValueError(f"embeddings must be (N, D) or (N, P, D), got shape {emb.shape}")
+    flat = emb.reshape(-1, emb.shape[-1])
+    agg = {"mean": np.mean, "max": np.max, "min": np.min}[cfg.aggregation]
+    d = agg(knn_distances(flat, bank, k=cfg.k, chunk_size=cfg.chunk_size), axis=1).astype(np.float32)
+    return d.reshape(emb.shape[:-1])
+
+
+def anomaly_scores(embeddings: np.ndarray, references: np.ndarray, config: ScoringConfig | None = None) -> np.ndarray:
+    """One score per image (higher = more anomalous): distance to the golden references, worst patch in patch mode."""
     if len(embeddings) == 0:
         return np.zeros((0,), dtype=np.float32)
-    d = knn_distances(embeddings, references, k=cfg.k, chunk_size=cfg.chunk_size)
-    agg = {"mean": np.mean, "max": np.max, "min": np.min}[cfg.aggregation]
-    return agg(d, axis=1).astype(np.float32)
+    d = patch_distances(embeddings, references, config)
+    return d if d.ndim == 1 else d.max(axis=1)
 
 
 def verdicts(scores: np.ndarray, threshold: float) -> np.ndarray:

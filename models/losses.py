@@ -17,6 +17,7 @@ from contextlib import nullcontext
 from typing import ContextManager, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 Mining = Literal["hard", "all"]
@@ -229,3 +230,62 @@ class TripletLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"margin={self.margin}, mining={self.mining!r}, normal_label={self.normal_label}"
+
+
+def patch_labels_from_masks(masks: Tensor, grid: tuple[int, int], ignore_border: bool = True) -> Tensor:
+    """Pixel masks (N, H, W) → patch labels (N, h, w): 1 defect, 0 normal, -1 ignore.
+
+    A patch is defective when any pixel of its cell is. With ``ignore_border`` the ring of patches around a defect
+    is ignored: their receptive fields and context see the defect, so calling them normal would fight the defect
+    term. An image whose mask is all -1 (a real defect photo without a mask) gets -1 everywhere.
+    """
+    unknown = (masks < 0).flatten(1).all(dim=1)
+    defect = F.adaptive_max_pool2d((masks > 0).float()[:, None], grid)[:, 0] > 0
+    labels = defect.long()
+    if ignore_border:
+        ring = F.max_pool2d(defect.float()[:, None], 3, stride=1, padding=1)[:, 0] > 0
+        labels = labels.masked_fill(ring & ~defect, -1)
+    return labels.masked_fill(unknown[:, None, None], -1)
+
+
+def patch_contrastive_loss(
+    patches: Tensor, patch_labels: Tensor, image_labels: Tensor, sources: Tensor, margin: float = 1.0, max_bank: int = 4096
+) -> Tensor:
+    """The contrastive loss on the distance the line scores with: each patch's distance D to the nearest normal patch.
+
+    ``patches`` (N, P, D); ``patch_labels`` (N, P) with 1 defect, 0 normal, -1 ignore; ``image_labels`` (N,) with
+    1 for a defective image; ``sources`` (N,) ids of the good image each one was made from (augmented copies and
+    synthetic defects of one good image share it). The bank is the batch's normal patches (at most ``max_bank``,
+    evenly strided). Normal patches (Y=0) are pulled to the nearest normal patch *of another source* (so parts
+    generalise, not just augmentations); defect patches (Y=1) are pushed until at least ``margin`` from every
+    normal patch, their own clean source included; a defective image without a mask pushes its worst patch.
+    ``L = (1-Y)·½·D² + Y·½·max(0, m-D)²``, each group averaged on its own so neither swamps the other.
+    """
+    n, p, _ = patches.shape
+    flat = patches.reshape(n * p, -1).float()
+    labels = patch_labels.reshape(-1)
+    owner = torch.arange(n, device=patches.device).repeat_interleave(p)
+    bank_idx = torch.nonzero(labels == 0).squeeze(1)
+    if bank_idx.numel() > max_bank:
+        bank_idx = bank_idx[torch.linspace(0, bank_idx.numel() - 1, max_bank, device=patches.device).long()]
+    if bank_idx.numel() == 0:
+        return _zero_with_grad(patches)
+    with _full_precision(patches):
+        bank = flat[bank_idx]
+        d2 = (flat.pow(2).sum(1)[:, None] + bank.pow(2).sum(1)[None, :] - 2.0 * flat @ bank.T).clamp_min(_EPS)
+        same_source = sources[owner][:, None] == sources[owner[bank_idx]][None, :]
+        big = torch.finfo(d2.dtype).max
+        d_other = d2.masked_fill(same_source, big).min(dim=1).values.sqrt()
+        d_any = d2.min(dim=1).values.sqrt()
+        terms: list[Tensor] = []
+        normal = (labels == 0) & (~same_source).any(dim=1)
+        if normal.any():
+            terms.append(0.5 * d_other[normal].pow(2).mean())
+        defect = labels == 1
+        if defect.any():
+            terms.append(0.5 * torch.relu(margin - d_any[defect]).pow(2).mean())
+        unmasked = (image_labels > 0) & (patch_labels < 0).all(dim=1)
+        if unmasked.any():
+            worst = d_any.reshape(n, p).max(dim=1).values[unmasked]
+            terms.append(0.5 * torch.relu(margin - worst).pow(2).mean())
+    return torch.stack(terms).sum() if terms else _zero_with_grad(patches)

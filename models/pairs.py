@@ -362,6 +362,89 @@ class TripletDataset(_SeededImageDataset):
 # ------------------------------------------------------------------------------------------ pure helpers
 
 
+class PatchPairDataset(_SeededImageDataset):
+    """Pairs for patch-level training: (a good part, a defective part) with pixel masks and source ids.
+
+    Each item is two images: an augmented view of good image ``i`` and either a synthetic defect made on *another*
+    augmented view of the same image ``i`` (so the two differ by pose and lighting jitter plus the defect, and the
+    mask says exactly where), or a real defective image (its ground-truth mask when there is one, else a mask of
+    -1: "somewhere"). Returns ``(images (2,3,H,W), masks (2,H,W) float32 in {0,1} or -1, sources (2,), labels (2,))``;
+    the good images' sources are their indices, a real defect's source is negative (no clean twin).
+    """
+
+    def __init__(
+        self,
+        good: Sequence[str | Path],
+        defective: Sequence[str | Path] = (),
+        preprocessor: Preprocessor | None = None,
+        *,
+        defective_masks: Sequence[str | Path | None] | None = None,
+        synthetic_fraction: float | None = None,
+        epoch_size: int | None = None,
+        augment: Augment | None = None,
+        synthetic: SyntheticDefects | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(good, defective, preprocessor, synthetic_fraction=synthetic_fraction, augment=augment,
+                         synthetic=synthetic, seed=seed)
+        masks = list(defective_masks) if defective_masks is not None else [None] * len(self.defective)
+        if len(masks) != len(self.defective):
+            raise ValueError(f"{len(masks)} masks for {len(self.defective)} defective images")
+        self.defective_masks = [self._load_mask(m) for m in masks]
+        self.epoch_size = len(self.good) if epoch_size is None else int(epoch_size)
+        if self.epoch_size < 1:
+            raise ValueError(f"epoch_size must be >= 1, got {epoch_size}")
+
+    def _load_mask(self, path: str | Path | None) -> np.ndarray | None:
+        if path is None:
+            return None
+        from PIL import Image
+
+        with Image.open(path) as img:
+            return self.preprocessor.resize_mask(img)
+
+    def __len__(self) -> int:
+        return self.epoch_size
+
+    def _make_plan(self, rng: np.random.Generator) -> EpochPlan:
+        n = self.epoch_size
+        kinds = balanced_kinds(self._negative_counts(n), rng)
+        sources = np.zeros((n, 2), np.int64)
+        sources[:, 0] = cycled_indices(n, len(self.good), rng)
+        sources[:, 1] = sources[:, 0]
+        where = kinds == DEFECT
+        sources[where, 1] = cycled_indices(int(where.sum()), len(self.defective), rng)
+        return EpochPlan(kinds, sources)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        kind, src, rng = self._item(index)
+        good = augment_image(self.augment, self.good[int(src[0])], rng)
+        if kind == SYNTHETIC:
+            negative, mask = self.synthetic(augment_image(self.augment, self.good[int(src[0])], rng), rng)
+            neg_mask, neg_source = mask.astype(np.float32), int(src[0])
+        else:
+            known = self.defective_masks[int(src[1])]
+            negative, mask = augment_with_mask(self.augment, self.defective[int(src[1])], known, rng)
+            neg_mask = mask.astype(np.float32) if known is not None else np.full(mask.shape, -1.0, np.float32)
+            neg_source = -1 - int(src[1])
+        images = torch.from_numpy(self.preprocessor.normalize(np.stack([good, negative])))
+        masks = torch.from_numpy(np.stack([np.zeros(neg_mask.shape, np.float32), neg_mask]))
+        return images, masks, torch.tensor([int(src[0]), neg_source]), torch.tensor([GOOD, 1])
+
+
+def augment_with_mask(augment: Augment | None, image: np.ndarray, mask: np.ndarray | None, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Augment an image and its defect mask with the same geometry (albumentations moves masks with images)."""
+    target = np.zeros(image.shape[:2], np.uint8) if mask is None else mask.astype(np.uint8)
+    if augment is None:
+        return image, target > 0
+    if isinstance(augment, (A.BasicTransform, A.BaseCompose)):
+        seed = int(rng.integers(2**63))
+        augment.set_random_state(np.random.default_rng(seed), random.Random(seed))
+        out = augment(image=image, mask=target)
+        return out["image"], out["mask"] > 0
+    return augment(image, rng), target > 0
+
+
 def balanced_kinds(expected: dict[int, float], rng: np.random.Generator) -> np.ndarray:
     """Exactly ``round(total)`` kinds with counts as close as possible to ``expected`` (largest remainder), shuffled."""
     total = int(round(sum(expected.values())))

@@ -1,8 +1,11 @@
-"""The Siamese network: one shared embedder (backbone, pooling, projection head, L2 norm) applied to both inputs.
+"""The Siamese network: one shared embedder (backbone, projection head, L2 norm) applied to both inputs.
 
-The network knows nothing of training (the loop lives in ``models.training``): like anomalib's ``torch_model``, it
-is a plain module with a typed constructor whose defaults work. The embedder alone is what gets exported to ONNX
-and run on the line; the Siamese wrapper only exists for pair training and for computing a pair's distance.
+Two granularities. ``patch`` (the default): mid-level backbone features (a small scratch is a local event;
+global pooling dilutes it below the part-to-part variation) are fused, given a little neighbourhood context,
+projected per location and L2-normalised: (N, P, D), one embedding per patch. ``global``: pooled features through
+an MLP head, (N, D). The network knows nothing of training (the loop lives in ``models.training``): like
+anomalib's ``torch_model``, it is a plain module with a typed constructor whose defaults work. The embedder alone
+is what gets exported to ONNX and run on the line.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from torch import Tensor, nn
 from models.backbones import build_backbone, freeze_stages
 
 Pooling = Literal["avg", "max", "gem"]
+Mode = Literal["patch", "global"]
 
 
 class GeM(nn.Module):
@@ -48,10 +52,20 @@ class EmbedderConfig:
 
     backbone: str = "tf_efficientnet_lite0"
     weights: str | None = "imagenet"
+    mode: Mode = "patch"
+    feature_stages: tuple[int, ...] = (3, 4)
+    context: int = 1
     embedding_dim: int = 128
     hidden_dim: int = 512
     pooling: Pooling = "gem"
     trainable_stages: int = 2
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("patch", "global"):
+            raise ValueError(f"unknown embedder mode {self.mode!r}: use 'patch' or 'global'")
+        if self.mode == "patch" and not self.feature_stages:
+            raise ValueError("patch mode needs at least one feature stage")
+        object.__setattr__(self, "feature_stages", tuple(int(i) for i in self.feature_stages))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -62,7 +76,9 @@ class EmbedderConfig:
 
 
 class Embedder(nn.Module):
-    """Image batch (N,3,H,W) → L2-normalised embedding (N,D). Shared by both branches of the Siamese network."""
+    """Image-level embedder: (N,3,H,W) → pooled backbone features → MLP → L2-normalised (N, D)."""
+
+    mode: Mode = "global"
 
     def __init__(self, backbone: nn.Module, embedding_dim: int = 128, hidden_dim: int = 512, pooling: Pooling = "gem") -> None:
         super().__init__()
@@ -73,7 +89,7 @@ class Embedder(nn.Module):
         self.embedding_dim = embedding_dim
 
     def features(self, x: Tensor) -> Tensor:
-        """The backbone's spatial feature map (N,C,h,w), kept apart for patch-level scoring."""
+        """The backbone's spatial feature map (N,C,h,w)."""
         return self.backbone(x)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -81,10 +97,72 @@ class Embedder(nn.Module):
         return F.normalize(z.float(), p=2.0, dim=1)
 
 
-class SiameseNetwork(nn.Module):
-    """Two weight-sharing branches: ``forward(x1, x2)`` returns the Euclidean distance of each pair's embeddings."""
+class PatchEmbedder(nn.Module):
+    """Patch-level embedder: (N,3,H,W) → (N, P, D), one L2-normalised embedding per location of the feature grid.
 
-    def __init__(self, embedder: Embedder) -> None:
+    Features of ``feature_stages`` (indices into ``backbone.stages``; later stages are never run) are average-pooled
+    to the coarsest grid, concatenated, smoothed over a ``context``×``context`` neighbourhood (a defect pixel then
+    shows in the patches around it, not just one) and projected by a 1×1 convolution. The projection starts
+    orthogonal, so the untrained embedder keeps the pretrained features' geometry.
+    """
+
+    mode: Mode = "patch"
+
+    def __init__(self, backbone: nn.Module, feature_stages: tuple[int, ...] = (3, 4), embedding_dim: int = 128, context: int = 1) -> None:
+        super().__init__()
+        stages = list(backbone.stages)
+        if max(feature_stages) >= len(stages) or min(feature_stages) < 0:
+            raise ValueError(f"feature_stages {feature_stages} out of range: the backbone has stages 0..{len(stages) - 1}")
+        self.backbone = backbone
+        self.feature_stages = tuple(sorted(feature_stages))
+        self.context = context
+        channels = self._channels(stages)
+        self.head = nn.Conv2d(channels, embedding_dim, kernel_size=1)
+        nn.init.orthogonal_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+        self.embedding_dim = embedding_dim
+
+    def _channels(self, stages: list[nn.Module]) -> int:
+        with torch.no_grad():
+            was = self.backbone.training
+            self.backbone.eval()
+            maps = self._stage_maps(torch.zeros(1, 3, 64, 64), stages)
+            self.backbone.train(was)
+        return sum(m.shape[1] for m in maps)
+
+    def _stage_maps(self, x: Tensor, stages: list[nn.Module]) -> list[Tensor]:
+        maps = []
+        for i, stage in enumerate(stages[: max(self.feature_stages) + 1]):
+            x = stage(x)
+            if i in self.feature_stages:
+                maps.append(x)
+        return maps
+
+    def features(self, x: Tensor) -> Tensor:
+        """Fused multi-stage feature map (N, C, h, w) on the coarsest selected grid, with neighbourhood context."""
+        maps = self._stage_maps(x, list(self.backbone.stages))
+        h, w = maps[-1].shape[-2:]
+        fused = torch.cat([m if m.shape[-2:] == (h, w) else F.adaptive_avg_pool2d(m, (h, w)) for m in maps], dim=1)
+        if self.context > 1:
+            fused = F.avg_pool2d(fused, self.context, stride=1, padding=self.context // 2, count_include_pad=False)
+        return fused
+
+    def forward_map(self, x: Tensor) -> Tensor:
+        """Patch embeddings as a map (N, D, h, w), L2-normalised over D."""
+        return F.normalize(self.head(self.features(x)).float(), p=2.0, dim=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_map(x).flatten(2).transpose(1, 2)
+
+
+class SiameseNetwork(nn.Module):
+    """Two weight-sharing branches: ``forward(x1, x2)`` returns each pair's embedding distance D.
+
+    Image embeddings: the Euclidean distance. Patch embeddings: how far the worst patch of ``x2`` is from every
+    patch of ``x1`` (x1 the reference, x2 the part under test), the same rule the line scores with.
+    """
+
+    def __init__(self, embedder: Embedder | PatchEmbedder) -> None:
         super().__init__()
         self.embedder = embedder
 
@@ -98,15 +176,28 @@ class SiameseNetwork(nn.Module):
 
 
 def pair_distance(z1: Tensor, z2: Tensor, eps: float = 1e-12) -> Tensor:
-    """Euclidean distance per row, with a finite gradient when the two embeddings coincide."""
-    return (z1 - z2).pow(2).sum(dim=1).clamp_min(eps).sqrt()
+    """Distance per pair, with a finite gradient when embeddings coincide.
+
+    (N, D): Euclidean distance per row. (N, P, D): max over the patches of ``z2`` of the distance to the nearest
+    patch of ``z1``.
+    """
+    if z1.dim() == 2:
+        return (z1 - z2).pow(2).sum(dim=1).clamp_min(eps).sqrt()
+    d2 = (z2.pow(2).sum(-1)[:, :, None] + z1.pow(2).sum(-1)[:, None, :] - 2.0 * z2 @ z1.transpose(1, 2)).clamp_min(eps)
+    return d2.min(dim=2).values.max(dim=1).values.sqrt()
 
 
-def build_embedder(config: EmbedderConfig | None = None, *, weights: str | Path | None | Literal["config"] = "config") -> Embedder:
+def build_embedder(config: EmbedderConfig | None = None, *, weights: str | Path | None | Literal["config"] = "config") -> Embedder | PatchEmbedder:
     """Build an embedder from its config; ``weights`` overrides the backbone weights (e.g. None when loading a checkpoint)."""
     cfg = config or EmbedderConfig()
     backbone_weights = cfg.weights if weights == "config" else weights
     backbone = build_backbone(cfg.backbone, weights=backbone_weights)
     if backbone_weights is not None:
-        freeze_stages(backbone, cfg.trainable_stages)
+        trainable = cfg.trainable_stages
+        if cfg.mode == "patch" and trainable >= 0:
+            # count from the deepest stage the patch embedder runs; later stages are never used
+            trainable += len(backbone.stages) - 1 - max(cfg.feature_stages)
+        freeze_stages(backbone, trainable)
+    if cfg.mode == "patch":
+        return PatchEmbedder(backbone, feature_stages=cfg.feature_stages, embedding_dim=cfg.embedding_dim, context=cfg.context)
     return Embedder(backbone, embedding_dim=cfg.embedding_dim, hidden_dim=cfg.hidden_dim, pooling=cfg.pooling)

@@ -12,7 +12,7 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,13 +23,20 @@ from torch.utils.data import DataLoader, Dataset
 
 from inspector.metrics import roc_auc
 from inspector.scoring import ScoringConfig, anomaly_scores
-from models.losses import contrastive_loss, in_batch_contrastive_loss, in_batch_triplet_loss, triplet_loss
-from models.siamese import Embedder, pair_distance
+from models.losses import (
+    contrastive_loss,
+    in_batch_contrastive_loss,
+    in_batch_triplet_loss,
+    patch_contrastive_loss,
+    patch_labels_from_masks,
+    triplet_loss,
+)
+from models.siamese import Embedder, PatchEmbedder, pair_distance
 
 log = logging.getLogger(__name__)
 
 LossName = Literal["contrastive", "triplet"]
-Mode = Literal["in_batch", "pairs", "triplets"]
+Mode = Literal["auto", "patch", "in_batch", "pairs", "triplets"]
 
 
 @dataclass(frozen=True)
@@ -42,7 +49,7 @@ class TrainConfig:
     backbone_lr_scale: float = 0.1
     weight_decay: float = 1e-4
     loss: LossName = "contrastive"
-    mode: Mode = "in_batch"
+    mode: Mode = "auto"  # patch embedders train in "patch" mode, image embedders "in_batch"
     margin: float = 1.0
     mining: Literal["hard", "all"] = "hard"
     max_steps_per_epoch: int | None = None
@@ -142,14 +149,31 @@ def validate(embedder: Embedder, data: ValidationData, device: torch.device | No
     refs = embed_tensor(embedder, data.references, device=device)
     queries = embed_tensor(embedder, data.queries, device=device)
     scores = anomaly_scores(queries, refs, data.scoring)
-    variance = float(np.concatenate([refs, queries]).var(axis=0).mean())
+    both = np.concatenate([refs, queries])
+    variance = float(both.reshape(-1, both.shape[-1]).var(axis=0).mean())
     return roc_auc(data.labels, scores), variance
 
 
-def _loss(embedder: Embedder, batch: Any, cfg: TrainConfig, device: torch.device) -> tuple[Tensor, Tensor, int]:
+def resolve_mode(embedder: nn.Module, mode: Mode) -> Mode:
+    """``auto`` → ``patch`` for a patch embedder, ``in_batch`` for an image embedder."""
+    if mode == "auto":
+        return "patch" if getattr(embedder, "mode", "global") == "patch" else "in_batch"
+    if (mode == "patch") != (getattr(embedder, "mode", "global") == "patch"):
+        raise ValueError(f"training mode {mode!r} does not fit a {getattr(embedder, 'mode', 'global')!r} embedder")
+    return mode
+
+
+def batch_loss(embedder: Embedder | PatchEmbedder, batch: Any, cfg: TrainConfig, device: torch.device) -> tuple[Tensor, Tensor, int]:
     """Loss for one batch in the configured mode; returns (loss, embeddings for the collapse monitor, images seen)."""
     move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
     fmt = (lambda t: t.contiguous(memory_format=torch.channels_last)) if device.type == "cuda" else (lambda t: t)
+    if cfg.mode == "patch":
+        images, masks, sources, labels = (move(t).flatten(0, 1) for t in batch[:4])
+        maps = embedder.forward_map(fmt(images))  # type: ignore[union-attr]
+        patch_labels = patch_labels_from_masks(masks, tuple(maps.shape[-2:]))
+        patches = maps.flatten(2).transpose(1, 2)
+        loss = patch_contrastive_loss(patches, patch_labels.flatten(1), labels, sources, margin=cfg.margin)
+        return loss, patches.reshape(-1, patches.shape[-1]), len(images)
     if cfg.mode == "in_batch":
         x, labels = move(batch[0]), move(batch[1])
         z = embedder(fmt(x))
@@ -216,6 +240,7 @@ def train(
     ``resume=True`` continues from ``last.pt`` (same config) as if the run had not been interrupted.
     """
     cfg = config or TrainConfig()
+    cfg = replace(cfg, mode=resolve_mode(embedder, cfg.mode))
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
     embedder.to(device)
@@ -276,7 +301,7 @@ def train(
                 break
             optimizer.zero_grad(set_to_none=True)
             with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
-                loss, z, seen = _loss(embedder, batch, cfg, device)
+                loss, z, seen = batch_loss(embedder, batch, cfg, device)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"epoch {epoch + 1}, step {step + 1}: loss is {loss.item()} (diverged); lower the learning rate")
             scaler.scale(loss).backward()

@@ -15,7 +15,7 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="generate demo data, train, export a bundle, score the test split")
     demo.add_argument("--workdir", type=Path, default=Path("runs/demo"), help="where data, checkpoints and the bundle go")
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--fast", action="store_true", help="tiny CNN instead of the pretrained Lite0 (seconds, for a smoke test)")
+    demo.add_argument("--fast", action="store_true", help="2 training epochs instead of 6 (a quick smoke test)")
     return p
 
 

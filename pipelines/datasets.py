@@ -25,6 +25,7 @@ class ImageRecord:
     label: int  # 0 good, 1 defective
     defect_type: str  # "good" for good images
     source_split: str  # "train" / "test" in the MVTec layout, "" for plain folders
+    mask: Path | None = None  # ground-truth defect mask, when the dataset has one
 
     @property
     def is_good(self) -> bool:
@@ -48,7 +49,9 @@ def scan_mvtec(root: str | Path) -> list[ImageRecord]:
     if test.is_dir():
         for sub in sorted(d for d in test.iterdir() if d.is_dir()):
             label = 0 if sub.name == "good" else 1
-            records += [ImageRecord(p, label, sub.name, "test") for p in list_images(sub)]
+            for p in list_images(sub):
+                mask = root / "ground_truth" / sub.name / f"{p.stem}_mask.png"
+                records.append(ImageRecord(p, label, sub.name, "test", mask if label and mask.is_file() else None))
     return records
 
 
@@ -66,14 +69,6 @@ def scan_folders(good: str | Path, defective: str | Path | None = None) -> list[
         for sub in sorted(d for d in defective.iterdir() if d.is_dir()):
             records += [ImageRecord(p, 1, sub.name, "") for p in list_images(sub)]
     return records
-
-
-def mask_path(root: str | Path, record: ImageRecord) -> Path | None:
-    """The ground-truth mask of a defective MVTec image, if the dataset has one."""
-    if record.is_good:
-        return None
-    p = Path(root) / "ground_truth" / record.defect_type / f"{record.path.stem}_mask.png"
-    return p if p.is_file() else None
 
 
 def hash_fraction(key: str, salt: str = "") -> float:

@@ -11,31 +11,22 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from inspector.preprocess import PreprocessConfig
 from models.demo_data import generate_demo_dataset
-from models.siamese import EmbedderConfig
-from models.training import TrainConfig
 from pipelines.datasets import scan_mvtec
 from pipelines.recipe import Recipe, build_bundle, evaluate_bundle, fit_embedder, split_records, tiny_recipe
 
 
 def demo_recipe(fast: bool = False) -> Recipe:
-    """The demo's settings: the pretrained Lite0 line model at a small input size, few epochs (fast: tiny CNN)."""
-    if fast:
-        return tiny_recipe()
-    return Recipe(
-        preprocess=PreprocessConfig(height=128, width=128),
-        embedder=EmbedderConfig(backbone="tf_efficientnet_lite0", weights="imagenet", embedding_dim=128, trainable_stages=2),
-        train=TrainConfig(epochs=4, batch_size=32, lr=1e-3, progress=True),
-        epoch_size=256,
-    )
+    """The demo's settings: the small recipe (pretrained Lite0 patch embedder, 128 px); ``fast`` trains 2 epochs."""
+    recipe = tiny_recipe()
+    return replace(recipe, train=replace(recipe.train, epochs=2 if fast else recipe.train.epochs, progress=True))
 
 
 def run_demo(workdir: Path, *, seed: int = 0, fast: bool = False) -> dict[str, object]:
     """Run the demo end to end under ``workdir``; returns the summary it prints."""
     t0 = time.perf_counter()
     data_root = workdir / "demo_data"
-    info = generate_demo_dataset(data_root, seed=seed)
+    info = generate_demo_dataset(data_root, seed=seed, n_train_good=100, n_test_good=30, n_test_per_defect=12)
     print(f"[1/4] demo data: {info.n_train_good} train good, {info.n_test_good} test good, "
           f"{sum(info.defect_counts.values())} defective ({', '.join(info.defect_counts)}) in {data_root}")
     recipe = replace(demo_recipe(fast), seed=seed)

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.data import Dataset
 
 from inspector.bundle import BundleSpec, Threshold, write_bundle
 from inspector.engine import Inspector, OnnxEmbedder
@@ -22,8 +23,9 @@ from inspector.metrics import average_precision, rates_at_threshold, roc_auc
 from inspector.preprocess import PreprocessConfig, Preprocessor, load_image
 from inspector.scoring import ScoringConfig, anomaly_scores
 from models.export import check_parity, export_onnx
-from models.pairs import LabelledImageDataset, default_augmentation
-from models.siamese import Embedder, EmbedderConfig, build_embedder
+from models.coreset import greedy_coreset
+from models.pairs import LabelledImageDataset, PatchPairDataset, default_augmentation
+from models.siamese import Embedder, EmbedderConfig, PatchEmbedder, build_embedder
 from models.synthetic import SyntheticDefects
 from models.training import TrainConfig, TrainHistory, ValidationData, train
 from pipelines.datasets import ImageRecord, assign_split, group_by_file
@@ -48,7 +50,9 @@ class Recipe:
     defect_train_fraction: float = 0.5
     defect_val_fraction: float = 0.15
     target_false_reject_rate: float = 0.01
-    max_validation_references: int = 256
+    max_validation_references: int = 64
+    max_validation_queries: int = 160
+    max_bank_patches: int = 16384
     seed: int = 0
 
     def to_dict(self) -> dict[str, Any]:
@@ -62,12 +66,12 @@ class Recipe:
 
 
 def tiny_recipe(**overrides: Any) -> Recipe:
-    """A small, fast recipe (tiny CNN, 64 px) for tests and quick demos on CPU."""
+    """A small, fast recipe for tests and quick demos on CPU: the first stages of pretrained Lite0 at 128 px."""
     base = Recipe(
-        preprocess=PreprocessConfig(height=64, width=64, resize="stretch", interpolation="bilinear"),
-        embedder=EmbedderConfig(backbone="tiny_cnn", weights=None, embedding_dim=32, hidden_dim=64, pooling="gem"),
-        train=TrainConfig(epochs=4, batch_size=32, lr=3e-3, max_steps_per_epoch=None, progress=False),
-        epoch_size=256,
+        preprocess=PreprocessConfig(height=128, width=128),
+        embedder=EmbedderConfig(feature_stages=(3, 4), context=1, embedding_dim=128, trainable_stages=0),
+        train=TrainConfig(epochs=6, batch_size=16, lr=1e-3, progress=False),
+        epoch_size=128,
     )
     return replace(base, **overrides)
 
@@ -77,7 +81,7 @@ class DataSplit:
     """Which image plays which role. Test defects are never used in training or validation."""
 
     train_good: list[Path]
-    train_defective: list[Path]
+    train_defective: list[ImageRecord]
     calibration_good: list[Path]
     validation_defective: list[Path]
     test: list[ImageRecord]
@@ -117,7 +121,7 @@ def split_records(records: Sequence[ImageRecord], recipe: Recipe, group_of: Call
         else:
             role = assign_split(key, [("train", d_train), ("val", d_val), ("test", 1.0 - d_train - d_val)], salt + r.defect_type)
             if role == "train":
-                train_def.append(r.path)
+                train_def.append(r)
             elif role == "val":
                 val_def.append(r.path)
             else:
@@ -141,12 +145,13 @@ def validation_data(split: DataSplit, recipe: Recipe) -> ValidationData | None:
     refs = list(split.train_good)
     if len(refs) > recipe.max_validation_references:
         refs = [refs[i] for i in sorted(rng.choice(len(refs), recipe.max_validation_references, replace=False))]
-    good = load_preprocessed(split.calibration_good, pre)
+    half = recipe.max_validation_queries // 2
+    good = load_preprocessed(split.calibration_good[:half], pre)
     if split.validation_defective:
-        bad = load_preprocessed(split.validation_defective, pre)
+        bad = load_preprocessed(split.validation_defective[:half], pre)
     else:
         synth = SyntheticDefects()
-        resized = [pre.resize(load_image(p)) for p in split.calibration_good]
+        resized = [pre.resize(load_image(p)) for p in split.calibration_good[:half]]
         bad = pre.normalize(np.stack([synth(img, np.random.default_rng([recipe.seed, 7, i]))[0] for i, img in enumerate(resized)]))
     labels = np.r_[np.zeros(len(good)), np.ones(len(bad))]
     return ValidationData(
@@ -157,21 +162,23 @@ def validation_data(split: DataSplit, recipe: Recipe) -> ValidationData | None:
     )
 
 
-def fit_embedder(split: DataSplit, recipe: Recipe, checkpoint_dir: Path | None = None, *, resume: bool = False) -> tuple[Embedder, TrainHistory]:
+def fit_embedder(split: DataSplit, recipe: Recipe, checkpoint_dir: Path | None = None, *, resume: bool = False) -> tuple[Embedder | PatchEmbedder, TrainHistory]:
     """Train the Siamese embedder on the split's training images (real defects + synthetic ones)."""
     torch.manual_seed(recipe.seed)
     embedder = build_embedder(recipe.embedder)
-    dataset = LabelledImageDataset(
-        split.train_good,
-        split.train_defective,
-        Preprocessor(recipe.preprocess),
-        defect_fraction=recipe.defect_fraction,
+    common = dict(
         synthetic_fraction=recipe.synthetic_fraction,
         epoch_size=recipe.epoch_size,
         augment=default_augmentation(recipe.augment_strength) if recipe.augment_strength > 0 else None,
         synthetic=SyntheticDefects(),
         seed=recipe.seed,
     )
+    defective = [r.path for r in split.train_defective]
+    pre = Preprocessor(recipe.preprocess)
+    if recipe.embedder.mode == "patch":
+        dataset: Dataset = PatchPairDataset(split.train_good, defective, pre, defective_masks=[r.mask for r in split.train_defective], **common)
+    else:
+        dataset = LabelledImageDataset(split.train_good, defective, pre, defect_fraction=recipe.defect_fraction, **common)
     history = train(
         embedder,
         dataset,
@@ -193,7 +200,18 @@ def percentile_threshold(good_scores: np.ndarray, target_frr: float) -> Threshol
     return Threshold(value, rule="good_percentile", details={"quantile": q, "n_good": int(len(good_scores))})
 
 
-def build_bundle(embedder: Embedder, split: DataSplit, recipe: Recipe, out: Path, *, provenance: dict[str, Any] | None = None,
+def reference_bank(embeddings: np.ndarray, recipe: Recipe) -> np.ndarray:
+    """Image embeddings as they are; patch embeddings flattened and reduced to a coreset of ``max_bank_patches``."""
+    if embeddings.ndim == 2:
+        return embeddings
+    flat = embeddings.reshape(-1, embeddings.shape[-1])
+    pool = 8 * recipe.max_bank_patches
+    if len(flat) > pool:  # greedy selection costs O(len × size): pick from an even random pool
+        flat = flat[np.sort(np.random.default_rng(recipe.seed).choice(len(flat), pool, replace=False))]
+    return flat[greedy_coreset(flat, recipe.max_bank_patches, seed=recipe.seed)]
+
+
+def build_bundle(embedder: Embedder | PatchEmbedder, split: DataSplit, recipe: Recipe, out: Path, *, provenance: dict[str, Any] | None = None,
                  model_name: str = "siamese-inspector", model_version: str = "dev", overwrite: bool = True) -> Path:
     """Export to ONNX (with a parity check on real images), embed golden references and calibrate the threshold."""
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -208,6 +226,7 @@ def build_bundle(embedder: Embedder, split: DataSplit, recipe: Recipe, out: Path
         bad_refs = [e for e in ref_errors if e]
         if bad_refs:
             raise ValueError(f"{len(bad_refs)} golden reference images could not be read: {bad_refs[:3]}")
+        references = reference_bank(references, recipe)
         if split.calibration_good:
             cal_emb, _ = onnx.embed(split.calibration_good)
             threshold = percentile_threshold(anomaly_scores(cal_emb, references, recipe.scoring), recipe.target_false_reject_rate)
@@ -217,9 +236,10 @@ def build_bundle(embedder: Embedder, split: DataSplit, recipe: Recipe, out: Path
             preprocessing=recipe.preprocess,
             scoring=recipe.scoring,
             threshold=threshold,
-            model={"name": model_name, "version": model_version, "backbone": recipe.embedder.backbone, "parity_max_abs_diff": parity},
+            model={"name": model_name, "version": model_version, "backbone": recipe.embedder.backbone, "mode": "patch" if getattr(embedder, "mode", "global") == "patch" else "image",
+                   "parity_max_abs_diff": parity},
             provenance=provenance or {},
-            reference_ids=[p.name for p in split.train_good],
+            reference_ids=[p.name for p in split.train_good] if references.shape[0] == len(split.train_good) else [],
         )
         return write_bundle(out, onnx_path, references, spec, overwrite=overwrite)
     finally:

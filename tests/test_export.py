@@ -13,7 +13,7 @@ from inspector.preprocess import PreprocessConfig, Preprocessor, load_image
 from models.export import ParityError, check_parity, export_onnx
 from models.siamese import EmbedderConfig, build_embedder
 
-TINY = EmbedderConfig(backbone="tiny_cnn", weights=None, embedding_dim=16, hidden_dim=32)
+TINY = EmbedderConfig(backbone="tiny_cnn", weights=None, mode="global", embedding_dim=16, hidden_dim=32)
 CFG = PreprocessConfig(height=64, width=64)
 
 
@@ -57,3 +57,13 @@ def test_parity_failure_raises_clear_error(exported: tuple[torch.nn.Module, Path
     _, batch = _real_batch(demo_root)
     with pytest.raises(ParityError, match="differ by"):
         check_parity(other, path, batch)
+
+
+def test_patch_embedder_exports_with_parity(tmp_path: Path, demo_root: Path) -> None:
+    torch.manual_seed(0)
+    model = build_embedder(EmbedderConfig(backbone="tiny_cnn", weights=None, feature_stages=(2, 3), embedding_dim=16)).eval()
+    path = export_onnx(model, tmp_path / "patch.onnx", height=64, width=64)
+    _, batch = _real_batch(demo_root, n=3)
+    assert check_parity(model, path, batch) <= 1e-4
+    out, _ = OnnxEmbedder(path, CFG).embed(sorted((demo_root / "train" / "good").glob("*.png"))[:2])
+    assert out.shape == (2, 16, 16)  # N x patches (4x4) x D

@@ -35,7 +35,7 @@ def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     torch.manual_seed(0)
     tmp = tmp_path_factory.mktemp("boundary")
-    model = build_embedder(EmbedderConfig(backbone="tiny_cnn", weights=None, embedding_dim=8, hidden_dim=16))
+    model = build_embedder(EmbedderConfig(backbone="tiny_cnn", weights=None, mode="global", embedding_dim=8, hidden_dim=16))
     onnx_path = export_onnx(model, tmp / "m.onnx", height=32, width=32)
     spec = BundleSpec(PreprocessConfig(height=32, width=32), ScoringConfig(), Threshold(0.5))
     refs = np.eye(8, dtype=np.float32)[:3]

@@ -12,7 +12,7 @@ from torch.utils.data import Dataset
 from models.siamese import EmbedderConfig, build_embedder
 from models.training import TrainConfig, ValidationData, train
 
-TINY = EmbedderConfig(backbone="tiny_cnn", weights=None, embedding_dim=16, hidden_dim=32)
+TINY = EmbedderConfig(backbone="tiny_cnn", weights=None, mode="global", embedding_dim=16, hidden_dim=32)
 
 
 def _images(n: int, defect: bool, seed: int) -> torch.Tensor:

@@ -1,0 +1,38 @@
+"""Greedy k-center coreset: a small bank of reference patches that still covers every normal patch seen.
+
+A patch bank of all golden parts is hundreds of thousands of vectors; scoring cost on the line grows with it.
+Random subsampling drops rare-but-normal patches (edges, markings) and turns them into false rejects; the greedy
+k-center choice (PatchCore, Roth et al. 2022) keeps the point farthest from the bank at every step, so rare
+patches survive. Distances are computed on a random projection to keep the selection fast.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def greedy_coreset(points: np.ndarray, size: int, *, projection_dim: int = 64, seed: int = 0, block: int = 65536) -> np.ndarray:
+    """Indices of ``size`` points chosen by greedy k-center (farthest-point) selection; all indices if fewer."""
+    n = len(points)
+    if size >= n:
+        return np.arange(n)
+    if size < 1:
+        raise ValueError(f"coreset size must be >= 1, got {size}")
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.from_numpy(np.ascontiguousarray(points, dtype=np.float32))
+    if x.shape[1] > projection_dim:
+        proj = torch.randn(x.shape[1], projection_dim, generator=gen) / projection_dim**0.5
+        x = x @ proj
+    chosen = np.empty(size, dtype=np.int64)
+    chosen[0] = int(torch.randint(n, (1,), generator=gen))
+    min_d = torch.full((n,), float("inf"))
+    sq = (x * x).sum(1)
+    for i in range(1, size + 1):
+        c = x[chosen[i - 1]]
+        d = (sq - 2.0 * (x @ c) + (c * c).sum()).clamp_min(0)
+        torch.minimum(min_d, d, out=min_d)
+        if i == size:
+            break
+        chosen[i] = int(torch.argmax(min_d))
+    return np.sort(chosen)

@@ -1,0 +1,109 @@
+"""Patch-level embedding: labels from masks, the patch contrastive loss, patch scoring, coreset, pair dataset."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from inspector.preprocess import PreprocessConfig, Preprocessor
+from inspector.scoring import ScoringConfig, anomaly_scores, knn_distances, patch_distances
+from models.coreset import greedy_coreset
+from models.losses import patch_contrastive_loss, patch_labels_from_masks
+from models.pairs import PatchPairDataset
+from models.siamese import EmbedderConfig, PatchEmbedder, SiameseNetwork, build_embedder
+
+TINY_PATCH = EmbedderConfig(backbone="tiny_cnn", weights=None, feature_stages=(2, 3), embedding_dim=16, context=1)
+
+
+def test_patch_labels_from_masks_marks_defect_ring_and_unknown() -> None:
+    masks = torch.zeros(3, 16, 16)
+    masks[0, 0:2, 0:2] = 1  # defect in the top-left cell of a 4x4 grid
+    masks[2] = -1  # a real defect photo without a mask
+    labels = patch_labels_from_masks(masks, (4, 4))
+    assert labels[0, 0, 0] == 1
+    assert labels[0, 0, 1] == -1 and labels[0, 1, 1] == -1  # the ring around it is ignored
+    assert labels[0, 3, 3] == 0
+    assert (labels[1] == 0).all() and (labels[2] == -1).all()
+
+
+def test_patch_contrastive_loss_hand_example() -> None:
+    # two images, one patch each, D=2. image 0 good at (0,0); image 1 has a defect patch at (0.6,0) from the same source.
+    # normal term: image 0's only normal neighbour of another source → none (same source) → no normal term.
+    # defect term: D to nearest normal = 0.6, margin 1 → 0.5*(0.4)^2 = 0.08
+    patches = torch.tensor([[[0.0, 0.0]], [[0.6, 0.0]]], requires_grad=True)
+    loss = patch_contrastive_loss(patches, torch.tensor([[0], [1]]), torch.tensor([0, 1]), torch.tensor([5, 5]), margin=1.0)
+    assert loss.item() == pytest.approx(0.08, abs=1e-5)
+    loss.backward()
+    assert torch.isfinite(patches.grad).all()
+    # a second good source 0.3 away adds the normal term 0.5*0.3^2 for each of the two good patches
+    patches2 = torch.tensor([[[0.0, 0.0]], [[0.6, 0.0]], [[0.0, 0.3]]])
+    loss2 = patch_contrastive_loss(patches2, torch.tensor([[0], [1], [0]]), torch.tensor([0, 1, 0]), torch.tensor([5, 5, 6]), margin=1.0)
+    # defect nearest normal: min(0.6, sqrt(0.36+0.09)=0.67) = 0.6 → 0.08; normal: 0.5*0.09 = 0.045
+    assert loss2.item() == pytest.approx(0.08 + 0.045, abs=1e-5)
+
+
+def test_patch_scoring_is_worst_patch_distance() -> None:
+    rng = np.random.default_rng(0)
+    bank = rng.normal(size=(50, 4)).astype(np.float32)
+    queries = rng.normal(size=(3, 6, 4)).astype(np.float32)
+    per_patch = patch_distances(queries, bank)
+    assert per_patch.shape == (3, 6)
+    expected = knn_distances(queries.reshape(-1, 4), bank, k=1)[:, 0].reshape(3, 6).max(axis=1)
+    assert np.allclose(anomaly_scores(queries, bank, ScoringConfig()), expected, atol=1e-5)
+    # a 3-D reference stack is the same as its flattened bank
+    assert np.allclose(anomaly_scores(queries, bank.reshape(5, 10, 4)), expected, atol=1e-5)
+
+
+def test_greedy_coreset_keeps_rare_points() -> None:
+    rng = np.random.default_rng(0)
+    common = rng.normal(scale=0.01, size=(1000, 8)).astype(np.float32)
+    rare = np.full((3, 8), 5.0, np.float32) + rng.normal(scale=0.01, size=(3, 8)).astype(np.float32)
+    points = np.concatenate([common, rare])
+    chosen = greedy_coreset(points, 10, projection_dim=8)
+    assert len(chosen) == 10 and len(set(chosen.tolist())) == 10
+    assert any(i >= 1000 for i in chosen), "the far-away cluster must be covered"
+    assert np.array_equal(greedy_coreset(points, 5000), np.arange(len(points)))
+
+
+def test_patch_embedder_shapes_and_siamese_distance() -> None:
+    torch.manual_seed(0)
+    model = build_embedder(TINY_PATCH).eval()
+    assert isinstance(model, PatchEmbedder)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        z = model(x)
+        assert z.shape == (2, 16, 16)  # stride 16 → 4x4 patches
+        assert torch.allclose(z.norm(dim=-1), torch.ones(2, 16), atol=1e-5)
+        d = SiameseNetwork(model)(x, x)
+    assert torch.allclose(d, torch.zeros(2), atol=1e-3)
+
+
+def test_patch_pair_dataset_items(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    good = []
+    for i in range(4):
+        p = tmp_path / f"g{i}.png"
+        Image.fromarray(rng.integers(60, 200, (40, 40, 3), dtype=np.uint8)).save(p)
+        good.append(p)
+    bad, mask = tmp_path / "bad.png", tmp_path / "bad_mask.png"
+    Image.fromarray(rng.integers(60, 200, (40, 40, 3), dtype=np.uint8)).save(bad)
+    m = np.zeros((40, 40), np.uint8)
+    m[10:20, 10:20] = 255
+    Image.fromarray(m).save(mask)
+    pre = Preprocessor(PreprocessConfig(height=32, width=32))
+    ds = PatchPairDataset(good, [bad], pre, defective_masks=[mask], synthetic_fraction=0.5, epoch_size=8, seed=3)
+    kinds = set()
+    for i in range(len(ds)):
+        images, masks, sources, labels = ds[i]
+        assert images.shape == (2, 3, 32, 32) and masks.shape == (2, 32, 32)
+        assert labels.tolist() == [0, 1] and (masks[0] == 0).all() and (masks[1] > 0).any()
+        kinds.add("real" if sources[1] < 0 else "synthetic")
+        if sources[1] >= 0:
+            assert sources[0] == sources[1]  # synthetic defect made from the same good image
+    assert kinds == {"real", "synthetic"}
+    again = PatchPairDataset(good, [bad], pre, defective_masks=[mask], synthetic_fraction=0.5, epoch_size=8, seed=3)
+    assert torch.equal(ds[5][0], again[5][0])
