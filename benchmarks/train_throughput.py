@@ -17,10 +17,10 @@ from models.siamese import EmbedderConfig, build_embedder  # noqa: E402
 from models.training import TrainConfig, batch_loss, resolve_device, resolve_mode  # noqa: E402
 
 CASES = [
-    ("lite0 patch 224 px (default)", EmbedderConfig(), 224),
-    ("lite0 patch 224 px, projection head only", EmbedderConfig(trainable_stages=0), 224),
-    ("lite0 patch 128 px, projection head only (demo)", EmbedderConfig(trainable_stages=0), 128),
-    ("lite0 global 224 px, last 2 stages trainable", EmbedderConfig(mode="global"), 224),
+    ("lite0 patch 224 px, projection head only (default)", EmbedderConfig(), 224),
+    ("lite0 patch 224 px, stages 3-4 trainable", EmbedderConfig(trainable_stages=2), 224),
+    ("lite0 patch 128 px, projection head only (demo)", EmbedderConfig(), 128),
+    ("lite0 global 224 px, last 2 stages trainable", EmbedderConfig(mode="global", trainable_stages=2), 224),
     ("resnet18 224 px, global, random init", EmbedderConfig(backbone="resnet18", weights=None, mode="global"), 224),
     ("tiny_cnn 64 px, global (unit tests)", EmbedderConfig(backbone="tiny_cnn", weights=None, mode="global", embedding_dim=32, hidden_dim=64), 64),
 ]

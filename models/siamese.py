@@ -58,7 +58,7 @@ class EmbedderConfig:
     embedding_dim: int = 128
     hidden_dim: int = 512
     pooling: Pooling = "gem"
-    trainable_stages: int = 2
+    trainable_stages: int = 0  # patch mode: stages before the deepest feature stage stay frozen; 0 = projection head only
 
     def __post_init__(self) -> None:
         if self.mode not in ("patch", "global"):

@@ -43,7 +43,7 @@ Mode = Literal["auto", "patch", "in_batch", "pairs", "triplets"]
 class TrainConfig:
     """Training hyper-parameters; defaults work for a pretrained backbone on a few hundred images."""
 
-    epochs: int = 8
+    epochs: int = 6
     batch_size: int = 32
     lr: float = 1e-3
     backbone_lr_scale: float = 0.1

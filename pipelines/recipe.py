@@ -44,7 +44,7 @@ class Recipe:
     use_real_defects: bool = True
     defect_fraction: float = 0.5
     synthetic_fraction: float | None = None
-    epoch_size: int = 512
+    epoch_size: int = 384
     augment_strength: float = 1.0
     calibration_fraction: float = 0.2
     defect_train_fraction: float = 0.5
@@ -69,7 +69,7 @@ def tiny_recipe(**overrides: Any) -> Recipe:
     """A small, fast recipe for tests and quick demos on CPU: the first stages of pretrained Lite0 at 128 px."""
     base = Recipe(
         preprocess=PreprocessConfig(height=128, width=128),
-        embedder=EmbedderConfig(feature_stages=(3, 4), context=1, embedding_dim=128, trainable_stages=0),
+        embedder=EmbedderConfig(),
         train=TrainConfig(epochs=6, batch_size=16, lr=1e-3, progress=False),
         epoch_size=128,
     )
