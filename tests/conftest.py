@@ -45,3 +45,27 @@ def bad_images(tmp_path: Path) -> dict[str, Path]:
     huge = tmp_path / "huge.png"
     Image.new("L", (12000, 12000)).save(huge)  # 144 MP, small on disk
     return {"good": good, "truncated": truncated, "empty": empty, "text": text, "corrupt": corrupt, "huge": huge}
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real bundle (tiny patch CNN exported to ONNX, a real reference bank, threshold 0.5) for line-side tests."""
+    import torch
+
+    from inspector.bundle import BundleSpec, Threshold, write_bundle
+    from inspector.engine import OnnxEmbedder
+    from inspector.preprocess import PreprocessConfig
+    from inspector.scoring import ScoringConfig
+    from models.export import export_onnx
+    from models.siamese import EmbedderConfig, build_embedder
+
+    torch.manual_seed(0)
+    tmp = tmp_path_factory.mktemp("bundle")
+    model = build_embedder(EmbedderConfig(backbone="tiny_cnn", weights=None, feature_stages=(2, 3), embedding_dim=8))
+    onnx_path = export_onnx(model, tmp / "m.onnx", height=32, width=32)
+    pre = PreprocessConfig(height=32, width=32)
+    rng = np.random.default_rng(0)
+    refs = [Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)) for _ in range(3)]
+    bank, _ = OnnxEmbedder(onnx_path, pre).embed(refs)
+    spec = BundleSpec(pre, ScoringConfig(), Threshold(0.5), model={"name": "tiny", "version": "1"})
+    return write_bundle(tmp / "bundle", onnx_path, bank.reshape(-1, bank.shape[-1]), spec)

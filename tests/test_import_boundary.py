@@ -10,9 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from inspector.bundle import BundleSpec, Threshold, write_bundle
-from inspector.preprocess import PreprocessConfig
-from inspector.scoring import ScoringConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 HEAVY = ("torch", "torchvision", "prefect", "mlflow", "albumentations", "timm")
@@ -23,23 +20,6 @@ def _loaded_after(code: str) -> list[str]:
     out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-@pytest.fixture(scope="module")
-def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A real bundle made with the training stack in *this* process; the probe scores with it in a clean one."""
-    import torch
-
-    from models.export import export_onnx
-    from models.siamese import EmbedderConfig, build_embedder
-
-    torch.manual_seed(0)
-    tmp = tmp_path_factory.mktemp("boundary")
-    model = build_embedder(EmbedderConfig(backbone="tiny_cnn", weights=None, mode="global", embedding_dim=8, hidden_dim=16))
-    onnx_path = export_onnx(model, tmp / "m.onnx", height=32, width=32)
-    spec = BundleSpec(PreprocessConfig(height=32, width=32), ScoringConfig(), Threshold(0.5))
-    refs = np.eye(8, dtype=np.float32)[:3]
-    return write_bundle(tmp / "bundle", onnx_path, refs, spec)
 
 
 def test_inspector_scores_without_training_stack(tiny_bundle: Path, tmp_path: Path) -> None:
