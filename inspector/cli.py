@@ -103,6 +103,73 @@ def cmd_check(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:  # the service stack is an optional extra; importing it here keeps `import inspector.cli` light
+        from inspector.service import ServiceSettings, serve
+    except ImportError as exc:
+        print(f"error: `inspector serve` needs the 'serve' extra (pip install 'siamese-inspector[serve]'): {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    settings = ServiceSettings.from_env(
+        bundle=args.bundle, model_uri=args.model_uri, host=args.host, port=args.port, token=args.token,
+        max_bytes=args.max_bytes, max_images=args.max_images, threads=args.threads, log_level=args.log_level,
+    )
+    return serve(settings)
+
+
+def _reference_summary(before_path: Path, after_path: Path) -> dict:
+    """JSON summary of a reference change: rows and threshold before/after, what was added, skipped or removed."""
+    from inspector.references import reference_sources
+
+    before, after = load_bundle(before_path), load_bundle(after_path)
+    change = after.spec.provenance.get("reference_change", {})
+    return {
+        "bundle": str(before.path),
+        "out": str(after.path),
+        "model": after.model_version,
+        "references": {"before": int(before.references.shape[0]), "after": int(after.references.shape[0]),
+                       "sources_before": len(reference_sources(before)), "sources_after": len(reference_sources(after))},
+        "added": [a["id"] for a in change.get("added", [])],
+        "removed": change.get("removed", []),
+        "skipped": change.get("skipped", []),
+        "threshold": {"before": before.spec.threshold.to_dict(), "after": after.spec.threshold.to_dict()},
+    }
+
+
+def _expand_or_report(items: list[str], what: str) -> list[Path] | None:
+    paths, missing = expand_paths(items)
+    for m in missing:
+        print(f"error: {m}: no such file, folder or matching glob ({what})", file=sys.stderr)
+    return None if missing else paths
+
+
+def cmd_add_references(args: argparse.Namespace) -> int:
+    from inspector.references import add_references
+
+    images = _expand_or_report(args.images, "images to add")
+    good = _expand_or_report(args.recalibrate_good or [], "--recalibrate-good")
+    bad = _expand_or_report(args.recalibrate_defective or [], "--recalibrate-defective")
+    if images is None or good is None or bad is None:
+        return EXIT_BAD_INPUT
+    if not images:
+        print("error: no images to add", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if (args.recalibrate_good and not good) or (args.recalibrate_defective and not bad):
+        print("error: a re-calibration folder holds no images", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    out = add_references(args.bundle, images, args.out, recalibrate_good=good, recalibrate_defective=bad,
+                         target_false_reject_rate=args.target_frr, skip_bad=args.skip_bad, threads=args.threads)
+    print(json.dumps(_reference_summary(args.bundle, out), indent=2))
+    return EXIT_OK
+
+
+def cmd_remove_references(args: argparse.Namespace) -> int:
+    from inspector.references import remove_references
+
+    out = remove_references(args.bundle, args.ids, args.out)
+    print(json.dumps(_reference_summary(args.bundle, out), indent=2))
+    return EXIT_OK
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="inspector", description="Score part images against golden references (onnxruntime).")
     sub = p.add_subparsers(dest="command", required=True)
@@ -118,6 +185,32 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("check", help="verify a bundle (hashes, schema, model loads)")
     c.add_argument("bundle", type=Path)
     c.set_defaults(func=cmd_check)
+    a = sub.add_parser("add-references", help="embed new good parts and write a new bundle with them in its bank")
+    a.add_argument("bundle", type=Path)
+    a.add_argument("images", nargs="+", help="image files, folders or globs")
+    a.add_argument("--out", required=True, type=Path, help="the new bundle directory (must not exist)")
+    a.add_argument("--recalibrate-good", nargs="+", metavar="DIR_OR_FILES", help="good parts NOT in the bank: threshold = their (1 - target FRR) score quantile")
+    a.add_argument("--recalibrate-defective", nargs="+", metavar="DIR_OR_FILES", help="defective parts: report recall at that threshold")
+    a.add_argument("--target-frr", type=float, default=0.01, help="target false-reject rate on good parts (default 0.01)")
+    a.add_argument("--skip-bad", action="store_true", help="skip unreadable or already-present images instead of failing")
+    a.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: all cores)")
+    a.set_defaults(func=cmd_add_references)
+    r = sub.add_parser("remove-references", help="write a new bundle without the given reference ids")
+    r.add_argument("bundle", type=Path)
+    r.add_argument("--ids", nargs="+", required=True, help="reference ids (file names as added; see the add summary)")
+    r.add_argument("--out", required=True, type=Path, help="the new bundle directory (must not exist)")
+    r.set_defaults(func=cmd_remove_references)
+    v = sub.add_parser("serve", help="HTTP scoring service (needs the 'serve' extra: fastapi, uvicorn)")
+    v.add_argument("--bundle", type=Path, default=None, help="bundle directory (or INSPECTOR_BUNDLE)")
+    v.add_argument("--model-uri", default=None, help="registry model URI (models:/<name>@champion; not available yet)")
+    v.add_argument("--host", default=None, help="interface to listen on (default 127.0.0.1)")
+    v.add_argument("--port", type=int, default=None, help="port (default 8000)")
+    v.add_argument("--token", default=None, help="bearer token for /v1/score and /v1/reload (prefer INSPECTOR_TOKEN)")
+    v.add_argument("--max-bytes", type=int, default=None, help="largest request body in bytes (default 20 MiB)")
+    v.add_argument("--max-images", type=int, default=None, help="most images per request (default 64)")
+    v.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: all cores)")
+    v.add_argument("--log-level", default=None, choices=["critical", "error", "warning", "info", "debug"])
+    v.set_defaults(func=cmd_serve)
     return p
 
 

@@ -67,5 +67,5 @@ def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     rng = np.random.default_rng(0)
     refs = [Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)) for _ in range(3)]
     bank, _ = OnnxEmbedder(onnx_path, pre).embed(refs)
-    spec = BundleSpec(pre, ScoringConfig(), Threshold(0.5), model={"name": "tiny", "version": "1"})
+    spec = BundleSpec(pre, ScoringConfig(), Threshold(0.5), model={"name": "tiny", "version": "1", "mode": "patch"})
     return write_bundle(tmp / "bundle", onnx_path, bank.reshape(-1, bank.shape[-1]), spec)

@@ -1,0 +1,369 @@
+"""Golden references without retraining: add new good parts to a bundle's bank, remove some, re-calibrate.
+
+Every operation reads a verified bundle and writes a NEW bundle with :func:`inspector.bundle.write_bundle`
+(atomic: temp dir, then rename); the input bundle is never touched. New references are embedded with the
+bundle's own model through :class:`inspector.engine.OnnxEmbedder`, i.e. the line's one preprocessing.
+
+Which rows of ``references.npy`` came from which image is kept in the manifest, under
+``provenance.reference_sources``: a list of ``{"id", "rows": [start, stop], "sha256"}`` entries covering the bank
+in order (``sha256`` of the image file, when known). In *image* mode each source is one row and
+``references.ids`` keeps one id per row as before; in *patch* mode a source is the P patch rows of one image (or
+the whole bank the bundle was trained with, id ``"initial"``, which a coreset may have reduced).
+
+Bad input never ships a half-updated bank: an unreadable image, an id or content already in the bank, an unknown
+id to remove, or re-calibration images that are themselves in the bank each stop the operation with an error that
+names them, and nothing is written.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from inspector.bundle import MANIFEST, Bundle, Threshold, load_bundle, sha256_file, write_bundle
+from inspector.engine import OnnxEmbedder
+from inspector.errors import BundleError, InspectorError
+from inspector.metrics import rates_at_threshold, roc_auc
+from inspector.scoring import anomaly_scores
+
+INITIAL_SOURCE = "initial"
+SOURCES_KEY = "reference_sources"
+
+
+class ReferencesError(InspectorError):
+    """Adding or removing references (or re-calibrating) was refused; nothing was written."""
+
+
+# --------------------------------------------------------------------------------------------------- pure parts
+
+
+def bundle_mode(bundle: Bundle) -> str:
+    """``"image"`` (one embedding per image) or ``"patch"`` (P patch embeddings per image)."""
+    mode = str(bundle.manifest.get("model", {}).get("mode", bundle.spec.model.get("mode", "image")))
+    if mode not in ("image", "patch"):
+        raise BundleError(f"{bundle.path / MANIFEST}: unknown model mode {mode!r} (expected 'image' or 'patch')")
+    return mode
+
+
+def sources_from_ids(ids: Sequence[str]) -> list[dict[str, Any]]:
+    """Run-length encode per-row ids into sources (consecutive equal ids are one source)."""
+    sources: list[dict[str, Any]] = []
+    for row, ref_id in enumerate(ids):
+        if sources and sources[-1]["id"] == ref_id and sources[-1]["rows"][1] == row:
+            sources[-1]["rows"][1] = row + 1
+        else:
+            sources.append({"id": str(ref_id), "rows": [row, row + 1]})
+    return sources
+
+
+def check_sources(sources: Sequence[dict[str, Any]], n_rows: int, where: str = "reference_sources") -> list[dict[str, Any]]:
+    """Validate that sources tile rows ``[0, n_rows)`` in order; return a clean copy."""
+    clean: list[dict[str, Any]] = []
+    expected = 0
+    for i, src in enumerate(sources):
+        try:
+            start, stop = (int(v) for v in src["rows"])
+            entry = {"id": str(src["id"]), "rows": [start, stop]}
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BundleError(f"{where}: entry {i} is malformed ({exc!r})") from None
+        if start != expected or stop <= start:
+            raise BundleError(f"{where}: entry {i} ({entry['id']!r}) covers rows {start}:{stop}, expected to start at {expected}")
+        if src.get("sha256"):
+            entry["sha256"] = str(src["sha256"])
+        clean.append(entry)
+        expected = stop
+    if expected != n_rows:
+        raise BundleError(f"{where}: sources cover {expected} rows but the bank has {n_rows}")
+    return clean
+
+
+def reference_sources(bundle: Bundle) -> list[dict[str, Any]]:
+    """Where each row of the bank came from: the recorded sources, else per-row ids, else one ``initial`` source."""
+    n = int(bundle.references.shape[0])
+    recorded = bundle.spec.provenance.get(SOURCES_KEY)
+    if recorded:
+        return check_sources(recorded, n, f"{bundle.path / MANIFEST}: provenance.{SOURCES_KEY}")
+    if bundle.spec.reference_ids and len(bundle.spec.reference_ids) == n:
+        return sources_from_ids(bundle.spec.reference_ids)
+    return [{"id": INITIAL_SOURCE, "rows": [0, n]}]
+
+
+def row_ids(sources: Sequence[dict[str, Any]]) -> list[str]:
+    """One id per bank row (the inverse of :func:`sources_from_ids`)."""
+    out: list[str] = []
+    for src in sources:
+        start, stop = src["rows"]
+        out += [src["id"]] * (stop - start)
+    return out
+
+
+def flatten_embeddings(embeddings: np.ndarray, mode: str, dim: int) -> tuple[np.ndarray, int]:
+    """Model output → bank rows: (N, D) stays, (N, P, D) becomes (N·P, D). Returns rows and rows per image."""
+    emb = np.asarray(embeddings, dtype=np.float32)
+    want = 2 if mode == "image" else 3
+    if emb.ndim != want:
+        raise BundleError(f"the bundle is in {mode} mode but its model outputs embeddings of shape {emb.shape}")
+    if emb.shape[-1] != dim:
+        raise BundleError(f"the model outputs {emb.shape[-1]}-d embeddings but the bank is {dim}-d")
+    per_image = 1 if mode == "image" else int(emb.shape[1])
+    return emb.reshape(-1, emb.shape[-1]), per_image
+
+
+def default_ids(paths: Sequence[Path], shas: Sequence[str]) -> list[str]:
+    """The file name, or ``name@sha8`` where two new images share a name."""
+    names = [p.name for p in paths]
+    return [n if names.count(n) == 1 else f"{n}@{s[:8]}" for n, s in zip(names, shas)]
+
+
+def append_references(bank: np.ndarray, sources: Sequence[dict[str, Any]], new_rows: np.ndarray, rows_per_image: int,
+                      ids: Sequence[str], shas: Sequence[str | None]) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    """Append ``len(ids)`` images' rows (``rows_per_image`` each, in order) to the bank and the source list."""
+    if len(new_rows) != rows_per_image * len(ids):
+        raise ValueError(f"{len(new_rows)} rows for {len(ids)} images of {rows_per_image} rows each")
+    out_sources = [dict(s, rows=list(s["rows"])) for s in sources]
+    start = int(bank.shape[0])
+    for ref_id, sha in zip(ids, shas):
+        entry: dict[str, Any] = {"id": ref_id, "rows": [start, start + rows_per_image]}
+        if sha:
+            entry["sha256"] = sha
+        out_sources.append(entry)
+        start += rows_per_image
+    return np.concatenate([np.asarray(bank, dtype=np.float32), np.asarray(new_rows, dtype=np.float32)]), out_sources
+
+
+def drop_references(bank: np.ndarray, sources: Sequence[dict[str, Any]], ids: Iterable[str]) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    """Remove every source with one of ``ids``; rows are re-indexed. Unknown ids or removing everything is an error."""
+    ids = list(dict.fromkeys(ids))
+    known = {s["id"] for s in sources}
+    unknown = [i for i in ids if i not in known]
+    if unknown:
+        raise ReferencesError(f"unknown reference id(s): {', '.join(map(repr, unknown))} (the bank has {len(known)} ids)")
+    drop = set(ids)
+    kept = [s for s in sources if s["id"] not in drop]
+    if not kept:
+        raise ReferencesError("refusing to remove every reference: the bank would be empty")
+    keep_rows = np.concatenate([np.arange(*s["rows"]) for s in kept])
+    out_sources: list[dict[str, Any]] = []
+    start = 0
+    for s in kept:
+        n = s["rows"][1] - s["rows"][0]
+        out_sources.append(dict(s, rows=[start, start + n]))
+        start += n
+    return np.asarray(bank, dtype=np.float32)[keep_rows], out_sources
+
+
+def frr_threshold(good_scores: np.ndarray, target_frr: float) -> tuple[float, dict[str, Any]]:
+    """The lowest threshold that flags at most ``floor(target_frr · n)`` of the good scores (verdict: score > t).
+
+    This is the empirical (1 − target FRR) quantile (``numpy.quantile(..., method="inverted_cdf")``), chosen as
+    an observed score, so the FRR on these goods is guaranteed ≤ target; lower would flag one more good part.
+    """
+    s = np.sort(np.asarray(good_scores, dtype=np.float64).ravel())
+    if len(s) == 0:
+        raise ReferencesError("re-calibration needs at least one good image")
+    if not np.isfinite(s).all():
+        raise ReferencesError("re-calibration scores contain NaN or inf")
+    if not 0.0 <= target_frr < 1.0:
+        raise ReferencesError(f"target false-reject rate must be in [0, 1), got {target_frr}")
+    allowed = int(math.floor(target_frr * len(s) + 1e-9))
+    value = float(s[len(s) - 1 - allowed])
+    details = {
+        "target_false_reject_rate": float(target_frr),
+        "quantile": 1.0 - float(target_frr),
+        "n_good": int(len(s)),
+        "good_rejects_allowed": allowed,
+        "false_reject_rate": float(np.mean(s > value)),
+        "min_resolvable_frr": 1.0 / len(s),
+    }
+    return value, details
+
+
+def calibrate_threshold(good_scores: np.ndarray, defective_scores: np.ndarray | None, target_frr: float,
+                        inputs: dict[str, Any] | None = None) -> Threshold:
+    """Goods only → rule ``good_quantile``; with defectives too → ``good_quantile+defects`` (recall reported)."""
+    value, details = frr_threshold(good_scores, target_frr)
+    rule = "good_quantile"
+    if defective_scores is not None and len(defective_scores):
+        bad = np.asarray(defective_scores, dtype=np.float64).ravel()
+        good = np.asarray(good_scores, dtype=np.float64).ravel()
+        labels = np.r_[np.zeros(len(good), bool), np.ones(len(bad), bool)]
+        scores = np.r_[good, bad]
+        rates = rates_at_threshold(labels, scores, value)
+        rule = "good_quantile+defects"
+        details.update({"n_defective": int(len(bad)), "recall": rates["recall"], "escape_rate": rates["escape_rate"],
+                        "precision": rates["precision"], "auroc": roc_auc(labels, scores)})
+    details.update(inputs or {})
+    return Threshold(value=value, rule=rule, details=details)
+
+
+def derived_provenance(parent: Bundle, change: dict[str, Any], sources: list[dict[str, Any]]) -> dict[str, Any]:
+    """The parent's provenance (run id, dataset hash…) plus where this bundle came from and what changed."""
+    prov = {k: v for k, v in parent.spec.provenance.items() if k not in ("created_at", SOURCES_KEY, "reference_change")}
+    prov["parent_bundle"] = {
+        "path": str(parent.path.resolve()),
+        "manifest_sha256": sha256_file(parent.path / MANIFEST),
+        "created_at": parent.spec.provenance.get("created_at"),
+        "references": int(parent.references.shape[0]),
+        "threshold": parent.spec.threshold.value,
+    }
+    prov["revision"] = int(parent.spec.provenance.get("revision", 0)) + 1
+    prov["reference_change"] = change
+    prov[SOURCES_KEY] = sources
+    return prov
+
+
+# --------------------------------------------------------------------------------------------------- orchestration
+
+
+def _read_and_embed(embedder: OnnxEmbedder, paths: Sequence[Path]) -> tuple[np.ndarray, list[str], list[str | None]]:
+    """Embeddings of the readable images (in order), every file's sha256 ('' if unreadable) and per-file errors."""
+    shas: list[str] = []
+    pre_errors: list[str | None] = []
+    for p in paths:
+        try:
+            shas.append(sha256_file(p))
+            pre_errors.append(None)
+        except OSError as exc:
+            shas.append("")
+            pre_errors.append(f"{p}: {exc.strerror or exc}")
+    readable = [p for p, e in zip(paths, pre_errors) if e is None]
+    emb, emb_errors = embedder.embed(readable) if readable else (np.zeros((0,), np.float32), [])
+    it = iter(emb_errors)
+    errors = [e if e is not None else next(it) for e in pre_errors]
+    return emb, shas, errors
+
+
+def _fail(what: str, problems: list[str]) -> None:
+    raise ReferencesError(f"{what}; nothing was written:\n  " + "\n  ".join(problems))
+
+
+def _check_out(bundle_path: Path, out_path: Path) -> None:
+    if out_path.resolve() == bundle_path.resolve():
+        raise ReferencesError(f"{out_path}: the output must be a new bundle, not the input bundle")
+    if out_path.exists():
+        raise ReferencesError(f"{out_path}: already exists (choose a new bundle path)")
+
+
+def add_references(bundle_path: str | Path, images: Sequence[str | Path], out_path: str | Path, *,
+                   recalibrate_good: Sequence[str | Path] = (), recalibrate_defective: Sequence[str | Path] = (),
+                   target_false_reject_rate: float = 0.01, skip_bad: bool = False, ids: Sequence[str] | None = None,
+                   threads: int | None = None) -> Path:
+    """Embed new good images with the bundle's model, append them to its bank and write a new bundle at ``out_path``.
+
+    Unreadable images, images already in the bank (same file sha256) or given twice are errors that name each file
+    and write nothing, unless ``skip_bad`` (then they are skipped and listed in ``provenance.reference_change``).
+    With ``recalibrate_good`` the threshold becomes the (1 − ``target_false_reject_rate``) quantile of those goods'
+    scores against the NEW bank; with ``recalibrate_defective`` too, recall at that threshold is reported. The
+    re-calibration images must not be in the bank. Without them the parent's threshold is kept.
+    """
+    bundle_path, out_path = Path(bundle_path), Path(out_path)
+    paths = [Path(p) for p in images]
+    good_paths = [Path(p) for p in recalibrate_good]
+    bad_paths = [Path(p) for p in recalibrate_defective]
+    if not paths:
+        raise ReferencesError("no images to add")
+    if ids is not None and len(ids) != len(paths):
+        raise ReferencesError(f"{len(ids)} ids for {len(paths)} images")
+    if bad_paths and not good_paths:
+        raise ReferencesError("re-calibration with defective images also needs good images (--recalibrate-good)")
+    _check_out(bundle_path, out_path)
+    parent = load_bundle(bundle_path)
+    mode = bundle_mode(parent)
+    sources = reference_sources(parent)
+    embedder = OnnxEmbedder(parent.model_path, parent.spec.preprocessing, threads=threads)
+
+    emb, shas, errors = _read_and_embed(embedder, paths)
+    new_ids = list(ids) if ids is not None else default_ids(paths, shas)
+    existing_ids = {s["id"] for s in sources}
+    existing_sha = {s["sha256"]: s["id"] for s in sources if s.get("sha256")}
+    problems: list[str] = []   # always fatal
+    skippable: list[tuple[int, str]] = []  # fatal unless skip_bad
+    seen_sha: dict[str, Path] = {}
+    seen_ids: set[str] = set()
+    for i, (p, sha, err, ref_id) in enumerate(zip(paths, shas, errors, new_ids)):
+        if err is not None:
+            skippable.append((i, err))
+        elif sha in existing_sha:
+            skippable.append((i, f"{p}: already in the bank as reference {existing_sha[sha]!r}"))
+        elif sha in seen_sha:
+            skippable.append((i, f"{p}: same content as {seen_sha[sha]}"))
+        else:
+            seen_sha[sha] = p
+            if ref_id in existing_ids or ref_id in seen_ids:
+                problems.append(f"{p}: reference id {ref_id!r} is already in use")
+            seen_ids.add(ref_id)
+    if skippable and not skip_bad:
+        problems = [msg for _, msg in skippable] + problems
+    if problems:
+        _fail(f"cannot add references to {bundle_path}", problems)
+    skip = {i for i, _ in skippable}
+    keep = [i for i in range(len(paths)) if i not in skip]
+    if not keep:
+        _fail(f"no usable images to add to {bundle_path}", [msg for _, msg in skippable])
+    readable_index = [i for i, e in enumerate(errors) if e is None]
+    emb_keep = emb[[readable_index.index(i) for i in keep]]
+    rows, per_image = flatten_embeddings(emb_keep, mode, int(parent.references.shape[1]))
+    bank, new_sources = append_references(parent.references, sources, rows, per_image,
+                                          [new_ids[i] for i in keep], [shas[i] for i in keep])
+
+    threshold = parent.spec.threshold
+    if good_paths:
+        threshold = _recalibrate(embedder, parent, bank, new_sources, good_paths, bad_paths, target_false_reject_rate)
+
+    change = {
+        "action": "add",
+        "added": [{"id": new_ids[i], "file": str(paths[i]), "sha256": shas[i], "rows": per_image} for i in keep],
+        "skipped": [msg for _, msg in skippable],
+        "threshold_before": parent.spec.threshold.to_dict(),
+        "recalibrated": bool(good_paths),
+    }
+    spec = replace(parent.spec, threshold=threshold, provenance=derived_provenance(parent, change, new_sources),
+                   reference_ids=row_ids(new_sources) if (mode == "image" or parent.spec.reference_ids) else [])
+    return write_bundle(out_path, parent.model_path, bank, spec)
+
+
+def _recalibrate(embedder: OnnxEmbedder, parent: Bundle, bank: np.ndarray, sources: list[dict[str, Any]],
+                 good_paths: list[Path], bad_paths: list[Path], target_frr: float) -> Threshold:
+    in_bank = {s["sha256"]: s["id"] for s in sources if s.get("sha256")}
+    good_emb, good_sha, good_err = _read_and_embed(embedder, good_paths)
+    bad_emb, bad_sha, bad_err = _read_and_embed(embedder, bad_paths) if bad_paths else (None, [], [])
+    problems = [e for e in good_err + bad_err if e is not None]
+    for p, sha in zip(good_paths + bad_paths, good_sha + bad_sha):
+        if sha and sha in in_bank:
+            problems.append(f"{p}: is in the reference bank (as {in_bank[sha]!r}); calibrate on images the bank does not hold")
+    overlap = set(filter(None, good_sha)) & set(filter(None, bad_sha))
+    problems += [f"{p}: given as both good and defective" for p, sha in zip(bad_paths, bad_sha) if sha in overlap]
+    if problems:
+        _fail("cannot re-calibrate the threshold", problems)
+    scoring = parent.spec.scoring
+    good_scores = anomaly_scores(good_emb, bank, scoring)
+    bad_scores = anomaly_scores(bad_emb, bank, scoring) if bad_paths else None
+    inputs = {
+        "scored_against": "new reference bank",
+        "good": [{"file": str(p), "sha256": s} for p, s in zip(good_paths, good_sha)],
+        "defective": [{"file": str(p), "sha256": s} for p, s in zip(bad_paths, bad_sha)],
+        "previous": parent.spec.threshold.to_dict(),
+    }
+    return calibrate_threshold(good_scores, bad_scores, target_frr, inputs)
+
+
+def remove_references(bundle_path: str | Path, ids: Sequence[str], out_path: str | Path) -> Path:
+    """Drop the rows of the given reference ids and write a new bundle (threshold kept, as the parent's)."""
+    bundle_path, out_path = Path(bundle_path), Path(out_path)
+    if not ids:
+        raise ReferencesError("no reference ids to remove")
+    _check_out(bundle_path, out_path)
+    parent = load_bundle(bundle_path)
+    mode = bundle_mode(parent)
+    bank, new_sources = drop_references(parent.references, reference_sources(parent), ids)
+    change = {"action": "remove", "removed": list(dict.fromkeys(ids)),
+              "rows_removed": int(parent.references.shape[0] - bank.shape[0]),
+              "threshold_before": parent.spec.threshold.to_dict(), "recalibrated": False}
+    spec = replace(parent.spec, provenance=derived_provenance(parent, change, new_sources),
+                   reference_ids=row_ids(new_sources) if (mode == "image" or parent.spec.reference_ids) else [])
+    return write_bundle(out_path, parent.model_path, bank, spec)
