@@ -51,16 +51,9 @@ class ScoringConfig:
 def knn_distances(queries: np.ndarray, references: np.ndarray, k: int = 1, chunk_size: int = 8192) -> np.ndarray:
     """Euclidean distances from each query to its k nearest references, ascending: shape (Q, k).
 
-    Queries go in blocks and the bank in chunks of ``chunk_size`` rows, keeping a running top-k, so memory stays
-    at about ``chunk_size²`` floats whatever the sizes.
+    Queries go in blocks of 1024 and the bank in chunks of ``chunk_size`` rows, keeping a running top-k, so memory
+    stays at about ``1024 × chunk_size`` floats whatever the sizes.
     """
-    q_all = np.asarray(queries, dtype=np.float32)
-    if q_all.ndim == 2 and len(q_all) > chunk_size:
-        return np.concatenate([knn_distances(q_all[i : i + chunk_size], references, k, chunk_size) for i in range(0, len(q_all), chunk_size)])
-    return _knn_block(q_all, references, k, chunk_size)
-
-
-def _knn_block(queries: np.ndarray, references: np.ndarray, k: int, chunk_size: int) -> np.ndarray:
     q = np.asarray(queries, dtype=np.float32)
     r = np.asarray(references, dtype=np.float32)
     if q.ndim != 2 or r.ndim != 2:
@@ -69,18 +62,28 @@ def _knn_block(queries: np.ndarray, references: np.ndarray, k: int, chunk_size: 
         raise ValueError(f"embedding sizes differ: queries {q.shape[1]}, references {r.shape[1]}")
     if len(r) == 0:
         raise ValueError("the reference bank is empty: add golden references first")
-    k_eff = min(k, len(r))
-    q_sq = np.einsum("ij,ij->i", q, q)[:, None]
+    r_sq = np.einsum("ij,ij->i", r, r)
+    block = 1024
+    out = [_knn_block(q[i : i + block], r, r_sq, min(k, len(r)), chunk_size) for i in range(0, len(q), block)]
+    return np.concatenate(out) if out else np.zeros((0, min(k, len(r))), np.float32)
+
+
+def _knn_block(q: np.ndarray, r: np.ndarray, r_sq: np.ndarray, k: int, chunk_size: int) -> np.ndarray:
+    """k smallest squared distances of a block of queries, via |r|² − 2q·r (|q|² is added once at the end)."""
     best = np.full((len(q), 0), np.inf, dtype=np.float32)
     for start in range(0, len(r), chunk_size):
-        chunk = r[start : start + chunk_size]
-        d2 = q_sq + np.einsum("ij,ij->i", chunk, chunk)[None, :] - 2.0 * (q @ chunk.T)
-        merged = np.concatenate([best, d2.astype(np.float32)], axis=1)
-        if merged.shape[1] > k_eff:
-            idx = np.argpartition(merged, k_eff - 1, axis=1)[:, :k_eff]
-            merged = np.take_along_axis(merged, idx, axis=1)
+        partial = q @ r[start : start + chunk_size].T
+        partial *= -2.0
+        partial += r_sq[None, start : start + chunk_size]
+        if k == 1:
+            best = partial.min(axis=1, keepdims=True) if best.shape[1] == 0 else np.minimum(best, partial.min(axis=1, keepdims=True))
+            continue
+        merged = np.concatenate([best, partial], axis=1)
+        if merged.shape[1] > k:
+            merged = np.take_along_axis(merged, np.argpartition(merged, k - 1, axis=1)[:, :k], axis=1)
         best = merged
     best.sort(axis=1)
+    best += np.einsum("ij,ij->i", q, q)[:, None]
     return np.sqrt(np.maximum(best, 0.0))
 
 

@@ -1,0 +1,158 @@
+"""Line-side speed in one run, same model and images: torch eager vs the inspector (onnxruntime), end to end, HTTP.
+
+Model: the default line embedder (Lite0 patch embedder, 224 px, ImageNet weights, untrained head: speed does not
+depend on training) with a golden bank built from generated parts. Prints images/s and the ratios the issue's
+targets are stated in:
+  * inspector ORT forward vs torch eager forward, batch 1 and 32;
+  * end to end (JPEG decode + preprocessing + ORT + patch kNN scoring) vs the ORT forward alone;
+  * p50/p99 single-image latency through ``Inspector.score``;
+  * the HTTP service under 8 concurrent clients (bounded request loop on 127.0.0.1) vs in-process scoring.
+
+    .venv/bin/python benchmarks/inspector_speed.py [--images 64] [--requests 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from inspector.bundle import BundleSpec, Threshold, write_bundle  # noqa: E402
+from inspector.engine import Inspector, OnnxEmbedder  # noqa: E402
+from inspector.preprocess import PreprocessConfig, Preprocessor, load_image  # noqa: E402
+from inspector.scoring import ScoringConfig  # noqa: E402
+from models.coreset import greedy_coreset  # noqa: E402
+from models.demo_data import render_good_part  # noqa: E402
+from models.export import export_onnx  # noqa: E402
+from models.siamese import EmbedderConfig, build_embedder  # noqa: E402
+
+
+def rate(fn, n_images: int, repeats: int = 3) -> float:  # type: ignore[no-untyped-def]
+    """Best-of-``repeats`` images per second of ``fn`` (after one warm-up call)."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return n_images / best
+
+
+def make_images(folder: Path, n: int, size: int, seed: int) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        img = render_good_part(np.random.default_rng([seed, i]), size, size)
+        p = folder / f"part_{i:03d}.jpg"
+        Image.fromarray(img).save(p, quality=92)
+        paths.append(p)
+    return paths
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def service_rate(bundle: Path, paths: list[Path], requests: int, clients: int = 8) -> tuple[float, int]:
+    """Images/s of ``requests`` single-image POSTs from ``clients`` threads against a real uvicorn on loopback."""
+    import httpx
+    import uvicorn
+
+    from inspector.service import ServiceSettings, create_app
+
+    port = free_port()
+    app = create_app(ServiceSettings(bundle=bundle, host="127.0.0.1", port=port))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(200):
+        try:
+            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    blobs = [(p.name, p.read_bytes()) for p in paths]
+    errors = 0
+
+    def one(i: int) -> bool:
+        name, data = blobs[i % len(blobs)]
+        with httpx.Client(timeout=60) as client:
+            r = client.post(f"{url}/v1/score", files={"files": (name, data, "image/jpeg")})
+        return r.status_code == 200
+
+    with ThreadPoolExecutor(clients) as pool:
+        list(pool.map(one, range(clients)))  # warm-up
+        t0 = time.perf_counter()
+        results = list(pool.map(one, range(requests)))
+        elapsed = time.perf_counter() - t0
+    errors = sum(not ok for ok in results)
+    server.should_exit = True
+    thread.join(timeout=10)
+    return requests / elapsed, errors
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--images", type=int, default=64)
+    p.add_argument("--requests", type=int, default=64)
+    p.add_argument("--size", type=int, default=224)
+    args = p.parse_args()
+    torch.set_num_threads(os.cpu_count() or 2)
+    work = Path(tempfile.mkdtemp(prefix="inspector_speed_"))
+    paths = make_images(work / "parts", args.images, 256, seed=1)
+    refs = make_images(work / "refs", 48, 256, seed=2)
+    pre_cfg = PreprocessConfig(height=args.size, width=args.size)
+    pre = Preprocessor(pre_cfg)
+
+    results: list[tuple[str, str, float, float | None]] = []
+    for label, cfg in (("patch (default)", EmbedderConfig()), ("global", EmbedderConfig(mode="global"))):
+        torch.manual_seed(0)
+        model = build_embedder(cfg).eval()
+        onnx_path = export_onnx(model, work / f"{cfg.mode}.onnx", height=args.size, width=args.size)
+        onnx = OnnxEmbedder(onnx_path, pre_cfg)
+        bank, _ = onnx.embed(refs)
+        bank = bank.reshape(-1, bank.shape[-1])
+        bank = bank[greedy_coreset(bank, 16384)]
+        bundle = write_bundle(work / f"bundle_{cfg.mode}", onnx_path, bank, BundleSpec(pre_cfg, ScoringConfig(), Threshold(1.0), model={"name": label, "mode": "patch" if cfg.mode == "patch" else "image"}))
+        inspector = Inspector.from_bundle(bundle)
+        batch = pre.batch([load_image(q) for q in paths[:32]])
+        xb = torch.from_numpy(batch)
+        with torch.no_grad():
+            eager32 = rate(lambda: model(xb), 32)
+            eager1 = rate(lambda: [model(xb[i : i + 1]) for i in range(8)], 8)
+        ort32 = rate(lambda: inspector.embedder.embed_arrays(batch), 32)
+        ort1 = rate(lambda: [inspector.embedder.embed_arrays(batch[i : i + 1]) for i in range(8)], 8)
+        e2e = rate(lambda: inspector.score(paths[:32]), 32)
+        lat = []
+        for q in paths[:32]:
+            t0 = time.perf_counter()
+            inspector.score([q])
+            lat.append((time.perf_counter() - t0) * 1000)
+        print(f"\n== {label}: bank {len(bank)} x {bank.shape[1]}, input {args.size}px, {torch.get_num_threads()} threads")
+        print(f"torch eager   batch 32 {eager32:7.1f} img/s   batch 1 {eager1:7.1f} img/s")
+        print(f"inspector ORT batch 32 {ort32:7.1f} img/s   batch 1 {ort1:7.1f} img/s   ratio vs eager: x{ort32 / eager32:.2f} (b32), x{ort1 / eager1:.2f} (b1)")
+        print(f"end to end (decode+preprocess+ORT+scoring) batch 32: {e2e:7.1f} img/s = ORT forward time x{ort32 / e2e:.2f}")
+        print(f"single-image latency: p50 {np.percentile(lat, 50):.1f} ms, p99 {np.percentile(lat, 99):.1f} ms")
+        if cfg.mode == "patch":
+            single = rate(lambda: [inspector.score([q]) for q in paths[:16]], 16)
+            svc, errors = service_rate(bundle, paths, args.requests)
+            print(f"HTTP service, 8 clients, {args.requests} single-image requests: {svc:6.1f} img/s, {errors} errors; "
+                  f"in-process single-image scoring {single:6.1f} img/s; ratio x{svc / single:.2f}")
+
+
+if __name__ == "__main__":
+    main()
