@@ -17,7 +17,6 @@ names them, and nothing is written.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -26,9 +25,10 @@ from typing import Any
 import numpy as np
 
 from inspector.bundle import MANIFEST, Bundle, Threshold, load_bundle, sha256_file, write_bundle
+from inspector.calibration import CalibrationError, calibrate
 from inspector.engine import OnnxEmbedder
 from inspector.errors import BundleError, InspectorError
-from inspector.metrics import rates_at_threshold, roc_auc
+from inspector.metrics import roc_auc
 from inspector.scoring import anomaly_scores
 
 INITIAL_SOURCE = "initial"
@@ -162,43 +162,46 @@ def frr_threshold(good_scores: np.ndarray, target_frr: float) -> tuple[float, di
 
     This is the empirical (1 − target FRR) quantile (``numpy.quantile(..., method="inverted_cdf")``), chosen as
     an observed score, so the FRR on these goods is guaranteed ≤ target; lower would flag one more good part.
+    The rule itself lives in :mod:`inspector.calibration` (``good_quantile``), shared with the pipelines.
     """
-    s = np.sort(np.asarray(good_scores, dtype=np.float64).ravel())
-    if len(s) == 0:
-        raise ReferencesError("re-calibration needs at least one good image")
-    if not np.isfinite(s).all():
-        raise ReferencesError("re-calibration scores contain NaN or inf")
-    if not 0.0 <= target_frr < 1.0:
-        raise ReferencesError(f"target false-reject rate must be in [0, 1), got {target_frr}")
-    allowed = int(math.floor(target_frr * len(s) + 1e-9))
-    value = float(s[len(s) - 1 - allowed])
-    details = {
-        "target_false_reject_rate": float(target_frr),
-        "quantile": 1.0 - float(target_frr),
-        "n_good": int(len(s)),
-        "good_rejects_allowed": allowed,
-        "false_reject_rate": float(np.mean(s > value)),
-        "min_resolvable_frr": 1.0 / len(s),
-    }
-    return value, details
+    threshold = _calibrate(good_scores, None, "good_quantile", target_frr)
+    return threshold.value, threshold.details
+
+
+def _calibrate(good_scores: np.ndarray, defective_scores: np.ndarray | None, rule: str, target_frr: float) -> Threshold:
+    """:func:`inspector.calibration.calibrate` with this module's error type and historical detail keys."""
+    try:
+        threshold = calibrate(good_scores, defective_scores, rule=rule, target_frr=target_frr)
+    except CalibrationError as exc:
+        if "at least one good" in str(exc):
+            raise ReferencesError("re-calibration needs at least one good image") from None
+        raise ReferencesError(f"re-calibration: {exc}") from None
+    threshold.details["target_false_reject_rate"] = float(target_frr)
+    threshold.details["quantile"] = 1.0 - float(target_frr)
+    return threshold
 
 
 def calibrate_threshold(good_scores: np.ndarray, defective_scores: np.ndarray | None, target_frr: float,
                         inputs: dict[str, Any] | None = None) -> Threshold:
-    """Goods only → rule ``good_quantile``; with defectives too → ``good_quantile+defects`` (recall reported)."""
-    value, details = frr_threshold(good_scores, target_frr)
+    """Goods only → rule ``good_quantile``; with defectives too → ``good_quantile+defects`` (recall reported).
+
+    Both pick the same threshold (:func:`inspector.calibration.good_quantile_threshold`: with defects, the
+    ``target_frr`` rule, which meets the target FRR and so maximises recall); the defects add recall, escape
+    rate, precision and AUROC to the record.
+    """
+    has_defects = defective_scores is not None and len(defective_scores) > 0
+    threshold = _calibrate(good_scores, defective_scores if has_defects else None, "target_frr" if has_defects else "good_quantile", target_frr)
+    details = threshold.details
     rule = "good_quantile"
-    if defective_scores is not None and len(defective_scores):
-        bad = np.asarray(defective_scores, dtype=np.float64).ravel()
+    if has_defects:
         good = np.asarray(good_scores, dtype=np.float64).ravel()
+        bad = np.asarray(defective_scores, dtype=np.float64).ravel()
         labels = np.r_[np.zeros(len(good), bool), np.ones(len(bad), bool)]
-        scores = np.r_[good, bad]
-        rates = rates_at_threshold(labels, scores, value)
         rule = "good_quantile+defects"
-        details.update({"n_defective": int(len(bad)), "recall": rates["recall"], "escape_rate": rates["escape_rate"],
-                        "precision": rates["precision"], "auroc": roc_auc(labels, scores)})
+        details.update({"n_defective": int(len(bad)), "auroc": roc_auc(labels, np.r_[good, bad])})
+    details["rule"] = rule
     details.update(inputs or {})
-    return Threshold(value=value, rule=rule, details=details)
+    return Threshold(value=threshold.value, rule=rule, details=details)
 
 
 def derived_provenance(parent: Bundle, change: dict[str, Any], sources: list[dict[str, Any]]) -> dict[str, Any]:

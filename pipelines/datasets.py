@@ -71,6 +71,17 @@ def scan_folders(good: str | Path, defective: str | Path | None = None) -> list[
     return records
 
 
+def scan_dataset(root: str | Path | None = None, good: str | Path | None = None, defective: str | Path | None = None) -> list[ImageRecord]:
+    """Either layout: ``root`` (MVTec) or ``good`` [+ ``defective``] folders; exactly one of the two must be given."""
+    if (root is None) == (good is None):
+        raise ValueError("give either a dataset root (MVTec layout) or a good-image folder (with an optional defective one)")
+    if root is not None:
+        if defective is not None:
+            raise ValueError("a defective folder goes with a good folder, not with an MVTec root")
+        return scan_mvtec(root)
+    return scan_folders(good, defective)  # type: ignore[arg-type]
+
+
 def hash_fraction(key: str, salt: str = "") -> float:
     """A stable number in [0, 1) for a key: the basis of every split here."""
     digest = hashlib.sha256(f"{salt}:{key}".encode()).digest()

@@ -11,13 +11,14 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from inspector.bundle import BundleSpec, Threshold, write_bundle
+from inspector.calibration import calibrate
 from inspector.engine import Inspector, OnnxEmbedder
 from inspector.metrics import average_precision, rates_at_threshold, roc_auc
 from inspector.preprocess import PreprocessConfig, Preprocessor, load_image
@@ -50,6 +51,7 @@ class Recipe:
     defect_train_fraction: float = 0.5
     defect_val_fraction: float = 0.15
     target_false_reject_rate: float = 0.01
+    calibration_rule: Literal["auto", "good_quantile", "target_frr", "best_f1"] = "auto"
     max_validation_references: int = 64
     max_validation_queries: int = 160
     max_bank_patches: int = 16384
@@ -191,15 +193,6 @@ def fit_embedder(split: DataSplit, recipe: Recipe, checkpoint_dir: Path | None =
     return embedder.cpu().eval(), history
 
 
-def percentile_threshold(good_scores: np.ndarray, target_frr: float) -> Threshold:
-    """Threshold at the (1 − target FRR) quantile of held-out good scores (good images only rule)."""
-    if len(good_scores) == 0:
-        raise ValueError("no calibration scores: cannot calibrate a threshold")
-    q = 1.0 - target_frr
-    value = float(np.quantile(good_scores, q, method="higher"))
-    return Threshold(value, rule="good_percentile", details={"quantile": q, "n_good": int(len(good_scores))})
-
-
 def reference_bank(embeddings: np.ndarray, recipe: Recipe) -> np.ndarray:
     """Image embeddings as they are; patch embeddings flattened and reduced to a coreset of ``max_bank_patches``."""
     if embeddings.ndim == 2:
@@ -229,7 +222,13 @@ def build_bundle(embedder: Embedder | PatchEmbedder, split: DataSplit, recipe: R
         references = reference_bank(references, recipe)
         if split.calibration_good:
             cal_emb, _ = onnx.embed(split.calibration_good)
-            threshold = percentile_threshold(anomaly_scores(cal_emb, references, recipe.scoring), recipe.target_false_reject_rate)
+            val_emb, _ = onnx.embed(split.validation_defective)
+            threshold = calibrate(
+                anomaly_scores(cal_emb, references, recipe.scoring),
+                anomaly_scores(val_emb, references, recipe.scoring) if len(val_emb) else None,
+                rule=recipe.calibration_rule,
+                target_frr=recipe.target_false_reject_rate,
+            )
         else:
             threshold = Threshold(float("inf"), rule="uncalibrated", details={"reason": "no calibration images"})
         spec = BundleSpec(

@@ -1,0 +1,337 @@
+"""Ingest: from found image files to a validated, de-duplicated manifest, and a split keyed by content.
+
+Every image is read and decoded once here, with the line's own :func:`inspector.preprocess.load_image`, so a bad
+file (unreadable, empty, truncated, not an image, absurdly large) is reported by path and left out instead of
+crashing training hours later. Exact duplicates (same sha256) are kept once; the same content under conflicting
+labels (good and defective, or two defect types) is rejected altogether, since no one knows which label is right.
+
+The manifest's ``dataset_hash`` is a sha256 over the sorted ``(sha256, label, defect_type)`` of the kept images:
+renaming or reordering files does not change it, changing one pixel does. Splits (:func:`assign_splits`) hash each
+image's content (or its capture group) rather than its name or position, so adding images never moves old ones.
+
+Pure functions, no Prefect or MLflow: flows wrap them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from inspector.errors import ImageError
+from inspector.preprocess import DEFAULT_MAX_PIXELS, load_image
+from pipelines.datasets import ImageRecord, assign_split, scan_dataset
+
+if TYPE_CHECKING:  # recipe.py pulls in torch; imported lazily where a DataSplit is built
+    from pipelines.recipe import DataSplit
+
+MANIFEST_SCHEMA = 1
+DEFAULT_MAX_BYTES = 512 * 1024**2  # no single inspection photo is half a gigabyte
+
+GroupOf = Callable[[Path], str] | Mapping[Path, str]
+
+
+@dataclass(frozen=True)
+class ManifestEntry:
+    """One kept image: where it is, its content hash, its label and what we learned opening it."""
+
+    path: str
+    sha256: str
+    label: int  # 0 good, 1 defective
+    defect_type: str
+    source_split: str  # "train" / "test" in the MVTec layout, "" for plain folders
+    mask: str | None
+    group: str  # capture group (session, part id) or "" when none is known
+    width: int
+    height: int
+    split: str = ""  # role assigned by :func:`with_splits` ("" before splitting)
+
+    @property
+    def is_good(self) -> bool:
+        return self.label == 0
+
+    def record(self) -> ImageRecord:
+        return ImageRecord(Path(self.path), self.label, self.defect_type, self.source_split, Path(self.mask) if self.mask else None)
+
+
+@dataclass(frozen=True)
+class RejectedFile:
+    """A file left out, and why. ``kind``: ``invalid`` (cannot be used as an image) or ``conflict`` (labels)."""
+
+    path: str
+    reason: str
+    kind: str = "invalid"
+    label: int | None = None
+    defect_type: str = ""
+
+
+@dataclass(frozen=True)
+class DuplicateFile:
+    """A file left out because its bytes equal a kept file's (the first by path order)."""
+
+    path: str
+    sha256: str
+    duplicate_of: str
+
+
+@dataclass
+class Manifest:
+    """What a training run was given: kept images, what was left out and why, and the dataset version hash."""
+
+    entries: list[ManifestEntry]
+    rejected: list[RejectedFile] = field(default_factory=list)
+    duplicates: list[DuplicateFile] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    dataset_hash: str = ""
+    source: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.dataset_hash:
+            self.dataset_hash = dataset_hash(self.entries)
+
+    def records(self) -> list[ImageRecord]:
+        """The kept images as :class:`ImageRecord` (what :func:`pipelines.recipe.split_records` takes)."""
+        return [e.record() for e in self.entries]
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "images": len(self.entries),
+            "good": sum(e.is_good for e in self.entries),
+            "defective": sum(not e.is_good for e in self.entries),
+            "rejected": len(self.rejected),
+            "duplicates": len(self.duplicates),
+            "dataset_hash": self.dataset_hash,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema_version": MANIFEST_SCHEMA,
+            "dataset_hash": self.dataset_hash,
+            "summary": self.summary(),
+            "source": self.source,
+            "entries": [asdict(e) for e in self.entries],
+            "rejected": [asdict(r) for r in self.rejected],
+            "duplicates": [asdict(d) for d in self.duplicates],
+            "warnings": list(self.warnings),
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1, sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Manifest:
+        if data.get("schema_version") != MANIFEST_SCHEMA:
+            raise ValueError(f"manifest schema {data.get('schema_version')!r} is not {MANIFEST_SCHEMA}")
+        manifest = cls(
+            entries=[ManifestEntry(**e) for e in data["entries"]],
+            rejected=[RejectedFile(**r) for r in data.get("rejected", [])],
+            duplicates=[DuplicateFile(**d) for d in data.get("duplicates", [])],
+            warnings=list(data.get("warnings", [])),
+            source=dict(data.get("source", {})),
+        )
+        if data.get("dataset_hash") and data["dataset_hash"] != manifest.dataset_hash:
+            raise ValueError(f"manifest dataset_hash {data['dataset_hash']} does not match its entries ({manifest.dataset_hash})")
+        return manifest
+
+    @classmethod
+    def from_json(cls, text: str) -> Manifest:
+        return cls.from_dict(json.loads(text))
+
+
+def dataset_hash(entries: Sequence[ManifestEntry]) -> str:
+    """sha256 over the sorted ``(sha256, label, defect_type)`` of the entries: independent of paths and order."""
+    rows = sorted((e.sha256, int(e.label), e.defect_type) for e in entries)
+    return hashlib.sha256(json.dumps(rows, separators=(",", ":")).encode()).hexdigest()
+
+
+def write_manifest(manifest: Manifest, path: str | Path) -> Path:
+    """Write the manifest as JSON atomically (temp file in the same folder, fsync, rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(manifest.to_json())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_manifest(path: str | Path) -> Manifest:
+    return Manifest.from_json(Path(path).read_text(encoding="utf-8"))
+
+
+# --------------------------------------------------------------------------------------------------- building
+
+
+def _group(group_of: GroupOf | None, path: Path) -> str:
+    if group_of is None:
+        return ""
+    if isinstance(group_of, Mapping):
+        return str(group_of.get(path, ""))
+    return str(group_of(path))
+
+
+def _read_one(path: Path, max_pixels: int, max_bytes: int) -> tuple[str, int, int]:
+    """sha256, width, height of one image file; raises :class:`ImageError` naming the file."""
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise ImageError(str(path), f"cannot read file ({exc.strerror or exc})") from None
+    if size > max_bytes:
+        raise ImageError(str(path), f"file is {size} bytes, over the limit of {max_bytes} bytes")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ImageError(str(path), f"cannot read file ({exc.strerror or exc})") from None
+    if not data:
+        raise ImageError(str(path), "empty file (0 bytes)")
+    image = load_image(data, max_pixels=max_pixels, name=str(path))
+    return hashlib.sha256(data).hexdigest(), image.width, image.height
+
+
+def build_manifest(records: Sequence[ImageRecord], *, max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int = DEFAULT_MAX_BYTES,
+                   group_of: GroupOf | None = None, source: dict[str, Any] | None = None) -> Manifest:
+    """Open and validate every image once, hash it, drop duplicates and label conflicts; never raises on a bad file.
+
+    Records are taken in path order. A file that cannot be used goes to ``rejected`` with the reason. Files with
+    equal bytes and equal (label, defect type) keep the first by path; the rest go to ``duplicates``. Equal bytes
+    under different labels or defect types are all rejected as ``conflict``. ``group_of`` (a function of the path,
+    or a mapping) gives each image its capture group, which :func:`assign_splits` keeps together.
+    """
+    ordered = sorted(records, key=lambda r: (str(r.path), r.label, r.defect_type))
+    rejected: list[RejectedFile] = []
+    warnings: list[str] = []
+    valid: list[ManifestEntry] = []
+    for r in ordered:
+        try:
+            sha, width, height = _read_one(Path(r.path), max_pixels, max_bytes)
+        except ImageError as exc:
+            rejected.append(RejectedFile(str(r.path), exc.reason, "invalid", r.label, r.defect_type))
+            continue
+        mask = str(r.mask) if r.mask else None
+        if mask:
+            try:
+                load_image(mask, max_pixels=max_pixels)
+            except ImageError as exc:
+                warnings.append(f"{r.path}: mask {mask} left out ({exc.reason})")
+                mask = None
+        valid.append(ManifestEntry(str(r.path), sha, int(r.label), r.defect_type, r.source_split, mask,
+                                   _group(group_of, Path(r.path)), width, height))
+
+    by_sha: dict[str, list[ManifestEntry]] = {}
+    for e in valid:
+        by_sha.setdefault(e.sha256, []).append(e)
+    entries: list[ManifestEntry] = []
+    duplicates: list[DuplicateFile] = []
+    for e in valid:
+        same = by_sha[e.sha256]
+        labels = sorted({(x.label, x.defect_type) for x in same})
+        if len(labels) > 1:
+            others = ", ".join(f"{x.path} ({'good' if x.is_good else 'defective: ' + x.defect_type})" for x in same if x is not e)
+            rejected.append(RejectedFile(e.path, f"same content as {others}: conflicting labels, all copies left out", "conflict", e.label, e.defect_type))
+        elif same[0] is e:
+            entries.append(e)
+        else:
+            duplicates.append(DuplicateFile(e.path, e.sha256, same[0].path))
+    rejected.sort(key=lambda x: x.path)
+    return Manifest(entries, rejected, duplicates, warnings, source=dict(source or {}, max_pixels=max_pixels, max_bytes=max_bytes))
+
+
+def ingest(root: str | Path | None = None, good: str | Path | None = None, defective: str | Path | None = None, *,
+           max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int = DEFAULT_MAX_BYTES, group_of: GroupOf | None = None) -> Manifest:
+    """Find the images (MVTec layout under ``root``, or ``good``/``defective`` folders) and build their manifest."""
+    records = scan_dataset(root=root, good=good, defective=defective)
+    layout = "mvtec" if root is not None else "folders"
+    source = {"layout": layout, "root": str(root) if root is not None else None,
+              "good": str(good) if good is not None else None, "defective": str(defective) if defective is not None else None}
+    return build_manifest(records, max_pixels=max_pixels, max_bytes=max_bytes, group_of=group_of, source=source)
+
+
+# --------------------------------------------------------------------------------------------------- splitting
+
+
+@dataclass(frozen=True)
+class SplitFractions:
+    """How images are shared between roles; the same meaning as the fields of ``pipelines.recipe.Recipe``."""
+
+    calibration_fraction: float = 0.2
+    defect_train_fraction: float = 0.5
+    defect_val_fraction: float = 0.15
+    use_real_defects: bool = True
+    seed: int = 0
+
+    @classmethod
+    def from_recipe(cls, recipe: Any) -> SplitFractions:
+        return cls(**{k: getattr(recipe, k) for k in cls.__dataclass_fields__})
+
+
+def split_key(entry: ManifestEntry, group_of: GroupOf | None = None) -> str:
+    """What an image is split by: its capture group when it has one, else its content hash (never its name)."""
+    group = _group(group_of, Path(entry.path)) if group_of is not None else entry.group
+    return f"group:{group}" if group else f"sha256:{entry.sha256}"
+
+
+def split_roles(manifest: Manifest, fractions: SplitFractions = SplitFractions(), group_of: GroupOf | None = None) -> list[str]:
+    """The role of each entry, in order: ``train`` / ``calibration`` (goods), ``train_defective`` / ``validation``
+    (defects), or ``test``.
+
+    Goods from an MVTec ``test`` folder are test. Other goods go to calibration with ``calibration_fraction``;
+    defects to train / validation / test with the defect fractions (train and validation are empty without
+    ``use_real_defects``). Each role depends only on the key and the seed, so adding images never moves old ones,
+    and all images of one group with the same label share a role.
+    """
+    cal = fractions.calibration_fraction
+    d_train = fractions.defect_train_fraction if fractions.use_real_defects else 0.0
+    d_val = fractions.defect_val_fraction if fractions.use_real_defects else 0.0
+    salt = f"seed{fractions.seed}"
+    roles: list[str] = []
+    for e in manifest.entries:
+        key = split_key(e, group_of)
+        if e.is_good:
+            if e.source_split == "test":
+                roles.append("test")
+            else:
+                roles.append(assign_split(key, [("calibration", cal), ("train", 1.0 - cal)], salt + ":good"))
+        else:
+            roles.append(assign_split(key, [("train_defective", d_train), ("validation", d_val), ("test", 1.0 - d_train - d_val)], salt + ":defect"))
+    return roles
+
+
+def with_splits(manifest: Manifest, fractions: SplitFractions = SplitFractions(), group_of: GroupOf | None = None) -> Manifest:
+    """A copy of the manifest with each entry's ``split`` filled in (what gets written as the run's artifact)."""
+    roles = split_roles(manifest, fractions, group_of)
+    return replace(manifest, entries=[replace(e, split=r) for e, r in zip(manifest.entries, roles)])
+
+
+def assign_splits(manifest: Manifest, fractions: SplitFractions = SplitFractions(), group_of: GroupOf | None = None) -> DataSplit:
+    """The content-keyed split as the :class:`pipelines.recipe.DataSplit` the training steps take.
+
+    Unlike :func:`pipelines.recipe.split_records` (keyed by file name), this keys by sha256 or capture group.
+    """
+    from pipelines.recipe import DataSplit
+
+    train_good, cal_good, train_def, val_def, test = [], [], [], [], []
+    for e, role in zip(manifest.entries, split_roles(manifest, fractions, group_of)):
+        if role == "train":
+            train_good.append(Path(e.path))
+        elif role == "calibration":
+            cal_good.append(Path(e.path))
+        elif role == "train_defective":
+            train_def.append(e.record())
+        elif role == "validation":
+            val_def.append(Path(e.path))
+        else:
+            test.append(e.record())
+    if len(train_good) < 2:
+        raise ValueError(f"only {len(train_good)} good training images after the split: need at least 2")
+    return DataSplit(train_good, train_def, cal_good, val_def, test)

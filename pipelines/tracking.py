@@ -1,0 +1,451 @@
+"""MLflow tracking and registry for a training run: params, metrics, artifacts, and the bundle as a model version.
+
+Plain functions (no Prefect here) so a flow, the CLI and the tests call the same code:
+
+- :func:`tracking_uri` / :func:`ensure_experiment`: where runs go (SQLite under the data directory by default,
+  ``MLFLOW_TRACKING_URI`` wins) and an experiment per product line whose artifacts never land in the cwd.
+- :func:`log_training_run`: the whole config as params, per-epoch history, final metrics, artifacts, tags.
+- :class:`InspectorModel`: a pyfunc that scores with ``inspector`` (the line's only scoring implementation), so
+  ``mlflow.pyfunc.load_model("models:/<name>@challenger")`` and ``mlflow models serve`` give the line's scores.
+- :func:`register_bundle`: verify the bundle, log it, and only then create the model version and move the
+  ``challenger`` alias; anything that raises before leaves the registry untouched.
+- :func:`download_bundle`: fetch a registered version's bundle and verify it.
+
+This module imports only mlflow, pandas and ``inspector`` (no torch), because it is also shipped inside the
+logged model as code for the serving environment.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pandas as pd
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+from mlflow.models import Model, ModelSignature
+from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, RESOURCE_DOES_NOT_EXIST, ErrorCode
+from mlflow.tracking import MlflowClient
+from mlflow.types import ColSpec, Schema
+
+from inspector.bundle import Bundle, load_bundle
+from inspector.engine import Inspector
+
+log = logging.getLogger(__name__)
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+TRACKING_DB = "mlflow.db"
+ARTIFACTS_DIR = "mlartifacts"
+BUNDLE_ARTIFACT = "bundle"
+MODEL_NAME_IN_RUN = "model"
+CHALLENGER = "challenger"
+EPOCH_METRICS = ("train_loss", "val_auroc", "embedding_variance", "images_per_second")
+OUTPUT_COLUMNS = ("path", "score", "threshold", "verdict", "model_version", "error")
+SERVING_PACKAGES = ("onnxruntime", "numpy", "pillow")
+MAX_PARAM_LENGTH = 6000  # MLflow's limit on one param value
+
+
+# --------------------------------------------------------------------------------------------- where runs go
+
+
+def tracking_uri(data_dir: Path) -> str:
+    """``MLFLOW_TRACKING_URI`` when set, else a SQLite store ``<data_dir>/mlflow.db`` (absolute: 4 slashes)."""
+    env = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+    if env:
+        return env
+    data_dir = Path(data_dir).expanduser().resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{(data_dir / TRACKING_DB).as_posix()}"  # as_posix() starts with "/" → sqlite:////abs/...
+
+
+def _local_sqlite_file(uri: str) -> Path | None:
+    if uri.startswith("sqlite:///"):
+        rest = uri[len("sqlite:///"):].split("?", 1)[0]
+        if rest and rest != ":memory:":
+            return Path(rest if rest.startswith("/") else Path.cwd() / rest)
+    return None
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name).strip(".") or "experiment"
+
+
+def ensure_experiment(name: str, artifact_root: Path | None = None) -> str:
+    """Get or create the experiment ``name`` (one per product line), make it the active one, return its id.
+
+    A new experiment stores its artifacts under ``artifact_root/<name>``; with no ``artifact_root`` and a local
+    SQLite store, under ``mlartifacts/`` beside the database; with a tracking server, where the server says.
+    Never the cwd's ``./mlruns``. An existing experiment keeps its artifact location (``artifact_root`` is ignored).
+    """
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        if artifact_root is None:
+            db = _local_sqlite_file(mlflow.get_tracking_uri())
+            artifact_root = db.parent / ARTIFACTS_DIR if db is not None else None
+        location = None
+        if artifact_root is not None:
+            path = Path(artifact_root).expanduser().resolve() / _slug(name)
+            path.mkdir(parents=True, exist_ok=True)
+            location = path.as_uri()
+        try:
+            experiment_id = client.create_experiment(name, artifact_location=location)
+        except MlflowException as exc:  # created concurrently by another process
+            if exc.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
+                raise
+            experiment_id = client.get_experiment_by_name(name).experiment_id  # type: ignore[union-attr]
+    else:
+        experiment_id = experiment.experiment_id
+        if experiment.lifecycle_stage == "deleted":
+            client.restore_experiment(experiment_id)
+    mlflow.set_experiment(experiment_id=experiment_id)
+    return experiment_id
+
+
+# --------------------------------------------------------------------------------------------- logging a run
+
+
+def _param_value(value: Any) -> str:
+    if isinstance(value, Path):
+        text = value.as_posix()
+    elif isinstance(value, (list, tuple, set, frozenset)):
+        text = str(tuple(value)) if isinstance(value, tuple) else str(list(value))
+    else:
+        text = str(value)
+    return text if len(text) <= MAX_PARAM_LENGTH else text[: MAX_PARAM_LENGTH - 1] + "…"
+
+
+def flatten_params(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """``{"train": {"lr": 0.001}, "seed": 0}`` → ``{"train.lr": "0.001", "seed": "0"}``; tuples as ``"(2, 3)"``."""
+    flat: dict[str, str] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten_params(value, prefix=f"{name}."))
+        else:
+            flat[name] = _param_value(value if not isinstance(value, Mapping) else "{}")
+    return flat
+
+
+def git_commit(repo_dir: Path | None = None) -> str:
+    """``git rev-parse HEAD`` of the repository (the project's own by default), or ``"unknown"``."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo_dir or PROJECT_ROOT, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    commit = out.stdout.strip()
+    return commit if out.returncode == 0 and commit else "unknown"
+
+
+def _finite(value: Any) -> float | None:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _as_mapping(obj: Any) -> Mapping[str, Any]:
+    if obj is None:
+        return {}
+    if isinstance(obj, Mapping):
+        return obj
+    if hasattr(obj, "to_dict"):
+        return obj.to_dict()
+    raise TypeError(f"expected a mapping or an object with to_dict(), got {type(obj).__name__}")
+
+
+def _active_run_id() -> str:
+    run = mlflow.active_run()
+    if run is None:
+        raise RuntimeError("no active MLflow run: call this inside `with mlflow.start_run():`")
+    return run.info.run_id
+
+
+def log_training_run(
+    config: Mapping[str, Any] | Any,
+    *,
+    history: Mapping[str, Any] | Any | None = None,
+    metrics: Mapping[str, Any] | None = None,
+    manifest: Path | Mapping[str, Any] | Sequence[Any] | None = None,
+    checkpoint: Path | None = None,
+    plots: Iterable[Path] = (),
+    dataset_hash: str | None = None,
+    tags: Mapping[str, Any] | None = None,
+    repo_dir: Path | None = None,
+) -> str:
+    """Log one training run into the active MLflow run and return its id.
+
+    - ``config`` (a dict like ``Recipe.to_dict()``, or anything with ``to_dict()``): every leaf as a param with a
+      dotted key, and the whole dict as ``config.json``;
+    - ``history`` (``TrainHistory.to_dict()``): train_loss, val_auroc, embedding_variance, images_per_second per
+      epoch with ``step=epoch``, best_epoch / best_val_auroc, and ``training/history.json``;
+    - ``metrics``: final metrics (non-finite and None values are skipped);
+    - ``manifest`` (a JSON file, or the manifest itself), ``checkpoint`` and ``plots`` (PNG files) as artifacts;
+    - tags: ``dataset_hash``, ``git_commit`` (or ``"unknown"``), plus ``tags``.
+    """
+    run_id = _active_run_id()
+    client = MlflowClient()
+    config_dict = dict(_as_mapping(config))
+    history_dict = dict(_as_mapping(history))
+
+    metric_rows: list[Metric] = []
+    now = _now_ms()
+    for record in history_dict.get("epochs", []) or []:
+        step = int(record.get("epoch", len(metric_rows)))
+        for key in EPOCH_METRICS:
+            value = _finite(record.get(key))
+            if value is not None:
+                metric_rows.append(Metric(key, value, now, step))
+    for key in ("best_epoch", "best_val_auroc"):
+        value = _finite(history_dict.get(key))
+        if value is not None:
+            metric_rows.append(Metric(key, value, now, 0))
+    for key, raw in (metrics or {}).items():
+        value = _finite(raw)
+        if value is None:
+            log.warning("metric %s=%r is not a finite number: not logged", key, raw)
+            continue
+        metric_rows.append(Metric(str(key), value, now, 0))
+
+    all_tags = {"dataset_hash": dataset_hash or "unknown", "git_commit": git_commit(repo_dir)}
+    for key in ("stopped_early", "collapsed", "device"):
+        if key in history_dict:
+            all_tags[f"training.{key}"] = history_dict[key]
+    all_tags.update(tags or {})
+    client.log_batch(
+        run_id,
+        metrics=metric_rows,
+        params=[Param(k, v) for k, v in flatten_params(config_dict).items()],
+        tags=[RunTag(str(k), _param_value(v)) for k, v in all_tags.items()],
+    )
+
+    mlflow.log_dict(config_dict, "config.json")
+    if history_dict:
+        mlflow.log_dict(history_dict, "training/history.json")
+    if isinstance(manifest, (str, Path)):
+        mlflow.log_artifact(str(_existing_file(manifest, "manifest")), "dataset")
+    elif manifest is not None:
+        mlflow.log_text(json.dumps(manifest, indent=2, sort_keys=True, default=str), "dataset/manifest.json")
+    if checkpoint is not None:
+        mlflow.log_artifact(str(_existing_file(checkpoint, "checkpoint")), "checkpoint")
+    for plot in plots:
+        mlflow.log_artifact(str(_existing_file(plot, "plot")), "plots")
+    return run_id
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _existing_file(path: str | Path, what: str) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: {what} file not found")
+    return path
+
+
+# --------------------------------------------------------------------------------------------- the pyfunc
+
+
+def _as_paths(model_input: Any) -> list[str]:
+    """A DataFrame with a ``path`` column (or a single column), a Series, a list of paths or one path."""
+    if isinstance(model_input, pd.DataFrame):
+        if "path" in model_input.columns:
+            column = model_input["path"]
+        elif model_input.shape[1] == 1:
+            column = model_input.iloc[:, 0]
+        else:
+            raise ValueError(f"expected a DataFrame with a 'path' column, got columns {list(model_input.columns)}")
+        return [str(p) for p in column.tolist()]
+    if isinstance(model_input, pd.Series):
+        return [str(p) for p in model_input.tolist()]
+    if isinstance(model_input, (str, Path)):
+        return [str(model_input)]
+    if isinstance(model_input, Mapping) and "path" in model_input:
+        return _as_paths(model_input["path"])
+    if hasattr(model_input, "tolist"):  # numpy array of paths
+        model_input = model_input.tolist()
+    if isinstance(model_input, (list, tuple)):
+        return [str(p) for p in model_input]
+    raise TypeError(f"expected image paths (DataFrame with a 'path' column, list or str), got {type(model_input).__name__}")
+
+
+class InspectorModel(mlflow.pyfunc.PythonModel):
+    """The bundle as an MLflow pyfunc: ``predict`` scores image files through ``inspector.Inspector``.
+
+    Output: one row per input path with path, score, threshold, verdict ("good" / "anomalous" / None),
+    model_version and error (set, with score None, when that image could not be read).
+    """
+
+    def __init__(self) -> None:
+        self._inspector: Inspector | None = None
+
+    def __getstate__(self) -> dict[str, Any]:  # an onnxruntime session is never pickled into the model
+        return {**self.__dict__, "_inspector": None}
+
+    def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
+        self._inspector = Inspector.from_bundle(context.artifacts[BUNDLE_ARTIFACT])
+
+    def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        if self._inspector is None:
+            self.load_context(context)
+        assert self._inspector is not None
+        paths = _as_paths(model_input)
+        rows = [r.to_dict() for r in self._inspector.score(paths)] if paths else []
+        frame = pd.DataFrame(rows, columns=list(OUTPUT_COLUMNS))
+        frame["score"] = frame["score"].astype("float64")
+        frame["threshold"] = frame["threshold"].astype("float64")
+        return frame
+
+
+def model_signature() -> ModelSignature:
+    """Outputs only: inputs stay free-form (DataFrame with a ``path`` column, list of paths, one path), which a
+    column schema would reject before ``predict`` sees them."""
+    return ModelSignature(
+        inputs=None,
+        outputs=Schema([ColSpec("string", "path"), ColSpec("double", "score", required=False), ColSpec("double", "threshold"),
+                        ColSpec("string", "verdict", required=False), ColSpec("string", "model_version"),
+                        ColSpec("string", "error", required=False)]),
+    )
+
+
+def serving_requirements() -> list[str]:
+    """The pyfunc's pip requirements: what ``inspector`` needs, pinned to what produced the logged scores."""
+    reqs = []
+    for package in SERVING_PACKAGES:
+        try:
+            reqs.append(f"{package}=={metadata.version(package)}")
+        except metadata.PackageNotFoundError:
+            reqs.append(package)
+    return reqs
+
+
+def _stage_code(dst: Path) -> list[str]:
+    """Copy ``inspector`` and this module (nothing torch) so the logged model loads where the project is absent."""
+    import inspector
+
+    shutil.copytree(Path(inspector.__file__).parent, dst / "inspector", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    (dst / "pipelines").mkdir()
+    (dst / "pipelines" / "__init__.py").write_text('"""Only the tracking module, shipped with a logged model."""\n')
+    shutil.copyfile(Path(__file__), dst / "pipelines" / "tracking.py")
+    return [str(dst / "inspector"), str(dst / "pipelines")]
+
+
+# --------------------------------------------------------------------------------------------- the registry
+
+
+def _ensure_registered_model(client: MlflowClient, name: str) -> None:
+    try:
+        client.get_registered_model(name)
+    except MlflowException as exc:
+        if exc.error_code != ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
+            raise
+        try:
+            client.create_registered_model(name, description="Siamese part inspector: an ONNX bundle scored by `inspector`.")
+        except MlflowException as exc2:
+            if exc2.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
+                raise
+
+
+def _version_tags(bundle: Bundle, run_id: str, tags: Mapping[str, Any]) -> dict[str, str]:
+    derived = {
+        "run_id": run_id,
+        "bundle_model_version": bundle.model_version,
+        "bundle_sha256.model": bundle.manifest["files"]["model.onnx"],
+        "bundle_sha256.references": bundle.manifest["files"]["references.npy"],
+        "threshold": bundle.spec.threshold.value,
+        "threshold_rule": bundle.spec.threshold.rule,
+        "dataset_hash": bundle.spec.provenance.get("dataset_hash", "unknown"),
+        "git_commit": git_commit(),
+    }
+    derived.update(tags)
+    return {str(k): _param_value(v) for k, v in derived.items()}
+
+
+def register_bundle(bundle_dir: Path, model_name: str, *, run_id: str | None = None, tags: Mapping[str, Any] | None = None,
+                    alias: str = CHALLENGER) -> ModelVersion:
+    """Log the verified bundle as a pyfunc in the run and register it as a new version of ``model_name``.
+
+    Order matters: (1) copy the bundle to a staging dir and verify the copy (hashes, schema, and that
+    onnxruntime loads it), (2) log the pyfunc from that copy, (3) only then create the version, with tags
+    (run id, bundle hashes, threshold, dataset hash, git commit, and ``tags`` such as key metrics), and move
+    ``alias`` onto it. If (1) or (2) raises, the registry is untouched; if setting the alias fails, the new
+    version is deleted again. Logs into the active run, or reopens ``run_id``.
+    """
+    bundle_dir = Path(bundle_dir)
+    active = mlflow.active_run()
+    if run_id is None and active is None:
+        raise RuntimeError("register_bundle needs a run: pass run_id or call it inside `with mlflow.start_run():`")
+    if active is not None and run_id is not None and active.info.run_id != run_id:
+        raise RuntimeError(f"run {run_id} is not the active run ({active.info.run_id})")
+    run_id = run_id or active.info.run_id  # type: ignore[union-attr]
+
+    with tempfile.TemporaryDirectory(prefix="register-bundle-") as staging:
+        staged = Path(staging) / BUNDLE_ARTIFACT
+        shutil.copytree(bundle_dir, staged)
+        bundle = load_bundle(staged)  # raises BundleError on a tampered, incomplete or unknown bundle
+        Inspector(bundle)  # and the model must load in onnxruntime with references of the right width
+        code_paths = _stage_code(Path(staging) / "code")
+        log_kwargs = dict(
+            name=MODEL_NAME_IN_RUN,
+            python_model=InspectorModel(),
+            artifacts={BUNDLE_ARTIFACT: str(staged)},
+            code_paths=code_paths,
+            pip_requirements=serving_requirements(),
+            signature=model_signature(),
+            metadata={"bundle_model_version": bundle.model_version, "threshold": bundle.spec.threshold.value},
+        )
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*input example was not provided")  # paths: no portable example
+            if active is not None:
+                info = mlflow.pyfunc.log_model(**log_kwargs)
+            else:
+                with mlflow.start_run(run_id=run_id):
+                    info = mlflow.pyfunc.log_model(**log_kwargs)
+
+    client = MlflowClient()
+    _ensure_registered_model(client, model_name)
+    version = client.create_model_version(model_name, source=info.model_uri, run_id=run_id, tags=_version_tags(bundle, run_id, tags or {}),
+                                          model_id=info.model_id)
+    try:
+        client.set_registered_model_alias(model_name, alias, version.version)
+    except BaseException:
+        client.delete_model_version(model_name, version.version)
+        raise
+    log.info("registered %s version %s (%s) from run %s", model_name, version.version, alias, run_id)
+    return client.get_model_version(model_name, version.version)
+
+
+def download_bundle(model_uri: str, dst: Path) -> Path:
+    """Fetch the bundle of a registered version (``models:/name@challenger``, ``models:/name/3``) into ``dst``.
+
+    The bundle is verified (``load_bundle``) before it is moved into place; ``dst`` must not exist yet.
+    """
+    dst = Path(dst)
+    if dst.exists():
+        raise FileExistsError(f"{dst}: already exists")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{dst.name}.", dir=dst.parent) as tmp:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp))
+        pyfunc_conf = Model.load(str(local / "MLmodel")).flavors.get("python_function", {})
+        artifacts = pyfunc_conf.get("artifacts") or {}
+        if BUNDLE_ARTIFACT not in artifacts:
+            raise ValueError(f"{model_uri}: not an inspector model (no {BUNDLE_ARTIFACT!r} artifact)")
+        source = local / artifacts[BUNDLE_ARTIFACT]["path"]
+        load_bundle(source)
+        source.rename(dst)
+    return dst

@@ -1,0 +1,187 @@
+"""Ingest on real image files: bad files, duplicates, label conflicts, both layouts, dataset hash, split stability."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipelines.datasets import ImageRecord, group_by_regex, scan_folders, scan_mvtec
+from pipelines.ingest import (
+    Manifest,
+    SplitFractions,
+    assign_splits,
+    build_manifest,
+    ingest,
+    read_manifest,
+    split_roles,
+    with_splits,
+    write_manifest,
+)
+
+
+def _image(path: Path, seed: int, size: tuple[int, int] = (24, 16)) -> Path:
+    """A small random RGB PNG (size = width, height), unique content per seed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def _roles(manifest: Manifest, **kw: object) -> dict[str, str]:
+    return {e.path: r for e, r in zip(manifest.entries, split_roles(manifest, **kw))}  # type: ignore[arg-type]
+
+
+def test_bad_files_are_reported_by_path_and_left_out(tmp_path: Path, bad_images: dict[str, Path]) -> None:
+    good_dir, bad_dir = tmp_path / "in" / "good", tmp_path / "in" / "defective"
+    kept = [_image(good_dir / f"ok{i}.png", i) for i in range(3)] + [_image(bad_dir / "scratch" / "d0.png", 100, (20, 30))]
+    kept.append(Path(shutil.copy(bad_images["good"], good_dir / "fixture_good.png")))
+    broken = {kind: Path(shutil.copy(bad_images[kind], good_dir / bad_images[kind].name)) for kind in ("truncated", "empty", "text", "corrupt")}
+    broken["huge"] = Path(shutil.copy(bad_images["huge"], bad_dir / "huge.png"))  # 12000 × 12000 px, over the pixel limit
+
+    manifest = ingest(good=good_dir, defective=bad_dir)
+
+    assert sorted(e.path for e in manifest.entries) == sorted(map(str, kept))
+    rejected = {r.path: r for r in manifest.rejected}
+    assert set(rejected) == {str(p) for p in broken.values()}
+    assert all(r.kind == "invalid" and r.reason for r in rejected.values())
+    assert "0 bytes" in rejected[str(broken["empty"])].reason
+    assert "not an image" in rejected[str(broken["text"])].reason
+    assert "over the limit" in rejected[str(broken["huge"])].reason and rejected[str(broken["huge"])].label == 1
+    by_path = {e.path: e for e in manifest.entries}
+    d0 = by_path[str(bad_dir / "scratch" / "d0.png")]
+    assert (d0.label, d0.defect_type, d0.width, d0.height) == (1, "scratch", 20, 30)
+    assert by_path[str(good_dir / "fixture_good.png")].width == 30  # the fixture's 40 × 30 (h × w) image
+    assert manifest.summary()["rejected"] == 5 and manifest.source["layout"] == "folders"
+
+    # a lower pixel limit turns the 20 × 30 image into a rejection too (the limit is a parameter, not a constant)
+    small = build_manifest(scan_folders(good_dir, bad_dir), max_pixels=500)
+    assert str(bad_dir / "scratch" / "d0.png") in {r.path for r in small.rejected}
+
+
+def test_duplicates_kept_once_and_label_conflicts_rejected(tmp_path: Path) -> None:
+    good_dir, bad_dir = tmp_path / "good", tmp_path / "bad"
+    a = _image(good_dir / "a.png", 1)
+    b = Path(shutil.copy(a, good_dir / "b.png"))  # same bytes, same label → duplicate of a (first by path)
+    c = Path(shutil.copy(a, good_dir / "c.png"))
+    unique = _image(good_dir / "u.png", 2)
+    clash = _image(good_dir / "x.png", 3)
+    d = _image(bad_dir / "d.png", 4)
+    clash_bad = Path(shutil.copy(clash, bad_dir / "x_defect.png"))  # same bytes labelled good and defective
+
+    manifest = ingest(good=good_dir, defective=bad_dir)
+
+    assert [e.path for e in manifest.entries] == [str(d), str(a), str(unique)]  # path order: tmp/bad < tmp/good
+    assert [(x.path, x.duplicate_of) for x in manifest.duplicates] == [(str(b), str(a)), (str(c), str(a))]
+    assert manifest.duplicates[0].sha256 == manifest.entries[1].sha256
+    conflicts = {r.path: r for r in manifest.rejected}
+    assert set(conflicts) == {str(clash), str(clash_bad)} and all(r.kind == "conflict" for r in conflicts.values())
+    assert str(clash_bad) in conflicts[str(clash)].reason and "conflicting labels" in conflicts[str(clash)].reason
+
+    # the same file given as good and as defective (overlapping folders) is a conflict too, not a crash
+    overlap = build_manifest([ImageRecord(unique, 0, "good", ""), ImageRecord(unique, 1, "defect", "")])
+    assert overlap.entries == [] and len(overlap.rejected) == 2
+
+
+def test_mvtec_layout_and_manifest_round_trip(tmp_path: Path) -> None:
+    from models.demo_data import generate_demo_dataset
+
+    root = tmp_path / "mvtec"
+    generate_demo_dataset(root, seed=0, n_train_good=6, n_test_good=2, n_test_per_defect=2, height=24, width=32)
+    _image(root / "test" / "good" / "zz_broken.png", 0).write_bytes(b"\x89PNG\r\n\x1a\n broken")
+
+    manifest = ingest(root=root)
+
+    records = scan_mvtec(root)
+    assert len(manifest.entries) == len(records) - 1 and [r.path for r in manifest.rejected] == [str(root / "test" / "good" / "zz_broken.png")]
+    goods = [e for e in manifest.entries if e.is_good]
+    defects = [e for e in manifest.entries if not e.is_good]
+    assert sum(e.source_split == "train" for e in goods) == 6 and sum(e.source_split == "test" for e in goods) == 2
+    assert defects and all(e.mask and Path(e.mask).is_file() for e in defects)
+    assert {e.defect_type for e in defects} == {p.name for p in (root / "test").iterdir() if p.name != "good"}
+    assert all((e.width, e.height) == (32, 24) for e in manifest.entries)
+    assert manifest.source["layout"] == "mvtec"
+
+    out = write_manifest(with_splits(manifest), tmp_path / "artifacts" / "manifest.json")
+    assert [p.name for p in out.parent.iterdir()] == ["manifest.json"]  # no temp file left behind
+    again = read_manifest(out)
+    assert again.dataset_hash == manifest.dataset_hash and [e.split for e in again.entries] == [e.split for e in with_splits(manifest).entries]
+    assert all(e.split for e in again.entries) and all(e.split == "test" for e in again.entries if e.source_split == "test" and e.is_good)
+    assert Manifest.from_json(manifest.to_json()) == manifest
+    tampered = json.loads(out.read_text())
+    tampered["entries"][0]["label"] = 1 - tampered["entries"][0]["label"]
+    with pytest.raises(ValueError, match="does not match"):
+        Manifest.from_dict(tampered)
+
+    split = assign_splits(manifest, SplitFractions(calibration_fraction=0.2))
+    assert all(r.source_split == "test" for r in split.test if r.is_good)
+    assert len(split.train_good) + len(split.calibration_good) == 6
+
+
+def test_dataset_hash_ignores_names_and_order_but_not_content(tmp_path: Path) -> None:
+    files = [_image(tmp_path / "a" / f"img{i}.png", i) for i in range(5)]
+    records = [ImageRecord(p, int(i >= 3), "good" if i < 3 else "dent", "") for i, p in enumerate(files)]
+    base = build_manifest(records)
+
+    (tmp_path / "b").mkdir()
+    renamed = [Path(shutil.copy(p, tmp_path / "b" / f"renamed_{9 - i}.png")) for i, p in enumerate(files)]
+    moved = [ImageRecord(q, r.label, r.defect_type, r.source_split) for q, r in zip(renamed, records)][::-1]
+    assert build_manifest(moved).dataset_hash == base.dataset_hash
+
+    _image(renamed[0], 1000)  # one image's content changes
+    assert build_manifest(moved).dataset_hash != base.dataset_hash
+    relabelled = [ImageRecord(r.path, r.label, "scratch" if r.label else "good", "") for r in records]
+    assert build_manifest(relabelled).dataset_hash != base.dataset_hash
+    assert build_manifest(records).dataset_hash == base.dataset_hash  # idempotent
+
+
+def test_adding_images_never_moves_old_ones(tmp_path: Path) -> None:
+    good_dir, bad_dir = tmp_path / "good", tmp_path / "bad"
+    for i in range(40):
+        _image(good_dir / f"g{i:03d}.png", i, (8, 8))
+    for i in range(16):
+        _image(bad_dir / f"d{i:03d}.png", 1000 + i, (8, 8))
+    fractions = SplitFractions(calibration_fraction=0.25, defect_train_fraction=0.5, defect_val_fraction=0.2, seed=3)
+    before = _roles(ingest(good=good_dir, defective=bad_dir), fractions=fractions)
+    assert set(before.values()) == {"train", "calibration", "train_defective", "validation", "test"}
+
+    for i in range(40, 70):  # new goods sort before and after the old names
+        _image(good_dir / f"{'a' if i % 2 else 'z'}{i:03d}.png", i, (8, 8))
+    for i in range(16, 26):
+        _image(bad_dir / f"c{i:03d}.png", 1000 + i, (8, 8))
+    after = _roles(ingest(good=good_dir, defective=bad_dir), fractions=fractions)
+    assert len(after) == len(before) + 40
+    assert {p: after[p] for p in before} == before
+
+    # keyed by content: a renamed file keeps its role
+    old = good_dir / "g000.png"
+    old.rename(good_dir / "renamed.png")
+    assert _roles(ingest(good=good_dir, defective=bad_dir), fractions=fractions)[str(good_dir / "renamed.png")] == before[str(old)]
+
+    # the DataSplit the training steps take holds every kept image exactly once
+    manifest = ingest(good=good_dir, defective=bad_dir)
+    split = assign_splits(manifest, fractions)
+    placed = split.train_good + split.calibration_good + split.validation_defective + [r.path for r in split.train_defective + split.test]
+    assert sorted(map(str, placed)) == sorted(e.path for e in manifest.entries)
+
+
+def test_capture_groups_stay_together(tmp_path: Path) -> None:
+    good_dir = tmp_path / "good"
+    for session in range(12):
+        for shot in range(3):
+            _image(good_dir / f"s{session:02d}_{shot}.png", 10 * session + shot, (8, 8))
+    by_session = group_by_regex(r"^(s\d+)_")
+    manifest = ingest(good=good_dir, group_of=by_session)
+    assert {e.group for e in manifest.entries} == {f"s{i:02d}" for i in range(12)}
+    roles = _roles(manifest, fractions=SplitFractions(calibration_fraction=0.4))
+    per_session: dict[str, set[str]] = {}
+    for path, role in roles.items():
+        per_session.setdefault(by_session(Path(path)), set()).add(role)
+    assert all(len(r) == 1 for r in per_session.values())
+    assert {next(iter(r)) for r in per_session.values()} == {"train", "calibration"}
+    # a group function given at split time overrides the recorded groups
+    plain = ingest(good=good_dir)
+    assert _roles(plain, fractions=SplitFractions(calibration_fraction=0.4), group_of=by_session) == roles
