@@ -34,8 +34,9 @@ from inspector.preprocess import PreprocessConfig  # noqa: E402
 from models.backbones import build_backbone  # noqa: E402
 from models.siamese import EmbedderConfig, build_embedder  # noqa: E402
 from models.training import TrainConfig  # noqa: E402
-from pipelines.datasets import group_by_file, group_by_number_gaps, scan_mvtec  # noqa: E402
-from pipelines.recipe import Recipe, build_bundle, evaluate_bundle, fit_embedder, split_records  # noqa: E402
+from pipelines.datasets import group_by_number_gaps, scan_mvtec  # noqa: E402
+from pipelines.ingest import SplitFractions, assign_splits, build_manifest  # noqa: E402
+from pipelines.recipe import Recipe, build_bundle, evaluate_bundle, fit_embedder  # noqa: E402
 
 
 class FrozenEmbedder(nn.Module):
@@ -66,11 +67,7 @@ def main() -> None:
 
     h, w = (int(v) for v in args.size.lower().split("x"))
     records = scan_mvtec(args.root)
-    if args.group_pattern:
-        groups = group_by_number_gaps([r.path for r in records], args.group_pattern, args.group_gap)
-        group_of = lambda path: f"{path.parent.name}/{groups[path]}"  # noqa: E731
-    else:
-        group_of = group_by_file
+    groups = group_by_number_gaps([r.path for r in records], args.group_pattern, args.group_gap) if args.group_pattern else None
     recipe = Recipe(
         preprocess=PreprocessConfig(height=h, width=w, resize=args.resize),
         embedder=EmbedderConfig(),
@@ -79,8 +76,9 @@ def main() -> None:
         use_real_defects=not args.no_defects,
         seed=args.seed,
     )
-    split = split_records(records, recipe, group_of)
-    print("split:", json.dumps(split.summary()))
+    manifest = build_manifest(records, group_of=groups)
+    split = assign_splits(manifest, SplitFractions.from_recipe(recipe))
+    print("ingest:", json.dumps(manifest.summary()), "\nsplit:", json.dumps(split.summary()))
     args.out.mkdir(parents=True, exist_ok=True)
 
     t0 = time.perf_counter()

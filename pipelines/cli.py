@@ -1,12 +1,20 @@
-"""`pipelines` command line: the ML engineer's entry point (demo, train)."""
+"""`pipelines` command line: the ML engineer's entry point (demo, train, score with a registered model).
+
+Exit codes: 0 ok, 2 bad input (missing folder, unknown setting, bad value).
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pipelines.settings import PipelineSettings
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -16,11 +24,66 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--workdir", type=Path, default=Path("runs/demo"), help="where data, checkpoints and the bundle go")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--fast", action="store_true", help="2 training epochs instead of 6 (a quick smoke test)")
+
+    train = sub.add_parser("train", help="train on your images, log to MLflow, register a version with alias 'challenger'")
+    src = train.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data", type=Path, help="MVTec-layout folder (train/good, test/good, test/<defect>)")
+    src.add_argument("--good", type=Path, help="folder of good images (with --defective for defect photos)")
+    train.add_argument("--defective", type=Path, help="folder of defective images (sub-folders = defect types)")
+    train.add_argument("--config", type=Path, help="JSON file of recipe settings (nested or dotted keys)")
+    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="recipe setting, e.g. train.epochs=3")
+    train.add_argument("--work-dir", type=Path, help="where runs, bundles and the default MLflow store go (default: runs)")
+    train.add_argument("--experiment", help="MLflow experiment (one per product line)")
+    train.add_argument("--model-name", help="registered model name")
+    train.add_argument("--tracking-uri", help="MLflow tracking URI (default: SQLite under the work dir)")
+    train.add_argument("--group-pattern", help="regex with one numeric group; images within --group-gap form one capture group")
+    train.add_argument("--group-gap", type=int, help="see --group-pattern")
+
+    score = sub.add_parser("score", help="score a folder with a registered model, e.g. models:/parts-inspector@challenger")
+    score.add_argument("paths", nargs="+")
+    score.add_argument("--model", required=True, help="models:/<name>@<alias> or models:/<name>/<version>")
+    score.add_argument("--tracking-uri", help="MLflow tracking URI (default: SQLite under runs/)")
+    score.add_argument("--json", action="store_true")
     return p
+
+
+def _settings(args: argparse.Namespace) -> "PipelineSettings":
+    from pipelines.settings import PipelineSettings
+
+    given = {k: getattr(args, k) for k in ("work_dir", "experiment", "model_name", "tracking_uri", "group_pattern", "group_gap") if getattr(args, k, None) is not None}
+    return PipelineSettings(**given)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from pipelines.flows import DataSource, train_flow
+    from pipelines.recipe import Recipe
+    from pipelines.settings import apply_overrides, load_overrides
+
+    recipe = apply_overrides(Recipe(), load_overrides(args.config, args.overrides))
+    source = DataSource(root=str(args.data)) if args.data else DataSource(good=str(args.good), defective=str(args.defective) if args.defective else None)
+    result = train_flow(source, recipe, _settings(args))
+    print(json.dumps({"run_id": result.run_id, "model_version": result.model_version, "bundle": str(result.bundle),
+                      "dataset_hash": result.dataset_hash, "metrics": result.metrics}, indent=2))
+    return 0
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    import tempfile
+
+    import mlflow
+
+    from inspector.cli import main as inspector_main
+    from pipelines.tracking import download_bundle, tracking_uri
+
+    mlflow.set_tracking_uri(args.tracking_uri or tracking_uri(Path("runs").resolve()))
+    with tempfile.TemporaryDirectory() as tmp:
+        bundle = download_bundle(args.model, Path(tmp) / "bundle")
+        return inspector_main(["score", *args.paths, "--bundle", str(bundle), *(["--json"] if args.json else [])])
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.command == "demo":
@@ -28,7 +91,11 @@ def main(argv: list[str] | None = None) -> int:
 
         run_demo(args.workdir, seed=args.seed, fast=args.fast)
         return 0
-    return 2
+    try:
+        return {"train": cmd_train, "score": cmd_score}[args.command](args)
+    except (FileNotFoundError, KeyError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -105,11 +105,6 @@ def assign_split(key: str, fractions: Sequence[tuple[str, float]], salt: str = "
 GroupKey = Callable[[Path], str]
 
 
-def group_by_file(path: Path) -> str:
-    """Default group: the image itself (its name, so a re-encoded copy elsewhere keeps its split)."""
-    return path.name
-
-
 def group_by_regex(pattern: str) -> GroupKey:
     """Group by the first capture group of ``pattern`` in the file name (e.g. a session or part id prefix)."""
     rx = re.compile(pattern)

@@ -1,7 +1,8 @@
-"""The demo: generate a synthetic part dataset, train, export a bundle, score the test split, print what happened.
+"""The demo: generate a synthetic part dataset, run the training flow, make the first version champion, summarise.
 
-It runs on data it makes itself (``models.demo_data``), so a fresh clone shows the whole job without any images.
-It prints only what was actually measured.
+It runs on data it makes itself (``models.demo_data``), so a fresh clone shows the whole job — Prefect flow,
+MLflow run and registered model, ONNX bundle scored by ``inspector`` — without any images of its own. It prints
+only what was actually measured.
 """
 
 from __future__ import annotations
@@ -12,8 +13,10 @@ from dataclasses import replace
 from pathlib import Path
 
 from models.demo_data import generate_demo_dataset
-from pipelines.datasets import scan_mvtec
-from pipelines.recipe import Recipe, build_bundle, evaluate_bundle, fit_embedder, split_records, tiny_recipe
+from pipelines.recipe import Recipe, tiny_recipe
+from pipelines.settings import PipelineSettings
+
+CHAMPION = "champion"
 
 
 def demo_recipe(fast: bool = False) -> Recipe:
@@ -22,38 +25,53 @@ def demo_recipe(fast: bool = False) -> Recipe:
     return replace(recipe, train=replace(recipe.train, epochs=2 if fast else recipe.train.epochs, progress=True))
 
 
+def promote_first_version(model_name: str, version: str) -> bool:
+    """Give ``champion`` to ``version`` when the model has no champion yet (later versions go through the gate)."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient()
+    try:
+        client.get_model_version_by_alias(model_name, CHAMPION)
+        return False
+    except MlflowException:
+        client.set_registered_model_alias(model_name, CHAMPION, version)
+        return True
+
+
 def run_demo(workdir: Path, *, seed: int = 0, fast: bool = False) -> dict[str, object]:
     """Run the demo end to end under ``workdir``; returns the summary it prints."""
+    from pipelines.flows import DataSource, train_flow
+
     t0 = time.perf_counter()
+    workdir = workdir.resolve()
     data_root = workdir / "demo_data"
     info = generate_demo_dataset(data_root, seed=seed, n_train_good=100, n_test_good=30, n_test_per_defect=12)
-    print(f"[1/4] demo data: {info.n_train_good} train good, {info.n_test_good} test good, "
+    print(f"[1/3] demo data: {info.n_train_good} train good, {info.n_test_good} test good, "
           f"{sum(info.defect_counts.values())} defective ({', '.join(info.defect_counts)}) in {data_root}")
     recipe = replace(demo_recipe(fast), seed=seed)
-    split = split_records(scan_mvtec(data_root), recipe)
-    print(f"[2/4] training {recipe.embedder.backbone} on {split.summary()}")
-    t_train = time.perf_counter()
-    embedder, history = fit_embedder(split, recipe, checkpoint_dir=workdir / "checkpoints")
-    train_s = time.perf_counter() - t_train
-    bundle = build_bundle(embedder, split, recipe, workdir / "bundle", provenance={"source": "demo", "seed": seed})
-    print(f"[3/4] bundle written: {bundle} (ONNX parity checked)")
-    evaluation = evaluate_bundle(bundle, split.test)
-    metrics = evaluation.metrics()
+    settings = PipelineSettings(work_dir=workdir, experiment="demo-flanges", model_name="demo-flange-inspector")
+    print(f"[2/3] training flow: {recipe.embedder.backbone} patch embedder, {recipe.preprocess.height}x{recipe.preprocess.width} px, "
+          f"{recipe.train.epochs} epochs")
+    result = train_flow(DataSource(root=str(data_root)), recipe, settings)
+    promoted = promote_first_version(settings.model_name, result.model_version)
+    m = result.metrics
+    db = workdir / "mlflow.db"
     summary = {
-        "bundle": str(bundle),
-        "backbone": recipe.embedder.backbone,
-        "epochs_run": len(history.epochs),
-        "best_val_auroc": history.best_val_auroc,
-        "train_seconds": round(train_s, 1),
-        "test_images": len(evaluation.scores),
-        "image_auroc": round(metrics["image_auroc"], 4),
-        "false_reject_rate": round(metrics["false_reject_rate"], 4),
-        "escape_rate": round(metrics["escape_rate"], 4),
-        "threshold": round(evaluation.threshold, 4),
-        "per_type_auroc": {k: round(v, 4) for k, v in evaluation.per_type_auroc().items()},
+        "registered_model": f"models:/{settings.model_name}/{result.model_version}",
+        "aliases": ["challenger", CHAMPION] if promoted else ["challenger"],
+        "bundle": str(result.bundle),
+        "test_images": len(result.scores),
+        "image_auroc": round(m["test_image_auroc"], 4),
+        "false_reject_rate": round(m["test_false_reject_rate"], 4),
+        "escape_rate": round(m["test_escape_rate"], 4),
+        "per_type_auroc": {k: round(v, 4) for k, v in result.per_type_auroc.items()},
+        "mlflow_run": result.run_id,
         "total_seconds": round(time.perf_counter() - t0, 1),
     }
-    print("[4/4] scored the test split through the bundle (onnxruntime):")
+    print("[3/3] scored the held-out test split through the registered bundle (onnxruntime):")
     print(json.dumps(summary, indent=2))
-    print(f"Score your own images with:  inspector score --bundle {bundle} PATH...")
+    print(f"MLflow UI:        .venv/bin/mlflow ui --backend-store-uri sqlite:///{db}")
+    print(f"Score new parts:  .venv/bin/inspector score --bundle {result.bundle} PATH...")
+    print(f"         or:      MLFLOW_TRACKING_URI=sqlite:///{db} .venv/bin/pipelines score PATH... --model models:/{settings.model_name}@{CHAMPION}")
     return summary

@@ -95,7 +95,7 @@ class Manifest:
             self.dataset_hash = dataset_hash(self.entries)
 
     def records(self) -> list[ImageRecord]:
-        """The kept images as :class:`ImageRecord` (what :func:`pipelines.recipe.split_records` takes)."""
+        """The kept images as :class:`ImageRecord`."""
         return [e.record() for e in self.entries]
 
     def summary(self) -> dict[str, Any]:
@@ -316,7 +316,7 @@ def with_splits(manifest: Manifest, fractions: SplitFractions = SplitFractions()
 def assign_splits(manifest: Manifest, fractions: SplitFractions = SplitFractions(), group_of: GroupOf | None = None) -> DataSplit:
     """The content-keyed split as the :class:`pipelines.recipe.DataSplit` the training steps take.
 
-    Unlike :func:`pipelines.recipe.split_records` (keyed by file name), this keys by sha256 or capture group.
+    Keyed by sha256 or capture group, never by file name or order.
     """
     from pipelines.recipe import DataSplit
 

@@ -8,7 +8,7 @@ so the demo, the benchmarks and the tests run exactly the same code. Evaluation 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -29,7 +29,7 @@ from models.pairs import LabelledImageDataset, PatchPairDataset, default_augment
 from models.siamese import Embedder, EmbedderConfig, PatchEmbedder, build_embedder
 from models.synthetic import SyntheticDefects
 from models.training import TrainConfig, TrainHistory, ValidationData, train
-from pipelines.datasets import ImageRecord, assign_split, group_by_file
+from pipelines.datasets import ImageRecord
 
 log = logging.getLogger(__name__)
 
@@ -97,40 +97,6 @@ class DataSplit:
             "test_good": sum(r.is_good for r in self.test),
             "test_defective": sum(not r.is_good for r in self.test),
         }
-
-
-def split_records(records: Sequence[ImageRecord], recipe: Recipe, group_of: Callable[[Path], str] = group_by_file) -> DataSplit:
-    """Deterministic split by hashed group key.
-
-    Goods from ``train`` (or unlabelled-split goods) go to training/references or calibration; goods from ``test``
-    go to test. Defective images are split by group into train / validation / test, so the test set always holds
-    defects (and physical parts) the model never trained on.
-    """
-    train_good, cal_good, train_def, val_def, test = [], [], [], [], []
-    cal = recipe.calibration_fraction
-    d_train = recipe.defect_train_fraction if recipe.use_real_defects else 0.0
-    d_val = recipe.defect_val_fraction if recipe.use_real_defects else 0.0
-    salt = f"seed{recipe.seed}"
-    for r in records:
-        key = group_of(r.path)
-        if r.is_good:
-            if r.source_split == "test":
-                test.append(r)
-            elif assign_split(key, [("cal", cal), ("train", 1.0 - cal)], salt) == "cal":
-                cal_good.append(r.path)
-            else:
-                train_good.append(r.path)
-        else:
-            role = assign_split(key, [("train", d_train), ("val", d_val), ("test", 1.0 - d_train - d_val)], salt + r.defect_type)
-            if role == "train":
-                train_def.append(r)
-            elif role == "val":
-                val_def.append(r.path)
-            else:
-                test.append(r)
-    if len(train_good) < 2:
-        raise ValueError(f"only {len(train_good)} good training images after the split: need at least 2")
-    return DataSplit(train_good, train_def, cal_good, val_def, test)
 
 
 def load_preprocessed(paths: Sequence[Path], preprocessor: Preprocessor) -> np.ndarray:

@@ -15,8 +15,8 @@ import pytest
 from inspector.engine import Inspector
 from inspector.metrics import roc_auc
 from models.demo_data import generate_demo_dataset
-from pipelines.datasets import scan_mvtec
-from pipelines.recipe import build_bundle, evaluate_bundle, fit_embedder, split_records, tiny_recipe
+from pipelines.ingest import SplitFractions, assign_splits, ingest
+from pipelines.recipe import build_bundle, evaluate_bundle, fit_embedder, tiny_recipe
 
 pytestmark = pytest.mark.slow
 
@@ -26,7 +26,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     work = tmp_path_factory.mktemp("e2e")
     generate_demo_dataset(work / "data", seed=0, n_train_good=100, n_test_good=30, n_test_per_defect=12)
     recipe = replace(tiny_recipe(), seed=0)
-    split = split_records(scan_mvtec(work / "data"), recipe)
+    split = assign_splits(ingest(root=work / "data"), SplitFractions.from_recipe(recipe))
     embedder, history = fit_embedder(split, recipe, checkpoint_dir=work / "ckpt")
     bundle = build_bundle(embedder, split, recipe, work / "bundle")
     return {"split": split, "history": history, "bundle": bundle, "evaluation": evaluate_bundle(bundle, split.test)}
@@ -37,6 +37,7 @@ def test_trained_model_detects_unseen_defects(trained: dict[str, object]) -> Non
     split = trained["split"]
     test_defects = {str(r.path) for r in split.test if not r.is_good}
     assert not test_defects & {str(r.path) for r in split.train_defective}, "test defects must never be trained on"
+    assert not test_defects & {str(p) for p in split.validation_defective}
     assert len(evaluation.scores) == len(split.test) and not evaluation.errors
     auroc = evaluation.metrics()["image_auroc"]
     print(f"e2e image AUROC {auroc:.3f} per type {evaluation.per_type_auroc()}")

@@ -1,0 +1,155 @@
+"""Prefect flows: the training run as thin orchestration over the plain functions of ``pipelines`` and ``models``.
+
+ingest (validated manifest, cached by the files' identity) → split → train → bundle (export, parity, golden
+references, calibrated threshold) → evaluate through ``inspector`` → MLflow (params, metrics, plots, manifest,
+checkpoint) → register the bundle as a model version with alias ``challenger``. Registration is the last step, so
+a run that fails anywhere registers nothing and moves no alias.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from pipelines.datasets import group_by_number_gaps, scan_dataset
+from pipelines.ingest import Manifest, SplitFractions, assign_splits, build_manifest, write_manifest
+from pipelines.recipe import DataSplit, Evaluation, Recipe, build_bundle, evaluate_bundle, fit_embedder
+from pipelines.settings import PipelineSettings
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """Where the images are: an MVTec-layout ``root``, or ``good`` (and optional ``defective``) folders."""
+
+    root: str | None = None
+    good: str | None = None
+    defective: str | None = None
+
+
+@dataclass
+class TrainResult:
+    """What a training run produced."""
+
+    run_id: str
+    model_version: str
+    bundle: Path
+    metrics: dict[str, float]
+    per_type_auroc: dict[str, float]
+    dataset_hash: str
+    scores: dict[str, float]
+
+
+def _files_fingerprint(context: Any, parameters: dict[str, Any]) -> str:
+    """Cache key of ingest: every file's path, size and mtime (content hashes are only computed on a miss)."""
+    source: DataSource = parameters["source"]
+    h = hashlib.sha256(json.dumps([source.root, source.good, source.defective, parameters.get("group_pattern"), parameters.get("group_gap")]).encode())
+    for folder in [p for p in (source.root, source.good, source.defective) if p]:
+        for path in sorted(Path(folder).rglob("*")):
+            if path.is_file():
+                st = path.stat()
+                h.update(f"{path}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return f"ingest-{h.hexdigest()}"
+
+
+@task(retries=2, retry_delay_seconds=2, cache_key_fn=_files_fingerprint, persist_result=True, cache_expiration=timedelta(days=7))
+def ingest_task(source: DataSource, group_pattern: str | None = None, group_gap: int = 0) -> Manifest:
+    """Open and validate every image once; bad files are reported by path and left out."""
+    records = scan_dataset(root=source.root, good=source.good, defective=source.defective)
+    groups = group_by_number_gaps([r.path for r in records], group_pattern, group_gap) if group_pattern else None
+    manifest = build_manifest(records, group_of=groups, source={"root": source.root, "good": source.good, "defective": source.defective})
+    logger = get_run_logger()
+    logger.info("ingest: %s", manifest.summary())
+    for rejected in manifest.rejected:
+        logger.warning("left out %s: %s", rejected.path, rejected.reason)
+    return manifest
+
+
+@task(cache_policy=NO_CACHE)
+def split_task(manifest: Manifest, recipe: Recipe) -> DataSplit:
+    split = assign_splits(manifest, SplitFractions.from_recipe(recipe), None)
+    get_run_logger().info("split: %s", split.summary())
+    return split
+
+
+@task(cache_policy=NO_CACHE)
+def train_task(split: DataSplit, recipe: Recipe, checkpoint_dir: Path) -> tuple[Any, Any]:
+    return fit_embedder(split, recipe, checkpoint_dir=checkpoint_dir)
+
+
+@task(cache_policy=NO_CACHE)
+def bundle_task(embedder: Any, split: DataSplit, recipe: Recipe, out: Path, provenance: dict[str, Any], model_name: str) -> Path:
+    return build_bundle(embedder, split, recipe, out, provenance=provenance, model_name=model_name, model_version=provenance["run_id"])
+
+
+@task(cache_policy=NO_CACHE)
+def evaluate_task(bundle: Path, split: DataSplit) -> Evaluation:
+    return evaluate_bundle(bundle, split.test)
+
+
+@task(retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
+def register_task(bundle: Path, model_name: str, run_id: str, tags: dict[str, Any]) -> str:
+    from pipelines.tracking import register_bundle
+
+    return str(register_bundle(bundle, model_name, run_id=run_id, tags=tags).version)
+
+
+def _float_metrics(evaluation: Evaluation) -> dict[str, float]:
+    m = {f"test_{k}": float(v) for k, v in evaluation.metrics().items()}
+    m.update({f"test_auroc_{t}": float(v) for t, v in evaluation.per_type_auroc().items()})
+    return m
+
+
+@flow(name="train-inspector", log_prints=True)
+def train_flow(source: DataSource, recipe: Recipe | None = None, settings: PipelineSettings | None = None) -> TrainResult:
+    """Train, export, calibrate, evaluate and register one model version (alias ``challenger``)."""
+    import mlflow
+
+    from pipelines.plots import save_evaluation_plots
+    from pipelines.tracking import ensure_experiment, log_training_run, tracking_uri
+
+    recipe = recipe or Recipe()
+    settings = settings or PipelineSettings()
+    work = Path(settings.work_dir).resolve()
+    mlflow.set_tracking_uri(settings.tracking_uri or tracking_uri(work))
+    ensure_experiment(settings.experiment, work / "mlartifacts")
+    manifest = ingest_task(source, settings.group_pattern, settings.group_gap)
+    with mlflow.start_run() as run:
+        run_dir = work / "training" / run.info.run_id
+        manifest_path = write_manifest(manifest, run_dir / "manifest.json")
+        split = split_task(manifest, recipe)
+        embedder, history = train_task(split, recipe, run_dir / "checkpoints")
+        provenance = {"run_id": run.info.run_id, "dataset_hash": manifest.dataset_hash}
+        bundle = bundle_task(embedder, split, recipe, run_dir / "bundle", provenance, settings.model_name)
+        evaluation = evaluate_task(bundle, split)
+        metrics = _float_metrics(evaluation)
+        scores_path = run_dir / "test_scores.json"
+        scores_path.write_text(json.dumps(dict(zip(evaluation.paths, evaluation.scores.tolist())), indent=1))
+        log_training_run(
+            recipe,
+            history=history,
+            metrics=metrics,
+            manifest=manifest_path,
+            checkpoint=run_dir / "checkpoints" / "best.pt",
+            plots=save_evaluation_plots(evaluation, run_dir / "plots"),
+            dataset_hash=manifest.dataset_hash,
+            tags={"settings": json.dumps(settings.model_dump(mode="json"))},
+        )
+        mlflow.log_artifact(str(scores_path), "evaluation")
+        key = {k: round(v, 4) for k, v in metrics.items() if k in ("test_image_auroc", "test_false_reject_rate", "test_escape_rate")}
+        version = register_task(bundle, settings.model_name, run.info.run_id, {"dataset_hash": manifest.dataset_hash, **key})
+    return TrainResult(run.info.run_id, version, bundle, metrics, evaluation.per_type_auroc(), manifest.dataset_hash,
+                       dict(zip(evaluation.paths, evaluation.scores.tolist())))
+
+
+def default_env() -> None:
+    """Environment defaults for local runs: no albumentations update check, no Prefect telemetry."""
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")

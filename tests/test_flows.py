@@ -1,0 +1,68 @@
+"""One real orchestrated training run: Prefect (test harness) + a real SQLite MLflow store + onnxruntime scoring."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from inspector.engine import Inspector
+from inspector.metrics import roc_auc
+from models.demo_data import generate_demo_dataset
+from pipelines.recipe import tiny_recipe
+from pipelines.settings import PipelineSettings
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def prefect_harness(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    import os
+
+    os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect_home"))
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def test_train_flow_registers_challenger_with_reproducible_scores(prefect_harness: None, tmp_path: Path) -> None:
+    import mlflow
+    from mlflow import MlflowClient
+
+    from pipelines.flows import DataSource, train_flow
+    from pipelines.tracking import download_bundle
+
+    data = tmp_path / "data"
+    generate_demo_dataset(data, seed=3, n_train_good=40, n_test_good=10, n_test_per_defect=4, height=64, width=64)
+    (data / "train" / "good" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")  # left out, run goes on
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    settings = PipelineSettings(work_dir=tmp_path / "work", tracking_uri=uri, experiment="flanges", model_name="flange-inspector")
+    recipe = tiny_recipe()
+    recipe = replace(recipe, preprocess=replace(recipe.preprocess, height=64, width=64), train=replace(recipe.train, epochs=2), epoch_size=32)
+
+    result = train_flow(DataSource(root=str(data)), recipe, settings)
+
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(uri)
+    version = client.get_model_version_by_alias("flange-inspector", "challenger")
+    assert str(version.version) == result.model_version and version.run_id == result.run_id
+    run = client.get_run(result.run_id)
+    assert run.data.params["train.epochs"] == "2" and run.data.tags["dataset_hash"] == result.dataset_hash
+    artifacts = {a.path for a in client.list_artifacts(result.run_id, "plots")}
+    assert {"plots/roc.png", "plots/score_histogram.png"} <= artifacts
+
+    # the bundle downloaded from the registry scores the test images exactly as the run logged them
+    logged = json.loads(Path(mlflow.artifacts.download_artifacts(run_id=result.run_id, artifact_path="evaluation/test_scores.json",
+                                                                 dst_path=str(tmp_path / "dl"))).read_text())
+    bundle = download_bundle("models:/flange-inspector@challenger", tmp_path / "registry_bundle")
+    paths = sorted(logged)
+    rescored = [r.score for r in Inspector.from_bundle(bundle).score(paths)]
+    assert np.max(np.abs(np.array(rescored) - np.array([logged[p] for p in paths]))) <= 1e-5
+
+    # the logged AUROC is the one recomputed from those scores
+    labels = np.array([0 if "/good/" in p else 1 for p in paths])
+    assert run.data.metrics["test_image_auroc"] == pytest.approx(roc_auc(labels, np.array(rescored)), abs=1e-9)
