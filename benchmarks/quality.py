@@ -27,28 +27,13 @@ from pathlib import Path
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch import nn  # noqa: E402
 
 from inspector.preprocess import PreprocessConfig  # noqa: E402
-from models.backbones import build_backbone  # noqa: E402
-from models.siamese import EmbedderConfig, build_embedder  # noqa: E402
+from models.siamese import EmbedderConfig, FrozenGlobalEmbedder, build_embedder  # noqa: E402
 from models.training import TrainConfig  # noqa: E402
 from pipelines.datasets import group_by_number_gaps, scan_mvtec  # noqa: E402
 from pipelines.ingest import SplitFractions, assign_splits, build_manifest  # noqa: E402
 from pipelines.recipe import Recipe, build_bundle, evaluate_bundle, fit_embedder  # noqa: E402
-
-
-class FrozenEmbedder(nn.Module):
-    """The training-free baseline: ImageNet backbone, global average pooling, L2 norm (no projection, no training)."""
-
-    def __init__(self, name: str = "tf_efficientnet_lite0") -> None:
-        super().__init__()
-        self.backbone = build_backbone(name, weights="imagenet")
-        self.embedding_dim = self.backbone.out_channels
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.backbone(x).mean(dim=(2, 3)), dim=1)
 
 
 def main() -> None:
@@ -82,7 +67,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
 
     t0 = time.perf_counter()
-    frozen_bundle = build_bundle(FrozenEmbedder().eval(), split, recipe, args.out / "frozen_bundle", model_name="frozen-lite0")
+    frozen_bundle = build_bundle(FrozenGlobalEmbedder(), split, recipe, args.out / "frozen_bundle", model_name="frozen-lite0")
     frozen = evaluate_bundle(frozen_bundle, split.test)
     frozen_s = time.perf_counter() - t0
     torch.manual_seed(recipe.seed)

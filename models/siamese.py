@@ -201,3 +201,21 @@ def build_embedder(config: EmbedderConfig | None = None, *, weights: str | Path 
     if cfg.mode == "patch":
         return PatchEmbedder(backbone, feature_stages=cfg.feature_stages, embedding_dim=cfg.embedding_dim, context=cfg.context)
     return Embedder(backbone, embedding_dim=cfg.embedding_dim, hidden_dim=cfg.hidden_dim, pooling=cfg.pooling)
+
+
+class FrozenGlobalEmbedder(nn.Module):
+    """The training-free baseline: ImageNet backbone, global average pool, L2 norm — no projection, no training.
+
+    Every training run evaluates it on the same test split, so the value added by training is always on record.
+    """
+
+    mode: Mode = "global"
+
+    def __init__(self, backbone: str = "tf_efficientnet_lite0", weights: str | Path | None = "imagenet") -> None:
+        super().__init__()
+        self.backbone = build_backbone(backbone, weights=weights)
+        self.embedding_dim = int(self.backbone.out_channels)
+        self.eval()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.normalize(self.backbone(x).mean(dim=(2, 3)).float(), p=2.0, dim=1)

@@ -38,6 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--tracking-uri", help="MLflow tracking URI (default: SQLite under the work dir)")
     train.add_argument("--group-pattern", help="regex with one numeric group; images within --group-gap form one capture group")
     train.add_argument("--group-gap", type=int, help="see --group-pattern")
+    train.add_argument("--no-baseline", dest="baseline", action="store_false", default=None, help="skip the frozen-baseline evaluation")
 
     score = sub.add_parser("score", help="score a folder with a registered model, e.g. models:/parts-inspector@challenger")
     score.add_argument("paths", nargs="+")
@@ -50,7 +51,7 @@ def _parser() -> argparse.ArgumentParser:
 def _settings(args: argparse.Namespace) -> "PipelineSettings":
     from pipelines.settings import PipelineSettings
 
-    given = {k: getattr(args, k) for k in ("work_dir", "experiment", "model_name", "tracking_uri", "group_pattern", "group_gap") if getattr(args, k, None) is not None}
+    given = {k: getattr(args, k) for k in ("work_dir", "experiment", "model_name", "tracking_uri", "group_pattern", "group_gap", "baseline") if getattr(args, k, None) is not None}
     return PipelineSettings(**given)
 
 

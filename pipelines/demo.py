@@ -63,6 +63,7 @@ def run_demo(workdir: Path, *, seed: int = 0, fast: bool = False) -> dict[str, o
         "bundle": str(result.bundle),
         "test_images": len(result.scores),
         "image_auroc": round(m["test_image_auroc"], 4),
+        "frozen_baseline_auroc": round(m["baseline_test_image_auroc"], 4),
         "false_reject_rate": round(m["test_false_reject_rate"], 4),
         "escape_rate": round(m["test_escape_rate"], 4),
         "per_type_auroc": {k: round(v, 4) for k, v in result.per_type_auroc.items()},

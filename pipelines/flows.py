@@ -94,6 +94,16 @@ def evaluate_task(bundle: Path, split: DataSplit) -> Evaluation:
     return evaluate_bundle(bundle, split.test)
 
 
+@task(cache_policy=NO_CACHE)
+def baseline_task(split: DataSplit, recipe: Recipe, out: Path) -> dict[str, float]:
+    """The frozen ImageNet baseline on the same split and test images, so every run shows what training added."""
+    from models.siamese import FrozenGlobalEmbedder
+
+    bundle = build_bundle(FrozenGlobalEmbedder(), split, recipe, out, model_name="frozen-baseline")
+    evaluation = evaluate_bundle(bundle, split.test)
+    return {f"baseline_{k}": v for k, v in _float_metrics(evaluation).items()}
+
+
 @task(retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
 def register_task(bundle: Path, model_name: str, run_id: str, tags: dict[str, Any]) -> str:
     from pipelines.tracking import register_bundle
@@ -130,6 +140,8 @@ def train_flow(source: DataSource, recipe: Recipe | None = None, settings: Pipel
         bundle = bundle_task(embedder, split, recipe, run_dir / "bundle", provenance, settings.model_name)
         evaluation = evaluate_task(bundle, split)
         metrics = _float_metrics(evaluation)
+        if settings.baseline:
+            metrics.update(baseline_task(split, recipe, run_dir / "baseline_bundle"))
         scores_path = run_dir / "test_scores.json"
         scores_path.write_text(json.dumps(dict(zip(evaluation.paths, evaluation.scores.tolist())), indent=1))
         log_training_run(

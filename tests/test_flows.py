@@ -52,6 +52,7 @@ def test_train_flow_registers_challenger_with_reproducible_scores(prefect_harnes
     assert str(version.version) == result.model_version and version.run_id == result.run_id
     run = client.get_run(result.run_id)
     assert run.data.params["train.epochs"] == "2" and run.data.tags["dataset_hash"] == result.dataset_hash
+    assert 0.0 <= run.data.metrics["baseline_test_image_auroc"] <= 1.0  # the frozen baseline, same test images
     artifacts = {a.path for a in client.list_artifacts(result.run_id, "plots")}
     assert {"plots/roc.png", "plots/score_histogram.png"} <= artifacts
 
