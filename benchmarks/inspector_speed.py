@@ -118,7 +118,6 @@ def main() -> None:
     pre_cfg = PreprocessConfig(height=args.size, width=args.size)
     pre = Preprocessor(pre_cfg)
 
-    results: list[tuple[str, str, float, float | None]] = []
     for label, cfg in (("patch (default)", EmbedderConfig()), ("global", EmbedderConfig(mode="global"))):
         torch.manual_seed(0)
         model = build_embedder(cfg).eval()

@@ -1,4 +1,4 @@
-"""The main job as plain functions: split → train → export → golden references → threshold → evaluate.
+"""The main job as plain functions: train → export → golden references → threshold → evaluate.
 
 Each step is a small function with explicit inputs and outputs so Prefect tasks can wrap them one to one, and
 so the demo, the benchmarks and the tests run exactly the same code. Evaluation scores through ``inspector``
