@@ -67,3 +67,25 @@ def test_train_flow_registers_challenger_with_reproducible_scores(prefect_harnes
     # the logged AUROC is the one recomputed from those scores
     labels = np.array([0 if "/good/" in p else 1 for p in paths])
     assert run.data.metrics["test_image_auroc"] == pytest.approx(roc_auc(labels, np.array(rescored)), abs=1e-9)
+
+
+def test_failed_run_registers_nothing(prefect_harness: None, tmp_path: Path) -> None:
+    """A run that dies after training (here: an impossible bank size, caught while building the bundle) leaves the
+    registry untouched and the MLflow run marked FAILED."""
+    from mlflow import MlflowClient
+
+    from pipelines.flows import DataSource, train_flow
+
+    data = tmp_path / "data"
+    generate_demo_dataset(data, seed=4, n_train_good=16, n_test_good=4, n_test_per_defect=2, height=64, width=64)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    settings = PipelineSettings(work_dir=tmp_path / "work", tracking_uri=uri, experiment="fail", model_name="never", baseline=False)
+    recipe = tiny_recipe()
+    recipe = replace(recipe, preprocess=replace(recipe.preprocess, height=64, width=64), train=replace(recipe.train, epochs=1),
+                     epoch_size=16, max_bank_patches=0)
+    with pytest.raises(ValueError, match="reference bank is empty"):
+        train_flow(DataSource(root=str(data)), recipe, settings)
+    client = MlflowClient(uri)
+    assert client.search_model_versions("name='never'") == []
+    runs = client.search_runs([client.get_experiment_by_name("fail").experiment_id])
+    assert [r.info.status for r in runs] == ["FAILED"]
