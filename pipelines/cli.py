@@ -62,10 +62,23 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     recipe = apply_overrides(Recipe(), load_overrides(args.config, args.overrides))
     source = DataSource(root=str(args.data)) if args.data else DataSource(good=str(args.good), defective=str(args.defective) if args.defective else None)
-    result = train_flow(source, recipe, _settings(args))
+    settings = _settings(args)
+    result = train_flow(source, recipe, settings)
     print(json.dumps({"run_id": result.run_id, "model_version": result.model_version, "bundle": str(result.bundle),
                       "dataset_hash": result.dataset_hash, "metrics": result.metrics}, indent=2))
+    print(summary_table(result.metrics))
+    print(f"registered models:/{settings.model_name}/{result.model_version} (alias challenger)")
     return 0
+
+
+def summary_table(metrics: dict[str, float]) -> str:
+    """The test metrics of the trained model beside the frozen baseline's, one row each."""
+    rows = [k[len("test_"):] for k in metrics if k.startswith("test_")]
+    lines = [f"{'test metric':<28}{'trained':>10}{'frozen baseline':>17}"]
+    for name in rows:
+        base = metrics.get(f"baseline_test_{name}")
+        lines.append(f"{name:<28}{metrics['test_' + name]:>10.3f}{'' if base is None else f'{base:>17.3f}'}")
+    return "\n".join(lines)
 
 
 def cmd_score(args: argparse.Namespace) -> int:
