@@ -86,12 +86,14 @@ def service_rate(bundle: Path, paths: list[Path], requests: int, clients: int = 
         except httpx.HTTPError:
             time.sleep(0.1)
     blobs = [(p.name, p.read_bytes()) for p in paths]
-    errors = 0
+    local = threading.local()
 
     def one(i: int) -> bool:
+        """One camera client: a kept-alive connection per thread, one image per request."""
+        if not hasattr(local, "client"):
+            local.client = httpx.Client(timeout=60)
         name, data = blobs[i % len(blobs)]
-        with httpx.Client(timeout=60) as client:
-            r = client.post(f"{url}/v1/score", files={"files": (name, data, "image/jpeg")})
+        r = local.client.post(f"{url}/v1/score", files={"files": (name, data, "image/jpeg")})
         return r.status_code == 200
 
     with ThreadPoolExecutor(clients) as pool:
