@@ -170,6 +170,38 @@ def cmd_remove_references(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_quantize(args: argparse.Namespace) -> int:
+    try:  # onnxruntime.quantization needs the `onnx` package; import it only for this command
+        from inspector.quantize import quantize_bundle
+    except ImportError as exc:
+        print(f"error: `inspector quantize` needs onnxruntime.quantization and onnx: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    images = _expand_or_report(args.images, "calibration images")
+    if images is None:
+        return EXIT_BAD_INPUT
+    if not images:
+        print("error: no calibration images", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    out = quantize_bundle(args.bundle, images, args.out, per_channel=not args.per_tensor, max_images=args.max_images,
+                          activation_type=args.activations, threads=args.threads)
+    new = load_bundle(out)
+    report = new.spec.provenance["quantization"]
+    summary = {
+        "bundle": str(args.bundle),
+        "out": str(new.path),
+        "model": new.model_version,
+        "threshold": new.spec.threshold.value,
+        "calibration_images": report["calibration"]["images"],
+        "skipped": report["calibration"]["skipped"],
+        "settings": {k: report[k] for k in ("method", "format", "weights", "activations", "calibrate_method", "pre_processed")},
+        "drift": report["drift"],
+        "model_bytes": report["model_bytes"],
+        "images_per_second": report["images_per_second"],
+    }
+    print(json.dumps(summary, indent=2))
+    return EXIT_OK
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="inspector", description="Score part images against golden references (onnxruntime).")
     sub = p.add_subparsers(dest="command", required=True)
@@ -200,6 +232,15 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--ids", nargs="+", required=True, help="reference ids (file names as added; see the add summary)")
     r.add_argument("--out", required=True, type=Path, help="the new bundle directory (must not exist)")
     r.set_defaults(func=cmd_remove_references)
+    q = sub.add_parser("quantize", help="write a new bundle with a static INT8 model calibrated on part images (bank and threshold kept)")
+    q.add_argument("bundle", type=Path)
+    q.add_argument("images", nargs="+", help="calibration image files, folders or globs (good parts; at least 8 readable)")
+    q.add_argument("--out", required=True, type=Path, help="the new bundle directory (must not exist)")
+    q.add_argument("--max-images", type=int, default=64, help="most calibration images to use (default 64)")
+    q.add_argument("--per-tensor", action="store_true", help="per-tensor weight scales (default: per channel)")
+    q.add_argument("--activations", choices=["uint8", "int8"], default="uint8", help="activation type (default uint8: fastest on x86 CPUs)")
+    q.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: all cores)")
+    q.set_defaults(func=cmd_quantize)
     v = sub.add_parser("serve", help="HTTP scoring service (needs the 'serve' extra: fastapi, uvicorn)")
     v.add_argument("--bundle", type=Path, default=None, help="bundle directory (or INSPECTOR_BUNDLE)")
     v.add_argument("--model-uri", default=None, help="registry model URI (models:/<name>@champion; not available yet)")
