@@ -31,7 +31,13 @@ from typing import Any, Literal
 
 import numpy as np
 
-from inspector.bundle import MANIFEST, MODEL_FILE, load_bundle, sha256_file, write_bundle
+from inspector.bundle import (
+    MANIFEST,
+    MODEL_FILE,
+    load_bundle,
+    sha256_file,
+    write_bundle,
+)
 from inspector.engine import OnnxEmbedder
 from inspector.errors import ImageError, InspectorError
 from inspector.preprocess import load_image
@@ -108,7 +114,7 @@ def _drift(fp32: np.ndarray, int8: np.ndarray, references: np.ndarray, scoring: 
     flips = int(np.sum((s32 > threshold) != (s8 > threshold)))
     return {
         "measured_on": "calibration images (in-sample for the activation ranges)",
-        "images": int(len(fp32)),
+        "images": len(fp32),
         "embedding_abs_diff_max": float(diff.max()),
         "embedding_abs_diff_mean": float(diff.mean()),
         "embedding_norm_fp32_mean": float(np.linalg.norm(fp32.reshape(-1, fp32.shape[-1]), axis=1).mean()),
@@ -142,7 +148,12 @@ def quantize_bundle(bundle_path: str | Path, calibration_images: Sequence[str | 
     if parent.spec.provenance.get("quantized"):
         raise QuantizeError(f"{parent.path}: is already quantized ({parent.spec.provenance['quantized']}); quantize the FP32 parent instead")
     try:
-        from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+        from onnxruntime.quantization import (
+            CalibrationMethod,
+            QuantFormat,
+            QuantType,
+            quantize_static,
+        )
     except ImportError as exc:  # pragma: no cover - depends on the install
         raise QuantizeError(f"onnxruntime.quantization is unavailable (needs the 'onnx' package): {exc}") from None
 
@@ -196,7 +207,7 @@ def quantize_bundle(bundle_path: str | Path, calibration_images: Sequence[str | 
             "drift": _drift(emb32, emb8, parent.references, parent.spec.scoring, threshold.value),
             "model_bytes": {"fp32": parent.model_path.stat().st_size, "int8": q_path.stat().st_size},
             "images_per_second": {"fp32": _images_per_second(fp32, batch), "int8": _images_per_second(int8, batch),
-                                  "batch": int(len(batch)), "threads": threads},
+                                  "batch": len(batch), "threads": threads},
             "bank": "kept from the FP32 parent (embedded by the FP32 model; not re-embedded)",
         }
         if pre_notes:
