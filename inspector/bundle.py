@@ -188,3 +188,20 @@ def load_bundle(path: str | Path) -> Bundle:
     except (KeyError, TypeError, ValueError) as exc:
         raise BundleError(f"{path / MANIFEST}: invalid field ({exc})") from None
     return Bundle(path=path, spec=spec, references=references.astype(np.float32, copy=False), manifest=manifest)
+
+
+def derived_provenance(parent: Bundle, drop: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Provenance for a bundle derived from ``parent`` (new references, quantised model…): the parent's own
+    provenance (run id, dataset hash…) minus ``drop`` and ``created_at``, plus where it came from and a revision."""
+    prov = {k: v for k, v in parent.spec.provenance.items() if k not in ("created_at", *drop)}
+    prov["parent_bundle"] = {
+        "path": str(parent.path.resolve()),
+        "manifest_sha256": sha256_file(parent.path / MANIFEST),
+        "model_sha256": parent.manifest.get("files", {}).get(MODEL_FILE),
+        "model": parent.model_version,
+        "created_at": parent.spec.provenance.get("created_at"),
+        "references": int(parent.references.shape[0]),
+        "threshold": parent.spec.threshold.value,
+    }
+    prov["revision"] = int(parent.spec.provenance.get("revision", 0)) + 1
+    return prov

@@ -17,8 +17,8 @@ from pathlib import Path
 from inspector.bundle import load_bundle
 from inspector.engine import Inspector, ScoreResult
 from inspector.errors import InspectorError
+from inspector.preprocess import IMAGE_SUFFIXES
 
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
 EXIT_OK, EXIT_ANOMALY, EXIT_BAD_INPUT = 0, 1, 2
 
 

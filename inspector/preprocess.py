@@ -29,6 +29,9 @@ _PIL_FILTERS: dict[str, Image.Resampling] = {
     "area": Image.Resampling.BOX,
 }
 
+#: File suffixes treated as images when a folder is scanned.
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
+
 #: Images with more pixels than this are refused before decoding (a decompression bomb or a wrong file).
 DEFAULT_MAX_PIXELS = 64_000_000
 

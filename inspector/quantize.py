@@ -32,10 +32,9 @@ from typing import Any, Literal
 import numpy as np
 
 from inspector.bundle import (
-    MANIFEST,
     MODEL_FILE,
+    derived_provenance,
     load_bundle,
-    sha256_file,
     write_bundle,
 )
 from inspector.engine import OnnxEmbedder
@@ -213,16 +212,7 @@ def quantize_bundle(bundle_path: str | Path, calibration_images: Sequence[str | 
         if pre_notes:
             report["pre_process_notes"] = pre_notes
 
-        prov = {k: v for k, v in parent.spec.provenance.items() if k not in ("created_at", "reference_change")}
-        prov["parent_bundle"] = {
-            "path": str(parent.path.resolve()),
-            "manifest_sha256": sha256_file(parent.path / MANIFEST),
-            "model_sha256": parent.manifest.get("files", {}).get(MODEL_FILE),
-            "created_at": parent.spec.provenance.get("created_at"),
-            "model": parent.model_version,
-            "threshold": threshold.value,
-        }
-        prov["revision"] = int(parent.spec.provenance.get("revision", 0)) + 1
+        prov = derived_provenance(parent, drop=("reference_change",))
         prov["quantized"] = QUANTIZED_TAG
         prov["quantization"] = report
         model = {**parent.spec.model, "quantization": QUANTIZED_TAG}

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from inspector.bundle import MANIFEST, Bundle, Threshold, load_bundle, sha256_file, write_bundle
+from inspector.bundle import derived_provenance as bundle_lineage
 from inspector.calibration import CalibrationError, calibrate
 from inspector.engine import OnnxEmbedder
 from inspector.errors import BundleError, InspectorError
@@ -205,16 +206,8 @@ def calibrate_threshold(good_scores: np.ndarray, defective_scores: np.ndarray | 
 
 
 def derived_provenance(parent: Bundle, change: dict[str, Any], sources: list[dict[str, Any]]) -> dict[str, Any]:
-    """The parent's provenance (run id, dataset hash…) plus where this bundle came from and what changed."""
-    prov = {k: v for k, v in parent.spec.provenance.items() if k not in ("created_at", SOURCES_KEY, "reference_change")}
-    prov["parent_bundle"] = {
-        "path": str(parent.path.resolve()),
-        "manifest_sha256": sha256_file(parent.path / MANIFEST),
-        "created_at": parent.spec.provenance.get("created_at"),
-        "references": int(parent.references.shape[0]),
-        "threshold": parent.spec.threshold.value,
-    }
-    prov["revision"] = int(parent.spec.provenance.get("revision", 0)) + 1
+    """The parent's lineage (see :func:`inspector.bundle.derived_provenance`) plus what changed in the bank."""
+    prov = bundle_lineage(parent, drop=(SOURCES_KEY, "reference_change"))
     prov["reference_change"] = change
     prov[SOURCES_KEY] = sources
     return prov

@@ -7,7 +7,6 @@ so the demo, the benchmarks and the tests run exactly the same code. Evaluation 
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -30,9 +29,6 @@ from models.siamese import Embedder, EmbedderConfig, PatchEmbedder, build_embedd
 from models.synthetic import SyntheticDefects
 from models.training import TrainConfig, TrainHistory, ValidationData, train
 from pipelines.datasets import ImageRecord
-
-log = logging.getLogger(__name__)
-
 
 @dataclass(frozen=True)
 class Recipe:
