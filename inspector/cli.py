@@ -13,6 +13,7 @@ import json
 import sys
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TypeVar
 
 from inspector.bundle import load_bundle
 from inspector.engine import Inspector, ScoreResult
@@ -20,6 +21,7 @@ from inspector.errors import InspectorError
 from inspector.preprocess import IMAGE_SUFFIXES
 
 EXIT_OK, EXIT_ANOMALY, EXIT_BAD_INPUT = 0, 1, 2
+T = TypeVar("T")
 
 
 def expand_paths(items: Iterable[str]) -> tuple[list[Path], list[str]]:
@@ -56,8 +58,15 @@ def cmd_score(args: argparse.Namespace) -> int:
         print("error: no images to score", file=sys.stderr)
         return EXIT_BAD_INPUT
     inspector = Inspector.from_bundle(args.bundle, threads=args.threads)
-    results = list(_progress(inspector.score_paths(paths), len(paths), not (args.json or args.csv)))
-    rows = [r.to_dict() for r in results]
+    if args.heatmaps is not None:
+        from inspector.heatmap import write_heatmaps
+
+        pairs = list(_progress(write_heatmaps(inspector, paths, args.heatmaps), len(paths), not (args.json or args.csv)))
+        results = [r for r, _ in pairs]
+        rows = [{**r.to_dict(), "heatmap": str(h) if h else None} for r, h in pairs]
+    else:
+        results = list(_progress(inspector.score_paths(paths), len(paths), not (args.json or args.csv)))
+        rows = [r.to_dict() for r in results]
     if args.json:
         json.dump(rows, sys.stdout, indent=2)
         print()
@@ -77,7 +86,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _progress(results: Iterable[ScoreResult], total: int, enabled: bool) -> Iterable[ScoreResult]:
+def _progress(results: Iterable[T], total: int, enabled: bool) -> Iterable[T]:
     if not enabled or total < 64 or not sys.stderr.isatty():
         return results
     try:
@@ -112,6 +121,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = ServiceSettings.from_env(
         bundle=args.bundle, model_uri=args.model_uri, host=args.host, port=args.port, token=args.token,
         max_bytes=args.max_bytes, max_images=args.max_images, threads=args.threads, log_level=args.log_level,
+        tracking_uri=args.tracking_uri, poll_seconds=args.poll_seconds, cache_dir=args.cache_dir,
+        registry_timeout=args.registry_timeout,
     )
     return serve(settings)
 
@@ -212,6 +223,8 @@ def _parser() -> argparse.ArgumentParser:
     fmt.add_argument("--json", action="store_true", help="JSON list on stdout")
     fmt.add_argument("--csv", action="store_true", help="CSV on stdout")
     s.add_argument("--fail-on-anomaly", action="store_true", help="exit 1 when any part is flagged")
+    s.add_argument("--heatmaps", type=Path, default=None, metavar="DIR",
+                   help="write an anomaly-heatmap overlay PNG per image into DIR (patch-mode bundles)")
     s.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: all cores)")
     s.set_defaults(func=cmd_score)
     c = sub.add_parser("check", help="verify a bundle (hashes, schema, model loads)")
@@ -243,7 +256,11 @@ def _parser() -> argparse.ArgumentParser:
     q.set_defaults(func=cmd_quantize)
     v = sub.add_parser("serve", help="HTTP scoring service (needs the 'serve' extra: fastapi, uvicorn)")
     v.add_argument("--bundle", type=Path, default=None, help="bundle directory (or INSPECTOR_BUNDLE)")
-    v.add_argument("--model-uri", default=None, help="registry model URI (models:/<name>@champion; not available yet)")
+    v.add_argument("--model-uri", default=None, help="registry model to serve and follow: models:/<name>@champion (or INSPECTOR_MODEL_URI)")
+    v.add_argument("--tracking-uri", default=None, help="MLflow server, http(s)://host:port (or MLFLOW_TRACKING_URI)")
+    v.add_argument("--poll-seconds", type=float, default=None, help="re-resolve the alias every N seconds (default 30; 0: never)")
+    v.add_argument("--cache-dir", type=Path, default=None, help="verified registry bundles (default ~/.cache/inspector/registry)")
+    v.add_argument("--registry-timeout", type=float, default=None, help="seconds per registry request (default 10)")
     v.add_argument("--host", default=None, help="interface to listen on (default 127.0.0.1)")
     v.add_argument("--port", type=int, default=None, help="port (default 8000)")
     v.add_argument("--token", default=None, help="bearer token for /v1/score and /v1/reload (prefer INSPECTOR_TOKEN)")

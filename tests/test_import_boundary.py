@@ -35,6 +35,27 @@ def test_inspector_scores_without_training_stack(tiny_bundle: Path, tmp_path: Pa
     assert _loaded_after(code) == []
 
 
+def test_registry_service_path_without_training_stack(tiny_bundle: Path, tmp_path: Path) -> None:
+    """Serving from the registry (REST client, cache, poller, app) stays on the line runtime: no mlflow client."""
+    import pytest
+
+    pytest.importorskip("fastapi")
+    code = (
+        "import shutil\n"
+        "from inspector.registry import BundleCache, RegistryClient, RegistrySource, parse_model_uri\n"
+        "from inspector.service import ServiceSettings, create_app, load_initial_model\n"
+        f"cache = BundleCache({str(tmp_path / 'cache')!r})\n"
+        f"shutil.copytree({str(tiny_bundle)!r}, cache.version_dir('tiny', '4'))\n"
+        "cache.remember('models:/tiny@champion', '4')\n"
+        f"s = ServiceSettings(model_uri='models:/tiny@champion', tracking_uri='http://127.0.0.1:9', cache_dir={str(tmp_path / 'cache')!r},\n"
+        "                    registry_timeout=1, threads=1)\n"
+        "app = create_app(s)\n"
+        "model = load_initial_model(app)  # registry down: the cached version, through the whole load path\n"
+        "assert model.registry_version == '4' and app.state.watcher.up is False, model\n"
+    )
+    assert _loaded_after(code) == []
+
+
 def test_models_do_not_import_orchestration() -> None:
     loaded = _loaded_after("import models.siamese, models.training, models.export, models.losses, models.backbones")
     assert "prefect" not in loaded and "mlflow" not in loaded

@@ -24,7 +24,8 @@ uvicorn = pytest.importorskip("uvicorn")
 
 from inspector.bundle import BundleSpec, load_bundle, write_bundle  # noqa: E402
 from inspector.engine import Inspector  # noqa: E402
-from inspector.service import RegistryUnavailable, ServiceSettings, create_app  # noqa: E402
+from inspector.errors import InspectorError  # noqa: E402
+from inspector.service import ServiceSettings, create_app  # noqa: E402
 
 TOKEN = "line-7-secret"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -244,20 +245,32 @@ def test_reload_under_concurrent_requests_fails_nothing(
         refused = admin.post("/v1/reload", json={"bundle": str(broken)})
         assert refused.status_code == 422 and "references.npy" in refused.json()["detail"]
         assert refused.json()["model_version"] == "tiny:2"
-        assert admin.post("/v1/reload", json={"model_uri": "models:/tiny@champion"}).status_code == 501
+        no_registry = admin.post("/v1/reload", json={"model_uri": "models:/tiny@champion"})
+        assert no_registry.status_code == 422 and "--tracking-uri" in no_registry.json()["detail"]
         assert admin.get("/readyz").json()["model_version"] == "tiny:2"
         assert admin.post("/v1/score", files=image).json()["model_version"] == "tiny:2"
         metrics = admin.get("/metrics").text
         assert 'inspector_model_reloads_total{result="ok"} 4.0' in metrics  # startup + 3
         assert 'inspector_model_reloads_total{result="failed"} 2.0' in metrics
+        assert "inspector_model_swaps_total 3.0" in metrics
 
 
-def test_startup_refuses_what_it_cannot_serve(tmp_path: Path) -> None:
+def test_startup_refuses_what_it_cannot_serve(tmp_path: Path, tiny_bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from inspector.cli import main
 
-    with pytest.raises(RegistryUnavailable, match="not available yet"):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with pytest.raises(InspectorError, match="needs --tracking-uri"):
         create_app(ServiceSettings(model_uri="models:/tiny@champion"))
+    with pytest.raises(InspectorError, match="not a registry model URI"):
+        create_app(ServiceSettings(model_uri="runs:/abc/model", tracking_uri="http://127.0.0.1:9"))
+    with pytest.raises(InspectorError, match="either --bundle or --model-uri"):
+        create_app(ServiceSettings(bundle=tiny_bundle, model_uri="models:/tiny@champion", tracking_uri="http://127.0.0.1:9"))
+    with pytest.raises(InspectorError, match="over http"):
+        create_app(ServiceSettings(model_uri="models:/tiny@champion", tracking_uri="sqlite:///x.db"))
     assert main(["serve", "--model-uri", "models:/tiny@champion"]) == 2
+    # registry unreachable and nothing cached: a clear error, no server
+    assert main(["serve", "--model-uri", "models:/tiny@champion", "--tracking-uri", "http://127.0.0.1:9",
+                 "--cache-dir", str(tmp_path / "cache"), "--registry-timeout", "2"]) == 2
     assert main(["serve", "--bundle", str(tmp_path)]) == 2  # not a bundle: clear error, no server
 
 
