@@ -68,3 +68,23 @@ def rates_at_threshold(labels: np.ndarray, scores: np.ndarray, threshold: float)
         "recall": recall,
         "f1": f1,
     }
+
+
+def pixel_auroc(maps: list[np.ndarray], masks: list[np.ndarray | None], *, max_pixels_per_image: int = 4096) -> float:
+    """Pixel-level AUROC of anomaly maps against defect masks (None = a good image, no defect pixel).
+
+    Each map/mask pair is subsampled on a regular grid to at most ``max_pixels_per_image`` pixels, so large images
+    don't dominate and memory stays small; every image contributes its whole extent.
+    """
+    if len(maps) != len(masks):
+        raise ValueError(f"{len(maps)} maps but {len(masks)} masks")
+    labels, scores = [], []
+    for amap, mask in zip(maps, masks):
+        amap = np.asarray(amap, dtype=np.float64)
+        truth = np.zeros(amap.shape, dtype=bool) if mask is None else np.asarray(mask, dtype=bool)
+        if truth.shape != amap.shape:
+            raise ValueError(f"mask shape {truth.shape} differs from map shape {amap.shape}")
+        step = max(1, int(np.ceil(np.sqrt(amap.size / max_pixels_per_image))))
+        labels.append(truth[::step, ::step].ravel())
+        scores.append(amap[::step, ::step].ravel())
+    return roc_auc(np.concatenate(labels).astype(np.int64), np.concatenate(scores))

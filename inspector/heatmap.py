@@ -1,0 +1,160 @@
+"""Where on the part: anomaly heatmaps from patch distances, in the original image's pixels.
+
+A patch-mode bundle already computes, for every patch of the part, its distance to the nearest golden patch; the
+part's score is the worst of them. Laying those distances back over the photo shows the quality engineer *where*
+the model saw a defect, which is what they need to trust (or overrule) a verdict. The map is in the same units as
+the score and the threshold, so a red region means "this patch alone would flag the part". Pure numpy and Pillow.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from inspector.engine import Inspector, ScoreResult
+from inspector.errors import ImageError, InspectorError
+from inspector.preprocess import Preprocessor, load_image
+from inspector.scoring import ScoringConfig, anomaly_scores
+
+#: Colour stops (value in [0, 1] → RGB) of the overlay: dark blue (far below threshold) to red (well above).
+_STOPS = np.array([[0.0, 0, 0, 130], [0.35, 0, 90, 255], [0.55, 0, 230, 230], [0.67, 255, 255, 0], [0.8, 255, 120, 0], [1.0, 200, 0, 0]],
+                  dtype=np.float32)
+
+
+def patch_grid(num_patches: int, height: int, width: int) -> tuple[int, int]:
+    """The (rows, cols) feature grid behind ``num_patches`` patches of an ``height`` x ``width`` input.
+
+    The embedder's grid keeps the input's aspect (strided convolutions), so of the factorisations of P the one whose
+    aspect is closest to the input's is the grid.
+    """
+    if num_patches < 1:
+        raise ValueError("no patches")
+    target = math.log(height / width)
+    pairs = [(r, num_patches // r) for r in range(1, num_patches + 1) if num_patches % r == 0]
+    return min(pairs, key=lambda rc: abs(math.log(rc[0] / rc[1]) - target))
+
+
+def patch_distance_maps(patch_embeddings: np.ndarray, references: np.ndarray, scoring: ScoringConfig, height: int, width: int) -> np.ndarray:
+    """(N, P, D) patch embeddings → (N, rows, cols) distance of each patch to the golden bank (the score's own rule)."""
+    emb = np.asarray(patch_embeddings, dtype=np.float32)
+    if emb.ndim != 3:
+        raise InspectorError(f"heatmaps need patch embeddings (N, P, D); this model gives shape {emb.shape} (an image-level model)")
+    n, p, d = emb.shape
+    rows, cols = patch_grid(p, height, width)
+    per_patch = anomaly_scores(emb.reshape(n * p, d), references, scoring)  # image-mode rule applied to each patch
+    return per_patch.reshape(n, rows, cols)
+
+
+def _resize_float(values: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize of a 2-D float map to ``size`` = (width, height)."""
+    return np.asarray(Image.fromarray(np.ascontiguousarray(values, dtype=np.float32), mode="F").resize(size, Image.Resampling.BILINEAR))
+
+
+def to_image_map(grid_map: np.ndarray, preprocessor: Preprocessor, image_size: tuple[int, int]) -> np.ndarray:
+    """A (rows, cols) patch map → (height, width) map over the original image, undoing the letterbox or stretch."""
+    cfg = preprocessor.config
+    canvas = _resize_float(grid_map, (cfg.width, cfg.height))  # patch centres land on the canvas pixels they cover
+    width, height = image_size
+    new_w, new_h, left, top = preprocessor.placement(width, height)
+    content = canvas[top : top + new_h, left : left + new_w]
+    return _resize_float(content, (width, height))
+
+
+def colourise(values: np.ndarray, threshold: float) -> np.ndarray:
+    """Map distances to RGB uint8 with a fixed scale: 0 → dark blue, the threshold → yellow, 1.5× threshold → red.
+
+    A fixed, threshold-relative scale makes heatmaps comparable between parts (no per-image stretching that would
+    paint every good part's noise red).
+    """
+    scale = threshold if math.isfinite(threshold) and threshold > 0 else float(np.max(values)) or 1.0
+    t = np.clip(values / (1.5 * scale), 0.0, 1.0)
+    rgb = np.empty(values.shape + (3,), dtype=np.float32)
+    for c in range(3):
+        rgb[..., c] = np.interp(t, _STOPS[:, 0], _STOPS[:, c + 1])
+    return rgb.astype(np.uint8)
+
+
+def overlay(image: Image.Image, image_map: np.ndarray, threshold: float, alpha: float = 0.45) -> Image.Image:
+    """The part photo with its heatmap blended on top (``alpha`` of heatmap colour), as RGB."""
+    if image_map.shape != (image.height, image.width):
+        raise ValueError(f"map shape {image_map.shape} does not match the image ({image.height}x{image.width})")
+    colours = Image.fromarray(colourise(image_map, threshold), mode="RGB")
+    return Image.blend(image.convert("RGB"), colours, alpha)
+
+
+def heatmap_filename(source: str, index: int, taken: set[str]) -> str:
+    """``<stem>_heatmap.png``, made unique within one output folder (two ``img.png`` from different folders)."""
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(source).stem) or f"image{index}"
+    name = f"{stem}_heatmap.png"
+    if name in taken:
+        name = f"{stem}_{index}_heatmap.png"
+    taken.add(name)
+    return name
+
+
+def image_maps(patch_embeddings: np.ndarray, references: np.ndarray, scoring: ScoringConfig, preprocessor: Preprocessor,
+               image_sizes: Sequence[tuple[int, int]]) -> list[np.ndarray]:
+    """One anomaly map per image, each at its original (width, height), in score units."""
+    cfg = preprocessor.config
+    grids = patch_distance_maps(patch_embeddings, references, scoring, cfg.height, cfg.width)
+    return [to_image_map(g, preprocessor, size) for g, size in zip(grids, image_sizes)]
+
+
+def score_with_maps(inspector: Inspector, sources: Sequence[str | Path]) -> list[tuple[ScoreResult, np.ndarray | None, Image.Image | None]]:
+    """Score image files and compute each readable one's anomaly map from the same embeddings (one ORT pass).
+
+    Returns (result, map, decoded image) per source, in order; map and image are None where the file was unreadable.
+    """
+    pre = inspector.embedder.preprocessor
+    max_pixels = pre.config.max_pixels
+    decoded: list[Image.Image | None] = []
+    errors: list[str | None] = []
+    for source in sources:
+        try:
+            decoded.append(load_image(source, max_pixels=max_pixels))
+            errors.append(None)
+        except ImageError as exc:
+            decoded.append(None)
+            errors.append(str(exc))
+    readable = [img for img in decoded if img is not None]
+    emb = inspector.embedder.embed_arrays(pre.batch(readable))
+    scores = inspector.score_embeddings(emb).tolist() if readable else []
+    maps = image_maps(emb, inspector.bundle.references, inspector.bundle.spec.scoring, pre, [img.size for img in readable]) if readable else []
+    out: list[tuple[ScoreResult, np.ndarray | None, Image.Image | None]] = []
+    it = iter(zip(scores, maps))
+    for source, img, error in zip(sources, decoded, errors):
+        if img is None:
+            out.append((ScoreResult(str(source), None, inspector.threshold, None, inspector.model_version, error), None, None))
+            continue
+        score, amap = next(it)
+        out.append((ScoreResult(str(source), score, inspector.threshold, score > inspector.threshold, inspector.model_version), amap, img))
+    return out
+
+
+def write_heatmaps(inspector: Inspector, paths: Sequence[str | Path], out_dir: Path, *, chunk: int = 32,
+                   save_maps: bool = False) -> Iterator[tuple[ScoreResult, Path | None]]:
+    """Score ``paths`` in chunks and write one overlay PNG per readable image into ``out_dir`` (created).
+
+    Yields (result, overlay path) as it goes, so a long folder streams with bounded memory. With ``save_maps`` the
+    raw float32 map is saved beside each PNG as ``.npy`` (for pixel-level evaluation against masks).
+    """
+    if inspector.bundle.spec.model.get("mode") == "image":
+        raise InspectorError(f"{inspector.bundle.path}: this bundle scores whole images; heatmaps need a patch-mode bundle")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    taken: set[str] = set()
+    for start in range(0, len(paths), chunk):
+        for offset, (result, amap, img) in enumerate(score_with_maps(inspector, paths[start : start + chunk])):
+            if amap is None or img is None:
+                yield result, None
+                continue
+            target = out_dir / heatmap_filename(result.source, start + offset, taken)
+            overlay(img, amap, inspector.threshold).save(target)
+            if save_maps:
+                np.save(target.with_suffix(".npy"), amap.astype(np.float32))
+            yield result, target
