@@ -1,15 +1,21 @@
-"""Detection quality on any MVTec-layout folder: frozen ImageNet Lite0 vs the Siamese-trained embedder, one run.
+"""Detection quality on any MVTec-layout folder: the frozen baselines vs the Siamese-trained product model, one run.
 
-Three models, all scored exactly as on the line (ONNX bundle through ``inspector``) on the same split (good
-training images are the golden references; test defects are never used in training, defects are split by group,
-see ``--group-pattern``):
-  frozen global  the training-free baseline of DESIGN.md: ImageNet Lite0, global average pool, nearest reference;
-  frozen patch   the product's patch embedder before training (pretrained features, untrained projection);
-  trained        the product's default: the patch embedder after Siamese contrastive training.
-Prints image AUROC overall and per defect type side by side.
+Every model is scored exactly as on the line (ONNX bundle through ``inspector``), on the product's own split (the
+manifest split of the training flow: content/group keyed; test defects are never trained on). Experiments
+(``--experiments``, comma-separated):
+
+  product    frozen global (DESIGN baseline), frozen patch (the patch embedder before training) and trained (the
+             default recipe): image AUROC overall and per type, pixel AUROC against ``ground_truth/`` masks, the
+             threshold's realised false-reject rate on the test goods (captured later than the calibration goods
+             when the folder is an MVTec split by time) against its target and calibration bound, the escape rate
+             per type, and the line model's images/s;
+  good-only  trained with good images and synthetic defects only (no defect photos);
+  few-shot   trained with 5, 10 and 25 defect photos (whole groups drawn by seed), beside 0 (good-only) and all;
+  loto       leave one defect type out: train without type T, test on every image of T (none was trained on);
+             the frozen patch embedder on the same images beside it.
 
     .venv/bin/python benchmarks/quality.py ../shared/data/magnetic_tile_defect/magnetic_tile \\
-        --group-pattern 'num_(\\d+)' --group-gap 2000
+        --group-pattern 'num_(\\d+)' --group-gap 2000 --experiments product,good-only,few-shot,loto
 
 ``--group-pattern``/``--group-gap`` group images whose numeric ids are within the gap (the same physical part
 photographed in consecutive frames), so that no part straddles train and test.
@@ -21,78 +27,191 @@ import argparse
 import json
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from PIL import Image  # noqa: E402
 
+from inspector.bundle import load_bundle  # noqa: E402
+from inspector.engine import Inspector  # noqa: E402
+from inspector.heatmap import score_with_maps  # noqa: E402
+from inspector.metrics import pixel_auroc  # noqa: E402
 from inspector.preprocess import PreprocessConfig  # noqa: E402
-from models.siamese import EmbedderConfig, FrozenGlobalEmbedder, build_embedder  # noqa: E402
-from models.training import TrainConfig  # noqa: E402
-from pipelines.datasets import group_by_number_gaps, scan_mvtec  # noqa: E402
+from models.siamese import FrozenGlobalEmbedder, build_embedder  # noqa: E402
+from pipelines.datasets import ImageRecord, group_by_number_gaps, scan_mvtec  # noqa: E402
 from pipelines.ingest import SplitFractions, assign_splits, build_manifest  # noqa: E402
-from pipelines.recipe import Recipe, build_bundle, evaluate_bundle, fit_embedder  # noqa: E402
+from pipelines.recipe import DataSplit, Evaluation, Recipe, build_bundle, evaluate_bundle, fit_embedder  # noqa: E402
+
+FEW_SHOT = (5, 10, 25)
+
+
+def per_type(evaluation: Evaluation) -> dict[str, float]:
+    return evaluation.per_type_auroc()
+
+
+def escape_per_type(evaluation: Evaluation) -> dict[str, float]:
+    """Share of each type's test defects scored at or under the threshold (let through)."""
+    types = np.asarray(evaluation.defect_types)
+    return {t: float(np.mean(evaluation.scores[types == t] <= evaluation.threshold)) for t in sorted(set(types[evaluation.labels == 1]))}
+
+
+def pixel_level(bundle: Path, test: list[ImageRecord], limit: int = 400) -> float:
+    """Pixel AUROC of the bundle's heatmaps on the test images that have masks, plus the test goods (all-normal)."""
+    chosen = [r for r in test if r.is_good or r.mask is not None][:limit]
+    inspector = Inspector.from_bundle(bundle)
+    maps, masks = [], []
+    for start in range(0, len(chosen), 32):
+        batch = chosen[start : start + 32]
+        for record, (_, amap, _) in zip(batch, score_with_maps(inspector, [r.path for r in batch])):
+            if amap is None:
+                continue
+            maps.append(amap)
+            masks.append(None if record.is_good else np.asarray(Image.open(record.mask).convert("L")) >= 128)
+    return pixel_auroc(maps, masks)
+
+
+def line_speed(bundle: Path, paths: list[Path], repeat: int = 1) -> float:
+    """End-to-end images/s of the bundle through ``Inspector.score_paths`` (decode, preprocess, ORT, kNN)."""
+    inspector = Inspector.from_bundle(bundle)
+    list(inspector.score_paths(paths[:32]))  # warm-up
+    t0 = time.perf_counter()
+    for _ in range(repeat):
+        list(inspector.score_paths(paths))
+    return repeat * len(paths) / (time.perf_counter() - t0)
+
+
+def train_and_evaluate(split: DataSplit, recipe: Recipe, out: Path, name: str, test: list[ImageRecord] | None = None) -> tuple[Path, Evaluation, float]:
+    t0 = time.perf_counter()
+    embedder, _ = fit_embedder(split, recipe, checkpoint_dir=out / f"{name}_checkpoints")
+    seconds = time.perf_counter() - t0
+    bundle = build_bundle(embedder, split, recipe, out / f"{name}_bundle", model_name=name)
+    return bundle, evaluate_bundle(bundle, test if test is not None else split.test), seconds
+
+
+def few_shot_split(split: DataSplit, n: int, seed: int) -> DataSplit:
+    """Keep ``n`` training defect photos, drawn at random (seeded); validation and test unchanged."""
+    rng = np.random.default_rng(seed)
+    keep = sorted(rng.choice(len(split.train_defective), min(n, len(split.train_defective)), replace=False))
+    return replace(split, train_defective=[split.train_defective[i] for i in keep])
+
+
+def without_type(split: DataSplit, all_records: list[ImageRecord], held_out: str) -> tuple[DataSplit, list[ImageRecord]]:
+    """A split with type ``held_out`` removed from training and validation, and its test: test goods + every image of it."""
+    val_types = {str(r.path): r.defect_type for r in all_records}
+    train = [r for r in split.train_defective if r.defect_type != held_out]
+    val = [p for p in split.validation_defective if val_types.get(str(p)) != held_out]
+    test = [r for r in split.test if r.is_good] + [r for r in all_records if r.defect_type == held_out]
+    return replace(split, train_defective=train, validation_defective=val), test
+
+
+def print_table(title: str, columns: dict[str, dict[str, float]], counts: dict[str, int] | None = None) -> None:
+    rows = list(dict.fromkeys(k for col in columns.values() for k in col))
+    print(f"\n{title}\n{'':<16}" + "".join(f"{c:>20}" for c in columns) + ("       n" if counts else ""))
+    for r in rows:
+        cells = "".join(f"{col.get(r, float('nan')):>20.3f}" for col in columns.values())
+        print(f"{r:<16}{cells}" + (f"{counts.get(r, 0):>8}" if counts else ""))
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("root", type=Path)
     p.add_argument("--out", type=Path, default=Path("runs/bench_quality"))
-    p.add_argument("--size", default="224x224", help="input HxW")
+    p.add_argument("--size", default=None, help="input HxW (default: the recipe's default)")
     p.add_argument("--resize", default="letterbox", choices=["letterbox", "stretch"])
-    p.add_argument("--epochs", type=int, default=6)
-    p.add_argument("--epoch-size", type=int, default=384)
+    p.add_argument("--epochs", type=int, default=None, help="training epochs (default: the recipe's)")
+    p.add_argument("--epoch-size", type=int, default=None)
     p.add_argument("--group-pattern", default=None, help="regex with one numeric capture group in file names")
     p.add_argument("--group-gap", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-defects", action="store_true", help="train on good images + synthetic defects only")
+    p.add_argument("--experiments", default="product", help="comma-separated: product, good-only, few-shot, loto")
     args = p.parse_args()
+    experiments = [e.strip() for e in args.experiments.split(",") if e.strip()]
 
-    h, w = (int(v) for v in args.size.lower().split("x"))
+    recipe = Recipe(seed=args.seed)
+    if args.size:
+        h, w = (int(v) for v in args.size.lower().split("x"))
+        recipe = replace(recipe, preprocess=PreprocessConfig(height=h, width=w, resize=args.resize))
+    if args.epochs is not None:
+        recipe = replace(recipe, train=replace(recipe.train, epochs=args.epochs))
+    if args.epoch_size is not None:
+        recipe = replace(recipe, epoch_size=args.epoch_size)
+    recipe = replace(recipe, train=replace(recipe.train, progress=True))
+
     records = scan_mvtec(args.root)
     groups = group_by_number_gaps([r.path for r in records], args.group_pattern, args.group_gap) if args.group_pattern else None
-    recipe = Recipe(
-        preprocess=PreprocessConfig(height=h, width=w, resize=args.resize),
-        embedder=EmbedderConfig(),
-        train=TrainConfig(epochs=args.epochs, progress=True),
-        epoch_size=args.epoch_size,
-        use_real_defects=not args.no_defects,
-        seed=args.seed,
-    )
     manifest = build_manifest(records, group_of=groups)
     split = assign_splits(manifest, SplitFractions.from_recipe(recipe))
+    all_records = manifest.records()
     print("ingest:", json.dumps(manifest.summary()), "\nsplit:", json.dumps(split.summary()))
+    print(f"input {recipe.preprocess.height}x{recipe.preprocess.width} {recipe.preprocess.resize}, {recipe.train.epochs} epochs x {recipe.epoch_size} images")
     args.out.mkdir(parents=True, exist_ok=True)
+    results: dict[str, object] = {"split": split.summary(), "recipe": recipe.to_dict()}
+    n_test = {t: sum(1 for r in split.test if r.defect_type == t) for t in sorted({r.defect_type for r in split.test if not r.is_good})}
 
-    t0 = time.perf_counter()
-    frozen_bundle = build_bundle(FrozenGlobalEmbedder(), split, recipe, args.out / "frozen_bundle", model_name="frozen-lite0")
-    frozen = evaluate_bundle(frozen_bundle, split.test)
-    frozen_s = time.perf_counter() - t0
     torch.manual_seed(recipe.seed)
     untrained_bundle = build_bundle(build_embedder(recipe.embedder).eval(), split, recipe, args.out / "untrained_bundle", model_name="patch-untrained")
     untrained = evaluate_bundle(untrained_bundle, split.test)
+    trained_eval: Evaluation | None = None
 
-    t0 = time.perf_counter()
-    embedder, history = fit_embedder(split, recipe, checkpoint_dir=args.out / "checkpoints")
-    train_s = time.perf_counter() - t0
-    trained_bundle = build_bundle(embedder, split, recipe, args.out / "trained_bundle", model_name="siamese-lite0")
-    trained = evaluate_bundle(trained_bundle, split.test)
+    if "product" in experiments:
+        frozen_bundle = build_bundle(FrozenGlobalEmbedder(), split, recipe, args.out / "frozen_bundle", model_name="frozen-lite0")
+        frozen = evaluate_bundle(frozen_bundle, split.test)
+        trained_bundle, trained_eval, train_s = train_and_evaluate(split, recipe, args.out, "trained")
+        fm, um, tm = frozen.metrics(), untrained.metrics(), trained_eval.metrics()
+        print_table(f"image AUROC, product split: {len(trained_eval.scores)} test images ({int(sum(trained_eval.labels == 0))} good)",
+                    {"frozen global": {"overall": fm["image_auroc"], **per_type(frozen)}, "frozen patch": {"overall": um["image_auroc"], **per_type(untrained)},
+                     "trained": {"overall": tm["image_auroc"], **per_type(trained_eval)}}, {"overall": len(trained_eval.scores), **n_test})
+        pix = {"frozen patch": pixel_level(untrained_bundle, split.test), "trained": pixel_level(trained_bundle, split.test)}
+        print(f"\npixel AUROC (test images with masks + test goods): frozen patch {pix['frozen patch']:.3f}, trained {pix['trained']:.3f}")
+        spec = load_bundle(trained_bundle).spec.threshold
+        target = recipe.target_false_reject_rate
+        print(f"\nthreshold ({spec.rule}, target FRR {target:.3f}): calibration FRR {spec.details.get('false_reject_rate', float('nan')):.3f}, "
+              f"95% upper bound {spec.details.get('frr_upper_95', float('nan')):.3f}; realised on the later test goods {tm['false_reject_rate']:.3f} "
+              f"({'within' if tm['false_reject_rate'] <= 1.5 * target else 'OVER'} 1.5x target); escape {tm['escape_rate']:.3f}")
+        print("escape per type at that threshold:", json.dumps({k: round(v, 3) for k, v in escape_per_type(trained_eval).items()}))
+        print(f"frozen global at its own threshold: FRR {fm['false_reject_rate']:.3f}, escape {fm['escape_rate']:.3f}")
+        test_paths = [r.path for r in split.test]
+        speed = {"frozen global": line_speed(frozen_bundle, test_paths), "trained": line_speed(trained_bundle, test_paths)}
+        print(f"line model end to end: trained {speed['trained']:.1f} img/s, frozen global {speed['frozen global']:.1f} img/s "
+              f"(ratio {speed['trained'] / speed['frozen global']:.2f}); training {train_s:.0f} s")
+        results["product"] = {"frozen_global": {**fm, "per_type": per_type(frozen)}, "frozen_patch": {**um, "per_type": per_type(untrained)},
+                              "trained": {**tm, "per_type": per_type(trained_eval), "escape_per_type": escape_per_type(trained_eval)},
+                              "pixel_auroc": pix, "threshold": {"rule": spec.rule, "value": spec.value, **spec.details}, "images_per_s": speed,
+                              "train_seconds": train_s}
 
-    fm, um, tm = frozen.metrics(), untrained.metrics(), trained.metrics()
-    ft, ut, tt = frozen.per_type_auroc(), untrained.per_type_auroc(), trained.per_type_auroc()
-    n_test = {t: sum(1 for r in split.test if r.defect_type == t) for t in ft}
-    print(f"\nimage AUROC on {len(trained.scores)} test images ({sum(trained.labels == 0)} good), input {h}x{w} {args.resize}")
-    print(f"{'':<14}{'frozen global':>14}{'frozen patch':>14}{'trained':>10}{'n':>6}")
-    print(f"{'overall':<14}{fm['image_auroc']:>14.3f}{um['image_auroc']:>14.3f}{tm['image_auroc']:>10.3f}{len(trained.scores):>6}")
-    for t in ft:
-        print(f"{t:<14}{ft[t]:>14.3f}{ut[t]:>14.3f}{tt[t]:>10.3f}{n_test[t]:>6}")
-    print(f"\nSiamese at its calibrated threshold: false-reject {tm['false_reject_rate']:.3f}, escape {tm['escape_rate']:.3f}, F1 {tm['f1']:.3f}")
-    print(f"frozen at its calibrated threshold:  false-reject {fm['false_reject_rate']:.3f}, escape {fm['escape_rate']:.3f}, F1 {fm['f1']:.3f}")
-    imgs = sum(e.images for e in history.epochs)
-    print(f"training: {len(history.epochs)} epochs, best epoch {history.best_epoch}, {train_s:.0f} s, {imgs / max(sum(e.seconds for e in history.epochs), 1e-9):.1f} img/s; frozen baseline built in {frozen_s:.0f} s")
-    (args.out / "results.json").write_text(json.dumps({"frozen": {**fm, "per_type": ft}, "untrained_patch": {**um, "per_type": ut}, "trained": {**tm, "per_type": tt},
-                                                       "history": history.to_dict(), "split": split.summary()}, indent=2, default=float))
+    curve: dict[str, float] = {}
+    if "good-only" in experiments or "few-shot" in experiments:
+        _, good_only, _ = train_and_evaluate(replace(split, train_defective=[], validation_defective=[]), replace(recipe, use_real_defects=False), args.out, "good_only")
+        curve["0"] = good_only.metrics()["image_auroc"]
+        print_table("good images only (synthetic defects as negatives), product split", {"frozen patch": {"overall": untrained.metrics()["image_auroc"], **per_type(untrained)},
+                    "good-only": {"overall": curve["0"], **per_type(good_only)}})
+        results["good_only"] = {**good_only.metrics(), "per_type": per_type(good_only)}
+    if "few-shot" in experiments:
+        for n in FEW_SHOT:
+            _, ev, _ = train_and_evaluate(few_shot_split(split, n, recipe.seed), recipe, args.out, f"few_shot_{n}")
+            curve[str(n)] = ev.metrics()["image_auroc"]
+        if trained_eval is not None:
+            curve[f"all ({len(split.train_defective)})"] = trained_eval.metrics()["image_auroc"]
+        print("\nfew-shot curve (image AUROC vs defect photos in training):", json.dumps({k: round(v, 3) for k, v in curve.items()}))
+        results["few_shot"] = curve
+    if "loto" in experiments:
+        loto: dict[str, dict[str, float]] = {"frozen patch": {}, "trained without it": {}}
+        untrained_all = evaluate_bundle(untrained_bundle, [r for r in split.test if r.is_good] + [r for r in all_records if not r.is_good])
+        frozen_types = per_type(untrained_all)
+        for t in sorted({r.defect_type for r in all_records if not r.is_good}):
+            held_split, held_test = without_type(split, all_records, t)
+            _, ev, _ = train_and_evaluate(held_split, recipe, args.out, f"loto_{t}", test=held_test)
+            loto["trained without it"][t] = ev.metrics()["image_auroc"]
+            loto["frozen patch"][t] = frozen_types[t]
+        print_table("leave one type out: test = test goods + every image of the held-out type", loto,
+                    {t: sum(r.defect_type == t for r in all_records) for t in loto["frozen patch"]})
+        results["loto"] = loto
+    (args.out / "results.json").write_text(json.dumps(results, indent=2, default=float))
+    print(f"\nresults: {args.out / 'results.json'}")
 
 
 if __name__ == "__main__":
