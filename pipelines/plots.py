@@ -78,3 +78,38 @@ def save_evaluation_plots(evaluation: Evaluation, out_dir: Path, *, worst: int =
         fig.savefig(paths[-1], dpi=100, bbox_inches="tight")
         plt.close(fig)
     return paths
+
+
+def save_heatmap_examples(bundle: Path, evaluation: Evaluation, out_dir: Path, *, per_kind: int = 4) -> list[Path]:
+    """heatmaps.png: anomaly-heatmap overlays of the highest-scored defects and goods (patch-mode bundles only).
+
+    Drawn by ``inspector.heatmap`` (the line's own code), so the MLflow run shows what ``inspector score --heatmaps``
+    will show on the line. Returns [] for an image-level bundle.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from inspector.engine import Inspector
+    from inspector.heatmap import overlay, score_with_maps
+
+    inspector = Inspector.from_bundle(bundle)
+    if inspector.bundle.spec.model.get("mode") == "image" or not len(evaluation.scores):
+        return []
+    order = np.argsort(-evaluation.scores)
+    picks = [i for i in order if evaluation.labels[i] == 1][:per_kind] + [i for i in order if evaluation.labels[i] == 0][:per_kind]
+    drawn = score_with_maps(inspector, [evaluation.paths[i] for i in picks])
+    fig, axes = plt.subplots(1, len(picks), figsize=(2.2 * len(picks), 2.8), squeeze=False)
+    for ax, i, (result, amap, img) in zip(axes[0], picks, drawn):
+        if amap is not None and img is not None:
+            ax.imshow(overlay(img, amap, inspector.threshold))
+        kind = evaluation.defect_types[i] if evaluation.labels[i] == 1 else "good"
+        ax.set_title(f"{kind}\n{result.score if result.score is not None else float('nan'):.3f}", fontsize=7)
+        ax.axis("off")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "heatmaps.png"
+    fig.suptitle(f"anomaly heatmaps (yellow = threshold {inspector.threshold:.3f})", fontsize=8)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return [path]

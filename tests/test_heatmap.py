@@ -101,3 +101,12 @@ def test_heatmaps_find_the_defects(demo_root: Path, tmp_path: Path) -> None:
     masks = [np.asarray(Image.open(r.mask).convert("L")) >= 128 for r in defects]
     value = pixel_auroc([m for _, m, _ in scored], masks)
     assert value > 0.75, value
+
+    # the training run logs the same overlays as examples
+    from pipelines.plots import save_heatmap_examples
+    from pipelines.recipe import evaluate_bundle
+
+    goods = [r for r in records if r.is_good and r.source_split == "test"][:4]
+    drawn = save_heatmap_examples(bundle, evaluate_bundle(bundle, defects[:4] + goods), tmp_path / "plots", per_kind=2)
+    assert [p.name for p in drawn] == ["heatmaps.png"]
+    assert Image.open(drawn[0]).size[0] > 300
