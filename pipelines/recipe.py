@@ -7,6 +7,7 @@ so the demo, the benchmarks and the tests run exactly the same code. Evaluation 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -51,6 +52,7 @@ class Recipe:
     max_validation_references: int = 64
     max_validation_queries: int = 160
     max_bank_patches: int = 16384
+    input_pixels: int | None = None  # set: input HxW follow the training goods' aspect at about this many pixels
     seed: int = 0
 
     def to_dict(self) -> dict[str, Any]:
@@ -61,6 +63,32 @@ class Recipe:
             "scoring": self.scoring.to_dict(),
             **{k: getattr(self, k) for k in self.__dataclass_fields__ if k not in ("preprocess", "embedder", "train", "scoring")},
         }
+
+
+def auto_input_size(sizes: Sequence[tuple[int, int]], pixels: int, *, multiple: int = 32, max_aspect: float = 2.0) -> tuple[int, int]:
+    """Input (height, width) with about ``pixels`` pixels and the median aspect of the images' (width, height).
+
+    Parts photographed portrait stay portrait: letterboxing a 200x512 part into a square wastes most of the input
+    on padding and shrinks its defects. Sides are multiples of ``multiple`` (the embedder's coarsest stride), and
+    the aspect is capped at ``max_aspect`` so one odd dataset cannot ask for a sliver.
+    """
+    if not sizes:
+        raise ValueError("no image sizes to choose an input size from")
+    if pixels < multiple * multiple:
+        raise ValueError(f"input_pixels {pixels} is below one {multiple}x{multiple} cell")
+    aspect = float(np.median([h / w for w, h in sizes]))
+    aspect = min(max(aspect, 1.0 / max_aspect), max_aspect)
+    height = max(multiple, round(math.sqrt(pixels * aspect) / multiple) * multiple)
+    width = max(multiple, round(math.sqrt(pixels / aspect) / multiple) * multiple)
+    return height, width
+
+
+def resolve_input_size(recipe: Recipe, sizes: Sequence[tuple[int, int]]) -> Recipe:
+    """The recipe with its input size chosen from the training goods' sizes when ``input_pixels`` asks for it."""
+    if recipe.input_pixels is None:
+        return recipe
+    height, width = auto_input_size(sizes, recipe.input_pixels)
+    return replace(recipe, preprocess=replace(recipe.preprocess, height=height, width=width))
 
 
 def tiny_recipe(**overrides: Any) -> Recipe:
