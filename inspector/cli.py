@@ -13,12 +13,16 @@ import json
 import sys
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 from typing import TypeVar
 
 from inspector.bundle import load_bundle
 from inspector.engine import Inspector, ScoreResult
 from inspector.errors import InspectorError
 from inspector.preprocess import IMAGE_SUFFIXES
+
+if TYPE_CHECKING:
+    from inspector.service import ServiceSettings
 
 EXIT_OK, EXIT_ANOMALY, EXIT_BAD_INPUT = 0, 1, 2
 T = TypeVar("T")
@@ -114,17 +118,23 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     try:  # the service stack is an optional extra; importing it here keeps `import inspector.cli` light
-        from inspector.service import ServiceSettings, serve
+        from inspector.service import serve
     except ImportError as exc:
         print(f"error: `inspector serve` needs the 'serve' extra (pip install 'siamese-inspector[serve]'): {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    settings = ServiceSettings.from_env(
+    return serve(serve_settings(args))
+
+
+def serve_settings(args: argparse.Namespace) -> ServiceSettings:
+    """``inspector serve`` flags over ``INSPECTOR_*`` (and ``MLFLOW_TRACKING_URI``) env vars over defaults."""
+    from inspector.service import ServiceSettings
+
+    return ServiceSettings.from_env(
         bundle=args.bundle, model_uri=args.model_uri, host=args.host, port=args.port, token=args.token,
         max_bytes=args.max_bytes, max_images=args.max_images, threads=args.threads, log_level=args.log_level,
         tracking_uri=args.tracking_uri, poll_seconds=args.poll_seconds, cache_dir=args.cache_dir,
         registry_timeout=args.registry_timeout,
     )
-    return serve(settings)
 
 
 def _reference_summary(before_path: Path, after_path: Path) -> dict:
