@@ -7,7 +7,8 @@ call. A bad image fails that item (``ScoreResult.error``), never the batch.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from PIL import Image
 from inspector.bundle import Bundle, load_bundle
 from inspector.errors import ImageError, InspectorError
 from inspector.preprocess import PreprocessConfig, Preprocessor, load_image
-from inspector.scoring import anomaly_scores
+from inspector.scoring import GoldenBank
 
 ImageSource = str | Path | bytes | Image.Image
 
@@ -46,9 +47,17 @@ class ScoreResult:
         }
 
 
-def make_session(model_path: str | Path, *, threads: int | None = None, providers: Sequence[str] | None = None) -> ort.InferenceSession:
-    """An onnxruntime session with full graph optimisation; CUDA first when the runtime has it."""
+def make_session(model_path: str | Path, *, threads: int | None = None, providers: Sequence[str] | None = None,
+                 spinning: bool | None = None) -> ort.InferenceSession:
+    """An onnxruntime session with full graph optimisation; CUDA first when the runtime has it.
+
+    ``spinning=False`` stops ORT's idle worker threads from busy-waiting between runs, leaving the cores to the
+    decode threads and the kNN that run alongside (default: ``INSPECTOR_ORT_SPIN``, else ORT's own default).
+    """
     opts = ort.SessionOptions()
+    spin = spinning if spinning is not None else {"0": False, "1": True}.get(os.environ.get("INSPECTOR_ORT_SPIN", ""))
+    if spin is not None:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.intra_op_num_threads = threads if threads is not None else int(os.environ.get("INSPECTOR_THREADS", "0"))
     opts.inter_op_num_threads = 1
@@ -65,11 +74,19 @@ def _source_name(source: ImageSource, index: int) -> str:
     return f"<image {index}>"
 
 
+def _default_decode_workers() -> int:
+    return max(1, min(4, os.cpu_count() or 1))
+
+
 class OnnxEmbedder:
-    """Decode, preprocess and embed images with an ONNX embedder: the line's (and evaluation's) only path."""
+    """Decode, preprocess and embed images with an ONNX embedder: the line's (and evaluation's) only path.
+
+    Decoding and resizing run on a small thread pool (Pillow releases the GIL for both), and the batch is
+    normalised once as uint8 → float32 NCHW instead of per image.
+    """
 
     def __init__(self, model_path: str | Path, preprocessing: PreprocessConfig, *, threads: int | None = None,
-                 providers: Sequence[str] | None = None, batch_size: int = 32) -> None:
+                 providers: Sequence[str] | None = None, batch_size: int = 32, decode_workers: int | None = None) -> None:
         self.preprocessing = preprocessing
         self.preprocessor = Preprocessor(preprocessing)
         self.session = make_session(model_path, threads=threads, providers=providers)
@@ -77,6 +94,8 @@ class OnnxEmbedder:
         out_dim = self.session.get_outputs()[0].shape[-1]
         self.embedding_dim: int | None = out_dim if isinstance(out_dim, int) else None
         self.batch_size = batch_size
+        self.decode_workers = decode_workers if decode_workers is not None else _default_decode_workers()
+        self._pool = ThreadPoolExecutor(self.decode_workers, thread_name_prefix="inspector-decode") if self.decode_workers > 1 else None
 
     def embed_arrays(self, batch: np.ndarray) -> np.ndarray:
         """Embed an already-preprocessed float32 NCHW batch, in chunks of ``batch_size``."""
@@ -93,30 +112,56 @@ class OnnxEmbedder:
             return source.convert("RGB")
         return load_image(source, max_pixels=self.preprocessing.max_pixels, name=name)
 
+    def _resized(self, item: tuple[int, ImageSource]) -> np.ndarray | str:
+        """One image decoded and resized to HxWx3 uint8, or its error message."""
+        i, source = item
+        try:
+            return self.preprocessor.resize(self._decode(source, _source_name(source, i)))
+        except ImageError as exc:
+            return str(exc)
+
+    def prepare(self, images: Sequence[ImageSource]) -> tuple[np.ndarray, list[str | None]]:
+        """Decode and preprocess: a float32 NCHW batch of the readable images (input order) and a per-image error."""
+        items = list(enumerate(images))
+        if self._pool is not None and len(items) > 1:
+            done = list(self._pool.map(self._resized, items))
+        else:
+            done = [self._resized(item) for item in items]
+        errors = [d if isinstance(d, str) else None for d in done]
+        arrays = [d for d in done if not isinstance(d, str)]
+        cfg = self.preprocessing
+        if not arrays:
+            return np.zeros((0, 3, cfg.height, cfg.width), dtype=np.float32), errors
+        return self.preprocessor.normalize(np.stack(arrays)), errors
+
     def embed(self, images: Sequence[ImageSource]) -> tuple[np.ndarray, list[str | None]]:
         """Embeddings of the images that could be read (rows in input order) and a per-image error (or None)."""
-        arrays: list[np.ndarray] = []
-        errors: list[str | None] = []
-        for i, source in enumerate(images):
-            try:
-                arrays.append(self.preprocessor(self._decode(source, _source_name(source, i))))
-                errors.append(None)
-            except ImageError as exc:
-                errors.append(str(exc))
-        if not arrays:
+        batch, errors = self.prepare(images)
+        if not len(batch):
             return np.zeros((0, self.embedding_dim or 0), dtype=np.float32), errors
-        return self.embed_arrays(np.stack(arrays)), errors
+        return self.embed_arrays(batch), errors
+
+    def close(self) -> None:
+        """Stop the decode threads (they also stop with the process)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+            self._pool = None
 
 
 class Inspector:
     """Scores part images against the golden references of one bundle."""
 
-    def __init__(self, bundle: Bundle, *, threads: int | None = None, providers: Sequence[str] | None = None, batch_size: int = 32) -> None:
+    def __init__(self, bundle: Bundle, *, threads: int | None = None, providers: Sequence[str] | None = None, batch_size: int = 32,
+                 decode_workers: int | None = None) -> None:
         self.bundle = bundle
-        self.embedder = OnnxEmbedder(bundle.model_path, bundle.spec.preprocessing, threads=threads, providers=providers, batch_size=batch_size)
+        self.embedder = OnnxEmbedder(bundle.model_path, bundle.spec.preprocessing, threads=threads, providers=providers,
+                                     batch_size=batch_size, decode_workers=decode_workers)
         dim = self.embedder.embedding_dim
         if dim is not None and dim != bundle.references.shape[1]:
             raise InspectorError(f"{bundle.path}: model outputs {dim}-d embeddings but references are {bundle.references.shape[1]}-d")
+        self.golden = GoldenBank(bundle.references, chunk_size=bundle.spec.scoring.chunk_size)
+        if self.golden.cells > 1:
+            self.golden.partition()  # at load, not on the first part of the line
 
     @classmethod
     def from_bundle(cls, path: str | Path, **kwargs: Any) -> "Inspector":
@@ -134,15 +179,18 @@ class Inspector:
         return self.embedder.embed(images)
 
     def score_embeddings(self, embeddings: np.ndarray) -> np.ndarray:
-        return anomaly_scores(embeddings, self.bundle.references, self.bundle.spec.scoring)
+        return self.golden.anomaly_scores(embeddings, self.bundle.spec.scoring)
 
     def score(self, images: Sequence[ImageSource] | ImageSource) -> list[ScoreResult]:
         """Score one or many images; unreadable ones get a result with ``error`` set instead of failing the batch."""
         if isinstance(images, (str, Path, bytes, Image.Image)):
             images = [images]
         images = list(images)
-        embeddings, errors = self.embed(images)
-        scores = iter(self.score_embeddings(embeddings).tolist())
+        return self._results(images, *self.embedder.prepare(images))
+
+    def _results(self, images: list[ImageSource], batch: np.ndarray, errors: list[str | None]) -> list[ScoreResult]:
+        """Embed and score a prepared batch; one result per input image, in order."""
+        scores = iter(self.score_embeddings(self.embedder.embed_arrays(batch)).tolist() if len(batch) else [])
         results = []
         for i, (source, error) in enumerate(zip(images, errors)):
             name = _source_name(source, i)
@@ -154,12 +202,29 @@ class Inspector:
         return results
 
     def score_paths(self, paths: Iterable[str | Path], chunk: int = 256) -> Iterable[ScoreResult]:
-        """Stream results for a long list of files, decoding ``chunk`` at a time to bound memory."""
-        pending: list[str | Path] = []
-        for p in paths:
-            pending.append(p)
-            if len(pending) >= chunk:
-                yield from self.score(pending)
-                pending = []
-        if pending:
-            yield from self.score(pending)
+        """Stream results for a long list of files, ``chunk`` at a time to bound memory.
+
+        Pipelined: while onnxruntime and the kNN work on one chunk, a background thread decodes and preprocesses
+        the next (at most two chunks in memory).
+        """
+        with ThreadPoolExecutor(1, thread_name_prefix="inspector-prefetch") as prefetch:
+            pending: Future[tuple[np.ndarray, list[str | None]]] | None = None
+            pending_images: list[ImageSource] = []
+            for images in _chunks(paths, chunk):
+                upcoming = prefetch.submit(self.embedder.prepare, images)
+                if pending is not None:
+                    yield from self._results(pending_images, *pending.result())
+                pending, pending_images = upcoming, images
+            if pending is not None:
+                yield from self._results(pending_images, *pending.result())
+
+
+def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    chunk: list[Any] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk

@@ -107,8 +107,8 @@ def load_image(source: str | Path | bytes, *, max_pixels: int = DEFAULT_MAX_PIXE
             if width < 1 or height < 1:
                 raise ImageError(label, f"image has no pixels ({width}x{height})")
             img.load()
-            img = ImageOps.exif_transpose(img)
-            return img.convert("RGB")
+            ImageOps.exif_transpose(img, in_place=True)  # in place: no copy of an already-upright image
+            return img if img.mode == "RGB" else img.convert("RGB")
     except ImageError:
         raise
     except UnidentifiedImageError:
@@ -157,9 +157,16 @@ class Preprocessor:
         return np.asarray(self._place(binary, Image.Resampling.NEAREST, 0)) > 0
 
     def normalize(self, array: np.ndarray) -> np.ndarray:
-        """HxWx3 uint8 (or a stack NxHxWx3) to float32 CHW (NCHW), scaled by mean/std."""
-        x = (array.astype(np.float32) - self._mean) * self._inv_std
-        return np.ascontiguousarray(np.moveaxis(x, -1, -3))
+        """HxWx3 uint8 (or a stack NxHxWx3) to float32 CHW (NCHW), scaled by mean/std.
+
+        The layout change is done on the uint8 pixels (a quarter of the bytes) and the arithmetic in one
+        preallocated float32 buffer; the values are bit-for-bit those of ``(x - mean) * inv_std``.
+        """
+        chw = np.ascontiguousarray(np.moveaxis(np.asarray(array), -1, -3))
+        out = np.empty(chw.shape, dtype=np.float32)
+        np.subtract(chw, self._mean.reshape(3, 1, 1), out=out, dtype=np.float32)
+        out *= self._inv_std.reshape(3, 1, 1)
+        return out
 
     def __call__(self, image: Image.Image) -> np.ndarray:
         """One decoded image to a float32 CHW array."""

@@ -55,62 +55,279 @@ def knn_distances(queries: np.ndarray, references: np.ndarray, k: int = 1, chunk
     stays at about ``1024 × chunk_size`` floats whatever the sizes.
     """
     q = np.asarray(queries, dtype=np.float32)
-    r = np.asarray(references, dtype=np.float32)
+    r = np.ascontiguousarray(references, dtype=np.float32)
     if q.ndim != 2 or r.ndim != 2:
         raise ValueError(f"queries and references must be 2-D, got {q.shape} and {r.shape}")
     if q.shape[1] != r.shape[1]:
         raise ValueError(f"embedding sizes differ: queries {q.shape[1]}, references {r.shape[1]}")
     if len(r) == 0:
         raise ValueError("the reference bank is empty: add golden references first")
-    r_sq = np.einsum("ij,ij->i", r, r)
+    return _sqrt(_smallest_sq(q, r, _sq_norms(r), k, chunk_size))
+
+
+def _sq_norms(x: np.ndarray) -> np.ndarray:
+    return np.einsum("ij,ij->i", x, x)
+
+
+def _sqrt(sq: np.ndarray) -> np.ndarray:
+    """Distances from squared distances; rounding can make |q|² + |r|² − 2q·r slightly negative."""
+    return np.sqrt(np.maximum(sq, 0.0, out=sq), out=sq)
+
+
+def _smallest_sq(q: np.ndarray, r: np.ndarray, r_sq: np.ndarray, k: int, chunk_size: int) -> np.ndarray:
+    """The k smallest squared distances of every query to the bank ``r``, ascending: (Q, min(k, len(r)))."""
+    k = min(k, len(r))
     block = 1024
-    out = [_knn_block(q[i : i + block], r, r_sq, min(k, len(r)), chunk_size) for i in range(0, len(q), block)]
-    return np.concatenate(out) if out else np.zeros((0, min(k, len(r))), np.float32)
+    out = [_knn_block(q[i : i + block], r, r_sq, k, chunk_size) for i in range(0, len(q), block)]
+    return np.concatenate(out) if out else np.zeros((0, k), np.float32)
 
 
 def _knn_block(q: np.ndarray, r: np.ndarray, r_sq: np.ndarray, k: int, chunk_size: int) -> np.ndarray:
-    """k smallest squared distances of a block of queries, via |r|² − 2q·r (|q|² is added once at the end)."""
-    best = np.full((len(q), 0), np.inf, dtype=np.float32)
+    """k smallest squared distances of a block of queries: one float32 GEMM per bank chunk, |q|² added at the end.
+
+    ``|r|² − 2q·r`` is formed in the GEMM's own output buffer (no extra (Q, chunk) temporaries), and k=1 keeps a
+    running minimum instead of sorting.
+    """
+    best: np.ndarray | None = None
     for start in range(0, len(r), chunk_size):
         partial = q @ r[start : start + chunk_size].T
         partial *= -2.0
         partial += r_sq[None, start : start + chunk_size]
         if k == 1:
-            best = partial.min(axis=1, keepdims=True) if best.shape[1] == 0 else np.minimum(best, partial.min(axis=1, keepdims=True))
+            m = partial.min(axis=1, keepdims=True)
+            best = m if best is None else np.minimum(best, m, out=best)
             continue
-        merged = np.concatenate([best, partial], axis=1)
+        merged = partial if best is None else np.concatenate([best, partial], axis=1)
         if merged.shape[1] > k:
             merged = np.take_along_axis(merged, np.argpartition(merged, k - 1, axis=1)[:, :k], axis=1)
         best = merged
+    assert best is not None
     best.sort(axis=1)
-    best += np.einsum("ij,ij->i", q, q)[:, None]
-    return np.sqrt(np.maximum(best, 0.0))
+    best += _sq_norms(q)[:, None]
+    return best
 
 
-def patch_distances(embeddings: np.ndarray, references: np.ndarray, config: ScoringConfig | None = None) -> np.ndarray:
+def _aggregate(sq: np.ndarray, config: ScoringConfig) -> np.ndarray:
+    """(Q, k) squared distances to one distance per query (mean, max or min of the k nearest)."""
+    d = _sqrt(np.array(sq, dtype=np.float32))
+    if d.shape[1] == 1:
+        return d[:, 0]
+    return {"mean": np.mean, "max": np.max, "min": np.min}[config.aggregation](d, axis=1).astype(np.float32)
+
+
+class GoldenBank:
+    """The golden reference bank prepared once for repeated scoring, and the exact worst-patch search over it.
+
+    Brute force compares every query patch with every bank patch (32 parts × 196 patches × a 9.4k bank is 7.5
+    GFLOP, several times the network's own forward pass on 2 cores), yet a part's score is only its *worst*
+    patch. So a large bank is split once into k-means cells; each query patch first searches the ``probes``
+    nearest cells, which gives an upper bound on its true nearest-neighbour distance (a subset's nearest is never
+    nearer). Each part's highest-bound patch is then searched exactly over the whole bank, and only patches whose
+    bound still exceeds that exact distance are searched exactly too; every other patch provably cannot be the
+    maximum. The result equals brute force up to float rounding: the cells change the work, never the answer.
+    """
+
+    #: Banks smaller than this, or queries fewer than ``min_queries``, are searched by brute force.
+    min_partitioned_bank = 2048
+    min_queries = 64
+
+    def __init__(self, references: np.ndarray, *, cells: int | None = None, probes: int = 2, seed: int = 0,
+                 chunk_size: int = 8192) -> None:
+        bank = np.asarray(references, dtype=np.float32)
+        if bank.ndim == 3:
+            bank = bank.reshape(-1, bank.shape[-1])
+        if bank.ndim != 2:
+            raise ValueError(f"references must be (M, D) or (R, P, D), got shape {bank.shape}")
+        if len(bank) == 0:
+            raise ValueError("the reference bank is empty: add golden references first")
+        self.vectors = np.ascontiguousarray(bank)
+        self.sq_norms = _sq_norms(self.vectors)
+        self.chunk_size = chunk_size
+        self.probes = probes
+        if cells is None:
+            cells = _default_cells(len(bank)) if len(bank) >= self.min_partitioned_bank else 0
+        self.cells = min(cells, len(bank))
+        self._seed = seed
+        self._partition: _Partition | None = None
+        #: Query patches the last :meth:`anomaly_scores` call searched over the whole bank (benchmark and tests).
+        self.last_exact_searches = 0
+
+    @property
+    def dim(self) -> int:
+        return int(self.vectors.shape[1])
+
+    def __len__(self) -> int:
+        return len(self.vectors)
+
+    def knn_sq(self, queries: np.ndarray, k: int) -> np.ndarray:
+        """Exact k smallest squared distances of each query (Q, D) to the whole bank: (Q, min(k, M))."""
+        return _smallest_sq(queries, self.vectors, self.sq_norms, k, self.chunk_size)
+
+    def patch_distances(self, embeddings: np.ndarray, config: ScoringConfig | None = None) -> np.ndarray:
+        """Exact per-query (N,) or per-patch (N, P) distance, by brute force (every patch is needed here)."""
+        cfg = config or ScoringConfig()
+        emb = self._check(embeddings)
+        flat = emb.reshape(-1, emb.shape[-1])
+        return _aggregate(self.knn_sq(flat, cfg.k), cfg).reshape(emb.shape[:-1])
+
+    def anomaly_scores(self, embeddings: np.ndarray, config: ScoringConfig | None = None) -> np.ndarray:
+        """One score per image: the k-NN distance (image mode) or the worst patch's (patch mode), exact."""
+        cfg = config or ScoringConfig()
+        emb = self._check(embeddings)
+        if len(emb) == 0:
+            return np.zeros((0,), dtype=np.float32)
+        if emb.ndim == 2 or self.cells <= 1 or emb.shape[0] * emb.shape[1] < self.min_queries:
+            d = self.patch_distances(emb, cfg)
+            self.last_exact_searches = d.size
+            return d if d.ndim == 1 else d.max(axis=1)
+        return self._worst_patch(emb, cfg)
+
+    def _check(self, embeddings: np.ndarray) -> np.ndarray:
+        emb = np.asarray(embeddings, dtype=np.float32)
+        if emb.ndim not in (2, 3):
+            raise ValueError(f"embeddings must be (N, D) or (N, P, D), got shape {emb.shape}")
+        if emb.shape[-1] != self.dim:
+            raise ValueError(f"embedding sizes differ: queries {emb.shape[-1]}, references {self.dim}")
+        return emb
+
+    def _worst_patch(self, emb: np.ndarray, cfg: ScoringConfig) -> np.ndarray:
+        """Exact max over patches of the k-NN distance, searching exactly only the patches that could be the max."""
+        n, p, dim = emb.shape
+        flat = np.ascontiguousarray(emb.reshape(-1, dim))
+        bound = self._upper_bounds(flat, cfg).reshape(n, p)
+        first = np.argmax(bound, axis=1) + np.arange(n) * p
+        scores = _aggregate(self.knn_sq(flat[first], cfg.k), cfg)
+        open_ = bound > scores[:, None]
+        open_.ravel()[first] = False
+        rest = np.flatnonzero(open_)
+        self.last_exact_searches = n + len(rest)
+        if len(rest):
+            np.maximum.at(scores, rest // p, _aggregate(self.knn_sq(flat[rest], cfg.k), cfg))
+        return scores
+
+    def partition(self) -> "_Partition":
+        """The k-means cells, built on first use (a few tens of ms for a 10k bank) and kept."""
+        if self._partition is None:
+            self._partition = _Partition.build(self.vectors, self.sq_norms, self.cells, seed=self._seed)
+        return self._partition
+
+    def _upper_bounds(self, flat: np.ndarray, cfg: ScoringConfig) -> np.ndarray:
+        """Each query's k-NN distance within its ``probes`` nearest cells: never below the exact one.
+
+        One pass over the cells: every cell is compared, in one GEMM, with all the queries that probe it.
+        """
+        part = self.partition()
+        k = cfg.k
+        best = np.full((len(flat), k), np.inf, dtype=np.float32)
+        probes = min(self.probes, self.cells)
+        c_dist = flat @ part.centroids.vectors.T
+        c_dist *= -2.0
+        c_dist += part.centroids.sq_norms
+        nearest = np.argpartition(c_dist, probes - 1, axis=1)[:, :probes] if probes < self.cells else np.argsort(c_dist, axis=1)
+        cell_of_pair = nearest.ravel()
+        order = np.argsort(cell_of_pair, kind="stable")
+        query_of_pair = order // probes
+        bounds = np.searchsorted(cell_of_pair[order], np.arange(self.cells + 1))
+        for c in np.flatnonzero(np.diff(bounds)):
+            lo, hi = part.start[c], part.start[c + 1]
+            if lo == hi:
+                continue
+            ids = query_of_pair[bounds[c] : bounds[c + 1]]  # each query at most once per cell
+            q = flat[ids]
+            if k == 1 and len(ids) * (hi - lo) <= 1 << 22:
+                g = q @ part.vectors[lo:hi].T
+                g *= -2.0
+                g += part.sq_norms[lo:hi]
+                found = g.min(axis=1, keepdims=True)
+                found += _sq_norms(q)[:, None]
+            else:
+                found = _smallest_sq(q, part.vectors[lo:hi], part.sq_norms[lo:hi], k, self.chunk_size)
+            best[ids] = _merge_smallest(best[ids], found, k)
+        return _aggregate(best, cfg)
+
+
+def _merge_smallest(a: np.ndarray, b: np.ndarray, k: int) -> np.ndarray:
+    """Row-wise k smallest of two (Q, ≤k) arrays, ascending (inf pads rows with fewer than k found)."""
+    if k == 1:
+        return np.minimum(a, b)
+    merged = np.concatenate([a, b], axis=1)
+    merged.sort(axis=1)
+    return merged[:, :k]
+
+
+@dataclass(frozen=True)
+class _Centroids:
+    vectors: np.ndarray
+    sq_norms: np.ndarray
+
+
+@dataclass(frozen=True)
+class _Partition:
+    """The bank reordered cell by cell: cell ``c`` is rows ``start[c]:start[c + 1]`` of ``vectors``."""
+
+    centroids: _Centroids
+    vectors: np.ndarray
+    sq_norms: np.ndarray
+    start: np.ndarray
+
+    @classmethod
+    def build(cls, vectors: np.ndarray, sq_norms: np.ndarray, cells: int, *, seed: int) -> "_Partition":
+        centroids = _kmeans(vectors, cells, seed=seed)
+        cell = _nearest_centroid(vectors, centroids)
+        order = np.argsort(cell, kind="stable")
+        start = np.searchsorted(cell[order], np.arange(cells + 1))
+        return cls(centroids, np.ascontiguousarray(vectors[order]), sq_norms[order], start)
+
+
+def _default_cells(bank_size: int) -> int:
+    """About sqrt(M) cells of about sqrt(M) patches: 97 for a 9.4k bank (measured in benchmarks/README.md)."""
+    return int(max(8, min(1024, round(bank_size**0.5))))
+
+
+def _nearest_centroid(x: np.ndarray, centroids: _Centroids, block: int = 16384) -> np.ndarray:
+    out = np.empty(len(x), dtype=np.int64)
+    for i in range(0, len(x), block):
+        d = centroids.sq_norms[None, :] - 2.0 * (x[i : i + block] @ centroids.vectors.T)
+        out[i : i + block] = np.argmin(d, axis=1)
+    return out
+
+
+def _kmeans(x: np.ndarray, cells: int, *, seed: int, iterations: int = 8, sample: int = 16384) -> _Centroids:
+    """A few seeded Lloyd iterations on a sample of the bank; quality only affects speed, never the scores."""
+    rng = np.random.default_rng(seed)
+    train = x[np.sort(rng.choice(len(x), min(sample, len(x)), replace=False))]
+    c = train[rng.choice(len(train), cells, replace=False)].copy()
+    for _ in range(iterations):
+        assign = _nearest_centroid(train, _Centroids(c, _sq_norms(c)))
+        counts = np.bincount(assign, minlength=cells)
+        filled = counts > 0  # an empty cell keeps its old centre
+        order = np.argsort(assign, kind="stable")
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])[filled]
+        c[filled] = np.add.reduceat(train[order], starts, axis=0) / counts[filled, None]
+    return _Centroids(np.ascontiguousarray(c), _sq_norms(c))
+
+
+def patch_distances(embeddings: np.ndarray, references: np.ndarray | GoldenBank, config: ScoringConfig | None = None) -> np.ndarray:
     """Per-query (image mode, shape (N,)) or per-patch (patch mode, shape (N, P)) distance to the references.
 
     ``references`` is a 2-D bank (M, D); a 3-D stack of reference patch embeddings (R, P, D) is flattened to one.
     """
     cfg = config or ScoringConfig()
-    emb = np.asarray(embeddings, dtype=np.float32)
-    bank = np.asarray(references, dtype=np.float32)
-    if bank.ndim == 3:
-        bank = bank.reshape(-1, bank.shape[-1])
-    if emb.ndim not in (2, 3):
-        raise ValueError(f"embeddings must be (N, D) or (N, P, D), got shape {emb.shape}")
-    flat = emb.reshape(-1, emb.shape[-1])
-    agg = {"mean": np.mean, "max": np.max, "min": np.min}[cfg.aggregation]
-    d = agg(knn_distances(flat, bank, k=cfg.k, chunk_size=cfg.chunk_size), axis=1).astype(np.float32)
-    return d.reshape(emb.shape[:-1])
+    bank = references if isinstance(references, GoldenBank) else GoldenBank(references, cells=0, chunk_size=cfg.chunk_size)
+    return bank.patch_distances(embeddings, cfg)
 
 
-def anomaly_scores(embeddings: np.ndarray, references: np.ndarray, config: ScoringConfig | None = None) -> np.ndarray:
-    """One score per image (higher = more anomalous): distance to the golden references, worst patch in patch mode."""
+def anomaly_scores(embeddings: np.ndarray, references: np.ndarray | GoldenBank, config: ScoringConfig | None = None) -> np.ndarray:
+    """One score per image (higher = more anomalous): distance to the golden references, worst patch in patch mode.
+
+    Pass a :class:`GoldenBank` to reuse its preparation across calls (the line does); a plain array is prepared
+    on every call.
+    """
     if len(embeddings) == 0:
         return np.zeros((0,), dtype=np.float32)
-    d = patch_distances(embeddings, references, config)
-    return d if d.ndim == 1 else d.max(axis=1)
+    cfg = config or ScoringConfig()
+    bank = references if isinstance(references, GoldenBank) else GoldenBank(references, chunk_size=cfg.chunk_size)
+    return bank.anomaly_scores(embeddings, cfg)
 
 
 def verdicts(scores: np.ndarray, threshold: float) -> np.ndarray:

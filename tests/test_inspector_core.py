@@ -92,3 +92,63 @@ def test_bundle_unknown_schema_refused(tmp_path: Path) -> None:
     (out / "inspector.json").write_text(json.dumps(manifest))
     with pytest.raises(BundleError, match="unknown schema_version 99"):
         load_bundle(out)
+
+
+def test_fast_normalize_and_decode_are_bit_identical_to_the_plain_formulas(tmp_path: Path) -> None:
+    """The batch normalisation and the copy-free decode must not move a single pixel or float."""
+    from PIL import ImageOps
+
+    pre = Preprocessor(PreprocessConfig(height=24, width=24, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)))
+    pixels = np.random.default_rng(0).integers(0, 256, (5, 24, 24, 3), dtype=np.uint8)
+    mean = np.asarray(pre.config.mean, np.float32) * 255.0
+    inv_std = 1.0 / (np.asarray(pre.config.std, np.float32) * 255.0)
+    plain = np.moveaxis((pixels.astype(np.float32) - mean) * inv_std, -1, -3)
+    fast = pre.normalize(pixels)
+    assert fast.dtype == np.float32 and fast.flags.c_contiguous and np.array_equal(fast, plain)
+    assert np.array_equal(pre.normalize(pixels[2]), plain[2])
+
+    base = Image.fromarray(np.random.default_rng(1).integers(0, 255, (30, 40, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # EXIF orientation: rotate 90°
+    base.save(tmp_path / "rotated.jpg", exif=exif)
+    base.convert("P").save(tmp_path / "palette.png")
+    base.convert("L").save(tmp_path / "grey.png")
+    base.convert("CMYK").save(tmp_path / "cmyk.jpg")
+    base.convert("RGBA").save(tmp_path / "alpha.png")
+    for path in sorted(tmp_path.iterdir()):
+        with Image.open(path) as img:
+            img.load()
+            expected = np.asarray(ImageOps.exif_transpose(img).convert("RGB"))
+        got = load_image(path)
+        assert got.mode == "RGB" and np.array_equal(np.asarray(got), expected), path.name
+    assert load_image(tmp_path / "rotated.jpg").size == (30, 40)
+
+
+def test_pipelined_scoring_equals_one_batch_and_the_plain_path(tiny_bundle: Path, bad_images: dict[str, Path], tmp_path: Path) -> None:
+    """score_paths (decode of the next chunk overlapping the current one) and the decode pool change no result."""
+    from inspector.engine import Inspector
+    from inspector.scoring import GoldenBank
+
+    rng = np.random.default_rng(3)
+    goods = []
+    for i in range(7):
+        p = tmp_path / f"part{i}.png"
+        Image.fromarray(rng.integers(0, 255, (40 + i, 36, 3), dtype=np.uint8)).save(p)
+        goods.append(p)
+    paths = [goods[0], bad_images["truncated"], *goods[1:4], bad_images["empty"], *goods[4:], bad_images["text"]]
+    inspector = Inspector.from_bundle(tiny_bundle, threads=1)
+    batch = inspector.score(paths)
+    assert [r.error is None for r in batch] == [p in goods for p in paths]
+    for chunk in (1, 2, 4, 100):
+        assert [r.to_dict() for r in inspector.score_paths(iter(paths), chunk=chunk)] == [r.to_dict() for r in batch]
+    serial = Inspector.from_bundle(tiny_bundle, threads=1, decode_workers=1).score(paths)
+    assert [r.to_dict() for r in serial] == [r.to_dict() for r in batch]
+    # the plain path: one image at a time through the preprocessor, brute-force scores of the ORT embeddings
+    pre, embedder = inspector.embedder.preprocessor, inspector.embedder
+    plain = embedder.embed_arrays(np.stack([pre(load_image(p)) for p in goods[:4] + goods[4:]]))
+    brute = GoldenBank(inspector.bundle.references, cells=0).anomaly_scores(plain)
+    assert np.abs(np.array([r.score for r in batch if r.error is None]) - brute).max() <= 1e-5
+    pruned = GoldenBank(inspector.bundle.references, cells=3, probes=1)
+    pruned.min_queries = 1  # this tiny model has few patches: force the pruned search
+    assert pruned.cells == 3 and np.abs(pruned.anomaly_scores(plain) - brute).max() <= 1e-5
+    assert pruned.last_exact_searches < plain.shape[0] * plain.shape[1]

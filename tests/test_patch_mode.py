@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from inspector.preprocess import PreprocessConfig, Preprocessor
-from inspector.scoring import ScoringConfig, anomaly_scores, knn_distances, patch_distances
+from inspector.scoring import GoldenBank, ScoringConfig, anomaly_scores, knn_distances, patch_distances
 from models.coreset import greedy_coreset
 from models.losses import patch_contrastive_loss, patch_labels_from_masks
 from models.pairs import PatchPairDataset
@@ -107,3 +107,63 @@ def test_patch_pair_dataset_items(tmp_path: Path) -> None:
     assert kinds == {"real", "synthetic"}
     again = PatchPairDataset(good, [bad], pre, defective_masks=[mask], synthetic_fraction=0.5, epoch_size=8, seed=3)
     assert torch.equal(ds[5][0], again[5][0])
+
+
+def _scores_before_golden_bank(emb: np.ndarray, bank: np.ndarray, k: int, aggregation: str, chunk: int) -> np.ndarray:
+    """The line's scoring as it was before the pruned search (session 1), frozen here as the equality oracle."""
+    q, r = emb.reshape(-1, emb.shape[-1]).astype(np.float32), bank.astype(np.float32)
+    r_sq = np.einsum("ij,ij->i", r, r)
+    best = np.full((len(q), 0), np.inf, dtype=np.float32)
+    for start in range(0, len(r), chunk):
+        partial = q @ r[start : start + chunk].T * -2.0 + r_sq[None, start : start + chunk]
+        merged = np.concatenate([best, partial], axis=1)
+        best = np.take_along_axis(merged, np.argpartition(merged, k - 1, axis=1)[:, :k], axis=1) if merged.shape[1] > k else merged
+    d = np.sqrt(np.maximum(np.sort(best, axis=1) + np.einsum("ij,ij->i", q, q)[:, None], 0.0))
+    per_patch = {"mean": np.mean, "max": np.max, "min": np.min}[aggregation](d, axis=1).reshape(emb.shape[:-1])
+    return per_patch.max(axis=1) if per_patch.ndim == 2 else per_patch
+
+
+def _clustered_patches(rng: np.random.Generator, centres: np.ndarray, n: int, spread: float) -> np.ndarray:
+    """Unit vectors near a few centres, like the L2-normalised patch embeddings of one product."""
+    x = centres[rng.integers(0, len(centres), n)] + rng.normal(scale=spread, size=(n, centres.shape[1]))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+@pytest.mark.parametrize(("k", "aggregation"), [(1, "mean"), (3, "mean"), (3, "max"), (2, "min")])
+def test_golden_bank_pruned_search_equals_the_old_brute_force(k: int, aggregation: str) -> None:
+    rng = np.random.default_rng(k)
+    centres = rng.normal(size=(40, 16))
+    bank = _clustered_patches(rng, centres, 3000, 0.15)
+    parts = _clustered_patches(rng, centres, 12 * 49, 0.15).reshape(12, 49, 16)
+    parts[3, 7] = _clustered_patches(rng, rng.normal(size=(1, 16)), 1, 0.0)[0]  # a defect patch far from every cell
+    parts[5, :10] = bank[:10]  # patches identical to references: distance 0 (rounding must not go negative)
+    cfg = ScoringConfig(k=k, aggregation=aggregation, chunk_size=700)  # type: ignore[arg-type]
+    expected = _scores_before_golden_bank(parts, bank, k, aggregation, chunk=700)
+    direct = np.sort(np.linalg.norm(parts.reshape(-1, 1, 16).astype(np.float64) - bank[None].astype(np.float64), axis=2), axis=1)[:, :k]
+    assert np.allclose(expected, {"mean": np.mean, "max": np.max, "min": np.min}[aggregation](direct, axis=1).reshape(12, 49).max(axis=1), atol=1e-5)
+    for cells, probes in ((None, 2), (7, 1), (400, 3)):  # default cells, very coarse cells, cells smaller than k
+        golden = GoldenBank(bank, cells=cells, probes=probes, chunk_size=700)
+        assert golden.cells > 1
+        got = golden.anomaly_scores(parts, cfg)
+        assert got.shape == (12,) and got.dtype == np.float32
+        assert np.abs(got - expected).max() <= 1e-5, (cells, probes)
+        assert np.argmax(got) == 3
+        if cells is None:
+            assert golden.last_exact_searches < parts.shape[0] * parts.shape[1] // 2, "the bounds must skip most patches"
+    assert np.abs(anomaly_scores(parts, bank, cfg) - expected).max() <= 1e-5  # the functional API prunes too
+    assert np.allclose(patch_distances(parts, GoldenBank(bank), cfg).max(axis=1), expected, atol=1e-5)
+
+
+def test_golden_bank_on_unstructured_data_and_small_inputs() -> None:
+    """Random Gaussian patches (bounds prune little), one image (brute-force path), image mode, empty input."""
+    rng = np.random.default_rng(7)
+    bank = rng.normal(size=(2500, 8)).astype(np.float32)
+    golden = GoldenBank(bank)
+    for shape in ((6, 30, 8), (1, 30, 8), (9, 8)):
+        emb = rng.normal(size=shape).astype(np.float32)
+        assert np.abs(golden.anomaly_scores(emb) - _scores_before_golden_bank(emb, bank, 1, "mean", 8192)).max() <= 1e-5
+    assert golden.anomaly_scores(np.zeros((0, 30, 8), np.float32)).shape == (0,)
+    with pytest.raises(ValueError, match="embedding sizes differ"):
+        golden.anomaly_scores(np.zeros((2, 3, 5), np.float32))
+    with pytest.raises(ValueError, match="empty"):
+        GoldenBank(np.zeros((0, 8), np.float32))
