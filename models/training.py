@@ -61,6 +61,7 @@ class TrainConfig:
     amp: bool = True
     num_workers: int = 0
     progress: bool = True
+    init_checkpoint: str | None = None  # warm start: a checkpoint whose "model" weights are loaded before epoch 1
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -243,6 +244,9 @@ def train(
     cfg = replace(cfg, mode=resolve_mode(embedder, cfg.mode))
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
+    if cfg.init_checkpoint and not resume:  # warm start (e.g. from the champion's best.pt); same architecture or an error
+        embedder.load_state_dict(load_checkpoint(cfg.init_checkpoint, map_location="cpu")["model"])
+        log.info("warm start from %s", cfg.init_checkpoint)
     embedder.to(device)
     if device.type == "cuda":
         embedder.to(memory_format=torch.channels_last)

@@ -1,6 +1,6 @@
 """`pipelines` command line: the ML engineer's entry point (demo, train, score with a registered model).
 
-Exit codes: 0 ok, 2 bad input (missing folder, unknown setting, bad value).
+Exit codes: 0 ok, 2 bad input (missing folder, unknown setting, bad value); ``promote``: 0 promoted, 1 gate refused.
 """
 
 from __future__ import annotations
@@ -45,10 +45,30 @@ def _parser() -> argparse.ArgumentParser:
     score.add_argument("--model", required=True, help="models:/<name>@<alias> or models:/<name>/<version>")
     score.add_argument("--tracking-uri", help="MLflow tracking URI (default: SQLite under runs/)")
     score.add_argument("--json", action="store_true")
+
+    promote = sub.add_parser("promote", help="gate 'challenger' against 'champion' on a frozen gate set; move 'champion' only if every rule passes")
+    promote.add_argument("--model-name", required=True, help="registered model name")
+    gate = promote.add_mutually_exclusive_group(required=True)
+    gate.add_argument("--gate-data", type=Path, help="gate images: MVTec layout (its test/ images) or good/ + <defect>/ folders; frozen as a manifest")
+    gate.add_argument("--gate-manifest", type=Path, help="a gate manifest written before (pinned by its hash)")
+    promote.add_argument("--manifest-out", type=Path, help="where --gate-data's manifest goes (default: runs/gates/<hash>.json)")
+    promote.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else SQLite under runs/)")
+    promote.add_argument("--set", dest="overrides", action="append", default=[], metavar="RULE=VALUE", help="gate rule, e.g. min_auroc=0.95")
+    promote.add_argument("--json", action="store_true", help="print the whole decision as JSON")
+
+    rollback = sub.add_parser("rollback", help="move 'champion' back to the previous champion, or to --to VERSION")
+    rollback.add_argument("--model-name", required=True)
+    rollback.add_argument("--to", dest="to_version", help="version to make champion (default: the previous champion)")
+    rollback.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else SQLite under runs/)")
+
+    serve = sub.add_parser("serve-deployments", help="serve the retraining and promotion deployments (cron schedules) from this host")
+    serve.add_argument("--config", type=Path, help="JSON file of deployment parameters (see pipelines/deployments.py)")
+    serve.add_argument("--retrain-cron", help="cron of the retraining deployment (default: nightly 02:00)")
+    serve.add_argument("--dry-run", action="store_true", help="print the deployments and exit without serving")
     return p
 
 
-def _settings(args: argparse.Namespace) -> "PipelineSettings":
+def _settings(args: argparse.Namespace) -> PipelineSettings:
     from pipelines.settings import PipelineSettings
 
     given = {k: getattr(args, k) for k in ("work_dir", "experiment", "model_name", "tracking_uri", "group_pattern", "group_gap", "baseline") if getattr(args, k, None) is not None}
@@ -95,10 +115,66 @@ def cmd_score(args: argparse.Namespace) -> int:
         return inspector_main(["score", *args.paths, "--bundle", str(bundle), *(["--json"] if args.json else [])])
 
 
+def _set_tracking(uri: str | None) -> None:
+    import mlflow
+
+    from pipelines.tracking import tracking_uri
+
+    mlflow.set_tracking_uri(uri or tracking_uri(Path("runs").resolve()))
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    import hashlib
+
+    from pipelines.promotion import (
+        GateRules,
+        gate_set_from_folder,
+        load_gate_set,
+        promote_flow,
+    )
+
+    rules = GateRules.from_overrides(args.overrides)
+    if args.gate_data is not None:
+        out = args.manifest_out or Path("runs/gates") / f"{hashlib.sha256(str(args.gate_data.resolve()).encode()).hexdigest()[:12]}.json"
+        gate = gate_set_from_folder(args.gate_data, out)
+        print(f"gate set {gate.hash} ({len(gate.manifest.entries)} images) frozen in {gate.path}", file=sys.stderr)
+    else:
+        gate = load_gate_set(args.gate_manifest)
+    _set_tracking(args.tracking_uri)
+    decision = promote_flow(args.model_name, str(gate.path.resolve()), rules)
+    if args.json:
+        print(json.dumps(decision, indent=2, default=str))
+    else:
+        print(f"{'PROMOTED' if decision['moved'] else 'REFUSED'}: {decision['note']}")
+        for reason in decision["reasons"]:
+            print(f"  {reason}")
+    return 0 if decision["moved"] else 1
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from pipelines.promotion import rollback
+
+    _set_tracking(args.tracking_uri)
+    result = rollback(args.model_name, args.to_version)
+    print(f"champion of {result.model_name}: v{result.from_version} -> v{result.to_version} (recorded in run {result.run_id})")
+    return 0
+
+
+def cmd_serve_deployments(args: argparse.Namespace) -> int:
+    from pipelines.deployments import DeploymentSettings, serve_deployments
+
+    settings = DeploymentSettings.load(args.config)
+    if args.retrain_cron:
+        settings = settings.model_copy(update={"retrain_cron": args.retrain_cron})
+    serve_deployments(settings, dry_run=args.dry_run)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     args = _parser().parse_args(argv)
+    from pipelines.promotion import GateError
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.command == "demo":
         from pipelines.demo import run_demo
@@ -106,8 +182,10 @@ def main(argv: list[str] | None = None) -> int:
         run_demo(args.workdir, seed=args.seed, fast=args.fast)
         return 0
     try:
-        return {"train": cmd_train, "score": cmd_score}[args.command](args)
-    except (FileNotFoundError, KeyError, ValueError) as exc:
+        commands = {"train": cmd_train, "score": cmd_score, "promote": cmd_promote, "rollback": cmd_rollback,
+                    "serve-deployments": cmd_serve_deployments}
+        return commands[args.command](args)
+    except (FileNotFoundError, KeyError, ValueError, GateError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -20,18 +20,20 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from pipelines.datasets import group_by_number_gaps, scan_dataset
-from pipelines.ingest import Manifest, SplitFractions, assign_splits, build_manifest, write_manifest
+from pipelines.ingest import Manifest, SplitFractions, assign_splits, build_manifest, read_manifest, write_manifest
 from pipelines.recipe import DataSplit, Evaluation, Recipe, build_bundle, evaluate_bundle, fit_embedder
 from pipelines.settings import PipelineSettings
 
 
 @dataclass(frozen=True)
 class DataSource:
-    """Where the images are: an MVTec-layout ``root``, or ``good`` (and optional ``defective``) folders."""
+    """Where the images are: an MVTec-layout ``root``, ``good`` (and optional ``defective``) folders, or a
+    ``manifest`` written before (``pipelines.ingest.write_manifest``: its images are used as listed)."""
 
     root: str | None = None
     good: str | None = None
     defective: str | None = None
+    manifest: str | None = None
 
 
 @dataclass
@@ -51,6 +53,9 @@ def _files_fingerprint(context: Any, parameters: dict[str, Any]) -> str:
     """Cache key of ingest: every file's path, size and mtime (content hashes are only computed on a miss)."""
     source: DataSource = parameters["source"]
     h = hashlib.sha256(json.dumps([source.root, source.good, source.defective, parameters.get("group_pattern"), parameters.get("group_gap")]).encode())
+    if source.manifest:
+        st = Path(source.manifest).stat()
+        h.update(f"manifest:{Path(source.manifest).resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())
     for folder in [p for p in (source.root, source.good, source.defective) if p]:
         for path in sorted(Path(folder).rglob("*")):
             if path.is_file():
@@ -62,6 +67,10 @@ def _files_fingerprint(context: Any, parameters: dict[str, Any]) -> str:
 @task(retries=2, retry_delay_seconds=2, cache_key_fn=_files_fingerprint, persist_result=True, cache_expiration=timedelta(days=7))
 def ingest_task(source: DataSource, group_pattern: str | None = None, group_gap: int = 0) -> Manifest:
     """Open and validate every image once; bad files are reported by path and left out."""
+    if source.manifest:
+        manifest = read_manifest(source.manifest)
+        get_run_logger().info("ingest: manifest %s: %s", source.manifest, manifest.summary())
+        return manifest
     records = scan_dataset(root=source.root, good=source.good, defective=source.defective)
     groups = group_by_number_gaps([r.path for r in records], group_pattern, group_gap) if group_pattern else None
     manifest = build_manifest(records, group_of=groups, source={"root": source.root, "good": source.good, "defective": source.defective})
