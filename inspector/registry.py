@@ -173,7 +173,7 @@ class RegistryClient:
 
     # -- transport
 
-    def _open(self, url: str, what: str) -> Any:
+    def open_url(self, url: str, what: str) -> Any:
         request = urllib.request.Request(url, headers={"Accept": "application/json", "User-Agent": "inspector"})
         if self._auth:
             request.add_header("Authorization", self._auth)
@@ -189,14 +189,19 @@ class RegistryClient:
             reason = getattr(exc, "reason", exc)
             raise RegistryUnreachable(f"{what}: registry {self.base} unreachable ({reason})") from None
 
-    def get_json(self, endpoint: str, params: Mapping[str, str], what: str) -> dict[str, Any]:
-        url = f"{self.base}{endpoint}?{urllib.parse.urlencode(params)}"
-        with self._open(url, what) as response:
+    def read_json(self, url: str, what: str) -> dict[str, Any]:
+        with self.open_url(url, what) as response:
             raw = response.read()
         try:
-            return json.loads(raw)
+            body = json.loads(raw or b"{}")
         except (json.JSONDecodeError, UnicodeDecodeError):
-            raise RegistryUnreachable(f"{what}: registry {self.base} sent a non-JSON answer to {endpoint}") from None
+            body = None
+        if not isinstance(body, dict):  # a proxy's error page, a truncated answer: transient
+            raise RegistryUnreachable(f"{what}: {url.split('?', 1)[0]} did not answer with a JSON object")
+        return body
+
+    def get_json(self, endpoint: str, params: Mapping[str, str], what: str) -> dict[str, Any]:
+        return self.read_json(f"{self.base}{endpoint}?{urllib.parse.urlencode(params)}", what)
 
     # -- the registry
 
@@ -282,9 +287,7 @@ class ProxiedArtifacts(ArtifactStore):
         return "/".join(p for p in (self.root, path.strip("/")) if p)
 
     def list(self, path: str) -> list[tuple[str, bool, int | None]]:
-        url = f"{self.base}{ARTIFACTS_API}?{urllib.parse.urlencode({'path': self._full(path)})}"
-        with self.client._open(url, self.what) as response:
-            body = json.loads(response.read() or b"{}")
+        body = self.client.read_json(f"{self.base}{ARTIFACTS_API}?{urllib.parse.urlencode({'path': self._full(path)})}", self.what)
         out = []
         for entry in body.get("files", []):
             name = str(entry.get("path", "")).rsplit("/", 1)[-1]
@@ -294,7 +297,7 @@ class ProxiedArtifacts(ArtifactStore):
 
     def open(self, path: str) -> BinaryIO:
         url = f"{self.base}{ARTIFACTS_API}/{urllib.parse.quote(self._full(path))}"
-        return self.client._open(url, f"{self.what}: {path}")
+        return self.client.open_url(url, f"{self.what}: {path}")
 
 
 class LocalArtifacts(ArtifactStore):
@@ -396,8 +399,11 @@ class BundleCache:
         """The verified bundle of ``ref``: from the cache, or downloaded, verified, then renamed into the cache."""
         hit = self.cached(ref.name, ref.version)
         if hit is not None:
-            check_registry_hashes(hit, ref)
-            return FetchedBundle(ref.uri, ref.name, ref.version, hit.path, downloaded=False)
+            try:
+                check_registry_hashes(hit, ref)
+                return FetchedBundle(ref.uri, ref.name, ref.version, hit.path, downloaded=False)
+            except BundleError:  # the registry now holds another bundle under this number (store rebuilt): refetch
+                shutil.rmtree(hit.path, ignore_errors=True)
         final = self.version_dir(ref.name, ref.version)
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
