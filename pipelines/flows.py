@@ -21,7 +21,7 @@ from prefect.cache_policies import NO_CACHE
 
 from pipelines.datasets import group_by_number_gaps, scan_dataset
 from pipelines.ingest import Manifest, SplitFractions, assign_splits, build_manifest, read_manifest, write_manifest
-from pipelines.recipe import DataSplit, Evaluation, Recipe, build_bundle, evaluate_bundle, fit_embedder
+from pipelines.recipe import DataSplit, Evaluation, Recipe, build_bundle, evaluate_bundle, fit_embedder, resolve_input_size, threshold_metrics
 from pipelines.settings import PipelineSettings
 
 
@@ -131,7 +131,7 @@ def train_flow(source: DataSource, recipe: Recipe | None = None, settings: Pipel
     """Train, export, calibrate, evaluate and register one model version (alias ``challenger``)."""
     import mlflow
 
-    from pipelines.plots import save_evaluation_plots
+    from pipelines.plots import save_evaluation_plots, save_heatmap_examples
     from pipelines.tracking import ensure_experiment, log_training_run, tracking_uri
 
     recipe = recipe or Recipe()
@@ -140,6 +140,7 @@ def train_flow(source: DataSource, recipe: Recipe | None = None, settings: Pipel
     mlflow.set_tracking_uri(settings.tracking_uri or tracking_uri(work))
     ensure_experiment(settings.experiment, work / "mlartifacts")
     manifest = ingest_task(source, settings.group_pattern, settings.group_gap)
+    recipe = resolve_input_size(recipe, [(e.width, e.height) for e in manifest.entries if e.is_good])
     with mlflow.start_run() as run:
         run_dir = work / "training" / run.info.run_id
         manifest_path = write_manifest(manifest, run_dir / "manifest.json")
@@ -148,7 +149,7 @@ def train_flow(source: DataSource, recipe: Recipe | None = None, settings: Pipel
         provenance = {"run_id": run.info.run_id, "dataset_hash": manifest.dataset_hash}
         bundle = bundle_task(embedder, split, recipe, run_dir / "bundle", provenance, settings.model_name)
         evaluation = evaluate_task(bundle, split)
-        metrics = _float_metrics(evaluation)
+        metrics = {**_float_metrics(evaluation), **threshold_metrics(bundle)}
         if settings.baseline:
             metrics.update(baseline_task(split, recipe, run_dir / "baseline_bundle"))
         scores_path = run_dir / "test_scores.json"
@@ -159,7 +160,7 @@ def train_flow(source: DataSource, recipe: Recipe | None = None, settings: Pipel
             metrics=metrics,
             manifest=manifest_path,
             checkpoint=run_dir / "checkpoints" / "best.pt",
-            plots=save_evaluation_plots(evaluation, run_dir / "plots"),
+            plots=save_evaluation_plots(evaluation, run_dir / "plots") + save_heatmap_examples(bundle, evaluation, run_dir / "plots"),
             dataset_hash=manifest.dataset_hash,
             tags={"settings": json.dumps(settings.model_dump(mode="json"))},
         )

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from inspector.bundle import BundleSpec, Threshold, write_bundle
+from inspector.bundle import BundleSpec, Threshold, load_bundle, write_bundle
 from inspector.calibration import calibrate
 from inspector.engine import Inspector, OnnxEmbedder
 from inspector.metrics import average_precision, rates_at_threshold, roc_auc
@@ -256,6 +256,19 @@ class Evaluation:
         types = np.asarray(self.defect_types)
         good = self.labels == 0
         return {t: roc_auc(self.labels[good | (types == t)], self.scores[good | (types == t)]) for t in sorted(set(types[~good]))}
+
+
+def threshold_metrics(bundle: Path) -> dict[str, float]:
+    """The threshold and what calibration expects of it, as run metrics: the false-reject rate realised on the
+    calibration goods and its one-sided 95 % upper bound (the rate the line should expect, with its uncertainty)."""
+    threshold = load_bundle(bundle).spec.threshold
+    details = threshold.details
+    out = {"threshold": threshold.value}
+    for key, name in (("false_reject_rate", "calibration_false_reject_rate"), ("frr_upper_95", "calibration_frr_upper_95"),
+                      ("target_false_reject_rate", "calibration_target_false_reject_rate"), ("n_good", "calibration_n_good")):
+        if isinstance(details.get(key), (int, float)):
+            out[name] = float(details[key])
+    return out
 
 
 def evaluate_bundle(bundle: Path, test: Sequence[ImageRecord]) -> Evaluation:

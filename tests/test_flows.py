@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from inspector.bundle import load_bundle
+
 from inspector.engine import Inspector
 from inspector.metrics import roc_auc
 from models.demo_data import generate_demo_dataset
@@ -54,7 +56,10 @@ def test_train_flow_registers_challenger_with_reproducible_scores(prefect_harnes
     assert run.data.params["train.epochs"] == "2" and run.data.tags["dataset_hash"] == result.dataset_hash
     assert 0.0 <= run.data.metrics["baseline_test_image_auroc"] <= 1.0  # the frozen baseline, same test images
     artifacts = {a.path for a in client.list_artifacts(result.run_id, "plots")}
-    assert {"plots/roc.png", "plots/score_histogram.png"} <= artifacts
+    assert {"plots/roc.png", "plots/score_histogram.png", "plots/heatmaps.png"} <= artifacts
+    # the expected false-reject rate and its 95 % upper bound from calibration travel with the run
+    assert 0.0 <= run.data.metrics["calibration_false_reject_rate"] <= run.data.metrics["calibration_frr_upper_95"] <= 1.0
+    assert run.data.metrics["threshold"] == pytest.approx(load_bundle(result.bundle).spec.threshold.value)
 
     # the bundle downloaded from the registry scores the test images exactly as the run logged them
     logged = json.loads(Path(mlflow.artifacts.download_artifacts(run_id=result.run_id, artifact_path="evaluation/test_scores.json",
