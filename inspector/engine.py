@@ -51,13 +51,14 @@ def make_session(model_path: str | Path, *, threads: int | None = None, provider
                  spinning: bool | None = None) -> ort.InferenceSession:
     """An onnxruntime session with full graph optimisation; CUDA first when the runtime has it.
 
-    ``spinning=False`` stops ORT's idle worker threads from busy-waiting between runs, leaving the cores to the
-    decode threads and the kNN that run alongside (default: ``INSPECTOR_ORT_SPIN``, else ORT's own default).
+    Spinning is off by default (``spinning=True`` or ``INSPECTOR_ORT_SPIN=1`` turns it on): ORT's idle worker
+    threads otherwise busy-wait after every run and take the cores from the decode threads and the kNN that run
+    alongside; on 2 cores that cost end-to-end throughput and left the forward pass itself no faster
+    (benchmarks/README.md).
     """
     opts = ort.SessionOptions()
-    spin = spinning if spinning is not None else {"0": False, "1": True}.get(os.environ.get("INSPECTOR_ORT_SPIN", ""))
-    if spin is not None:
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+    spin = spinning if spinning is not None else os.environ.get("INSPECTOR_ORT_SPIN", "0") == "1"
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.intra_op_num_threads = threads if threads is not None else int(os.environ.get("INSPECTOR_THREADS", "0"))
     opts.inter_op_num_threads = 1

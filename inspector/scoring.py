@@ -10,6 +10,9 @@ needs a full queries x references matrix in memory.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -192,6 +195,10 @@ class GoldenBank:
 
     def _worst_patch(self, emb: np.ndarray, cfg: ScoringConfig) -> np.ndarray:
         """Exact max over patches of the k-NN distance, searching exactly only the patches that could be the max."""
+        with _one_blas_thread():
+            return self._worst_patch_search(emb, cfg)
+
+    def _worst_patch_search(self, emb: np.ndarray, cfg: ScoringConfig) -> np.ndarray:
         n, p, dim = emb.shape
         flat = np.ascontiguousarray(emb.reshape(-1, dim))
         bound = self._upper_bounds(flat, cfg).reshape(n, p)
@@ -223,11 +230,11 @@ class GoldenBank:
         c_dist = flat @ part.centroids.vectors.T
         c_dist *= -2.0
         c_dist += part.centroids.sq_norms
-        nearest = np.argpartition(c_dist, probes - 1, axis=1)[:, :probes] if probes < self.cells else np.argsort(c_dist, axis=1)
-        cell_of_pair = nearest.ravel()
+        cell_of_pair = _nearest_columns(c_dist, probes).ravel()
         order = np.argsort(cell_of_pair, kind="stable")
         query_of_pair = order // probes
         bounds = np.searchsorted(cell_of_pair[order], np.arange(self.cells + 1))
+        flat_sq = _sq_norms(flat)
         for c in np.flatnonzero(np.diff(bounds)):
             lo, hi = part.start[c], part.start[c + 1]
             if lo == hi:
@@ -239,11 +246,49 @@ class GoldenBank:
                 g *= -2.0
                 g += part.sq_norms[lo:hi]
                 found = g.min(axis=1, keepdims=True)
-                found += _sq_norms(q)[:, None]
+                found += flat_sq[ids, None]
             else:
                 found = _smallest_sq(q, part.vectors[lo:hi], part.sq_norms[lo:hi], k, self.chunk_size)
             best[ids] = _merge_smallest(best[ids], found, k)
         return _aggregate(best, cfg)
+
+
+@functools.cache
+def _blas_controller() -> Any:
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:  # an install without it still scores, only slower under contention
+        return None
+    return ThreadpoolController()
+
+
+@contextlib.contextmanager
+def _one_blas_thread() -> Iterator[None]:
+    """Run the many small GEMMs of the pruned search on one BLAS thread.
+
+    Measured on 2 cores: with BLAS's own 2 threads, ~100 small GEMMs per batch spend more time synchronising
+    and spinning than computing, and fight onnxruntime and the decode threads for the cores (CPU time of the
+    search 3-9x higher, wall time erratic under load; benchmarks/README.md).
+    """
+    controller = _blas_controller()
+    if controller is None:
+        yield
+        return
+    with controller.limit(limits=1, user_api="blas"):
+        yield
+
+
+def _nearest_columns(d: np.ndarray, count: int) -> np.ndarray:
+    """Column indices of the ``count`` smallest entries of each row (any order): repeated argmin, which for the
+    one to three probes used is several times cheaper than a full argpartition. Overwrites ``d``."""
+    if count >= d.shape[1]:
+        return np.broadcast_to(np.arange(d.shape[1]), d.shape)
+    rows = np.arange(len(d))
+    out = np.empty((len(d), count), dtype=np.intp)
+    for j in range(count):
+        out[:, j] = np.argmin(d, axis=1)
+        d[rows, out[:, j]] = np.inf
+    return out
 
 
 def _merge_smallest(a: np.ndarray, b: np.ndarray, k: int) -> np.ndarray:
