@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
@@ -253,29 +254,46 @@ class GoldenBank:
         return _aggregate(best, cfg)
 
 
-@functools.cache
-def _blas_controller() -> Any:
-    try:
-        from threadpoolctl import ThreadpoolController
-    except ImportError:  # an install without it still scores, only slower under contention
-        return None
-    return ThreadpoolController()
-
-
-@contextlib.contextmanager
-def _one_blas_thread() -> Iterator[None]:
+class _OneBlasThread:
     """Run the many small GEMMs of the pruned search on one BLAS thread.
 
-    Measured on 2 cores: with BLAS's own 2 threads, ~100 small GEMMs per batch spend more time synchronising
+    Measured on 2 cores: with BLAS's own 2 threads, the ~100 small GEMMs per batch spend more time synchronising
     and spinning than computing, and fight onnxruntime and the decode threads for the cores (CPU time of the
-    search 3-9x higher, wall time erratic under load; benchmarks/README.md).
+    search 3-9x higher, wall time erratic under load; benchmarks/README.md). The BLAS thread count is a process
+    setting, so concurrent searches (the HTTP service's request threads) share one limit: the first one in sets
+    it, the last one out restores it.
     """
-    controller = _blas_controller()
-    if controller is None:
-        yield
-        return
-    with controller.limit(limits=1, user_api="blas"):
-        yield
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._users = 0
+        self._limiter: Any = None
+
+    @functools.cached_property
+    def _controller(self) -> Any:
+        try:
+            from threadpoolctl import ThreadpoolController
+        except ImportError:  # an install without it still scores, only slower under contention
+            return None
+        return ThreadpoolController()
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[None]:
+        with self._lock:
+            if self._users == 0 and self._controller is not None:
+                self._limiter = self._controller.limit(limits=1, user_api="blas")
+            self._users += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._users -= 1
+                if self._users == 0 and self._limiter is not None:
+                    self._limiter.restore_original_limits()
+                    self._limiter = None
+
+
+_one_blas_thread = _OneBlasThread()
 
 
 def _nearest_columns(d: np.ndarray, count: int) -> np.ndarray:

@@ -167,3 +167,21 @@ def test_golden_bank_on_unstructured_data_and_small_inputs() -> None:
         golden.anomaly_scores(np.zeros((2, 3, 5), np.float32))
     with pytest.raises(ValueError, match="empty"):
         GoldenBank(np.zeros((0, 8), np.float32))
+
+
+def test_concurrent_searches_agree_and_restore_the_blas_threads() -> None:
+    """The service scores from several request threads at once: same scores, and BLAS's thread count restored."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from threadpoolctl import threadpool_info
+
+    rng = np.random.default_rng(11)
+    centres = rng.normal(size=(20, 16))
+    golden = GoldenBank(_clustered_patches(rng, centres, 2500, 0.2))
+    parts = [_clustered_patches(rng, centres, 4 * 40, 0.2).reshape(4, 40, 16) for _ in range(16)]
+    before = [info["num_threads"] for info in threadpool_info() if info["user_api"] == "blas"]
+    serial = [golden.anomaly_scores(p) for p in parts]
+    with ThreadPoolExecutor(8) as pool:
+        concurrent = list(pool.map(golden.anomaly_scores, parts))
+    assert all(np.array_equal(a, b) for a, b in zip(serial, concurrent))
+    assert [info["num_threads"] for info in threadpool_info() if info["user_api"] == "blas"] == before
