@@ -10,7 +10,7 @@ manifest split of the training flow: content/group keyed; test defects are never
              when the folder is an MVTec split by time) against its target and calibration bound, the escape rate
              per type, and the line model's images/s;
   good-only  trained with good images and synthetic defects only (no defect photos);
-  few-shot   trained with 5, 10 and 25 defect photos (whole groups drawn by seed), beside 0 (good-only) and all;
+  few-shot   trained with 5, 10 and 25 defect photos (drawn by seed), beside 0 (good-only) and all when those run;
   loto       leave one defect type out: train without type T, test on every image of T (none was trained on);
              the frozen patch embedder on the same images beside it.
 
@@ -44,7 +44,7 @@ from inspector.preprocess import PreprocessConfig  # noqa: E402
 from models.siamese import FrozenGlobalEmbedder, build_embedder  # noqa: E402
 from pipelines.datasets import ImageRecord, group_by_number_gaps, scan_mvtec  # noqa: E402
 from pipelines.ingest import SplitFractions, assign_splits, build_manifest  # noqa: E402
-from pipelines.recipe import DataSplit, Evaluation, Recipe, build_bundle, evaluate_bundle, fit_embedder  # noqa: E402
+from pipelines.recipe import DataSplit, Evaluation, Recipe, build_bundle, evaluate_bundle, fit_embedder, resolve_input_size  # noqa: E402
 
 FEW_SHOT = (5, 10, 25)
 
@@ -144,6 +144,8 @@ def main() -> None:
     records = scan_mvtec(args.root)
     groups = group_by_number_gaps([r.path for r in records], args.group_pattern, args.group_gap) if args.group_pattern else None
     manifest = build_manifest(records, group_of=groups)
+    if not args.size:  # the recipe's own rule, as in the training flow
+        recipe = resolve_input_size(recipe, [(e.width, e.height) for e in manifest.entries if e.is_good])
     split = assign_splits(manifest, SplitFractions.from_recipe(recipe))
     all_records = manifest.records()
     print("ingest:", json.dumps(manifest.summary()), "\nsplit:", json.dumps(split.summary()))
@@ -184,7 +186,7 @@ def main() -> None:
                               "train_seconds": train_s}
 
     curve: dict[str, float] = {}
-    if "good-only" in experiments or "few-shot" in experiments:
+    if "good-only" in experiments:
         _, good_only, _ = train_and_evaluate(replace(split, train_defective=[], validation_defective=[]), replace(recipe, use_real_defects=False), args.out, "good_only")
         curve["0"] = good_only.metrics()["image_auroc"]
         print_table("good images only (synthetic defects as negatives), product split", {"frozen patch": {"overall": untrained.metrics()["image_auroc"], **per_type(untrained)},

@@ -52,7 +52,8 @@ class Recipe:
     max_validation_references: int = 64
     max_validation_queries: int = 160
     max_bank_patches: int = 16384
-    input_pixels: int | None = None  # set: input HxW follow the training goods' aspect at about this many pixels
+    input_pixels: int | None = 81920  # input HxW follow the training goods' median aspect at about this many pixels (320x256 for
+    # 5:4 portrait parts); None keeps ``preprocess.height``/``width`` as given
     seed: int = 0
 
     def to_dict(self) -> dict[str, Any]:
@@ -98,6 +99,7 @@ def tiny_recipe(**overrides: Any) -> Recipe:
         embedder=EmbedderConfig(),
         train=TrainConfig(epochs=6, batch_size=16, lr=1e-3, progress=False),
         epoch_size=128,
+        input_pixels=None,
     )
     return replace(base, **overrides)
 

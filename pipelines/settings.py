@@ -70,9 +70,15 @@ def _coerce(value: str, annotation: Any) -> Any:
 
 
 def apply_overrides(recipe: Recipe, overrides: dict[str, Any]) -> Recipe:
-    """A new recipe with dotted-key overrides applied (``{"train.epochs": "3", "seed": 1}``); unknown keys are errors."""
+    """A new recipe with dotted-key overrides applied (``{"train.epochs": "3", "seed": 1}``); unknown keys are errors.
+
+    An explicit ``preprocess.height``/``preprocess.width`` means a fixed input size: it turns off the automatic
+    size (``input_pixels``) unless that is set in the same overrides.
+    """
     for key, value in overrides.items():
         recipe = _replace_path(recipe, key.split("."), value, key)
+    if {"preprocess.height", "preprocess.width"} & set(overrides) and "input_pixels" not in overrides:
+        recipe = dataclasses.replace(recipe, input_pixels=None)
     return recipe
 
 

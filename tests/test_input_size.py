@@ -32,3 +32,13 @@ def test_resolve_only_when_asked() -> None:
     assert resolve_input_size(fixed, [(100, 400)]) is fixed
     auto = resolve_input_size(Recipe(input_pixels=81920), [(270, 324)])
     assert (auto.preprocess.height, auto.preprocess.width) == (320, 256)
+
+
+def test_explicit_size_override_turns_auto_off() -> None:
+    from pipelines.settings import apply_overrides
+
+    assert Recipe().input_pixels is not None  # the default follows the parts
+    fixed = apply_overrides(Recipe(), {"preprocess.height": "256"})
+    assert fixed.input_pixels is None and fixed.preprocess.height == 256
+    both = apply_overrides(Recipe(), {"preprocess.height": "256", "input_pixels": "50176"})
+    assert both.input_pixels == 50176
