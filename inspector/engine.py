@@ -20,7 +20,7 @@ from PIL import Image
 from inspector.bundle import Bundle, load_bundle
 from inspector.errors import ImageError, InspectorError
 from inspector.preprocess import PreprocessConfig, Preprocessor, load_image
-from inspector.scoring import GoldenBank
+from inspector.scoring import GoldenBank, use_one_blas_thread
 
 ImageSource = str | Path | bytes | Image.Image
 
@@ -162,6 +162,7 @@ class Inspector:
             raise InspectorError(f"{bundle.path}: model outputs {dim}-d embeddings but references are {bundle.references.shape[1]}-d")
         self.golden = GoldenBank(bundle.references, chunk_size=bundle.spec.scoring.chunk_size)
         if self.golden.cells > 1:
+            use_one_blas_thread()  # from the loading (usually main) thread: see its docstring
             self.golden.partition()  # at load, not on the first part of the line
 
     @classmethod

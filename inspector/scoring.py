@@ -10,10 +10,8 @@ needs a full queries x references matrix in memory.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import threading
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -196,8 +194,8 @@ class GoldenBank:
 
     def _worst_patch(self, emb: np.ndarray, cfg: ScoringConfig) -> np.ndarray:
         """Exact max over patches of the k-NN distance, searching exactly only the patches that could be the max."""
-        with _one_blas_thread():
-            return self._worst_patch_search(emb, cfg)
+        use_one_blas_thread()
+        return self._worst_patch_search(emb, cfg)
 
     def _worst_patch_search(self, emb: np.ndarray, cfg: ScoringConfig) -> np.ndarray:
         n, p, dim = emb.shape
@@ -254,46 +252,38 @@ class GoldenBank:
         return _aggregate(best, cfg)
 
 
-class _OneBlasThread:
-    """Run the many small GEMMs of the pruned search on one BLAS thread.
+@functools.cache
+def _numpy_blas() -> list[Any]:
+    """numpy's own BLAS (not torch's or scipy's, which a training process may also have loaded)."""
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:  # an install without it still scores, only slower under contention
+        return []
+    return [lib for lib in ThreadpoolController().lib_controllers if lib.user_api == "blas" and "numpy" in lib.filepath]
 
-    Measured on 2 cores: with BLAS's own 2 threads, the ~100 small GEMMs per batch spend more time synchronising
-    and spinning than computing, and fight onnxruntime and the decode threads for the cores (CPU time of the
-    search 3-9x higher, wall time erratic under load; benchmarks/README.md). The BLAS thread count is a process
-    setting, so concurrent searches (the HTTP service's request threads) share one limit: the first one in sets
-    it, the last one out restores it.
+
+_blas_single = threading.Event()
+
+
+def use_one_blas_thread() -> bool:
+    """Put numpy's BLAS on one thread for the rest of the process (idempotent); True once that has taken effect.
+
+    Measured on 2 cores: with BLAS's own 2 threads, the ~100 small GEMMs of a pruned search spend more time
+    synchronising and spinning than computing and fight onnxruntime and the decode threads for the cores (CPU
+    time of the search 3-9x higher; the HTTP service under 8 clients fell from ~95 to ~27 img/s;
+    benchmarks/README.md). The setting is process-wide and kept: OpenBLAS ignores a change made from any thread
+    but the main one (measured with OpenBLAS 0.3.31), so a per-call limit from the service's request threads
+    does nothing. Called when an :class:`~inspector.engine.Inspector` is built and before each pruned search
+    until it holds.
     """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._users = 0
-        self._limiter: Any = None
-
-    @functools.cached_property
-    def _controller(self) -> Any:
-        try:
-            from threadpoolctl import ThreadpoolController
-        except ImportError:  # an install without it still scores, only slower under contention
-            return None
-        return ThreadpoolController()
-
-    @contextlib.contextmanager
-    def __call__(self) -> Iterator[None]:
-        with self._lock:
-            if self._users == 0 and self._controller is not None:
-                self._limiter = self._controller.limit(limits=1, user_api="blas")
-            self._users += 1
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._users -= 1
-                if self._users == 0 and self._limiter is not None:
-                    self._limiter.restore_original_limits()
-                    self._limiter = None
-
-
-_one_blas_thread = _OneBlasThread()
+    if _blas_single.is_set():
+        return True
+    libs = _numpy_blas()
+    for lib in libs:
+        lib.set_num_threads(1)
+    if libs and all(lib.num_threads == 1 for lib in libs):
+        _blas_single.set()
+    return _blas_single.is_set()
 
 
 def _nearest_columns(d: np.ndarray, count: int) -> np.ndarray:

@@ -169,8 +169,8 @@ def test_golden_bank_on_unstructured_data_and_small_inputs() -> None:
         GoldenBank(np.zeros((0, 8), np.float32))
 
 
-def test_concurrent_searches_agree_and_restore_the_blas_threads() -> None:
-    """The service scores from several request threads at once: same scores, and BLAS's thread count restored."""
+def test_concurrent_searches_agree_and_leave_blas_on_one_thread() -> None:
+    """The service scores from several request threads at once: same scores, and numpy's BLAS on one thread."""
     from concurrent.futures import ThreadPoolExecutor
 
     from threadpoolctl import threadpool_info
@@ -179,9 +179,9 @@ def test_concurrent_searches_agree_and_restore_the_blas_threads() -> None:
     centres = rng.normal(size=(20, 16))
     golden = GoldenBank(_clustered_patches(rng, centres, 2500, 0.2))
     parts = [_clustered_patches(rng, centres, 4 * 40, 0.2).reshape(4, 40, 16) for _ in range(16)]
-    before = [info["num_threads"] for info in threadpool_info() if info["user_api"] == "blas"]
-    serial = [golden.anomaly_scores(p) for p in parts]
+    serial = [golden.anomaly_scores(p) for p in parts]  # pytest's main thread: the setting takes effect here
     with ThreadPoolExecutor(8) as pool:
         concurrent = list(pool.map(golden.anomaly_scores, parts))
     assert all(np.array_equal(a, b) for a, b in zip(serial, concurrent))
-    assert [info["num_threads"] for info in threadpool_info() if info["user_api"] == "blas"] == before
+    blas = [info for info in threadpool_info() if info["user_api"] == "blas"]
+    assert [info["num_threads"] for info in blas if "numpy" in info["filepath"]] == [1]
