@@ -111,8 +111,9 @@ class ServiceSettings(_Model):
     def from_env(cls, **overrides: Any) -> "ServiceSettings":
         """Defaults, then ``INSPECTOR_<FIELD>`` env vars, then the non-None ``overrides`` (CLI flags)."""
         values: dict[str, Any] = {}
-        if os.environ.get("MLFLOW_TRACKING_URI", "").strip():  # the MLflow convention; INSPECTOR_TRACKING_URI wins
-            values["tracking_uri"] = os.environ["MLFLOW_TRACKING_URI"].strip()
+        mlflow_uri = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+        if mlflow_uri.startswith(("http://", "https://")):  # the MLflow convention; INSPECTOR_TRACKING_URI wins. A local
+            values["tracking_uri"] = mlflow_uri  # sqlite/file store there is the training stack's, not ours: ignored
         for name in cls.model_fields:
             env = os.environ.get(_ENV_PREFIX + name.upper())
             if env not in (None, ""):

@@ -7,6 +7,8 @@ import os
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
+import sys  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -15,6 +17,26 @@ from PIL import Image  # noqa: E402
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 MAGNETIC_TILES = SHARED_DATA / "magnetic_tile_defect" / "magnetic_tile"
+
+
+@pytest.fixture(autouse=True)
+def _restore_mlflow_uris() -> Iterator[None]:
+    """``mlflow.set_tracking_uri``/``set_registry_uri`` (the flows call them) also export ``MLFLOW_TRACKING_URI`` and
+    ``MLFLOW_REGISTRY_URI`` for subprocesses; put both back after each test so a later test's servers, services and
+    workers never inherit a store that is gone."""
+    names = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+    saved = {name: os.environ.get(name) for name in names}
+    yield
+    if "mlflow" in sys.modules:
+        import mlflow
+
+        mlflow.set_tracking_uri(saved["MLFLOW_TRACKING_URI"])
+        mlflow.set_registry_uri(saved["MLFLOW_REGISTRY_URI"])
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 @pytest.fixture(scope="session")

@@ -178,7 +178,7 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     root = tmp_path_factory.mktemp("registry")
     url, stop = start_mlflow_server(root)
     state = {"url": url, "root": root, "stop": stop, "port": int(url.rsplit(":", 1)[1])}
-    old_env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")}
+    old_env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")}
     os.environ["MLFLOW_TRACKING_URI"] = url
     os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
     mlflow.set_tracking_uri(url)

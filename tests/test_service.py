@@ -304,3 +304,13 @@ def test_cli_serve_runs_uvicorn(tiny_bundle: Path) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def test_a_local_mlflow_store_in_the_environment_does_not_stop_a_bundle_service(tiny_bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a host that also trains, MLFLOW_TRACKING_URI may point at a local SQLite store: serving a bundle ignores it."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////tmp/somewhere/mlflow.db")
+    settings = ServiceSettings.from_env(bundle=tiny_bundle)
+    settings.check_source()
+    assert settings.tracking_uri is None
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert ServiceSettings.from_env(bundle=tiny_bundle).tracking_uri == "http://127.0.0.1:5000"
