@@ -62,6 +62,7 @@ class TrainConfig:
     num_workers: int = 0
     progress: bool = True
     init_checkpoint: str | None = None  # warm start: a checkpoint whose "model" weights are loaded before epoch 1
+    keep_initial: bool = True  # validate the starting weights too: if no epoch beats them, they are what train() returns
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -86,8 +87,10 @@ class TrainHistory:
     """What happened: one record per epoch, the best epoch, and why training stopped."""
 
     epochs: list[EpochRecord] = field(default_factory=list)
-    best_epoch: int | None = None
+    best_epoch: int | None = None  # -1: no epoch beat the starting weights (``keep_initial``), which were kept
     best_val_auroc: float | None = None
+    initial_val_auroc: float | None = None
+    skipped: str | None = None  # why no training happened (the starting weights are the model), when it was skipped
     stopped_early: bool = False
     collapsed: bool = False
     device: str = "cpu"
@@ -289,6 +292,17 @@ def train(
         generator=loader_gen,
         persistent_workers=cfg.num_workers > 0,
     )
+
+    if cfg.keep_initial and validation is not None and start_epoch == 0 and cfg.epochs > 0:
+        # training must earn its keep: the starting (pretrained or warm-started) weights are the first candidate
+        initial_auroc, _ = validate(embedder, validation, device)
+        if not math.isnan(initial_auroc):
+            history.initial_val_auroc = best_score = history.best_val_auroc = initial_auroc
+            history.best_epoch = -1
+            best_state = {k: v.detach().cpu().clone() for k, v in embedder.state_dict().items()}
+            if ckpt_dir is not None:
+                save_checkpoint(ckpt_dir / "best.pt", {"model": best_state, "epoch": -1, **(extra_state or {})})
+            log.info("starting weights: val_auroc %.4f", initial_auroc)
 
     for epoch in range(start_epoch, cfg.epochs):
         if hasattr(dataset, "set_epoch"):

@@ -159,7 +159,7 @@ def train_flow(source: DataSource, recipe: Recipe | None = None, settings: Pipel
             history=history,
             metrics=metrics,
             manifest=manifest_path,
-            checkpoint=run_dir / "checkpoints" / "best.pt",
+            checkpoint=best if (best := run_dir / "checkpoints" / "best.pt").is_file() else None,  # none when training was skipped
             plots=save_evaluation_plots(evaluation, run_dir / "plots") + save_heatmap_examples(bundle, evaluation, run_dir / "plots"),
             dataset_hash=manifest.dataset_hash,
             tags={"settings": json.dumps(settings.model_dump(mode="json"))},

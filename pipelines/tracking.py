@@ -210,7 +210,7 @@ def log_training_run(
             value = _finite(record.get(key))
             if value is not None:
                 metric_rows.append(Metric(key, value, now, step))
-    for key in ("best_epoch", "best_val_auroc"):
+    for key in ("best_epoch", "best_val_auroc", "initial_val_auroc"):
         value = _finite(history_dict.get(key))
         if value is not None:
             metric_rows.append(Metric(key, value, now, 0))
@@ -222,8 +222,8 @@ def log_training_run(
         metric_rows.append(Metric(str(key), value, now, 0))
 
     all_tags = {"dataset_hash": dataset_hash or "unknown", "git_commit": git_commit(repo_dir)}
-    for key in ("stopped_early", "collapsed", "device"):
-        if key in history_dict:
+    for key in ("stopped_early", "collapsed", "device", "skipped"):
+        if history_dict.get(key) is not None:
             all_tags[f"training.{key}"] = history_dict[key]
     all_tags.update(tags or {})
     client.log_batch(

@@ -91,8 +91,25 @@ def test_early_stopping_when_validation_does_not_improve() -> None:
     torch.manual_seed(0)
     same = _images(4, False, 9)  # queries identical to the references: every score 0, AUROC stuck at 0.5
     flat = ValidationData(references=same, queries=torch.cat([same, same]), labels=np.r_[np.zeros(4), np.ones(4)])
-    history = train(build_embedder(TINY), SpotDataset(), _config(epochs=6, early_stopping_patience=2), validation=flat)
+    history = train(build_embedder(TINY), SpotDataset(), _config(epochs=6, early_stopping_patience=2, keep_initial=False), validation=flat)
     assert len(history.epochs) == 3 and history.stopped_early and history.best_epoch == 0
+
+
+def test_starting_weights_are_kept_when_no_epoch_beats_them() -> None:
+    """Training must earn its keep: validated like every epoch, the starting weights win unless an epoch beats them."""
+    torch.manual_seed(0)
+    same = _images(4, False, 9)
+    flat = ValidationData(references=same, queries=torch.cat([same, same]), labels=np.r_[np.zeros(4), np.ones(4)])
+    model = build_embedder(TINY)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    history = train(model, SpotDataset(), _config(epochs=6, early_stopping_patience=2), validation=flat)
+    assert history.initial_val_auroc == 0.5 and history.best_epoch == -1 and len(history.epochs) == 2 and history.stopped_early
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, start[name]), name
+
+    torch.manual_seed(0)
+    history = train(build_embedder(TINY), SpotDataset(), _config(epochs=2), validation=_validation())
+    assert history.initial_val_auroc is not None and history.best_val_auroc >= history.initial_val_auroc
 
 
 def test_collapse_monitor_flags_constant_embeddings() -> None:
