@@ -49,10 +49,6 @@ from pipelines.recipe import DataSplit, Evaluation, Recipe, build_bundle, evalua
 FEW_SHOT = (5, 10, 25)
 
 
-def per_type(evaluation: Evaluation) -> dict[str, float]:
-    return evaluation.per_type_auroc()
-
-
 def escape_per_type(evaluation: Evaluation) -> dict[str, float]:
     """Share of each type's test defects scored at or under the threshold (let through)."""
     types = np.asarray(evaluation.defect_types)
@@ -165,8 +161,8 @@ def main() -> None:
         trained_bundle, trained_eval, train_s = train_and_evaluate(split, recipe, args.out, "trained")
         fm, um, tm = frozen.metrics(), untrained.metrics(), trained_eval.metrics()
         print_table(f"image AUROC, product split: {len(trained_eval.scores)} test images ({int(sum(trained_eval.labels == 0))} good)",
-                    {"frozen global": {"overall": fm["image_auroc"], **per_type(frozen)}, "frozen patch": {"overall": um["image_auroc"], **per_type(untrained)},
-                     "trained": {"overall": tm["image_auroc"], **per_type(trained_eval)}}, {"overall": len(trained_eval.scores), **n_test})
+                    {"frozen global": {"overall": fm["image_auroc"], **frozen.per_type_auroc()}, "frozen patch": {"overall": um["image_auroc"], **untrained.per_type_auroc()},
+                     "trained": {"overall": tm["image_auroc"], **trained_eval.per_type_auroc()}}, {"overall": len(trained_eval.scores), **n_test})
         pix = {"frozen patch": pixel_level(untrained_bundle, split.test), "trained": pixel_level(trained_bundle, split.test)}
         print(f"\npixel AUROC (test images with masks + test goods): frozen patch {pix['frozen patch']:.3f}, trained {pix['trained']:.3f}")
         spec = load_bundle(trained_bundle).spec.threshold
@@ -180,8 +176,8 @@ def main() -> None:
         speed = {"frozen global": line_speed(frozen_bundle, test_paths), "trained": line_speed(trained_bundle, test_paths)}
         print(f"line model end to end: trained {speed['trained']:.1f} img/s, frozen global {speed['frozen global']:.1f} img/s "
               f"(ratio {speed['trained'] / speed['frozen global']:.2f}); training {train_s:.0f} s")
-        results["product"] = {"frozen_global": {**fm, "per_type": per_type(frozen)}, "frozen_patch": {**um, "per_type": per_type(untrained)},
-                              "trained": {**tm, "per_type": per_type(trained_eval), "escape_per_type": escape_per_type(trained_eval)},
+        results["product"] = {"frozen_global": {**fm, "per_type": frozen.per_type_auroc()}, "frozen_patch": {**um, "per_type": untrained.per_type_auroc()},
+                              "trained": {**tm, "per_type": trained_eval.per_type_auroc(), "escape_per_type": escape_per_type(trained_eval)},
                               "pixel_auroc": pix, "threshold": {"rule": spec.rule, "value": spec.value, **spec.details}, "images_per_s": speed,
                               "train_seconds": train_s}
 
@@ -190,9 +186,9 @@ def main() -> None:
         _, good_only, _ = train_and_evaluate(replace(split, train_defective=[], validation_defective=[]), replace(recipe, use_real_defects=False, train_without_defect_photos=True), args.out, "good_only")
         curve["0"] = good_only.metrics()["image_auroc"]
         print_table("good images only, product split: the product's default keeps the pretrained patch features (= frozen patch); "
-                    "trained = the head trained on synthetic defects", {"frozen patch (default)": {"overall": untrained.metrics()["image_auroc"], **per_type(untrained)},
-                    "trained on synthetic": {"overall": curve["0"], **per_type(good_only)}})
-        results["good_only"] = {**good_only.metrics(), "per_type": per_type(good_only)}
+                    "trained = the head trained on synthetic defects", {"frozen patch (default)": {"overall": untrained.metrics()["image_auroc"], **untrained.per_type_auroc()},
+                    "trained on synthetic": {"overall": curve["0"], **good_only.per_type_auroc()}})
+        results["good_only"] = {**good_only.metrics(), "per_type": good_only.per_type_auroc()}
     if "few-shot" in experiments:
         for n in FEW_SHOT:
             _, ev, _ = train_and_evaluate(few_shot_split(split, n, recipe.seed), recipe, args.out, f"few_shot_{n}")
@@ -204,7 +200,7 @@ def main() -> None:
     if "loto" in experiments:
         loto: dict[str, dict[str, float]] = {"frozen patch": {}, "trained without it": {}}
         untrained_all = evaluate_bundle(untrained_bundle, [r for r in split.test if r.is_good] + [r for r in all_records if not r.is_good])
-        frozen_types = per_type(untrained_all)
+        frozen_types = untrained_all.per_type_auroc()
         for t in sorted({r.defect_type for r in all_records if not r.is_good}):
             held_split, held_test = without_type(split, all_records, t)
             _, ev, _ = train_and_evaluate(held_split, recipe, args.out, f"loto_{t}", test=held_test)

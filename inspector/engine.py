@@ -192,7 +192,11 @@ class Inspector:
 
     def _results(self, images: list[ImageSource], batch: np.ndarray, errors: list[str | None]) -> list[ScoreResult]:
         """Embed and score a prepared batch; one result per input image, in order."""
-        scores = iter(self.score_embeddings(self.embedder.embed_arrays(batch)).tolist() if len(batch) else [])
+        return self.results_for(images, self.score_embeddings(self.embedder.embed_arrays(batch)) if len(batch) else [], errors)
+
+    def results_for(self, images: Sequence[ImageSource], scores: Sequence[float] | np.ndarray, errors: list[str | None]) -> list[ScoreResult]:
+        """Verdicts for ``images`` from the scores of the readable ones (in order) and a per-image error (or None)."""
+        scores = iter(np.asarray(scores, dtype=np.float64).tolist())
         results = []
         for i, (source, error) in enumerate(zip(images, errors)):
             name = _source_name(source, i)

@@ -19,7 +19,7 @@ from PIL import Image
 from inspector.engine import Inspector, ScoreResult
 from inspector.errors import ImageError, InspectorError
 from inspector.preprocess import Preprocessor, load_image
-from inspector.scoring import ScoringConfig, anomaly_scores
+from inspector.scoring import GoldenBank, ScoringConfig, patch_distances
 
 #: Colour stops (value in [0, 1] → RGB) of the overlay: dark blue (far below threshold) to red (well above).
 _STOPS = np.array([[0.0, 0, 0, 130], [0.35, 0, 90, 255], [0.55, 0, 230, 230], [0.67, 255, 255, 0], [0.8, 255, 120, 0], [1.0, 200, 0, 0]],
@@ -39,15 +39,14 @@ def patch_grid(num_patches: int, height: int, width: int) -> tuple[int, int]:
     return min(pairs, key=lambda rc: abs(math.log(rc[0] / rc[1]) - target))
 
 
-def patch_distance_maps(patch_embeddings: np.ndarray, references: np.ndarray, scoring: ScoringConfig, height: int, width: int) -> np.ndarray:
+def patch_distance_maps(patch_embeddings: np.ndarray, references: np.ndarray | GoldenBank, scoring: ScoringConfig, height: int,
+                        width: int) -> np.ndarray:
     """(N, P, D) patch embeddings → (N, rows, cols) distance of each patch to the golden bank (the score's own rule)."""
     emb = np.asarray(patch_embeddings, dtype=np.float32)
     if emb.ndim != 3:
         raise InspectorError(f"heatmaps need patch embeddings (N, P, D); this model gives shape {emb.shape} (an image-level model)")
-    n, p, d = emb.shape
-    rows, cols = patch_grid(p, height, width)
-    per_patch = anomaly_scores(emb.reshape(n * p, d), references, scoring)  # image-mode rule applied to each patch
-    return per_patch.reshape(n, rows, cols)
+    rows, cols = patch_grid(emb.shape[1], height, width)
+    return patch_distances(emb, references, scoring).reshape(len(emb), rows, cols)
 
 
 def _resize_float(values: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -97,43 +96,30 @@ def heatmap_filename(source: str, index: int, taken: set[str]) -> str:
     return name
 
 
-def image_maps(patch_embeddings: np.ndarray, references: np.ndarray, scoring: ScoringConfig, preprocessor: Preprocessor,
-               image_sizes: Sequence[tuple[int, int]]) -> list[np.ndarray]:
-    """One anomaly map per image, each at its original (width, height), in score units."""
-    cfg = preprocessor.config
-    grids = patch_distance_maps(patch_embeddings, references, scoring, cfg.height, cfg.width)
-    return [to_image_map(g, preprocessor, size) for g, size in zip(grids, image_sizes)]
-
-
 def score_with_maps(inspector: Inspector, sources: Sequence[str | Path]) -> list[tuple[ScoreResult, np.ndarray | None, Image.Image | None]]:
-    """Score image files and compute each readable one's anomaly map from the same embeddings (one ORT pass).
+    """Score image files and compute each readable one's anomaly map from the same embeddings and patch search.
 
     Returns (result, map, decoded image) per source, in order; map and image are None where the file was unreadable.
+    The score is the worst patch of the grid map: the line's rule, from the one exact search the map needed anyway.
     """
     pre = inspector.embedder.preprocessor
-    max_pixels = pre.config.max_pixels
     decoded: list[Image.Image | None] = []
     errors: list[str | None] = []
     for source in sources:
         try:
-            decoded.append(load_image(source, max_pixels=max_pixels))
+            decoded.append(load_image(source, max_pixels=pre.config.max_pixels))
             errors.append(None)
         except ImageError as exc:
             decoded.append(None)
             errors.append(str(exc))
     readable = [img for img in decoded if img is not None]
-    emb = inspector.embedder.embed_arrays(pre.batch(readable))
-    scores = inspector.score_embeddings(emb).tolist() if readable else []
-    maps = image_maps(emb, inspector.bundle.references, inspector.bundle.spec.scoring, pre, [img.size for img in readable]) if readable else []
-    out: list[tuple[ScoreResult, np.ndarray | None, Image.Image | None]] = []
-    it = iter(zip(scores, maps))
-    for source, img, error in zip(sources, decoded, errors):
-        if img is None:
-            out.append((ScoreResult(str(source), None, inspector.threshold, None, inspector.model_version, error), None, None))
-            continue
-        score, amap = next(it)
-        out.append((ScoreResult(str(source), score, inspector.threshold, score > inspector.threshold, inspector.model_version), amap, img))
-    return out
+    grids = np.zeros((0, 1, 1), np.float32)
+    if readable:
+        emb = inspector.embedder.embed_arrays(pre.batch(readable))
+        grids = patch_distance_maps(emb, inspector.golden, inspector.bundle.spec.scoring, pre.config.height, pre.config.width)
+    results = inspector.results_for(sources, grids.max(axis=(1, 2)), errors)
+    maps = iter(to_image_map(g, pre, img.size) for g, img in zip(grids, readable))
+    return [(result, None if img is None else next(maps), img) for result, img in zip(results, decoded)]
 
 
 def write_heatmaps(inspector: Inspector, paths: Sequence[str | Path], out_dir: Path, *, chunk: int = 32,
