@@ -44,6 +44,7 @@ from inspector.preprocess import PreprocessConfig  # noqa: E402
 from models.siamese import FrozenGlobalEmbedder, build_embedder  # noqa: E402
 from pipelines.datasets import ImageRecord, group_by_number_gaps, scan_mvtec  # noqa: E402
 from pipelines.ingest import SplitFractions, assign_splits, build_manifest  # noqa: E402
+from pipelines.settings import apply_overrides, load_overrides  # noqa: E402
 from pipelines.recipe import DataSplit, Evaluation, Recipe, build_bundle, evaluate_bundle, fit_embedder, resolve_input_size  # noqa: E402
 
 FEW_SHOT = (5, 10, 25)
@@ -124,6 +125,7 @@ def main() -> None:
     p.add_argument("--group-gap", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--experiments", default="product", help="comma-separated: product, good-only, few-shot, loto")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="any recipe setting, as in `pipelines train --set`")
     args = p.parse_args()
     experiments = [e.strip() for e in args.experiments.split(",") if e.strip()]
 
@@ -135,7 +137,7 @@ def main() -> None:
         recipe = replace(recipe, train=replace(recipe.train, epochs=args.epochs))
     if args.epoch_size is not None:
         recipe = replace(recipe, epoch_size=args.epoch_size)
-    recipe = replace(recipe, train=replace(recipe.train, progress=True))
+    recipe = apply_overrides(replace(recipe, train=replace(recipe.train, progress=True)), load_overrides(None, args.overrides))
 
     records = scan_mvtec(args.root)
     groups = group_by_number_gaps([r.path for r in records], args.group_pattern, args.group_gap) if args.group_pattern else None

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from models.backbones import build_backbone, freeze_stages
 
 Pooling = Literal["avg", "max", "gem"]
+_HALF_SQRT = 0.5**0.5  # joins two unit vectors into one
 Mode = Literal["patch", "global"]
 
 
@@ -59,6 +60,7 @@ class EmbedderConfig:
     hidden_dim: int = 512
     pooling: Pooling = "gem"
     trainable_stages: int = 0  # patch mode: stages before the deepest feature stage stay frozen; 0 = projection head only
+    keep_pretrained: bool = True  # patch mode: each patch embedding carries the backbone's own features beside the head's
 
     def __post_init__(self) -> None:
         if self.mode not in ("patch", "global"):
@@ -72,7 +74,9 @@ class EmbedderConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "EmbedderConfig":
-        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        known.setdefault("keep_pretrained", False)  # configs written before the option existed meant the head alone
+        return cls(**known)
 
 
 class Embedder(nn.Module):
@@ -104,11 +108,18 @@ class PatchEmbedder(nn.Module):
     to the coarsest grid, concatenated, smoothed over a ``context``×``context`` neighbourhood (a defect pixel then
     shows in the patches around it, not just one) and projected by a 1×1 convolution. The projection starts
     orthogonal, so the untrained embedder keeps the pretrained features' geometry.
+
+    With ``keep_pretrained`` the embedding is the head's output and the backbone's features, each L2-normalised,
+    joined and scaled back to unit length: the squared distance between two patches is the mean of the two views'
+    squared distances. Training on a few hundred defect photos makes the head over-specialise to the defects it
+    saw; the pretrained half still places a never-seen defect far from the references (measured on the magnetic
+    tiles: see ``benchmarks/README.md``). It adds no parameters, and untrained it scores exactly like the features.
     """
 
     mode: Mode = "patch"
 
-    def __init__(self, backbone: nn.Module, feature_stages: tuple[int, ...] = (3, 4), embedding_dim: int = 128, context: int = 1) -> None:
+    def __init__(self, backbone: nn.Module, feature_stages: tuple[int, ...] = (3, 4), embedding_dim: int = 128, context: int = 1,
+                 keep_pretrained: bool = True) -> None:
         super().__init__()
         stages = list(backbone.stages)
         if max(feature_stages) >= len(stages) or min(feature_stages) < 0:
@@ -120,7 +131,8 @@ class PatchEmbedder(nn.Module):
         self.head = nn.Conv2d(channels, embedding_dim, kernel_size=1)
         nn.init.orthogonal_(self.head.weight)
         nn.init.zeros_(self.head.bias)
-        self.embedding_dim = embedding_dim
+        self.keep_pretrained = keep_pretrained
+        self.embedding_dim = embedding_dim + (channels if keep_pretrained else 0)
 
     def _channels(self, stages: list[nn.Module]) -> int:
         with torch.no_grad():
@@ -149,10 +161,17 @@ class PatchEmbedder(nn.Module):
 
     def forward_map(self, x: Tensor) -> Tensor:
         """Patch embeddings as a map (N, D, h, w), L2-normalised over D."""
-        return F.normalize(self.head(self.features(x)).float(), p=2.0, dim=1)
+        features = self.features(x)
+        learned = self.head(features)
+        return join_with_pretrained(learned, features) if self.keep_pretrained else F.normalize(learned.float(), p=2.0, dim=1)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_map(x).flatten(2).transpose(1, 2)
+
+
+def join_with_pretrained(learned: Tensor, features: Tensor) -> Tensor:
+    """Unit-length join of two (N, C, ...) maps, each L2-normalised over C: squared distances become their mean."""
+    return torch.cat([F.normalize(learned.float(), p=2.0, dim=1), F.normalize(features.float(), p=2.0, dim=1)], dim=1) * _HALF_SQRT
 
 
 class SiameseNetwork(nn.Module):
@@ -199,7 +218,8 @@ def build_embedder(config: EmbedderConfig | None = None, *, weights: str | Path 
             trainable += len(backbone.stages) - 1 - max(cfg.feature_stages)
         freeze_stages(backbone, trainable)
     if cfg.mode == "patch":
-        return PatchEmbedder(backbone, feature_stages=cfg.feature_stages, embedding_dim=cfg.embedding_dim, context=cfg.context)
+        return PatchEmbedder(backbone, feature_stages=cfg.feature_stages, embedding_dim=cfg.embedding_dim, context=cfg.context,
+                             keep_pretrained=cfg.keep_pretrained)
     return Embedder(backbone, embedding_dim=cfg.embedding_dim, hidden_dim=cfg.hidden_dim, pooling=cfg.pooling)
 
 

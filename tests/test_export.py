@@ -66,4 +66,4 @@ def test_patch_embedder_exports_with_parity(tmp_path: Path, demo_root: Path) -> 
     _, batch = _real_batch(demo_root, n=3)
     assert check_parity(model, path, batch) <= 1e-4
     out, _ = OnnxEmbedder(path, CFG).embed(sorted((demo_root / "train" / "good").glob("*.png"))[:2])
-    assert out.shape == (2, 16, 16)  # N x patches (4x4) x D
+    assert out.shape == (2, 16, model.embedding_dim) and model.embedding_dim > 16  # N x patches (4x4) x D (head + features)

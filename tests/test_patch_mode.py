@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -76,10 +77,31 @@ def test_patch_embedder_shapes_and_siamese_distance() -> None:
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         z = model(x)
-        assert z.shape == (2, 16, 16)  # stride 16 → 4x4 patches
+        channels = model.features(x).shape[1]
+        assert z.shape == (2, 16, 16 + channels)  # stride 16 → 4x4 patches; head (16) beside the backbone's features
+        assert model.embedding_dim == 16 + channels
         assert torch.allclose(z.norm(dim=-1), torch.ones(2, 16), atol=1e-5)
         d = SiameseNetwork(model)(x, x)
     assert torch.allclose(d, torch.zeros(2), atol=1e-3)
+
+
+def test_keep_pretrained_joins_head_and_features_as_mean_squared_distance() -> None:
+    torch.manual_seed(0)
+    model = build_embedder(TINY_PATCH).eval()
+    head_only = build_embedder(replace(TINY_PATCH, keep_pretrained=False)).eval()
+    head_only.load_state_dict(model.state_dict())  # no parameters added: the same weights fit both
+    with torch.no_grad():
+        torch.nn.init.normal_(model.head.weight)  # a "trained" head, no longer orthogonal
+        head_only.head.weight.copy_(model.head.weight)
+        a, b = torch.randn(1, 3, 64, 64), torch.randn(1, 3, 64, 64)
+        za, zb = model(a)[0], model(b)[0]
+        ha, hb = head_only(a)[0], head_only(b)[0]
+        fa = torch.nn.functional.normalize(model.features(a), dim=1).flatten(2)[0].T
+        fb = torch.nn.functional.normalize(model.features(b), dim=1).flatten(2)[0].T
+    joined = (za - zb).pow(2).sum(-1)
+    assert torch.allclose(joined, 0.5 * ((ha - hb).pow(2).sum(-1) + (fa - fb).pow(2).sum(-1)), atol=1e-5)
+    # configs saved before the option existed load as the head alone
+    assert EmbedderConfig.from_dict({k: v for k, v in TINY_PATCH.to_dict().items() if k != "keep_pretrained"}).keep_pretrained is False
 
 
 def test_patch_pair_dataset_items(tmp_path: Path) -> None:

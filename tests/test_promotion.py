@@ -147,7 +147,8 @@ def kit(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Kit:
     split = assign_splits(ingest(root=demo_root), SplitFractions.from_recipe(recipe))
     torch.manual_seed(0)
     better = build_bundle(build_embedder(recipe.embedder).eval(), split, recipe, tmp / "better")
-    tiny = EmbedderConfig(backbone="tiny_cnn", weights=None, feature_stages=(2, 3), embedding_dim=8)
+    # an untrained random CNN seen through its random head alone: clearly worse than pretrained features
+    tiny = EmbedderConfig(backbone="tiny_cnn", weights=None, feature_stages=(2, 3), embedding_dim=8, keep_pretrained=False)
     worse = build_bundle(build_embedder(tiny).eval(), split, recipe, tmp / "worse")
     gate = gate_set_from_folder(demo_root, tmp / "gate.json")
     return Kit(better, worse, gate.path, demo_root)

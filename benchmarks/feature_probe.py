@@ -1,0 +1,125 @@
+"""Training-free probes of patch features: which stages, grid stride, input size and score rule find defects.
+
+Why: a training run on a 2-core CPU takes 10-25 minutes, a probe of a frozen feature choice seconds. Every defect
+image of the folder is scored (no model here is trained on any of them), so each type has all its images, not the
+1-3 physical parts a group split leaves in its test set. Bank = patches of the ``train/good`` images (a random
+subset of ``--bank`` patches), queries = ``test/good`` + every defect image, exact nearest-neighbour search.
+
+    .venv/bin/python benchmarks/feature_probe.py ../shared/data/magnetic_tile_defect/magnetic_tile \\
+        --sizes 320x256,448x352 --variants 3+4,4+5,3+4+5
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from inspector.metrics import roc_auc  # noqa: E402
+from inspector.preprocess import PreprocessConfig, Preprocessor, load_image  # noqa: E402
+from models.backbones import build_backbone  # noqa: E402
+from pipelines.datasets import ImageRecord, scan_mvtec  # noqa: E402
+
+
+def stage_maps(paths: list[Path], pre: Preprocessor, stages: list[int], batch: int = 16) -> dict[int, np.ndarray]:
+    """Frozen Lite0 feature maps of every image at each requested stage index, float32 (N, C, h, w)."""
+    backbone = build_backbone("tf_efficientnet_lite0", weights="imagenet").eval()
+    blocks = list(backbone.stages)[: max(stages) + 1]
+    out: dict[int, list[np.ndarray]] = {s: [] for s in stages}
+    with torch.inference_mode():
+        for start in range(0, len(paths), batch):
+            x = torch.from_numpy(pre.batch([load_image(p) for p in paths[start : start + batch]]))
+            for i, block in enumerate(blocks):
+                x = block(x)
+                if i in out:
+                    out[i].append(x.numpy().copy())
+    return {s: np.concatenate(v) for s, v in out.items()}
+
+
+def fuse(maps: dict[int, np.ndarray], variant: tuple[int, ...], stride_of: dict[int, int], grid: str) -> np.ndarray:
+    """Concatenate stages on the coarsest (``grid="coarse"``) or finest selected grid, L2-normalise: (N, P, C)."""
+    target = max(variant, key=lambda s: stride_of[s]) if grid == "coarse" else min(variant, key=lambda s: stride_of[s])
+    h, w = maps[target].shape[-2:]
+    parts = []
+    for s in variant:
+        t = torch.from_numpy(maps[s])
+        if t.shape[-2:] != (h, w):
+            t = F.adaptive_avg_pool2d(t, (h, w)) if t.shape[-1] > w else F.interpolate(t, size=(h, w), mode="bilinear", align_corners=False)
+        parts.append(t)
+    fused = F.normalize(torch.cat(parts, 1), dim=1)
+    return fused.flatten(2).transpose(1, 2).contiguous().numpy()
+
+
+def nearest_distances(queries: np.ndarray, bank: np.ndarray, chunk: int = 8192) -> np.ndarray:
+    """Exact Euclidean distance of every query row to its nearest bank row."""
+    bank_sq = (bank**2).sum(1)
+    out = np.empty(len(queries), np.float32)
+    for start in range(0, len(queries), chunk):
+        q = queries[start : start + chunk]
+        d2 = (q**2).sum(1)[:, None] + bank_sq[None, :] - 2.0 * q @ bank.T
+        out[start : start + chunk] = np.sqrt(np.maximum(d2.min(1), 0.0))
+    return out
+
+
+def per_type(scores: np.ndarray, records: list[ImageRecord]) -> dict[str, float]:
+    labels = np.array([0 if r.is_good else 1 for r in records])
+    types = np.array([r.defect_type or "good" for r in records])
+    result = {"all": roc_auc(labels, scores)}
+    for t in sorted(set(types) - {"good"}):
+        keep = (types == "good") | (types == t)
+        result[t] = roc_auc(labels[keep], scores[keep])
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("root", type=Path)
+    p.add_argument("--sizes", default="320x256")
+    p.add_argument("--variants", default="3+4", help="comma-separated stage sets, '+'-joined; suffix '@fine' for the finest grid")
+    p.add_argument("--bank", type=int, default=16384, help="bank patches (random subset of the train goods' patches)")
+    p.add_argument("--bank-images", type=int, default=200)
+    p.add_argument("--aggregations", default="max,top3")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    torch.set_num_threads(os.cpu_count() or 2)
+
+    records = scan_mvtec(args.root)
+    rng = np.random.default_rng(args.seed)
+    train = [r for r in records if r.is_good and r.source_split == "train"]
+    train = [train[i] for i in sorted(rng.choice(len(train), min(args.bank_images, len(train)), replace=False))]
+    test = [r for r in records if r.source_split == "test"]
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    parsed = [(tuple(int(s) for s in v.split("@")[0].split("+")), "fine" if v.endswith("@fine") else "coarse", v) for v in variants]
+    stages = sorted({s for v, _, _ in parsed for s in v})
+    stride_of = {1: 2, 2: 4, 3: 8, 4: 16, 5: 16, 6: 32, 7: 32}
+    print(f"bank from {len(train)} train goods, {len(test)} test images ({sum(r.is_good for r in test)} good)")
+    for size in args.sizes.split(","):
+        h, w = (int(v) for v in size.lower().split("x"))
+        pre = Preprocessor(PreprocessConfig(height=h, width=w))
+        t0 = time.perf_counter()
+        bank_maps, test_maps = stage_maps([r.path for r in train], pre, stages), stage_maps([r.path for r in test], pre, stages)
+        print(f"\n{h}x{w}: features in {time.perf_counter() - t0:.0f} s")
+        for variant, grid, name in parsed:
+            t0 = time.perf_counter()
+            bank = fuse(bank_maps, variant, stride_of, grid).reshape(-1, sum(bank_maps[s].shape[1] for s in variant))
+            bank = bank[rng.choice(len(bank), min(args.bank, len(bank)), replace=False)]
+            queries = fuse(test_maps, variant, stride_of, grid)
+            n, n_patches, c = queries.shape
+            dist = nearest_distances(queries.reshape(-1, c), bank).reshape(n, n_patches)
+            ordered = np.sort(dist, axis=1)[:, ::-1]
+            for agg in args.aggregations.split(","):
+                k = 1 if agg == "max" else int(agg.removeprefix("top"))
+                res = per_type(ordered[:, :k].mean(1), test)
+                cells = " ".join(f"{t}={v:.3f}" for t, v in res.items())
+                print(f"  {name:<12} {n_patches:>5} patches  {agg:<5} {cells}  ({time.perf_counter() - t0:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
