@@ -180,6 +180,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5, help="best of this many interleaved repeats per measure")
     p.add_argument("--skip-eager", action="store_true", help="leave out the torch eager comparison")
     p.add_argument("--skip-service", action="store_true", help="leave out the HTTP service measure")
+    p.add_argument("--head-only", action="store_true", help="also measure the patch embedder without the pretrained half (128-d patches)")
     p.add_argument("--global", dest="global_mode", action=argparse.BooleanOptionalAction, default=True, help="also measure the global embedder")
     args = p.parse_args()
     torch.set_num_threads(os.cpu_count() or 2)
@@ -189,16 +190,18 @@ def main() -> None:
     pre_cfg = PreprocessConfig(height=args.size, width=args.size)
     pre = Preprocessor(pre_cfg)
 
-    modes = [("patch (default)", EmbedderConfig())] + ([("global", EmbedderConfig(mode="global"))] if args.global_mode else [])
-    for label, cfg in modes:
+    modes = [("patch (default)", EmbedderConfig())]
+    modes += [("patch, head alone (keep_pretrained=False)", EmbedderConfig(keep_pretrained=False))] if args.head_only else []
+    modes += [("global", EmbedderConfig(mode="global"))] if args.global_mode else []
+    for index, (label, cfg) in enumerate(modes):
         torch.manual_seed(0)
         model = build_embedder(cfg).eval()
-        onnx_path = export_onnx(model, work / f"{cfg.mode}.onnx", height=args.size, width=args.size)
+        onnx_path = export_onnx(model, work / f"{cfg.mode}{index}.onnx", height=args.size, width=args.size)
         onnx = OnnxEmbedder(onnx_path, pre_cfg)
         bank, _ = onnx.embed(refs)
         bank = bank.reshape(-1, bank.shape[-1])
         bank = bank[greedy_coreset(bank, 16384)]
-        bundle = write_bundle(work / f"bundle_{cfg.mode}", onnx_path, bank, BundleSpec(pre_cfg, ScoringConfig(), Threshold(1.0), model={"name": label, "mode": "patch" if cfg.mode == "patch" else "image"}))
+        bundle = write_bundle(work / f"bundle_{cfg.mode}{index}", onnx_path, bank, BundleSpec(pre_cfg, ScoringConfig(), Threshold(1.0), model={"name": label, "mode": "patch" if cfg.mode == "patch" else "image"}))
         inspector = Inspector.from_bundle(bundle)
         batch = pre.batch([load_image(q) for q in paths[:32]])
         print(f"\n== {label}: bank {len(bank)} x {bank.shape[1]}, input {args.size}px, {torch.get_num_threads()} threads, "
