@@ -208,6 +208,7 @@ def main() -> None:
             _, ev, _ = train_and_evaluate(held_split, recipe, args.out, f"loto_{t}", test=held_test)
             loto["trained without it"][t] = ev.metrics()["image_auroc"]
             loto["frozen patch"][t] = frozen_types[t]
+            print(f"\nleave out {t}: frozen patch {frozen_types[t]:.3f}, trained without it {loto['trained without it'][t]:.3f}", flush=True)
         print_table("leave one type out: test = test goods + every image of the held-out type", loto,
                     {t: sum(r.defect_type == t for r in all_records) for t in loto["frozen patch"]})
         results["loto"] = loto
