@@ -24,6 +24,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from inspector.metrics import roc_auc  # noqa: E402
 from inspector.preprocess import PreprocessConfig, Preprocessor, load_image  # noqa: E402
+from inspector.scoring import patch_distances  # noqa: E402
 from models.backbones import build_backbone  # noqa: E402
 from pipelines.datasets import ImageRecord, scan_mvtec  # noqa: E402
 
@@ -55,17 +56,6 @@ def fuse(maps: dict[int, np.ndarray], variant: tuple[int, ...], stride_of: dict[
         parts.append(t)
     fused = F.normalize(torch.cat(parts, 1), dim=1)
     return fused.flatten(2).transpose(1, 2).contiguous().numpy()
-
-
-def nearest_distances(queries: np.ndarray, bank: np.ndarray, chunk: int = 8192) -> np.ndarray:
-    """Exact Euclidean distance of every query row to its nearest bank row."""
-    bank_sq = (bank**2).sum(1)
-    out = np.empty(len(queries), np.float32)
-    for start in range(0, len(queries), chunk):
-        q = queries[start : start + chunk]
-        d2 = (q**2).sum(1)[:, None] + bank_sq[None, :] - 2.0 * q @ bank.T
-        out[start : start + chunk] = np.sqrt(np.maximum(d2.min(1), 0.0))
-    return out
 
 
 def per_type(scores: np.ndarray, records: list[ImageRecord]) -> dict[str, float]:
@@ -111,8 +101,8 @@ def main() -> None:
             bank = fuse(bank_maps, variant, stride_of, grid).reshape(-1, sum(bank_maps[s].shape[1] for s in variant))
             bank = bank[rng.choice(len(bank), min(args.bank, len(bank)), replace=False)]
             queries = fuse(test_maps, variant, stride_of, grid)
-            n, n_patches, c = queries.shape
-            dist = nearest_distances(queries.reshape(-1, c), bank).reshape(n, n_patches)
+            n_patches = queries.shape[1]
+            dist = patch_distances(queries, bank)  # the line's exact search (brute force), (N, P)
             ordered = np.sort(dist, axis=1)[:, ::-1]
             for agg in args.aggregations.split(","):
                 k = 1 if agg == "max" else int(agg.removeprefix("top"))

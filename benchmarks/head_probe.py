@@ -29,6 +29,7 @@ from torch import nn  # noqa: E402
 from feature_probe import per_type  # noqa: E402  (same folder: these scripts run as files)
 from inspector.metrics import roc_auc  # noqa: E402
 from inspector.preprocess import PreprocessConfig, Preprocessor, load_image  # noqa: E402
+from inspector.scoring import anomaly_scores  # noqa: E402
 from models.losses import patch_contrastive_loss, patch_labels_from_masks  # noqa: E402
 from models.siamese import EmbedderConfig, build_embedder, join_with_pretrained  # noqa: E402
 from pipelines.datasets import ImageRecord, group_by_number_gaps, scan_mvtec  # noqa: E402
@@ -65,21 +66,7 @@ def make_head(kind: str, channels: int, dim: int = 128) -> nn.Module:
         return head
     if kind == "mlp":
         return nn.Sequential(nn.Conv2d(channels, 2 * dim, 1), nn.ReLU(inplace=True), nn.Conv2d(2 * dim, dim, 1))
-    if kind == "residual":  # linear (orthogonal start) + a zero-started MLP branch: starts as the linear head
-        return Residual(channels, dim)
     raise ValueError(kind)
-
-
-class Residual(nn.Module):
-    def __init__(self, channels: int, dim: int) -> None:
-        super().__init__()
-        self.linear = make_head("linear", channels, dim)
-        self.mlp = make_head("mlp", channels, dim)
-        nn.init.zeros_(self.mlp[2].weight)
-        nn.init.zeros_(self.mlp[2].bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(x) + self.mlp(x)
 
 
 class WithFrozen(nn.Module):
@@ -98,18 +85,12 @@ def embed(head: nn.Module, feats: torch.Tensor) -> torch.Tensor:
 
 
 def score(head: nn.Module, bank_feats: torch.Tensor, test_feats: torch.Tensor, max_bank: int = 16384, seed: int = 0) -> np.ndarray:
-    """Worst-patch distance of each test image to the nearest bank patch (exact search)."""
+    """Worst-patch distance of each test image to the nearest bank patch: the line's exact scoring."""
     with torch.no_grad():
         bank = embed(head, bank_feats).flatten(0, 1)
-        g = torch.Generator().manual_seed(seed)
-        bank = bank[torch.randperm(len(bank), generator=g)[:max_bank]]
-        out = []
-        for start in range(0, len(test_feats), 32):
-            t = test_feats[start : start + 32]
-            q = embed(head, t)
-            d2 = (q.pow(2).sum(-1)[..., None] + bank.pow(2).sum(-1) - 2 * q @ bank.T).clamp_min(0)
-            out.append(d2.min(-1).values.max(-1).values.sqrt())
-    return torch.cat(out).numpy()
+        bank = bank[torch.randperm(len(bank), generator=torch.Generator().manual_seed(seed))[:max_bank]]
+        queries = torch.cat([embed(head, test_feats[i : i + 32]) for i in range(0, len(test_feats), 32)])
+    return anomaly_scores(queries.numpy(), bank.numpy())
 
 
 def train_head(kind: str, good: torch.Tensor, bad: torch.Tensor, bad_labels: torch.Tensor, steps: list[int], margin: float, seed: int,

@@ -44,8 +44,8 @@ from inspector.preprocess import PreprocessConfig  # noqa: E402
 from models.siamese import FrozenGlobalEmbedder, build_embedder  # noqa: E402
 from pipelines.datasets import ImageRecord, group_by_number_gaps, scan_mvtec  # noqa: E402
 from pipelines.ingest import SplitFractions, assign_splits, build_manifest  # noqa: E402
-from pipelines.settings import apply_overrides, load_overrides  # noqa: E402
 from pipelines.recipe import DataSplit, Evaluation, Recipe, build_bundle, evaluate_bundle, fit_embedder, resolve_input_size  # noqa: E402
+from pipelines.settings import apply_overrides, load_overrides  # noqa: E402
 
 FEW_SHOT = (5, 10, 25)
 

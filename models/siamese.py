@@ -21,7 +21,6 @@ from torch import Tensor, nn
 from models.backbones import build_backbone, freeze_stages
 
 Pooling = Literal["avg", "max", "gem"]
-_HALF_SQRT = 0.5**0.5  # joins two unit vectors into one
 Mode = Literal["patch", "global"]
 
 
@@ -167,6 +166,9 @@ class PatchEmbedder(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_map(x).flatten(2).transpose(1, 2)
+
+
+_HALF_SQRT = 0.5**0.5  # joins two unit vectors into one
 
 
 def join_with_pretrained(learned: Tensor, features: Tensor) -> Tensor:
