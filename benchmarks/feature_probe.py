@@ -75,7 +75,8 @@ def main() -> None:
     p.add_argument("--variants", default="3+4", help="comma-separated stage sets, '+'-joined; suffix '@fine' for the finest grid")
     p.add_argument("--bank", type=int, default=16384, help="bank patches (random subset of the train goods' patches)")
     p.add_argument("--bank-images", type=int, default=200)
-    p.add_argument("--aggregations", default="max,top3")
+    p.add_argument("--aggregations", default="max,top3,off0.5,off1", help="max, topK (mean of the K worst patches), offX "
+                   "(worst patch minus X times the median patch distance: ScoringConfig.offset)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     torch.set_num_threads(os.cpu_count() or 2)
@@ -105,8 +106,11 @@ def main() -> None:
             dist = patch_distances(queries, bank)  # the line's exact search (brute force), (N, P)
             ordered = np.sort(dist, axis=1)[:, ::-1]
             for agg in args.aggregations.split(","):
-                k = 1 if agg == "max" else int(agg.removeprefix("top"))
-                res = per_type(ordered[:, :k].mean(1), test)
+                if agg.startswith("off"):
+                    scores = ordered[:, 0] - float(agg.removeprefix("off")) * np.median(dist, axis=1)
+                else:
+                    scores = ordered[:, : 1 if agg == "max" else int(agg.removeprefix("top"))].mean(1)
+                res = per_type(scores, test)
                 cells = " ".join(f"{t}={v:.3f}" for t, v in res.items())
                 print(f"  {name:<12} {n_patches:>5} patches  {agg:<5} {cells}  ({time.perf_counter() - t0:.0f} s)")
 

@@ -29,7 +29,7 @@ from torch import nn  # noqa: E402
 from feature_probe import per_type  # noqa: E402  (same folder: these scripts run as files)
 from inspector.metrics import roc_auc  # noqa: E402
 from inspector.preprocess import PreprocessConfig, Preprocessor, load_image  # noqa: E402
-from inspector.scoring import anomaly_scores  # noqa: E402
+from inspector.scoring import ScoringConfig, anomaly_scores  # noqa: E402
 from models.losses import patch_contrastive_loss, patch_labels_from_masks  # noqa: E402
 from models.siamese import EmbedderConfig, build_embedder, join_with_pretrained  # noqa: E402
 from pipelines.datasets import ImageRecord, group_by_number_gaps, scan_mvtec  # noqa: E402
@@ -84,13 +84,16 @@ def embed(head: nn.Module, feats: torch.Tensor) -> torch.Tensor:
     return F.normalize(head(feats), dim=1).flatten(2).transpose(1, 2)
 
 
+SCORING = ScoringConfig()  # --offset sets the line's scoring offset for every score below
+
+
 def score(head: nn.Module, bank_feats: torch.Tensor, test_feats: torch.Tensor, max_bank: int = 16384, seed: int = 0) -> np.ndarray:
     """Worst-patch distance of each test image to the nearest bank patch: the line's exact scoring."""
     with torch.no_grad():
         bank = embed(head, bank_feats).flatten(0, 1)
         bank = bank[torch.randperm(len(bank), generator=torch.Generator().manual_seed(seed))[:max_bank]]
         queries = torch.cat([embed(head, test_feats[i : i + 32]) for i in range(0, len(test_feats), 32)])
-    return anomaly_scores(queries.numpy(), bank.numpy())
+    return anomaly_scores(queries.numpy(), bank.numpy(), SCORING)
 
 
 def train_head(kind: str, good: torch.Tensor, bad: torch.Tensor, bad_labels: torch.Tensor, steps: list[int], margin: float, seed: int,
@@ -136,7 +139,10 @@ def main() -> None:
     p.add_argument("--group-gap", type=int, default=0)
     p.add_argument("--experiments", default="product,loto")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--offset", type=float, default=0.0, help="ScoringConfig.offset: minus this fraction of each part's median patch distance")
     args = p.parse_args()
+    global SCORING
+    SCORING = ScoringConfig(offset=args.offset)
     torch.set_num_threads(os.cpu_count() or 2)
     h, w = (int(v) for v in args.size.lower().split("x"))
     stages = tuple(int(s) for s in args.stages.split("+"))

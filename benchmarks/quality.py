@@ -89,6 +89,13 @@ def train_and_evaluate(split: DataSplit, recipe: Recipe, out: Path, name: str, t
     return bundle, evaluate_bundle(bundle, test if test is not None else split.test), seconds
 
 
+def offset_choice(bundle: Path) -> str:
+    """The bundle's scoring offset and the validation AUROC of each candidate it was chosen from."""
+    spec = load_bundle(bundle).spec
+    tried = spec.threshold.details.get("offset_auroc") or {}
+    return f"{spec.scoring.offset:g}" + (f" ({', '.join(f'{c}: {a:.3f}' for c, a in tried.items())})" if tried else "")
+
+
 def few_shot_split(split: DataSplit, n: int, seed: int) -> DataSplit:
     """Keep ``n`` training defect photos, drawn at random (seeded); validation and test unchanged."""
     rng = np.random.default_rng(seed)
@@ -173,6 +180,7 @@ def main() -> None:
               f"95% upper bound {spec.details.get('frr_upper_95', float('nan')):.3f}; realised on the later test goods {tm['false_reject_rate']:.3f} "
               f"({'within' if tm['false_reject_rate'] <= 1.5 * target else 'OVER'} 1.5x target); escape {tm['escape_rate']:.3f}")
         print("escape per type at that threshold:", json.dumps({k: round(v, 3) for k, v in escape_per_type(trained_eval).items()}))
+        print(f"scoring offset chosen on validation: frozen patch {offset_choice(untrained_bundle)}, trained {offset_choice(trained_bundle)}")
         print(f"frozen global at its own threshold: FRR {fm['false_reject_rate']:.3f}, escape {fm['escape_rate']:.3f}")
         test_paths = [r.path for r in split.test]
         speed = {"frozen global": line_speed(frozen_bundle, test_paths), "trained": line_speed(trained_bundle, test_paths)}
@@ -201,14 +209,17 @@ def main() -> None:
         results["few_shot"] = curve
     if "loto" in experiments:
         loto: dict[str, dict[str, float]] = {"frozen patch": {}, "trained without it": {}}
-        untrained_all = evaluate_bundle(untrained_bundle, [r for r in split.test if r.is_good] + [r for r in all_records if not r.is_good])
-        frozen_types = untrained_all.per_type_auroc()
         for t in sorted({r.defect_type for r in all_records if not r.is_good}):
             held_split, held_test = without_type(split, all_records, t)
-            _, ev, _ = train_and_evaluate(held_split, recipe, args.out, f"loto_{t}", test=held_test)
+            # the frozen bundle too is calibrated (threshold, scoring offset) without the held-out type
+            frozen_held = build_bundle(build_embedder(recipe.embedder).eval(), held_split, recipe, args.out / f"loto_{t}_frozen_bundle", model_name="patch-untrained")
+            loto["frozen patch"][t] = evaluate_bundle(frozen_held, held_test).metrics()["image_auroc"]
+            bundle, ev, _ = train_and_evaluate(held_split, recipe, args.out, f"loto_{t}", test=held_test)
             loto["trained without it"][t] = ev.metrics()["image_auroc"]
-            loto["frozen patch"][t] = frozen_types[t]
-            print(f"\nleave out {t}: frozen patch {frozen_types[t]:.3f}, trained without it {loto['trained without it'][t]:.3f}", flush=True)
+            print(f"\nleave out {t}: frozen patch {loto['frozen patch'][t]:.3f} (offset {offset_choice(frozen_held)}), "
+                  f"trained without it {loto['trained without it'][t]:.3f} (offset {offset_choice(bundle)})", flush=True)
+        for row in loto.values():
+            row["mean"] = float(np.mean(list(row.values())))
         print_table("leave one type out: test = test goods + every image of the held-out type", loto,
                     {t: sum(r.defect_type == t for r in all_records) for t in loto["frozen patch"]})
         results["loto"] = loto

@@ -19,7 +19,7 @@ from PIL import Image
 from inspector.engine import Inspector, ScoreResult
 from inspector.errors import ImageError, InspectorError
 from inspector.preprocess import Preprocessor, load_image
-from inspector.scoring import GoldenBank, ScoringConfig, patch_distances
+from inspector.scoring import GoldenBank, ScoringConfig
 
 #: Colour stops (value in [0, 1] → RGB) of the overlay: dark blue (far below threshold) to red (well above).
 _STOPS = np.array([[0.0, 0, 0, 130], [0.35, 0, 90, 255], [0.55, 0, 230, 230], [0.67, 255, 255, 0], [0.8, 255, 120, 0], [1.0, 200, 0, 0]],
@@ -41,12 +41,19 @@ def patch_grid(num_patches: int, height: int, width: int) -> tuple[int, int]:
 
 def patch_distance_maps(patch_embeddings: np.ndarray, references: np.ndarray | GoldenBank, scoring: ScoringConfig, height: int,
                         width: int) -> np.ndarray:
-    """(N, P, D) patch embeddings → (N, rows, cols) distance of each patch to the golden bank (the score's own rule)."""
+    """(N, P, D) patch embeddings → (N, rows, cols) distance of each patch to the golden bank (the score's own rule).
+
+    With ``scoring.offset`` the part's own offset is taken off every patch, so a map's maximum is the part's score.
+    """
     emb = np.asarray(patch_embeddings, dtype=np.float32)
     if emb.ndim != 3:
         raise InspectorError(f"heatmaps need patch embeddings (N, P, D); this model gives shape {emb.shape} (an image-level model)")
     rows, cols = patch_grid(emb.shape[1], height, width)
-    return patch_distances(emb, references, scoring).reshape(len(emb), rows, cols)
+    bank = references if isinstance(references, GoldenBank) else GoldenBank(references, chunk_size=scoring.chunk_size)
+    maps = bank.patch_distances(emb, scoring)
+    if scoring.offset > 0:
+        maps = maps - np.float32(scoring.offset) * bank.typical_distances(emb, scoring)[:, None]
+    return maps.reshape(len(emb), rows, cols)
 
 
 def _resize_float(values: np.ndarray, size: tuple[int, int]) -> np.ndarray:

@@ -207,3 +207,79 @@ def test_concurrent_searches_agree_and_leave_blas_on_one_thread() -> None:
     assert all(np.array_equal(a, b) for a, b in zip(serial, concurrent))
     blas = [info for info in threadpool_info() if info["user_api"] == "blas"]
     assert [info["num_threads"] for info in blas if "numpy" in info["filepath"]] == [1]
+
+
+def test_offset_discounts_a_whole_part_shift_but_not_a_local_defect() -> None:
+    """A good part that is off all over (another lighting) against a part with one far patch: with the offset the
+    defect ranks first; without it the shifted good part does. The score is worst − offset × median, exactly."""
+    rng = np.random.default_rng(3)
+    centres = rng.normal(size=(30, 16))
+    bank = _clustered_patches(rng, centres, 3000, 0.1)
+    good = _clustered_patches(rng, centres, 3 * 64, 0.1).reshape(3, 64, 16)
+    shifted = _clustered_patches(rng, centres, 64, 0.35).reshape(1, 64, 16)  # every patch a bit further away
+    defect = _clustered_patches(rng, centres, 64, 0.1).reshape(1, 64, 16)
+    far = defect[0, 10] + 0.1 * rng.normal(size=16)  # one patch moderately far: nearer than the shifted part's worst
+    defect[0, 10] = far / np.linalg.norm(far)
+    parts = np.concatenate([good, shifted, defect])
+    exact = patch_distances(parts, bank)
+    plain = anomaly_scores(parts, bank, ScoringConfig())
+    assert np.argmax(plain) == 3, "without the offset the part that is off all over scores worst"
+    for cells in (0, None):  # exact brute force, and the partitioned bank the line uses
+        golden = GoldenBank(bank, cells=cells)
+        for offset in (0.5, 1.0):
+            cfg = ScoringConfig(offset=offset)
+            scores = golden.anomaly_scores(parts, cfg)
+            worst, typical = golden.worst_and_typical(parts, cfg)
+            assert np.allclose(worst, exact.max(axis=1), atol=1e-5), "the worst patch stays exact"
+            assert np.allclose(typical, np.median(exact, axis=1), rtol=0.05), "the typical distance is the median"
+            assert np.allclose(scores, worst - offset * typical, atol=1e-6)
+            assert np.allclose(golden.typical_distances(parts, cfg), typical)
+        assert np.argmax(golden.anomaly_scores(parts, ScoringConfig(offset=1.0))) == 4, "with it, the local defect does"
+    assert np.allclose(GoldenBank(bank, cells=0).typical_distances(parts), np.median(exact, axis=1), atol=1e-6)
+
+
+def test_offset_settings_are_checked_and_old_bundles_keep_the_plain_score() -> None:
+    with pytest.raises(ValueError, match="offset must be in"):
+        ScoringConfig(offset=1.5)
+    with pytest.raises(ValueError, match="patch embeddings"):
+        GoldenBank(np.eye(4, dtype=np.float32)).worst_and_typical(np.eye(4, dtype=np.float32))
+    assert ScoringConfig.from_dict({"k": 1, "aggregation": "mean"}).offset == 0.0  # written before the option existed
+    assert ScoringConfig.from_dict(ScoringConfig(offset=0.5).to_dict()).offset == 0.5
+
+
+def test_heatmap_maximum_is_the_offset_score() -> None:
+    from inspector.heatmap import patch_distance_maps
+
+    rng = np.random.default_rng(5)
+    centres = rng.normal(size=(20, 8))
+    bank = GoldenBank(_clustered_patches(rng, centres, 2500, 0.1))
+    parts = _clustered_patches(rng, centres, 4 * 12, 0.2).reshape(4, 12, 8)
+    cfg = ScoringConfig(offset=0.5)
+    maps = patch_distance_maps(parts, bank, cfg, 16, 12)
+    assert maps.shape == (4, 4, 3)
+    assert np.allclose(maps.max(axis=(1, 2)), bank.anomaly_scores(parts, cfg), atol=1e-5)
+
+
+def test_choose_offset_follows_where_the_defects_are() -> None:
+    """Local defects on parts that vary as a whole → the full offset; defects that are the whole part → none."""
+    from pipelines.recipe import choose_offset
+
+    rng = np.random.default_rng(9)
+    centres = rng.normal(size=(30, 16))
+    bank = GoldenBank(_clustered_patches(rng, centres, 3000, 0.1))
+    spread = rng.uniform(0.1, 0.4, size=20)  # good parts: each a different distance from the bank, all over
+    good = np.stack([_clustered_patches(rng, centres, 64, s) for s in spread])
+    local = np.stack([_clustered_patches(rng, centres, 64, 0.1) for _ in range(20)])
+    far = local[:, 5] + 0.1 * rng.normal(size=(20, 16))  # one patch each, moderately far
+    local[:, 5] = far / np.linalg.norm(far, axis=1, keepdims=True)
+    whole = np.stack([_clustered_patches(rng, centres, 64, 0.55) for _ in range(20)])
+    scoring = ScoringConfig(offset=0.5)
+    chosen, info = choose_offset(bank, good, local, scoring, (0.0, 0.5, 1.0))
+    assert chosen.offset == 1.0 and info["offset"] == 1.0 and set(info["offset_auroc"]) == {"0.0", "0.5", "1.0"}
+    assert info["offset_auroc"]["1.0"] > info["offset_auroc"]["0.0"] + 0.2
+    assert chosen.k == scoring.k
+    assert choose_offset(bank, good, whole, scoring, (0.0, 0.5, 1.0), margin=0.0)[0].offset == 0.0
+    # within the margin the configured offset stays: a few held-out parts cannot tell 0.99 from 1.0
+    kept, info = choose_offset(bank, good, whole, scoring, (0.0, 0.5, 1.0), margin=0.05)
+    assert kept.offset == 0.5 and info["offset_auroc"]["0.0"] > info["offset_auroc"]["0.5"]
+    assert choose_offset(bank, good, local, ScoringConfig(offset=0.0), ())[0].offset == 0.0  # nothing else to try
