@@ -117,7 +117,7 @@ def print_table(title: str, columns: dict[str, dict[str, float]], counts: dict[s
     print(f"\n{title}\n{'':<16}" + "".join(f"{c:>20}" for c in columns) + ("       n" if counts else ""))
     for r in rows:
         cells = "".join(f"{col.get(r, float('nan')):>20.3f}" for col in columns.values())
-        print(f"{r:<16}{cells}" + (f"{counts.get(r, 0):>8}" if counts else ""))
+        print(f"{r:<16}{cells}" + (f"{counts[r]:>8}" if counts and r in counts else ""))
 
 
 def main() -> None:

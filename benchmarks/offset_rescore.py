@@ -1,0 +1,64 @@
+"""Re-score bundles a ``quality.py`` run left behind at every scoring offset, and re-run ``choose_offset`` on them.
+
+Why: the offset is chosen after training and training does not depend on it, so the test AUROC of each offset,
+and what the choice rule picks, can be measured on the run's own bundles in minutes instead of retraining for an
+hour. Reads ``OUT/{untrained,trained}_bundle`` (product) and ``OUT/loto_<type>[_frozen]_bundle`` (leave one out).
+
+    .venv/bin/python benchmarks/offset_rescore.py ../shared/data/magnetic_tile_defect/magnetic_tile runs/bench_quality \\
+        --group-pattern 'num_(\\d+)' --group-gap 2000
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+import numpy as np  # noqa: E402
+
+from inspector.engine import Inspector  # noqa: E402
+from inspector.metrics import roc_auc  # noqa: E402
+from pipelines.datasets import group_by_number_gaps, scan_mvtec  # noqa: E402
+from pipelines.ingest import SplitFractions, assign_splits, build_manifest  # noqa: E402
+from pipelines.recipe import Recipe, choose_offset  # noqa: E402
+from quality import without_type  # noqa: E402  (same folder: these scripts run as files)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("root", type=Path)
+    p.add_argument("out", type=Path, help="the --out folder of a quality.py run")
+    p.add_argument("--group-pattern", default=None)
+    p.add_argument("--group-gap", type=int, default=0)
+    p.add_argument("--offsets", default="0,0.5,1")
+    args = p.parse_args()
+    offsets = tuple(float(v) for v in args.offsets.split(","))
+    recipe = Recipe()
+    records = scan_mvtec(args.root)
+    groups = group_by_number_gaps([r.path for r in records], args.group_pattern, args.group_gap) if args.group_pattern else None
+    manifest = build_manifest(records, group_of=groups)
+    split = assign_splits(manifest, SplitFractions.from_recipe(recipe))
+    all_records = manifest.records()
+    jobs = [(f"product {name}", args.out / f"{name}_bundle", split, split.test) for name in ("untrained", "trained") if (args.out / f"{name}_bundle").exists()]
+    for t in sorted({r.defect_type for r in all_records if not r.is_good}):
+        held_split, held_test = without_type(split, all_records, t)
+        jobs += [(f"loto {t} {kind}", args.out / f"loto_{t}{suffix}_bundle", held_split, held_test)
+                 for kind, suffix in (("frozen", "_frozen"), ("trained", "")) if (args.out / f"loto_{t}{suffix}_bundle").exists()]
+    print(f"{'bundle':<24}{'kept':>6}  test AUROC at " + " / ".join(f"{c:g}" for c in offsets) + "   at the chosen   bootstrap wins")
+    for name, bundle, sp, test in jobs:
+        inspector = Inspector.from_bundle(bundle)
+        good, _ = inspector.embed(sp.calibration_good)
+        bad, _ = inspector.embed(sp.validation_defective)
+        chosen, info = choose_offset(inspector.golden, good, bad, recipe.scoring, offsets, confidence=recipe.offset_confidence, seed=recipe.seed)
+        emb, _ = inspector.embed([r.path for r in test])
+        labels = np.array([r.label for r in test])
+        worst, typical = inspector.golden.worst_and_typical(emb)
+        aurocs = {c: roc_auc(labels, worst - c * typical) for c in offsets}
+        wins = ", ".join(f"{c}: {w:.2f}" for c, w in info["offset_wins"].items())
+        print(f"{name:<24}{chosen.offset:>6g}  " + " / ".join(f"{aurocs[c]:.3f}" for c in offsets) + f"   {aurocs[chosen.offset]:.3f}   {wins}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
