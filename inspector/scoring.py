@@ -3,7 +3,8 @@
 Two granularities share one code path. *Image* embeddings (N, D): the score is the distance to the k nearest
 reference embeddings. *Patch* embeddings (N, P, D): every patch of the part is compared with a bank of patches
 of the golden parts and the part's score is its worst patch (a small scratch is one far patch, which an
-image-level average would dilute). Pure numpy, so the line, training-time evaluation and the registry's pyfunc
+image-level average would dilute), less ``ScoringConfig.offset`` times the part's own typical patch distance (a
+part that is merely unlike the golden ones all over is not a defect). Pure numpy, so the line, training-time evaluation and the registry's pyfunc
 share one implementation. Queries and the bank are scanned in chunks, so a bank of 100,000 references never
 needs a full queries x references matrix in memory.
 """
