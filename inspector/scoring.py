@@ -184,8 +184,7 @@ class GoldenBank:
         if len(emb) == 0:
             return np.zeros((0,), dtype=np.float32)
         if emb.ndim == 3 and cfg.offset > 0:
-            worst, typical = self.worst_and_typical(emb, cfg)
-            return (worst - np.float32(cfg.offset) * typical).astype(np.float32)
+            return offset_scores(*self.worst_and_typical(emb, cfg), cfg.offset)
         if emb.ndim == 2 or self.cells <= 1 or emb.shape[0] * emb.shape[1] < self.min_queries:
             d = self.patch_distances(emb, cfg)
             self.last_exact_searches = d.size
@@ -430,6 +429,11 @@ def anomaly_scores(embeddings: np.ndarray, references: np.ndarray | GoldenBank, 
     cfg = config or ScoringConfig()
     bank = references if isinstance(references, GoldenBank) else GoldenBank(references, chunk_size=cfg.chunk_size)
     return bank.anomaly_scores(embeddings, cfg)
+
+
+def offset_scores(worst: np.ndarray, typical: np.ndarray, offset: float) -> np.ndarray:
+    """Patch-mode scores from each part's worst and typical patch distance (``GoldenBank.worst_and_typical``)."""
+    return (worst - np.float32(offset) * typical).astype(np.float32)
 
 
 def verdicts(scores: np.ndarray, threshold: float) -> np.ndarray:

@@ -22,7 +22,7 @@ from inspector.calibration import calibrate
 from inspector.engine import Inspector, OnnxEmbedder
 from inspector.metrics import average_precision, rates_at_threshold, roc_auc
 from inspector.preprocess import PreprocessConfig, Preprocessor, load_image
-from inspector.scoring import GoldenBank, ScoringConfig, anomaly_scores
+from inspector.scoring import GoldenBank, ScoringConfig, anomaly_scores, offset_scores
 from models.export import check_parity, export_onnx
 from models.coreset import greedy_coreset
 from models.pairs import LabelledImageDataset, PatchPairDataset, default_augmentation
@@ -223,14 +223,20 @@ def choose_offset(bank: GoldenBank, good: np.ndarray, defective: np.ndarray, sco
     moves it to 0. Goods and defects are resampled separately (paired across candidates), seeded, so the choice is
     reproducible. Returns the scoring to use and what was measured (recorded in the threshold's details).
     """
-    worst_good, typical_good = bank.worst_and_typical(good, scoring)
-    worst_bad, typical_bad = bank.worst_and_typical(defective, scoring)
+    return pick_offset(bank.worst_and_typical(good, scoring), bank.worst_and_typical(defective, scoring), scoring, candidates,
+                       confidence=confidence, resamples=resamples, seed=seed)
+
+
+def pick_offset(good: tuple[np.ndarray, np.ndarray], defective: tuple[np.ndarray, np.ndarray], scoring: ScoringConfig,
+                candidates: Sequence[float], *, confidence: float = 0.95, resamples: int = 400, seed: int = 0) -> tuple[ScoringConfig, dict[str, Any]]:
+    """:func:`choose_offset` on (worst, typical) patch distances already searched, so calibration can reuse them."""
     offsets = sorted({*(float(c) for c in candidates), scoring.offset})
-    labels = np.r_[np.zeros(len(good)), np.ones(len(defective))]
-    scores = {c: np.r_[worst_good - c * typical_good, worst_bad - c * typical_bad] for c in offsets}
+    labels = np.r_[np.zeros(len(good[0])), np.ones(len(defective[0]))]
+    scores = {c: np.r_[offset_scores(*good, c), offset_scores(*defective, c)] for c in offsets}
     aurocs = {c: roc_auc(labels, scores[c]) for c in offsets}
     rng = np.random.default_rng([seed, 17])
-    picks = [np.r_[rng.integers(0, len(good), len(good)), len(good) + rng.integers(0, len(defective), len(defective))] for _ in range(resamples)]
+    n_good, n_bad = len(good[0]), len(defective[0])
+    picks = [np.r_[rng.integers(0, n_good, n_good), n_good + rng.integers(0, n_bad, n_bad)] for _ in range(resamples)]
     boot = {c: np.array([roc_auc(labels[i], scores[c][i]) for i in picks]) for c in offsets}
     wins = {c: float(np.mean(boot[c] > boot[scoring.offset])) for c in offsets}
     better = [c for c in offsets if c != scoring.offset and wins[c] >= confidence]
@@ -262,12 +268,16 @@ def build_bundle(embedder: Embedder | PatchEmbedder, split: DataSplit, recipe: R
             val_emb, _ = onnx.embed(split.validation_defective)
             bank = GoldenBank(references, chunk_size=scoring.chunk_size)
             choice: dict[str, Any] = {}
-            if len(val_emb) and patch_mode and recipe.offset_candidates:
-                scoring, choice = choose_offset(bank, cal_emb, val_emb, scoring, recipe.offset_candidates,
-                                                confidence=recipe.offset_confidence, seed=recipe.seed)
+            if len(val_emb) and patch_mode and recipe.offset_candidates:  # one search of each set serves choice and calibration
+                searched = bank.worst_and_typical(cal_emb, scoring), bank.worst_and_typical(val_emb, scoring)
+                scoring, choice = pick_offset(*searched, scoring, recipe.offset_candidates, confidence=recipe.offset_confidence, seed=recipe.seed)
+                cal_scores, val_scores = (offset_scores(*s, scoring.offset) for s in searched)
+            else:
+                cal_scores = anomaly_scores(cal_emb, bank, scoring)
+                val_scores = anomaly_scores(val_emb, bank, scoring) if len(val_emb) else None
             threshold = calibrate(
-                anomaly_scores(cal_emb, bank, scoring),
-                anomaly_scores(val_emb, bank, scoring) if len(val_emb) else None,
+                cal_scores,
+                val_scores,
                 rule=recipe.calibration_rule,
                 target_frr=recipe.target_false_reject_rate,
             )
