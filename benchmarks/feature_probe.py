@@ -26,6 +26,7 @@ from inspector.metrics import roc_auc  # noqa: E402
 from inspector.preprocess import PreprocessConfig, Preprocessor, load_image  # noqa: E402
 from inspector.scoring import patch_distances  # noqa: E402
 from models.backbones import build_backbone  # noqa: E402
+from models.coreset import greedy_coreset  # noqa: E402
 from pipelines.datasets import ImageRecord, scan_mvtec  # noqa: E402
 
 
@@ -44,8 +45,12 @@ def stage_maps(paths: list[Path], pre: Preprocessor, stages: list[int], batch: i
     return {s: np.concatenate(v) for s, v in out.items()}
 
 
-def fuse(maps: dict[int, np.ndarray], variant: tuple[int, ...], stride_of: dict[int, int], grid: str) -> np.ndarray:
-    """Concatenate stages on the coarsest (``grid="coarse"``) or finest selected grid, L2-normalise: (N, P, C)."""
+def fuse(maps: dict[int, np.ndarray], variant: tuple[int, ...], stride_of: dict[int, int], grid: str,
+         transform: str = "none") -> np.ndarray:
+    """Concatenate stages on the coarsest (``grid="coarse"``) or finest selected grid, L2-normalise: (N, P, C).
+
+    ``transform="center"`` subtracts each image's mean patch feature before the L2 (a part-wide shift removed in
+    feature space, the feature-side cousin of the scoring offset)."""
     target = max(variant, key=lambda s: stride_of[s]) if grid == "coarse" else min(variant, key=lambda s: stride_of[s])
     h, w = maps[target].shape[-2:]
     parts = []
@@ -55,7 +60,47 @@ def fuse(maps: dict[int, np.ndarray], variant: tuple[int, ...], stride_of: dict[
             t = F.adaptive_avg_pool2d(t, (h, w)) if t.shape[-1] > w else F.interpolate(t, size=(h, w), mode="bilinear", align_corners=False)
         parts.append(t)
     fused = F.normalize(torch.cat(parts, 1), dim=1)
+    if transform == "center":
+        fused = F.normalize(fused - fused.mean(dim=(2, 3), keepdim=True), dim=1)
     return fused.flatten(2).transpose(1, 2).contiguous().numpy()
+
+
+def nearest(queries: np.ndarray, bank: np.ndarray, chunk: int = 8192) -> tuple[np.ndarray, np.ndarray]:
+    """Exact nearest bank patch of every query patch: Euclidean distance and bank index, each (Q,)."""
+    b = torch.from_numpy(bank)
+    b_sq = (b * b).sum(1)
+    dists, idx = [], []
+    for start in range(0, len(queries), chunk):
+        q = torch.from_numpy(queries[start : start + chunk])
+        d2 = (q * q).sum(1, keepdim=True) - 2 * q @ b.T + b_sq
+        m, i = d2.min(1)
+        dists.append(m.clamp_min(0).sqrt().numpy())
+        idx.append(i.numpy())
+    return np.concatenate(dists), np.concatenate(idx)
+
+
+def bank_radius(bank: np.ndarray, k: int) -> np.ndarray:
+    """Each bank patch's distance to its k-th nearest other bank patch: how spread good patches are around it."""
+    b = torch.from_numpy(bank)
+    b_sq = (b * b).sum(1)
+    out = []
+    for start in range(0, len(bank), 4096):
+        q = b[start : start + 4096]
+        d2 = (q * q).sum(1, keepdim=True) - 2 * q @ b.T + b_sq
+        out.append(d2.topk(k + 1, dim=1, largest=False).values[:, k].clamp_min(0).sqrt().numpy())
+    return np.concatenate(out)
+
+
+def select_bank(patches: np.ndarray, mode: str, size: int, rng: np.random.Generator) -> np.ndarray:
+    """The reference patches a variant scores against (see ``--bank-modes``)."""
+    if mode == "all" or size >= len(patches):
+        return patches
+    if mode == "random":
+        return patches[rng.choice(len(patches), size, replace=False)]
+    if mode == "coreset":
+        pool = patches[np.sort(rng.choice(len(patches), min(len(patches), 8 * size), replace=False))]
+        return pool[greedy_coreset(pool, size, seed=0)]
+    raise ValueError(f"unknown bank mode {mode!r}")
 
 
 def per_type(scores: np.ndarray, records: list[ImageRecord]) -> dict[str, float]:
@@ -75,8 +120,13 @@ def main() -> None:
     p.add_argument("--variants", default="3+4", help="comma-separated stage sets, '+'-joined; suffix '@fine' for the finest grid")
     p.add_argument("--bank", type=int, default=16384, help="bank patches (random subset of the train goods' patches)")
     p.add_argument("--bank-images", type=int, default=200)
+    p.add_argument("--bank-modes", default="random", help="random (a random subset of --bank patches), coreset (the "
+                   "pipeline's greedy k-center coreset of --bank patches from a pool of 8x), all (every train-good patch)")
     p.add_argument("--aggregations", default="max,top3,off0.5,off1", help="max, topK (mean of the K worst patches), offX "
                    "(worst patch minus X times the median patch distance: ScoringConfig.offset)")
+    p.add_argument("--transforms", default="none", help="none, center (subtract each image's mean patch feature)")
+    p.add_argument("--density-k", type=int, default=0, help="> 0: also score each patch as its distance over its "
+                   "nearest bank patch's distance to that patch's k-th bank neighbour (aggregations prefixed 'dens-')")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     torch.set_num_threads(os.cpu_count() or 2)
@@ -97,23 +147,28 @@ def main() -> None:
         t0 = time.perf_counter()
         bank_maps, test_maps = stage_maps([r.path for r in train], pre, stages), stage_maps([r.path for r in test], pre, stages)
         print(f"\n{h}x{w}: features in {time.perf_counter() - t0:.0f} s")
-        for variant, grid, name in parsed:
+        combos = [(v, t, m) for v in parsed for t in args.transforms.split(",") for m in args.bank_modes.split(",")]
+        for (variant, grid, name), transform, mode in combos:
             t0 = time.perf_counter()
-            bank = fuse(bank_maps, variant, stride_of, grid).reshape(-1, sum(bank_maps[s].shape[1] for s in variant))
-            bank = bank[rng.choice(len(bank), min(args.bank, len(bank)), replace=False)]
-            queries = fuse(test_maps, variant, stride_of, grid)
-            n_patches = queries.shape[1]
-            dist = patch_distances(queries, bank)  # the line's exact search (brute force), (N, P)
-            ordered = np.sort(dist, axis=1)[:, ::-1]
-            for agg in args.aggregations.split(","):
-                if agg.startswith("off"):
-                    scores = ordered[:, 0] - float(agg.removeprefix("off")) * np.median(dist, axis=1)
-                else:
-                    scores = ordered[:, : 1 if agg == "max" else int(agg.removeprefix("top"))].mean(1)
-                res = per_type(scores, test)
-                cells = " ".join(f"{t}={v:.3f}" for t, v in res.items())
-                print(f"  {name:<12} {n_patches:>5} patches  {agg:<5} {cells}  ({time.perf_counter() - t0:.0f} s)")
-
+            bank = fuse(bank_maps, variant, stride_of, grid, transform).reshape(-1, sum(bank_maps[s].shape[1] for s in variant))
+            bank = np.ascontiguousarray(select_bank(bank, mode, args.bank, rng))
+            queries = fuse(test_maps, variant, stride_of, grid, transform)
+            n, n_patches = queries.shape[:2]
+            dist, idx = nearest(queries.reshape(n * n_patches, -1), bank)
+            rules = [("", dist.reshape(n, n_patches))]
+            if args.density_k > 0:
+                rules.append(("dens-", (dist / np.maximum(bank_radius(bank, args.density_k)[idx], 1e-6)).reshape(n, n_patches)))
+            for prefix, d in rules:
+                ordered = np.sort(d, axis=1)[:, ::-1]
+                for agg in args.aggregations.split(","):
+                    if agg.startswith("off"):
+                        scores = ordered[:, 0] - float(agg.removeprefix("off")) * np.median(d, axis=1)
+                    else:
+                        scores = ordered[:, : 1 if agg == "max" else int(agg.removeprefix("top"))].mean(1)
+                    res = per_type(scores, test)
+                    cells = " ".join(f"{t}={v:.3f}" for t, v in res.items())
+                    label = f"{name}/{transform}/{mode}:{len(bank)}"
+                    print(f"  {label:<30} {n_patches:>5} patches  {prefix + agg:<10} {cells}  ({time.perf_counter() - t0:.0f} s)", flush=True)
 
 if __name__ == "__main__":
     main()

@@ -77,13 +77,14 @@ class WithFrozen(nn.Module):
         self.head = head
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return join_with_pretrained(self.head(x), x)
+        return join_with_pretrained(self.head(x), x, LEARNED_WEIGHT)
 
 
 def embed(head: nn.Module, feats: torch.Tensor) -> torch.Tensor:
     return F.normalize(head(feats), dim=1).flatten(2).transpose(1, 2)
 
 
+LEARNED_WEIGHT = 0.5  # --learned-weight: the head's share of the joined squared distance
 SCORING = ScoringConfig()  # --offset sets the line's scoring offset for every score below
 
 
@@ -140,9 +141,11 @@ def main() -> None:
     p.add_argument("--experiments", default="product,loto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--offset", type=float, default=0.0, help="ScoringConfig.offset: minus this fraction of each part's median patch distance")
+    p.add_argument("--learned-weight", type=float, default=0.5, help="the head's share of the joined squared distance")
     args = p.parse_args()
-    global SCORING
+    global SCORING, LEARNED_WEIGHT
     SCORING = ScoringConfig(offset=args.offset)
+    LEARNED_WEIGHT = args.learned_weight
     torch.set_num_threads(os.cpu_count() or 2)
     h, w = (int(v) for v in args.size.lower().split("x"))
     stages = tuple(int(s) for s in args.stages.split("+"))

@@ -3,6 +3,8 @@
 Why: the offset is chosen after training and training does not depend on it, so the test AUROC of each offset,
 and what the choice rule picks, can be measured on the run's own bundles in minutes instead of retraining for an
 hour. Reads ``OUT/{untrained,trained}_bundle`` (product) and ``OUT/loto_<type>[_frozen]_bundle`` (leave one out).
+``--banks random,coreset`` also rebuilds each bundle's golden bank from its training goods with each
+``Recipe.bank_selection``, so a bank rule is compared on the same model.
 
     .venv/bin/python benchmarks/offset_rescore.py ../shared/data/magnetic_tile_defect/magnetic_tile runs/bench_quality \\
         --group-pattern 'num_(\\d+)' --group-gap 2000
@@ -12,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import time
+from dataclasses import replace
 from pathlib import Path
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -19,10 +23,11 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 import numpy as np  # noqa: E402
 
 from inspector.engine import Inspector  # noqa: E402
+from inspector.scoring import GoldenBank  # noqa: E402
 from inspector.metrics import roc_auc  # noqa: E402
 from pipelines.datasets import group_by_number_gaps, scan_mvtec  # noqa: E402
 from pipelines.ingest import SplitFractions, assign_splits, build_manifest  # noqa: E402
-from pipelines.recipe import Recipe, choose_offset  # noqa: E402
+from pipelines.recipe import Recipe, choose_offset, reference_bank  # noqa: E402
 from quality import without_type  # noqa: E402  (same folder: these scripts run as files)
 
 
@@ -33,6 +38,9 @@ def main() -> None:
     p.add_argument("--group-pattern", default=None)
     p.add_argument("--group-gap", type=int, default=0)
     p.add_argument("--offsets", default="0,0.5,1")
+    p.add_argument("--only", default="", help="only the bundles whose name contains this (e.g. 'loto crack')")
+    p.add_argument("--banks", default="", help="comma-separated Recipe.bank_selection values to rebuild each bank with "
+                   "(default: the bundle's own bank only)")
     args = p.parse_args()
     offsets = tuple(float(v) for v in args.offsets.split(","))
     recipe = Recipe()
@@ -46,19 +54,29 @@ def main() -> None:
         held_split, held_test = without_type(split, all_records, t)
         jobs += [(f"loto {t} {kind}", args.out / f"loto_{t}{suffix}_bundle", held_split, held_test)
                  for kind, suffix in (("frozen", "_frozen"), ("trained", "")) if (args.out / f"loto_{t}{suffix}_bundle").exists()]
-    print(f"{'bundle':<24}{'kept':>6}  test AUROC at " + " / ".join(f"{c:g}" for c in offsets) + "   at the chosen   bootstrap wins")
-    for name, bundle, sp, test in jobs:
+    print(f"{'bundle [bank]':<34}{'kept':>6}  test AUROC at " + " / ".join(f"{c:g}" for c in offsets) + "   at the chosen   bootstrap wins")
+    for name, bundle, sp, test in [j for j in jobs if args.only in j[0]]:
         inspector = Inspector.from_bundle(bundle)
         good, _ = inspector.embed(sp.calibration_good)
         bad, _ = inspector.embed(sp.validation_defective)
-        chosen, info = choose_offset(inspector.golden, good, bad, recipe.scoring, offsets, confidence=recipe.offset_confidence, seed=recipe.seed)
         emb, _ = inspector.embed([r.path for r in test])
         labels = np.array([r.label for r in test])
-        worst, typical = inspector.golden.worst_and_typical(emb)
-        aurocs = {c: roc_auc(labels, worst - c * typical) for c in offsets}
-        wins = ", ".join(f"{c}: {w:.2f}" for c, w in info["offset_wins"].items())
-        print(f"{name:<24}{chosen.offset:>6g}  " + " / ".join(f"{aurocs[c]:.3f}" for c in offsets) + f"   {aurocs[chosen.offset]:.3f}   {wins}", flush=True)
-
+        banks = [("bundle", inspector.golden)]
+        if args.banks:
+            train, _ = inspector.embed(sp.train_good)
+            banks += [(sel, GoldenBank(reference_bank(train, replace(recipe, bank_selection=sel)))) for sel in args.banks.split(",")]
+        for bank_name, bank in banks:
+            chosen, info = choose_offset(bank, good, bad, recipe.scoring, offsets, confidence=recipe.offset_confidence, seed=recipe.seed,
+                                         good_groups=sp.group_ids(sp.calibration_good), defective_groups=sp.group_ids(sp.validation_defective))
+            t0 = time.process_time()
+            worst, typical = bank.worst_and_typical(emb)
+            cpu_ms = 1000 * (time.process_time() - t0) * 32 / max(len(emb), 1)
+            aurocs = {c: roc_auc(labels, worst - c * typical) for c in offsets}
+            wins = ", ".join(f"{c}: {w:.2f}" for c, w in info["offset_wins"].items())
+            val = ", ".join(f"{c}: {a:.3f}" for c, a in info["offset_auroc"].items())
+            label = f"{name} [{bank_name}]"
+            print(f"{label:<34}{chosen.offset:>6g}  " + " / ".join(f"{aurocs[c]:.3f}" for c in offsets)
+                  + f"   {aurocs[chosen.offset]:.3f}   wins {wins}; validation {val}; search {cpu_ms:.0f} ms CPU / 32 parts", flush=True)
 
 if __name__ == "__main__":
     main()

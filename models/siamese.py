@@ -60,6 +60,7 @@ class EmbedderConfig:
     pooling: Pooling = "gem"
     trainable_stages: int = 0  # patch mode: stages before the deepest feature stage stay frozen; 0 = projection head only
     keep_pretrained: bool = True  # patch mode: each patch embedding carries the backbone's own features beside the head's
+    learned_weight: float = 0.25  # with keep_pretrained: the head's share of the joined squared distance (see PatchEmbedder)
 
     def __post_init__(self) -> None:
         if self.mode not in ("patch", "global"):
@@ -67,6 +68,8 @@ class EmbedderConfig:
         if self.mode == "patch" and not self.feature_stages:
             raise ValueError("patch mode needs at least one feature stage")
         object.__setattr__(self, "feature_stages", tuple(int(i) for i in self.feature_stages))
+        if not 0.0 < self.learned_weight < 1.0:
+            raise ValueError(f"learned_weight must be in (0, 1), got {self.learned_weight}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -75,6 +78,7 @@ class EmbedderConfig:
     def from_dict(cls, data: dict[str, Any]) -> "EmbedderConfig":
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
         known.setdefault("keep_pretrained", False)  # configs written before the option existed meant the head alone
+        known.setdefault("learned_weight", 0.5)  # ... and joins written before this one weighed the halves equally
         return cls(**known)
 
 
@@ -118,7 +122,7 @@ class PatchEmbedder(nn.Module):
     mode: Mode = "patch"
 
     def __init__(self, backbone: nn.Module, feature_stages: tuple[int, ...] = (3, 4), embedding_dim: int = 128, context: int = 1,
-                 keep_pretrained: bool = True) -> None:
+                 keep_pretrained: bool = True, learned_weight: float = 0.25) -> None:
         super().__init__()
         stages = list(backbone.stages)
         if max(feature_stages) >= len(stages) or min(feature_stages) < 0:
@@ -131,6 +135,7 @@ class PatchEmbedder(nn.Module):
         nn.init.orthogonal_(self.head.weight)
         nn.init.zeros_(self.head.bias)
         self.keep_pretrained = keep_pretrained
+        self.learned_weight = learned_weight
         self.embedding_dim = embedding_dim + (channels if keep_pretrained else 0)
 
     def _channels(self, stages: list[nn.Module]) -> int:
@@ -162,18 +167,19 @@ class PatchEmbedder(nn.Module):
         """Patch embeddings as a map (N, D, h, w), L2-normalised over D."""
         features = self.features(x)
         learned = self.head(features)
-        return join_with_pretrained(learned, features) if self.keep_pretrained else F.normalize(learned.float(), p=2.0, dim=1)
+        return join_with_pretrained(learned, features, self.learned_weight) if self.keep_pretrained else F.normalize(learned.float(), p=2.0, dim=1)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_map(x).flatten(2).transpose(1, 2)
 
 
-_HALF_SQRT = 0.5**0.5  # joins two unit vectors into one
-
-
-def join_with_pretrained(learned: Tensor, features: Tensor) -> Tensor:
-    """Unit-length join of two (N, C, ...) maps, each L2-normalised over C: squared distances become their mean."""
-    return torch.cat([F.normalize(learned.float(), p=2.0, dim=1), F.normalize(features.float(), p=2.0, dim=1)], dim=1) * _HALF_SQRT
+def join_with_pretrained(learned: Tensor, features: Tensor, learned_weight: float = 0.5) -> Tensor:
+    """Unit-length join of two (N, C, ...) maps, each L2-normalised over C: the squared distance between two joins is
+    ``learned_weight`` times the learned squared distance plus the rest times the pretrained one."""
+    if not 0.0 < learned_weight < 1.0:
+        raise ValueError(f"learned_weight must be in (0, 1), got {learned_weight}")
+    return torch.cat([F.normalize(learned.float(), p=2.0, dim=1) * learned_weight**0.5,
+                      F.normalize(features.float(), p=2.0, dim=1) * (1.0 - learned_weight) ** 0.5], dim=1)
 
 
 class SiameseNetwork(nn.Module):
@@ -221,7 +227,7 @@ def build_embedder(config: EmbedderConfig | None = None, *, weights: str | Path 
         freeze_stages(backbone, trainable)
     if cfg.mode == "patch":
         return PatchEmbedder(backbone, feature_stages=cfg.feature_stages, embedding_dim=cfg.embedding_dim, context=cfg.context,
-                             keep_pretrained=cfg.keep_pretrained)
+                             keep_pretrained=cfg.keep_pretrained, learned_weight=cfg.learned_weight)
     return Embedder(backbone, embedding_dim=cfg.embedding_dim, hidden_dim=cfg.hidden_dim, pooling=cfg.pooling)
 
 

@@ -321,7 +321,9 @@ def assign_splits(manifest: Manifest, fractions: SplitFractions = SplitFractions
     from pipelines.recipe import DataSplit
 
     train_good, cal_good, train_def, val_def, test = [], [], [], [], []
+    groups: dict[str, str] = {}
     for e, role in zip(manifest.entries, split_roles(manifest, fractions, group_of)):
+        groups[str(Path(e.path))] = split_key(e, group_of)
         if role == "train":
             train_good.append(Path(e.path))
         elif role == "calibration":
@@ -334,4 +336,4 @@ def assign_splits(manifest: Manifest, fractions: SplitFractions = SplitFractions
             test.append(e.record())
     if len(train_good) < 2:
         raise ValueError(f"only {len(train_good)} good training images after the split: need at least 2")
-    return DataSplit(train_good, train_def, cal_good, val_def, test)
+    return DataSplit(train_good, train_def, cal_good, val_def, test, groups)

@@ -55,6 +55,7 @@ class Recipe:
     max_validation_references: int = 64
     max_validation_queries: int = 160
     max_bank_patches: int = 16384
+    bank_selection: Literal["random", "coreset"] = "random"  # how max_bank_patches are picked from the goods' patches
     train_without_defect_photos: bool = False  # no real defect photos: keep the pretrained patch features (see fit_embedder)
     input_pixels: int | None = 81920  # input HxW follow the training goods' median aspect at about this many pixels (320x256 for
     # 5:4 portrait parts); None keeps ``preprocess.height``/``width`` as given
@@ -117,6 +118,12 @@ class DataSplit:
     calibration_good: list[Path]
     validation_defective: list[Path]
     test: list[ImageRecord]
+    groups: dict[str, str] = field(default_factory=dict)  # str(path) -> what it was split by (capture group or content):
+    # photos of one physical part are not independent evidence, so choices made on held-out parts resample whole groups
+
+    def group_ids(self, paths: Sequence[Path]) -> list[str]:
+        """Each image's capture group; an image the split has no group for stands alone."""
+        return [self.groups.get(str(p), f"image:{p}") for p in paths]
 
     def summary(self) -> dict[str, int]:
         return {
@@ -200,18 +207,35 @@ def fit_embedder(split: DataSplit, recipe: Recipe, checkpoint_dir: Path | None =
 
 
 def reference_bank(embeddings: np.ndarray, recipe: Recipe) -> np.ndarray:
-    """Image embeddings as they are; patch embeddings flattened and reduced to a coreset of ``max_bank_patches``."""
+    """Image embeddings as they are; patch embeddings flattened and cut to ``max_bank_patches``.
+
+    Why random by default: a seeded uniform subset keeps the goods' patch density, and the scoring offset compares a
+    part's worst patch with its typical one. A greedy k-center coreset spreads the bank evenly over every good patch
+    ever seen, outliers included, so typical patches sit as far from it as odd ones: on the magnetic tiles it cost
+    0.06 image AUROC over all 392 defects (0.853 -> 0.795 frozen, cracks 0.82 -> 0.61; benchmarks/README.md).
+    """
     if embeddings.ndim == 2:
         return embeddings
     flat = embeddings.reshape(-1, embeddings.shape[-1])
-    pool = 8 * recipe.max_bank_patches
+    size = recipe.max_bank_patches
+    if len(flat) <= size:
+        return flat
+    if size <= 0:
+        return flat[:0]
+    rng = np.random.default_rng(recipe.seed)
+    if recipe.bank_selection == "random":
+        return flat[np.sort(rng.choice(len(flat), size, replace=False))]
+    if recipe.bank_selection != "coreset":
+        raise ValueError(f"unknown bank_selection {recipe.bank_selection!r}: use 'random' or 'coreset'")
+    pool = 8 * size
     if len(flat) > pool:  # greedy selection costs O(len × size): pick from an even random pool
-        flat = flat[np.sort(np.random.default_rng(recipe.seed).choice(len(flat), pool, replace=False))]
-    return flat[greedy_coreset(flat, recipe.max_bank_patches, seed=recipe.seed)]
+        flat = flat[np.sort(rng.choice(len(flat), pool, replace=False))]
+    return flat[greedy_coreset(flat, size, seed=recipe.seed)]
 
 
 def choose_offset(bank: GoldenBank, good: np.ndarray, defective: np.ndarray, scoring: ScoringConfig, candidates: Sequence[float], *,
-                  confidence: float = 0.95, resamples: int = 400, seed: int = 0) -> tuple[ScoringConfig, dict[str, Any]]:
+                  confidence: float = 0.95, resamples: int = 400, seed: int = 0, good_groups: Sequence[str] | None = None,
+                  defective_groups: Sequence[str] | None = None) -> tuple[ScoringConfig, dict[str, Any]]:
     """The scoring offset (``ScoringConfig.offset``) for this product: the configured one unless the held-out parts
     show another candidate separating goods from defects better, in at least ``confidence`` of bootstrap resamples.
 
@@ -221,14 +245,29 @@ def choose_offset(bank: GoldenBank, good: np.ndarray, defective: np.ndarray, sco
     from two or three physical parts rank the candidates within about ±0.015 of each other, which is noise. A
     product whose defects cover the whole part, where the offset hides them, shows up as a consistent loss and
     moves it to 0. Goods and defects are resampled separately (paired across candidates), seeded, so the choice is
-    reproducible. Returns the scoring to use and what was measured (recorded in the threshold's details).
+    reproducible; with ``*_groups`` (one capture-group id per image) whole groups are resampled, because six photos
+    of one tile are one piece of evidence, not six. Returns the scoring to use and what was measured (recorded in
+    the threshold's details).
     """
     return pick_offset(bank.worst_and_typical(good, scoring), bank.worst_and_typical(defective, scoring), scoring, candidates,
-                       confidence=confidence, resamples=resamples, seed=seed)
+                       confidence=confidence, resamples=resamples, seed=seed, good_groups=good_groups, defective_groups=defective_groups)
+
+
+def _cluster_draws(groups: Sequence[str] | None, n: int, resamples: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Bootstrap index draws over ``n`` items: whole groups with replacement (as many as there are), else items."""
+    if groups is None:
+        return [rng.integers(0, n, n) for _ in range(resamples)]
+    if len(groups) != n:
+        raise ValueError(f"{len(groups)} group ids for {n} images")
+    _, inverse = np.unique(np.asarray(groups, dtype=str), return_inverse=True)
+    members = [np.flatnonzero(inverse == g) for g in range(int(inverse.max()) + 1)] if n else []
+    return [np.concatenate([members[g] for g in rng.integers(0, len(members), len(members))]) if members else np.zeros(0, int)
+            for _ in range(resamples)]
 
 
 def pick_offset(good: tuple[np.ndarray, np.ndarray], defective: tuple[np.ndarray, np.ndarray], scoring: ScoringConfig,
-                candidates: Sequence[float], *, confidence: float = 0.95, resamples: int = 400, seed: int = 0) -> tuple[ScoringConfig, dict[str, Any]]:
+                candidates: Sequence[float], *, confidence: float = 0.95, resamples: int = 400, seed: int = 0,
+                good_groups: Sequence[str] | None = None, defective_groups: Sequence[str] | None = None) -> tuple[ScoringConfig, dict[str, Any]]:
     """:func:`choose_offset` on (worst, typical) patch distances already searched, so calibration can reuse them."""
     offsets = sorted({*(float(c) for c in candidates), scoring.offset})
     labels = np.r_[np.zeros(len(good[0])), np.ones(len(defective[0]))]
@@ -236,13 +275,19 @@ def pick_offset(good: tuple[np.ndarray, np.ndarray], defective: tuple[np.ndarray
     aurocs = {c: roc_auc(labels, scores[c]) for c in offsets}
     rng = np.random.default_rng([seed, 17])
     n_good, n_bad = len(good[0]), len(defective[0])
-    picks = [np.r_[rng.integers(0, n_good, n_good), n_good + rng.integers(0, n_bad, n_bad)] for _ in range(resamples)]
+    good_draws = _cluster_draws(good_groups, n_good, resamples, rng)
+    bad_draws = _cluster_draws(defective_groups, n_bad, resamples, rng)
+    picks = [np.r_[g, n_good + b] for g, b in zip(good_draws, bad_draws)]
     boot = {c: np.array([roc_auc(labels[i], scores[c][i]) for i in picks]) for c in offsets}
     wins = {c: float(np.mean(boot[c] > boot[scoring.offset])) for c in offsets}
     better = [c for c in offsets if c != scoring.offset and wins[c] >= confidence]
     best = max(better, key=lambda c: aurocs[c]) if better else scoring.offset
+    units = {"good": len(set(good_groups)) if good_groups is not None else n_good,
+             "defective": len(set(defective_groups)) if defective_groups is not None else n_bad}
     return replace(scoring, offset=best), {"offset_auroc": {str(c): aurocs[c] for c in offsets},
-                                           "offset_wins": {str(c): wins[c] for c in offsets}, "offset": best}
+                                           "offset_wins": {str(c): wins[c] for c in offsets}, "offset": best,
+                                           "offset_resampled": "groups" if defective_groups is not None else "images",
+                                           "offset_resample_units": units}
 
 
 def build_bundle(embedder: Embedder | PatchEmbedder, split: DataSplit, recipe: Recipe, out: Path, *, provenance: dict[str, Any] | None = None,
@@ -270,7 +315,9 @@ def build_bundle(embedder: Embedder | PatchEmbedder, split: DataSplit, recipe: R
             choice: dict[str, Any] = {}
             if len(val_emb) and patch_mode and recipe.offset_candidates:  # one search of each set serves choice and calibration
                 searched = bank.worst_and_typical(cal_emb, scoring), bank.worst_and_typical(val_emb, scoring)
-                scoring, choice = pick_offset(*searched, scoring, recipe.offset_candidates, confidence=recipe.offset_confidence, seed=recipe.seed)
+                scoring, choice = pick_offset(*searched, scoring, recipe.offset_candidates, confidence=recipe.offset_confidence, seed=recipe.seed,
+                                              good_groups=split.group_ids(split.calibration_good),
+                                              defective_groups=split.group_ids(split.validation_defective))
                 cal_scores, val_scores = (offset_scores(*s, scoring.offset) for s in searched)
             else:
                 cal_scores = anomaly_scores(cal_emb, bank, scoring)

@@ -70,6 +70,27 @@ def test_greedy_coreset_keeps_rare_points() -> None:
     assert np.array_equal(greedy_coreset(points, 5000), np.arange(len(points)))
 
 
+def test_reference_bank_random_subset_keeps_density_and_coreset_spreads() -> None:
+    from pipelines.recipe import reference_bank, tiny_recipe
+
+    rng = np.random.default_rng(0)
+    common = rng.normal(scale=0.01, size=(50, 40, 8)).astype(np.float32)  # 50 parts x 40 patches
+    common[0, :3] += 5.0  # three odd patches on one part
+    flat = common.reshape(-1, 8)
+    random_bank = reference_bank(common, tiny_recipe(max_bank_patches=100))
+    assert random_bank.shape == (100, 8)
+    assert {tuple(r) for r in random_bank.tolist()} <= {tuple(r) for r in flat.tolist()}  # real patches, no duplicates
+    assert len({tuple(r) for r in random_bank.tolist()}) == 100
+    assert np.array_equal(random_bank, reference_bank(common, tiny_recipe(max_bank_patches=100)))  # seeded
+    assert (np.abs(random_bank).max(axis=1) > 1).sum() <= 1  # 3 in 2,000: a uniform subset rarely keeps an outlier
+    coreset = reference_bank(common, tiny_recipe(max_bank_patches=100, bank_selection="coreset"))
+    assert (np.abs(coreset).max(axis=1) > 1).sum() >= 1  # k-center covers the far-away patches
+    assert reference_bank(common, tiny_recipe(max_bank_patches=5000)).shape == (2000, 8)  # fewer than the cap: all
+    assert reference_bank(common, tiny_recipe(max_bank_patches=0)).shape == (0, 8)
+    with pytest.raises(ValueError, match="bank_selection"):
+        reference_bank(common, tiny_recipe(max_bank_patches=100, bank_selection="kmeans"))
+
+
 def test_patch_embedder_shapes_and_siamese_distance() -> None:
     torch.manual_seed(0)
     model = build_embedder(TINY_PATCH).eval()
@@ -85,9 +106,10 @@ def test_patch_embedder_shapes_and_siamese_distance() -> None:
     assert torch.allclose(d, torch.zeros(2), atol=1e-3)
 
 
-def test_keep_pretrained_joins_head_and_features_as_mean_squared_distance() -> None:
+@pytest.mark.parametrize("weight", [0.5, 0.25])
+def test_keep_pretrained_joins_head_and_features_as_weighted_squared_distance(weight: float) -> None:
     torch.manual_seed(0)
-    model = build_embedder(TINY_PATCH).eval()
+    model = build_embedder(replace(TINY_PATCH, learned_weight=weight)).eval()
     head_only = build_embedder(replace(TINY_PATCH, keep_pretrained=False)).eval()
     head_only.load_state_dict(model.state_dict())  # no parameters added: the same weights fit both
     with torch.no_grad():
@@ -99,9 +121,19 @@ def test_keep_pretrained_joins_head_and_features_as_mean_squared_distance() -> N
         fa = torch.nn.functional.normalize(model.features(a), dim=1).flatten(2)[0].T
         fb = torch.nn.functional.normalize(model.features(b), dim=1).flatten(2)[0].T
     joined = (za - zb).pow(2).sum(-1)
-    assert torch.allclose(joined, 0.5 * ((ha - hb).pow(2).sum(-1) + (fa - fb).pow(2).sum(-1)), atol=1e-5)
-    # configs saved before the option existed load as the head alone
+    assert torch.allclose(joined, weight * (ha - hb).pow(2).sum(-1) + (1 - weight) * (fa - fb).pow(2).sum(-1), atol=1e-5)
+    assert torch.allclose(za.norm(dim=-1), torch.ones(len(za)), atol=1e-5)
+    # configs saved before the options existed load as the head alone, and joins as equal halves
     assert EmbedderConfig.from_dict({k: v for k, v in TINY_PATCH.to_dict().items() if k != "keep_pretrained"}).keep_pretrained is False
+    old_join = {k: v for k, v in TINY_PATCH.to_dict().items() if k != "learned_weight"}
+    assert EmbedderConfig.from_dict(old_join).learned_weight == 0.5
+    assert EmbedderConfig().learned_weight == 0.25
+
+
+@pytest.mark.parametrize("weight", [0.0, 1.0, -0.1])
+def test_learned_weight_must_leave_both_halves(weight: float) -> None:
+    with pytest.raises(ValueError, match="learned_weight"):
+        EmbedderConfig(learned_weight=weight)
 
 
 def test_patch_pair_dataset_items(tmp_path: Path) -> None:
@@ -292,3 +324,49 @@ def test_choose_offset_follows_where_the_defects_are() -> None:
     few_parts, few = choose_offset(bank, varied_good[:6], local_defects[:4], scoring, (0.0, 0.5, 1.0))
     assert few_parts.offset == 0.5 and few["offset_auroc"]["1.0"] > few["offset_auroc"]["0.5"] and few["offset_wins"]["1.0"] < 0.95
     assert choose_offset(bank, varied_good, local_defects, ScoringConfig(offset=0.0), ())[0].offset == 0.0  # nothing else to try
+
+
+def test_choose_offset_resamples_whole_capture_groups() -> None:
+    """Sixteen photos of one part outvote four of another when each photo counts; with capture groups resampled,
+    two parts that disagree are no evidence either way, so the configured offset stays."""
+    from pipelines.recipe import _cluster_draws, choose_offset
+
+    rng = np.random.default_rng(11)
+    centres = rng.normal(size=(30, 16))
+    bank = GoldenBank(_clustered_patches(rng, centres, 3000, 0.1))
+    good = np.stack([_clustered_patches(rng, centres, 64, s) for s in rng.uniform(0.1, 0.4, size=24)])
+    local = np.stack([_clustered_patches(rng, centres, 64, 0.1) for _ in range(16)])
+    far = local[:, 5] + 0.1 * rng.normal(size=(16, 16))
+    local[:, 5] = far / np.linalg.norm(far, axis=1, keepdims=True)
+    whole = np.stack([_clustered_patches(rng, centres, 64, 0.45) for _ in range(4)])
+    defects = np.concatenate([local, whole])
+    scoring = ScoringConfig(offset=0.5)
+    by_image, info = choose_offset(bank, good, defects, scoring, (0.0, 0.5, 1.0))
+    assert by_image.offset == 1.0 and info["offset_resampled"] == "images"
+    groups = ["tile-a"] * 16 + ["tile-b"] * 4
+    by_group, why = choose_offset(bank, good, defects, scoring, (0.0, 0.5, 1.0), good_groups=[f"g{i}" for i in range(24)],
+                                  defective_groups=groups)
+    assert by_group.offset == 0.5 and why["offset_wins"]["1.0"] < 0.95
+    assert why["offset_resampled"] == "groups" and why["offset_resample_units"] == {"good": 24, "defective": 2}
+
+    draws = _cluster_draws(["a", "a", "b", "c", "c", "c"], 6, 50, np.random.default_rng(0))
+    for d in draws:  # every draw is whole groups: a group's members come together, as often as it was drawn
+        counts = np.bincount(d, minlength=6)
+        assert counts[0] == counts[1] and counts[3] == counts[4] == counts[5]
+    with pytest.raises(ValueError, match="group ids"):
+        _cluster_draws(["a"], 2, 1, np.random.default_rng(0))
+
+
+def test_split_records_each_images_capture_group(tmp_path: Path) -> None:
+    from models.demo_data import generate_demo_dataset
+    from pipelines.datasets import scan_mvtec
+    from pipelines.ingest import SplitFractions, assign_splits, build_manifest
+
+    generate_demo_dataset(tmp_path, seed=2, n_train_good=12, n_test_good=2, n_test_per_defect=2, height=32, width=32)
+    records = scan_mvtec(tmp_path)
+    manifest = build_manifest(records, group_of={r.path: f"part{i // 3}" for i, r in enumerate(records)})
+    split = assign_splits(manifest, SplitFractions())
+    assert set(split.groups) == {str(r.path) for r in records}
+    ids = split.group_ids(split.calibration_good + split.train_good)
+    assert len(set(ids)) < len(ids)  # photos of one part share a group
+    assert split.group_ids([tmp_path / "unknown.png"]) == [f"image:{tmp_path / 'unknown.png'}"]
