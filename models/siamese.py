@@ -60,7 +60,7 @@ class EmbedderConfig:
     pooling: Pooling = "gem"
     trainable_stages: int = 0  # patch mode: stages before the deepest feature stage stay frozen; 0 = projection head only
     keep_pretrained: bool = True  # patch mode: each patch embedding carries the backbone's own features beside the head's
-    learned_weight: float = 0.25  # with keep_pretrained: the head's share of the joined squared distance (see PatchEmbedder)
+    learned_weight: float = 0.5  # with keep_pretrained: the head's share of the joined squared distance (see PatchEmbedder)
 
     def __post_init__(self) -> None:
         if self.mode not in ("patch", "global"):
@@ -78,7 +78,6 @@ class EmbedderConfig:
     def from_dict(cls, data: dict[str, Any]) -> "EmbedderConfig":
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
         known.setdefault("keep_pretrained", False)  # configs written before the option existed meant the head alone
-        known.setdefault("learned_weight", 0.5)  # ... and joins written before this one weighed the halves equally
         return cls(**known)
 
 
@@ -122,7 +121,7 @@ class PatchEmbedder(nn.Module):
     mode: Mode = "patch"
 
     def __init__(self, backbone: nn.Module, feature_stages: tuple[int, ...] = (3, 4), embedding_dim: int = 128, context: int = 1,
-                 keep_pretrained: bool = True, learned_weight: float = 0.25) -> None:
+                 keep_pretrained: bool = True, learned_weight: float = 0.5) -> None:
         super().__init__()
         stages = list(backbone.stages)
         if max(feature_stages) >= len(stages) or min(feature_stages) < 0:

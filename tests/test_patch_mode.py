@@ -77,13 +77,13 @@ def test_reference_bank_random_subset_keeps_density_and_coreset_spreads() -> Non
     common = rng.normal(scale=0.01, size=(50, 40, 8)).astype(np.float32)  # 50 parts x 40 patches
     common[0, :3] += 5.0  # three odd patches on one part
     flat = common.reshape(-1, 8)
-    random_bank = reference_bank(common, tiny_recipe(max_bank_patches=100))
+    random_bank = reference_bank(common, tiny_recipe(max_bank_patches=100, bank_selection="random"))
     assert random_bank.shape == (100, 8)
     assert {tuple(r) for r in random_bank.tolist()} <= {tuple(r) for r in flat.tolist()}  # real patches, no duplicates
     assert len({tuple(r) for r in random_bank.tolist()}) == 100
-    assert np.array_equal(random_bank, reference_bank(common, tiny_recipe(max_bank_patches=100)))  # seeded
+    assert np.array_equal(random_bank, reference_bank(common, tiny_recipe(max_bank_patches=100, bank_selection="random")))  # seeded
     assert (np.abs(random_bank).max(axis=1) > 1).sum() <= 1  # 3 in 2,000: a uniform subset rarely keeps an outlier
-    coreset = reference_bank(common, tiny_recipe(max_bank_patches=100, bank_selection="coreset"))
+    coreset = reference_bank(common, tiny_recipe(max_bank_patches=100))  # the default
     assert (np.abs(coreset).max(axis=1) > 1).sum() >= 1  # k-center covers the far-away patches
     assert reference_bank(common, tiny_recipe(max_bank_patches=5000)).shape == (2000, 8)  # fewer than the cap: all
     assert reference_bank(common, tiny_recipe(max_bank_patches=0)).shape == (0, 8)
@@ -127,7 +127,7 @@ def test_keep_pretrained_joins_head_and_features_as_weighted_squared_distance(we
     assert EmbedderConfig.from_dict({k: v for k, v in TINY_PATCH.to_dict().items() if k != "keep_pretrained"}).keep_pretrained is False
     old_join = {k: v for k, v in TINY_PATCH.to_dict().items() if k != "learned_weight"}
     assert EmbedderConfig.from_dict(old_join).learned_weight == 0.5
-    assert EmbedderConfig().learned_weight == 0.25
+    assert EmbedderConfig().learned_weight == 0.5
 
 
 @pytest.mark.parametrize("weight", [0.0, 1.0, -0.1])
