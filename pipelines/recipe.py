@@ -215,6 +215,8 @@ def reference_bank(embeddings: np.ndarray, recipe: Recipe) -> np.ndarray:
     types far better (leave-one-type-out mean 0.816 -> 0.871 frozen) but raised the threshold's tail (escape at 1 %
     FRR 0.85 -> 0.99 on the product split), so it is not the default (benchmarks/README.md).
     """
+    if recipe.bank_selection not in ("random", "coreset"):
+        raise ValueError(f"unknown bank_selection {recipe.bank_selection!r}: use 'random' or 'coreset'")
     if embeddings.ndim == 2:
         return embeddings
     flat = embeddings.reshape(-1, embeddings.shape[-1])
@@ -226,8 +228,6 @@ def reference_bank(embeddings: np.ndarray, recipe: Recipe) -> np.ndarray:
     rng = np.random.default_rng(recipe.seed)
     if recipe.bank_selection == "random":
         return flat[np.sort(rng.choice(len(flat), size, replace=False))]
-    if recipe.bank_selection != "coreset":
-        raise ValueError(f"unknown bank_selection {recipe.bank_selection!r}: use 'random' or 'coreset'")
     pool = 8 * size
     if len(flat) > pool:  # greedy selection costs O(len × size): pick from an even random pool
         flat = flat[np.sort(rng.choice(len(flat), pool, replace=False))]
