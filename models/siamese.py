@@ -174,9 +174,8 @@ class PatchEmbedder(nn.Module):
 
 def join_with_pretrained(learned: Tensor, features: Tensor, learned_weight: float = 0.5) -> Tensor:
     """Unit-length join of two (N, C, ...) maps, each L2-normalised over C: the squared distance between two joins is
-    ``learned_weight`` times the learned squared distance plus the rest times the pretrained one."""
-    if not 0.0 < learned_weight < 1.0:
-        raise ValueError(f"learned_weight must be in (0, 1), got {learned_weight}")
+    ``learned_weight`` times the learned squared distance plus the rest times the pretrained one (checked once, by
+    :class:`EmbedderConfig`, not on every forward)."""
     return torch.cat([F.normalize(learned.float(), p=2.0, dim=1) * learned_weight**0.5,
                       F.normalize(features.float(), p=2.0, dim=1) * (1.0 - learned_weight) ** 0.5], dim=1)
 
