@@ -12,6 +12,7 @@ subset of ``--bank`` patches), queries = ``test/good`` + every defect image, exa
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import time
 from pathlib import Path
@@ -21,7 +22,9 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from PIL import Image  # noqa: E402
 
+from inspector.calibration import good_quantile_threshold  # noqa: E402
 from inspector.metrics import roc_auc  # noqa: E402
 from inspector.preprocess import PreprocessConfig, Preprocessor, load_image  # noqa: E402
 from inspector.scoring import patch_distances  # noqa: E402
@@ -43,6 +46,21 @@ def stage_maps(paths: list[Path], pre: Preprocessor, stages: list[int], batch: i
                 if i in out:
                     out[i].append(x.numpy().copy())
     return {s: np.concatenate(v) for s, v in out.items()}
+
+
+def cached_stage_maps(paths: list[Path], pre: Preprocessor, stages: list[int], cache: Path | None) -> dict[int, np.ndarray]:
+    """:func:`stage_maps`, kept in ``cache`` (keyed by the paths, input size and stages) so a rerun skips the forward."""
+    if cache is None:
+        return stage_maps(paths, pre, stages)
+    key = hashlib.sha256("\n".join([*map(str, paths), repr(pre.config), repr(stages)]).encode()).hexdigest()[:16]
+    file = cache / f"{key}.npz"
+    if file.exists():
+        with np.load(file) as data:
+            return {int(k): data[k] for k in data.files}
+    maps = stage_maps(paths, pre, stages)
+    cache.mkdir(parents=True, exist_ok=True)
+    np.savez(file, **{str(k): v for k, v in maps.items()})
+    return maps
 
 
 def fuse(maps: dict[int, np.ndarray], variant: tuple[int, ...], stride_of: dict[int, int], grid: str,
@@ -100,17 +118,55 @@ def select_bank(patches: np.ndarray, mode: str, size: int, rng: np.random.Genera
     if mode == "coreset":
         pool = patches[np.sort(rng.choice(len(patches), min(len(patches), 8 * size), replace=False))]
         return pool[greedy_coreset(pool, size, seed=0)]
+    if mode.startswith("hybrid"):  # hybridF: a random subset, then k-center picks (a fraction F of the bank) it left uncovered
+        n_core = int(round(float(mode.removeprefix("hybrid") or 0.25) * size))
+        pool = patches[np.sort(rng.choice(len(patches), min(len(patches), 8 * size), replace=False))]
+        base = np.sort(rng.choice(len(pool), size - n_core, replace=False))
+        return pool[np.sort(np.r_[base, greedy_coreset(pool, n_core, given=base, seed=0)])] if n_core else pool[base]
     raise ValueError(f"unknown bank mode {mode!r}")
 
 
-def per_type(scores: np.ndarray, records: list[ImageRecord]) -> dict[str, float]:
+def per_type(scores: np.ndarray, records: list[ImageRecord], cal_scores: np.ndarray | None = None,
+             target_frr: float = 0.01) -> dict[str, float]:
+    """Image AUROC overall and per type; with ``cal_scores`` (goods held out of the bank) also the false-reject
+    rate on the test goods and the escape rate at the threshold those goods set for ``target_frr``."""
     labels = np.array([0 if r.is_good else 1 for r in records])
     types = np.array([r.defect_type or "good" for r in records])
     result = {"all": roc_auc(labels, scores)}
+    if cal_scores is not None:
+        t = good_quantile_threshold(cal_scores, target_frr)
+        result["frr"] = float(np.mean(scores[labels == 0] > t))
+        result["escape"] = float(np.mean(scores[labels == 1] <= t))
     for t in sorted(set(types) - {"good"}):
         keep = (types == "good") | (types == t)
         result[t] = roc_auc(labels[keep], scores[keep])
     return result
+
+
+def content_masks(paths: list[Path], pre: Preprocessor, grid: tuple[int, int]) -> np.ndarray:
+    """(N, P) True where a patch's centre lies on the part, False on the letterbox padding around it."""
+    gh, gw = grid
+    ys = (np.arange(gh) + 0.5) * pre.config.height / gh
+    xs = (np.arange(gw) + 0.5) * pre.config.width / gw
+    out = []
+    for path in paths:
+        with Image.open(path) as img:
+            new_w, new_h, left, top = pre.placement(*img.size)
+        out.append((((ys >= top) & (ys < top + new_h))[:, None] & ((xs >= left) & (xs < left + new_w))[None, :]).ravel())
+    return np.stack(out)
+
+
+def aggregate(d: np.ndarray, agg: str, content: np.ndarray | None = None) -> np.ndarray:
+    """One score per image from its (N, P) patch distances (see ``--aggregations``); prefix ``c``: over the
+    patches on the part only (``content``, from :func:`content_masks`)."""
+    if agg.startswith("c") and content is not None:
+        masked = np.where(content, d, np.nan)
+        if agg.startswith("coff"):
+            return np.nanmax(masked, 1) - float(agg.removeprefix("coff")) * np.nanmedian(masked, axis=1)
+        return np.nanmax(masked, 1)
+    if agg.startswith("off"):
+        return d.max(1) - float(agg.removeprefix("off")) * np.median(d, axis=1)
+    return np.sort(d, axis=1)[:, ::-1][:, : 1 if agg == "max" else int(agg.removeprefix("top"))].mean(1)
 
 
 def main() -> None:
@@ -120,21 +176,27 @@ def main() -> None:
     p.add_argument("--variants", default="3+4", help="comma-separated stage sets, '+'-joined; suffix '@fine' for the finest grid")
     p.add_argument("--bank", type=int, default=16384, help="bank patches (random subset of the train goods' patches)")
     p.add_argument("--bank-images", type=int, default=200)
+    p.add_argument("--cal-images", type=int, default=0, help="> 0: this many other train goods set a 1 %% FRR threshold; "
+                   "prints the realised FRR on the test goods and the escape rate of every defect at it")
     p.add_argument("--bank-modes", default="random", help="random (a random subset of --bank patches), coreset (the "
-                   "pipeline's greedy k-center coreset of --bank patches from a pool of 8x), all (every train-good patch)")
+                   "pipeline's greedy k-center coreset of --bank patches from a pool of 8x), hybridF (a random subset, then "
+                   "k-center picks, a fraction F of the bank, of the patches it left uncovered), all (every train-good patch)")
     p.add_argument("--aggregations", default="max,top3,off0.5,off1", help="max, topK (mean of the K worst patches), offX "
                    "(worst patch minus X times the median patch distance: ScoringConfig.offset)")
     p.add_argument("--transforms", default="none", help="none, center (subtract each image's mean patch feature)")
     p.add_argument("--density-k", type=int, default=0, help="> 0: also score each patch as its distance over its "
                    "nearest bank patch's distance to that patch's k-th bank neighbour (aggregations prefixed 'dens-')")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache", type=Path, default=None, help="folder that keeps the stage maps between runs (e.g. runs/probe_cache)")
     args = p.parse_args()
     torch.set_num_threads(os.cpu_count() or 2)
 
     records = scan_mvtec(args.root)
     rng = np.random.default_rng(args.seed)
     train = [r for r in records if r.is_good and r.source_split == "train"]
-    train = [train[i] for i in sorted(rng.choice(len(train), min(args.bank_images, len(train)), replace=False))]
+    order = rng.permutation(len(train))
+    cal = [train[i] for i in sorted(order[args.bank_images : args.bank_images + args.cal_images])]
+    train = [train[i] for i in sorted(order[: args.bank_images])]
     test = [r for r in records if r.source_split == "test"]
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     parsed = [(tuple(int(s) for s in v.split("@")[0].split("+")), "fine" if v.endswith("@fine") else "coarse", v) for v in variants]
@@ -145,27 +207,32 @@ def main() -> None:
         h, w = (int(v) for v in size.lower().split("x"))
         pre = Preprocessor(PreprocessConfig(height=h, width=w))
         t0 = time.perf_counter()
-        bank_maps, test_maps = stage_maps([r.path for r in train], pre, stages), stage_maps([r.path for r in test], pre, stages)
+        bank_maps = cached_stage_maps([r.path for r in train], pre, stages, args.cache)
+        test_maps = cached_stage_maps([r.path for r in test], pre, stages, args.cache)
+        cal_maps = cached_stage_maps([r.path for r in cal], pre, stages, args.cache) if cal else None
         print(f"\n{h}x{w}: features in {time.perf_counter() - t0:.0f} s")
         combos = [(v, t, m) for v in parsed for t in args.transforms.split(",") for m in args.bank_modes.split(",")]
-        for (variant, grid, name), transform, mode in combos:
+        for (variant, grid_kind, name), transform, mode in combos:
             t0 = time.perf_counter()
-            bank = fuse(bank_maps, variant, stride_of, grid, transform).reshape(-1, sum(bank_maps[s].shape[1] for s in variant))
+            bank = fuse(bank_maps, variant, stride_of, grid_kind, transform).reshape(-1, sum(bank_maps[s].shape[1] for s in variant))
             bank = np.ascontiguousarray(select_bank(bank, mode, args.bank, rng))
-            queries = fuse(test_maps, variant, stride_of, grid, transform)
+            queries = fuse(test_maps, variant, stride_of, grid_kind, transform)
             n, n_patches = queries.shape[:2]
+            grid = test_maps[max(variant, key=lambda v: stride_of[v]) if grid_kind == "coarse" else min(variant, key=lambda v: stride_of[v])].shape[-2:]
+            test_content = content_masks([r.path for r in test], pre, grid)
+            cal_content = content_masks([r.path for r in cal], pre, grid) if cal else None
             dist, idx = nearest(queries.reshape(n * n_patches, -1), bank)
             rules = [("", dist.reshape(n, n_patches))]
+            cal_d = None
+            if cal_maps is not None:
+                cal_q = fuse(cal_maps, variant, stride_of, grid_kind, transform)
+                cal_d = nearest(cal_q.reshape(-1, cal_q.shape[-1]), bank)[0].reshape(len(cal_q), -1)
             if args.density_k > 0:
                 rules.append(("dens-", (dist / np.maximum(bank_radius(bank, args.density_k)[idx], 1e-6)).reshape(n, n_patches)))
             for prefix, d in rules:
-                ordered = np.sort(d, axis=1)[:, ::-1]
                 for agg in args.aggregations.split(","):
-                    if agg.startswith("off"):
-                        scores = ordered[:, 0] - float(agg.removeprefix("off")) * np.median(d, axis=1)
-                    else:
-                        scores = ordered[:, : 1 if agg == "max" else int(agg.removeprefix("top"))].mean(1)
-                    res = per_type(scores, test)
+                    scores = aggregate(d, agg, test_content)
+                    res = per_type(scores, test, aggregate(cal_d, agg, cal_content) if cal_d is not None and not prefix else None)
                     cells = " ".join(f"{t}={v:.3f}" for t, v in res.items())
                     label = f"{name}/{transform}/{mode}:{len(bank)}"
                     print(f"  {label:<30} {n_patches:>5} patches  {prefix + agg:<10} {cells}  ({time.perf_counter() - t0:.0f} s)", flush=True)

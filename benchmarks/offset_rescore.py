@@ -38,6 +38,8 @@ def main() -> None:
     p.add_argument("--group-pattern", default=None)
     p.add_argument("--group-gap", type=int, default=0)
     p.add_argument("--offsets", default="0,0.5,1")
+    p.add_argument("--padding", action="store_true", help="score the letterbox padding too (the rule before "
+                   "ScoringConfig.content_only; needs --banks, which rebuilds each bank with its padding patches)")
     p.add_argument("--only", default="", help="only the bundles whose name contains this (e.g. 'loto crack')")
     p.add_argument("--banks", default="", help="comma-separated Recipe.bank_selection values to rebuild each bank with "
                    "(default: the bundle's own bank only)")
@@ -57,19 +59,23 @@ def main() -> None:
     print(f"{'bundle [bank]':<34}{'kept':>6}  test AUROC at " + " / ".join(f"{c:g}" for c in offsets) + "   at the chosen   bootstrap wins")
     for name, bundle, sp, test in [j for j in jobs if args.only in j[0]]:
         inspector = Inspector.from_bundle(bundle)
-        good, _ = inspector.embed(sp.calibration_good)
-        bad, _ = inspector.embed(sp.validation_defective)
-        emb, _ = inspector.embed([r.path for r in test])
+        embed = inspector.embedder.embed_parts
+        good, good_valid, _ = embed(sp.calibration_good)
+        bad, bad_valid, _ = embed(sp.validation_defective)
+        emb, emb_valid, _ = embed([r.path for r in test])
         labels = np.array([r.label for r in test])
-        banks = [("bundle", inspector.golden)]
+        scoring = replace(recipe.scoring, content_only=not args.padding)
+        banks = [] if args.padding else [("bundle", inspector.golden)]
         if args.banks:
-            train, _ = inspector.embed(sp.train_good)
-            banks += [(sel, GoldenBank(reference_bank(train, replace(recipe, bank_selection=sel)))) for sel in args.banks.split(",")]
+            train, train_valid, _ = embed(sp.train_good)
+            banks += [(sel, GoldenBank(reference_bank(train, replace(recipe, bank_selection=sel, scoring=scoring), train_valid)))
+                      for sel in args.banks.split(",")]
         for bank_name, bank in banks:
-            chosen, info = choose_offset(bank, good, bad, recipe.scoring, offsets, confidence=recipe.offset_confidence, seed=recipe.seed,
-                                         good_groups=sp.group_ids(sp.calibration_good), defective_groups=sp.group_ids(sp.validation_defective))
+            chosen, info = choose_offset(bank, good, bad, scoring, offsets, confidence=recipe.offset_confidence, seed=recipe.seed,
+                                         good_groups=sp.group_ids(sp.calibration_good), defective_groups=sp.group_ids(sp.validation_defective),
+                                         good_valid=good_valid, defective_valid=bad_valid)
             t0 = time.process_time()
-            worst, typical = bank.worst_and_typical(emb)
+            worst, typical = bank.worst_and_typical(emb, scoring, emb_valid)
             cpu_ms = 1000 * (time.process_time() - t0) * 32 / max(len(emb), 1)
             aurocs = {c: roc_auc(labels, worst - c * typical) for c in offsets}
             wins = ", ".join(f"{c}: {w:.2f}" for c, w in info["offset_wins"].items())

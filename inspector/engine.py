@@ -11,7 +11,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import onnxruntime as ort
@@ -19,7 +19,7 @@ from PIL import Image
 
 from inspector.bundle import Bundle, load_bundle
 from inspector.errors import ImageError, InspectorError
-from inspector.preprocess import PreprocessConfig, Preprocessor, load_image
+from inspector.preprocess import PreprocessConfig, Preprocessor, load_image, patch_grid
 from inspector.scoring import GoldenBank, use_one_blas_thread
 
 ImageSource = str | Path | bytes | Image.Image
@@ -45,6 +45,14 @@ class ScoreResult:
             "model_version": self.model_version,
             "error": self.error,
         }
+
+
+class Prepared(NamedTuple):
+    """Decoded, preprocessed images: the batch of the readable ones, a per-image error, their original sizes."""
+
+    batch: np.ndarray
+    errors: list[str | None]
+    sizes: list[tuple[int, int]]
 
 
 def make_session(model_path: str | Path, *, threads: int | None = None, providers: Sequence[str] | None = None,
@@ -113,34 +121,49 @@ class OnnxEmbedder:
             return source.convert("RGB")
         return load_image(source, max_pixels=self.preprocessing.max_pixels, name=name)
 
-    def _resized(self, item: tuple[int, ImageSource]) -> np.ndarray | str:
-        """One image decoded and resized to HxWx3 uint8, or its error message."""
+    def _resized(self, item: tuple[int, ImageSource]) -> tuple[np.ndarray, tuple[int, int]] | str:
+        """One image decoded and resized to HxWx3 uint8 with its original (width, height), or its error message."""
         i, source = item
         try:
-            return self.preprocessor.resize(self._decode(source, _source_name(source, i)))
+            image = self._decode(source, _source_name(source, i))
+            return self.preprocessor.resize(image), image.size
         except ImageError as exc:
             return str(exc)
 
-    def prepare(self, images: Sequence[ImageSource]) -> tuple[np.ndarray, list[str | None]]:
-        """Decode and preprocess: a float32 NCHW batch of the readable images (input order) and a per-image error."""
+    def prepare(self, images: Sequence[ImageSource]) -> Prepared:
+        """Decode and preprocess: a float32 NCHW batch of the readable images (input order), a per-image error, and
+        each readable image's original size (for :meth:`patch_valid`)."""
         items = list(enumerate(images))
         if self._pool is not None and len(items) > 1:
             done = list(self._pool.map(self._resized, items))
         else:
             done = [self._resized(item) for item in items]
         errors = [d if isinstance(d, str) else None for d in done]
-        arrays = [d for d in done if not isinstance(d, str)]
+        ok = [d for d in done if not isinstance(d, str)]
         cfg = self.preprocessing
-        if not arrays:
-            return np.zeros((0, 3, cfg.height, cfg.width), dtype=np.float32), errors
-        return self.preprocessor.normalize(np.stack(arrays)), errors
+        if not ok:
+            return Prepared(np.zeros((0, 3, cfg.height, cfg.width), dtype=np.float32), errors, [])
+        return Prepared(self.preprocessor.normalize(np.stack([a for a, _ in ok])), errors, [size for _, size in ok])
+
+    def patch_valid(self, sizes: Sequence[tuple[int, int]], embeddings: np.ndarray) -> np.ndarray | None:
+        """(N, P) True for the patches on each part (not its letterbox padding); None for image embeddings."""
+        if np.ndim(embeddings) != 3:
+            return None
+        cfg = self.preprocessing
+        return self.preprocessor.content_mask(list(sizes), patch_grid(int(embeddings.shape[1]), cfg.height, cfg.width))
 
     def embed(self, images: Sequence[ImageSource]) -> tuple[np.ndarray, list[str | None]]:
         """Embeddings of the images that could be read (rows in input order) and a per-image error (or None)."""
-        batch, errors = self.prepare(images)
+        embeddings, _, errors = self.embed_parts(images)
+        return embeddings, errors
+
+    def embed_parts(self, images: Sequence[ImageSource]) -> tuple[np.ndarray, np.ndarray | None, list[str | None]]:
+        """:meth:`embed` plus, for patch embeddings, which patches lie on each part (:meth:`patch_valid`)."""
+        batch, errors, sizes = self.prepare(images)
         if not len(batch):
-            return np.zeros((0, self.embedding_dim or 0), dtype=np.float32), errors
-        return self.embed_arrays(batch), errors
+            return np.zeros((0, self.embedding_dim or 0), dtype=np.float32), None, errors
+        embeddings = self.embed_arrays(batch)
+        return embeddings, self.patch_valid(sizes, embeddings), errors
 
     def close(self) -> None:
         """Stop the decode threads (they also stop with the process)."""
@@ -180,19 +203,24 @@ class Inspector:
     def embed(self, images: Sequence[ImageSource]) -> tuple[np.ndarray, list[str | None]]:
         return self.embedder.embed(images)
 
-    def score_embeddings(self, embeddings: np.ndarray) -> np.ndarray:
-        return self.golden.anomaly_scores(embeddings, self.bundle.spec.scoring)
+    def score_embeddings(self, embeddings: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
+        """Scores of embeddings already computed; ``valid`` marks the patches on each part (OnnxEmbedder.patch_valid)."""
+        return self.golden.anomaly_scores(embeddings, self.bundle.spec.scoring, valid)
 
     def score(self, images: Sequence[ImageSource] | ImageSource) -> list[ScoreResult]:
         """Score one or many images; unreadable ones get a result with ``error`` set instead of failing the batch."""
         if isinstance(images, (str, Path, bytes, Image.Image)):
             images = [images]
         images = list(images)
-        return self._results(images, *self.embedder.prepare(images))
+        return self._results(images, self.embedder.prepare(images))
 
-    def _results(self, images: list[ImageSource], batch: np.ndarray, errors: list[str | None]) -> list[ScoreResult]:
+    def _results(self, images: list[ImageSource], prepared: Prepared) -> list[ScoreResult]:
         """Embed and score a prepared batch; one result per input image, in order."""
-        return self.results_for(images, self.score_embeddings(self.embedder.embed_arrays(batch)) if len(batch) else [], errors)
+        scores: np.ndarray | list[float] = []
+        if len(prepared.batch):
+            embeddings = self.embedder.embed_arrays(prepared.batch)
+            scores = self.score_embeddings(embeddings, self.embedder.patch_valid(prepared.sizes, embeddings))
+        return self.results_for(images, scores, prepared.errors)
 
     def results_for(self, images: Sequence[ImageSource], scores: Sequence[float] | np.ndarray, errors: list[str | None]) -> list[ScoreResult]:
         """Verdicts for ``images`` from the scores of the readable ones (in order) and a per-image error (or None)."""
@@ -214,15 +242,15 @@ class Inspector:
         the next (at most two chunks in memory).
         """
         with ThreadPoolExecutor(1, thread_name_prefix="inspector-prefetch") as prefetch:
-            pending: Future[tuple[np.ndarray, list[str | None]]] | None = None
+            pending: Future[Prepared] | None = None
             pending_images: list[ImageSource] = []
             for images in _chunks(paths, chunk):
                 upcoming = prefetch.submit(self.embedder.prepare, images)
                 if pending is not None:
-                    yield from self._results(pending_images, *pending.result())
+                    yield from self._results(pending_images, pending.result())
                 pending, pending_images = upcoming, images
             if pending is not None:
-                yield from self._results(pending_images, *pending.result())
+                yield from self._results(pending_images, pending.result())
 
 
 def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:

@@ -18,32 +18,20 @@ from PIL import Image
 
 from inspector.engine import Inspector, ScoreResult
 from inspector.errors import ImageError, InspectorError
-from inspector.preprocess import Preprocessor, load_image
-from inspector.scoring import GoldenBank, ScoringConfig
+from inspector.preprocess import Preprocessor, load_image, patch_grid
+from inspector.scoring import GoldenBank, ScoringConfig, patch_mask
 
 #: Colour stops (value in [0, 1] → RGB) of the overlay: dark blue (far below threshold) to red (well above).
 _STOPS = np.array([[0.0, 0, 0, 130], [0.35, 0, 90, 255], [0.55, 0, 230, 230], [0.67, 255, 255, 0], [0.8, 255, 120, 0], [1.0, 200, 0, 0]],
                   dtype=np.float32)
 
 
-def patch_grid(num_patches: int, height: int, width: int) -> tuple[int, int]:
-    """The (rows, cols) feature grid behind ``num_patches`` patches of an ``height`` x ``width`` input.
-
-    The embedder's grid keeps the input's aspect (strided convolutions), so of the factorisations of P the one whose
-    aspect is closest to the input's is the grid.
-    """
-    if num_patches < 1:
-        raise ValueError("no patches")
-    target = math.log(height / width)
-    pairs = [(r, num_patches // r) for r in range(1, num_patches + 1) if num_patches % r == 0]
-    return min(pairs, key=lambda rc: abs(math.log(rc[0] / rc[1]) - target))
-
-
 def patch_distance_maps(patch_embeddings: np.ndarray, references: np.ndarray | GoldenBank, scoring: ScoringConfig, height: int,
-                        width: int) -> np.ndarray:
+                        width: int, valid: np.ndarray | None = None) -> np.ndarray:
     """(N, P, D) patch embeddings → (N, rows, cols) distance of each patch to the golden bank (the score's own rule).
 
-    With ``scoring.offset`` the part's own offset is taken off every patch, so a map's maximum is the part's score.
+    With ``scoring.offset`` the part's own offset is taken off every patch, and patches off the part (``valid``,
+    letterbox padding) read 0, so a map's maximum is the part's score.
     """
     emb = np.asarray(patch_embeddings, dtype=np.float32)
     if emb.ndim != 3:
@@ -52,7 +40,10 @@ def patch_distance_maps(patch_embeddings: np.ndarray, references: np.ndarray | G
     bank = references if isinstance(references, GoldenBank) else GoldenBank(references, chunk_size=scoring.chunk_size)
     maps = bank.patch_distances(emb, scoring)
     if scoring.offset > 0:
-        maps = maps - np.float32(scoring.offset) * bank.typical_distances(emb, scoring)[:, None]
+        maps = maps - np.float32(scoring.offset) * bank.typical_distances(emb, scoring, valid)[:, None]
+    mask = patch_mask(emb, scoring, valid)
+    if mask is not None:
+        maps = np.where(mask, maps, np.float32(0.0))
     return maps.reshape(len(emb), rows, cols)
 
 
@@ -123,7 +114,8 @@ def score_with_maps(inspector: Inspector, sources: Sequence[str | Path]) -> list
     grids = np.zeros((0, 1, 1), np.float32)
     if readable:
         emb = inspector.embedder.embed_arrays(pre.batch(readable))
-        grids = patch_distance_maps(emb, inspector.golden, inspector.bundle.spec.scoring, pre.config.height, pre.config.width)
+        valid = inspector.embedder.patch_valid([img.size for img in readable], emb)
+        grids = patch_distance_maps(emb, inspector.golden, inspector.bundle.spec.scoring, pre.config.height, pre.config.width, valid)
     results = inspector.results_for(sources, grids.max(axis=(1, 2)), errors)
     maps = iter(to_image_map(g, pre, img.size) for g, img in zip(grids, readable))
     return [(result, None if img is None else next(maps), img) for result, img in zip(results, decoded)]

@@ -9,6 +9,7 @@ Training augmentation runs between ``resize`` and ``normalize`` on the uint8 arr
 from __future__ import annotations
 
 import io
+import math
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -119,6 +120,19 @@ def load_image(source: str | Path | bytes, *, max_pixels: int = DEFAULT_MAX_PIXE
         raise ImageError(label, f"cannot decode image ({exc})") from None
 
 
+def patch_grid(num_patches: int, height: int, width: int) -> tuple[int, int]:
+    """The (rows, cols) feature grid behind ``num_patches`` patches of an ``height`` x ``width`` input.
+
+    The embedder's grid keeps the input's aspect (strided convolutions), so of the factorisations of P the one whose
+    aspect is closest to the input's is the grid.
+    """
+    if num_patches < 1:
+        raise ValueError("no patches")
+    target = math.log(height / width)
+    pairs = [(r, num_patches // r) for r in range(1, num_patches + 1) if num_patches % r == 0]
+    return min(pairs, key=lambda rc: abs(math.log(rc[0] / rc[1]) - target))
+
+
 class Preprocessor:
     """Turns decoded images into the float32 NCHW batches the embedder takes."""
 
@@ -137,6 +151,23 @@ class Preprocessor:
         new_w = max(1, min(cfg.width, int(round(width * scale))))
         new_h = max(1, min(cfg.height, int(round(height * scale))))
         return new_w, new_h, (cfg.width - new_w) // 2, (cfg.height - new_h) // 2
+
+    def content_mask(self, sizes: list[tuple[int, int]], grid: tuple[int, int]) -> np.ndarray:
+        """(N, rows·cols) True for each feature-grid patch whose centre lies on the part, False on the letterbox padding.
+
+        Why: padding is not the part. Scored with it, a narrow or wide crop's patches are mostly padding, which
+        matches the golden padding exactly; the part's score and its typical patch distance then depend on how
+        its image was cropped rather than on the part (on the magnetic tiles the crop shape alone separated goods
+        from defects at AUROC 0.65; benchmarks/README.md). ``sizes`` are the original (width, height) images.
+        """
+        rows, cols = grid
+        ys = (np.arange(rows) + 0.5) * (self.config.height / rows)
+        xs = (np.arange(cols) + 0.5) * (self.config.width / cols)
+        out = np.empty((len(sizes), rows * cols), dtype=bool)
+        for i, (width, height) in enumerate(sizes):
+            new_w, new_h, left, top = self.placement(width, height)
+            out[i] = (((ys >= top) & (ys < top + new_h))[:, None] & ((xs >= left) & (xs < left + new_w))[None, :]).ravel()
+        return out
 
     def _place(self, image: Image.Image, resample: Image.Resampling, fill: int | tuple[int, ...]) -> Image.Image:
         new_w, new_h, left, top = self.placement(*image.size)

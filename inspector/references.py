@@ -216,8 +216,9 @@ def derived_provenance(parent: Bundle, change: dict[str, Any], sources: list[dic
 # --------------------------------------------------------------------------------------------------- orchestration
 
 
-def _read_and_embed(embedder: OnnxEmbedder, paths: Sequence[Path]) -> tuple[np.ndarray, list[str], list[str | None]]:
-    """Embeddings of the readable images (in order), every file's sha256 ('' if unreadable) and per-file errors."""
+def _read_and_embed(embedder: OnnxEmbedder, paths: Sequence[Path]) -> tuple[np.ndarray, np.ndarray | None, list[str], list[str | None]]:
+    """Embeddings of the readable images (in order), which of their patches lie on the part (None in image mode),
+    every file's sha256 ('' if unreadable) and per-file errors."""
     shas: list[str] = []
     pre_errors: list[str | None] = []
     for p in paths:
@@ -228,10 +229,10 @@ def _read_and_embed(embedder: OnnxEmbedder, paths: Sequence[Path]) -> tuple[np.n
             shas.append("")
             pre_errors.append(f"{p}: {exc.strerror or exc}")
     readable = [p for p, e in zip(paths, pre_errors) if e is None]
-    emb, emb_errors = embedder.embed(readable) if readable else (np.zeros((0,), np.float32), [])
+    emb, valid, emb_errors = embedder.embed_parts(readable) if readable else (np.zeros((0,), np.float32), None, [])
     it = iter(emb_errors)
     errors = [e if e is not None else next(it) for e in pre_errors]
-    return emb, shas, errors
+    return emb, valid, shas, errors
 
 
 def _fail(what: str, problems: list[str]) -> None:
@@ -273,7 +274,7 @@ def add_references(bundle_path: str | Path, images: Sequence[str | Path], out_pa
     sources = reference_sources(parent)
     embedder = OnnxEmbedder(parent.model_path, parent.spec.preprocessing, threads=threads)
 
-    emb, shas, errors = _read_and_embed(embedder, paths)
+    emb, _, shas, errors = _read_and_embed(embedder, paths)  # every patch goes in: rows per image stay fixed
     new_ids = list(ids) if ids is not None else default_ids(paths, shas)
     existing_ids = {s["id"] for s in sources}
     existing_sha = {s["sha256"]: s["id"] for s in sources if s.get("sha256")}
@@ -326,8 +327,8 @@ def add_references(bundle_path: str | Path, images: Sequence[str | Path], out_pa
 def _recalibrate(embedder: OnnxEmbedder, parent: Bundle, bank: np.ndarray, sources: list[dict[str, Any]],
                  good_paths: list[Path], bad_paths: list[Path], target_frr: float) -> Threshold:
     in_bank = {s["sha256"]: s["id"] for s in sources if s.get("sha256")}
-    good_emb, good_sha, good_err = _read_and_embed(embedder, good_paths)
-    bad_emb, bad_sha, bad_err = _read_and_embed(embedder, bad_paths) if bad_paths else (None, [], [])
+    good_emb, good_valid, good_sha, good_err = _read_and_embed(embedder, good_paths)
+    bad_emb, bad_valid, bad_sha, bad_err = _read_and_embed(embedder, bad_paths) if bad_paths else (None, None, [], [])
     problems = [e for e in good_err + bad_err if e is not None]
     for p, sha in zip(good_paths + bad_paths, good_sha + bad_sha):
         if sha and sha in in_bank:
@@ -337,8 +338,8 @@ def _recalibrate(embedder: OnnxEmbedder, parent: Bundle, bank: np.ndarray, sourc
     if problems:
         _fail("cannot re-calibrate the threshold", problems)
     scoring = parent.spec.scoring
-    good_scores = anomaly_scores(good_emb, bank, scoring)
-    bad_scores = anomaly_scores(bad_emb, bank, scoring) if bad_paths else None
+    good_scores = anomaly_scores(good_emb, bank, scoring, good_valid)
+    bad_scores = anomaly_scores(bad_emb, bank, scoring, bad_valid) if bad_paths else None
     inputs = {
         "scored_against": "new reference bank",
         "good": [{"file": str(p), "sha256": s} for p, s in zip(good_paths, good_sha)],

@@ -31,6 +31,7 @@ class ScoringConfig:
     patch_aggregation: Literal["max"] = "max"
     chunk_size: int = 8192
     offset: float = 0.0  # patch mode: minus this fraction of the part's typical (median) patch distance; see GoldenBank
+    content_only: bool = True  # patch mode: score only the patches on the part, never the letterbox padding (``valid``)
 
     def __post_init__(self) -> None:
         if self.distance != "euclidean":
@@ -51,7 +52,8 @@ class ScoringConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ScoringConfig":
-        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+        """A stored config; one written before ``content_only`` existed scored the padding too, and still does."""
+        return cls(**{"content_only": False, **{k: v for k, v in data.items() if k in cls.__dataclass_fields__}})
 
 
 def knn_distances(queries: np.ndarray, references: np.ndarray, k: int = 1, chunk_size: int = 8192) -> np.ndarray:
@@ -176,23 +178,33 @@ class GoldenBank:
         flat = emb.reshape(-1, emb.shape[-1])
         return _aggregate(self.knn_sq(flat, cfg.k), cfg).reshape(emb.shape[:-1])
 
-    def anomaly_scores(self, embeddings: np.ndarray, config: ScoringConfig | None = None) -> np.ndarray:
+    def anomaly_scores(self, embeddings: np.ndarray, config: ScoringConfig | None = None, valid: np.ndarray | None = None) -> np.ndarray:
         """One score per image: the k-NN distance (image mode) or, in patch mode, the worst patch's distance minus
-        ``config.offset`` times the part's typical patch distance (:meth:`worst_and_typical`)."""
+        ``config.offset`` times the part's typical patch distance (:meth:`worst_and_typical`).
+
+        ``valid`` (N, P): the patches on the part (:meth:`~inspector.preprocess.Preprocessor.content_mask`); with
+        ``config.content_only`` the others (letterbox padding) take no part in the score.
+        """
         cfg = config or ScoringConfig()
         emb = self._check(embeddings)
         if len(emb) == 0:
             return np.zeros((0,), dtype=np.float32)
+        mask = patch_mask(emb, cfg, valid)
         if emb.ndim == 3 and cfg.offset > 0:
-            return offset_scores(*self.worst_and_typical(emb, cfg), cfg.offset)
+            return offset_scores(*self.worst_and_typical(emb, cfg, valid), cfg.offset)
         if emb.ndim == 2 or self.cells <= 1 or emb.shape[0] * emb.shape[1] < self.min_queries:
             d = self.patch_distances(emb, cfg)
             self.last_exact_searches = d.size
-            return d if d.ndim == 1 else d.max(axis=1)
-        return self._worst_patch(emb, cfg)
+            if d.ndim == 1:
+                return d
+            return d.max(axis=1) if mask is None else np.where(mask, d, -np.inf).max(axis=1).astype(np.float32)
+        use_one_blas_thread()
+        return self._worst_patch_search(emb, cfg, None if mask is None else self._patch_bounds(emb, cfg, mask, fill=-np.inf))
 
-    def worst_and_typical(self, embeddings: np.ndarray, config: ScoringConfig | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Each part's exact worst-patch distance and its typical patch distance, both (N,).
+    def worst_and_typical(self, embeddings: np.ndarray, config: ScoringConfig | None = None,
+                          valid: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Each part's exact worst-patch distance and its typical patch distance, both (N,), over the ``valid``
+        patches (see :meth:`anomaly_scores`).
 
         Why the typical distance: parts of one product differ as a whole (lighting, surface finish, a later batch
         of material), which moves *every* patch away from the golden bank and a good part's worst patch with them;
@@ -210,26 +222,41 @@ class GoldenBank:
             raise ValueError(f"the typical patch distance needs patch embeddings (N, P, D), got shape {emb.shape}")
         if len(emb) == 0:
             return np.zeros((0,), np.float32), np.zeros((0,), np.float32)
+        mask = patch_mask(emb, cfg, valid)
         if self.cells <= 1:
             d = self.patch_distances(emb, cfg)
             self.last_exact_searches = d.size
-            return d.max(axis=1), np.median(d, axis=1).astype(np.float32)
-        bound = self._patch_bounds(emb, cfg)
-        return self._worst_patch_search(emb, cfg, bound), np.median(bound, axis=1).astype(np.float32)
+            if mask is None:
+                return d.max(axis=1), np.median(d, axis=1).astype(np.float32)
+            return np.where(mask, d, -np.inf).max(axis=1).astype(np.float32), _masked_median(d, mask)
+        bound = self._patch_bounds(emb, cfg, mask, fill=np.nan)
+        typical = np.median(bound, axis=1).astype(np.float32) if mask is None else _masked_median(bound, mask)
+        if mask is not None:
+            bound[~mask] = -np.inf
+        return self._worst_patch_search(emb, cfg, bound), typical
 
-    def typical_distances(self, embeddings: np.ndarray, config: ScoringConfig | None = None) -> np.ndarray:
+    def typical_distances(self, embeddings: np.ndarray, config: ScoringConfig | None = None, valid: np.ndarray | None = None) -> np.ndarray:
         """Each part's typical patch distance (N,), exactly as :meth:`worst_and_typical` computes it."""
         cfg = config or ScoringConfig()
         emb = self._check(embeddings)
         if emb.ndim != 3:
             raise ValueError(f"the typical patch distance needs patch embeddings (N, P, D), got shape {emb.shape}")
+        mask = patch_mask(emb, cfg, valid)
         if self.cells <= 1:
-            return np.median(self.patch_distances(emb, cfg), axis=1).astype(np.float32)
-        return np.median(self._patch_bounds(emb, cfg), axis=1).astype(np.float32)
+            d = self.patch_distances(emb, cfg)
+        else:
+            d = self._patch_bounds(emb, cfg, mask, fill=np.nan)
+        return np.median(d, axis=1).astype(np.float32) if mask is None else _masked_median(d, mask)
 
-    def _patch_bounds(self, emb: np.ndarray, cfg: ScoringConfig) -> np.ndarray:
+    def _patch_bounds(self, emb: np.ndarray, cfg: ScoringConfig, mask: np.ndarray | None = None, fill: float = np.nan) -> np.ndarray:
+        """Each patch's upper bound (N, P); with ``mask`` only the masked-in patches are searched, the rest get ``fill``."""
         use_one_blas_thread()
-        return self._upper_bounds(np.ascontiguousarray(emb.reshape(-1, emb.shape[-1])), cfg).reshape(emb.shape[:2])
+        flat = emb.reshape(-1, emb.shape[-1])
+        if mask is None:
+            return self._upper_bounds(np.ascontiguousarray(flat), cfg).reshape(emb.shape[:2])
+        out = np.full(emb.shape[:2], fill, dtype=np.float32)
+        out[mask] = self._upper_bounds(np.ascontiguousarray(flat[mask.ravel()]), cfg)
+        return out
 
     def _check(self, embeddings: np.ndarray) -> np.ndarray:
         emb = np.asarray(embeddings, dtype=np.float32)
@@ -238,11 +265,6 @@ class GoldenBank:
         if emb.shape[-1] != self.dim:
             raise ValueError(f"embedding sizes differ: queries {emb.shape[-1]}, references {self.dim}")
         return emb
-
-    def _worst_patch(self, emb: np.ndarray, cfg: ScoringConfig) -> np.ndarray:
-        """Exact max over patches of the k-NN distance, searching exactly only the patches that could be the max."""
-        use_one_blas_thread()
-        return self._worst_patch_search(emb, cfg)
 
     def _worst_patch_search(self, emb: np.ndarray, cfg: ScoringConfig, bound: np.ndarray | None = None) -> np.ndarray:
         n, p, dim = emb.shape
@@ -418,17 +440,40 @@ def patch_distances(embeddings: np.ndarray, references: np.ndarray | GoldenBank,
     return bank.patch_distances(embeddings, cfg)
 
 
-def anomaly_scores(embeddings: np.ndarray, references: np.ndarray | GoldenBank, config: ScoringConfig | None = None) -> np.ndarray:
+def anomaly_scores(embeddings: np.ndarray, references: np.ndarray | GoldenBank, config: ScoringConfig | None = None,
+                   valid: np.ndarray | None = None) -> np.ndarray:
     """One score per image (higher = more anomalous): distance to the golden references, worst patch in patch mode.
 
     Pass a :class:`GoldenBank` to reuse its preparation across calls (the line does); a plain array is prepared
-    on every call.
+    on every call. ``valid``: see :meth:`GoldenBank.anomaly_scores`.
     """
     if len(embeddings) == 0:
         return np.zeros((0,), dtype=np.float32)
     cfg = config or ScoringConfig()
     bank = references if isinstance(references, GoldenBank) else GoldenBank(references, chunk_size=cfg.chunk_size)
-    return bank.anomaly_scores(embeddings, cfg)
+    return bank.anomaly_scores(embeddings, cfg, valid)
+
+
+def patch_mask(embeddings: np.ndarray, config: ScoringConfig, valid: np.ndarray | None) -> np.ndarray | None:
+    """The patches a score may use, (N, P) bool, or None for all of them (image mode, no mask, or a config that
+    scores the padding). A part with no patch on it (a sliver of an image) falls back to all its patches."""
+    if valid is None or not config.content_only or np.ndim(embeddings) != 3:
+        return None
+    mask = np.asarray(valid, dtype=bool)
+    if mask.shape != embeddings.shape[:2]:
+        raise ValueError(f"patch mask of shape {mask.shape} for embeddings of shape {embeddings.shape}: one flag per patch")
+    if mask.all():
+        return None
+    empty = ~mask.any(axis=1)
+    if empty.any():
+        mask = mask.copy()
+        mask[empty] = True
+    return mask
+
+
+def _masked_median(d: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Row medians (N,) of ``d`` (N, P) over the masked-in entries of each row."""
+    return np.array([np.median(row[m]) for row, m in zip(d, mask)], dtype=np.float32)
 
 
 def offset_scores(worst: np.ndarray, typical: np.ndarray, offset: float) -> np.ndarray:

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from inspector.metrics import roc_auc
+from inspector.preprocess import PreprocessConfig, Preprocessor, patch_grid
 from inspector.scoring import ScoringConfig, anomaly_scores
 from models.losses import (
     contrastive_loss,
@@ -116,6 +117,8 @@ class ValidationData:
     queries: Tensor
     labels: np.ndarray
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    query_sizes: list[tuple[int, int]] | None = None  # original (width, height): patch scores skip letterbox padding
+    preprocess: PreprocessConfig | None = None  # the geometry the queries went through (with query_sizes)
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -152,7 +155,11 @@ def validate(embedder: Embedder, data: ValidationData, device: torch.device | No
     """Validation image AUROC (scored like the line) and the mean per-dimension embedding variance."""
     refs = embed_tensor(embedder, data.references, device=device)
     queries = embed_tensor(embedder, data.queries, device=device)
-    scores = anomaly_scores(queries, refs, data.scoring)
+    valid = None
+    if queries.ndim == 3 and data.query_sizes is not None and data.preprocess is not None:
+        cfg = data.preprocess
+        valid = Preprocessor(cfg).content_mask(data.query_sizes, patch_grid(queries.shape[1], cfg.height, cfg.width))
+    scores = anomaly_scores(queries, refs, data.scoring, valid)
     both = np.concatenate([refs, queries])
     variance = float(both.reshape(-1, both.shape[-1]).var(axis=0).mean())
     return roc_auc(data.labels, scores), variance

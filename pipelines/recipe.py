@@ -22,7 +22,7 @@ from inspector.calibration import calibrate
 from inspector.engine import Inspector, OnnxEmbedder
 from inspector.metrics import average_precision, rates_at_threshold, roc_auc
 from inspector.preprocess import PreprocessConfig, Preprocessor, load_image
-from inspector.scoring import GoldenBank, ScoringConfig, anomaly_scores, offset_scores
+from inspector.scoring import GoldenBank, ScoringConfig, anomaly_scores, offset_scores, patch_mask
 from models.export import check_parity, export_onnx
 from models.coreset import greedy_coreset
 from models.pairs import LabelledImageDataset, PatchPairDataset, default_augmentation
@@ -159,12 +159,21 @@ def validation_data(split: DataSplit, recipe: Recipe) -> ValidationData | None:
         resized = [pre.resize(load_image(p)) for p in split.calibration_good[:half]]
         bad = pre.normalize(np.stack([synth(img, np.random.default_rng([recipe.seed, 7, i]))[0] for i, img in enumerate(resized)]))
     labels = np.r_[np.zeros(len(good)), np.ones(len(bad))]
+    good_sizes = image_sizes(split.calibration_good[:half])
+    bad_sizes = image_sizes(split.validation_defective[:half]) if split.validation_defective else good_sizes
     return ValidationData(
         references=torch.from_numpy(load_preprocessed(refs, pre)),
         queries=torch.from_numpy(np.concatenate([good, bad])),
         labels=labels,
         scoring=recipe.scoring,
+        query_sizes=good_sizes + bad_sizes,
+        preprocess=recipe.preprocess,
     )
+
+
+def image_sizes(paths: Sequence[Path]) -> list[tuple[int, int]]:
+    """Each image's upright (width, height), as the line decodes it (for the patch content mask)."""
+    return [load_image(p).size for p in paths]
 
 
 def fit_embedder(split: DataSplit, recipe: Recipe, checkpoint_dir: Path | None = None, *, resume: bool = False) -> tuple[Embedder | PatchEmbedder, TrainHistory]:
@@ -206,7 +215,7 @@ def fit_embedder(split: DataSplit, recipe: Recipe, checkpoint_dir: Path | None =
     return embedder.cpu().eval(), history
 
 
-def reference_bank(embeddings: np.ndarray, recipe: Recipe) -> np.ndarray:
+def reference_bank(embeddings: np.ndarray, recipe: Recipe, valid: np.ndarray | None = None) -> np.ndarray:
     """Image embeddings as they are; patch embeddings flattened and cut to ``max_bank_patches``.
 
     ``coreset`` (default): PatchCore's greedy k-center choice keeps rare-but-normal patches, so the worst good parts
@@ -220,6 +229,9 @@ def reference_bank(embeddings: np.ndarray, recipe: Recipe) -> np.ndarray:
     if embeddings.ndim == 2:
         return embeddings
     flat = embeddings.reshape(-1, embeddings.shape[-1])
+    mask = patch_mask(embeddings, recipe.scoring, valid)
+    if mask is not None:  # letterbox padding is never scored, so it takes no room in the bank
+        flat = flat[mask.ravel()]
     size = recipe.max_bank_patches
     if len(flat) <= size:
         return flat
@@ -236,7 +248,8 @@ def reference_bank(embeddings: np.ndarray, recipe: Recipe) -> np.ndarray:
 
 def choose_offset(bank: GoldenBank, good: np.ndarray, defective: np.ndarray, scoring: ScoringConfig, candidates: Sequence[float], *,
                   confidence: float = 0.95, resamples: int = 400, seed: int = 0, good_groups: Sequence[str] | None = None,
-                  defective_groups: Sequence[str] | None = None) -> tuple[ScoringConfig, dict[str, Any]]:
+                  defective_groups: Sequence[str] | None = None, good_valid: np.ndarray | None = None,
+                  defective_valid: np.ndarray | None = None) -> tuple[ScoringConfig, dict[str, Any]]:
     """The scoring offset (``ScoringConfig.offset``) for this product: the configured one unless the held-out parts
     show another candidate separating goods from defects better, in at least ``confidence`` of bootstrap resamples.
 
@@ -250,7 +263,7 @@ def choose_offset(bank: GoldenBank, good: np.ndarray, defective: np.ndarray, sco
     of one tile are one piece of evidence, not six. Returns the scoring to use and what was measured (recorded in
     the threshold's details).
     """
-    return pick_offset(bank.worst_and_typical(good, scoring), bank.worst_and_typical(defective, scoring), scoring, candidates,
+    return pick_offset(bank.worst_and_typical(good, scoring, good_valid), bank.worst_and_typical(defective, scoring, defective_valid), scoring, candidates,
                        confidence=confidence, resamples=resamples, seed=seed, good_groups=good_groups, defective_groups=defective_groups)
 
 
@@ -302,27 +315,27 @@ def build_bundle(embedder: Embedder | PatchEmbedder, split: DataSplit, recipe: R
         parity_paths = (split.calibration_good or split.train_good)[:8]
         parity = check_parity(embedder, onnx_path, load_preprocessed(parity_paths, pre))
         onnx = OnnxEmbedder(onnx_path, recipe.preprocess)
-        references, ref_errors = onnx.embed(split.train_good)
+        references, ref_valid, ref_errors = onnx.embed_parts(split.train_good)
         bad_refs = [e for e in ref_errors if e]
         if bad_refs:
             raise ValueError(f"{len(bad_refs)} golden reference images could not be read: {bad_refs[:3]}")
-        references = reference_bank(references, recipe)
+        references = reference_bank(references, recipe, ref_valid)
         patch_mode = getattr(embedder, "mode", "global") == "patch"
         scoring = recipe.scoring if patch_mode else replace(recipe.scoring, offset=0.0)  # the offset is a patch-mode rule
         if split.calibration_good:
-            cal_emb, _ = onnx.embed(split.calibration_good)
-            val_emb, _ = onnx.embed(split.validation_defective)
+            cal_emb, cal_valid, _ = onnx.embed_parts(split.calibration_good)
+            val_emb, val_valid, _ = onnx.embed_parts(split.validation_defective)
             bank = GoldenBank(references, chunk_size=scoring.chunk_size)
             choice: dict[str, Any] = {}
             if len(val_emb) and patch_mode and recipe.offset_candidates:  # one search of each set serves choice and calibration
-                searched = bank.worst_and_typical(cal_emb, scoring), bank.worst_and_typical(val_emb, scoring)
+                searched = bank.worst_and_typical(cal_emb, scoring, cal_valid), bank.worst_and_typical(val_emb, scoring, val_valid)
                 scoring, choice = pick_offset(*searched, scoring, recipe.offset_candidates, confidence=recipe.offset_confidence, seed=recipe.seed,
                                               good_groups=split.group_ids(split.calibration_good),
                                               defective_groups=split.group_ids(split.validation_defective))
                 cal_scores, val_scores = (offset_scores(*s, scoring.offset) for s in searched)
             else:
-                cal_scores = anomaly_scores(cal_emb, bank, scoring)
-                val_scores = anomaly_scores(val_emb, bank, scoring) if len(val_emb) else None
+                cal_scores = anomaly_scores(cal_emb, bank, scoring, cal_valid)
+                val_scores = anomaly_scores(val_emb, bank, scoring, val_valid) if len(val_emb) else None
             threshold = calibrate(
                 cal_scores,
                 val_scores,

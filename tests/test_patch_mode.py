@@ -70,6 +70,20 @@ def test_greedy_coreset_keeps_rare_points() -> None:
     assert np.array_equal(greedy_coreset(points, 5000), np.arange(len(points)))
 
 
+def test_greedy_coreset_from_given_centres_adds_what_they_miss() -> None:
+    rng = np.random.default_rng(1)
+    common = rng.normal(scale=0.01, size=(1000, 8)).astype(np.float32)
+    rare = np.array([[5.0] * 8, [-5.0] * 8, [5.0, -5.0] * 4], np.float32)
+    points = np.concatenate([common, rare])
+    given = np.arange(0, 1000, 10)  # a "random" subset that covers the common cluster only
+    added = greedy_coreset(points, 3, given=given, projection_dim=8)
+    assert sorted(added.tolist()) == [1000, 1001, 1002], "the three uncovered rare points come first"
+    assert not set(greedy_coreset(points, 50, given=given, projection_dim=8).tolist()) & set(given.tolist())
+    assert np.array_equal(greedy_coreset(points, 2000, given=given), np.setdiff1d(np.arange(len(points)), given))
+    with pytest.raises(ValueError, match="given centre"):
+        greedy_coreset(points, 3, given=np.array([5000]))
+
+
 def test_reference_bank_random_subset_keeps_density_and_coreset_spreads() -> None:
     from pipelines.recipe import reference_bank, tiny_recipe
 
@@ -370,3 +384,71 @@ def test_split_records_each_images_capture_group(tmp_path: Path) -> None:
     ids = split.group_ids(split.calibration_good + split.train_good)
     assert len(set(ids)) < len(ids)  # photos of one part share a group
     assert split.group_ids([tmp_path / "unknown.png"]) == [f"image:{tmp_path / 'unknown.png'}"]
+
+
+def test_content_mask_follows_the_letterbox() -> None:
+    pre = Preprocessor(PreprocessConfig(height=64, width=32))  # an 8x4 grid of 8-px patches
+    tall = pre.content_mask([(32, 64)], (8, 4))  # the canvas' own shape: every patch on the part
+    assert tall.shape == (1, 32) and tall.all()
+    wide = pre.content_mask([(64, 32)], (8, 4)).reshape(8, 4)  # 32x16 on the canvas, rows 24..40
+    assert wide.all(axis=1).tolist() == [False, False, False, True, True, False, False, False]
+    narrow = pre.content_mask([(4, 64)], (8, 4)).reshape(8, 4)  # x 14..18 on the canvas: no column centre (4, 12, 20, 28) on it
+    assert not narrow.any()
+    stretch = Preprocessor(PreprocessConfig(height=64, width=32, resize="stretch")).content_mask([(64, 32)], (8, 4))
+    assert stretch.all(), "a stretched image has no padding"
+
+
+@pytest.mark.parametrize("cells", [0, None])
+@pytest.mark.parametrize("offset", [0.0, 0.5])
+def test_scores_use_only_the_patches_on_the_part(cells: int | None, offset: float) -> None:
+    """Padding patches neither raise the score (a far one) nor lower the typical distance (near ones)."""
+    rng = np.random.default_rng(11)
+    centres = rng.normal(size=(30, 16))
+    bank = _clustered_patches(rng, centres, 3000, 0.1)
+    parts = _clustered_patches(rng, centres, 5 * 64, 0.2).reshape(5, 64, 16)
+    valid = np.ones((5, 64), bool)
+    valid[1, :40] = False  # mostly padding
+    valid[2, 5] = False
+    parts[2, 5] = 3.0  # the far patch lies on the padding: it must not count
+    valid[3] = False  # no patch on the part: all of them count rather than none
+    exact = patch_distances(parts, bank)
+    golden = GoldenBank(bank, cells=cells)
+    cfg = ScoringConfig(offset=offset)
+    worst, typical = golden.worst_and_typical(parts, cfg, valid)
+    on = np.where(valid.any(axis=1, keepdims=True), valid, True)
+    assert np.allclose(worst, [exact[i][on[i]].max() for i in range(5)], atol=1e-5)
+    assert np.allclose(typical, [np.median(exact[i][on[i]]) for i in range(5)], rtol=0.05)
+    scores = golden.anomaly_scores(parts, cfg, valid)
+    assert np.allclose(scores, worst - offset * typical, atol=1e-5)
+    assert scores[2] < exact[2].max() - 1.0, "the far padding patch is ignored"
+    assert np.allclose(anomaly_scores(parts, golden, cfg, valid), scores, atol=1e-6)
+    # a config that scores the padding (bundles written before the option) ignores the mask
+    old = ScoringConfig.from_dict({"offset": offset})
+    assert not old.content_only and np.allclose(golden.anomaly_scores(parts, old, valid), golden.anomaly_scores(parts, old), atol=1e-6)
+    with pytest.raises(ValueError, match="one flag per patch"):
+        golden.anomaly_scores(parts, cfg, valid[:, :10])
+
+
+def test_heatmap_reads_zero_off_the_part_and_keeps_the_score() -> None:
+    from inspector.heatmap import patch_distance_maps
+
+    rng = np.random.default_rng(6)
+    centres = rng.normal(size=(20, 8))
+    bank = GoldenBank(_clustered_patches(rng, centres, 2500, 0.1))
+    parts = _clustered_patches(rng, centres, 3 * 12, 0.2).reshape(3, 12, 8)
+    valid = np.ones((3, 12), bool)
+    valid[0, :3] = False
+    parts[0, 0] = 5.0
+    cfg = ScoringConfig(offset=0.5)
+    maps = patch_distance_maps(parts, bank, cfg, 16, 12, valid)
+    assert (maps[0].ravel()[:3] == 0).all()
+    assert np.allclose(maps.max(axis=(1, 2)), bank.anomaly_scores(parts, cfg, valid), atol=1e-5)
+
+
+def test_golden_bank_holds_no_padding() -> None:
+    from pipelines.recipe import reference_bank, tiny_recipe
+
+    emb = np.arange(2 * 6 * 3, dtype=np.float32).reshape(2, 6, 3)
+    valid = np.array([[True] * 6, [False, False, True, True, False, False]])
+    assert reference_bank(emb, tiny_recipe(), valid).shape == (8, 3)
+    assert reference_bank(emb, tiny_recipe()).shape == (12, 3)
