@@ -156,6 +156,32 @@ def content_masks(paths: list[Path], pre: Preprocessor, grid: tuple[int, int]) -
     return np.stack(out)
 
 
+def part_descriptors(parts: np.ndarray, content: np.ndarray) -> np.ndarray:
+    """One whole-part descriptor per image: the L2-normalised mean of its on-part patch features (N, C)."""
+    mask = np.where(content.any(axis=1, keepdims=True), content, True)[..., None]
+    mean = (parts * mask).sum(axis=1) / mask.sum(axis=1)
+    return np.ascontiguousarray(mean / np.maximum(np.linalg.norm(mean, axis=1, keepdims=True), 1e-12), dtype=np.float32)
+
+
+def fused_scores(agg: str, d: np.ndarray, cal_d: np.ndarray, content: np.ndarray, cal_content: np.ndarray,
+                 global_scores: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """``cglobal``: the whole-part distance alone. ``cfuse[sum]:RULE``: the patch rule RULE and the whole-part
+    distance, each standardised on the calibration goods (median, IQR), combined by max (or sum)."""
+    if agg == "cglobal":
+        return global_scores["test"], global_scores["cal"]
+    head, rule = agg.split(":")
+    patch, cal_patch = aggregate(d, rule, content), aggregate(cal_d, rule, cal_content)
+
+    def z(values: np.ndarray, ref: np.ndarray) -> np.ndarray:
+        q1, med, q3 = np.percentile(ref, [25, 50, 75])
+        return (values - med) / max(q3 - q1, 1e-9)
+
+    combine = np.add if head == "cfusesum" else np.maximum
+    test = combine(z(patch, cal_patch), z(global_scores["test"], global_scores["cal"]))
+    cal = combine(z(cal_patch, cal_patch), z(global_scores["cal"], global_scores["cal"]))
+    return test, cal
+
+
 def aggregate(d: np.ndarray, agg: str, content: np.ndarray | None = None) -> np.ndarray:
     """One score per image from its (N, P) patch distances (see ``--aggregations``); prefix ``c``: over the
     patches on the part only (``content``, from :func:`content_masks`)."""
@@ -187,6 +213,7 @@ def main() -> None:
     p.add_argument("--density-k", type=int, default=0, help="> 0: also score each patch as its distance over its "
                    "nearest bank patch's distance to that patch's k-th bank neighbour (aggregations prefixed 'dens-')")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--bank-content", action="store_true", help="keep only the train goods' on-part patches in the bank (the product's rule)")
     p.add_argument("--cache", type=Path, default=None, help="folder that keeps the stage maps between runs (e.g. runs/probe_cache)")
     args = p.parse_args()
     torch.set_num_threads(os.cpu_count() or 2)
@@ -214,25 +241,36 @@ def main() -> None:
         combos = [(v, t, m) for v in parsed for t in args.transforms.split(",") for m in args.bank_modes.split(",")]
         for (variant, grid_kind, name), transform, mode in combos:
             t0 = time.perf_counter()
-            bank = fuse(bank_maps, variant, stride_of, grid_kind, transform).reshape(-1, sum(bank_maps[s].shape[1] for s in variant))
-            bank = np.ascontiguousarray(select_bank(bank, mode, args.bank, rng))
-            queries = fuse(test_maps, variant, stride_of, grid_kind, transform)
-            n, n_patches = queries.shape[:2]
             grid = test_maps[max(variant, key=lambda v: stride_of[v]) if grid_kind == "coarse" else min(variant, key=lambda v: stride_of[v])].shape[-2:]
             test_content = content_masks([r.path for r in test], pre, grid)
             cal_content = content_masks([r.path for r in cal], pre, grid) if cal else None
+            bank_parts = fuse(bank_maps, variant, stride_of, grid_kind, transform)
+            bank_content = content_masks([r.path for r in train], pre, grid)
+            bank = bank_parts[bank_content] if args.bank_content else bank_parts.reshape(-1, bank_parts.shape[-1])
+            bank = np.ascontiguousarray(select_bank(bank, mode, args.bank, rng))
+            queries = fuse(test_maps, variant, stride_of, grid_kind, transform)
+            n, n_patches = queries.shape[:2]
             dist, idx = nearest(queries.reshape(n * n_patches, -1), bank)
             rules = [("", dist.reshape(n, n_patches))]
             cal_d = None
             if cal_maps is not None:
                 cal_q = fuse(cal_maps, variant, stride_of, grid_kind, transform)
                 cal_d = nearest(cal_q.reshape(-1, cal_q.shape[-1]), bank)[0].reshape(len(cal_q), -1)
+                whole = {"test": part_descriptors(queries, test_content), "cal": part_descriptors(cal_q, cal_content)}
+                bank_whole = part_descriptors(bank_parts, bank_content)
+                global_scores = {k: nearest(v, bank_whole)[0] for k, v in whole.items()}
             if args.density_k > 0:
                 rules.append(("dens-", (dist / np.maximum(bank_radius(bank, args.density_k)[idx], 1e-6)).reshape(n, n_patches)))
             for prefix, d in rules:
                 for agg in args.aggregations.split(","):
-                    scores = aggregate(d, agg, test_content)
-                    res = per_type(scores, test, aggregate(cal_d, agg, cal_content) if cal_d is not None and not prefix else None)
+                    if agg.startswith(("cglobal", "cfuse")):  # whole-part distance, alone or fused with a patch rule
+                        if cal_d is None or prefix:
+                            continue
+                        scores, cal_scores = fused_scores(agg, d, cal_d, test_content, cal_content, global_scores)
+                    else:
+                        scores = aggregate(d, agg, test_content)
+                        cal_scores = aggregate(cal_d, agg, cal_content) if cal_d is not None and not prefix else None
+                    res = per_type(scores, test, cal_scores)
                     cells = " ".join(f"{t}={v:.3f}" for t, v in res.items())
                     label = f"{name}/{transform}/{mode}:{len(bank)}"
                     print(f"  {label:<30} {n_patches:>5} patches  {prefix + agg:<10} {cells}  ({time.perf_counter() - t0:.0f} s)", flush=True)
