@@ -30,7 +30,7 @@ from inspector.calibration import CalibrationError, calibrate
 from inspector.engine import OnnxEmbedder
 from inspector.errors import BundleError, InspectorError
 from inspector.metrics import roc_auc
-from inspector.scoring import anomaly_scores
+from inspector.scoring import anomaly_scores, patch_mask
 
 INITIAL_SOURCE = "initial"
 SOURCES_KEY = "reference_sources"
@@ -103,16 +103,21 @@ def row_ids(sources: Sequence[dict[str, Any]]) -> list[str]:
     return out
 
 
-def flatten_embeddings(embeddings: np.ndarray, mode: str, dim: int) -> tuple[np.ndarray, int]:
-    """Model output → bank rows: (N, D) stays, (N, P, D) becomes (N·P, D). Returns rows and rows per image."""
+def flatten_embeddings(embeddings: np.ndarray, mode: str, dim: int, on_part: np.ndarray | None = None) -> tuple[np.ndarray, list[int]]:
+    """Model output → bank rows: (N, D) stays, (N, P, D) becomes its patches, only those on the part where
+    ``on_part`` (N, P) is given (letterbox padding is never scored, so it is not stored). Returns the rows and
+    each image's row count."""
     emb = np.asarray(embeddings, dtype=np.float32)
     want = 2 if mode == "image" else 3
     if emb.ndim != want:
         raise BundleError(f"the bundle is in {mode} mode but its model outputs embeddings of shape {emb.shape}")
     if emb.shape[-1] != dim:
         raise BundleError(f"the model outputs {emb.shape[-1]}-d embeddings but the bank is {dim}-d")
-    per_image = 1 if mode == "image" else int(emb.shape[1])
-    return emb.reshape(-1, emb.shape[-1]), per_image
+    if mode == "image":
+        return emb, [1] * len(emb)
+    if on_part is None:
+        return emb.reshape(-1, emb.shape[-1]), [int(emb.shape[1])] * len(emb)
+    return emb[on_part], [int(n) for n in on_part.sum(axis=1)]
 
 
 def default_ids(paths: Sequence[Path], shas: Sequence[str]) -> list[str]:
@@ -121,19 +126,21 @@ def default_ids(paths: Sequence[Path], shas: Sequence[str]) -> list[str]:
     return [n if names.count(n) == 1 else f"{n}@{s[:8]}" for n, s in zip(names, shas)]
 
 
-def append_references(bank: np.ndarray, sources: Sequence[dict[str, Any]], new_rows: np.ndarray, rows_per_image: int,
+def append_references(bank: np.ndarray, sources: Sequence[dict[str, Any]], new_rows: np.ndarray, rows_per_image: int | Sequence[int],
                       ids: Sequence[str], shas: Sequence[str | None]) -> tuple[np.ndarray, list[dict[str, Any]]]:
-    """Append ``len(ids)`` images' rows (``rows_per_image`` each, in order) to the bank and the source list."""
-    if len(new_rows) != rows_per_image * len(ids):
+    """Append ``len(ids)`` images' rows (``rows_per_image``: one count for all, or one per image; in order) to the
+    bank and the source list."""
+    counts = [int(rows_per_image)] * len(ids) if isinstance(rows_per_image, (int, np.integer)) else [int(n) for n in rows_per_image]
+    if len(counts) != len(ids) or len(new_rows) != sum(counts):
         raise ValueError(f"{len(new_rows)} rows for {len(ids)} images of {rows_per_image} rows each")
     out_sources = [dict(s, rows=list(s["rows"])) for s in sources]
     start = int(bank.shape[0])
-    for ref_id, sha in zip(ids, shas):
-        entry: dict[str, Any] = {"id": ref_id, "rows": [start, start + rows_per_image]}
+    for ref_id, sha, n in zip(ids, shas, counts):
+        entry: dict[str, Any] = {"id": ref_id, "rows": [start, start + n]}
         if sha:
             entry["sha256"] = sha
         out_sources.append(entry)
-        start += rows_per_image
+        start += n
     return np.concatenate([np.asarray(bank, dtype=np.float32), np.asarray(new_rows, dtype=np.float32)]), out_sources
 
 
@@ -274,7 +281,7 @@ def add_references(bundle_path: str | Path, images: Sequence[str | Path], out_pa
     sources = reference_sources(parent)
     embedder = OnnxEmbedder(parent.model_path, parent.spec.preprocessing, threads=threads)
 
-    emb, _, shas, errors = _read_and_embed(embedder, paths)  # every patch goes in: rows per image stay fixed
+    emb, on_part, shas, errors = _read_and_embed(embedder, paths)
     new_ids = list(ids) if ids is not None else default_ids(paths, shas)
     existing_ids = {s["id"] for s in sources}
     existing_sha = {s["sha256"]: s["id"] for s in sources if s.get("sha256")}
@@ -303,8 +310,10 @@ def add_references(bundle_path: str | Path, images: Sequence[str | Path], out_pa
     if not keep:
         _fail(f"no usable images to add to {bundle_path}", [msg for _, msg in skippable])
     readable_index = [i for i, e in enumerate(errors) if e is None]
-    emb_keep = emb[[readable_index.index(i) for i in keep]]
-    rows, per_image = flatten_embeddings(emb_keep, mode, int(parent.references.shape[1]))
+    kept_rows = [readable_index.index(i) for i in keep]
+    emb_keep = emb[kept_rows]
+    mask = patch_mask(emb_keep, parent.spec.scoring, on_part[kept_rows] if on_part is not None else None)
+    rows, per_image = flatten_embeddings(emb_keep, mode, int(parent.references.shape[1]), mask)
     bank, new_sources = append_references(parent.references, sources, rows, per_image,
                                           [new_ids[i] for i in keep], [shas[i] for i in keep])
 
@@ -314,7 +323,7 @@ def add_references(bundle_path: str | Path, images: Sequence[str | Path], out_pa
 
     change = {
         "action": "add",
-        "added": [{"id": new_ids[i], "file": str(paths[i]), "sha256": shas[i], "rows": per_image} for i in keep],
+        "added": [{"id": new_ids[i], "file": str(paths[i]), "sha256": shas[i], "rows": n} for i, n in zip(keep, per_image)],
         "skipped": [msg for _, msg in skippable],
         "threshold_before": parent.spec.threshold.to_dict(),
         "recalibrated": bool(good_paths),

@@ -216,3 +216,23 @@ def test_image_mode_bundle_keeps_one_id_per_row(tmp_path: Path) -> None:
 def _write(path: Path, model) -> Path:  # noqa: ANN001 - an onnx.ModelProto
     path.write_bytes(model.SerializeToString())
     return path
+
+
+def test_added_references_keep_only_the_patches_on_the_part(tiny_bundle: Path, tmp_path: Path) -> None:
+    """A letterboxed reference adds only its on-part patches, as training's bank does; its own score stays ~0."""
+    narrow = tmp_path / "narrow.png"
+    Image.fromarray(np.random.default_rng(9).integers(0, 255, (20, 40, 3), dtype=np.uint8)).save(narrow)  # 32x16 on the canvas
+    inspector = Inspector.from_bundle(tiny_bundle, threads=1)
+    emb, on_part, _ = inspector.embedder.embed_parts([narrow])
+    assert on_part is not None and 0 < on_part.sum() < on_part.size
+    parent = load_bundle(tiny_bundle)
+    out = add_references(tiny_bundle, [narrow], tmp_path / "v2", threads=1)
+    child = load_bundle(out)
+    n0, kept = len(parent.references), int(on_part.sum())
+    assert child.references.shape[0] == n0 + kept
+    np.testing.assert_allclose(child.references[n0:], emb[0][on_part[0]], atol=1e-6)
+    assert child.spec.provenance["reference_sources"][-1]["rows"] == [n0, n0 + kept]
+    assert child.spec.provenance["reference_change"]["added"][0]["rows"] == kept
+    assert _score(out, [narrow])[0] < 5e-3 < _score(tiny_bundle, [narrow])[0]
+    v3 = remove_references(out, ["narrow.png"], tmp_path / "v3")
+    np.testing.assert_array_equal(load_bundle(v3).references, parent.references)
