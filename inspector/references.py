@@ -126,13 +126,11 @@ def default_ids(paths: Sequence[Path], shas: Sequence[str]) -> list[str]:
     return [n if names.count(n) == 1 else f"{n}@{s[:8]}" for n, s in zip(names, shas)]
 
 
-def append_references(bank: np.ndarray, sources: Sequence[dict[str, Any]], new_rows: np.ndarray, rows_per_image: int | Sequence[int],
+def append_references(bank: np.ndarray, sources: Sequence[dict[str, Any]], new_rows: np.ndarray, counts: Sequence[int],
                       ids: Sequence[str], shas: Sequence[str | None]) -> tuple[np.ndarray, list[dict[str, Any]]]:
-    """Append ``len(ids)`` images' rows (``rows_per_image``: one count for all, or one per image; in order) to the
-    bank and the source list."""
-    counts = [int(rows_per_image)] * len(ids) if isinstance(rows_per_image, (int, np.integer)) else [int(n) for n in rows_per_image]
+    """Append ``len(ids)`` images' rows (``counts[i]`` rows for image i, in order) to the bank and the source list."""
     if len(counts) != len(ids) or len(new_rows) != sum(counts):
-        raise ValueError(f"{len(new_rows)} rows for {len(ids)} images of {rows_per_image} rows each")
+        raise ValueError(f"{len(new_rows)} rows for {len(ids)} images of {list(counts)} rows")
     out_sources = [dict(s, rows=list(s["rows"])) for s in sources]
     start = int(bank.shape[0])
     for ref_id, sha, n in zip(ids, shas, counts):
