@@ -30,7 +30,9 @@ from inspector.preprocess import PreprocessConfig, Preprocessor, load_image  # n
 from inspector.scoring import patch_distances  # noqa: E402
 from models.backbones import build_backbone  # noqa: E402
 from models.coreset import greedy_coreset  # noqa: E402
-from pipelines.datasets import ImageRecord, scan_mvtec  # noqa: E402
+from pipelines.datasets import ImageRecord, group_by_number_gaps, scan_mvtec  # noqa: E402
+from pipelines.ingest import SplitFractions, assign_splits, build_manifest  # noqa: E402
+from pipelines.recipe import Recipe  # noqa: E402
 
 
 def stage_maps(paths: list[Path], pre: Preprocessor, stages: list[int], batch: int = 16) -> dict[int, np.ndarray]:
@@ -143,6 +145,27 @@ def per_type(scores: np.ndarray, records: list[ImageRecord], cal_scores: np.ndar
     return result
 
 
+def product_split_defects(records: list[ImageRecord], test: list[ImageRecord], pattern: str, gap: int) -> np.ndarray:
+    """Which of ``test`` are defects the product split (``quality.py``'s manifest split, same groups) tests on."""
+    groups = group_by_number_gaps([r.path for r in records], pattern, gap)
+    split = assign_splits(build_manifest(records, group_of=groups), SplitFractions.from_recipe(Recipe()))
+    chosen = {str(r.path) for r in split.test if not r.is_good}
+    return np.array([str(r.path) in chosen for r in test])
+
+
+def subset_cells(scores: np.ndarray, records: list[ImageRecord], in_split: np.ndarray) -> str:
+    """AUROC of the good test images against the split's test defects, against the other defects, and per type."""
+    good = np.array([r.is_good for r in records])
+    types = np.array([r.defect_type or "good" for r in records])
+
+    def auc(sel: np.ndarray) -> float:
+        return roc_auc(np.r_[np.zeros(good.sum()), np.ones(sel.sum())], np.r_[scores[good], scores[sel]])
+
+    cells = [f"split-test={auc(in_split):.3f}", f"rest={auc(~good & ~in_split):.3f}"]
+    cells += [f"{t}@split={auc(in_split & (types == t)):.3f}" for t in sorted(set(types[in_split]))]
+    return " ".join(cells)
+
+
 def content_masks(paths: list[Path], pre: Preprocessor, grid: tuple[int, int]) -> np.ndarray:
     """(N, P) True where a patch's centre lies on the part, False on the letterbox padding around it."""
     gh, gw = grid
@@ -215,6 +238,9 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bank-content", action="store_true", help="keep only the train goods' on-part patches in the bank (the product's rule)")
     p.add_argument("--cache", type=Path, default=None, help="folder that keeps the stage maps between runs (e.g. runs/probe_cache)")
+    p.add_argument("--group-pattern", default=None, help="with --group-gap: also print AUROC on the defects the product "
+                   "split (quality.py's, same groups) tests on and on the rest, to tell a subset effect from a pipeline one")
+    p.add_argument("--group-gap", type=int, default=0)
     args = p.parse_args()
     torch.set_num_threads(os.cpu_count() or 2)
 
@@ -230,6 +256,7 @@ def main() -> None:
     stages = sorted({s for v, _, _ in parsed for s in v})
     stride_of = {1: 2, 2: 4, 3: 8, 4: 16, 5: 16, 6: 32, 7: 32}
     print(f"bank from {len(train)} train goods, {len(test)} test images ({sum(r.is_good for r in test)} good)")
+    in_split = product_split_defects(records, test, args.group_pattern, args.group_gap) if args.group_pattern else None
     for size in args.sizes.split(","):
         h, w = (int(v) for v in size.lower().split("x"))
         pre = Preprocessor(PreprocessConfig(height=h, width=w))
@@ -274,6 +301,8 @@ def main() -> None:
                     cells = " ".join(f"{t}={v:.3f}" for t, v in res.items())
                     label = f"{name}/{transform}/{mode}:{len(bank)}"
                     print(f"  {label:<30} {n_patches:>5} patches  {prefix + agg:<10} {cells}  ({time.perf_counter() - t0:.0f} s)", flush=True)
+                    if in_split is not None:
+                        print(f"  {'':<30} {'':>5}          {'':<10} {subset_cells(scores, test, in_split)}", flush=True)
 
 if __name__ == "__main__":
     main()

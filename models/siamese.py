@@ -10,6 +10,7 @@ is what gets exported to ONNX and run on the line.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -19,6 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.backbones import build_backbone, freeze_stages
+
+log = logging.getLogger(__name__)
 
 Pooling = Literal["avg", "max", "gem"]
 Mode = Literal["patch", "global"]
@@ -109,7 +112,9 @@ class PatchEmbedder(nn.Module):
     Features of ``feature_stages`` (indices into ``backbone.stages``; later stages are never run) are average-pooled
     to the coarsest grid, concatenated, smoothed over a ``context``×``context`` neighbourhood (a defect pixel then
     shows in the patches around it, not just one) and projected by a 1×1 convolution. The projection starts
-    orthogonal, so the untrained embedder keeps the pretrained features' geometry.
+    orthogonal, so the untrained embedder keeps the pretrained features' geometry, as long as ``embedding_dim`` is at
+    least the feature channels; a narrower head starts as a lossy projection (a warning is logged: stages 4+5 of
+    Lite0, 192 channels, scored 0.766 untrained at 128-d against 0.811 at 192-d on the magnetic tiles).
 
     With ``keep_pretrained`` the embedding is the head's output and the backbone's features, each L2-normalised,
     joined and scaled back to unit length: the squared distance between two patches is the mean of the two views'
@@ -130,6 +135,10 @@ class PatchEmbedder(nn.Module):
         self.feature_stages = tuple(sorted(feature_stages))
         self.context = context
         channels = self._channels(stages)
+        if embedding_dim < channels:
+            log.warning("embedding_dim %d is below the %d feature channels of stages %s: the untrained head is a lossy "
+                        "projection, not the pretrained features; use embedding_dim >= %d", embedding_dim, channels,
+                        self.feature_stages, channels)
         self.head = nn.Conv2d(channels, embedding_dim, kernel_size=1)
         nn.init.orthogonal_(self.head.weight)
         nn.init.zeros_(self.head.bias)

@@ -120,6 +120,23 @@ def test_patch_embedder_shapes_and_siamese_distance() -> None:
     assert torch.allclose(d, torch.zeros(2), atol=1e-3)
 
 
+def test_untrained_head_keeps_feature_distances_only_when_wide_enough(caplog: pytest.LogCaptureFixture) -> None:
+    torch.manual_seed(0)
+    channels = build_embedder(TINY_PATCH).features(torch.zeros(1, 3, 64, 64)).shape[1]
+    a, b = torch.randn(1, 3, 64, 64), torch.randn(1, 3, 64, 64)
+    for dim, isometric in [(channels, True), (channels // 4, False)]:
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="models.siamese"):
+            model = build_embedder(replace(TINY_PATCH, embedding_dim=dim, keep_pretrained=False)).eval()
+        assert ("lossy projection" in caplog.text) is not isometric
+        with torch.no_grad():
+            fa, fb = (torch.nn.functional.normalize(model.features(x), dim=1).flatten(2)[0].T for x in (a, b))
+            ha, hb = (torch.nn.functional.normalize(model.head(torch.nn.functional.normalize(model.features(x), dim=1)), dim=1).flatten(2)[0].T
+                      for x in (a, b))
+        same = torch.allclose(torch.cdist(ha, hb), torch.cdist(fa, fb), atol=1e-4)
+        assert same is isometric
+
+
 @pytest.mark.parametrize("weight", [0.5, 0.25])
 def test_keep_pretrained_joins_head_and_features_as_weighted_squared_distance(weight: float) -> None:
     torch.manual_seed(0)
