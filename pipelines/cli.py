@@ -8,10 +8,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from pipelines import default_env
 
 if TYPE_CHECKING:
     from pipelines.settings import PipelineSettings
@@ -171,8 +172,7 @@ def cmd_serve_deployments(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    default_env()
     args = _parser().parse_args(argv)
     from pipelines.promotion import GateError
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -169,9 +168,3 @@ def train_flow(source: DataSource, recipe: Recipe | None = None, settings: Pipel
         version = register_task(bundle, settings.model_name, run.info.run_id, {"dataset_hash": manifest.dataset_hash, **key})
     return TrainResult(run.info.run_id, version, bundle, metrics, evaluation.per_type_auroc(), manifest.dataset_hash,
                        dict(zip(evaluation.paths, evaluation.scores.tolist())))
-
-
-def default_env() -> None:
-    """Environment defaults for local runs: no albumentations update check, no Prefect telemetry."""
-    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")

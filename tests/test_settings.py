@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -34,3 +37,17 @@ def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("INSPECTOR_PIPELINE_EXPERIMENT", "brackets")
     assert PipelineSettings().experiment == "brackets"
     assert PipelineSettings(experiment="x").experiment == "x"
+
+
+def test_cli_environment_gives_the_ephemeral_prefect_server_time_to_start() -> None:
+    """`make demo` on a 2-core machine busy with training timed out at Prefect's 20 s default; the CLI's default must
+    reach Prefect's own settings (a misspelt variable would be silently ignored), and a user's value must win."""
+    probe = ("from pipelines import default_env; default_env(); "
+             "from prefect.settings import get_current_settings; "
+             "print(get_current_settings().server.ephemeral.startup_timeout_seconds)")
+    for env_value, expected in [(None, "120"), ("45", "45")]:
+        env = {k: v for k, v in os.environ.items() if k != "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"}
+        if env_value is not None:
+            env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = env_value
+        out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, env=env, check=True)
+        assert out.stdout.strip().splitlines()[-1] == expected
