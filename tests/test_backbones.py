@@ -14,6 +14,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from models.backbones import (
     BACKBONES,
+    LITE_PACKAGES,
     TORCHVISION_IMAGENET_FILES,
     Backbone,
     build_backbone,
@@ -232,6 +233,30 @@ def test_torchvision_imagenet_without_cache_is_a_clear_error(name: str) -> None:
     with pytest.raises(FileNotFoundError, match="pass weights=<local state-dict path>") as info:
         build_backbone(name, weights="imagenet")
     assert TORCHVISION_IMAGENET_FILES[name] in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["tf_efficientnet_lite1", "tf_efficientnet_lite2"])
+def test_larger_lite_sizes_share_lite0_stages_and_name_their_weights_package(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # same stage indices and strides as Lite0, so feature_stages=(3, 4) means the same grid for every size
+    x = torch.randn(1, 3, 64, 80)
+    with torch.no_grad():
+        shapes = [tuple(m.shape[-2:]) for m in _stage_outputs(build_backbone(name).eval(), x)]
+        lite0 = [tuple(m.shape[-2:]) for m in _stage_outputs(build_backbone("tf_efficientnet_lite0").eval(), x)]
+    assert shapes == lite0
+    assert pretrained_preprocessing(name) == pretrained_preprocessing("tf_efficientnet_lite0")
+    # the ImageNet file comes from a package a default install does not have: the error says which one
+    package, _ = LITE_PACKAGES[name]
+    monkeypatch.setitem(LITE_PACKAGES, name, (package, "no_such_module_for_this_test"))
+    with pytest.raises(FileNotFoundError, match=package):
+        build_backbone(name, weights="imagenet")
+
+
+def _stage_outputs(backbone: Backbone, x: torch.Tensor) -> list[torch.Tensor]:
+    out = []
+    for stage in backbone.stages:
+        x = stage(x)
+        out.append(x)
+    return out
 
 
 def test_torchvision_imagenet_is_read_from_the_hub_cache(_no_hub_cache: Path) -> None:
