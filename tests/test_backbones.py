@@ -19,7 +19,7 @@ from models.backbones import (
     Backbone,
     build_backbone,
     freeze_stages,
-    lite0_imagenet_file,
+    lite_imagenet_file,
     pretrained_preprocessing,
     resnet18,
     tf_efficientnet_lite0,
@@ -136,7 +136,7 @@ def _pooled_cosines(backbone: nn.Module) -> tuple[float, float, float]:
 
 
 def test_lite0_imagenet_loads_the_shipped_file_strictly(lite0_imagenet: Backbone) -> None:
-    raw = torch.load(lite0_imagenet_file(), map_location="cpu", weights_only=True)
+    raw = torch.load(lite_imagenet_file(), map_location="cpu", weights_only=True)
     assert len(raw) == 296
     state = lite0_imagenet.state_dict()
     assert len(state) == 294  # the same tensors minus the classifier
@@ -165,7 +165,7 @@ def test_lite0_imagenet_features_are_really_pretrained(lite0_imagenet: Backbone)
 def test_lite0_accepts_lukemelas_and_timm_named_files(lite0_imagenet: Backbone, tmp_path: Path) -> None:
     import timm
 
-    from_lukemelas_path = tf_efficientnet_lite0(weights=lite0_imagenet_file())
+    from_lukemelas_path = tf_efficientnet_lite0(weights=lite_imagenet_file())
     full = timm.create_model("tf_efficientnet_lite0", pretrained=False)  # with its classifier
     full.load_state_dict(lite0_imagenet.state_dict(), strict=False)
     timm_file = tmp_path / "lite0_timm.pth"
