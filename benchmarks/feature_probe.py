@@ -132,6 +132,16 @@ def select_bank(patches: np.ndarray, mode: str, size: int, rng: np.random.Genera
     raise ValueError(f"unknown bank mode {mode!r}")
 
 
+def probe_split(records: list[ImageRecord], rng: np.random.Generator, n_bank: int, n_cal: int) -> tuple[list[ImageRecord], list[ImageRecord], list[ImageRecord]]:
+    """(bank goods, calibration goods, test images): a seeded draw of ``n_bank`` and then ``n_cal`` other
+    ``train/good`` images, and every ``test`` image."""
+    goods = [r for r in records if r.is_good and r.source_split == "train"]
+    order = rng.permutation(len(goods))
+    bank = [goods[i] for i in sorted(order[:n_bank])]
+    cal = [goods[i] for i in sorted(order[n_bank : n_bank + n_cal])]
+    return bank, cal, [r for r in records if r.source_split == "test"]
+
+
 def per_type(scores: np.ndarray, records: list[ImageRecord], cal_scores: np.ndarray | None = None,
              target_frr: float = 0.01) -> dict[str, float]:
     """Image AUROC overall and per type; with ``cal_scores`` (goods held out of the bank) also the false-reject
@@ -277,11 +287,7 @@ def main() -> None:
 
     records = scan_mvtec(args.root)
     rng = np.random.default_rng(args.seed)
-    train = [r for r in records if r.is_good and r.source_split == "train"]
-    order = rng.permutation(len(train))
-    cal = [train[i] for i in sorted(order[args.bank_images : args.bank_images + args.cal_images])]
-    train = [train[i] for i in sorted(order[: args.bank_images])]
-    test = [r for r in records if r.source_split == "test"]
+    train, cal, test = probe_split(records, rng, args.bank_images, args.cal_images)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     parsed = [(tuple(int(s) for s in v.split("@")[0].split("+")), "fine" if v.endswith("@fine") else "coarse", v) for v in variants]
     stages = sorted({s for v, _, _ in parsed for s in v})

@@ -81,6 +81,31 @@ def line_speed(bundle: Path, paths: list[Path], repeat: int = 1) -> float:
     return repeat * len(paths) / (time.perf_counter() - t0)
 
 
+def score_views(bundle: Path, test: list[ImageRecord]) -> dict[str, Evaluation]:
+    """The bundle's test scores as the line gives them (``fused``) and, when it also scores whole parts, each view
+    alone: ``patch`` (the worst-patch rule, what the product scored before the whole-part score) and ``part`` (the
+    Gaussian of the golden parts' descriptors). One embedding pass; same images, same bank, same offset."""
+    inspector = Inspector.from_bundle(bundle)
+    records = list(test)
+    embedded = inspector.embedder.embed_all([r.path for r in records])
+    kept = [r for r, e in zip(records, embedded.errors) if e is None]
+    patch = inspector.golden.anomaly_scores(embedded.embeddings, inspector.bundle.spec.scoring, embedded.valid)
+    views = {"fused": inspector.with_whole_part(patch, embedded.descriptors)}
+    if inspector.density is not None and embedded.descriptors is not None:
+        views.update(patch=patch, part=inspector.density.distances(embedded.descriptors))
+    return {name: Evaluation(paths=[str(r.path) for r in kept], defect_types=[r.defect_type for r in kept], labels=np.array([r.label for r in kept]),
+                             scores=np.asarray(v, dtype=np.float64), threshold=inspector.threshold if name == "fused" else float("nan"))
+            for name, v in views.items()}
+
+
+def view_columns(label: str, views: dict[str, Evaluation]) -> dict[str, dict[str, float]]:
+    """Table columns ``label`` (the line's score) and, for a bundle with a whole-part score, its two views alone."""
+    names = {"patch": f"{label}: patch", "part": f"{label}: part"}
+    cols = {names[k]: {"overall": v.metrics()["image_auroc"], **v.per_type_auroc()} for k, v in views.items() if k in names}
+    cols[label] = {"overall": views["fused"].metrics()["image_auroc"], **views["fused"].per_type_auroc()}
+    return cols
+
+
 def train_and_evaluate(split: DataSplit, recipe: Recipe, out: Path, name: str, test: list[ImageRecord] | None = None) -> tuple[Path, Evaluation, float]:
     t0 = time.perf_counter()
     embedder, _ = fit_embedder(split, recipe, checkpoint_dir=out / f"{name}_checkpoints")
@@ -134,6 +159,8 @@ def main() -> None:
     p.add_argument("--split-seed", type=int, default=None, help="the split's own seed (default: --seed); fix it and vary "
                    "--seed to see how much the bank draw and training alone move the figures on the same test images")
     p.add_argument("--experiments", default="product", help="comma-separated: product, good-only, few-shot, loto")
+    p.add_argument("--loto-frozen-only", action="store_true", help="leave-one-type-out with the frozen patch embedder only (no "
+                   "training: minutes instead of an hour)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="any recipe setting, as in `pipelines train --set`")
     args = p.parse_args()
     experiments = [e.strip() for e in args.experiments.split(",") if e.strip()]
@@ -172,9 +199,11 @@ def main() -> None:
         frozen = evaluate_bundle(frozen_bundle, split.test)
         trained_bundle, trained_eval, train_s = train_and_evaluate(split, recipe, args.out, "trained")
         fm, um, tm = frozen.metrics(), untrained.metrics(), trained_eval.metrics()
-        print_table(f"image AUROC, product split: {len(trained_eval.scores)} test images ({int(sum(trained_eval.labels == 0))} good)",
-                    {"frozen global": {"overall": fm["image_auroc"], **frozen.per_type_auroc()}, "frozen patch": {"overall": um["image_auroc"], **untrained.per_type_auroc()},
-                     "trained": {"overall": tm["image_auroc"], **trained_eval.per_type_auroc()}}, {"overall": len(trained_eval.scores), **n_test})
+        untrained_views, trained_views = score_views(untrained_bundle, split.test), score_views(trained_bundle, split.test)
+        print_table(f"image AUROC, product split: {len(trained_eval.scores)} test images ({int(sum(trained_eval.labels == 0))} good); "
+                    "'patch' / 'part': the worst-patch and whole-part scores alone, the unlabelled column the line's (fused) score",
+                    {"frozen global": {"overall": fm["image_auroc"], **frozen.per_type_auroc()}, **view_columns("frozen patch", untrained_views),
+                     **view_columns("trained", trained_views)}, {"overall": len(trained_eval.scores), **n_test})
         pix = {"frozen patch": pixel_level(untrained_bundle, split.test), "trained": pixel_level(trained_bundle, split.test)}
         print(f"\npixel AUROC (test images with masks + test goods): frozen patch {pix['frozen patch']:.3f}, trained {pix['trained']:.3f}")
         spec = load_bundle(trained_bundle).spec.threshold
@@ -189,6 +218,7 @@ def main() -> None:
         speed = {"frozen global": line_speed(frozen_bundle, test_paths), "trained": line_speed(trained_bundle, test_paths)}
         print(f"line model end to end: trained {speed['trained']:.1f} img/s, frozen global {speed['frozen global']:.1f} img/s "
               f"(ratio {speed['trained'] / speed['frozen global']:.2f}); training {train_s:.0f} s")
+        results["product_views"] = {"frozen_patch": view_columns("frozen patch", untrained_views), "trained": view_columns("trained", trained_views)}
         results["product"] = {"frozen_global": {**fm, "per_type": frozen.per_type_auroc()}, "frozen_patch": {**um, "per_type": untrained.per_type_auroc()},
                               "trained": {**tm, "per_type": trained_eval.per_type_auroc(), "escape_per_type": escape_per_type(trained_eval)},
                               "pixel_auroc": pix, "threshold": {"rule": spec.rule, "value": spec.value, **spec.details}, "images_per_s": speed,
@@ -216,11 +246,16 @@ def main() -> None:
             held_split, held_test = without_type(split, all_records, t)
             # the frozen bundle too is calibrated (threshold, scoring offset) without the held-out type
             frozen_held = build_bundle(build_embedder(recipe.embedder).eval(), held_split, recipe, args.out / f"loto_{t}_frozen_bundle", model_name="patch-untrained")
-            loto["frozen patch"][t] = evaluate_bundle(frozen_held, held_test).metrics()["image_auroc"]
+            for name, view in score_views(frozen_held, held_test).items():
+                loto.setdefault("frozen patch" + ("" if name == "fused" else f": {name}"), {})[t] = view.metrics()["image_auroc"]
+            if args.loto_frozen_only:
+                print(f"\nleave out {t}: " + ", ".join(f"{k} {v[t]:.3f}" for k, v in loto.items() if t in v), flush=True)
+                continue
             bundle, ev, _ = train_and_evaluate(held_split, recipe, args.out, f"loto_{t}", test=held_test)
             loto["trained without it"][t] = ev.metrics()["image_auroc"]
             print(f"\nleave out {t}: frozen patch {loto['frozen patch'][t]:.3f} (offset {offset_choice(frozen_held)}), "
                   f"trained without it {loto['trained without it'][t]:.3f} (offset {offset_choice(bundle)})", flush=True)
+        loto = {k: v for k, v in loto.items() if v}
         for row in loto.values():
             row["mean"] = float(np.mean(list(row.values())))
         print_table("leave one type out: test = test goods + every image of the held-out type", loto,

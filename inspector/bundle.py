@@ -4,6 +4,7 @@
 bundle/
   model.onnx        embedder: input NCHW float32, dynamic batch, output NxD (L2-normalised)
   references.npy    golden reference embeddings, float32 (R x D)
+  descriptors.npy   optional: golden parts' whole-part descriptors, float32 (G x K), for the density score
   inspector.json    schema version, preprocessing, scoring, threshold + rule, provenance, sha256 of every file
 ```
 A bundle is written to a temporary sibling directory and renamed into place, so a reader never sees half of one.
@@ -23,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from inspector.density import DensitySpec
 from inspector.errors import BundleError
 from inspector.preprocess import PreprocessConfig
 from inspector.scoring import ScoringConfig
@@ -31,6 +33,7 @@ SCHEMA_VERSION = 1
 MANIFEST = "inspector.json"
 MODEL_FILE = "model.onnx"
 REFERENCES_FILE = "references.npy"
+DESCRIPTORS_FILE = "descriptors.npy"
 
 
 @dataclass(frozen=True)
@@ -59,9 +62,10 @@ class BundleSpec:
     model: dict[str, Any] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
     reference_ids: list[str] = field(default_factory=list)
+    density: DensitySpec | None = None  # the whole-part score (inspector.density); None: the patch score alone
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "schema_version": SCHEMA_VERSION,
             "model": {"input_name": "images", "output_name": "embeddings", "mode": "image", **self.model},
             "preprocessing": self.preprocessing.to_dict(),
@@ -70,6 +74,9 @@ class BundleSpec:
             "provenance": self.provenance,
             "references": {"count": len(self.reference_ids), "ids": list(self.reference_ids)},
         }
+        if self.density is not None:
+            out["density"] = self.density.to_dict()
+        return out
 
 
 @dataclass(frozen=True)
@@ -80,6 +87,7 @@ class Bundle:
     spec: BundleSpec
     references: np.ndarray
     manifest: dict[str, Any]
+    descriptors: np.ndarray | None = None  # (G, K) golden parts' whole-part descriptors when ``spec.density`` is set
 
     @property
     def model_path(self) -> Path:
@@ -99,12 +107,26 @@ def sha256_file(path: Path, block: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def write_bundle(out: str | Path, model: str | Path | bytes, references: np.ndarray, spec: BundleSpec, *, overwrite: bool = False) -> Path:
+def _check_descriptors(where: Path, descriptors: np.ndarray | None, density: DensitySpec | None) -> None:
+    if (descriptors is None) != (density is None):
+        raise BundleError(f"{where}: descriptors and the density spec come together (got {'descriptors' if density is None else 'a density spec'} alone)")
+    if descriptors is None or density is None:
+        return
+    if descriptors.ndim != 2 or len(descriptors) < 2 or descriptors.shape[1] != sum(density.blocks):
+        raise BundleError(f"{where}: descriptors must be (G >= 2, {sum(density.blocks)}), got shape {descriptors.shape}")
+    if density.ids and len(density.ids) != len(descriptors):
+        raise BundleError(f"{where}: {len(density.ids)} descriptor ids for {len(descriptors)} descriptors")
+
+
+def write_bundle(out: str | Path, model: str | Path | bytes, references: np.ndarray, spec: BundleSpec, *, overwrite: bool = False,
+                 descriptors: np.ndarray | None = None) -> Path:
     """Write a bundle atomically: everything goes to a temp dir beside ``out``, which is then renamed into place."""
     out = Path(out)
     refs = np.ascontiguousarray(np.asarray(references, dtype=np.float32))
     if refs.ndim != 2 or len(refs) == 0:
         raise BundleError(f"{out}: references must be a non-empty 2-D array, got shape {refs.shape}")
+    descs = None if descriptors is None else np.ascontiguousarray(np.asarray(descriptors, dtype=np.float32))
+    _check_descriptors(out, descs, spec.density)
     if spec.reference_ids and len(spec.reference_ids) != len(refs):
         raise BundleError(f"{out}: {len(spec.reference_ids)} reference ids for {len(refs)} references")
     if out.exists() and not overwrite:
@@ -117,12 +139,16 @@ def write_bundle(out: str | Path, model: str | Path | bytes, references: np.ndar
         else:
             shutil.copyfile(model, tmp / MODEL_FILE)
         np.save(tmp / REFERENCES_FILE, refs, allow_pickle=False)
+        names = [MODEL_FILE, REFERENCES_FILE]
+        if descs is not None:
+            np.save(tmp / DESCRIPTORS_FILE, descs, allow_pickle=False)
+            names.append(DESCRIPTORS_FILE)
         manifest = spec.to_dict()
         manifest["model"].setdefault("embedding_dim", int(refs.shape[1]))
         manifest["provenance"] = {"created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **manifest["provenance"]}
-        manifest["files"] = {name: sha256_file(tmp / name) for name in (MODEL_FILE, REFERENCES_FILE)}
+        manifest["files"] = {name: sha256_file(tmp / name) for name in names}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        for name in (MODEL_FILE, REFERENCES_FILE, MANIFEST):
+        for name in (*names, MANIFEST):
             with open(tmp / name, "rb") as fh:
                 os.fsync(fh.fileno())
         if out.exists():
@@ -161,7 +187,7 @@ def load_bundle(path: str | Path) -> Bundle:
     path = Path(path)
     manifest = read_manifest(path)
     files = manifest.get("files") or {}
-    for name in (MODEL_FILE, REFERENCES_FILE):
+    for name in (MODEL_FILE, REFERENCES_FILE, *([DESCRIPTORS_FILE] if "density" in manifest else [])):
         if name not in files:
             raise BundleError(f"{path / MANIFEST}: no sha256 recorded for {name}")
         file_path = path / name
@@ -184,10 +210,18 @@ def load_bundle(path: str | Path) -> Bundle:
             model={k: v for k, v in manifest.get("model", {}).items()},
             provenance=dict(manifest.get("provenance", {})),
             reference_ids=list(manifest.get("references", {}).get("ids", [])),
+            density=DensitySpec.from_dict(manifest["density"]) if "density" in manifest else None,
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise BundleError(f"{path / MANIFEST}: invalid field ({exc})") from None
-    return Bundle(path=path, spec=spec, references=references.astype(np.float32, copy=False), manifest=manifest)
+    descriptors = None
+    if spec.density is not None:
+        try:
+            descriptors = np.load(path / DESCRIPTORS_FILE, allow_pickle=False).astype(np.float32, copy=False)
+        except ValueError as exc:
+            raise BundleError(f"{path / DESCRIPTORS_FILE}: unreadable ({exc})") from None
+        _check_descriptors(path / DESCRIPTORS_FILE, descriptors, spec.density)
+    return Bundle(path=path, spec=spec, references=references.astype(np.float32, copy=False), manifest=manifest, descriptors=descriptors)
 
 
 def derived_provenance(parent: Bundle, drop: tuple[str, ...] = ()) -> dict[str, Any]:

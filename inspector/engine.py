@@ -18,6 +18,7 @@ import onnxruntime as ort
 from PIL import Image
 
 from inspector.bundle import Bundle, load_bundle
+from inspector.density import GaussianDensity, fused_scores
 from inspector.errors import ImageError, InspectorError
 from inspector.preprocess import PreprocessConfig, Preprocessor, load_image, patch_grid
 from inspector.scoring import GoldenBank, use_one_blas_thread
@@ -45,6 +46,18 @@ class ScoreResult:
             "model_version": self.model_version,
             "error": self.error,
         }
+
+
+PLACEMENT_INPUT = "placement"
+
+
+class Embedded(NamedTuple):
+    """What the model made of the readable images (rows in input order) and a per-image error (or None)."""
+
+    embeddings: np.ndarray
+    valid: np.ndarray | None  # (N, P) patches on the part, patch embeddings only
+    descriptors: np.ndarray | None  # (N, K) whole-part descriptors, models that output them only
+    errors: list[str | None]
 
 
 class Prepared(NamedTuple):
@@ -100,21 +113,49 @@ class OnnxEmbedder:
         self.preprocessor = Preprocessor(preprocessing)
         self.session = make_session(model_path, threads=threads, providers=providers)
         self.input_name = self.session.get_inputs()[0].name
+        #: the model also takes each part's placement and outputs its whole-part descriptor (inspector.density)
+        self.describes_parts = any(i.name == PLACEMENT_INPUT for i in self.session.get_inputs())
         out_dim = self.session.get_outputs()[0].shape[-1]
         self.embedding_dim: int | None = out_dim if isinstance(out_dim, int) else None
         self.batch_size = batch_size
         self.decode_workers = decode_workers if decode_workers is not None else _default_decode_workers()
         self._pool = ThreadPoolExecutor(self.decode_workers, thread_name_prefix="inspector-decode") if self.decode_workers > 1 else None
 
-    def embed_arrays(self, batch: np.ndarray) -> np.ndarray:
+    def embed_arrays(self, batch: np.ndarray, sizes: Sequence[tuple[int, int]] | None = None) -> np.ndarray:
         """Embed an already-preprocessed float32 NCHW batch, in chunks of ``batch_size``."""
+        return self.run(batch, sizes)[0]
+
+    def placements(self, sizes: Sequence[tuple[int, int]]) -> np.ndarray:
+        """(N, 4) where each image of original (width, height) sits on the input: left, top, width, height."""
+        out = np.empty((len(sizes), 4), dtype=np.float32)
+        for i, (width, height) in enumerate(sizes):
+            new_w, new_h, left, top = self.preprocessor.placement(width, height)
+            out[i] = (left, top, new_w, new_h)
+        return out
+
+    def run(self, batch: np.ndarray, sizes: Sequence[tuple[int, int]] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        """Embeddings of a preprocessed batch and, for a model that describes whole parts, their descriptors (else
+        None). ``sizes``: the images' original (width, height), which place each part on the input (without them,
+        each part is taken to fill the input)."""
         if len(batch) == 0:
-            return np.zeros((0, self.embedding_dim or 0), dtype=np.float32)
-        outs = [
-            self.session.run(None, {self.input_name: np.ascontiguousarray(batch[i : i + self.batch_size], dtype=np.float32)})[0]
-            for i in range(0, len(batch), self.batch_size)
-        ]
-        return np.concatenate(outs).astype(np.float32, copy=False)
+            return np.zeros((0, self.embedding_dim or 0), dtype=np.float32), None
+        cfg = self.preprocessing
+        place = None
+        if self.describes_parts:
+            if sizes is not None and len(sizes) != len(batch):
+                raise ValueError(f"{len(sizes)} image sizes for a batch of {len(batch)}")
+            place = self.placements(sizes) if sizes is not None else np.tile(np.float32([[0, 0, cfg.width, cfg.height]]), (len(batch), 1))
+        embeddings, descriptors = [], []
+        for i in range(0, len(batch), self.batch_size):
+            feed = {self.input_name: np.ascontiguousarray(batch[i : i + self.batch_size], dtype=np.float32)}
+            if place is not None:
+                feed[PLACEMENT_INPUT] = place[i : i + self.batch_size]
+            outs = self.session.run(None, feed)
+            embeddings.append(outs[0])
+            if place is not None:
+                descriptors.append(outs[1])
+        emb = np.concatenate(embeddings).astype(np.float32, copy=False)
+        return emb, (np.concatenate(descriptors).astype(np.float32, copy=False) if descriptors else None)
 
     def _decode(self, source: ImageSource, name: str) -> Image.Image:
         if isinstance(source, Image.Image):
@@ -159,11 +200,16 @@ class OnnxEmbedder:
 
     def embed_parts(self, images: Sequence[ImageSource]) -> tuple[np.ndarray, np.ndarray | None, list[str | None]]:
         """:meth:`embed` plus, for patch embeddings, which patches lie on each part (:meth:`patch_valid`)."""
+        embedded = self.embed_all(images)
+        return embedded.embeddings, embedded.valid, embedded.errors
+
+    def embed_all(self, images: Sequence[ImageSource]) -> "Embedded":
+        """:meth:`embed_parts` plus the whole-part descriptors of a model that outputs them."""
         batch, errors, sizes = self.prepare(images)
         if not len(batch):
-            return np.zeros((0, self.embedding_dim or 0), dtype=np.float32), None, errors
-        embeddings = self.embed_arrays(batch)
-        return embeddings, self.patch_valid(sizes, embeddings), errors
+            return Embedded(np.zeros((0, self.embedding_dim or 0), dtype=np.float32), None, None, errors)
+        embeddings, descriptors = self.run(batch, sizes)
+        return Embedded(embeddings, self.patch_valid(sizes, embeddings), descriptors, errors)
 
     def close(self) -> None:
         """Stop the decode threads (they also stop with the process)."""
@@ -184,6 +230,11 @@ class Inspector:
         if dim is not None and dim != bundle.references.shape[1]:
             raise InspectorError(f"{bundle.path}: model outputs {dim}-d embeddings but references are {bundle.references.shape[1]}-d")
         self.golden = GoldenBank(bundle.references, chunk_size=bundle.spec.scoring.chunk_size)
+        self.density: GaussianDensity | None = None
+        if bundle.spec.density is not None and bundle.descriptors is not None:
+            if not self.embedder.describes_parts:
+                raise InspectorError(f"{bundle.path}: the bundle scores whole parts but its model has no '{PLACEMENT_INPUT}' input")
+            self.density = GaussianDensity(bundle.descriptors, bundle.spec.density.blocks)
         if self.golden.cells > 1:
             use_one_blas_thread()  # from the loading (usually main) thread: see its docstring
             self.golden.partition()  # at load, not on the first part of the line
@@ -203,9 +254,28 @@ class Inspector:
     def embed(self, images: Sequence[ImageSource]) -> tuple[np.ndarray, list[str | None]]:
         return self.embedder.embed(images)
 
-    def score_embeddings(self, embeddings: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
-        """Scores of embeddings already computed; ``valid`` marks the patches on each part (OnnxEmbedder.patch_valid)."""
-        return self.golden.anomaly_scores(embeddings, self.bundle.spec.scoring, valid)
+    def score_embeddings(self, embeddings: np.ndarray, valid: np.ndarray | None = None, descriptors: np.ndarray | None = None) -> np.ndarray:
+        """Scores of embeddings already computed; ``valid`` marks the patches on each part (OnnxEmbedder.patch_valid);
+        a bundle that also scores whole parts needs their ``descriptors`` (OnnxEmbedder.run)."""
+        return self.with_whole_part(self.golden.anomaly_scores(embeddings, self.bundle.spec.scoring, valid), descriptors)
+
+    def with_whole_part(self, patch_scores: np.ndarray, descriptors: np.ndarray | None) -> np.ndarray:
+        """The line's scores from the patch scores: fused with the whole-part score when the bundle has one."""
+        density = self.bundle.spec.density
+        if self.density is None or density is None:
+            return np.asarray(patch_scores)
+        if descriptors is None:
+            raise InspectorError(f"{self.bundle.path}: this bundle scores whole parts too; pass the model's descriptors")
+        return fused_scores(patch_scores, self.density.distances(descriptors), density.patch_scale, density.density_scale)
+
+    @property
+    def patch_threshold(self) -> float:
+        """The threshold on the patch distance alone (heatmaps): with a whole-part score, the patch distance at
+        which the patch view by itself flags a part."""
+        density = self.bundle.spec.density
+        if self.density is None or density is None:
+            return self.threshold
+        return density.patch_scale.median + self.threshold * density.patch_scale.spread
 
     def score(self, images: Sequence[ImageSource] | ImageSource) -> list[ScoreResult]:
         """Score one or many images; unreadable ones get a result with ``error`` set instead of failing the batch."""
@@ -218,8 +288,8 @@ class Inspector:
         """Embed and score a prepared batch; one result per input image, in order."""
         scores: np.ndarray | list[float] = []
         if len(prepared.batch):
-            embeddings = self.embedder.embed_arrays(prepared.batch)
-            scores = self.score_embeddings(embeddings, self.embedder.patch_valid(prepared.sizes, embeddings))
+            embeddings, descriptors = self.embedder.run(prepared.batch, prepared.sizes)
+            scores = self.score_embeddings(embeddings, self.embedder.patch_valid(prepared.sizes, embeddings), descriptors)
         return self.results_for(images, scores, prepared.errors)
 
     def results_for(self, images: Sequence[ImageSource], scores: Sequence[float] | np.ndarray, errors: list[str | None]) -> list[ScoreResult]:

@@ -112,11 +112,14 @@ def score_with_maps(inspector: Inspector, sources: Sequence[str | Path]) -> list
             errors.append(str(exc))
     readable = [img for img in decoded if img is not None]
     grids = np.zeros((0, 1, 1), np.float32)
+    scores = np.zeros(0)
     if readable:
-        emb = inspector.embedder.embed_arrays(pre.batch(readable))
-        valid = inspector.embedder.patch_valid([img.size for img in readable], emb)
+        sizes = [img.size for img in readable]
+        emb, descriptors = inspector.embedder.run(pre.batch(readable), sizes)
+        valid = inspector.embedder.patch_valid(sizes, emb)
         grids = patch_distance_maps(emb, inspector.golden, inspector.bundle.spec.scoring, pre.config.height, pre.config.width, valid)
-    results = inspector.results_for(sources, grids.max(axis=(1, 2)), errors)
+        scores = inspector.with_whole_part(grids.max(axis=(1, 2)), descriptors)
+    results = inspector.results_for(sources, scores, errors)
     maps = iter(to_image_map(g, pre, img.size) for g, img in zip(grids, readable))
     return [(result, None if img is None else next(maps), img) for result, img in zip(results, decoded)]
 
@@ -139,7 +142,7 @@ def write_heatmaps(inspector: Inspector, paths: Sequence[str | Path], out_dir: P
                 yield result, None
                 continue
             target = out_dir / heatmap_filename(result.source, start + offset, taken)
-            overlay(img, amap, inspector.threshold).save(target)
+            overlay(img, amap, inspector.patch_threshold).save(target)
             if save_maps:
                 np.save(target.with_suffix(".npy"), amap.astype(np.float32))
             yield result, target

@@ -39,7 +39,7 @@ from inspector.bundle import (
     load_bundle,
     write_bundle,
 )
-from inspector.engine import OnnxEmbedder
+from inspector.engine import PLACEMENT_INPUT, OnnxEmbedder
 from inspector.errors import ImageError, InspectorError
 from inspector.preprocess import load_image
 from inspector.scoring import anomaly_scores
@@ -56,22 +56,26 @@ class QuantizeError(InspectorError):
 class _BatchReader:
     """A ``CalibrationDataReader`` over an already-preprocessed NCHW batch, ``CALIBRATION_BATCH`` images at a time."""
 
-    def __init__(self, input_name: str, batch: np.ndarray, batch_size: int = CALIBRATION_BATCH) -> None:
-        self._feeds = iter(
-            [{input_name: np.ascontiguousarray(batch[i : i + batch_size], dtype=np.float32)} for i in range(0, len(batch), batch_size)]
-        )
+    def __init__(self, input_name: str, batch: np.ndarray, batch_size: int = CALIBRATION_BATCH, placement: np.ndarray | None = None) -> None:
+        feeds = []
+        for i in range(0, len(batch), batch_size):
+            feed = {input_name: np.ascontiguousarray(batch[i : i + batch_size], dtype=np.float32)}
+            if placement is not None:  # a model that also describes whole parts (inspector.density)
+                feed[PLACEMENT_INPUT] = np.ascontiguousarray(placement[i : i + batch_size], dtype=np.float32)
+            feeds.append(feed)
+        self._feeds = iter(feeds)
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         return next(self._feeds, None)
 
 
-def _reader(input_name: str, batch: np.ndarray) -> Any:
+def _reader(input_name: str, batch: np.ndarray, placement: np.ndarray | None = None) -> Any:
     from onnxruntime.quantization import CalibrationDataReader
 
     class Reader(_BatchReader, CalibrationDataReader):
         pass
 
-    return Reader(input_name, batch)
+    return Reader(input_name, batch, placement=placement)
 
 
 def load_calibration_batch(embedder: OnnxEmbedder, images: Sequence[str | Path], max_images: int) -> tuple[np.ndarray, list[str], list[str]]:
@@ -185,7 +189,7 @@ def quantize_bundle(bundle_path: str | Path, calibration_images: Sequence[str | 
         q_path = Path(tmp) / MODEL_FILE
         try:
             quantize_static(
-                str(source), str(q_path), _reader(fp32.input_name, batch),
+                str(source), str(q_path), _reader(fp32.input_name, batch, _full_placement(fp32, len(batch))),
                 quant_format=QuantFormat.QDQ, per_channel=per_channel, reduce_range=reduce_range, activation_type=act, weight_type=QuantType.QInt8,
                 calibrate_method=CalibrationMethod.MinMax,
             )
@@ -209,7 +213,8 @@ def quantize_bundle(bundle_path: str | Path, calibration_images: Sequence[str | 
             "model_bytes": {"fp32": parent.model_path.stat().st_size, "int8": q_path.stat().st_size},
             "images_per_second": {"fp32": _images_per_second(fp32, batch), "int8": _images_per_second(int8, batch),
                                   "batch": len(batch), "threads": threads},
-            "bank": "kept from the FP32 parent (embedded by the FP32 model; not re-embedded)",
+            "bank": "kept from the FP32 parent (embedded by the FP32 model; not re-embedded)"
+                    + ("; so are the whole-part descriptors and score scales (drift above is the patch score's)" if parent.spec.density else ""),
         }
         if pre_notes:
             report["pre_process_notes"] = pre_notes
@@ -220,4 +225,13 @@ def quantize_bundle(bundle_path: str | Path, calibration_images: Sequence[str | 
         model = {**parent.spec.model, "quantization": QUANTIZED_TAG}
         model["version"] = f"{parent.spec.model.get('version', 'unversioned')}+int8"
         spec = replace(parent.spec, model=model, provenance=prov)
-        return write_bundle(out_path, q_path, parent.references, spec)
+        return write_bundle(out_path, q_path, parent.references, spec, descriptors=parent.descriptors)
+
+
+def _full_placement(embedder: OnnxEmbedder, n: int) -> np.ndarray | None:
+    """Calibration placements for a model that takes them: each image as filling the input (the batch was
+    preprocessed without its original sizes; the placement only weights the whole-part pooling)."""
+    if not embedder.describes_parts:
+        return None
+    cfg = embedder.preprocessing
+    return np.tile(np.float32([[0, 0, cfg.width, cfg.height]]), (n, 1))

@@ -27,7 +27,8 @@ import numpy as np
 from inspector.bundle import MANIFEST, Bundle, Threshold, load_bundle, sha256_file, write_bundle
 from inspector.bundle import derived_provenance as bundle_lineage
 from inspector.calibration import CalibrationError, calibrate
-from inspector.engine import OnnxEmbedder
+from inspector.density import DensitySpec, GaussianDensity, ScoreScale, fused_scores
+from inspector.engine import Embedded, OnnxEmbedder
 from inspector.errors import BundleError, InspectorError
 from inspector.metrics import roc_auc
 from inspector.scoring import anomaly_scores, patch_mask
@@ -221,9 +222,9 @@ def derived_provenance(parent: Bundle, change: dict[str, Any], sources: list[dic
 # --------------------------------------------------------------------------------------------------- orchestration
 
 
-def _read_and_embed(embedder: OnnxEmbedder, paths: Sequence[Path]) -> tuple[np.ndarray, np.ndarray | None, list[str], list[str | None]]:
-    """Embeddings of the readable images (in order), which of their patches lie on the part (None in image mode),
-    every file's sha256 ('' if unreadable) and per-file errors."""
+def _read_and_embed(embedder: OnnxEmbedder, paths: Sequence[Path]) -> tuple[Embedded, list[str], list[str | None]]:
+    """What the model made of the readable images (in order: embeddings, patches on the part, whole-part
+    descriptors), every file's sha256 ('' if unreadable) and per-file errors."""
     shas: list[str] = []
     pre_errors: list[str | None] = []
     for p in paths:
@@ -234,10 +235,10 @@ def _read_and_embed(embedder: OnnxEmbedder, paths: Sequence[Path]) -> tuple[np.n
             shas.append("")
             pre_errors.append(f"{p}: {exc.strerror or exc}")
     readable = [p for p, e in zip(paths, pre_errors) if e is None]
-    emb, valid, emb_errors = embedder.embed_parts(readable) if readable else (np.zeros((0,), np.float32), None, [])
-    it = iter(emb_errors)
+    embedded = embedder.embed_all(readable) if readable else Embedded(np.zeros((0,), np.float32), None, None, [])
+    it = iter(embedded.errors)
     errors = [e if e is not None else next(it) for e in pre_errors]
-    return emb, valid, shas, errors
+    return embedded, shas, errors
 
 
 def _fail(what: str, problems: list[str]) -> None:
@@ -279,7 +280,8 @@ def add_references(bundle_path: str | Path, images: Sequence[str | Path], out_pa
     sources = reference_sources(parent)
     embedder = OnnxEmbedder(parent.model_path, parent.spec.preprocessing, threads=threads)
 
-    emb, on_part, shas, errors = _read_and_embed(embedder, paths)
+    embedded, shas, errors = _read_and_embed(embedder, paths)
+    emb, on_part = embedded.embeddings, embedded.valid
     new_ids = list(ids) if ids is not None else default_ids(paths, shas)
     existing_ids = {s["id"] for s in sources}
     existing_sha = {s["sha256"]: s["id"] for s in sources if s.get("sha256")}
@@ -314,10 +316,17 @@ def add_references(bundle_path: str | Path, images: Sequence[str | Path], out_pa
     rows, per_image = flatten_embeddings(emb_keep, mode, int(parent.references.shape[1]), mask)
     bank, new_sources = append_references(parent.references, sources, rows, per_image,
                                           [new_ids[i] for i in keep], [shas[i] for i in keep])
+    descriptors, density = parent.descriptors, parent.spec.density
+    if density is not None and descriptors is not None:
+        if embedded.descriptors is None:
+            raise ReferencesError(f"{bundle_path}: the model did not describe the new parts")
+        descriptors = np.concatenate([descriptors, embedded.descriptors[kept_rows]])
+        density = replace(density, ids=(*_descriptor_ids(parent), *(new_ids[i] for i in keep)))
 
     threshold = parent.spec.threshold
     if good_paths:
-        threshold = _recalibrate(embedder, parent, bank, new_sources, good_paths, bad_paths, target_false_reject_rate)
+        threshold, density = _recalibrate(embedder, parent, bank, new_sources, good_paths, bad_paths, target_false_reject_rate,
+                                          descriptors, density)
 
     change = {
         "action": "add",
@@ -327,15 +336,27 @@ def add_references(bundle_path: str | Path, images: Sequence[str | Path], out_pa
         "recalibrated": bool(good_paths),
     }
     spec = replace(parent.spec, threshold=threshold, provenance=derived_provenance(parent, change, new_sources),
-                   reference_ids=row_ids(new_sources) if (mode == "image" or parent.spec.reference_ids) else [])
-    return write_bundle(out_path, parent.model_path, bank, spec)
+                   reference_ids=row_ids(new_sources) if (mode == "image" or parent.spec.reference_ids) else [], density=density)
+    return write_bundle(out_path, parent.model_path, bank, spec, descriptors=descriptors)
+
+
+def _descriptor_ids(bundle: Bundle) -> tuple[str, ...]:
+    """One reference id per whole-part descriptor row (a bundle's initial golden parts are ``initial``)."""
+    n = 0 if bundle.descriptors is None else len(bundle.descriptors)
+    ids = bundle.spec.density.ids if bundle.spec.density is not None else ()
+    return tuple(ids) if len(ids) == n else (INITIAL_SOURCE,) * n
 
 
 def _recalibrate(embedder: OnnxEmbedder, parent: Bundle, bank: np.ndarray, sources: list[dict[str, Any]],
-                 good_paths: list[Path], bad_paths: list[Path], target_frr: float) -> Threshold:
+                 good_paths: list[Path], bad_paths: list[Path], target_frr: float, descriptors: np.ndarray | None = None,
+                 density: DensitySpec | None = None) -> tuple[Threshold, DensitySpec | None]:
+    """The threshold for the new references from re-calibration goods (and defects); a bundle that also scores
+    whole parts gets both scores' scales re-measured on those goods and its threshold set on the fused score."""
     in_bank = {s["sha256"]: s["id"] for s in sources if s.get("sha256")}
-    good_emb, good_valid, good_sha, good_err = _read_and_embed(embedder, good_paths)
-    bad_emb, bad_valid, bad_sha, bad_err = _read_and_embed(embedder, bad_paths) if bad_paths else (None, None, [], [])
+    good, good_sha, good_err = _read_and_embed(embedder, good_paths)
+    bad, bad_sha, bad_err = _read_and_embed(embedder, bad_paths) if bad_paths else (None, [], [])
+    good_emb, good_valid = good.embeddings, good.valid
+    bad_emb, bad_valid = (bad.embeddings, bad.valid) if bad is not None else (None, None)
     problems = [e for e in good_err + bad_err if e is not None]
     for p, sha in zip(good_paths + bad_paths, good_sha + bad_sha):
         if sha and sha in in_bank:
@@ -347,13 +368,20 @@ def _recalibrate(embedder: OnnxEmbedder, parent: Bundle, bank: np.ndarray, sourc
     scoring = parent.spec.scoring
     good_scores = anomaly_scores(good_emb, bank, scoring, good_valid)
     bad_scores = anomaly_scores(bad_emb, bank, scoring, bad_valid) if bad_paths else None
+    if density is not None and descriptors is not None and good.descriptors is not None:
+        gauss = GaussianDensity(descriptors, density.blocks)
+        good_density = gauss.distances(good.descriptors)
+        density = replace(density, patch_scale=ScoreScale.of(good_scores), density_scale=ScoreScale.of(good_density))
+        good_scores = fused_scores(good_scores, good_density, density.patch_scale, density.density_scale)
+        if bad_scores is not None and bad is not None and bad.descriptors is not None:
+            bad_scores = fused_scores(bad_scores, gauss.distances(bad.descriptors), density.patch_scale, density.density_scale)
     inputs = {
         "scored_against": "new reference bank",
         "good": [{"file": str(p), "sha256": s} for p, s in zip(good_paths, good_sha)],
         "defective": [{"file": str(p), "sha256": s} for p, s in zip(bad_paths, bad_sha)],
         "previous": parent.spec.threshold.to_dict(),
     }
-    return calibrate_threshold(good_scores, bad_scores, target_frr, inputs)
+    return calibrate_threshold(good_scores, bad_scores, target_frr, inputs), density
 
 
 def remove_references(bundle_path: str | Path, ids: Sequence[str], out_path: str | Path) -> Path:
@@ -365,9 +393,17 @@ def remove_references(bundle_path: str | Path, ids: Sequence[str], out_path: str
     parent = load_bundle(bundle_path)
     mode = bundle_mode(parent)
     bank, new_sources = drop_references(parent.references, reference_sources(parent), ids)
+    descriptors, density = parent.descriptors, parent.spec.density
+    if density is not None and descriptors is not None:
+        keep = np.array([i not in set(ids) for i in _descriptor_ids(parent)], dtype=bool)
+        if keep.sum() < 2:
+            raise ReferencesError(f"{bundle_path}: removing {sorted(set(ids))} would leave {int(keep.sum())} whole-part "
+                                  "references; the part Gaussian needs at least 2")
+        descriptors = descriptors[keep]
+        density = replace(density, ids=tuple(i for i, k in zip(_descriptor_ids(parent), keep) if k))
     change = {"action": "remove", "removed": list(dict.fromkeys(ids)),
               "rows_removed": int(parent.references.shape[0] - bank.shape[0]),
               "threshold_before": parent.spec.threshold.to_dict(), "recalibrated": False}
     spec = replace(parent.spec, provenance=derived_provenance(parent, change, new_sources),
-                   reference_ids=row_ids(new_sources) if (mode == "image" or parent.spec.reference_ids) else [])
-    return write_bundle(out_path, parent.model_path, bank, spec)
+                   reference_ids=row_ids(new_sources) if (mode == "image" or parent.spec.reference_ids) else [], density=density)
+    return write_bundle(out_path, parent.model_path, bank, spec, descriptors=descriptors)

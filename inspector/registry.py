@@ -40,13 +40,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from inspector.bundle import MANIFEST, MODEL_FILE, REFERENCES_FILE, Bundle, load_bundle
+from inspector.bundle import DESCRIPTORS_FILE, MANIFEST, MODEL_FILE, REFERENCES_FILE, Bundle, load_bundle
 from inspector.errors import BundleError, InspectorError
 
 #: The name under which ``pipelines.tracking.register_bundle`` logs the bundle directory (pyfunc artifacts).
 BUNDLE_ARTIFACT = "bundle"
 #: Version tags written at registration that must match the downloaded bundle's manifest.
-HASH_TAGS = {"bundle_sha256.model": MODEL_FILE, "bundle_sha256.references": REFERENCES_FILE}
+HASH_TAGS = {"bundle_sha256.model": MODEL_FILE, "bundle_sha256.references": REFERENCES_FILE, "bundle_sha256.descriptors": DESCRIPTORS_FILE}
 API = "/api/2.0/mlflow"
 ARTIFACTS_API = "/api/2.0/mlflow-artifacts/artifacts"
 MAX_BUNDLE_FILES = 64

@@ -64,6 +64,7 @@ class EmbedderConfig:
     trainable_stages: int = 0  # patch mode: stages before the deepest feature stage stay frozen; 0 = projection head only
     keep_pretrained: bool = True  # patch mode: each patch embedding carries the backbone's own features beside the head's
     learned_weight: float = 0.5  # with keep_pretrained: the head's share of the joined squared distance (see PatchEmbedder)
+    density_stages: int = 4  # patch mode: the backbone's last N stages, pooled over the part, describe it whole (0 = off)
 
     def __post_init__(self) -> None:
         if self.mode not in ("patch", "global"):
@@ -73,6 +74,8 @@ class EmbedderConfig:
         object.__setattr__(self, "feature_stages", tuple(int(i) for i in self.feature_stages))
         if not 0.0 < self.learned_weight < 1.0:
             raise ValueError(f"learned_weight must be in (0, 1), got {self.learned_weight}")
+        if self.density_stages < 0:
+            raise ValueError(f"density_stages must be >= 0 (0 = no whole-part descriptor), got {self.density_stages}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -81,6 +84,7 @@ class EmbedderConfig:
     def from_dict(cls, data: dict[str, Any]) -> "EmbedderConfig":
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
         known.setdefault("keep_pretrained", False)  # configs written before the option existed meant the head alone
+        known.setdefault("density_stages", 0)  # nor did they describe the whole part
         return cls(**known)
 
 
@@ -126,15 +130,19 @@ class PatchEmbedder(nn.Module):
     mode: Mode = "patch"
 
     def __init__(self, backbone: nn.Module, feature_stages: tuple[int, ...] = (3, 4), embedding_dim: int = 128, context: int = 1,
-                 keep_pretrained: bool = True, learned_weight: float = 0.5) -> None:
+                 keep_pretrained: bool = True, learned_weight: float = 0.5, density_stages: int = 0) -> None:
         super().__init__()
         stages = list(backbone.stages)
         if max(feature_stages) >= len(stages) or min(feature_stages) < 0:
             raise ValueError(f"feature_stages {feature_stages} out of range: the backbone has stages 0..{len(stages) - 1}")
         self.backbone = backbone
         self.feature_stages = tuple(sorted(feature_stages))
+        #: indices of the stages whose pooled statistics form the whole-part descriptor (:meth:`forward_parts`)
+        self.density_stages = tuple(range(max(0, len(stages) - density_stages), len(stages))) if density_stages > 0 else ()
         self.context = context
         channels = self._channels(stages)
+        #: descriptor columns per density stage (each channel's mean and standard deviation): one Gaussian each
+        self.descriptor_blocks = self._descriptor_blocks(stages)
         if embedding_dim < channels:
             log.warning("embedding_dim %d is below the %d feature channels of stages %s: the untrained head is a lossy "
                         "projection, not the pretrained features; use embedding_dim >= %d", embedding_dim, channels,
@@ -154,17 +162,31 @@ class PatchEmbedder(nn.Module):
             self.backbone.train(was)
         return sum(m.shape[1] for m in maps)
 
-    def _stage_maps(self, x: Tensor, stages: list[nn.Module]) -> list[Tensor]:
-        maps = []
-        for i, stage in enumerate(stages[: max(self.feature_stages) + 1]):
+    def _descriptor_blocks(self, stages: list[nn.Module]) -> tuple[int, ...]:
+        if not self.density_stages:
+            return ()
+        with torch.no_grad():
+            was = self.backbone.training
+            self.backbone.eval()
+            maps = self._stage_maps(torch.zeros(1, 3, 64, 64), stages, self.density_stages)[len(self.feature_stages) :]
+            self.backbone.train(was)
+        return tuple(2 * int(m.shape[1]) for m in maps)
+
+    def _stage_maps(self, x: Tensor, stages: list[nn.Module], extra: tuple[int, ...] = ()) -> list[Tensor]:
+        """The maps of ``feature_stages`` in order, then those of ``extra`` (running only as deep as either needs)."""
+        wanted = set(self.feature_stages) | set(extra)
+        found: dict[int, Tensor] = {}
+        for i, stage in enumerate(stages[: max(wanted) + 1]):
             x = stage(x)
-            if i in self.feature_stages:
-                maps.append(x)
-        return maps
+            if i in wanted:
+                found[i] = x
+        return [found[i] for i in self.feature_stages] + [found[i] for i in extra]
 
     def features(self, x: Tensor) -> Tensor:
         """Fused multi-stage feature map (N, C, h, w) on the coarsest selected grid, with neighbourhood context."""
-        maps = self._stage_maps(x, list(self.backbone.stages))
+        return self._fuse(self._stage_maps(x, list(self.backbone.stages)))
+
+    def _fuse(self, maps: list[Tensor]) -> Tensor:
         h, w = maps[-1].shape[-2:]
         fused = torch.cat([m if m.shape[-2:] == (h, w) else F.adaptive_avg_pool2d(m, (h, w)) for m in maps], dim=1)
         if self.context > 1:
@@ -173,12 +195,55 @@ class PatchEmbedder(nn.Module):
 
     def forward_map(self, x: Tensor) -> Tensor:
         """Patch embeddings as a map (N, D, h, w), L2-normalised over D."""
-        features = self.features(x)
+        return self._embed(self.features(x))
+
+    def _embed(self, features: Tensor) -> Tensor:
         learned = self.head(features)
         return join_with_pretrained(learned, features, self.learned_weight) if self.keep_pretrained else F.normalize(learned.float(), p=2.0, dim=1)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_map(x).flatten(2).transpose(1, 2)
+
+    def forward_parts(self, x: Tensor, placement: Tensor) -> tuple[Tensor, Tensor]:
+        """Patch embeddings (N, P, D) and the whole-part descriptor (N, K) from one pass of the backbone.
+
+        ``placement`` (N, 4) is where each part sits on the letterboxed input: left, top, width, height in input
+        pixels. The descriptor is, for each of ``density_stages``, the mean and standard deviation of every channel
+        over the cells whose centre lies on the part (never the padding), side by side. Why: the worst patch finds
+        a local defect, but not a part that is off all over (low-contrast shading, a spread of fine cracks), where
+        every patch is near *some* good patch; the statistics of the whole part see that (inspector.density).
+        """
+        if not self.density_stages:
+            raise ValueError("this embedder has no density stages (EmbedderConfig.density_stages = 0)")
+        maps = self._stage_maps(x, list(self.backbone.stages), self.density_stages)
+        patches = self._embed(self._fuse(maps[: len(self.feature_stages)])).flatten(2).transpose(1, 2)
+        size = x.shape[-2:]
+        return patches, torch.cat([pooled_on_part(m, placement, size) for m in maps[len(self.feature_stages) :]], dim=1)
+
+
+def on_part_weights(placement: Tensor, grid: tuple[int, int], size: tuple[int, int]) -> Tensor:
+    """(N, 1, h, w) 1.0 for the cells of an ``h`` x ``w`` grid over an input of ``size`` whose centre lies inside
+    each part's ``placement`` (left, top, width, height), else 0 (the line's patch rule, inspector.preprocess);
+    a part too small to cover any centre gets every cell."""
+    (h, w), (height, width) = grid, size
+    ys = (torch.arange(h, dtype=torch.float32, device=placement.device) + 0.5) * (height / h)
+    xs = (torch.arange(w, dtype=torch.float32, device=placement.device) + 0.5) * (width / w)
+    left, top, part_w, part_h = (placement[:, i, None].float() for i in range(4))
+    rows = ((ys[None, :] >= top) & (ys[None, :] < top + part_h)).float()
+    cols = ((xs[None, :] >= left) & (xs[None, :] < left + part_w)).float()
+    weights = rows[:, None, :, None] * cols[:, None, None, :]
+    empty = (weights.sum(dim=(1, 2, 3), keepdim=True) == 0).float()
+    return weights + empty * (1.0 - weights)
+
+
+def pooled_on_part(feature_map: Tensor, placement: Tensor, size: tuple[int, int], eps: float = 1e-6) -> Tensor:
+    """(N, 2C): each channel's mean and standard deviation over the on-part cells of ``feature_map`` (N, C, h, w)."""
+    weights = on_part_weights(placement, (int(feature_map.shape[-2]), int(feature_map.shape[-1])), size)
+    count = weights.sum(dim=(2, 3))
+    fmap = feature_map.float()
+    mean = (fmap * weights).sum(dim=(2, 3)) / count
+    var = (((fmap - mean[:, :, None, None]) ** 2) * weights).sum(dim=(2, 3)) / count
+    return torch.cat([mean, (var + eps).sqrt()], dim=1)
 
 
 def join_with_pretrained(learned: Tensor, features: Tensor, learned_weight: float = 0.5) -> Tensor:
@@ -234,7 +299,7 @@ def build_embedder(config: EmbedderConfig | None = None, *, weights: str | Path 
         freeze_stages(backbone, trainable)
     if cfg.mode == "patch":
         return PatchEmbedder(backbone, feature_stages=cfg.feature_stages, embedding_dim=cfg.embedding_dim, context=cfg.context,
-                             keep_pretrained=cfg.keep_pretrained, learned_weight=cfg.learned_weight)
+                             keep_pretrained=cfg.keep_pretrained, learned_weight=cfg.learned_weight, density_stages=cfg.density_stages)
     return Embedder(backbone, embedding_dim=cfg.embedding_dim, hidden_dim=cfg.hidden_dim, pooling=cfg.pooling)
 
 

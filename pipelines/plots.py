@@ -103,13 +103,13 @@ def save_heatmap_examples(bundle: Path, evaluation: Evaluation, out_dir: Path, *
     fig, axes = plt.subplots(1, len(picks), figsize=(2.2 * len(picks), 2.8), squeeze=False)
     for ax, i, (result, amap, img) in zip(axes[0], picks, drawn):
         if amap is not None and img is not None:
-            ax.imshow(overlay(img, amap, inspector.threshold))
+            ax.imshow(overlay(img, amap, inspector.patch_threshold))
         kind = evaluation.defect_types[i] if evaluation.labels[i] == 1 else "good"
         ax.set_title(f"{kind}\n{result.score if result.score is not None else float('nan'):.3f}", fontsize=7)
         ax.axis("off")
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "heatmaps.png"
-    fig.suptitle(f"anomaly heatmaps (yellow = threshold {inspector.threshold:.3f})", fontsize=8)
+    fig.suptitle(f"anomaly heatmaps (yellow = patch threshold {inspector.patch_threshold:.3f})", fontsize=8)
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
     return [path]

@@ -320,7 +320,8 @@ def score_version(model_name: str, alias: str, version: Any, gate: GateSet, work
         score.bundle_error = str(exc)
         return score
     files = bundle.manifest["files"]
-    for key, name in (("bundle_sha256.model", "model.onnx"), ("bundle_sha256.references", "references.npy")):
+    for key, name in (("bundle_sha256.model", "model.onnx"), ("bundle_sha256.references", "references.npy"),
+                      ("bundle_sha256.descriptors", "descriptors.npy")):
         recorded = (version.tags or {}).get(key)
         if recorded and recorded != files.get(name):
             score.hash_mismatch = f"{name} sha256 {files.get(name, '')[:12]}… is not the {recorded[:12]}… recorded at registration"

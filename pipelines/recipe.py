@@ -19,6 +19,7 @@ from torch.utils.data import Dataset
 
 from inspector.bundle import BundleSpec, Threshold, load_bundle, write_bundle
 from inspector.calibration import calibrate
+from inspector.density import DensitySpec, GaussianDensity, ScoreScale, fused_scores
 from inspector.engine import Inspector, OnnxEmbedder
 from inspector.metrics import average_precision, rates_at_threshold, roc_auc
 from inspector.preprocess import PreprocessConfig, Preprocessor, load_image
@@ -318,16 +319,18 @@ def build_bundle(embedder: Embedder | PatchEmbedder, split: DataSplit, recipe: R
         parity_paths = (split.calibration_good or split.train_good)[:8]
         parity = check_parity(embedder, onnx_path, load_preprocessed(parity_paths, pre))
         onnx = OnnxEmbedder(onnx_path, recipe.preprocess)
-        references, ref_valid, ref_errors = onnx.embed_parts(split.train_good)
-        bad_refs = [e for e in ref_errors if e]
+        refs = onnx.embed_all(split.train_good)
+        bad_refs = [e for e in refs.errors if e]
         if bad_refs:
             raise ValueError(f"{len(bad_refs)} golden reference images could not be read: {bad_refs[:3]}")
-        references = reference_bank(references, recipe, ref_valid)
+        references = reference_bank(refs.embeddings, recipe, refs.valid)
         patch_mode = getattr(embedder, "mode", "global") == "patch"
         scoring = recipe.scoring if patch_mode else replace(recipe.scoring, offset=0.0)  # the offset is a patch-mode rule
+        density: DensitySpec | None = None
+        descriptors = refs.descriptors
         if split.calibration_good:
-            cal_emb, cal_valid, _ = onnx.embed_parts(split.calibration_good)
-            val_emb, val_valid, _ = onnx.embed_parts(split.validation_defective)
+            cal, val = onnx.embed_all(split.calibration_good), onnx.embed_all(split.validation_defective)
+            cal_emb, cal_valid, val_emb, val_valid = cal.embeddings, cal.valid, val.embeddings, val.valid
             bank = GoldenBank(references, chunk_size=scoring.chunk_size)
             choice: dict[str, Any] = {}
             if len(val_emb) and patch_mode and recipe.offset_candidates:  # one search of each set serves choice and calibration
@@ -339,6 +342,11 @@ def build_bundle(embedder: Embedder | PatchEmbedder, split: DataSplit, recipe: R
             else:
                 cal_scores = anomaly_scores(cal_emb, bank, scoring, cal_valid)
                 val_scores = anomaly_scores(val_emb, bank, scoring, val_valid) if len(val_emb) else None
+            if descriptors is not None and cal.descriptors is not None and len(descriptors) >= 2 and len(cal_scores):
+                density, cal_scores, val_scores = whole_part_scores(
+                    descriptors, tuple(embedder.descriptor_blocks), [p.name for p in split.train_good],  # type: ignore[union-attr]
+                    cal.descriptors, cal_scores, val.descriptors, val_scores)
+                choice["density"] = {"references": len(descriptors), "blocks": list(density.blocks)}
             threshold = calibrate(
                 cal_scores,
                 val_scores,
@@ -356,10 +364,26 @@ def build_bundle(embedder: Embedder | PatchEmbedder, split: DataSplit, recipe: R
                    "parity_max_abs_diff": parity},
             provenance=provenance or {},
             reference_ids=[p.name for p in split.train_good] if references.shape[0] == len(split.train_good) else [],
+            density=density,
         )
-        return write_bundle(out, onnx_path, references, spec, overwrite=overwrite)
+        return write_bundle(out, onnx_path, references, spec, overwrite=overwrite, descriptors=descriptors if density else None)
     finally:
         onnx_path.unlink(missing_ok=True)
+
+
+def whole_part_scores(descriptors: np.ndarray, blocks: tuple[int, ...], ids: Sequence[str], cal_descriptors: np.ndarray,
+                      cal_patch: np.ndarray, val_descriptors: np.ndarray | None, val_patch: np.ndarray | None,
+                      ) -> tuple[DensitySpec, np.ndarray, np.ndarray | None]:
+    """The whole-part Gaussian of the golden parts (inspector.density), the scale of each score on the calibration
+    goods, and the calibration and validation scores fused as the line will fuse them (for the threshold)."""
+    gauss = GaussianDensity(descriptors, blocks)
+    cal_density = gauss.distances(cal_descriptors)
+    spec = DensitySpec(blocks, ScoreScale.of(cal_patch), ScoreScale.of(cal_density), tuple(ids))
+    cal = fused_scores(cal_patch, cal_density, spec.patch_scale, spec.density_scale)
+    val = None
+    if val_patch is not None and val_descriptors is not None and len(val_patch):
+        val = fused_scores(val_patch, gauss.distances(val_descriptors), spec.patch_scale, spec.density_scale)
+    return spec, cal, val
 
 
 @dataclass

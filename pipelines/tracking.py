@@ -369,9 +369,12 @@ def _version_tags(bundle: Bundle, run_id: str, tags: Mapping[str, Any]) -> dict[
         "bundle_sha256.references": bundle.manifest["files"]["references.npy"],
         "threshold": bundle.spec.threshold.value,
         "threshold_rule": bundle.spec.threshold.rule,
+        "whole_part_score": "on" if bundle.spec.density is not None else "off",
         "dataset_hash": bundle.spec.provenance.get("dataset_hash", "unknown"),
         "git_commit": git_commit(),
     }
+    if "descriptors.npy" in bundle.manifest["files"]:
+        derived["bundle_sha256.descriptors"] = bundle.manifest["files"]["descriptors.npy"]
     derived.update(tags)
     return {str(k): _param_value(v) for k, v in derived.items()}
 

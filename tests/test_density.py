@@ -1,0 +1,191 @@
+"""The whole-part score: the Gaussian of the golden parts' descriptors, the descriptor itself, and the bundle path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from sklearn.covariance import LedoitWolf
+
+from inspector.bundle import BundleSpec, Threshold, load_bundle, write_bundle
+from inspector.density import DensitySpec, GaussianDensity, ScoreScale, fused_scores
+from inspector.engine import Inspector, OnnxEmbedder
+from inspector.errors import BundleError, InspectorError
+from inspector.preprocess import PreprocessConfig
+from inspector.references import ReferencesError, add_references, remove_references
+from inspector.scoring import ScoringConfig
+from models.export import check_parity, export_onnx
+from models.siamese import EmbedderConfig, build_embedder, pooled_on_part
+from pipelines.recipe import whole_part_scores
+
+
+@pytest.mark.parametrize("n,p", [(60, 12), (25, 80)])
+def test_gaussian_matches_ledoit_wolf_mahalanobis_even_with_more_channels_than_references(n: int, p: int) -> None:
+    rng = np.random.default_rng(n)
+    refs = rng.normal(size=(n, p)) * rng.uniform(0.2, 4.0, size=p)
+    queries = rng.normal(size=(9, p)) * 3
+    half = p // 2
+    expected = sum(np.sqrt(LedoitWolf().fit(refs[:, s]).mahalanobis(queries[:, s])) for s in (slice(0, half), slice(half, p)))
+    got = GaussianDensity(refs, [half, p - half]).distances(queries)
+    np.testing.assert_allclose(got, expected, rtol=1e-8)
+
+
+def test_gaussian_refuses_what_it_cannot_fit() -> None:
+    with pytest.raises(InspectorError, match="at least 2"):
+        GaussianDensity(np.ones((1, 4)), [4])
+    with pytest.raises(InspectorError, match="do not add up"):
+        GaussianDensity(np.ones((5, 4)), [3])
+    with pytest.raises(InspectorError, match="NaN"):
+        GaussianDensity(np.full((5, 2), np.nan), [2])
+    # identical references: a degenerate covariance still gives finite distances, 0 at the references
+    same = GaussianDensity(np.ones((5, 3)), [3])
+    assert np.all(np.isfinite(same.distances(np.array([[1.0, 1.0, 1.0], [2.0, 1.0, 1.0]]))))
+    assert same.distances(np.ones((1, 3)))[0] == pytest.approx(0.0)
+
+
+def test_fused_score_is_the_more_alarmed_view_in_units_of_the_goods_spread() -> None:
+    patch_scale, part_scale = ScoreScale.of(np.array([1.0, 2.0, 3.0, 4.0, 5.0])), ScoreScale.of(np.array([10.0, 20.0, 30.0]))
+    assert (patch_scale.median, patch_scale.spread) == (3.0, 2.0)
+    fused = fused_scores(np.array([3.0, 9.0, 3.0]), np.array([20.0, 20.0, 60.0]), patch_scale, part_scale)
+    np.testing.assert_allclose(fused, [0.0, 3.0, 4.0])
+
+
+def test_descriptor_pools_over_the_part_only() -> None:
+    fmap = torch.randn(2, 3, 4, 6)
+    placement = torch.tensor([[16.0, 0.0, 16.0, 32.0], [0.0, 0.0, 48.0, 32.0]])  # image 0: the middle third of a 32x48 input
+    out = pooled_on_part(fmap, placement, (32, 48))
+    changed = fmap.clone()
+    changed[0, :, :, :2] = 100.0  # padding of image 0 (cells whose centre is left of x = 16)
+    changed[0, :, :, 4:] = -100.0
+    np.testing.assert_allclose(pooled_on_part(changed, placement, (32, 48))[0], out[0], rtol=1e-6)
+    part = fmap[0, :, :, 2:4].reshape(3, -1)
+    np.testing.assert_allclose(out[0, :3], part.mean(1), rtol=1e-5)
+    np.testing.assert_allclose(out[0, 3:], part.std(1, unbiased=False), rtol=1e-4)
+    np.testing.assert_allclose(out[1, :3], fmap[1].reshape(3, -1).mean(1), rtol=1e-5)
+
+
+def _embedder(density_stages: int = 2) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_embedder(EmbedderConfig(backbone="tiny_cnn", weights=None, feature_stages=(2, 3), embedding_dim=8,
+                                         density_stages=density_stages)).eval()
+
+
+def _parts(rng: np.random.Generator, n: int, level: tuple[float, float], size: tuple[int, int] = (40, 32)) -> list[Image.Image]:
+    """Textured parts whose overall brightness varies from part to part within ``level``."""
+    out = []
+    for _ in range(n):
+        base = rng.uniform(*level)
+        img = np.clip(base + rng.normal(0, 0.08, (size[1], size[0], 1)), 0, 1) * 255
+        out.append(Image.fromarray(np.repeat(img, 3, axis=2).astype(np.uint8)))
+    return out
+
+
+def test_onnx_describes_letterboxed_parts_as_torch_does(tmp_path: Path) -> None:
+    model = _embedder()
+    path = export_onnx(model, tmp_path / "m.onnx", height=32, width=32)
+    pre = PreprocessConfig(height=32, width=32)
+    onnx = OnnxEmbedder(path, pre)
+    assert onnx.describes_parts
+    images = _parts(np.random.default_rng(0), 3, (0.3, 0.7), size=(48, 20))  # wide parts: letterbox above and below
+    prepared = onnx.prepare(images)
+    emb, desc = onnx.run(prepared.batch, prepared.sizes)
+    placement = onnx.placements(prepared.sizes)
+    assert placement[0].tolist() == [0.0, 9.0, 32.0, 13.0]
+    with torch.no_grad():
+        t_emb, t_desc = model.forward_parts(torch.from_numpy(prepared.batch), torch.from_numpy(placement))
+    np.testing.assert_allclose(emb, t_emb.numpy(), atol=1e-4)
+    np.testing.assert_allclose(desc, t_desc.numpy(), rtol=1e-4, atol=1e-4)
+    assert desc.shape == (3, sum(model.descriptor_blocks))
+    assert check_parity(model, path, prepared.batch, placement=placement) <= 1e-4
+
+
+@pytest.fixture(scope="module")
+def density_bundle(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, list[Path]]]:
+    """A real bundle whose golden parts vary in brightness from 0.3 to 0.7, each part uniform; calibration goods
+    alike; 'patchy' parts are half 0.3 and half 0.7: every patch matches some golden patch, the whole part does not."""
+    tmp = tmp_path_factory.mktemp("density")
+    model = _embedder()
+    path = export_onnx(model, tmp / "m.onnx", height=32, width=32)
+    pre = PreprocessConfig(height=32, width=32)
+    onnx = OnnxEmbedder(path, pre)
+    rng = np.random.default_rng(1)
+    files: dict[str, list[Path]] = {}
+    for name, n in (("refs", 40), ("cal", 24), ("good", 12), ("more", 4)):
+        files[name] = []
+        for i, img in enumerate(_parts(rng, n, (0.3, 0.7))):
+            files[name].append(tmp / f"{name}{i}.png")
+            img.save(files[name][-1])
+    files["patchy"] = []
+    for i in range(12):
+        low, high = np.asarray(_parts(rng, 1, (0.3, 0.32))[0]), np.asarray(_parts(rng, 1, (0.68, 0.7))[0])
+        img = np.concatenate([low[:, :16], high[:, 16:]], axis=1)
+        files["patchy"].append(tmp / f"patchy{i}.png")
+        Image.fromarray(img).save(files["patchy"][-1])
+    refs = onnx.embed_all(files["refs"])
+    cal = onnx.embed_all(files["cal"])
+    bank = refs.embeddings.reshape(-1, refs.embeddings.shape[-1])
+    from inspector.scoring import anomaly_scores
+
+    cal_patch = anomaly_scores(cal.embeddings, bank, ScoringConfig())
+    density, cal_scores, _ = whole_part_scores(refs.descriptors, tuple(model.descriptor_blocks), ["initial"] * 40,
+                                               cal.descriptors, cal_patch, None, None)
+    threshold = Threshold(float(np.quantile(cal_scores, 0.99)), rule="good_quantile")
+    spec = BundleSpec(pre, ScoringConfig(), threshold, model={"name": "tiny", "version": "1", "mode": "patch"}, density=density)
+    return write_bundle(tmp / "bundle", path, bank, spec, descriptors=refs.descriptors), files
+
+
+def test_whole_part_score_finds_parts_whose_every_patch_looks_good(density_bundle: tuple[Path, dict[str, list[Path]]]) -> None:
+    from inspector.metrics import roc_auc
+
+    bundle_path, files = density_bundle
+    inspector = Inspector.from_bundle(bundle_path)
+    assert inspector.density is not None
+    good, patchy = files["good"], files["patchy"]
+    onnx = inspector.embedder
+    emb = onnx.embed_all(good + patchy)
+    labels = np.r_[np.zeros(len(good)), np.ones(len(patchy))]
+    patch_only = inspector.golden.anomaly_scores(emb.embeddings, inspector.bundle.spec.scoring, emb.valid)
+    fused = np.array([r.score for r in inspector.score(good + patchy)])
+    assert roc_auc(labels, fused) > 0.95
+    assert roc_auc(labels, fused) > roc_auc(labels, patch_only) + 0.2
+    np.testing.assert_allclose(fused, inspector.score_embeddings(emb.embeddings, emb.valid, emb.descriptors))
+    with pytest.raises(InspectorError, match="descriptors"):
+        inspector.score_embeddings(emb.embeddings, emb.valid)
+    # the heatmap colour scale is the patch distance at which the patch view alone would flag
+    spec = inspector.bundle.spec.density
+    assert inspector.patch_threshold == pytest.approx(spec.patch_scale.median + inspector.threshold * spec.patch_scale.spread)
+
+
+def test_density_bundle_round_trip_and_tampering(density_bundle: tuple[Path, dict[str, list[Path]]], tmp_path: Path) -> None:
+    bundle_path, _ = density_bundle
+    bundle = load_bundle(bundle_path)
+    assert bundle.descriptors is not None and bundle.descriptors.shape[0] == 40
+    assert isinstance(bundle.spec.density, DensitySpec) and len(bundle.spec.density.ids) == 40
+    with pytest.raises(BundleError, match="come together"):
+        write_bundle(tmp_path / "x", bundle.model_path, bundle.references, bundle.spec)
+    copy = tmp_path / "copy"
+    write_bundle(copy, bundle.model_path, bundle.references, bundle.spec, descriptors=bundle.descriptors)
+    np.save(copy / "descriptors.npy", bundle.descriptors[::-1].copy())
+    with pytest.raises(BundleError, match="descriptors.npy: sha256"):
+        load_bundle(copy)
+
+
+def test_new_golden_parts_join_the_gaussian_without_retraining(density_bundle: tuple[Path, dict[str, list[Path]]], tmp_path: Path) -> None:
+    bundle_path, files = density_bundle
+    parent = load_bundle(bundle_path)
+    grown = add_references(bundle_path, files["more"], tmp_path / "grown", recalibrate_good=files["cal"])
+    child = load_bundle(grown)
+    assert child.descriptors.shape[0] == 44
+    assert child.spec.density.ids[:40] == ("initial",) * 40 and len(set(child.spec.density.ids[40:])) == 4
+    np.testing.assert_array_equal(child.descriptors[:40], parent.descriptors)
+    assert child.spec.threshold.value != parent.spec.threshold.value or child.spec.density != parent.spec.density
+    added = [i for i in child.spec.density.ids if i != "initial"]
+    shrunk = load_bundle(remove_references(grown, added[:2], tmp_path / "shrunk"))
+    assert shrunk.descriptors.shape[0] == 42 and not set(added[:2]) & set(shrunk.spec.density.ids)
+    with pytest.raises(ReferencesError, match="at least 2"):
+        remove_references(grown, ["initial", *added[:3]], tmp_path / "empty")
+    assert not (tmp_path / "empty").exists()
+    assert all(r.error is None for r in Inspector.from_bundle(shrunk.path).score(files["good"][:2]))
