@@ -38,7 +38,8 @@ from pipelines.datasets import scan_mvtec  # noqa: E402
 
 def pooled(maps: np.ndarray, content: np.ndarray, how: str) -> np.ndarray:
     """(N, C) descriptor of each image from its (N, C, h, w) stage map over the on-part cells ``content`` (N, h*w):
-    ``mean``, or ``meanstd`` (mean and standard deviation side by side: texture spread as well as level)."""
+    ``mean``, ``meanstd`` (mean and standard deviation side by side: texture spread as well as level, the product's
+    descriptor) or ``meanstdmax`` (plus each channel's largest on-part value)."""
     flat = maps.reshape(*maps.shape[:2], -1)
     mask = np.where(content.any(axis=1, keepdims=True), content, True)[:, None, :].astype(np.float32)
     count = mask.sum(axis=2)
@@ -46,7 +47,10 @@ def pooled(maps: np.ndarray, content: np.ndarray, how: str) -> np.ndarray:
     if how == "mean":
         return mean
     var = (((flat - mean[..., None]) ** 2) * mask).sum(axis=2) / count
-    return np.concatenate([mean, np.sqrt(var)], axis=1)
+    parts = [mean, np.sqrt(var)]
+    if how == "meanstdmax":  # the extreme cell too: a thin crack moves few cells
+        parts.append(np.where(mask > 0, flat, -np.inf).max(axis=2))
+    return np.concatenate(parts, axis=1)
 
 
 def gaussian_scores(fit: np.ndarray, *queries: np.ndarray) -> list[np.ndarray]:

@@ -34,7 +34,8 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from inspector.bundle import BundleSpec, Threshold, write_bundle  # noqa: E402
-from inspector.engine import Inspector, OnnxEmbedder, make_session  # noqa: E402
+from inspector.density import DensitySpec, ScoreScale  # noqa: E402
+from inspector.engine import PLACEMENT_INPUT, Inspector, OnnxEmbedder, make_session  # noqa: E402
 from inspector.preprocess import PreprocessConfig, Preprocessor, load_image  # noqa: E402
 from inspector.scoring import GoldenBank, ScoringConfig  # noqa: E402
 from models.coreset import greedy_coreset  # noqa: E402
@@ -82,7 +83,7 @@ def stage_times(inspector: Inspector, paths: list[Path], rounds: int = 5) -> dic
     images = [load_image(p) for p in paths]
     resized = np.stack([pre.resize(img) for img in images])
     batch = pre.normalize(resized)
-    features = emb.embed_arrays(batch)
+    features, descriptors = emb.run(batch)
     brute = GoldenBank(inspector.bundle.references, cells=0)
     stages: dict[str, Callable[[], object]] = {
         "decode (1 thread)": lambda: [load_image(p) for p in paths],
@@ -90,9 +91,12 @@ def stage_times(inspector: Inspector, paths: list[Path], rounds: int = 5) -> dic
         "decode+resize (pool)": lambda: emb.prepare(paths),
         "normalise": lambda: pre.normalize(resized),
         "ORT forward": lambda: emb.embed_arrays(batch),
-        "kNN (pruned, line)": lambda: inspector.score_embeddings(features),
+        "kNN (pruned, line)": lambda: inspector.golden.anomaly_scores(features, inspector.bundle.spec.scoring),
         "kNN (brute force, before)": lambda: _with_blas_threads(2, brute.anomaly_scores, features, inspector.bundle.spec.scoring),
     }
+    if inspector.density is not None and descriptors is not None:
+        density = inspector.density
+        stages["whole-part Gaussian"] = lambda: density.distances(descriptors)
     rates = interleaved_rates(stages, dict.fromkeys(stages, 1), rounds)
     return {name: 1000.0 / r for name, r in rates.items()}
 
@@ -180,6 +184,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5, help="best of this many interleaved repeats per measure")
     p.add_argument("--skip-eager", action="store_true", help="leave out the torch eager comparison")
     p.add_argument("--skip-service", action="store_true", help="leave out the HTTP service measure")
+    p.add_argument("--patch-only", action=argparse.BooleanOptionalAction, default=True, help="also measure the patch embedder "
+                   "without the whole-part descriptor and score (what the default costs over it)")
     p.add_argument("--head-only", action="store_true", help="also measure the patch embedder without the pretrained half (128-d patches)")
     p.add_argument("--global", dest="global_mode", action=argparse.BooleanOptionalAction, default=True, help="also measure the global embedder")
     args = p.parse_args()
@@ -191,6 +197,7 @@ def main() -> None:
     pre = Preprocessor(pre_cfg)
 
     modes = [("patch (default)", EmbedderConfig())]
+    modes += [("patch, no whole-part score (density_stages=0)", EmbedderConfig(density_stages=0))] if args.patch_only else []
     modes += [("patch, head alone (keep_pretrained=False)", EmbedderConfig(keep_pretrained=False))] if args.head_only else []
     modes += [("global", EmbedderConfig(mode="global"))] if args.global_mode else []
     for index, (label, cfg) in enumerate(modes):
@@ -198,19 +205,25 @@ def main() -> None:
         model = build_embedder(cfg).eval()
         onnx_path = export_onnx(model, work / f"{cfg.mode}{index}.onnx", height=args.size, width=args.size)
         onnx = OnnxEmbedder(onnx_path, pre_cfg)
-        bank, _ = onnx.embed(refs)
-        bank = bank.reshape(-1, bank.shape[-1])
+        embedded = onnx.embed_all(refs)
+        bank = embedded.embeddings.reshape(-1, embedded.embeddings.shape[-1])
         bank = bank[greedy_coreset(bank, 16384)]
-        bundle = write_bundle(work / f"bundle_{cfg.mode}{index}", onnx_path, bank, BundleSpec(pre_cfg, ScoringConfig(), Threshold(1.0), model={"name": label, "mode": "patch" if cfg.mode == "patch" else "image"}))
+        density = None
+        if embedded.descriptors is not None:  # scales from the references themselves: speed does not depend on them
+            density = DensitySpec(tuple(model.descriptor_blocks), ScoreScale(0.0, 1.0), ScoreScale(0.0, 1.0))
+        spec = BundleSpec(pre_cfg, ScoringConfig(), Threshold(1.0), model={"name": label, "mode": "patch" if cfg.mode == "patch" else "image"}, density=density)
+        bundle = write_bundle(work / f"bundle_{cfg.mode}{index}", onnx_path, bank, spec, descriptors=embedded.descriptors if density else None)
         inspector = Inspector.from_bundle(bundle)
         batch = pre.batch([load_image(q) for q in paths[:32]])
+        full = torch.from_numpy(np.tile(np.float32([[0, 0, args.size, args.size]]), (32, 1)))
         print(f"\n== {label}: bank {len(bank)} x {bank.shape[1]}, input {args.size}px, {torch.get_num_threads()} threads, "
               f"{inspector.embedder.decode_workers} decode threads, {inspector.golden.cells} bank cells")
         if not args.skip_eager:
             xb = torch.from_numpy(batch)
+            forward = (lambda x: model.forward_parts(x, full[: len(x)])) if density else model  # what the ONNX model computes
             with torch.no_grad():
-                eager32 = rate(lambda: model(xb), 32)
-                eager1 = rate(lambda: [model(xb[i : i + 1]) for i in range(8)], 8)
+                eager32 = rate(lambda: forward(xb), 32)
+                eager1 = rate(lambda: [forward(xb[i : i + 1]) for i in range(8)], 8)
             ort32 = rate(lambda: inspector.embedder.embed_arrays(batch), 32)
             ort1 = rate(lambda: [inspector.embedder.embed_arrays(batch[i : i + 1]) for i in range(8)], 8)
             print(f"torch eager   batch 32 {eager32:7.1f} img/s   batch 1 {eager1:7.1f} img/s")
@@ -219,10 +232,10 @@ def main() -> None:
         print("stage times, one batch of 32: " + ", ".join(f"{k} {v:.1f} ms" for k, v in stages.items()))
         n_stream = len(paths) // 32 * 32
         spinning = make_session(inspector.bundle.model_path, spinning=True)
-        name = spinning.get_inputs()[0].name
+        feed = {spinning.get_inputs()[0].name: batch, **({PLACEMENT_INPUT: full.numpy()} if inspector.embedder.describes_parts else {})}
         rates = interleaved_rates(
             {"ort": lambda: inspector.embedder.embed_arrays(batch),
-             "ort_spin": lambda: spinning.run(None, {name: batch}),
+             "ort_spin": lambda: spinning.run(None, feed),
              "score": lambda: inspector.score(paths[:32]),
              "stream": lambda: list(inspector.score_paths(paths[:n_stream], chunk=32))},
             {"ort": 32, "ort_spin": 32, "score": 32, "stream": n_stream}, args.rounds)

@@ -189,3 +189,14 @@ def test_new_golden_parts_join_the_gaussian_without_retraining(density_bundle: t
         remove_references(grown, ["initial", *added[:3]], tmp_path / "empty")
     assert not (tmp_path / "empty").exists()
     assert all(r.error is None for r in Inspector.from_bundle(shrunk.path).score(files["good"][:2]))
+
+
+def test_heatmap_scores_are_the_line_scores(density_bundle: tuple[Path, dict[str, list[Path]]], tmp_path: Path) -> None:
+    from inspector.heatmap import write_heatmaps
+
+    bundle_path, files = density_bundle
+    inspector = Inspector.from_bundle(bundle_path)
+    paths = files["good"][:3] + files["patchy"][:3]
+    written = list(write_heatmaps(inspector, paths, tmp_path / "maps"))
+    np.testing.assert_allclose([r.score for r, _ in written], [r.score for r in inspector.score(paths)], rtol=1e-6)
+    assert all(p is not None and p.is_file() for _, p in written)
