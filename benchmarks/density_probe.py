@@ -60,6 +60,13 @@ def gaussian_scores(fit: np.ndarray, *queries: np.ndarray) -> list[np.ndarray]:
     return [model.distances(q) for q in queries]
 
 
+def tail_standardised(values: np.ndarray, reference: np.ndarray, q: float) -> np.ndarray:
+    """``values`` in units of the calibration goods' distance from their median to their ``q``-th percentile: each
+    view then reaches 1 at about the same false-reject rate, which is what the max of the views compares."""
+    median, tail = np.percentile(reference, [50, q])
+    return (values - median) / max(tail - median, 1e-9)
+
+
 def report(label: str, scores: np.ndarray, cal: np.ndarray, test: list, in_split: np.ndarray | None) -> None:
     cells = " ".join(f"{t}={v:.3f}" for t, v in per_type(scores, test, cal).items())
     print(f"  {label:<34} {cells}", flush=True)
@@ -81,6 +88,8 @@ def main() -> None:
     p.add_argument("--patch-variant", default="3+4", help="the product's patch features, for the fused rows")
     p.add_argument("--bank", type=int, default=16384)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tail-scales", default="", help="comma-separated percentiles q: also fuse by the max of the two "
+                   "scores each scaled by its calibration goods' median-to-q-th-percentile distance (instead of the IQR)")
     p.add_argument("--verbose", action="store_true", help="also print each stage's own score")
     p.add_argument("--cache", type=Path, default=None)
     p.add_argument("--group-pattern", default=None)
@@ -136,6 +145,10 @@ def main() -> None:
         for how, combine in (("zsum", np.add), ("zmax", np.maximum)):
             fused = ensemble_scores([(patch["test"], patch["cal"]), (t, c)], combine)
             report(f"{how}(patch, {name})", *fused, test, in_split)
+        for q in [float(v) for v in args.tail_scales.split(",") if v.strip()]:
+            members_q = [(patch["test"], patch["cal"]), (t, c)]
+            fused = tuple(np.maximum(*(tail_standardised(v, cal_v, q) for v, cal_v in ((m[i], m[1]) for m in members_q))) for i in (0, 1))
+            report(f"zmax-q{q:g}(patch, {name})", *fused, test, in_split)
 
 
 if __name__ == "__main__":

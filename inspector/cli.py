@@ -51,7 +51,8 @@ def _print_table(results: list[ScoreResult]) -> None:
         if r.error:
             print(f"{r.source:<{width}}  {'-':>8}  {r.threshold:>9.4f}  ERROR {r.error}")
         else:
-            print(f"{r.source:<{width}}  {r.score:>8.4f}  {r.threshold:>9.4f}  {'ANOMALOUS' if r.anomalous else 'good'}")
+            why = f" ({max(r.views, key=lambda k: r.views[k])})" if r.anomalous and r.views else ""  # type: ignore[union-attr]
+            print(f"{r.source:<{width}}  {r.score:>8.4f}  {r.threshold:>9.4f}  {'ANOMALOUS' if r.anomalous else 'good'}{why}")
 
 
 def cmd_score(args: argparse.Namespace) -> int:
@@ -110,6 +111,9 @@ def cmd_check(args: argparse.Namespace) -> int:
         "embedding_dim": int(bundle.references.shape[1]),
         "threshold": bundle.spec.threshold.to_dict(),
         "preprocessing": bundle.spec.preprocessing.to_dict(),
+        "whole_part_score": None if bundle.spec.density is None else {
+            "references": int(len(bundle.descriptors)) if bundle.descriptors is not None else 0,
+            **{k: v for k, v in bundle.spec.density.to_dict().items() if k != "ids"}},
         "status": "ok",
     }
     print(json.dumps(info, indent=2))

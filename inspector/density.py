@@ -134,7 +134,12 @@ class ScoreScale:
 def fused_scores(patch: np.ndarray, density: np.ndarray, patch_scale: ScoreScale, density_scale: ScoreScale) -> np.ndarray:
     """One score per part: the larger of its patch and whole-part scores, each in units of the good parts' spread
     above their median — a part is as anomalous as the more alarmed of the two views."""
-    return np.maximum(patch_scale.standardise(patch), density_scale.standardise(density))
+    return fused_scores_of({"patch": patch_scale.standardise(patch), "part": density_scale.standardise(density)})
+
+
+def fused_scores_of(views: dict[str, np.ndarray]) -> np.ndarray:
+    """The line's score from the views already standardised (``Inspector.views``): the largest."""
+    return np.maximum.reduce([np.asarray(v, dtype=np.float64) for v in views.values()])
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ import onnxruntime as ort
 from PIL import Image
 
 from inspector.bundle import Bundle, load_bundle
-from inspector.density import GaussianDensity, fused_scores
+from inspector.density import GaussianDensity, fused_scores_of
 from inspector.errors import ImageError, InspectorError
 from inspector.preprocess import PreprocessConfig, Preprocessor, load_image, patch_grid
 from inspector.scoring import GoldenBank, use_one_blas_thread
@@ -36,9 +36,12 @@ class ScoreResult:
     anomalous: bool | None
     model_version: str
     error: str | None = None
+    #: with a whole-part score: each view's score in the threshold's units ("patch": the worst patch, "part": the
+    #: whole part); the score is the larger, so they say whether a flag came from a local defect or the whole part
+    views: dict[str, float] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "path": self.source,
             "score": self.score,
             "threshold": self.threshold,
@@ -46,6 +49,9 @@ class ScoreResult:
             "model_version": self.model_version,
             "error": self.error,
         }
+        if self.views is not None:
+            out["views"] = self.views
+        return out
 
 
 PLACEMENT_INPUT = "placement"
@@ -261,12 +267,18 @@ class Inspector:
 
     def with_whole_part(self, patch_scores: np.ndarray, descriptors: np.ndarray | None) -> np.ndarray:
         """The line's scores from the patch scores: fused with the whole-part score when the bundle has one."""
+        views = self.views(patch_scores, descriptors)
+        return np.asarray(patch_scores) if views is None else fused_scores_of(views)
+
+    def views(self, patch_scores: np.ndarray, descriptors: np.ndarray | None) -> dict[str, np.ndarray] | None:
+        """Each view's scores in the threshold's units (``patch``, ``part``), or None for a patch-score-only bundle."""
         density = self.bundle.spec.density
         if self.density is None or density is None:
-            return np.asarray(patch_scores)
+            return None
         if descriptors is None:
             raise InspectorError(f"{self.bundle.path}: this bundle scores whole parts too; pass the model's descriptors")
-        return fused_scores(patch_scores, self.density.distances(descriptors), density.patch_scale, density.density_scale)
+        return {"patch": density.patch_scale.standardise(patch_scores),
+                "part": density.density_scale.standardise(self.density.distances(descriptors))}
 
     @property
     def patch_threshold(self) -> float:
@@ -286,15 +298,20 @@ class Inspector:
 
     def _results(self, images: list[ImageSource], prepared: Prepared) -> list[ScoreResult]:
         """Embed and score a prepared batch; one result per input image, in order."""
-        scores: np.ndarray | list[float] = []
-        if len(prepared.batch):
-            embeddings, descriptors = self.embedder.run(prepared.batch, prepared.sizes)
-            scores = self.score_embeddings(embeddings, self.embedder.patch_valid(prepared.sizes, embeddings), descriptors)
-        return self.results_for(images, scores, prepared.errors)
+        if not len(prepared.batch):
+            return self.results_for(images, [], prepared.errors)
+        embeddings, descriptors = self.embedder.run(prepared.batch, prepared.sizes)
+        patch = self.golden.anomaly_scores(embeddings, self.bundle.spec.scoring, self.embedder.patch_valid(prepared.sizes, embeddings))
+        return self.results_for(images, patch, prepared.errors, descriptors)
 
-    def results_for(self, images: Sequence[ImageSource], scores: Sequence[float] | np.ndarray, errors: list[str | None]) -> list[ScoreResult]:
-        """Verdicts for ``images`` from the scores of the readable ones (in order) and a per-image error (or None)."""
-        scores = iter(np.asarray(scores, dtype=np.float64).tolist())
+    def results_for(self, images: Sequence[ImageSource], patch_scores: Sequence[float] | np.ndarray, errors: list[str | None],
+                    descriptors: np.ndarray | None = None) -> list[ScoreResult]:
+        """Verdicts for ``images`` from the patch scores of the readable ones (in order), their descriptors when the
+        bundle also scores whole parts, and a per-image error (or None)."""
+        views = self.views(np.asarray(patch_scores, dtype=np.float64), descriptors) if len(patch_scores) else None
+        fused = fused_scores_of(views) if views is not None else np.asarray(patch_scores, dtype=np.float64)
+        scores = iter(fused.tolist())
+        per_view = iter([{k: float(v[i]) for k, v in views.items()} for i in range(len(fused))] if views is not None else [])
         results = []
         for i, (source, error) in enumerate(zip(images, errors)):
             name = _source_name(source, i)
@@ -302,7 +319,7 @@ class Inspector:
                 results.append(ScoreResult(name, None, self.threshold, None, self.model_version, error))
                 continue
             s = float(next(scores))
-            results.append(ScoreResult(name, s, self.threshold, s > self.threshold, self.model_version))
+            results.append(ScoreResult(name, s, self.threshold, s > self.threshold, self.model_version, views=next(per_view, None)))
         return results
 
     def score_paths(self, paths: Iterable[str | Path], chunk: int = 256) -> Iterable[ScoreResult]:

@@ -111,15 +111,13 @@ def score_with_maps(inspector: Inspector, sources: Sequence[str | Path]) -> list
             decoded.append(None)
             errors.append(str(exc))
     readable = [img for img in decoded if img is not None]
-    grids = np.zeros((0, 1, 1), np.float32)
-    scores = np.zeros(0)
+    grids, descriptors = np.zeros((0, 1, 1), np.float32), None
     if readable:
         sizes = [img.size for img in readable]
         emb, descriptors = inspector.embedder.run(pre.batch(readable), sizes)
         valid = inspector.embedder.patch_valid(sizes, emb)
         grids = patch_distance_maps(emb, inspector.golden, inspector.bundle.spec.scoring, pre.config.height, pre.config.width, valid)
-        scores = inspector.with_whole_part(grids.max(axis=(1, 2)), descriptors)
-    results = inspector.results_for(sources, scores, errors)
+    results = inspector.results_for(sources, grids.max(axis=(1, 2)), errors, descriptors)
     maps = iter(to_image_map(g, pre, img.size) for g, img in zip(grids, readable))
     return [(result, None if img is None else next(maps), img) for result, img in zip(results, decoded)]
 

@@ -626,6 +626,7 @@ class ImageScore(_Model):
     threshold: float
     verdict: Literal["good", "anomalous"] | None
     error: str | None = None
+    views: dict[str, float] | None = None  # with a whole-part score: "patch" and "part", in the threshold's units
 
 
 class ScoreResponse(_Model):
@@ -745,7 +746,8 @@ def _score_uploads(model: LoadedModel, uploads: list[_Upload]) -> list[ImageScor
             reason = (r.error or "no score").split(": ", 1)[-1]
             results[index] = ImageScore(name=name, score=None, threshold=threshold, verdict=None, error=f"{name}: {reason}")
         else:
-            results[index] = ImageScore(name=name, score=r.score, threshold=threshold, verdict="anomalous" if r.anomalous else "good")
+            results[index] = ImageScore(name=name, score=r.score, threshold=threshold, verdict="anomalous" if r.anomalous else "good",
+                                        views=r.views)
 
     if decoded:
         try:

@@ -200,3 +200,22 @@ def test_heatmap_scores_are_the_line_scores(density_bundle: tuple[Path, dict[str
     written = list(write_heatmaps(inspector, paths, tmp_path / "maps"))
     np.testing.assert_allclose([r.score for r, _ in written], [r.score for r in inspector.score(paths)], rtol=1e-6)
     assert all(p is not None and p.is_file() for _, p in written)
+
+
+def test_each_verdict_says_which_view_flagged_it(density_bundle: tuple[Path, dict[str, list[Path]]], capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from inspector.cli import main
+
+    bundle_path, files = density_bundle
+    results = Inspector.from_bundle(bundle_path).score(files["good"][:2] + files["patchy"][:2])
+    for r in results:
+        assert r.views is not None and set(r.views) == {"patch", "part"}
+        assert r.score == pytest.approx(max(r.views.values()))
+    assert all(r.views["part"] > r.views["patch"] for r in results[2:])  # a patchy part is off as a whole
+    main(["score", *map(str, files["patchy"][:2]), "--bundle", str(bundle_path), "--json"])
+    rows = json.loads(capsys.readouterr().out)
+    assert len(rows) == 2 and all(set(row["views"]) == {"patch", "part"} for row in rows)
+    main(["check", str(bundle_path)])
+    check = json.loads(capsys.readouterr().out)
+    assert check["whole_part_score"]["references"] == 40 and check["whole_part_score"]["combine"] == "max"
