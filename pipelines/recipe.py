@@ -396,10 +396,12 @@ class Evaluation:
     scores: np.ndarray
     threshold: float
     errors: list[str] = field(default_factory=list)
+    views: dict[str, np.ndarray] = field(default_factory=dict)  # with a whole-part score: each view's scores alone
 
     def metrics(self) -> dict[str, float]:
         m = {"image_auroc": roc_auc(self.labels, self.scores), "average_precision": average_precision(self.labels, self.scores)}
         m.update(rates_at_threshold(self.labels, self.scores, self.threshold))
+        m.update({f"image_auroc_{name}": roc_auc(self.labels, v) for name, v in self.views.items()})  # what each view adds
         return m
 
     def per_type_auroc(self) -> dict[str, float]:
@@ -434,4 +436,5 @@ def evaluate_bundle(bundle: Path, test: Sequence[ImageRecord]) -> Evaluation:
         scores=np.array([res.score for _, res in kept], dtype=np.float64),
         threshold=inspector.threshold,
         errors=[res.error for res in results if res.error],  # type: ignore[misc]
+        views={k: np.array([res.views[k] for _, res in kept]) for k in (kept[0][1].views or {})} if kept else {},  # type: ignore[index]
     )

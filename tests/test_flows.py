@@ -72,6 +72,9 @@ def test_train_flow_registers_challenger_with_reproducible_scores(prefect_harnes
     # the logged AUROC is the one recomputed from those scores
     labels = np.array([0 if "/good/" in p else 1 for p in paths])
     assert run.data.metrics["test_image_auroc"] == pytest.approx(roc_auc(labels, np.array(rescored)), abs=1e-9)
+    # the default bundle also scores whole parts; the run says what each view alone would have scored
+    assert load_bundle(result.bundle).spec.density is not None
+    assert {"test_image_auroc_patch", "test_image_auroc_part"} <= set(run.data.metrics)
 
 
 def test_failed_run_registers_nothing(prefect_harness: None, tmp_path: Path) -> None:
