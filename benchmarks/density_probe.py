@@ -53,6 +53,30 @@ def pooled(maps: np.ndarray, content: np.ndarray, how: str) -> np.ndarray:
     return np.concatenate(parts, axis=1)
 
 
+def region_pooled(maps: np.ndarray, content: np.ndarray, regions: int) -> np.ndarray:
+    """(N, regions², 2C): the mean/std descriptor of each cell of a ``regions`` x ``regions`` split of every image's
+    on-part bounding box (rows and columns split as evenly as the grid allows; a region with no cell gets the
+    whole part's): regional statistics, between one patch and the whole part."""
+    n, c, h, w = maps.shape
+    out = np.empty((n, regions * regions, 2 * c), dtype=np.float32)
+    grid = content.reshape(n, h, w)
+    for i in range(n):
+        rows, cols = np.flatnonzero(grid[i].any(axis=1)), np.flatnonzero(grid[i].any(axis=0))
+        if not len(rows) or not len(cols):
+            rows, cols = np.arange(h), np.arange(w)
+        row_bands = np.array_split(rows, regions)
+        col_bands = np.array_split(cols, regions)
+        whole = pooled(maps[i : i + 1], content[i : i + 1], "meanstd")[0]
+        for r, rb in enumerate(row_bands):
+            for k, cb in enumerate(col_bands):
+                mask = np.zeros((h, w), dtype=bool)
+                if len(rb) and len(cb):
+                    mask[np.ix_(rb, cb)] = True
+                mask &= grid[i]
+                out[i, r * regions + k] = pooled(maps[i : i + 1], mask.reshape(1, -1), "meanstd")[0] if mask.any() else whole
+    return out
+
+
 def gaussian_scores(fit: np.ndarray, *queries: np.ndarray) -> list[np.ndarray]:
     """Mahalanobis distance of each query row to a Gaussian fitted on ``fit`` (Ledoit-Wolf shrunk covariance, so
     a few hundred references are enough for a few hundred channels): the product's ``GaussianDensity``."""
@@ -88,6 +112,8 @@ def main() -> None:
     p.add_argument("--patch-variant", default="3+4", help="the product's patch features, for the fused rows")
     p.add_argument("--bank", type=int, default=16384)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--regions", default="", help="comma-separated R: also score R x R regions of each part's bounding box "
+                   "against one Gaussian of every golden region (stages --stages, summed), the part's score its worst region")
     p.add_argument("--tail-scales", default="", help="comma-separated percentiles q: also fuse by the max of the two "
                    "scores each scaled by its calibration goods' median-to-q-th-percentile distance (instead of the IQR)")
     p.add_argument("--verbose", action="store_true", help="also print each stage's own score")
@@ -129,6 +155,18 @@ def main() -> None:
             report(f"gauss {how} sum {subset}", *summed, test, in_split)
             members[f"gauss-{how}-{subset}"] = summed
 
+    for regions in [int(v) for v in args.regions.split(",") if v.strip()]:
+        total = {k: 0.0 for k in ("cal", "test")}
+        for s in stages:
+            grid = maps["test"][s].shape[-2:]
+            desc = {k: region_pooled(maps[k][s], content_masks(paths[k], pre, grid), regions) for k in maps}
+            model = GaussianDensity(desc["fit"].reshape(-1, desc["fit"].shape[-1]), [desc["fit"].shape[-1]])
+            for k in total:
+                total[k] = total[k] + model.distances(desc[k].reshape(-1, desc[k].shape[-1])).reshape(len(desc[k]), -1)
+        scores = {k: v.max(axis=1) for k, v in total.items()}
+        report(f"regions {regions}x{regions}, max over regions", scores["test"], scores["cal"], test, in_split)
+        members[f"regions{regions}"] = (scores["test"], scores["cal"])
+
     # The product's patch rule on the same goods, alone and fused with each density score.
     stride_of = {1: 2, 2: 4, 3: 8, 4: 16, 5: 16, 6: 32, 7: 32}
     grid = maps["test"][max(patch_variant, key=lambda v: stride_of[v])].shape[-2:]
@@ -145,6 +183,10 @@ def main() -> None:
         for how, combine in (("zsum", np.add), ("zmax", np.maximum)):
             fused = ensemble_scores([(patch["test"], patch["cal"]), (t, c)], combine)
             report(f"{how}(patch, {name})", *fused, test, in_split)
+        if name.startswith("regions") and len(members) > 1:  # three views: patch, whole part, regions
+            whole = next(v for k, v in members.items() if k.startswith("gauss"))
+            fused = ensemble_scores([(patch["test"], patch["cal"]), whole, (t, c)], np.maximum)
+            report(f"zmax(patch, whole, {name})", *fused, test, in_split)
         for q in [float(v) for v in args.tail_scales.split(",") if v.strip()]:
             members_q = [(patch["test"], patch["cal"]), (t, c)]
             fused = tuple(np.maximum(*(tail_standardised(v, cal_v, q) for v, cal_v in ((m[i], m[1]) for m in members_q))) for i in (0, 1))
