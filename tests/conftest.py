@@ -15,6 +15,8 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from tests.parts import textured_parts  # noqa: E402
+
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 MAGNETIC_TILES = SHARED_DATA / "magnetic_tile_defect" / "magnetic_tile"
 
@@ -91,3 +93,47 @@ def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     bank, _ = OnnxEmbedder(onnx_path, pre).embed(refs)
     spec = BundleSpec(pre, ScoringConfig(), Threshold(0.5), model={"name": "tiny", "version": "1", "mode": "patch"})
     return write_bundle(tmp / "bundle", onnx_path, bank.reshape(-1, bank.shape[-1]), spec)
+
+
+@pytest.fixture(scope="session")
+def density_bundle(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, list[Path]]]:
+    """A real bundle whose golden parts vary in brightness from 0.3 to 0.7, each part uniform; calibration goods
+    alike; 'patchy' parts are half 0.3 and half 0.7: every patch matches some golden patch, the whole part does not."""
+    import torch
+
+    from inspector.bundle import BundleSpec, Threshold, write_bundle
+    from inspector.engine import OnnxEmbedder
+    from inspector.preprocess import PreprocessConfig
+    from inspector.scoring import ScoringConfig, anomaly_scores
+    from models.export import export_onnx
+    from models.siamese import EmbedderConfig, build_embedder
+    from pipelines.recipe import whole_part_scores
+
+    tmp = tmp_path_factory.mktemp("density")
+    torch.manual_seed(0)
+    model = build_embedder(EmbedderConfig(backbone="tiny_cnn", weights=None, feature_stages=(2, 3), embedding_dim=8, density_stages=2)).eval()
+    path = export_onnx(model, tmp / "m.onnx", height=32, width=32)
+    pre = PreprocessConfig(height=32, width=32)
+    onnx = OnnxEmbedder(path, pre)
+    rng = np.random.default_rng(1)
+    files: dict[str, list[Path]] = {}
+    for name, n in (("refs", 40), ("cal", 24), ("good", 12), ("more", 4)):
+        files[name] = []
+        for i, img in enumerate(textured_parts(rng, n, (0.3, 0.7))):
+            files[name].append(tmp / f"{name}{i}.png")
+            img.save(files[name][-1])
+    files["patchy"] = []
+    for i in range(12):
+        low, high = np.asarray(textured_parts(rng, 1, (0.3, 0.32))[0]), np.asarray(textured_parts(rng, 1, (0.68, 0.7))[0])
+        img = np.concatenate([low[:, :16], high[:, 16:]], axis=1)
+        files["patchy"].append(tmp / f"patchy{i}.png")
+        Image.fromarray(img).save(files["patchy"][-1])
+    refs = onnx.embed_all(files["refs"])
+    cal = onnx.embed_all(files["cal"])
+    bank = refs.embeddings.reshape(-1, refs.embeddings.shape[-1])
+    cal_patch = anomaly_scores(cal.embeddings, bank, ScoringConfig())
+    density, cal_scores, _ = whole_part_scores(refs.descriptors, tuple(model.descriptor_blocks), ["initial"] * 40,
+                                               cal.descriptors, cal_patch, None, None)
+    threshold = Threshold(float(np.quantile(cal_scores, 0.99)), rule="good_quantile")
+    spec = BundleSpec(pre, ScoringConfig(), threshold, model={"name": "tiny", "version": "1", "mode": "patch"}, density=density)
+    return write_bundle(tmp / "bundle", path, bank, spec, descriptors=refs.descriptors), files

@@ -10,16 +10,15 @@ import torch
 from PIL import Image
 from sklearn.covariance import LedoitWolf
 
-from inspector.bundle import BundleSpec, Threshold, load_bundle, write_bundle
+from inspector.bundle import load_bundle, write_bundle
 from inspector.density import DensitySpec, GaussianDensity, ScoreScale, fused_scores
 from inspector.engine import Inspector, OnnxEmbedder
 from inspector.errors import BundleError, InspectorError
 from inspector.preprocess import PreprocessConfig
 from inspector.references import ReferencesError, add_references, remove_references
-from inspector.scoring import ScoringConfig
 from models.export import check_parity, export_onnx
 from models.siamese import EmbedderConfig, build_embedder, pooled_on_part
-from pipelines.recipe import whole_part_scores
+from tests.parts import textured_parts
 
 
 @pytest.mark.parametrize("n,p", [(60, 12), (25, 80)])
@@ -73,23 +72,13 @@ def _embedder(density_stages: int = 2) -> torch.nn.Module:
                                          density_stages=density_stages)).eval()
 
 
-def _parts(rng: np.random.Generator, n: int, level: tuple[float, float], size: tuple[int, int] = (40, 32)) -> list[Image.Image]:
-    """Textured parts whose overall brightness varies from part to part within ``level``."""
-    out = []
-    for _ in range(n):
-        base = rng.uniform(*level)
-        img = np.clip(base + rng.normal(0, 0.08, (size[1], size[0], 1)), 0, 1) * 255
-        out.append(Image.fromarray(np.repeat(img, 3, axis=2).astype(np.uint8)))
-    return out
-
-
 def test_onnx_describes_letterboxed_parts_as_torch_does(tmp_path: Path) -> None:
     model = _embedder()
     path = export_onnx(model, tmp_path / "m.onnx", height=32, width=32)
     pre = PreprocessConfig(height=32, width=32)
     onnx = OnnxEmbedder(path, pre)
     assert onnx.describes_parts
-    images = _parts(np.random.default_rng(0), 3, (0.3, 0.7), size=(48, 20))  # wide parts: letterbox above and below
+    images = textured_parts(np.random.default_rng(0), 3, (0.3, 0.7), size=(48, 20))  # wide parts: letterbox above and below
     prepared = onnx.prepare(images)
     emb, desc = onnx.run(prepared.batch, prepared.sizes)
     placement = onnx.placements(prepared.sizes)
@@ -100,41 +89,6 @@ def test_onnx_describes_letterboxed_parts_as_torch_does(tmp_path: Path) -> None:
     np.testing.assert_allclose(desc, t_desc.numpy(), rtol=1e-4, atol=1e-4)
     assert desc.shape == (3, sum(model.descriptor_blocks))
     assert check_parity(model, path, prepared.batch, placement=placement) <= 1e-4
-
-
-@pytest.fixture(scope="module")
-def density_bundle(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, list[Path]]]:
-    """A real bundle whose golden parts vary in brightness from 0.3 to 0.7, each part uniform; calibration goods
-    alike; 'patchy' parts are half 0.3 and half 0.7: every patch matches some golden patch, the whole part does not."""
-    tmp = tmp_path_factory.mktemp("density")
-    model = _embedder()
-    path = export_onnx(model, tmp / "m.onnx", height=32, width=32)
-    pre = PreprocessConfig(height=32, width=32)
-    onnx = OnnxEmbedder(path, pre)
-    rng = np.random.default_rng(1)
-    files: dict[str, list[Path]] = {}
-    for name, n in (("refs", 40), ("cal", 24), ("good", 12), ("more", 4)):
-        files[name] = []
-        for i, img in enumerate(_parts(rng, n, (0.3, 0.7))):
-            files[name].append(tmp / f"{name}{i}.png")
-            img.save(files[name][-1])
-    files["patchy"] = []
-    for i in range(12):
-        low, high = np.asarray(_parts(rng, 1, (0.3, 0.32))[0]), np.asarray(_parts(rng, 1, (0.68, 0.7))[0])
-        img = np.concatenate([low[:, :16], high[:, 16:]], axis=1)
-        files["patchy"].append(tmp / f"patchy{i}.png")
-        Image.fromarray(img).save(files["patchy"][-1])
-    refs = onnx.embed_all(files["refs"])
-    cal = onnx.embed_all(files["cal"])
-    bank = refs.embeddings.reshape(-1, refs.embeddings.shape[-1])
-    from inspector.scoring import anomaly_scores
-
-    cal_patch = anomaly_scores(cal.embeddings, bank, ScoringConfig())
-    density, cal_scores, _ = whole_part_scores(refs.descriptors, tuple(model.descriptor_blocks), ["initial"] * 40,
-                                               cal.descriptors, cal_patch, None, None)
-    threshold = Threshold(float(np.quantile(cal_scores, 0.99)), rule="good_quantile")
-    spec = BundleSpec(pre, ScoringConfig(), threshold, model={"name": "tiny", "version": "1", "mode": "patch"}, density=density)
-    return write_bundle(tmp / "bundle", path, bank, spec, descriptors=refs.descriptors), files
 
 
 def test_whole_part_score_finds_parts_whose_every_patch_looks_good(density_bundle: tuple[Path, dict[str, list[Path]]]) -> None:

@@ -106,6 +106,19 @@ def files(*items: tuple[str, bytes]) -> list[tuple[str, tuple[str, bytes, str]]]
     return [("files", (name, data, "image/png")) for name, data in items]
 
 
+def test_a_whole_part_bundle_answers_with_both_views(start_server: Callable[..., LiveServer], density_bundle: tuple[Path, dict]) -> None:
+    bundle, parts = density_bundle
+    paths = parts["good"][:1] + parts["patchy"][:1]
+    expected = Inspector.from_bundle(bundle, threads=1).score(paths)
+    server = start_server(bundle)
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        reply = c.post("/v1/score", files=files(*[(p.name, p.read_bytes()) for p in paths]))
+    assert reply.status_code == 200, reply.text
+    for got, want in zip(reply.json()["results"], expected):
+        assert got["score"] == pytest.approx(want.score, abs=1e-6)
+        assert got["views"] == pytest.approx(want.views, abs=1e-6) and got["score"] == pytest.approx(max(got["views"].values()), abs=1e-9)
+
+
 def test_score_one_and_many_match_the_python_api(client: httpx.Client, tiny_bundle: Path) -> None:
     images = [png_bytes(i) for i in range(3)]
     expected = [r.score for r in Inspector.from_bundle(tiny_bundle, threads=1).score(images)]
