@@ -173,3 +173,18 @@ def test_each_verdict_says_which_view_flagged_it(density_bundle: tuple[Path, dic
     main(["check", str(bundle_path)])
     check = json.loads(capsys.readouterr().out)
     assert check["whole_part_score"]["references"] == 40 and check["whole_part_score"]["combine"] == "max"
+
+
+def test_whole_part_score_is_dropped_only_when_held_out_defects_clearly_prefer_the_patch_score() -> None:
+    from pipelines.recipe import keep_whole_part
+
+    rng = np.random.default_rng(0)
+    good_patch, bad_patch = rng.normal(0, 1, 60), rng.normal(4, 1, 30)  # the patch score separates well
+    noisy_good, noisy_bad = rng.normal(0, 3, 60), rng.normal(0.5, 3, 30)  # a fused score drowned in noise
+    keep, info = keep_whole_part((good_patch, bad_patch), (noisy_good, noisy_bad))
+    assert not keep and info["patch_wins"] >= 0.95 and info["validation_auroc"]["patch"] > info["validation_auroc"]["fused"]
+    keep, info = keep_whole_part((good_patch, bad_patch), (good_patch + 0.01 * rng.normal(size=60), bad_patch))
+    assert keep, "a tie keeps the default"
+    assert keep_whole_part((good_patch, None), (noisy_good, None))[0], "no validation defects: the default"
+    few = keep_whole_part((good_patch[:8], bad_patch[:2]), (noisy_good[:8], noisy_bad[:2]))
+    assert few[0] == (few[1]["patch_wins"] < 0.95)
