@@ -36,7 +36,7 @@ from PIL import Image  # noqa: E402
 from inspector.bundle import BundleSpec, Threshold, write_bundle  # noqa: E402
 from inspector.density import DensitySpec, ScoreScale  # noqa: E402
 from inspector.engine import PLACEMENT_INPUT, Inspector, OnnxEmbedder, make_session  # noqa: E402
-from inspector.preprocess import PreprocessConfig, Preprocessor, load_image  # noqa: E402
+from inspector.preprocess import PreprocessConfig, Preprocessor, full_placement, load_image  # noqa: E402
 from inspector.scoring import GoldenBank, ScoringConfig  # noqa: E402
 from models.coreset import greedy_coreset  # noqa: E402
 from models.demo_data import render_good_part  # noqa: E402
@@ -215,7 +215,7 @@ def main() -> None:
         bundle = write_bundle(work / f"bundle_{cfg.mode}{index}", onnx_path, bank, spec, descriptors=embedded.descriptors if density else None)
         inspector = Inspector.from_bundle(bundle)
         batch = pre.batch([load_image(q) for q in paths[:32]])
-        full = torch.from_numpy(np.tile(np.float32([[0, 0, args.size, args.size]]), (32, 1)))
+        full = torch.from_numpy(full_placement(32, args.size, args.size))
         print(f"\n== {label}: bank {len(bank)} x {bank.shape[1]}, input {args.size}px, {torch.get_num_threads()} threads, "
               f"{inspector.embedder.decode_workers} decode threads, {inspector.golden.cells} bank cells")
         if not args.skip_eager:

@@ -131,10 +131,15 @@ class ScoreScale:
         return cls(float(data["median"]), float(data["spread"]))
 
 
+def standardised_views(patch: np.ndarray, density: np.ndarray, patch_scale: ScoreScale, density_scale: ScoreScale) -> dict[str, np.ndarray]:
+    """Each view's scores in units of the good parts' spread above their median: ``patch`` and ``part``."""
+    return {"patch": patch_scale.standardise(patch), "part": density_scale.standardise(density)}
+
+
 def fused_scores(patch: np.ndarray, density: np.ndarray, patch_scale: ScoreScale, density_scale: ScoreScale) -> np.ndarray:
-    """One score per part: the larger of its patch and whole-part scores, each in units of the good parts' spread
-    above their median — a part is as anomalous as the more alarmed of the two views."""
-    return fused_scores_of({"patch": patch_scale.standardise(patch), "part": density_scale.standardise(density)})
+    """One score per part: the larger of its patch and whole-part scores, each standardised
+    (:func:`standardised_views`) — a part is as anomalous as the more alarmed of the two views."""
+    return fused_scores_of(standardised_views(patch, density, patch_scale, density_scale))
 
 
 def fused_scores_of(views: dict[str, np.ndarray]) -> np.ndarray:

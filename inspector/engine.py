@@ -18,9 +18,9 @@ import onnxruntime as ort
 from PIL import Image
 
 from inspector.bundle import Bundle, load_bundle
-from inspector.density import GaussianDensity, fused_scores_of
+from inspector.density import GaussianDensity, fused_scores_of, standardised_views
 from inspector.errors import ImageError, InspectorError
-from inspector.preprocess import PreprocessConfig, Preprocessor, load_image, patch_grid
+from inspector.preprocess import PreprocessConfig, Preprocessor, full_placement, load_image, patch_grid
 from inspector.scoring import GoldenBank, use_one_blas_thread
 
 ImageSource = str | Path | bytes | Image.Image
@@ -150,7 +150,7 @@ class OnnxEmbedder:
         if self.describes_parts:
             if sizes is not None and len(sizes) != len(batch):
                 raise ValueError(f"{len(sizes)} image sizes for a batch of {len(batch)}")
-            place = self.placements(sizes) if sizes is not None else np.tile(np.float32([[0, 0, cfg.width, cfg.height]]), (len(batch), 1))
+            place = self.placements(sizes) if sizes is not None else full_placement(len(batch), cfg.height, cfg.width)
         embeddings, descriptors = [], []
         for i in range(0, len(batch), self.batch_size):
             feed = {self.input_name: np.ascontiguousarray(batch[i : i + self.batch_size], dtype=np.float32)}
@@ -277,8 +277,7 @@ class Inspector:
             return None
         if descriptors is None:
             raise InspectorError(f"{self.bundle.path}: this bundle scores whole parts too; pass the model's descriptors")
-        return {"patch": density.patch_scale.standardise(patch_scores),
-                "part": density.density_scale.standardise(self.density.distances(descriptors))}
+        return standardised_views(patch_scores, self.density.distances(descriptors), density.patch_scale, density.density_scale)
 
     @property
     def patch_threshold(self) -> float:

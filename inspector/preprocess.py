@@ -133,6 +133,11 @@ def patch_grid(num_patches: int, height: int, width: int) -> tuple[int, int]:
     return min(pairs, key=lambda rc: abs(math.log(rc[0] / rc[1]) - target))
 
 
+def full_placement(n: int, height: int, width: int) -> np.ndarray:
+    """(n, 4) placements (left, top, width, height) of parts that fill the whole ``height`` x ``width`` input."""
+    return np.tile(np.array([[0.0, 0.0, width, height]], dtype=np.float32), (n, 1))
+
+
 class Preprocessor:
     """Turns decoded images into the float32 NCHW batches the embedder takes."""
 

@@ -41,7 +41,7 @@ from inspector.bundle import (
 )
 from inspector.engine import PLACEMENT_INPUT, OnnxEmbedder
 from inspector.errors import ImageError, InspectorError
-from inspector.preprocess import load_image
+from inspector.preprocess import full_placement, load_image
 from inspector.scoring import anomaly_scores
 
 MIN_CALIBRATION_IMAGES = 8
@@ -231,7 +231,5 @@ def quantize_bundle(bundle_path: str | Path, calibration_images: Sequence[str | 
 def _full_placement(embedder: OnnxEmbedder, n: int) -> np.ndarray | None:
     """Calibration placements for a model that takes them: each image as filling the input (the batch was
     preprocessed without its original sizes; the placement only weights the whole-part pooling)."""
-    if not embedder.describes_parts:
-        return None
     cfg = embedder.preprocessing
-    return np.tile(np.float32([[0, 0, cfg.width, cfg.height]]), (n, 1))
+    return full_placement(n, cfg.height, cfg.width) if embedder.describes_parts else None

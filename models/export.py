@@ -20,6 +20,8 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+from inspector.preprocess import full_placement
+
 log = logging.getLogger(__name__)
 
 INPUT_NAME = "images"
@@ -58,10 +60,6 @@ def describes_parts(embedder: nn.Module) -> bool:
     """Whether ``embedder`` also outputs a whole-part descriptor (a patch embedder with density stages)."""
     return bool(getattr(embedder, "density_stages", ()))
 
-
-def full_placement(n: int, height: int, width: int) -> np.ndarray:
-    """(n, 4) placements of parts that fill the whole input (no letterbox padding)."""
-    return np.tile(np.array([[0.0, 0.0, width, height]], dtype=np.float32), (n, 1))
 
 
 def export_onnx(embedder: nn.Module, path: str | Path, *, height: int, width: int, dynamo: bool = True) -> Path:

@@ -140,9 +140,9 @@ class PatchEmbedder(nn.Module):
         #: indices of the stages whose pooled statistics form the whole-part descriptor (:meth:`forward_parts`)
         self.density_stages = tuple(range(max(0, len(stages) - density_stages), len(stages))) if density_stages > 0 else ()
         self.context = context
-        channels = self._channels(stages)
+        channels, density_channels = self._channels(stages)
         #: descriptor columns per density stage (each channel's mean and standard deviation): one Gaussian each
-        self.descriptor_blocks = self._descriptor_blocks(stages)
+        self.descriptor_blocks = tuple(2 * c for c in density_channels)
         if embedding_dim < channels:
             log.warning("embedding_dim %d is below the %d feature channels of stages %s: the untrained head is a lossy "
                         "projection, not the pretrained features; use embedding_dim >= %d", embedding_dim, channels,
@@ -154,23 +154,15 @@ class PatchEmbedder(nn.Module):
         self.learned_weight = learned_weight
         self.embedding_dim = embedding_dim + (channels if keep_pretrained else 0)
 
-    def _channels(self, stages: list[nn.Module]) -> int:
+    def _channels(self, stages: list[nn.Module]) -> tuple[int, list[int]]:
+        """One dry run: the fused feature channels, and the channels of each density stage."""
         with torch.no_grad():
             was = self.backbone.training
             self.backbone.eval()
-            maps = self._stage_maps(torch.zeros(1, 3, 64, 64), stages)
+            maps = self._stage_maps(torch.zeros(1, 3, 64, 64), stages, self.density_stages)
             self.backbone.train(was)
-        return sum(m.shape[1] for m in maps)
-
-    def _descriptor_blocks(self, stages: list[nn.Module]) -> tuple[int, ...]:
-        if not self.density_stages:
-            return ()
-        with torch.no_grad():
-            was = self.backbone.training
-            self.backbone.eval()
-            maps = self._stage_maps(torch.zeros(1, 3, 64, 64), stages, self.density_stages)[len(self.feature_stages) :]
-            self.backbone.train(was)
-        return tuple(2 * int(m.shape[1]) for m in maps)
+        n = len(self.feature_stages)
+        return sum(int(m.shape[1]) for m in maps[:n]), [int(m.shape[1]) for m in maps[n:]]
 
     def _stage_maps(self, x: Tensor, stages: list[nn.Module], extra: tuple[int, ...] = ()) -> list[Tensor]:
         """The maps of ``feature_stages`` in order, then those of ``extra`` (running only as deep as either needs)."""
