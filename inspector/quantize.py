@@ -39,10 +39,9 @@ from inspector.bundle import (
     load_bundle,
     write_bundle,
 )
-from inspector.engine import PLACEMENT_INPUT, OnnxEmbedder
+from inspector.engine import PLACEMENT_INPUT, Inspector, OnnxEmbedder
 from inspector.errors import ImageError, InspectorError
-from inspector.preprocess import full_placement, load_image
-from inspector.scoring import anomaly_scores
+from inspector.preprocess import load_image
 
 MIN_CALIBRATION_IMAGES = 8
 CALIBRATION_BATCH = 8
@@ -78,14 +77,17 @@ def _reader(input_name: str, batch: np.ndarray, placement: np.ndarray | None = N
     return Reader(input_name, batch, placement=placement)
 
 
-def load_calibration_batch(embedder: OnnxEmbedder, images: Sequence[str | Path], max_images: int) -> tuple[np.ndarray, list[str], list[str]]:
+def load_calibration_batch(embedder: OnnxEmbedder, images: Sequence[str | Path], max_images: int
+                           ) -> tuple[np.ndarray, list[str], list[str], list[tuple[int, int]]]:
     """Decode and preprocess (the bundle's own preprocessing) up to ``max_images`` readable images.
 
-    Returns the float32 NCHW batch, the files used and the problems with files that could not be read.
+    Returns the float32 NCHW batch, the files used, the problems with files that could not be read, and each used
+    image's original (width, height) (where the part sits on the letterboxed input, as the line places it).
     """
     arrays: list[np.ndarray] = []
     used: list[str] = []
     problems: list[str] = []
+    sizes: list[tuple[int, int]] = []
     for source in images:
         if len(arrays) >= max_images:
             break
@@ -93,10 +95,11 @@ def load_calibration_batch(embedder: OnnxEmbedder, images: Sequence[str | Path],
             img = load_image(source, max_pixels=embedder.preprocessing.max_pixels, name=str(source))
             arrays.append(embedder.preprocessor(img))
             used.append(str(source))
+            sizes.append(img.size)
         except ImageError as exc:
             problems.append(str(exc))
     batch = np.stack(arrays) if arrays else np.zeros((0, 3, embedder.preprocessing.height, embedder.preprocessing.width), np.float32)
-    return batch, used, problems
+    return batch, used, problems, sizes
 
 
 def _images_per_second(embedder: OnnxEmbedder, batch: np.ndarray, min_seconds: float = 0.2, max_repeats: int = 20) -> float:
@@ -111,24 +114,39 @@ def _images_per_second(embedder: OnnxEmbedder, batch: np.ndarray, min_seconds: f
     return float(len(batch) / max(best, 1e-9))
 
 
-def _drift(fp32: np.ndarray, int8: np.ndarray, references: np.ndarray, scoring: Any, threshold: float) -> dict[str, Any]:
-    diff = np.abs(fp32.astype(np.float64) - int8.astype(np.float64))
-    s32 = anomaly_scores(fp32, references, scoring)
-    s8 = anomaly_scores(int8, references, scoring)
+def _drift(line: Inspector, fp32: tuple[np.ndarray, np.ndarray | None], int8: tuple[np.ndarray, np.ndarray | None],
+           valid: np.ndarray | None) -> dict[str, Any]:
+    """How far the INT8 model moves the line's scores from the FP32 model's, both scored by the parent bundle as the
+    line scores (``line``: patch score, fused with the whole-part score when the bundle has one; the threshold's
+    units), and how many verdicts flip at its threshold. ``fp32`` / ``int8``: each model's embeddings and descriptors."""
+    (emb32, desc32), (emb8, desc8) = fp32, int8
+    diff = np.abs(emb32.astype(np.float64) - emb8.astype(np.float64))
+    s32 = line.score_embeddings(emb32, valid, desc32)
+    s8 = line.score_embeddings(emb8, valid, desc8)
     dscore = np.abs(s32 - s8)
-    flips = int(np.sum((s32 > threshold) != (s8 > threshold)))
-    return {
+    threshold = line.threshold
+    out: dict[str, Any] = {
         "measured_on": "calibration images (in-sample for the activation ranges)",
-        "images": len(fp32),
+        "images": len(emb32),
+        "score": "the line's score: patch and whole-part views fused" if desc32 is not None else "the line's score (patch)",
         "embedding_abs_diff_max": float(diff.max()),
         "embedding_abs_diff_mean": float(diff.mean()),
-        "embedding_norm_fp32_mean": float(np.linalg.norm(fp32.reshape(-1, fp32.shape[-1]), axis=1).mean()),
+        "embedding_norm_fp32_mean": float(np.linalg.norm(emb32.reshape(-1, emb32.shape[-1]), axis=1).mean()),
         "score_abs_diff_max": float(dscore.max()),
         "score_abs_diff_mean": float(dscore.mean()),
         "score_fp32_range": [float(s32.min()), float(s32.max())],
         "threshold": float(threshold),
-        "verdict_flips": flips,
+        "verdict_flips": int(np.sum((s32 > threshold) != (s8 > threshold))),
     }
+    if desc32 is not None and desc8 is not None:  # each view alone, in the threshold's units
+        patch32, patch8 = (line.golden.anomaly_scores(e, line.bundle.spec.scoring, valid) for e in (emb32, emb8))
+        views32, views8 = line.views(patch32, desc32), line.views(patch8, desc8)
+        spread = line.bundle.descriptors.std(axis=0) if line.bundle.descriptors is not None else np.abs(desc32).mean(axis=0)
+        moved = np.abs(desc32 - desc8) / (spread + 1e-9 * float(spread.mean()) + 1e-12)  # in the golden parts' spread
+        out["descriptor_drift_in_spreads"] = {"median": float(np.median(moved)), "p99": float(np.percentile(moved, 99))}
+        for name in views32 or {}:
+            out[f"{name}_view_abs_diff_max"] = float(np.abs(views32[name] - views8[name]).max())  # type: ignore[index]
+    return out
 
 
 def quantize_bundle(bundle_path: str | Path, calibration_images: Sequence[str | Path], out_path: str | Path, *,
@@ -163,7 +181,7 @@ def quantize_bundle(bundle_path: str | Path, calibration_images: Sequence[str | 
         raise QuantizeError(f"onnxruntime.quantization is unavailable (needs the 'onnx' package): {exc}") from None
 
     fp32 = OnnxEmbedder(parent.model_path, parent.spec.preprocessing, threads=threads)
-    batch, used, problems = load_calibration_batch(fp32, calibration_images, max_images)
+    batch, used, problems, sizes = load_calibration_batch(fp32, calibration_images, max_images)
     if len(batch) < MIN_CALIBRATION_IMAGES:
         detail = ("\n  " + "\n  ".join(problems)) if problems else ""
         raise QuantizeError(f"only {len(batch)} calibration image(s) could be read, at least {MIN_CALIBRATION_IMAGES} are needed; "
@@ -189,7 +207,7 @@ def quantize_bundle(bundle_path: str | Path, calibration_images: Sequence[str | 
         q_path = Path(tmp) / MODEL_FILE
         try:
             quantize_static(
-                str(source), str(q_path), _reader(fp32.input_name, batch, _full_placement(fp32, len(batch))),
+                str(source), str(q_path), _reader(fp32.input_name, batch, fp32.placements(sizes) if fp32.describes_parts else None),
                 quant_format=QuantFormat.QDQ, per_channel=per_channel, reduce_range=reduce_range, activation_type=act, weight_type=QuantType.QInt8,
                 calibrate_method=CalibrationMethod.MinMax,
             )
@@ -197,10 +215,9 @@ def quantize_bundle(bundle_path: str | Path, calibration_images: Sequence[str | 
         except Exception as exc:  # noqa: BLE001 - name the bundle; nothing has been written
             raise QuantizeError(f"{parent.model_path}: static INT8 quantisation failed: {type(exc).__name__}: {exc}") from None
 
-        emb32, emb8 = fp32.embed_arrays(batch), int8.embed_arrays(batch)
-        if emb32.shape != emb8.shape:
-            raise QuantizeError(f"quantised model outputs {emb8.shape}, the FP32 model {emb32.shape}; nothing was written")
-        threshold = parent.spec.threshold
+        out32, out8 = fp32.run(batch, sizes), int8.run(batch, sizes)
+        if out32[0].shape != out8[0].shape:
+            raise QuantizeError(f"quantised model outputs {out8[0].shape}, the FP32 model {out32[0].shape}; nothing was written")
         report: dict[str, Any] = {
             "method": QUANTIZED_TAG,
             "format": "QDQ",
@@ -209,12 +226,12 @@ def quantize_bundle(bundle_path: str | Path, calibration_images: Sequence[str | 
             "calibrate_method": "MinMax",
             "pre_processed": pre_processed,
             "calibration": {"images": len(used), "files": used, "skipped": problems},
-            "drift": _drift(emb32, emb8, parent.references, parent.spec.scoring, threshold.value),
+            "drift": _drift(Inspector(parent, threads=threads), out32, out8, fp32.patch_valid(sizes, out32[0])),
             "model_bytes": {"fp32": parent.model_path.stat().st_size, "int8": q_path.stat().st_size},
             "images_per_second": {"fp32": _images_per_second(fp32, batch), "int8": _images_per_second(int8, batch),
                                   "batch": len(batch), "threads": threads},
             "bank": "kept from the FP32 parent (embedded by the FP32 model; not re-embedded)"
-                    + ("; so are the whole-part descriptors and score scales (drift above is the patch score's)" if parent.spec.density else ""),
+                    + ("; so are the whole-part descriptors and score scales" if parent.spec.density else ""),
         }
         if pre_notes:
             report["pre_process_notes"] = pre_notes
@@ -228,8 +245,3 @@ def quantize_bundle(bundle_path: str | Path, calibration_images: Sequence[str | 
         return write_bundle(out_path, q_path, parent.references, spec, descriptors=parent.descriptors)
 
 
-def _full_placement(embedder: OnnxEmbedder, n: int) -> np.ndarray | None:
-    """Calibration placements for a model that takes them: each image as filling the input (the batch was
-    preprocessed without its original sizes; the placement only weights the whole-part pooling)."""
-    cfg = embedder.preprocessing
-    return full_placement(n, cfg.height, cfg.width) if embedder.describes_parts else None

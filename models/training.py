@@ -21,8 +21,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from inspector.density import GaussianDensity, ScoreScale, standardised_views
 from inspector.metrics import roc_auc
-from inspector.preprocess import PreprocessConfig, Preprocessor, patch_grid
+from inspector.preprocess import PreprocessConfig, Preprocessor, full_placement, patch_grid
 from inspector.scoring import ScoringConfig, anomaly_scores
 from models.losses import (
     contrastive_loss,
@@ -77,6 +78,7 @@ class EpochRecord:
     embedding_variance: float
     seconds: float
     images: int
+    val_views: dict[str, float] | None = None  # with a whole-part score: each view's validation AUROC alone
 
     @property
     def images_per_second(self) -> float:
@@ -91,6 +93,7 @@ class TrainHistory:
     best_epoch: int | None = None  # -1: no epoch beat the starting weights (``keep_initial``), which were kept
     best_val_auroc: float | None = None
     initial_val_auroc: float | None = None
+    initial_val_views: dict[str, float] | None = None  # with a whole-part score: each view's AUROC on the starting weights
     skipped: str | None = None  # why no training happened (the starting weights are the model), when it was skipped
     stopped_early: bool = False
     collapsed: bool = False
@@ -119,6 +122,7 @@ class ValidationData:
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
     query_sizes: list[tuple[int, int]] | None = None  # original (width, height): patch scores skip letterbox padding
     preprocess: PreprocessConfig | None = None  # the geometry the queries went through (with query_sizes)
+    reference_sizes: list[tuple[int, int]] | None = None  # the references' (width, height): their whole-part descriptors
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -151,18 +155,81 @@ def embed_tensor(embedder: Embedder, images: Tensor, batch_size: int = 64, devic
     return torch.cat(outs).numpy()
 
 
-def validate(embedder: Embedder, data: ValidationData, device: torch.device | None = None) -> tuple[float, float]:
-    """Validation image AUROC (scored like the line) and the mean per-dimension embedding variance."""
-    refs = embed_tensor(embedder, data.references, device=device)
-    queries = embed_tensor(embedder, data.queries, device=device)
+@torch.no_grad()
+def embed_parts(embedder: PatchEmbedder, images: Tensor, placements: np.ndarray, batch_size: int = 64,
+                device: torch.device | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Patch embeddings and whole-part descriptors (``PatchEmbedder.forward_parts``) of a preprocessed NCHW tensor."""
+    device = device or next(embedder.parameters()).device
+    was_training = embedder.training
+    embedder.eval()
+    patches, descriptors = [], []
+    for i in range(0, len(images), batch_size):
+        x = images[i : i + batch_size].to(device, non_blocking=True)
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        z, d = embedder.forward_parts(x, torch.from_numpy(placements[i : i + batch_size]).to(device))
+        patches.append(z.float().cpu())
+        descriptors.append(d.float().cpu())
+    embedder.train(was_training)
+    return torch.cat(patches).numpy(), torch.cat(descriptors).numpy().astype(np.float64)
+
+
+def _placements(data: ValidationData, sizes: list[tuple[int, int]] | None, n: int) -> np.ndarray:
+    """Where each validation image's part sits on the input (the whole input when its size is unknown)."""
+    cfg = data.preprocess
+    if cfg is None:
+        raise ValueError("whole-part validation needs the preprocessing geometry (ValidationData.preprocess)")
+    if sizes is None:
+        return full_placement(n, cfg.height, cfg.width)
+    pre = Preprocessor(cfg)
+    return np.array([(left, top, w, h) for w, h, left, top in (pre.placement(*s) for s in sizes)], dtype=np.float32)
+
+
+def describes_parts(embedder: nn.Module, data: ValidationData) -> bool:
+    """Whether validation scores like a line bundle with the whole-part score: the embedder describes whole parts,
+    the geometry is known, and there are enough references for a Gaussian and goods to scale the two views."""
+    return (bool(getattr(embedder, "density_stages", ())) and data.preprocess is not None and len(data.references) >= 2
+            and int((np.asarray(data.labels) == 0).sum()) >= 2)
+
+
+def validation_views(embedder: Embedder | PatchEmbedder, data: ValidationData,
+                     device: torch.device | None = None) -> tuple[dict[str, np.ndarray], float]:
+    """Scores of the validation queries as the line computes them, and the mean per-dimension embedding variance.
+
+    Always ``patch`` (worst patch, or image distance). For an embedder that describes whole parts, also ``part``
+    (Mahalanobis distance to a Gaussian of the references' descriptors) and ``fused``: both standardised on the
+    query goods (the calibration goods, as ``build_bundle`` scales them) and the larger taken, the line's score.
+    Why: the epoch the line keeps must be the one that separates best with the score the line will use; picked by
+    the patch score alone, training was kept where it lowered the fused score (benchmarks/README.md)."""
+    parts = isinstance(embedder, PatchEmbedder) and describes_parts(embedder, data)
+    ref_desc = query_desc = None
+    if parts:
+        refs, ref_desc = embed_parts(embedder, data.references, _placements(data, data.reference_sizes, len(data.references)), device=device)  # type: ignore[arg-type]
+        queries, query_desc = embed_parts(embedder, data.queries, _placements(data, data.query_sizes, len(data.queries)), device=device)  # type: ignore[arg-type]
+    else:
+        refs = embed_tensor(embedder, data.references, device=device)
+        queries = embed_tensor(embedder, data.queries, device=device)
     valid = None
     if queries.ndim == 3 and data.query_sizes is not None and data.preprocess is not None:
         cfg = data.preprocess
         valid = Preprocessor(cfg).content_mask(data.query_sizes, patch_grid(queries.shape[1], cfg.height, cfg.width))
-    scores = anomaly_scores(queries, refs, data.scoring, valid)
+    views = {"patch": np.asarray(anomaly_scores(queries, refs, data.scoring, valid), dtype=np.float64)}
+    if ref_desc is not None and query_desc is not None:
+        density = GaussianDensity(ref_desc, embedder.descriptor_blocks).distances(query_desc)  # type: ignore[union-attr]
+        good = np.asarray(data.labels) == 0
+        z = standardised_views(views["patch"], density, ScoreScale.of(views["patch"][good]), ScoreScale.of(density[good]))
+        views.update(part=density, fused=np.maximum(z["patch"], z["part"]))
     both = np.concatenate([refs, queries])
     variance = float(both.reshape(-1, both.shape[-1]).var(axis=0).mean())
-    return roc_auc(data.labels, scores), variance
+    return views, variance
+
+
+def validate(embedder: Embedder | PatchEmbedder, data: ValidationData, device: torch.device | None = None) -> tuple[float, float, dict[str, float]]:
+    """Validation image AUROC of the line's score (fused when the embedder describes whole parts), the mean
+    per-dimension embedding variance, and each view's AUROC alone."""
+    views, variance = validation_views(embedder, data, device)
+    aurocs = {name: roc_auc(data.labels, scores) for name, scores in views.items()}
+    return aurocs.get("fused", aurocs["patch"]), variance, aurocs
 
 
 def resolve_mode(embedder: nn.Module, mode: Mode) -> Mode:
@@ -270,6 +337,7 @@ def train(
     start_epoch = 0
     bad_epochs = 0
     best_score: float | None = None
+    best_tiebreak: float | None = None  # the patch view's AUROC of the best weights, when the fused score ties
 
     if resume:
         if ckpt_dir is None or not (ckpt_dir / "last.pt").is_file():
@@ -282,6 +350,7 @@ def train(
         history = TrainHistory.from_dict(state["history"])
         bad_epochs = int(state.get("bad_epochs", 0))
         best_score = state.get("best_score")
+        best_tiebreak = state.get("best_tiebreak")
         start_epoch = int(state["epoch"]) + 1
         if (ckpt_dir / "best.pt").is_file():
             best_state = load_checkpoint(ckpt_dir / "best.pt", map_location="cpu")["model"]
@@ -302,14 +371,16 @@ def train(
 
     if cfg.keep_initial and validation is not None and start_epoch == 0 and cfg.epochs > 0:
         # training must earn its keep: the starting (pretrained or warm-started) weights are the first candidate
-        initial_auroc, _ = validate(embedder, validation, device)
+        initial_auroc, _, initial_views = validate(embedder, validation, device)
         if not math.isnan(initial_auroc):
             history.initial_val_auroc = best_score = history.best_val_auroc = initial_auroc
+            best_tiebreak = _tiebreak(initial_views)
+            history.initial_val_views = initial_views if len(initial_views) > 1 else None
             history.best_epoch = -1
             best_state = {k: v.detach().cpu().clone() for k, v in embedder.state_dict().items()}
             if ckpt_dir is not None:
                 save_checkpoint(ckpt_dir / "best.pt", {"model": best_state, "epoch": -1, **(extra_state or {})})
-            log.info("starting weights: val_auroc %.4f", initial_auroc)
+            log.info("starting weights: val_auroc %.4f %s", initial_auroc, _views_text(initial_views))
 
     for epoch in range(start_epoch, cfg.epochs):
         if hasattr(dataset, "set_epoch"):
@@ -343,20 +414,22 @@ def train(
             bar.close()
         scheduler.step()
         seconds = time.perf_counter() - t0
-        val_auroc, variance = (None, float(np.mean(variances)) if variances else 0.0)
+        val_auroc, variance, val_views = (None, float(np.mean(variances)) if variances else 0.0, None)
         if validation is not None:
-            val_auroc, variance = validate(embedder, validation, device)
-        record = EpochRecord(epoch, total / max(n_batches, 1), val_auroc, variance, seconds, n_images)
+            val_auroc, variance, val_views = validate(embedder, validation, device)
+        record = EpochRecord(epoch, total / max(n_batches, 1), val_auroc, variance, seconds, n_images,
+                             val_views if val_views and len(val_views) > 1 else None)
         history.epochs.append(record)
-        log.info("epoch %d loss %.4f val_auroc %s variance %.2e %.1f img/s", epoch + 1, record.train_loss, val_auroc, variance, record.images_per_second)
+        log.info("epoch %d loss %.4f val_auroc %s %s variance %.2e %.1f img/s", epoch + 1, record.train_loss, val_auroc,
+                 _views_text(record.val_views), variance, record.images_per_second)
         if variance < cfg.collapse_variance:
             history.collapsed = True
             log.warning("embedding collapse: mean embedding variance %.2e < %.1e at epoch %d", variance, cfg.collapse_variance, epoch + 1)
 
         score = val_auroc if val_auroc is not None and not math.isnan(val_auroc) else -record.train_loss
-        improved = best_score is None or score > best_score + cfg.min_delta
-        if improved:
-            best_score, history.best_epoch, history.best_val_auroc, bad_epochs = score, epoch, val_auroc, 0
+        tiebreak = _tiebreak(val_views)
+        if _improves(score, tiebreak, best_score, best_tiebreak, cfg.min_delta):
+            best_score, best_tiebreak, history.best_epoch, history.best_val_auroc, bad_epochs = score, tiebreak, epoch, val_auroc, 0
             best_state = {k: v.detach().cpu().clone() for k, v in embedder.state_dict().items()}
             if ckpt_dir is not None:
                 save_checkpoint(ckpt_dir / "best.pt", {"model": best_state, "epoch": epoch, **(extra_state or {})})
@@ -375,6 +448,7 @@ def train(
                     "epoch": epoch,
                     "bad_epochs": bad_epochs,
                     "best_score": best_score,
+                    "best_tiebreak": best_tiebreak,
                     "history": history.to_dict(),
                     "train_config": cfg.to_dict(),
                     "torch_rng": torch.get_rng_state(),
@@ -388,6 +462,27 @@ def train(
     if best_state is not None:
         embedder.load_state_dict(best_state)
     return history
+
+
+def _tiebreak(views: dict[str, float] | None) -> float | None:
+    """With a fused score: the patch view's AUROC, which decides between epochs whose fused AUROC ties."""
+    value = (views or {}).get("patch") if views and len(views) > 1 else None
+    return None if value is None or math.isnan(value) else float(value)
+
+
+def _improves(score: float, tiebreak: float | None, best: float | None, best_tiebreak: float | None, min_delta: float) -> bool:
+    """Whether an epoch beats the best so far: a higher validation score (the line's), or the same score (within
+    ``min_delta``) and a better patch view. Why the tie-break: a few dozen validation parts often tie the fused AUROC
+    (the whole-part view, which training does not change, ranks them), while the patch view, which training does
+    change, still separates the epochs; it is also what the line falls back on if ``build_bundle`` drops the
+    whole-part score."""
+    if best is None or score > best + min_delta:
+        return True
+    return abs(score - best) <= min_delta and tiebreak is not None and best_tiebreak is not None and tiebreak > best_tiebreak + min_delta
+
+
+def _views_text(views: dict[str, float] | None) -> str:
+    return "(" + ", ".join(f"{k} {v:.4f}" for k, v in views.items()) + ")" if views and len(views) > 1 else ""
 
 
 def _progress(total: int, desc: str, enabled: bool) -> Any:

@@ -169,6 +169,7 @@ def validation_data(split: DataSplit, recipe: Recipe) -> ValidationData | None:
         scoring=recipe.scoring,
         query_sizes=good_sizes + bad_sizes,
         preprocess=recipe.preprocess,
+        reference_sizes=image_sizes(refs),
     )
 
 

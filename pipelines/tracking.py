@@ -192,7 +192,8 @@ def log_training_run(
     - ``config`` (a dict like ``Recipe.to_dict()``, or anything with ``to_dict()``): every leaf as a param with a
       dotted key, and the whole dict as ``config.json``;
     - ``history`` (``TrainHistory.to_dict()``): train_loss, val_auroc, embedding_variance, images_per_second per
-      epoch with ``step=epoch``, best_epoch / best_val_auroc, and ``training/history.json``;
+      epoch with ``step=epoch`` (and ``val_auroc_<view>`` for each view of a fused score), best_epoch /
+      best_val_auroc, and ``training/history.json``;
     - ``metrics``: final metrics (non-finite and None values are skipped);
     - ``manifest`` (a JSON file, or the manifest itself), ``checkpoint`` and ``plots`` (PNG files) as artifacts;
     - tags: ``dataset_hash``, ``git_commit`` (or ``"unknown"``), plus ``tags``.
@@ -210,6 +211,14 @@ def log_training_run(
             value = _finite(record.get(key))
             if value is not None:
                 metric_rows.append(Metric(key, value, now, step))
+        for view, raw in (record.get("val_views") or {}).items():  # what each view of the line's score says alone
+            value = _finite(raw)
+            if value is not None:
+                metric_rows.append(Metric(f"val_auroc_{view}", value, now, step))
+    for view, raw in (history_dict.get("initial_val_views") or {}).items():
+        value = _finite(raw)
+        if value is not None:
+            metric_rows.append(Metric(f"initial_val_auroc_{view}", value, now, 0))
     for key in ("best_epoch", "best_val_auroc", "initial_val_auroc"):
         value = _finite(history_dict.get(key))
         if value is not None:

@@ -188,3 +188,21 @@ def test_whole_part_score_is_dropped_only_when_held_out_defects_clearly_prefer_t
     assert keep_whole_part((good_patch, None), (noisy_good, None))[0], "no validation defects: the default"
     few = keep_whole_part((good_patch[:8], bad_patch[:2]), (noisy_good[:8], noisy_bad[:2]))
     assert few[0] == (few[1]["patch_wins"] < 0.95)
+
+
+def test_quantised_drift_is_measured_on_the_line_s_fused_score(density_bundle: tuple[Path, dict[str, list[Path]]], tmp_path: Path) -> None:
+    """INT8 moves the descriptors too: the drift and verdict flips are those of the score the threshold is in."""
+    from inspector.quantize import quantize_bundle
+
+    bundle_path, files = density_bundle
+    calibration = files["cal"][:16]
+    out = quantize_bundle(bundle_path, calibration, tmp_path / "q")
+    drift = load_bundle(out).spec.provenance["quantization"]["drift"]
+    assert "fused" in drift["score"] and {"patch_view_abs_diff_max", "part_view_abs_diff_max", "descriptor_drift_in_spreads"} <= set(drift)
+    parent, child = Inspector.from_bundle(bundle_path), Inspector.from_bundle(out)
+    fp32 = np.array([r.score for r in parent.score(calibration)])
+    int8 = np.array([r.score for r in child.score(calibration)])
+    assert drift["score_fp32_range"] == pytest.approx([fp32.min(), fp32.max()], rel=1e-6)
+    assert drift["score_abs_diff_max"] == pytest.approx(np.abs(fp32 - int8).max(), rel=1e-4, abs=1e-6)
+    assert drift["verdict_flips"] == int(np.sum((fp32 > parent.threshold) != (int8 > parent.threshold)))
+    assert drift["part_view_abs_diff_max"] > 0

@@ -83,10 +83,11 @@ def test_log_training_run(store: dict, tmp_path: Path) -> None:
     history = {
         "epochs": [
             {"epoch": e, "train_loss": 1.0 / (e + 1), "val_auroc": 0.5 + 0.1 * e, "embedding_variance": 0.2, "seconds": 2.0, "images": 10,
-             "images_per_second": 5.0}
+             "images_per_second": 5.0, "val_views": {"patch": 0.4 + 0.1 * e, "part": 0.6, "fused": 0.5 + 0.1 * e}}
             for e in range(3)
         ],
         "best_epoch": 2, "best_val_auroc": 0.7, "stopped_early": False, "collapsed": False, "device": "cpu",
+        "initial_val_auroc": 0.45, "initial_val_views": {"patch": 0.3, "part": 0.6, "fused": 0.45},
     }
     with mlflow.start_run(experiment_id=store["experiment_id"]) as run:
         tracking.log_training_run(config, history=history, metrics={"image_auroc": 0.9, "escape_rate": 0.1, "bad": float("nan")},
@@ -100,6 +101,9 @@ def test_log_training_run(store: dict, tmp_path: Path) -> None:
     losses = client.get_metric_history(run.info.run_id, "train_loss")
     assert sorted((m.step, m.value) for m in losses) == [(0, 1.0), (1, 0.5), (2, pytest.approx(1 / 3))]
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val_auroc")] == [0, 1, 2]
+    patch = client.get_metric_history(run.info.run_id, "val_auroc_patch")  # each view of the fused score, per epoch
+    assert sorted((m.step, m.value) for m in patch) == [(0, pytest.approx(0.4)), (1, pytest.approx(0.5)), (2, pytest.approx(0.6))]
+    assert data.metrics["initial_val_auroc_part"] == 0.6 and data.metrics["initial_val_auroc"] == 0.45
     assert {"embedding_variance", "images_per_second", "best_val_auroc"} <= set(data.metrics)
     assert data.tags["dataset_hash"] == "abc123"
     commit = data.tags["git_commit"]

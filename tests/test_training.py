@@ -118,3 +118,72 @@ def test_collapse_monitor_flags_constant_embeddings() -> None:
     torch.nn.init.constant_(model.head[-1].bias, 1.0)
     history = train(model, SpotDataset(), _config(epochs=1, lr=0.0), validation=_validation())
     assert history.collapsed and history.epochs[0].embedding_variance < 1e-6
+
+
+def _part_validation(tmp_path: Path) -> tuple[ValidationData, list[Path]]:
+    """Goods vary in brightness part to part; 'patchy' parts are half dark, half bright: every patch matches some
+    golden patch, the whole part does not (the case the line's whole-part score exists for)."""
+    from PIL import Image
+
+    from inspector.preprocess import PreprocessConfig, Preprocessor
+    from tests.parts import textured_parts
+
+    rng = np.random.default_rng(3)
+    pre = PreprocessConfig(height=32, width=32)
+    refs, goods = textured_parts(rng, 30, (0.3, 0.7)), textured_parts(rng, 12, (0.3, 0.7))
+    patchy = [Image.fromarray(np.concatenate([np.asarray(textured_parts(rng, 1, (0.3, 0.32))[0])[:, :20],
+                                              np.asarray(textured_parts(rng, 1, (0.68, 0.7))[0])[:, 20:]], axis=1)) for _ in range(12)]
+    files = []
+    for i, img in enumerate(refs):
+        files.append(tmp_path / f"ref{i}.png")
+        img.save(files[-1])
+    batch = Preprocessor(pre).batch
+    data = ValidationData(references=torch.from_numpy(batch(refs)), queries=torch.from_numpy(batch(goods + patchy)),
+                          labels=np.r_[np.zeros(12), np.ones(12)], query_sizes=[im.size for im in goods + patchy], preprocess=pre,
+                          reference_sizes=[im.size for im in refs])
+    return data, files
+
+
+def test_validation_scores_with_the_line_s_fused_score(tmp_path: Path) -> None:
+    """Epochs are chosen by the score the line will use: for an embedder that describes whole parts, the larger of the
+    standardised patch and whole-part scores; the patch score alone cannot see parts that are off as a whole."""
+    from models.training import validate
+
+    data, _ = _part_validation(tmp_path)
+    torch.manual_seed(0)
+    model = build_embedder(EmbedderConfig(backbone="tiny_cnn", weights=None, feature_stages=(2, 3), embedding_dim=8, density_stages=2))
+    auroc, variance, views = validate(model, data)
+    assert set(views) == {"patch", "part", "fused"} and variance > 0
+    assert auroc == views["fused"] and views["fused"] > 0.95 and views["fused"] > views["patch"] + 0.2
+    no_part = build_embedder(EmbedderConfig(backbone="tiny_cnn", weights=None, feature_stages=(2, 3), embedding_dim=8, density_stages=0))
+    auroc, _, views = validate(no_part, data)
+    assert set(views) == {"patch"} and auroc == views["patch"]
+
+
+def test_training_records_each_view_and_keeps_the_best_fused_epoch(tmp_path: Path) -> None:
+    from inspector.preprocess import PreprocessConfig, Preprocessor
+    from models.pairs import PatchPairDataset
+    from models.synthetic import SyntheticDefects
+
+    data, files = _part_validation(tmp_path)
+    torch.manual_seed(0)
+    model = build_embedder(EmbedderConfig(backbone="tiny_cnn", weights=None, feature_stages=(2, 3), embedding_dim=8, density_stages=2))
+    dataset = PatchPairDataset(files, [], Preprocessor(PreprocessConfig(height=32, width=32)), synthetic=SyntheticDefects(), seed=0)
+    history = train(model, dataset, _config(epochs=2, batch_size=8, max_steps_per_epoch=2), validation=data)
+    assert history.initial_val_views is not None and set(history.initial_val_views) == {"patch", "part", "fused"}
+    assert history.initial_val_auroc == history.initial_val_views["fused"]
+    for record in history.epochs:
+        assert record.val_views is not None and record.val_auroc == record.val_views["fused"]
+    chosen = history.initial_val_auroc if history.best_epoch == -1 else history.epochs[history.best_epoch].val_auroc
+    assert history.best_val_auroc == chosen == max([history.initial_val_auroc] + [r.val_auroc for r in history.epochs])
+
+
+def test_a_tied_fused_score_is_broken_by_the_patch_view() -> None:
+    from models.training import _improves
+
+    assert _improves(0.96, 0.95, None, None, 1e-4)  # the first candidate
+    assert _improves(0.97, 0.90, 0.96, 0.95, 1e-4)  # the line's score decides first
+    assert not _improves(0.95, 0.99, 0.96, 0.90, 1e-4)
+    assert _improves(0.96, 0.954, 0.96, 0.926, 1e-4)  # a tie: the better patch view wins
+    assert not _improves(0.96, 0.926, 0.96, 0.954, 1e-4)
+    assert not _improves(0.96, None, 0.96, 0.9, 1e-4)  # no views (a patch-only model): a tie keeps the earlier weights
