@@ -7,7 +7,7 @@ call. A bad image fails that item (``ScoreResult.error``), never the batch.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Generator, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -297,9 +297,17 @@ class Inspector:
 
     def _results(self, images: list[ImageSource], prepared: Prepared) -> list[ScoreResult]:
         """Embed and score a prepared batch; one result per input image, in order."""
-        if not len(prepared.batch):
+        return self._scored(images, prepared, self._forward(prepared))
+
+    def _forward(self, prepared: Prepared) -> tuple[np.ndarray, np.ndarray | None] | None:
+        """The model's outputs (embeddings, descriptors) for a prepared batch; None when nothing in it was readable."""
+        return self.embedder.run(prepared.batch, prepared.sizes) if len(prepared.batch) else None
+
+    def _scored(self, images: list[ImageSource], prepared: Prepared, outputs: tuple[np.ndarray, np.ndarray | None] | None) -> list[ScoreResult]:
+        """Verdicts from the model's outputs: the golden-bank search, the whole-part view, one result per image."""
+        if outputs is None:
             return self.results_for(images, [], prepared.errors)
-        embeddings, descriptors = self.embedder.run(prepared.batch, prepared.sizes)
+        embeddings, descriptors = outputs
         patch = self.golden.anomaly_scores(embeddings, self.bundle.spec.scoring, self.embedder.patch_valid(prepared.sizes, embeddings))
         return self.results_for(images, patch, prepared.errors, descriptors)
 
@@ -324,19 +332,33 @@ class Inspector:
     def score_paths(self, paths: Iterable[str | Path], chunk: int = 256) -> Iterable[ScoreResult]:
         """Stream results for a long list of files, ``chunk`` at a time to bound memory.
 
-        Pipelined: while onnxruntime and the kNN work on one chunk, a background thread decodes and preprocesses
-        the next (at most two chunks in memory).
+        Pipelined in three stages, so that no stage waits for the others on a machine with cores to spare: while
+        onnxruntime runs on one chunk (in the calling thread), a background thread decodes and preprocesses the
+        next and another searches the golden bank for the previous one (at most three chunks in memory). Results
+        come out in input order, the same as :meth:`score` gives.
         """
-        with ThreadPoolExecutor(1, thread_name_prefix="inspector-prefetch") as prefetch:
-            pending: Future[Prepared] | None = None
-            pending_images: list[ImageSource] = []
+        with ThreadPoolExecutor(1, thread_name_prefix="inspector-prefetch") as prefetch, \
+                ThreadPoolExecutor(1, thread_name_prefix="inspector-search") as search:
+            prepared: Future[Prepared] | None = None
+            prepared_images: list[ImageSource] = []
+            scored: Future[list[ScoreResult]] | None = None
             for images in _chunks(paths, chunk):
                 upcoming = prefetch.submit(self.embedder.prepare, images)
-                if pending is not None:
-                    yield from self._results(pending_images, pending.result())
-                pending, pending_images = upcoming, images
-            if pending is not None:
-                yield from self._results(pending_images, pending.result())
+                if prepared is not None:
+                    scored = yield from self._pipeline_step(search, scored, prepared_images, prepared.result())
+                prepared, prepared_images = upcoming, images
+            if prepared is not None:
+                scored = yield from self._pipeline_step(search, scored, prepared_images, prepared.result())
+            if scored is not None:
+                yield from scored.result()
+
+    def _pipeline_step(self, search: ThreadPoolExecutor, previous: Future[list[ScoreResult]] | None, images: list[ImageSource],
+                       prepared: Prepared) -> Generator[ScoreResult, None, Future[list[ScoreResult]]]:
+        """Run the model on this chunk, then hand out the previous chunk's results and queue this chunk's search."""
+        outputs = self._forward(prepared)
+        if previous is not None:
+            yield from previous.result()
+        return search.submit(self._scored, images, prepared, outputs)
 
 
 def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:

@@ -125,7 +125,8 @@ def test_fast_normalize_and_decode_are_bit_identical_to_the_plain_formulas(tmp_p
 
 
 def test_pipelined_scoring_equals_one_batch_and_the_plain_path(tiny_bundle: Path, bad_images: dict[str, Path], tmp_path: Path) -> None:
-    """score_paths (decode of the next chunk overlapping the current one) and the decode pool change no result."""
+    """score_paths (decode of the next chunk and the search of the previous one overlapping this one's forward pass)
+    and the decode pool change no result, chunks of readable, unreadable and mixed images alike."""
     from inspector.engine import Inspector
     from inspector.scoring import GoldenBank
 
