@@ -133,11 +133,7 @@ class OnnxEmbedder:
 
     def placements(self, sizes: Sequence[tuple[int, int]]) -> np.ndarray:
         """(N, 4) where each image of original (width, height) sits on the input: left, top, width, height."""
-        out = np.empty((len(sizes), 4), dtype=np.float32)
-        for i, (width, height) in enumerate(sizes):
-            new_w, new_h, left, top = self.preprocessor.placement(width, height)
-            out[i] = (left, top, new_w, new_h)
-        return out
+        return self.preprocessor.placements(sizes)
 
     def run(self, batch: np.ndarray, sizes: Sequence[tuple[int, int]] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         """Embeddings of a preprocessed batch and, for a model that describes whole parts, their descriptors (else

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import math
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -156,6 +157,15 @@ class Preprocessor:
         new_w = max(1, min(cfg.width, int(round(width * scale))))
         new_h = max(1, min(cfg.height, int(round(height * scale))))
         return new_w, new_h, (cfg.width - new_w) // 2, (cfg.height - new_h) // 2
+
+    def placements(self, sizes: Sequence[tuple[int, int]]) -> np.ndarray:
+        """(N, 4) the model's placement input: where each image of original (width, height) sits on the input, as
+        left, top, width, height (``full_placement`` for parts that fill it)."""
+        out = np.empty((len(sizes), 4), dtype=np.float32)
+        for i, (width, height) in enumerate(sizes):
+            new_w, new_h, left, top = self.placement(width, height)
+            out[i] = (left, top, new_w, new_h)
+        return out
 
     def content_mask(self, sizes: list[tuple[int, int]], grid: tuple[int, int]) -> np.ndarray:
         """(N, rows·cols) True for each feature-grid patch whose centre lies on the part, False on the letterbox padding.

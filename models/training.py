@@ -179,10 +179,7 @@ def _placements(data: ValidationData, sizes: list[tuple[int, int]] | None, n: in
     cfg = data.preprocess
     if cfg is None:
         raise ValueError("whole-part validation needs the preprocessing geometry (ValidationData.preprocess)")
-    if sizes is None:
-        return full_placement(n, cfg.height, cfg.width)
-    pre = Preprocessor(cfg)
-    return np.array([(left, top, w, h) for w, h, left, top in (pre.placement(*s) for s in sizes)], dtype=np.float32)
+    return full_placement(n, cfg.height, cfg.width) if sizes is None else Preprocessor(cfg).placements(sizes)
 
 
 def describes_parts(embedder: nn.Module, data: ValidationData) -> bool:
@@ -466,7 +463,7 @@ def train(
 
 def _tiebreak(views: dict[str, float] | None) -> float | None:
     """With a fused score: the patch view's AUROC, which decides between epochs whose fused AUROC ties."""
-    value = (views or {}).get("patch") if views and len(views) > 1 else None
+    value = views.get("patch") if views and len(views) > 1 else None
     return None if value is None or math.isnan(value) else float(value)
 
 
