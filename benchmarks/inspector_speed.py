@@ -6,8 +6,9 @@ targets are stated in:
   * inspector ORT forward vs torch eager forward, batch 1 and 32;
   * end to end (JPEG decode + preprocessing + ORT + patch kNN scoring) vs the ORT forward alone, per image at batch
     32, same images, same run: one ``Inspector.score`` call of 32 images, and ``score_paths`` streaming all images
-    in chunks of 32 (decode of the next chunk overlaps the ORT run and kNN of the current one); plus the time of
-    each stage for one batch of 32 and the brute-force kNN the line used before, for comparison;
+    in chunks of 32 (on a multi-core CPU, batches side by side, one core each, against one batch at a time through
+    the three-stage pipeline); the ORT forward alone is the fastest of one batch on all cores and batches side by
+    side; plus the time of each stage for one batch of 32 and the brute-force kNN the line used before;
   * p50/p99 single-image latency through ``Inspector.score``;
   * the HTTP service (``inspector serve`` in its own process) under 8 concurrent clients (bounded request loop on
     127.0.0.1) vs in-process single-image scoring.
@@ -80,13 +81,13 @@ def stage_times(inspector: Inspector, paths: list[Path], rounds: int = 5) -> dic
     """Best-of-``rounds`` milliseconds per batch of each stage of ``Inspector.score`` on these images."""
     emb = inspector.embedder
     pre = emb.preprocessor
-    images = [load_image(p) for p in paths]
+    images = [load_image(p, keep_gray=True) for p in paths]  # as the line decodes them
     resized = np.stack([pre.resize(img) for img in images])
     batch = pre.normalize(resized)
     features, descriptors = emb.run(batch)
     brute = GoldenBank(inspector.bundle.references, cells=0)
     stages: dict[str, Callable[[], object]] = {
-        "decode (1 thread)": lambda: [load_image(p) for p in paths],
+        "decode (1 thread)": lambda: [load_image(p, keep_gray=True) for p in paths],
         "resize (1 thread)": lambda: [pre.resize(img) for img in images],
         "decode+resize (pool)": lambda: emb.prepare(paths),
         "normalise": lambda: pre.normalize(resized),
@@ -94,6 +95,9 @@ def stage_times(inspector: Inspector, paths: list[Path], rounds: int = 5) -> dic
         "kNN (pruned, line)": lambda: inspector.golden.anomaly_scores(features, inspector.bundle.spec.scoring),
         "kNN (brute force, before)": lambda: _with_blas_threads(2, brute.anomaly_scores, features, inspector.bundle.spec.scoring),
     }
+    if images[0].mode == "L":  # mono images: the one-channel route against converting to RGB first
+        stages["decode+resize via RGB (1 thread, before)"] = lambda: [pre.resize(load_image(p)) for p in paths]
+        stages["decode+resize one channel (1 thread)"] = lambda: [pre.resize(load_image(p, keep_gray=True)) for p in paths]
     if inspector.density is not None and descriptors is not None:
         density = inspector.density
         stages["whole-part Gaussian"] = lambda: density.distances(descriptors)
@@ -101,19 +105,11 @@ def stage_times(inspector: Inspector, paths: list[Path], rounds: int = 5) -> dic
     return {name: 1000.0 / r for name, r in rates.items()}
 
 
-def two_stage_stream(inspector: Inspector, paths: list[Path], chunk: int) -> list[object]:
-    """``score_paths`` as it was before the golden-bank search got its own thread: the next chunk decodes in the
-    background while the forward pass and then the search run in the calling thread (same results)."""
-    results: list[object] = []
-    with ThreadPoolExecutor(1) as prefetch:
-        chunks = [paths[i : i + chunk] for i in range(0, len(paths), chunk)]
-        pending = prefetch.submit(inspector.embedder.prepare, chunks[0])
-        for i, images in enumerate(chunks):
-            prepared = pending.result()
-            if i + 1 < len(chunks):
-                pending = prefetch.submit(inspector.embedder.prepare, chunks[i + 1])
-            results.extend(inspector._results(list(images), prepared))
-    return results
+def side_by_side_forward(session: object, feed: dict[str, np.ndarray], streams: int, pool: ThreadPoolExecutor) -> None:
+    """The ORT forward alone as the line runs it on a multi-core CPU: ``streams`` batches side by side on a session
+    of one intra-op thread each (Inspector.score_paths's default there)."""
+    for f in [pool.submit(session.run, None, feed) for _ in range(streams)]:  # type: ignore[attr-defined]
+        f.result()
 
 
 def features_per_image(inspector: Inspector) -> int:
@@ -122,13 +118,14 @@ def features_per_image(inspector: Inspector) -> int:
     return int(shape[1]) if len(shape) == 3 and isinstance(shape[1], int) else 1
 
 
-def make_images(folder: Path, n: int, size: int, seed: int) -> list[Path]:
+def make_images(folder: Path, n: int, size: int, seed: int, mono: bool = False) -> list[Path]:
+    """``n`` generated parts as JPEGs, colour or (``mono``) one-channel like a mono line camera's."""
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for i in range(n):
-        img = render_good_part(np.random.default_rng([seed, i]), size, size)
+        img = Image.fromarray(render_good_part(np.random.default_rng([seed, i]), size, size))
         p = folder / f"part_{i:03d}.jpg"
-        Image.fromarray(img).save(p, quality=92)
+        (img.convert("L") if mono else img).save(p, quality=92)
         paths.append(p)
     return paths
 
@@ -197,6 +194,7 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=64)
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--rounds", type=int, default=5, help="best of this many interleaved repeats per measure")
+    p.add_argument("--mono", action="store_true", help="score one-channel JPEGs (a mono line camera) instead of colour ones")
     p.add_argument("--skip-eager", action="store_true", help="leave out the torch eager comparison")
     p.add_argument("--skip-service", action="store_true", help="leave out the HTTP service measure")
     p.add_argument("--patch-only", action=argparse.BooleanOptionalAction, default=True, help="also measure the patch embedder "
@@ -206,7 +204,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(os.cpu_count() or 2)
     work = Path(tempfile.mkdtemp(prefix="inspector_speed_"))
-    paths = make_images(work / "parts", max(args.images, 32), 256, seed=1)
+    paths = make_images(work / "parts", max(args.images, 32), 256, seed=1, mono=args.mono)
     refs = make_images(work / "refs", 48, 256, seed=2)
     pre_cfg = PreprocessConfig(height=args.size, width=args.size)
     pre = Preprocessor(pre_cfg)
@@ -248,21 +246,27 @@ def main() -> None:
         n_stream = len(paths) // 32 * 32
         spinning = make_session(inspector.bundle.model_path, spinning=True)
         feed = {spinning.get_inputs()[0].name: batch, **({PLACEMENT_INPUT: full.numpy()} if inspector.embedder.describes_parts else {})}
-        rates = interleaved_rates(
-            {"ort": lambda: inspector.embedder.embed_arrays(batch),
-             "ort_spin": lambda: spinning.run(None, feed),
-             "score": lambda: inspector.score(paths[:32]),
-             "stream": lambda: list(inspector.score_paths(paths[:n_stream], chunk=32)),
-             "stream_2": lambda: list(two_stage_stream(inspector, paths[:n_stream], 32))},
-            {"ort": 32, "ort_spin": 32, "score": 32, "stream": n_stream, "stream_2": n_stream}, args.rounds)
-        ort_best = max(rates["ort"], rates["ort_spin"])
+        streams = inspector.embedder.streams
+        serial = inspector.embedder.serial_session()
+        pipelined = Inspector.from_bundle(bundle, streams=1)  # one batch at a time on all cores, three-stage pipeline
+        with ThreadPoolExecutor(streams) as side_pool:
+            rates = interleaved_rates(
+                {"ort": lambda: inspector.embedder.embed_arrays(batch),
+                 "ort_spin": lambda: spinning.run(None, feed),
+                 "ort_side": lambda: side_by_side_forward(serial, feed, streams, side_pool),
+                 "score": lambda: inspector.score(paths[:32]),
+                 "stream": lambda: list(inspector.score_paths(paths[:n_stream], chunk=32)),
+                 "stream_1": lambda: list(pipelined.score_paths(paths[:n_stream], chunk=32))},
+                {"ort": 32, "ort_spin": 32, "ort_side": 32 * streams, "score": 32, "stream": n_stream, "stream_1": n_stream}, args.rounds)
+        ort_best = max(rates["ort"], rates["ort_spin"], rates["ort_side"])
         print(f"ORT forward alone, batch 32: {rates['ort']:7.1f} img/s (line session, no spinning), {rates['ort_spin']:7.1f} img/s "
-              "(ORT's default spinning); ratios below use the faster of the two, measured in turn with them")
+              f"(ORT's default spinning), {rates['ort_side']:7.1f} img/s ({streams} batches side by side, one thread each); "
+              "ratios below use the fastest, measured in turn with them")
         print(f"end to end, Inspector.score of 32 images:          {rates['score']:7.1f} img/s = ORT forward time x{ort_best / rates['score']:.2f}")
         print(f"end to end, score_paths of {n_stream} images, chunks of 32: {rates['stream']:7.1f} img/s = ORT forward time x{ort_best / rates['stream']:.2f}"
-              "  (target <= x1.25)")
-        print(f"  the same, two stages (before: the search in the calling thread after the forward): {rates['stream_2']:7.1f} img/s = "
-              f"x{ort_best / rates['stream_2']:.2f}; three stages / two stages = x{rates['stream'] / rates['stream_2']:.2f}")
+              f"  (target <= x1.25; {streams} batches side by side)")
+        print(f"  the same, one batch at a time (streams=1: three-stage pipeline, the default before): {rates['stream_1']:7.1f} img/s = "
+              f"x{ort_best / rates['stream_1']:.2f}; side by side / pipeline = x{rates['stream'] / rates['stream_1']:.2f}")
         print(f"kNN: {inspector.golden.last_exact_searches} of {32 * features_per_image(inspector)} patches searched over the whole bank in the last batch")
         lat = []
         for q in paths[:32]:

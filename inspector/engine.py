@@ -7,6 +7,8 @@ call. A bad image fails that item (``ScoreResult.error``), never the batch.
 from __future__ import annotations
 
 import os
+import threading
+from collections import deque
 from collections.abc import Generator, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -87,13 +89,51 @@ def make_session(model_path: str | Path, *, threads: int | None = None, provider
     spin = spinning if spinning is not None else os.environ.get("INSPECTOR_ORT_SPIN", "0") == "1"
     opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.intra_op_num_threads = threads if threads is not None else int(os.environ.get("INSPECTOR_THREADS", "0"))
+    opts.intra_op_num_threads = _configured_threads(threads)
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     if providers is None:
         available = ort.get_available_providers()
         providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
     return ort.InferenceSession(str(model_path), sess_options=opts, providers=list(providers))
+
+
+def _configured_threads(threads: int | None) -> int:
+    """The intra-op thread count a session gets: ``threads``, else ``INSPECTOR_THREADS``, else 0 (onnxruntime's
+    choice: all physical cores)."""
+    return threads if threads is not None else int(os.environ.get("INSPECTOR_THREADS", "0"))
+
+
+def _usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+#: The most single-threaded forward passes run side by side (each holds its own activations).
+MAX_STREAMS = 8
+
+
+def default_streams(threads: int | None, providers: Sequence[str]) -> int:
+    """How many batches the CPU scores side by side, each on one core (1: one batch at a time on all cores).
+
+    Why: on the CPU one forward pass split over all cores waits at every layer for its slowest thread, and the
+    decode and golden-bank search that share the cores make some thread the slowest at every layer. Whole batches
+    run side by side, one core each, never wait for each other, and the scheduler slots the decode and search into
+    the gaps (end to end ×1.40 → ×1.22 the forward alone on 2 cores; benchmarks/README.md).
+    ``INSPECTOR_STREAMS`` overrides; a GPU session runs one batch at a time.
+    """
+    env = os.environ.get("INSPECTOR_STREAMS")
+    if env is not None:
+        try:
+            return max(1, int(env))
+        except ValueError:
+            raise InspectorError(f"INSPECTOR_STREAMS must be a whole number of batches, got {env!r}") from None
+    if "CUDAExecutionProvider" in providers:
+        return 1
+    configured = _configured_threads(threads)
+    return max(1, min(MAX_STREAMS, configured if configured > 0 else _usable_cores()))
 
 
 def _source_name(source: ImageSource, index: int) -> str:
@@ -114,10 +154,16 @@ class OnnxEmbedder:
     """
 
     def __init__(self, model_path: str | Path, preprocessing: PreprocessConfig, *, threads: int | None = None,
-                 providers: Sequence[str] | None = None, batch_size: int = 32, decode_workers: int | None = None) -> None:
+                 providers: Sequence[str] | None = None, batch_size: int = 32, decode_workers: int | None = None,
+                 streams: int | None = None) -> None:
         self.preprocessing = preprocessing
         self.preprocessor = Preprocessor(preprocessing)
+        self.model_path = Path(model_path)
         self.session = make_session(model_path, threads=threads, providers=providers)
+        #: batches :meth:`Inspector.score_paths` scores side by side, each on one core (see :func:`default_streams`)
+        self.streams = max(1, streams) if streams is not None else default_streams(threads, self.session.get_providers())
+        self._serial: ort.InferenceSession | None = None
+        self._serial_lock = threading.Lock()
         self.input_name = self.session.get_inputs()[0].name
         #: the model also takes each part's placement and outputs its whole-part descriptor (inspector.density)
         self.describes_parts = any(i.name == PLACEMENT_INPUT for i in self.session.get_inputs())
@@ -135,10 +181,19 @@ class OnnxEmbedder:
         """(N, 4) where each image of original (width, height) sits on the input: left, top, width, height."""
         return self.preprocessor.placements(sizes)
 
-    def run(self, batch: np.ndarray, sizes: Sequence[tuple[int, int]] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    def serial_session(self) -> ort.InferenceSession:
+        """A session of the same model on one intra-op thread, for batches run side by side (made on first use:
+        a process that scores one batch at a time never pays for it)."""
+        with self._serial_lock:
+            if self._serial is None:
+                self._serial = make_session(self.model_path, threads=1, providers=self.session.get_providers())
+            return self._serial
+
+    def run(self, batch: np.ndarray, sizes: Sequence[tuple[int, int]] | None = None, *, serial: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
         """Embeddings of a preprocessed batch and, for a model that describes whole parts, their descriptors (else
         None). ``sizes``: the images' original (width, height), which place each part on the input (without them,
-        each part is taken to fill the input)."""
+        each part is taken to fill the input). ``serial``: on one core (:meth:`serial_session`), for callers that
+        run several batches side by side."""
         if len(batch) == 0:
             return np.zeros((0, self.embedding_dim or 0), dtype=np.float32), None
         cfg = self.preprocessing
@@ -147,12 +202,13 @@ class OnnxEmbedder:
             if sizes is not None and len(sizes) != len(batch):
                 raise ValueError(f"{len(sizes)} image sizes for a batch of {len(batch)}")
             place = self.placements(sizes) if sizes is not None else full_placement(len(batch), cfg.height, cfg.width)
+        session = self.serial_session() if serial else self.session
         embeddings, descriptors = [], []
         for i in range(0, len(batch), self.batch_size):
             feed = {self.input_name: np.ascontiguousarray(batch[i : i + self.batch_size], dtype=np.float32)}
             if place is not None:
                 feed[PLACEMENT_INPUT] = place[i : i + self.batch_size]
-            outs = self.session.run(None, feed)
+            outs = session.run(None, feed)
             embeddings.append(outs[0])
             if place is not None:
                 descriptors.append(outs[1])
@@ -161,8 +217,8 @@ class OnnxEmbedder:
 
     def _decode(self, source: ImageSource, name: str) -> Image.Image:
         if isinstance(source, Image.Image):
-            return source.convert("RGB")
-        return load_image(source, max_pixels=self.preprocessing.max_pixels, name=name)
+            return source if source.mode in ("RGB", "L") else source.convert("RGB")
+        return load_image(source, max_pixels=self.preprocessing.max_pixels, name=name, keep_gray=True)
 
     def _resized(self, item: tuple[int, ImageSource]) -> tuple[np.ndarray, tuple[int, int]] | str:
         """One image decoded and resized to HxWx3 uint8 with its original (width, height), or its error message."""
@@ -173,11 +229,13 @@ class OnnxEmbedder:
         except ImageError as exc:
             return str(exc)
 
-    def prepare(self, images: Sequence[ImageSource]) -> Prepared:
+    def prepare(self, images: Sequence[ImageSource], *, pooled: bool = True, start: int = 0) -> Prepared:
         """Decode and preprocess: a float32 NCHW batch of the readable images (input order), a per-image error, and
-        each readable image's original size (for :meth:`patch_valid`)."""
-        items = list(enumerate(images))
-        if self._pool is not None and len(items) > 1:
+        each readable image's original size (for :meth:`patch_valid`). ``pooled=False`` decodes in the calling
+        thread (for callers that already run batches side by side); ``start``: the first image's index in the
+        caller's list (it names in-memory images in errors)."""
+        items = list(enumerate(images, start))
+        if pooled and self._pool is not None and len(items) > 1:
             done = list(self._pool.map(self._resized, items))
         else:
             done = [self._resized(item) for item in items]
@@ -224,10 +282,10 @@ class Inspector:
     """Scores part images against the golden references of one bundle."""
 
     def __init__(self, bundle: Bundle, *, threads: int | None = None, providers: Sequence[str] | None = None, batch_size: int = 32,
-                 decode_workers: int | None = None) -> None:
+                 decode_workers: int | None = None, streams: int | None = None) -> None:
         self.bundle = bundle
         self.embedder = OnnxEmbedder(bundle.model_path, bundle.spec.preprocessing, threads=threads, providers=providers,
-                                     batch_size=batch_size, decode_workers=decode_workers)
+                                     batch_size=batch_size, decode_workers=decode_workers, streams=streams)
         dim = self.embedder.embedding_dim
         if dim is not None and dim != bundle.references.shape[1]:
             raise InspectorError(f"{bundle.path}: model outputs {dim}-d embeddings but references are {bundle.references.shape[1]}-d")
@@ -299,24 +357,51 @@ class Inspector:
         """The model's outputs (embeddings, descriptors) for a prepared batch; None when nothing in it was readable."""
         return self.embedder.run(prepared.batch, prepared.sizes) if len(prepared.batch) else None
 
-    def _scored(self, images: list[ImageSource], prepared: Prepared, outputs: tuple[np.ndarray, np.ndarray | None] | None) -> list[ScoreResult]:
+    def _scored(self, images: list[ImageSource], prepared: Prepared, outputs: tuple[np.ndarray, np.ndarray | None] | None,
+                start: int = 0) -> list[ScoreResult]:
         """Verdicts from the model's outputs: the golden-bank search, the whole-part view, one result per image."""
         if outputs is None:
-            return self.results_for(images, [], prepared.errors)
+            return self.results_for(images, [], prepared.errors, start=start)
         embeddings, descriptors = outputs
         patch = self.golden.anomaly_scores(embeddings, self.bundle.spec.scoring, self.embedder.patch_valid(prepared.sizes, embeddings))
-        return self.results_for(images, patch, prepared.errors, descriptors)
+        return self.results_for(images, patch, prepared.errors, descriptors, start=start)
+
+    def _scored_alone(self, images: list[ImageSource], start: int = 0) -> list[ScoreResult]:
+        """One batch from decode to verdicts in the calling thread, its forward pass on one core (batches side by side)."""
+        prepared = self.embedder.prepare(images, pooled=False, start=start)
+        outputs = self.embedder.run(prepared.batch, prepared.sizes, serial=True) if len(prepared.batch) else None
+        return self._scored(images, prepared, outputs, start)
+
+    def _side_by_side(self, images: Iterable[ImageSource], size: int) -> Iterator[ScoreResult]:
+        """Results in input order of batches of ``size`` scored side by side, ``embedder.streams`` at a time, each
+        from decode to verdict on one core; at most two batches a stream are in memory."""
+        streams = self.embedder.streams
+        pending: deque[Future[list[ScoreResult]]] = deque()
+        with ThreadPoolExecutor(streams, thread_name_prefix="inspector-stream") as pool:
+            try:
+                start = 0
+                for batch in _chunks(images, size):
+                    pending.append(pool.submit(self._scored_alone, batch, start))
+                    start += len(batch)
+                    if len(pending) > 2 * streams:
+                        yield from pending.popleft().result()
+                while pending:
+                    yield from pending.popleft().result()
+            finally:  # a consumer that stops early leaves no queued work behind
+                for future in pending:
+                    future.cancel()
 
     def results_for(self, images: Sequence[ImageSource], patch_scores: Sequence[float] | np.ndarray, errors: list[str | None],
-                    descriptors: np.ndarray | None = None) -> list[ScoreResult]:
+                    descriptors: np.ndarray | None = None, *, start: int = 0) -> list[ScoreResult]:
         """Verdicts for ``images`` from the patch scores of the readable ones (in order), their descriptors when the
-        bundle also scores whole parts, and a per-image error (or None)."""
+        bundle also scores whole parts, and a per-image error (or None); ``start``: the first image's index in the
+        caller's list (it names in-memory images)."""
         views = self.views(np.asarray(patch_scores, dtype=np.float64), descriptors) if len(patch_scores) else None
         fused = fused_scores_of(views) if views is not None else np.asarray(patch_scores, dtype=np.float64)
         scores = iter(fused.tolist())
         per_view = iter([{k: float(v[i]) for k, v in views.items()} for i in range(len(fused))] if views is not None else [])
         results = []
-        for i, (source, error) in enumerate(zip(images, errors)):
+        for i, (source, error) in enumerate(zip(images, errors), start):
             name = _source_name(source, i)
             if error is not None:
                 results.append(ScoreResult(name, None, self.threshold, None, self.model_version, error))
@@ -328,11 +413,16 @@ class Inspector:
     def score_paths(self, paths: Iterable[str | Path], chunk: int = 256) -> Iterable[ScoreResult]:
         """Stream results for a long list of files, ``chunk`` at a time to bound memory.
 
-        Pipelined in three stages, so that no stage waits for the others on a machine with cores to spare: while
+        On a CPU with several cores (``embedder.streams`` > 1, :func:`default_streams`) batches of at most
+        ``batch_size`` images are scored side by side, each from decode to verdict on one core. Otherwise (one core,
+        a GPU) it is pipelined in three stages, so that no stage waits for the others on a machine with cores to spare: while
         onnxruntime runs on one chunk (in the calling thread), a background thread decodes and preprocesses the
         next and another searches the golden bank for the previous one (at most three chunks in memory). Results
         come out in input order, the same as :meth:`score` gives.
         """
+        if self.embedder.streams > 1:
+            yield from self._side_by_side(paths, max(1, min(chunk, self.embedder.batch_size)))
+            return
         with ThreadPoolExecutor(1, thread_name_prefix="inspector-prefetch") as prefetch, \
                 ThreadPoolExecutor(1, thread_name_prefix="inspector-search") as search:
             prepared: Future[Prepared] | None = None

@@ -38,11 +38,46 @@ def test_letterbox_keeps_aspect_and_pads_to_zero() -> None:
     assert np.allclose(stretched, (200 / 255 - 0.5) / 0.5, atol=1e-6)
 
 
+def test_grayscale_kept_one_channel_gives_the_rgb_array_bit_for_bit(tmp_path: Path) -> None:
+    """The line keeps mono-camera images one channel through the resize (a third of the work): the array must be
+    exactly what the RGB conversion that training sees gives, for every size, geometry and filter."""
+    rng = np.random.default_rng(0)
+    path = tmp_path / "mono.png"
+    Image.fromarray(rng.integers(0, 255, (37, 90), dtype=np.uint8)).save(path)
+    assert load_image(path).mode == "RGB" and load_image(path, keep_gray=True).mode == "L"
+    for interpolation in ("bicubic", "bilinear", "nearest", "area"):
+        for resize in ("letterbox", "stretch"):
+            pre = Preprocessor(PreprocessConfig(height=48, width=64, resize=resize, interpolation=interpolation,
+                                                mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)))
+            for h, w in ((37, 90), (90, 37), (48, 64), (200, 13)):
+                gray = Image.fromarray(rng.integers(0, 255, (h, w), dtype=np.uint8))
+                assert np.array_equal(pre.resize(gray), pre.resize(gray.convert("RGB"))), (interpolation, resize, h, w)
+            assert np.array_equal(pre.resize(load_image(path, keep_gray=True)), pre.resize(load_image(path)))
+
+
 def test_preprocess_config_round_trip_and_validation() -> None:
     cfg = PreprocessConfig(height=96, width=160, mean=(0.1, 0.2, 0.3))
     assert PreprocessConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
     with pytest.raises(ValueError):
         PreprocessConfig(resize="squash")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="reducing_gap"):
+        PreprocessConfig(reducing_gap=0.5)
+
+
+def test_two_step_resize_of_large_photos_and_old_bundles_keep_one_step() -> None:
+    """A photo many times the input is shrunk in two steps (a box reduce, then the filter): within a grey level or
+    two of one step; images under ``reducing_gap`` times the input resize exactly as before; a bundle written
+    before the option existed keeps the one-step resize it was calibrated with."""
+    legacy = {k: v for k, v in PreprocessConfig().to_dict().items() if k != "reducing_gap"}
+    assert PreprocessConfig.from_dict(legacy).reducing_gap is None
+    assert PreprocessConfig().reducing_gap == 3.0
+    rng = np.random.default_rng(1)
+    smooth = Image.fromarray(rng.integers(0, 255, (12, 15, 3), dtype=np.uint8)).resize((1500, 1200), Image.Resampling.BICUBIC)
+    two, one = Preprocessor(PreprocessConfig(height=64, width=80)), Preprocessor(PreprocessConfig(height=64, width=80, reducing_gap=None))
+    a, b = two.resize(smooth).astype(int), one.resize(smooth).astype(int)
+    assert 0 < np.abs(a - b).max() <= 2 and np.abs(a - b).mean() < 0.5, "two steps: nearly, not exactly, one step"
+    small = smooth.resize((200, 160), Image.Resampling.BICUBIC)  # 2.5x the input: under the gap
+    assert np.array_equal(two.resize(small), one.resize(small))
 
 
 def test_knn_distances_chunked_equals_brute_force() -> None:
@@ -125,8 +160,9 @@ def test_fast_normalize_and_decode_are_bit_identical_to_the_plain_formulas(tmp_p
 
 
 def test_pipelined_scoring_equals_one_batch_and_the_plain_path(tiny_bundle: Path, bad_images: dict[str, Path], tmp_path: Path) -> None:
-    """score_paths (decode of the next chunk and the search of the previous one overlapping this one's forward pass)
-    and the decode pool change no result, chunks of readable, unreadable and mixed images alike."""
+    """score_paths (decode of the next chunk and the search of the previous one overlapping this one's forward pass,
+    or batches scored side by side on several cores) and the decode pool change no result, chunks of readable,
+    unreadable and mixed images alike."""
     from inspector.engine import Inspector
     from inspector.scoring import GoldenBank
 
@@ -144,10 +180,23 @@ def test_pipelined_scoring_equals_one_batch_and_the_plain_path(tiny_bundle: Path
         return ([{**r.to_dict(), "score": None} for r in results] == [{**r.to_dict(), "score": None} for r in batch]
                 and all((a.score is None and b.score is None) or abs(a.score - b.score) <= 1e-6 for a, b in zip(results, batch)))
 
+    assert inspector.embedder.streams == 1, "threads=1: one batch at a time, the three-stage pipeline"
     for chunk in (1, 2, 4, 100):
         assert same(list(inspector.score_paths(iter(paths), chunk=chunk))), chunk
     serial = Inspector.from_bundle(tiny_bundle, threads=1, decode_workers=1).score(paths)
     assert same(serial)
+    # batches side by side, each on one core (the default on a multi-core CPU); more streams than batches too
+    for streams in (2, 3):
+        side = Inspector.from_bundle(tiny_bundle, threads=streams, streams=streams)
+        assert side.embedder.streams == streams
+        for chunk in (1, 2, 4, 100):
+            assert same(list(side.score_paths(iter(paths), chunk=chunk))), (streams, chunk)
+        # in-memory images keep their place in the caller's list across batches, in names and errors alike
+        blobs = [p.read_bytes() for p in paths]
+        named = list(side._side_by_side(blobs, 3))
+        assert [r.source for r in named] == [f"<image {i}>" for i in range(len(blobs))]
+        assert [r.error is None for r in named] == [r.error is None for r in batch]
+        assert all(r.error is None or f"<image {i}>" in r.error for i, r in enumerate(named))
     # the plain path: one image at a time through the preprocessor, brute-force scores of the ORT embeddings
     pre, embedder = inspector.embedder.preprocessor, inspector.embedder
     plain = embedder.embed_arrays(np.stack([pre(load_image(p)) for p in goods[:4] + goods[4:]]))
