@@ -111,6 +111,9 @@ def _usable_cores() -> int:
         return os.cpu_count() or 1
 
 
+#: ``Inspector.score`` streams a call of more images than this through ``score_paths`` (a chunk at a time in memory).
+SCORE_CHUNK = 256
+
 #: The most single-threaded forward passes run side by side (each holds its own activations).
 MAX_STREAMS = 8
 
@@ -347,6 +350,8 @@ class Inspector:
         if isinstance(images, (str, Path, bytes, Image.Image)):
             images = [images]
         images = list(images)
+        if len(images) > SCORE_CHUNK:  # a whole folder in one call: streamed, so memory stays bounded
+            return list(self.score_paths(images, SCORE_CHUNK))
         return self._results(images, self.embedder.prepare(images))
 
     def _results(self, images: list[ImageSource], prepared: Prepared) -> list[ScoreResult]:
@@ -410,15 +415,15 @@ class Inspector:
             results.append(ScoreResult(name, s, self.threshold, s > self.threshold, self.model_version, views=next(per_view, None)))
         return results
 
-    def score_paths(self, paths: Iterable[str | Path], chunk: int = 256) -> Iterable[ScoreResult]:
-        """Stream results for a long list of files, ``chunk`` at a time to bound memory.
+    def score_paths(self, paths: Iterable[ImageSource], chunk: int = SCORE_CHUNK) -> Iterator[ScoreResult]:
+        """Stream results for a long list of files (or in-memory images), ``chunk`` at a time to bound memory.
 
         On a CPU with several cores (``embedder.streams`` > 1, :func:`default_streams`) batches of at most
-        ``batch_size`` images are scored side by side, each from decode to verdict on one core. Otherwise (one core,
-        a GPU) it is pipelined in three stages, so that no stage waits for the others on a machine with cores to spare: while
-        onnxruntime runs on one chunk (in the calling thread), a background thread decodes and preprocesses the
-        next and another searches the golden bank for the previous one (at most three chunks in memory). Results
-        come out in input order, the same as :meth:`score` gives.
+        ``batch_size`` images are scored side by side, each from decode to verdict on one core. Otherwise (one
+        core, a GPU) it is pipelined in three stages, so that no stage waits for the others on a machine with cores
+        to spare: while onnxruntime runs on one chunk (in the calling thread), a background thread decodes and
+        preprocesses the next and another searches the golden bank for the previous one (at most three chunks in
+        memory). Results come out in input order, the same as :meth:`score` gives.
         """
         if self.embedder.streams > 1:
             yield from self._side_by_side(paths, max(1, min(chunk, self.embedder.batch_size)))
@@ -428,23 +433,25 @@ class Inspector:
             prepared: Future[Prepared] | None = None
             prepared_images: list[ImageSource] = []
             scored: Future[list[ScoreResult]] | None = None
+            start = 0
             for images in _chunks(paths, chunk):
-                upcoming = prefetch.submit(self.embedder.prepare, images)
+                upcoming = prefetch.submit(self.embedder.prepare, images, start=start)
                 if prepared is not None:
-                    scored = yield from self._pipeline_step(search, scored, prepared_images, prepared.result())
+                    scored = yield from self._pipeline_step(search, scored, prepared_images, prepared.result(), start - len(prepared_images))
                 prepared, prepared_images = upcoming, images
+                start += len(images)
             if prepared is not None:
-                scored = yield from self._pipeline_step(search, scored, prepared_images, prepared.result())
+                scored = yield from self._pipeline_step(search, scored, prepared_images, prepared.result(), start - len(prepared_images))
             if scored is not None:
                 yield from scored.result()
 
     def _pipeline_step(self, search: ThreadPoolExecutor, previous: Future[list[ScoreResult]] | None, images: list[ImageSource],
-                       prepared: Prepared) -> Generator[ScoreResult, None, Future[list[ScoreResult]]]:
+                       prepared: Prepared, start: int) -> Generator[ScoreResult, None, Future[list[ScoreResult]]]:
         """Run the model on this chunk, then hand out the previous chunk's results and queue this chunk's search."""
         outputs = self._forward(prepared)
         if previous is not None:
             yield from previous.result()
-        return search.submit(self._scored, images, prepared, outputs)
+        return search.submit(self._scored, images, prepared, outputs, start)
 
 
 def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:

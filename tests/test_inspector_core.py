@@ -159,7 +159,8 @@ def test_fast_normalize_and_decode_are_bit_identical_to_the_plain_formulas(tmp_p
     assert load_image(tmp_path / "rotated.jpg").size == (30, 40)
 
 
-def test_pipelined_scoring_equals_one_batch_and_the_plain_path(tiny_bundle: Path, bad_images: dict[str, Path], tmp_path: Path) -> None:
+def test_pipelined_scoring_equals_one_batch_and_the_plain_path(tiny_bundle: Path, bad_images: dict[str, Path], tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """score_paths (decode of the next chunk and the search of the previous one overlapping this one's forward pass,
     or batches scored side by side on several cores) and the decode pool change no result, chunks of readable,
     unreadable and mixed images alike."""
@@ -183,6 +184,18 @@ def test_pipelined_scoring_equals_one_batch_and_the_plain_path(tiny_bundle: Path
     assert inspector.embedder.streams == 1, "threads=1: one batch at a time, the three-stage pipeline"
     for chunk in (1, 2, 4, 100):
         assert same(list(inspector.score_paths(iter(paths), chunk=chunk))), chunk
+    blobs = [p.read_bytes() for p in paths]
+    def named_in_order(results: list) -> bool:  # in-memory images keep their place in the caller's list across chunks
+        return ([r.source for r in results] == [f"<image {i}>" for i in range(len(blobs))]
+                and [r.error is None for r in results] == [r.error is None for r in batch]
+                and all(r.error is None or f"<image {i}>" in r.error for i, r in enumerate(results)))
+
+    assert named_in_order(list(inspector.score_paths(blobs, chunk=3)))
+    # one call with more images than a chunk streams through score_paths (bounded memory), same results
+    import inspector.engine as engine
+    monkeypatch.setattr(engine, "SCORE_CHUNK", 3)
+    assert same(inspector.score(paths)) and named_in_order(inspector.score(blobs))
+    monkeypatch.undo()
     serial = Inspector.from_bundle(tiny_bundle, threads=1, decode_workers=1).score(paths)
     assert same(serial)
     # batches side by side, each on one core (the default on a multi-core CPU); more streams than batches too
@@ -191,12 +204,7 @@ def test_pipelined_scoring_equals_one_batch_and_the_plain_path(tiny_bundle: Path
         assert side.embedder.streams == streams
         for chunk in (1, 2, 4, 100):
             assert same(list(side.score_paths(iter(paths), chunk=chunk))), (streams, chunk)
-        # in-memory images keep their place in the caller's list across batches, in names and errors alike
-        blobs = [p.read_bytes() for p in paths]
-        named = list(side._side_by_side(blobs, 3))
-        assert [r.source for r in named] == [f"<image {i}>" for i in range(len(blobs))]
-        assert [r.error is None for r in named] == [r.error is None for r in batch]
-        assert all(r.error is None or f"<image {i}>" in r.error for i, r in enumerate(named))
+        assert named_in_order(list(side.score_paths(blobs, chunk=3)))
     # the plain path: one image at a time through the preprocessor, brute-force scores of the ORT embeddings
     pre, embedder = inspector.embedder.preprocessor, inspector.embedder
     plain = embedder.embed_arrays(np.stack([pre(load_image(p)) for p in goods[:4] + goods[4:]]))
