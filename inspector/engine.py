@@ -22,7 +22,7 @@ from PIL import Image
 from inspector.bundle import Bundle, load_bundle
 from inspector.density import GaussianDensity, fused_scores_of, standardised_views
 from inspector.errors import ImageError, InspectorError
-from inspector.preprocess import PreprocessConfig, Preprocessor, full_placement, load_image, patch_grid
+from inspector.preprocess import PreprocessConfig, Preprocessor, full_placement, patch_grid
 from inspector.scoring import GoldenBank, use_one_blas_thread
 
 ImageSource = str | Path | bytes | Image.Image
@@ -221,7 +221,7 @@ class OnnxEmbedder:
     def _decode(self, source: ImageSource, name: str) -> Image.Image:
         if isinstance(source, Image.Image):
             return source if source.mode in ("RGB", "L") else source.convert("RGB")
-        return load_image(source, max_pixels=self.preprocessing.max_pixels, name=name, keep_gray=True)
+        return self.preprocessor.load(source, name=name, keep_gray=True)
 
     def _resized(self, item: tuple[int, ImageSource]) -> tuple[np.ndarray, tuple[int, int]] | str:
         """One image decoded and resized to HxWx3 uint8 with its original (width, height), or its error message."""

@@ -102,10 +102,14 @@ def score_with_maps(inspector: Inspector, sources: Sequence[str | Path]) -> list
     """
     pre = inspector.embedder.preprocessor
     decoded: list[Image.Image | None] = []
+    model_inputs: list[Image.Image] = []
     errors: list[str | None] = []
     for source in sources:
         try:
-            decoded.append(load_image(source, max_pixels=pre.config.max_pixels))
+            # the model sees what the line decodes (a large JPEG at a reduced scale); the overlay is the full photo
+            seen, photo = pre.load(source, keep_gray=True), load_image(source, max_pixels=pre.config.max_pixels)
+            model_inputs.append(seen)
+            decoded.append(photo)
             errors.append(None)
         except ImageError as exc:
             decoded.append(None)
@@ -113,8 +117,8 @@ def score_with_maps(inspector: Inspector, sources: Sequence[str | Path]) -> list
     readable = [img for img in decoded if img is not None]
     grids, descriptors = np.zeros((0, 1, 1), np.float32), None
     if readable:
-        sizes = [img.size for img in readable]
-        emb, descriptors = inspector.embedder.run(pre.batch(readable), sizes)
+        sizes = [img.size for img in model_inputs]
+        emb, descriptors = inspector.embedder.run(pre.batch(model_inputs), sizes)
         valid = inspector.embedder.patch_valid(sizes, emb)
         grids = patch_distance_maps(emb, inspector.golden, inspector.bundle.spec.scoring, pre.config.height, pre.config.width, valid)
     results = inspector.results_for(sources, grids.max(axis=(1, 2)), errors, descriptors)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -45,12 +45,13 @@ class PreprocessConfig:
     ``letterbox`` keeps the aspect ratio and pads (squashing a 200x512 part to a square smears small defects);
     the pad colour is the normalisation mean (rounded to uint8), so padding is ~0 after :meth:`Preprocessor.normalize`.
 
-    ``reducing_gap``: an image more than this many times the input's size is first shrunk by a whole factor with a
-    box filter, then resampled with ``interpolation`` (Pillow's two-step resize). Why: a line camera's 5 MP photo
-    resampled in one step to 320x256 cost 46 ms of CPU, about 5 forward passes; in two steps 31 ms, the pixels
-    within one grey level of the one-step result (benchmarks/README.md). Images under 3x the input (all of the
-    magnetic tiles, the demo's parts) resize exactly as in one step. ``None``: one step (bundles written before
-    this field read as None, so they keep scoring as they were calibrated).
+    ``reducing_gap``: a JPEG many times the input's size is decoded at a reduced DCT scale that still leaves this
+    many times the size it is resized to (:meth:`Preprocessor.load`), and an image still more than this many times
+    the input is first shrunk by a whole factor with a box filter, then resampled with ``interpolation`` (Pillow's
+    two-step resize). Why: a line camera's 5 MP JPEG decoded and resampled in one step to 320x256 cost 48 ms of
+    CPU, several forward passes; now 23 ms, the pixels within one grey level (benchmarks/README.md). Images under
+    2 x ``reducing_gap`` = 6x the input on a side (the magnetic tiles, the demo's parts) load and resize as before. ``None``: full
+    decode, one step (bundles written before this field read as None, so they keep scoring as calibrated).
     """
 
     height: int = 224
@@ -92,13 +93,16 @@ class PreprocessConfig:
 
 
 def load_image(source: str | Path | bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, name: str | None = None,
-               keep_gray: bool = False) -> Image.Image:
+               keep_gray: bool = False, at_least: Callable[[int, int], tuple[int, int]] | None = None) -> Image.Image:
     """Open, fully decode and validate one image; raise :class:`ImageError` naming the file and the problem.
 
     Decoding fully here (not lazily) is what turns a truncated JPEG into an error for that file instead of a crash
     somewhere inside a batch later. Grayscale and palette images become RGB; EXIF orientation is applied.
     ``keep_gray``: an 8-bit grayscale image stays one channel (``L``), which :meth:`Preprocessor.resize` turns into
-    the same RGB array at a third of the cost (mono line cameras; the line scorer asks for it).
+    the same RGB array at a third of the cost (mono line cameras; the line scorer asks for it). ``at_least``: from
+    the stored (width, height), the smallest size the caller needs; a JPEG is then decoded at the coarsest DCT
+    scale (1/2, 1/4, 1/8) that still gives that much, which is most of a large photo's decode cost saved
+    (:meth:`Preprocessor.load`). Every byte is still decoded, so a truncated file still fails.
     """
     label = name or (str(source) if not isinstance(source, bytes) else "<bytes>")
     if isinstance(source, bytes):
@@ -122,6 +126,8 @@ def load_image(source: str | Path | bytes, *, max_pixels: int = DEFAULT_MAX_PIXE
                 raise ImageError(label, f"image is {width}x{height} px, over the limit of {max_pixels} pixels")
             if width < 1 or height < 1:
                 raise ImageError(label, f"image has no pixels ({width}x{height})")
+            if at_least is not None and img.format == "JPEG":
+                img.draft(None, at_least(width, height))
             img.load()
             ImageOps.exif_transpose(img, in_place=True)  # in place: no copy of an already-upright image
             return img if img.mode == "RGB" or (keep_gray and img.mode == "L") else img.convert("RGB")
@@ -161,6 +167,25 @@ class Preprocessor:
         self._mean = np.asarray(self.config.mean, dtype=np.float32) * 255.0
         self._inv_std = 1.0 / (np.asarray(self.config.std, dtype=np.float32) * 255.0)
         self._pad = tuple(int(round(m * 255.0)) for m in self.config.mean)
+
+    def load(self, source: str | Path | bytes, *, name: str | None = None, keep_gray: bool = False) -> Image.Image:
+        """Decode one image for this model's input (:func:`load_image`, this config's ``max_pixels``).
+
+        With ``reducing_gap`` set, a JPEG many times the input is decoded at a reduced DCT scale that still leaves
+        ``reducing_gap`` times the size it is resized to (what Pillow's ``thumbnail`` does): a 5 MP photo for a
+        320x256 input decodes at half size. Every path that feeds the model (line, service, heatmaps, INT8
+        calibration, training) loads through here, so all of them see the same pixels and sizes.
+        """
+        at_least = self._decode_size if self.config.reducing_gap is not None else None
+        return load_image(source, max_pixels=self.config.max_pixels, name=name, keep_gray=keep_gray, at_least=at_least)
+
+    def _decode_size(self, width: int, height: int) -> tuple[int, int]:
+        """``reducing_gap`` times the size a stored ``width`` x ``height`` image is resized to, in either orientation
+        (EXIF may turn it after decoding)."""
+        gap = float(self.config.reducing_gap or 1.0)
+        upright_w, upright_h, _, _ = self.placement(width, height)
+        turned_w, turned_h, _, _ = self.placement(height, width)
+        return math.ceil(gap * max(upright_w, turned_h)), math.ceil(gap * max(upright_h, turned_w))
 
     def placement(self, width: int, height: int) -> tuple[int, int, int, int]:
         """Where an image of ``width`` x ``height`` lands on the input canvas: (new_w, new_h, left, top)."""

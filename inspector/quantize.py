@@ -41,7 +41,6 @@ from inspector.bundle import (
 )
 from inspector.engine import PLACEMENT_INPUT, Inspector, OnnxEmbedder
 from inspector.errors import ImageError, InspectorError
-from inspector.preprocess import load_image
 
 MIN_CALIBRATION_IMAGES = 8
 CALIBRATION_BATCH = 8
@@ -92,7 +91,7 @@ def load_calibration_batch(embedder: OnnxEmbedder, images: Sequence[str | Path],
         if len(arrays) >= max_images:
             break
         try:
-            img = load_image(source, max_pixels=embedder.preprocessing.max_pixels, name=str(source))
+            img = embedder.preprocessor.load(source, name=str(source))
             arrays.append(embedder.preprocessor(img))
             used.append(str(source))
             sizes.append(img.size)

@@ -50,7 +50,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from inspector.engine import Inspector
 from inspector.errors import BundleError, ImageError, InspectorError
-from inspector.preprocess import load_image
 from inspector.registry import (
     BundleCache,
     FetchedBundle,
@@ -728,13 +727,12 @@ def _score_uploads(model: LoadedModel, uploads: list[_Upload]) -> list[ImageScor
     """Decode and score (synchronous: runs in the threadpool). Every upload gets a result, in order."""
     inspector = model.inspector
     threshold = inspector.threshold
-    max_pixels = inspector.bundle.spec.preprocessing.max_pixels
     results: list[ImageScore | None] = [None] * len(uploads)
     decoded: list[tuple[int, Image.Image]] = []
     for i, up in enumerate(uploads):
         if up.error is None:
             try:
-                decoded.append((i, load_image(up.data or b"", max_pixels=max_pixels, name=up.name)))
+                decoded.append((i, inspector.embedder.preprocessor.load(up.data or b"", name=up.name, keep_gray=True)))
                 continue
             except ImageError as exc:
                 up.error = str(exc)

@@ -1,7 +1,7 @@
 """Training datasets: labelled images for in-batch losses, explicit pairs for contrastive loss, triplets.
 
 Every item goes through the one eval preprocessing of :mod:`inspector.preprocess`:
-``load_image -> Preprocessor.resize -> (synthetic defect, augmentation on the uint8 array) -> Preprocessor.normalize``,
+``Preprocessor.load -> Preprocessor.resize -> (synthetic defect, augmentation on the uint8 array) -> Preprocessor.normalize``,
 so a model never trains on pixels the line would not produce. Images are decoded once (:class:`ImageStore`), which
 also turns an unreadable file into an :class:`~inspector.errors.ImageError` naming it before training starts.
 
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from inspector.preprocess import Preprocessor, load_image
+from inspector.preprocess import Preprocessor
 from models.synthetic import SyntheticDefects
 
 GOOD, DEFECT, SYNTHETIC = 0, 1, 2
@@ -51,7 +51,7 @@ class ImageStore:
         self.paths: tuple[Path, ...] = tuple(Path(p) for p in paths)
         self.preprocessor = preprocessor
         cfg = preprocessor.config
-        arrays = [preprocessor.resize(load_image(p, max_pixels=cfg.max_pixels)) for p in self.paths]
+        arrays = [preprocessor.resize(preprocessor.load(p)) for p in self.paths]
         images = np.stack(arrays) if arrays else np.zeros((0, cfg.height, cfg.width, 3), np.uint8)
         images.setflags(write=False)
         self._images = images

@@ -22,7 +22,7 @@ from inspector.calibration import calibrate
 from inspector.density import DensitySpec, GaussianDensity, ScoreScale, fused_scores
 from inspector.engine import Inspector, OnnxEmbedder
 from inspector.metrics import average_precision, rates_at_threshold, roc_auc
-from inspector.preprocess import PreprocessConfig, Preprocessor, load_image
+from inspector.preprocess import PreprocessConfig, Preprocessor
 from inspector.scoring import GoldenBank, ScoringConfig, anomaly_scores, offset_scores, patch_mask
 from models.export import check_parity, export_onnx
 from models.coreset import greedy_coreset
@@ -139,7 +139,7 @@ class DataSplit:
 
 def load_preprocessed(paths: Sequence[Path], preprocessor: Preprocessor) -> np.ndarray:
     """Eval-preprocess images (the line's own preprocessing) into one NCHW float32 array."""
-    return preprocessor.batch([load_image(p) for p in paths]) if paths else np.zeros((0, 3, preprocessor.config.height, preprocessor.config.width), np.float32)
+    return preprocessor.batch([preprocessor.load(p) for p in paths]) if paths else np.zeros((0, 3, preprocessor.config.height, preprocessor.config.width), np.float32)
 
 
 def validation_data(split: DataSplit, recipe: Recipe) -> ValidationData | None:
@@ -157,11 +157,11 @@ def validation_data(split: DataSplit, recipe: Recipe) -> ValidationData | None:
         bad = load_preprocessed(split.validation_defective[:half], pre)
     else:
         synth = SyntheticDefects()
-        resized = [pre.resize(load_image(p)) for p in split.calibration_good[:half]]
+        resized = [pre.resize(pre.load(p)) for p in split.calibration_good[:half]]
         bad = pre.normalize(np.stack([synth(img, np.random.default_rng([recipe.seed, 7, i]))[0] for i, img in enumerate(resized)]))
     labels = np.r_[np.zeros(len(good)), np.ones(len(bad))]
-    good_sizes = image_sizes(split.calibration_good[:half])
-    bad_sizes = image_sizes(split.validation_defective[:half]) if split.validation_defective else good_sizes
+    good_sizes = image_sizes(split.calibration_good[:half], pre)
+    bad_sizes = image_sizes(split.validation_defective[:half], pre) if split.validation_defective else good_sizes
     return ValidationData(
         references=torch.from_numpy(load_preprocessed(refs, pre)),
         queries=torch.from_numpy(np.concatenate([good, bad])),
@@ -169,13 +169,13 @@ def validation_data(split: DataSplit, recipe: Recipe) -> ValidationData | None:
         scoring=recipe.scoring,
         query_sizes=good_sizes + bad_sizes,
         preprocess=recipe.preprocess,
-        reference_sizes=image_sizes(refs),
+        reference_sizes=image_sizes(refs, pre),
     )
 
 
-def image_sizes(paths: Sequence[Path]) -> list[tuple[int, int]]:
+def image_sizes(paths: Sequence[Path], preprocessor: Preprocessor) -> list[tuple[int, int]]:
     """Each image's upright (width, height), as the line decodes it (for the patch content mask)."""
-    return [load_image(p).size for p in paths]
+    return [preprocessor.load(p).size for p in paths]
 
 
 def fit_embedder(split: DataSplit, recipe: Recipe, checkpoint_dir: Path | None = None, *, resume: bool = False) -> tuple[Embedder | PatchEmbedder, TrainHistory]:

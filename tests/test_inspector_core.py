@@ -76,7 +76,7 @@ def test_two_step_resize_of_large_photos_and_old_bundles_keep_one_step() -> None
     two, one = Preprocessor(PreprocessConfig(height=64, width=80)), Preprocessor(PreprocessConfig(height=64, width=80, reducing_gap=None))
     a, b = two.resize(smooth).astype(int), one.resize(smooth).astype(int)
     assert 0 < np.abs(a - b).max() <= 2 and np.abs(a - b).mean() < 0.5, "two steps: nearly, not exactly, one step"
-    small = smooth.resize((200, 160), Image.Resampling.BICUBIC)  # 2.5x the input: under the gap
+    small = smooth.resize((380, 304), Image.Resampling.BICUBIC)  # 4.75x the input: a whole factor needs 2 gaps (6x)
     assert np.array_equal(two.resize(small), one.resize(small))
 
 
@@ -216,3 +216,45 @@ def test_pipelined_scoring_equals_one_batch_and_the_plain_path(tiny_bundle: Path
     pruned.min_queries = 1  # this tiny model has few patches: force the pruned search
     assert pruned.cells == 3 and np.abs(pruned.anomaly_scores(plain, inspector.bundle.spec.scoring, on_part) - brute).max() <= 1e-5
     assert pruned.last_exact_searches < plain.shape[0] * plain.shape[1]
+
+
+def test_large_jpegs_decode_at_a_reduced_scale_alike_on_every_path(tiny_bundle: Path, tmp_path: Path) -> None:
+    """A JPEG many times the input decodes at a reduced DCT scale (still 3x the size it is resized to); the line,
+    the service's in-memory route and the heatmaps see the same pixels; a truncated file still fails; EXIF
+    rotation is honoured; bundles from before (no reducing_gap) decode in full."""
+    from dataclasses import replace
+
+    from inspector.engine import Inspector
+    from inspector.heatmap import score_with_maps
+
+    rng = np.random.default_rng(5)
+    base = Image.fromarray(rng.integers(30, 220, (12, 16, 3), dtype=np.uint8)).resize((640, 480), Image.Resampling.BICUBIC)
+    photo = Image.fromarray(np.clip(np.asarray(base).astype(int) + rng.integers(-8, 9, (480, 640, 3)), 0, 255).astype(np.uint8))
+    path = tmp_path / "large.jpg"
+    photo.save(path, quality=92)
+    inspector = Inspector.from_bundle(tiny_bundle, threads=1)
+    pre = inspector.embedder.preprocessor
+    assert pre.config.reducing_gap == 3.0 and pre.config.height == pre.config.width == 32
+    seen = pre.load(path)
+    assert seen.size == (160, 120), "input 32 px: the part is 32x24, so 1/4 scale keeps >= 3x (96x72)"
+    assert load_image(path).size == (640, 480)
+    one_step = Preprocessor(replace(pre.config, reducing_gap=None))
+    assert one_step.load(path).size == (640, 480), "a bundle written before reducing_gap decodes in full"
+    diff = np.abs(pre.resize(seen).astype(int) - one_step.resize(load_image(path)).astype(int))
+    assert diff.mean() < 2.0 and diff.max() < 40
+    line = inspector.score([path])[0].score
+    assert line is not None
+    assert inspector.score([pre.load(path, keep_gray=True)])[0].score == line  # the service decodes, then scores
+    result, amap, overlay = score_with_maps(inspector, [path])[0]
+    assert result.score == pytest.approx(line, abs=1e-6) and overlay is not None and overlay.size == (640, 480)
+    truncated = tmp_path / "truncated.jpg"
+    truncated.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(ImageError, match="truncated.jpg"):
+        pre.load(truncated)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° on display: upright 480x640
+    rotated = tmp_path / "rotated.jpg"
+    photo.save(rotated, quality=92, exif=exif)
+    upright = pre.load(rotated)
+    assert upright.size == (120, 160) and load_image(rotated).size == (480, 640)
+    assert np.abs(pre.resize(upright).astype(int) - one_step.resize(load_image(rotated)).astype(int)).mean() < 2.0
