@@ -62,7 +62,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     if not paths:
         print("error: no images to score", file=sys.stderr)
         return EXIT_BAD_INPUT
-    inspector = Inspector.from_bundle(args.bundle, threads=args.threads)
+    inspector = Inspector.from_bundle(args.bundle, threads=args.threads, streams=args.streams)
     if args.heatmaps is not None:
         from inspector.heatmap import write_heatmaps
 
@@ -227,6 +227,13 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="inspector", description="Score part images against golden references (onnxruntime).")
     sub = p.add_subparsers(dest="command", required=True)
@@ -240,6 +247,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--heatmaps", type=Path, default=None, metavar="DIR",
                    help="write an anomaly-heatmap overlay PNG per image into DIR (patch-mode bundles)")
     s.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: all cores)")
+    s.add_argument("--streams", type=_positive_int, default=None, help="batches scored side by side, one core each (default: "
+                   "INSPECTOR_STREAMS, else --threads or the cores; 1: one batch at a time on all cores)")
     s.set_defaults(func=cmd_score)
     c = sub.add_parser("check", help="verify a bundle (hashes, schema, model loads)")
     c.add_argument("bundle", type=Path)

@@ -27,6 +27,14 @@ def test_score_folder_json(tiny_bundle: Path, parts: Path, capsys: pytest.Captur
     rows = json.loads(capsys.readouterr().out)
     assert len(rows) == 3 and all(r["error"] is None and r["model_version"] == "tiny:1" for r in rows)
     assert all(r["verdict"] == ("anomalous" if r["score"] > 0.5 else "good") for r in rows)
+    # one batch at a time or three side by side: the same rows
+    for streams in ("1", "3"):
+        assert main(["score", str(parts), "--bundle", str(tiny_bundle), "--json", "--streams", streams]) == 0
+        again = json.loads(capsys.readouterr().out)
+        assert [r["path"] for r in again] == [r["path"] for r in rows]
+        assert all(abs(a["score"] - b["score"]) <= 1e-6 for a, b in zip(again, rows))
+    with pytest.raises(SystemExit):
+        main(["score", str(parts), "--bundle", str(tiny_bundle), "--streams", "0"])
 
 
 def test_bad_file_named_rest_scored_exit_2(tiny_bundle: Path, parts: Path, bad_images: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
