@@ -106,9 +106,10 @@ def score_with_maps(inspector: Inspector, sources: Sequence[str | Path]) -> list
     errors: list[str | None] = []
     for source in sources:
         try:
-            # the model sees what the line decodes (a large JPEG at a reduced scale); the overlay is the full photo
-            seen, photo = pre.load(source, keep_gray=True), load_image(source, max_pixels=pre.config.max_pixels)
-            model_inputs.append(seen)
+            # the overlay is the full photo; the model sees what the line decodes, which differs only for a large
+            # JPEG (decoded at a reduced scale): only then is the file decoded a second time
+            photo = load_image(source, max_pixels=pre.config.max_pixels)
+            model_inputs.append(pre.load(source) if pre.decodes_reduced(*photo.size) else photo)
             decoded.append(photo)
             errors.append(None)
         except ImageError as exc:

@@ -50,8 +50,9 @@ class PreprocessConfig:
     the input is first shrunk by a whole factor with a box filter, then resampled with ``interpolation`` (Pillow's
     two-step resize). Why: a line camera's 5 MP JPEG decoded and resampled in one step to 320x256 cost 48 ms of
     CPU, several forward passes; now 23 ms, the pixels within one grey level (benchmarks/README.md). Images under
-    2 x ``reducing_gap`` = 6x the input on a side (the magnetic tiles, the demo's parts) load and resize as before. ``None``: full
-    decode, one step (bundles written before this field read as None, so they keep scoring as calibrated).
+    2 x ``reducing_gap`` = 6x the input on a side (the magnetic tiles, the demo's parts) load and resize as before.
+    ``None``: full decode, one step (bundles written before this field read as None, so they keep scoring as
+    calibrated).
     """
 
     height: int = 224
@@ -178,6 +179,14 @@ class Preprocessor:
         """
         at_least = self._decode_size if self.config.reducing_gap is not None else None
         return load_image(source, max_pixels=self.config.max_pixels, name=name, keep_gray=keep_gray, at_least=at_least)
+
+    def decodes_reduced(self, width: int, height: int) -> bool:
+        """Whether :meth:`load` decodes a JPEG of ``width`` x ``height`` (either orientation) at a reduced scale:
+        at least twice the size :meth:`_decode_size` asks for on both sides (the coarsest DCT scale is 1/2)."""
+        if self.config.reducing_gap is None:
+            return False
+        need_w, need_h = self._decode_size(width, height)
+        return width >= 2 * need_w and height >= 2 * need_h
 
     def _decode_size(self, width: int, height: int) -> tuple[int, int]:
         """``reducing_gap`` times the size a stored ``width`` x ``height`` image is resized to, in either orientation

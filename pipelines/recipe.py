@@ -139,7 +139,16 @@ class DataSplit:
 
 def load_preprocessed(paths: Sequence[Path], preprocessor: Preprocessor) -> np.ndarray:
     """Eval-preprocess images (the line's own preprocessing) into one NCHW float32 array."""
-    return preprocessor.batch([preprocessor.load(p) for p in paths]) if paths else np.zeros((0, 3, preprocessor.config.height, preprocessor.config.width), np.float32)
+    return preprocessor.normalize(load_resized(paths, preprocessor)[0])
+
+
+def load_resized(paths: Sequence[Path], preprocessor: Preprocessor) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """Each image decoded once as the line decodes it: the resized NxHxWx3 uint8 stack and each image's upright
+    (width, height) (for the patch content mask and the part's placement)."""
+    cfg = preprocessor.config
+    images = [preprocessor.load(p) for p in paths]
+    resized = np.stack([preprocessor.resize(img) for img in images]) if images else np.zeros((0, cfg.height, cfg.width, 3), np.uint8)
+    return resized, [img.size for img in images]
 
 
 def validation_data(split: DataSplit, recipe: Recipe) -> ValidationData | None:
@@ -152,30 +161,24 @@ def validation_data(split: DataSplit, recipe: Recipe) -> ValidationData | None:
     if len(refs) > recipe.max_validation_references:
         refs = [refs[i] for i in sorted(rng.choice(len(refs), recipe.max_validation_references, replace=False))]
     half = recipe.max_validation_queries // 2
-    good = load_preprocessed(split.calibration_good[:half], pre)
+    good_resized, good_sizes = load_resized(split.calibration_good[:half], pre)
     if split.validation_defective:
-        bad = load_preprocessed(split.validation_defective[:half], pre)
+        bad_resized, bad_sizes = load_resized(split.validation_defective[:half], pre)
     else:
         synth = SyntheticDefects()
-        resized = [pre.resize(pre.load(p)) for p in split.calibration_good[:half]]
-        bad = pre.normalize(np.stack([synth(img, np.random.default_rng([recipe.seed, 7, i]))[0] for i, img in enumerate(resized)]))
-    labels = np.r_[np.zeros(len(good)), np.ones(len(bad))]
-    good_sizes = image_sizes(split.calibration_good[:half], pre)
-    bad_sizes = image_sizes(split.validation_defective[:half], pre) if split.validation_defective else good_sizes
+        bad_resized = np.stack([synth(img, np.random.default_rng([recipe.seed, 7, i]))[0] for i, img in enumerate(good_resized)])
+        bad_sizes = good_sizes
+    labels = np.r_[np.zeros(len(good_resized)), np.ones(len(bad_resized))]
+    ref_resized, ref_sizes = load_resized(refs, pre)
     return ValidationData(
-        references=torch.from_numpy(load_preprocessed(refs, pre)),
-        queries=torch.from_numpy(np.concatenate([good, bad])),
+        references=torch.from_numpy(pre.normalize(ref_resized)),
+        queries=torch.from_numpy(np.concatenate([pre.normalize(good_resized), pre.normalize(bad_resized)])),
         labels=labels,
         scoring=recipe.scoring,
         query_sizes=good_sizes + bad_sizes,
         preprocess=recipe.preprocess,
-        reference_sizes=image_sizes(refs, pre),
+        reference_sizes=ref_sizes,
     )
-
-
-def image_sizes(paths: Sequence[Path], preprocessor: Preprocessor) -> list[tuple[int, int]]:
-    """Each image's upright (width, height), as the line decodes it (for the patch content mask)."""
-    return [preprocessor.load(p).size for p in paths]
 
 
 def fit_embedder(split: DataSplit, recipe: Recipe, checkpoint_dir: Path | None = None, *, resume: bool = False) -> tuple[Embedder | PatchEmbedder, TrainHistory]:
