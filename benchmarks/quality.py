@@ -44,7 +44,7 @@ from inspector.preprocess import PreprocessConfig  # noqa: E402
 from models.siamese import FrozenGlobalEmbedder, build_embedder  # noqa: E402
 from pipelines.datasets import ImageRecord, group_by_number_gaps, scan_mvtec  # noqa: E402
 from pipelines.ingest import SplitFractions, assign_splits, build_manifest  # noqa: E402
-from pipelines.recipe import DataSplit, Evaluation, Recipe, build_bundle, evaluate_bundle, fit_embedder, resolve_input_size  # noqa: E402
+from pipelines.recipe import DataSplit, Evaluation, Recipe, build_bundle, evaluate_bundle, fit_embedder, resolve_bit_depth, resolve_input_size  # noqa: E402
 from pipelines.settings import apply_overrides, load_overrides  # noqa: E402
 
 FEW_SHOT = (5, 10, 25)
@@ -180,6 +180,7 @@ def main() -> None:
     manifest = build_manifest(records, group_of=groups)
     if not args.size:  # the recipe's own rule, as in the training flow
         recipe = resolve_input_size(recipe, [(e.width, e.height) for e in manifest.entries if e.is_good])
+    recipe = resolve_bit_depth(recipe, [e.bits for e in manifest.entries])
     fractions = SplitFractions.from_recipe(recipe)
     split = assign_splits(manifest, fractions if args.split_seed is None else replace(fractions, seed=args.split_seed))
     all_records = manifest.records()

@@ -108,7 +108,7 @@ def score_with_maps(inspector: Inspector, sources: Sequence[str | Path]) -> list
         try:
             # the overlay is the full photo; the model sees what the line decodes, which differs only for a large
             # JPEG (decoded at a reduced scale): only then is the file decoded a second time
-            photo = load_image(source, max_pixels=pre.config.max_pixels)
+            photo = load_image(source, max_pixels=pre.config.max_pixels, bit_depth=pre.config.bit_depth)
             model_inputs.append(pre.load(source) if pre.decodes_reduced(*photo.size) else photo)
             decoded.append(photo)
             errors.append(None)

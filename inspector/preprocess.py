@@ -37,6 +37,14 @@ IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".
 #: Images with more pixels than this are refused before decoding (a decompression bomb or a wrong file).
 DEFAULT_MAX_PIXELS = 64_000_000
 
+#: Single-channel modes Pillow decodes with more than 8 bits a pixel: the 16-bit PNG or TIFF of a mono line camera
+#: (10-, 12- or 14-bit sensors stored in 16 bits) and 32-bit integer TIFF.
+HIGH_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
+
+#: The depths a camera stores, which a high-bit image is scaled by: the smallest that holds the training images'
+#: largest value. A fixed full range, never an image's own maximum, so brightness means the same on every part.
+CAMERA_BIT_DEPTHS = (8, 10, 12, 14, 16, 24, 32)
+
 
 @dataclass(frozen=True)
 class PreprocessConfig:
@@ -53,6 +61,11 @@ class PreprocessConfig:
     2 x ``reducing_gap`` = 6x the input on a side (the magnetic tiles, the demo's parts) load and resize as before.
     ``None``: full decode, one step (bundles written before this field read as None, so they keep scoring as
     calibrated).
+
+    ``bit_depth``: the camera depth (:data:`CAMERA_BIT_DEPTHS`) of single-channel images stored with more than 8
+    bits; their values are scaled from ``0 .. 2**bit_depth - 1`` to 8 bits. The training pipeline sets it from
+    the training images (:func:`pipelines.recipe.resolve_bit_depth`). ``None``: 8-bit images only; a 16-bit image
+    is then an error naming the file, not a white picture (Pillow's own conversion clips every value above 255).
     """
 
     height: int = 224
@@ -64,6 +77,7 @@ class PreprocessConfig:
     colour: Literal["rgb"] = "rgb"
     max_pixels: int = DEFAULT_MAX_PIXELS
     reducing_gap: float | None = 3.0
+    bit_depth: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -77,6 +91,8 @@ class PreprocessConfig:
             raise ValueError("mean and std need three values each, std > 0")
         if self.reducing_gap is not None and not self.reducing_gap >= 1.0:
             raise ValueError(f"reducing_gap must be at least 1.0 (or None for a one-step resize), got {self.reducing_gap}")
+        if self.bit_depth is not None and self.bit_depth not in CAMERA_BIT_DEPTHS:
+            raise ValueError(f"bit_depth must be one of {CAMERA_BIT_DEPTHS} (or None for 8-bit images only), got {self.bit_depth}")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -93,8 +109,35 @@ class PreprocessConfig:
         return cls(**known)
 
 
+def significant_bits(image: Image.Image) -> int:
+    """The camera depth (:data:`CAMERA_BIT_DEPTHS`) a decoded image needs: 8 unless it is a high-bit
+    single-channel image, then the smallest depth holding its largest value."""
+    if image.mode not in HIGH_BIT_MODES:
+        return 8
+    low, high = image.getextrema()
+    if low < 0:
+        raise ValueError(f"negative pixel values (down to {low}) in a {image.mode} image")
+    need = int(high).bit_length()
+    return next(d for d in CAMERA_BIT_DEPTHS if d >= need)
+
+
+def _to_8bit(image: Image.Image, bit_depth: int | None, label: str) -> Image.Image:
+    """A high-bit single-channel image as 8-bit ``L``, its values scaled from the camera depth's full range."""
+    bits = significant_bits(image)
+    if bit_depth is None:
+        raise ImageError(label, f"{bits}-bit single-channel image (mode {image.mode}), but this model takes 8-bit images: "
+                                "build it on this camera's images (the training pipeline then sets preprocess.bit_depth) "
+                                "or set preprocess.bit_depth")
+    if bits > bit_depth:
+        raise ImageError(label, f"pixel values up to {image.getextrema()[1]} do not fit this model's {bit_depth}-bit range "
+                                f"(a {bits}-bit image): did the camera's bit depth change? Rebuild the model on its images")
+    values = np.asarray(image).astype(np.float32) * np.float32(255.0 / (2**bit_depth - 1))
+    return Image.fromarray(np.rint(values).astype(np.uint8), mode="L")
+
+
 def load_image(source: str | Path | bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, name: str | None = None,
-               keep_gray: bool = False, at_least: Callable[[int, int], tuple[int, int]] | None = None) -> Image.Image:
+               keep_gray: bool = False, at_least: Callable[[int, int], tuple[int, int]] | None = None,
+               bit_depth: int | None | Literal["keep"] = None) -> Image.Image:
     """Open, fully decode and validate one image; raise :class:`ImageError` naming the file and the problem.
 
     Decoding fully here (not lazily) is what turns a truncated JPEG into an error for that file instead of a crash
@@ -104,6 +147,9 @@ def load_image(source: str | Path | bytes, *, max_pixels: int = DEFAULT_MAX_PIXE
     the stored (width, height), the smallest size the caller needs; a JPEG is then decoded at the coarsest DCT
     scale (1/2, 1/4, 1/8) that still gives that much, which is most of a large photo's decode cost saved
     (:meth:`Preprocessor.load`). Every byte is still decoded, so a truncated file still fails.
+    ``bit_depth``: how a high-bit single-channel image (:data:`HIGH_BIT_MODES`) becomes 8 bits
+    (:attr:`PreprocessConfig.bit_depth`; ``"keep"`` returns it undecided, for ingest to measure). Floating-point
+    images are refused: their scale is not in the file.
     """
     label = name or (str(source) if not isinstance(source, bytes) else "<bytes>")
     if isinstance(source, bytes):
@@ -131,6 +177,13 @@ def load_image(source: str | Path | bytes, *, max_pixels: int = DEFAULT_MAX_PIXE
                 img.draft(None, at_least(width, height))
             img.load()
             ImageOps.exif_transpose(img, in_place=True)  # in place: no copy of an already-upright image
+            if img.mode == "F":
+                raise ImageError(label, "32-bit floating-point image: its value range is not in the file; save the camera's "
+                                        "images as 8- or 16-bit integers")
+            if img.mode in HIGH_BIT_MODES:
+                if bit_depth == "keep":
+                    return img
+                img = _to_8bit(img, bit_depth, label)
             return img if img.mode == "RGB" or (keep_gray and img.mode == "L") else img.convert("RGB")
     except ImageError:
         raise
@@ -178,7 +231,8 @@ class Preprocessor:
         calibration, training) loads through here, so all of them see the same pixels and sizes.
         """
         at_least = self._decode_size if self.config.reducing_gap is not None else None
-        return load_image(source, max_pixels=self.config.max_pixels, name=name, keep_gray=keep_gray, at_least=at_least)
+        return load_image(source, max_pixels=self.config.max_pixels, name=name, keep_gray=keep_gray, at_least=at_least,
+                          bit_depth=self.config.bit_depth)
 
     def decodes_reduced(self, width: int, height: int) -> bool:
         """Whether :meth:`load` decodes a JPEG of ``width`` x ``height`` (either orientation) at a reduced scale:

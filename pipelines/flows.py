@@ -20,7 +20,7 @@ from prefect.cache_policies import NO_CACHE
 
 from pipelines.datasets import group_by_number_gaps, scan_dataset
 from pipelines.ingest import Manifest, SplitFractions, assign_splits, build_manifest, read_manifest, write_manifest
-from pipelines.recipe import DataSplit, Evaluation, Recipe, build_bundle, evaluate_bundle, fit_embedder, resolve_input_size, threshold_metrics
+from pipelines.recipe import DataSplit, Evaluation, Recipe, build_bundle, evaluate_bundle, fit_embedder, resolve_bit_depth, resolve_input_size, threshold_metrics
 from pipelines.settings import PipelineSettings
 
 
@@ -140,6 +140,7 @@ def train_flow(source: DataSource, recipe: Recipe | None = None, settings: Pipel
     ensure_experiment(settings.experiment, work / "mlartifacts")
     manifest = ingest_task(source, settings.group_pattern, settings.group_gap)
     recipe = resolve_input_size(recipe, [(e.width, e.height) for e in manifest.entries if e.is_good])
+    recipe = resolve_bit_depth(recipe, [e.bits for e in manifest.entries])
     with mlflow.start_run() as run:
         run_dir = work / "training" / run.info.run_id
         manifest_path = write_manifest(manifest, run_dir / "manifest.json")

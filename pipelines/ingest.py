@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from inspector.errors import ImageError
-from inspector.preprocess import DEFAULT_MAX_PIXELS, load_image
+from inspector.preprocess import DEFAULT_MAX_PIXELS, load_image, significant_bits
 from pipelines.datasets import ImageRecord, assign_split, scan_dataset
 
 if TYPE_CHECKING:  # recipe.py pulls in torch; imported lazily where a DataSplit is built
@@ -50,6 +50,7 @@ class ManifestEntry:
     width: int
     height: int
     split: str = ""  # role assigned by :func:`with_splits` ("" before splitting)
+    bits: int = 8  # camera bit depth of a high-bit single-channel image (inspector.preprocess.significant_bits)
 
     @property
     def is_good(self) -> bool:
@@ -181,8 +182,8 @@ def _group(group_of: GroupOf | None, path: Path) -> str:
     return str(group_of(path))
 
 
-def _read_one(path: Path, max_pixels: int, max_bytes: int) -> tuple[str, int, int]:
-    """sha256, width, height of one image file; raises :class:`ImageError` naming the file."""
+def _read_one(path: Path, max_pixels: int, max_bytes: int) -> tuple[str, int, int, int]:
+    """sha256, width, height and bit depth of one image file; raises :class:`ImageError` naming the file."""
     try:
         size = path.stat().st_size
     except OSError as exc:
@@ -195,8 +196,12 @@ def _read_one(path: Path, max_pixels: int, max_bytes: int) -> tuple[str, int, in
         raise ImageError(str(path), f"cannot read file ({exc.strerror or exc})") from None
     if not data:
         raise ImageError(str(path), "empty file (0 bytes)")
-    image = load_image(data, max_pixels=max_pixels, name=str(path))
-    return hashlib.sha256(data).hexdigest(), image.width, image.height
+    image = load_image(data, max_pixels=max_pixels, name=str(path), bit_depth="keep")
+    try:
+        bits = significant_bits(image)
+    except ValueError as exc:
+        raise ImageError(str(path), str(exc)) from None
+    return hashlib.sha256(data).hexdigest(), image.width, image.height, bits
 
 
 def build_manifest(records: Sequence[ImageRecord], *, max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int = DEFAULT_MAX_BYTES,
@@ -214,19 +219,19 @@ def build_manifest(records: Sequence[ImageRecord], *, max_pixels: int = DEFAULT_
     valid: list[ManifestEntry] = []
     for r in ordered:
         try:
-            sha, width, height = _read_one(Path(r.path), max_pixels, max_bytes)
+            sha, width, height, bits = _read_one(Path(r.path), max_pixels, max_bytes)
         except ImageError as exc:
             rejected.append(RejectedFile(str(r.path), exc.reason, "invalid", r.label, r.defect_type))
             continue
         mask = str(r.mask) if r.mask else None
         if mask:
             try:
-                load_image(mask, max_pixels=max_pixels)
+                load_image(mask, max_pixels=max_pixels, bit_depth="keep")
             except ImageError as exc:
                 warnings.append(f"{r.path}: mask {mask} left out ({exc.reason})")
                 mask = None
         valid.append(ManifestEntry(str(r.path), sha, int(r.label), r.defect_type, r.source_split, mask,
-                                   _group(group_of, Path(r.path)), width, height))
+                                   _group(group_of, Path(r.path)), width, height, bits=bits))
 
     by_sha: dict[str, list[ManifestEntry]] = {}
     for e in valid:

@@ -98,6 +98,17 @@ def resolve_input_size(recipe: Recipe, sizes: Sequence[tuple[int, int]]) -> Reci
     return replace(recipe, preprocess=replace(recipe.preprocess, height=height, width=width))
 
 
+def resolve_bit_depth(recipe: Recipe, bits: Sequence[int]) -> Recipe:
+    """The recipe with ``preprocess.bit_depth`` set to the images' camera depth when any is stored with more than 8
+    bits (``bits``: each manifest entry's :func:`inspector.preprocess.significant_bits`) and the recipe leaves it
+    open. Why from all the images, not each one: the line must scale every part by the same full range, so a
+    brightness defect stays a brightness change."""
+    deepest = max(bits, default=8)
+    if recipe.preprocess.bit_depth is not None or deepest <= 8:
+        return recipe
+    return replace(recipe, preprocess=replace(recipe.preprocess, bit_depth=deepest))
+
+
 def tiny_recipe(**overrides: Any) -> Recipe:
     """A small, fast recipe for tests and quick demos on CPU: the first stages of pretrained Lite0 at 128 px."""
     base = Recipe(
