@@ -40,7 +40,7 @@ from inspector.bundle import load_bundle  # noqa: E402
 from inspector.engine import Inspector  # noqa: E402
 from inspector.heatmap import score_with_maps  # noqa: E402
 from inspector.metrics import pixel_auroc  # noqa: E402
-from inspector.preprocess import PreprocessConfig  # noqa: E402
+from inspector.preprocess import PreprocessConfig, mask_pixels  # noqa: E402
 from models.siamese import FrozenGlobalEmbedder, build_embedder  # noqa: E402
 from pipelines.datasets import ImageRecord, group_by_number_gaps, scan_mvtec  # noqa: E402
 from pipelines.ingest import SplitFractions, assign_splits, build_manifest  # noqa: E402
@@ -67,7 +67,7 @@ def pixel_level(bundle: Path, test: list[ImageRecord], limit: int = 400) -> floa
             if amap is None:
                 continue
             maps.append(amap)
-            masks.append(None if record.is_good else np.asarray(Image.open(record.mask).convert("L")) >= 128)
+            masks.append(None if record.is_good else mask_pixels(Image.open(record.mask)))
     return pixel_auroc(maps, masks)
 
 

@@ -195,6 +195,18 @@ def load_image(source: str | Path | bytes, *, max_pixels: int = DEFAULT_MAX_PIXE
         raise ImageError(label, f"cannot decode image ({exc})") from None
 
 
+def mask_pixels(mask: Image.Image) -> np.ndarray:
+    """Where a ground-truth mask marks the defect, at its own size: the pixels at or above half its brightest value.
+
+    Why half the brightest and not a fixed 128: datasets store masks as 0/255, as 0/1 or in 16 bits. A fixed 128
+    found no defect in a 0/1 mask, and training then taught that defect's patches as normal ones. Near-zero noise
+    in a JPEG-saved 0/255 mask stays out, as before. An empty mask (no pixel above 0) marks nothing.
+    """
+    values = np.asarray(mask if mask.mode in HIGH_BIT_MODES or mask.mode == "L" else mask.convert("L"))
+    top = float(values.max()) if values.size else 0.0
+    return values >= top / 2 if top > 0 else np.zeros(values.shape, dtype=bool)
+
+
 def patch_grid(num_patches: int, height: int, width: int) -> tuple[int, int]:
     """The (rows, cols) feature grid behind ``num_patches`` patches of an ``height`` x ``width`` input.
 
@@ -310,8 +322,9 @@ class Preprocessor:
         return np.asarray(self._place(image, _PIL_FILTERS[self.config.interpolation], self._pad, "RGB"), dtype=np.uint8)
 
     def resize_mask(self, mask: Image.Image) -> np.ndarray:
-        """A defect mask through the same geometry as :meth:`resize` (nearest neighbour, padding = no defect)."""
-        binary = mask.convert("L").point(lambda v: 255 if v >= 128 else 0)
+        """A defect mask (:func:`mask_pixels`) through the same geometry as :meth:`resize` (nearest neighbour,
+        padding = no defect)."""
+        binary = Image.fromarray(mask_pixels(mask).astype(np.uint8) * 255, mode="L")
         return np.asarray(self._place(binary, Image.Resampling.NEAREST, 0)) > 0
 
     def normalize(self, array: np.ndarray) -> np.ndarray:

@@ -396,12 +396,15 @@ class PatchPairDataset(_SeededImageDataset):
             raise ValueError(f"epoch_size must be >= 1, got {epoch_size}")
 
     def _load_mask(self, path: str | Path | None) -> np.ndarray | None:
+        """The mask at the model's input size; None (the defect is "somewhere") when it marks no pixel there: an
+        all-normal mask would teach the defect photo's every patch as normal."""
         if path is None:
             return None
         from PIL import Image
 
         with Image.open(path) as img:
-            return self.preprocessor.resize_mask(img)
+            resized = self.preprocessor.resize_mask(img)
+        return resized if resized.any() else None
 
     def __len__(self) -> int:
         return self.epoch_size

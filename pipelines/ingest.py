@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from inspector.errors import ImageError
-from inspector.preprocess import DEFAULT_MAX_PIXELS, load_image, significant_bits
+from inspector.preprocess import DEFAULT_MAX_PIXELS, load_image, mask_pixels, significant_bits
 from pipelines.datasets import ImageRecord, assign_split, scan_dataset
 
 if TYPE_CHECKING:  # recipe.py pulls in torch; imported lazily where a DataSplit is built
@@ -226,10 +226,14 @@ def build_manifest(records: Sequence[ImageRecord], *, max_pixels: int = DEFAULT_
         mask = str(r.mask) if r.mask else None
         if mask:
             try:
-                load_image(mask, max_pixels=max_pixels, bit_depth="keep")
+                marked = mask_pixels(load_image(mask, max_pixels=max_pixels, bit_depth="keep")).any()
             except ImageError as exc:
                 warnings.append(f"{r.path}: mask {mask} left out ({exc.reason})")
                 mask = None
+            else:
+                if not marked:
+                    warnings.append(f"{r.path}: mask {mask} left out (it marks no pixel: where the defect is stays unknown)")
+                    mask = None
         valid.append(ManifestEntry(str(r.path), sha, int(r.label), r.defect_type, r.source_split, mask,
                                    _group(group_of, Path(r.path)), width, height, bits=bits))
 

@@ -185,3 +185,20 @@ def test_capture_groups_stay_together(tmp_path: Path) -> None:
     # a group function given at split time overrides the recorded groups
     plain = ingest(good=good_dir)
     assert _roles(plain, fractions=SplitFractions(calibration_fraction=0.4), group_of=by_session) == roles
+
+
+def test_masks_stored_as_0_1_are_kept_and_empty_masks_are_left_out_with_a_warning(tmp_path: Path) -> None:
+    from models.demo_data import generate_demo_dataset
+
+    root = tmp_path / "mvtec"
+    generate_demo_dataset(root, seed=0, n_train_good=4, n_test_good=2, n_test_per_defect=2, height=24, width=32)
+    masks = sorted((root / "ground_truth").rglob("*_mask.png"))
+    ones, empty = masks[0], masks[1]
+    Image.fromarray((np.asarray(Image.open(ones).convert("L")) > 0).astype(np.uint8)).save(ones)  # 0/1, as some datasets ship
+    Image.fromarray(np.zeros((24, 32), np.uint8)).save(empty)
+    manifest = ingest(root=root)
+    by_image = {(Path(e.path).parent.name, Path(e.path).stem): e.mask for e in manifest.entries if not e.is_good}
+    assert by_image[(ones.parent.name, ones.stem.removesuffix("_mask"))] == str(ones)
+    assert by_image[(empty.parent.name, empty.stem.removesuffix("_mask"))] is None
+    assert [w for w in manifest.warnings if str(empty) in w and "marks no pixel" in w]
+    assert not [w for w in manifest.warnings if str(ones) in w]

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from inspector.preprocess import PreprocessConfig, Preprocessor
+from inspector.preprocess import PreprocessConfig, Preprocessor, mask_pixels
 from inspector.scoring import GoldenBank, ScoringConfig, anomaly_scores, knn_distances, patch_distances
 from models.coreset import greedy_coreset
 from models.losses import patch_contrastive_loss, patch_labels_from_masks
@@ -192,6 +192,43 @@ def test_patch_pair_dataset_items(tmp_path: Path) -> None:
     assert kinds == {"real", "synthetic"}
     again = PatchPairDataset(good, [bad], pre, defective_masks=[mask], synthetic_fraction=0.5, epoch_size=8, seed=3)
     assert torch.equal(ds[5][0], again[5][0])
+
+
+def test_masks_mark_the_defect_however_they_are_stored(tmp_path: Path) -> None:
+    """0/255, 0/1, 16-bit and coloured masks mark the same pixels; a fixed 128 cut used to find none in a 0/1 mask,
+    and the pair dataset then taught every patch of that defect photo as normal. A mask that marks nothing says
+    nothing about where the defect is: the photo trains as "somewhere" (-1), like one without a mask."""
+    region = np.zeros((40, 40), bool)
+    region[10:20, 12:24] = True
+    stored = {
+        "255": Image.fromarray(region.astype(np.uint8) * 255),
+        "01": Image.fromarray(region.astype(np.uint8)),
+        "16bit": Image.fromarray(region.astype(np.uint16) * 65535),
+        "red": Image.fromarray(np.stack([region * 255, np.zeros_like(region), np.zeros_like(region)], -1).astype(np.uint8)),
+        "jpeg-noise": Image.fromarray((region * 250 + (~region) * 6).astype(np.uint8)),
+    }
+    for name, mask in stored.items():
+        assert np.array_equal(mask_pixels(mask), region), name
+    assert not mask_pixels(Image.new("L", (8, 8))).any()
+
+    rng = np.random.default_rng(0)
+    good = []
+    for i in range(2):
+        good.append(tmp_path / f"g{i}.png")
+        Image.fromarray(rng.integers(60, 200, (40, 40, 3), dtype=np.uint8)).save(good[-1])
+    bad = tmp_path / "bad.png"
+    Image.fromarray(rng.integers(60, 200, (40, 40, 3), dtype=np.uint8)).save(bad)
+    stored["01"].save(tmp_path / "ones.png")
+    Image.new("L", (40, 40)).save(tmp_path / "empty.png")
+    pre = Preprocessor(PreprocessConfig(height=40, width=40))
+    for mask, expect in ((tmp_path / "ones.png", region), (tmp_path / "empty.png", None)):
+        ds = PatchPairDataset(good, [bad], pre, defective_masks=[mask], synthetic_fraction=0.0, augment=None, epoch_size=2, seed=0)
+        _, masks, sources, _ = ds[0]
+        assert sources[1] < 0  # a real defect photo
+        if expect is None:
+            assert (masks[1] == -1).all()
+        else:
+            assert np.array_equal(masks[1].numpy() > 0, expect)
 
 
 def _scores_before_golden_bank(emb: np.ndarray, bank: np.ndarray, k: int, aggregation: str, chunk: int) -> np.ndarray:
