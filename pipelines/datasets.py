@@ -50,10 +50,16 @@ def scan_mvtec(root: str | Path) -> list[ImageRecord]:
     if test.is_dir():
         for sub in sorted(d for d in test.iterdir() if d.is_dir()):
             label = 0 if sub.name == "good" else 1
+            masks = mask_index(root / "ground_truth" / sub.name) if label else {}
             for p in list_images(sub):
-                mask = root / "ground_truth" / sub.name / f"{p.stem}_mask.png"
-                records.append(ImageRecord(p, label, sub.name, "test", mask if label and mask.is_file() else None))
+                records.append(ImageRecord(p, label, sub.name, "test", masks.get(f"{p.stem}_mask", masks.get(p.stem))))
     return records
+
+
+def mask_index(folder: Path) -> dict[str, Path]:
+    """The masks of one defect type by file stem: MVTec AD names them ``<image>_mask.png``, datasets converted to
+    its layout (BTAD, VisA) often ``<image>.png`` or another image format; :func:`scan_mvtec` tries both names."""
+    return {p.stem: p for p in list_images(folder)}
 
 
 def scan_folders(good: str | Path, defective: str | Path | None = None) -> list[ImageRecord]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
@@ -226,13 +227,17 @@ def build_manifest(records: Sequence[ImageRecord], *, max_pixels: int = DEFAULT_
         mask = str(r.mask) if r.mask else None
         if mask:
             try:
-                marked = mask_pixels(load_image(mask, max_pixels=max_pixels, bit_depth="keep")).any()
+                mask_image = load_image(mask, max_pixels=max_pixels, bit_depth="keep")
             except ImageError as exc:
                 warnings.append(f"{r.path}: mask {mask} left out ({exc.reason})")
                 mask = None
             else:
-                if not marked:
+                if not mask_pixels(mask_image).any():
                     warnings.append(f"{r.path}: mask {mask} left out (it marks no pixel: where the defect is stays unknown)")
+                    mask = None
+                elif abs(math.log((mask_image.width / mask_image.height) / (width / height))) > 0.02:
+                    warnings.append(f"{r.path}: mask {mask} left out (it is {mask_image.width}x{mask_image.height}, the image "
+                                    f"{width}x{height}: a different shape cannot be laid on it)")
                     mask = None
         valid.append(ManifestEntry(str(r.path), sha, int(r.label), r.defect_type, r.source_split, mask,
                                    _group(group_of, Path(r.path)), width, height, bits=bits))

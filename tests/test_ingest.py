@@ -187,7 +187,7 @@ def test_capture_groups_stay_together(tmp_path: Path) -> None:
     assert _roles(plain, fractions=SplitFractions(calibration_fraction=0.4), group_of=by_session) == roles
 
 
-def test_masks_stored_as_0_1_are_kept_and_empty_masks_are_left_out_with_a_warning(tmp_path: Path) -> None:
+def test_masks_found_by_either_name_kept_as_0_1_and_left_out_with_a_warning_when_empty_or_misshapen(tmp_path: Path) -> None:
     from models.demo_data import generate_demo_dataset
 
     root = tmp_path / "mvtec"
@@ -196,9 +196,17 @@ def test_masks_stored_as_0_1_are_kept_and_empty_masks_are_left_out_with_a_warnin
     ones, empty = masks[0], masks[1]
     Image.fromarray((np.asarray(Image.open(ones).convert("L")) > 0).astype(np.uint8)).save(ones)  # 0/1, as some datasets ship
     Image.fromarray(np.zeros((24, 32), np.uint8)).save(empty)
+    same_name = masks[2].with_name(masks[2].stem.removesuffix("_mask") + ".bmp")  # BTAD / converted VisA naming
+    Image.open(masks[2]).save(same_name)
+    masks[2].unlink()
+    wrong_shape = masks[3]
+    Image.open(wrong_shape).resize((24, 24)).save(wrong_shape)
     manifest = ingest(root=root)
     by_image = {(Path(e.path).parent.name, Path(e.path).stem): e.mask for e in manifest.entries if not e.is_good}
     assert by_image[(ones.parent.name, ones.stem.removesuffix("_mask"))] == str(ones)
     assert by_image[(empty.parent.name, empty.stem.removesuffix("_mask"))] is None
     assert [w for w in manifest.warnings if str(empty) in w and "marks no pixel" in w]
     assert not [w for w in manifest.warnings if str(ones) in w]
+    assert by_image[(same_name.parent.name, same_name.stem)] == str(same_name)
+    assert by_image[(wrong_shape.parent.name, wrong_shape.stem.removesuffix("_mask"))] is None
+    assert [w for w in manifest.warnings if str(wrong_shape) in w and "24x24, the image 32x24" in w]
