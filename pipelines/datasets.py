@@ -1,6 +1,7 @@
 """Finding the images of a dataset and splitting them deterministically.
 
-Reads the MVTec AD / anomalib Folder layout (``train/good``, ``test/good``, ``test/<defect>``) or plain folders of
+Reads the MVTec AD / anomalib Folder layout (``train/good``, ``test/good``, ``test/<defect>``; BTAD's ``ok`` for
+``good``) or plain folders of
 good and defective images. Splits are by a hash of each image's *group* (by default the file itself), never by
 file order, so adding images never moves old ones, and all images of one group (a physical part photographed
 several times, a capture session) land on the same side.
@@ -40,19 +41,27 @@ def list_images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
 
 
+#: The good parts' folder in MVTec-like layouts: MVTec AD's ``good``, BTAD's ``ok``.
+GOOD_FOLDERS = ("good", "ok")
+
+
 def scan_mvtec(root: str | Path) -> list[ImageRecord]:
-    """All images of an MVTec-layout folder; raises FileNotFoundError naming what is missing."""
+    """All images of an MVTec-layout folder; raises FileNotFoundError naming what is missing.
+
+    Goods come from ``train/good`` and, where the dataset has one (MVTec AD 2, MVTec LOCO), ``validation/good``:
+    both are goods the product may train and calibrate on; ``test/good`` stays test. BTAD's ``ok`` is ``good``."""
     root = Path(root)
-    if not (root / "train" / "good").is_dir():
-        raise FileNotFoundError(f"{root}: no train/good folder (expected the MVTec AD layout: train/good, test/good, test/<defect>)")
-    records = [ImageRecord(p, 0, "good", "train") for p in list_images(root / "train" / "good")]
+    good = next((name for name in GOOD_FOLDERS if (root / "train" / name).is_dir()), None)
+    if good is None:
+        raise FileNotFoundError(f"{root}: no train/good (or train/ok) folder (expected the MVTec AD layout: train/good, test/good, test/<defect>)")
+    records = [ImageRecord(p, 0, "good", "train") for folder in ("train", "validation") for p in list_images(root / folder / good)]
     test = root / "test"
     if test.is_dir():
         for sub in sorted(d for d in test.iterdir() if d.is_dir()):
-            label = 0 if sub.name == "good" else 1
+            label = 0 if sub.name in GOOD_FOLDERS else 1
             masks = mask_index(root / "ground_truth" / sub.name) if label else {}
             for p in list_images(sub):
-                records.append(ImageRecord(p, label, sub.name, "test", masks.get(f"{p.stem}_mask", masks.get(p.stem))))
+                records.append(ImageRecord(p, label, sub.name if label else "good", "test", masks.get(f"{p.stem}_mask", masks.get(p.stem))))
     return records
 
 

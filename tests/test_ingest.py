@@ -210,3 +210,29 @@ def test_masks_found_by_either_name_kept_as_0_1_and_left_out_with_a_warning_when
     assert by_image[(same_name.parent.name, same_name.stem)] == str(same_name)
     assert by_image[(wrong_shape.parent.name, wrong_shape.stem.removesuffix("_mask"))] is None
     assert [w for w in manifest.warnings if str(wrong_shape) in w and "24x24, the image 32x24" in w]
+
+
+def test_btad_ok_folders_and_validation_goods_are_read(tmp_path: Path) -> None:
+    """BTAD names its good parts ``ok`` and stores masks under the image's own name; MVTec AD 2 and LOCO add a
+    ``validation/good`` folder of goods the product may train and calibrate on."""
+    btad = tmp_path / "btad"
+    train = [_image(btad / "train" / "ok" / f"{i:04d}.bmp", i) for i in range(4)]
+    test_ok = _image(btad / "test" / "ok" / "0100.bmp", 100)
+    bad = _image(btad / "test" / "ko" / "0200.bmp", 200)
+    mask = np.zeros((16, 24), np.uint8)
+    mask[4:8, 4:12] = 255
+    (btad / "ground_truth" / "ko").mkdir(parents=True)
+    Image.fromarray(mask).save(btad / "ground_truth" / "ko" / "0200.png")
+    manifest = ingest(root=btad)
+    rows = {Path(e.path): e for e in manifest.entries}
+    assert all(rows[p].is_good and rows[p].source_split == "train" for p in train)
+    assert rows[test_ok].is_good and rows[test_ok].defect_type == "good" and rows[test_ok].source_split == "test"
+    assert not rows[bad].is_good and rows[bad].defect_type == "ko" and rows[bad].mask == str(btad / "ground_truth" / "ko" / "0200.png")
+    assert all(r.source_split == "test" for r in assign_splits(manifest).test if r.is_good)
+
+    mvtec2 = tmp_path / "mvtec2"
+    kept = [_image(mvtec2 / "train" / "good" / f"{i}.png", 300 + i) for i in range(3)]
+    kept += [_image(mvtec2 / "validation" / "good" / f"{i}.png", 400 + i) for i in range(2)]
+    assert sorted(r.path for r in scan_mvtec(mvtec2)) == sorted(kept)
+    with pytest.raises(FileNotFoundError, match="train/good"):
+        scan_mvtec(tmp_path / "nothing")
