@@ -114,10 +114,11 @@ def significant_bits(image: Image.Image) -> int:
     single-channel image, then the smallest depth holding its largest value."""
     if image.mode not in HIGH_BIT_MODES:
         return 8
-    low, high = image.getextrema()
+    values = np.asarray(image)  # not getextrema: Pillow has none for big-endian I;16B (TIFF from "MM" cameras)
+    low, high = (int(values.min()), int(values.max())) if values.size else (0, 0)
     if low < 0:
         raise ValueError(f"negative pixel values (down to {low}) in a {image.mode} image")
-    need = int(high).bit_length()
+    need = high.bit_length()
     return next(d for d in CAMERA_BIT_DEPTHS if d >= need)
 
 
@@ -129,7 +130,7 @@ def _to_8bit(image: Image.Image, bit_depth: int | None, label: str) -> Image.Ima
                                 "build it on this camera's images (the training pipeline then sets preprocess.bit_depth) "
                                 "or set preprocess.bit_depth")
     if bits > bit_depth:
-        raise ImageError(label, f"pixel values up to {image.getextrema()[1]} do not fit this model's {bit_depth}-bit range "
+        raise ImageError(label, f"pixel values up to {int(np.asarray(image).max())} do not fit this model's {bit_depth}-bit range "
                                 f"(a {bits}-bit image): did the camera's bit depth change? Rebuild the model on its images")
     values = np.asarray(image).astype(np.float32) * np.float32(255.0 / (2**bit_depth - 1))
     return Image.fromarray(np.rint(values).astype(np.uint8), mode="L")

@@ -31,7 +31,10 @@ def _twelve_bit(eight: np.ndarray) -> np.ndarray:
 def test_high_bit_images_scale_by_the_camera_depth_and_bad_ones_are_refused_by_name(tmp_path: Path) -> None:
     eight = np.random.default_rng(0).integers(0, 256, (24, 40), dtype=np.uint8)
     png, tif = _save16(_twelve_bit(eight), tmp_path / "part.png"), _save16(_twelve_bit(eight), tmp_path / "part.tif")
-    for path in (png, tif):
+    big_endian = tmp_path / "part_mm.tif"  # I;16B, which Pillow has no getextrema for
+    Image.fromarray(_twelve_bit(eight).astype(">u2")).save(big_endian)
+    assert Image.open(big_endian).mode == "I;16B"
+    for path in (png, tif, big_endian):
         raw = load_image(path, bit_depth="keep")
         assert raw.mode.startswith("I") and significant_bits(raw) == 12
         assert np.array_equal(np.asarray(load_image(path, bit_depth=12)), np.repeat(eight[..., None], 3, axis=2))
