@@ -71,19 +71,40 @@ def mask_index(folder: Path) -> dict[str, Path]:
     return {p.stem: p for p in list_images(folder)}
 
 
+#: Stem endings of a mask stored beside its image (KolektorSDD2 ``<id>_GT.png``, KolektorSDD ``<id>_label.bmp``).
+BESIDE_MASK_SUFFIXES = ("_mask", "_gt", "_label")
+
+
+def images_and_masks(folder: Path) -> list[tuple[Path, Path | None]]:
+    """The images of a plain folder, each with the mask stored beside it, if any: a file named like an image of
+    the folder plus one of :data:`BESIDE_MASK_SUFFIXES` is that image's mask, never a part of its own (taken as a
+    part it would train the product on black-and-white masks)."""
+    files = list_images(folder)
+    by_stem = {p.stem: p for p in files}
+    masks: dict[Path, Path] = {}
+    for p in files:
+        for suffix in BESIDE_MASK_SUFFIXES:
+            if p.stem.lower().endswith(suffix) and p.stem[: -len(suffix)] in by_stem:
+                masks[by_stem[p.stem[: -len(suffix)]]] = p
+                break
+    mask_files = set(masks.values())
+    return [(p, masks.get(p)) for p in files if p not in mask_files]
+
+
 def scan_folders(good: str | Path, defective: str | Path | None = None) -> list[ImageRecord]:
-    """Plain ``--good DIR --defective DIR`` input; sub-folders of the defective dir become defect types."""
+    """Plain ``--good DIR --defective DIR`` input; sub-folders of the defective dir become defect types. Masks
+    stored beside their images (:func:`images_and_masks`) go with the defective images and are skipped as goods."""
     good = Path(good)
     if not good.is_dir():
         raise FileNotFoundError(f"{good}: good-image folder not found")
-    records = [ImageRecord(p, 0, "good", "") for p in list_images(good)]
+    records = [ImageRecord(p, 0, "good", "") for p, _ in images_and_masks(good)]
     if defective is not None:
         defective = Path(defective)
         if not defective.is_dir():
             raise FileNotFoundError(f"{defective}: defective-image folder not found")
-        records += [ImageRecord(p, 1, "defect", "") for p in list_images(defective)]
+        records += [ImageRecord(p, 1, "defect", "", mask) for p, mask in images_and_masks(defective)]
         for sub in sorted(d for d in defective.iterdir() if d.is_dir()):
-            records += [ImageRecord(p, 1, sub.name, "") for p in list_images(sub)]
+            records += [ImageRecord(p, 1, sub.name, "", mask) for p, mask in images_and_masks(sub)]
     return records
 
 

@@ -236,3 +236,24 @@ def test_btad_ok_folders_and_validation_goods_are_read(tmp_path: Path) -> None:
     assert sorted(r.path for r in scan_mvtec(mvtec2)) == sorted(kept)
     with pytest.raises(FileNotFoundError, match="train/good"):
         scan_mvtec(tmp_path / "nothing")
+
+
+def test_masks_stored_beside_their_images_are_masks_not_parts(tmp_path: Path) -> None:
+    """KolektorSDD2 keeps ``<id>_GT.png`` beside every ``<id>.png`` (KolektorSDD ``<id>_label.bmp``): such files are
+    the defective image's mask, and skipped among the goods, never ingested as parts."""
+    good_dir, bad_dir = tmp_path / "good", tmp_path / "bad"
+    goods = [_image(good_dir / f"{i}.png", i) for i in range(3)]
+    for i in range(3):
+        Image.fromarray(np.zeros((16, 24), np.uint8)).save(good_dir / f"{i}_GT.png")
+    bad = _image(bad_dir / "scratch" / "7.png", 7)
+    mask = np.zeros((16, 24), np.uint8)
+    mask[2:6, 3:9] = 255
+    Image.fromarray(mask).save(bad_dir / "scratch" / "7_label.bmp")
+    lone = _image(bad_dir / "scratch" / "solo_gt.png", 8)  # no image named "solo": a part, not a mask
+    records = scan_folders(good_dir, bad_dir)
+    assert sorted(r.path for r in records if r.is_good) == goods
+    defects = {r.path: r.mask for r in records if not r.is_good}
+    assert defects == {bad: bad_dir / "scratch" / "7_label.bmp", lone: None}
+    manifest = build_manifest(records)
+    assert not manifest.rejected and not manifest.warnings
+    assert {Path(e.path): e.mask for e in manifest.entries if not e.is_good}[bad] == str(bad_dir / "scratch" / "7_label.bmp")
