@@ -34,6 +34,7 @@ import os
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -266,6 +267,10 @@ def describe(model: LoadedModel) -> str:
 # ---------------------------------------------------------------------------------------------------- metrics
 
 
+#: How many of the latest scored parts ``inspector_recent_flag_rate`` covers.
+FLAG_WINDOW = 1000
+
+
 class ServiceMetrics:
     """Prometheus metrics in a registry of their own (one per app, so several apps can live in one process)."""
 
@@ -292,13 +297,38 @@ class ServiceMetrics:
         self.registry_latest = Gauge("inspector_registry_latest_version", "version the alias points to at the last poll", registry=r)
         self.registry_polls = Counter("inspector_registry_polls", "alias look-ups by result (ok, unreachable, error)", ["result"], registry=r)
         self.registry_refused = Gauge("inspector_registry_refused_version", "registry version refused last (0: none pending)", registry=r)
+        self.recent_flag_rate = Gauge("inspector_recent_flag_rate", f"share of the served model's last {FLAG_WINDOW} scored parts "
+                                      "it flagged (NaN before the first)", registry=r)
+        self.calibrated_frr = Gauge("inspector_model_calibrated_false_reject_rate", "false-reject rate the served model's threshold "
+                                    "realised on its calibration goods (NaN: not recorded)", registry=r)
+        self.calibrated_frr_upper = Gauge("inspector_model_false_reject_rate_upper95", "one-sided 95 % upper bound on the served "
+                                          "model's true false-reject rate from its calibration (NaN: not recorded)", registry=r)
+        self._flags: deque[bool] = deque(maxlen=FLAG_WINDOW)
+        self._flags_lock = threading.Lock()
+        self.recent_flag_rate.set(math.nan)
         self._loaded = 0
+
+    def parts_scored(self, flagged: list[bool]) -> None:
+        """Count the verdicts into the recent flag rate. Why: a camera, lens or lighting change shows up as a flag
+        rate far above what the threshold was calibrated for (``calibrated_frr`` plus the line's defect rate) long
+        before anyone reads the rejects; an alert on the ratio catches it within one window."""
+        with self._flags_lock:
+            self._flags.extend(flagged)
+            if self._flags:
+                self.recent_flag_rate.set(sum(self._flags) / len(self._flags))
 
     def model_loaded(self, model: LoadedModel) -> None:
         self.model.info({"version": model.version, "bundle": str(model.bundle), "model_uri": model.model_uri or "",
                          "registry_version": model.registry_version or ""})
         self.ready.set(1)
         self.served_version.set(_version_number(model.registry_version))
+        details = model.inspector.bundle.spec.threshold.details
+        for gauge, key in ((self.calibrated_frr, "false_reject_rate"), (self.calibrated_frr_upper, "frr_upper_95")):
+            value = details.get(key)
+            gauge.set(float(value) if isinstance(value, (int, float)) else math.nan)
+        with self._flags_lock:  # a new model's rate starts afresh
+            self._flags.clear()
+            self.recent_flag_rate.set(math.nan)
         if self._loaded:
             self.swaps.inc()
         self._loaded += 1
@@ -852,6 +882,7 @@ def create_app(settings: ServiceSettings, holder: ModelHolder | None = None) -> 
         metrics.images.inc(len(scored))
         metrics.image_errors.inc(len(results) - len(scored))
         metrics.anomalies.inc(sum(r.verdict == "anomalous" for r in scored))
+        metrics.parts_scored([r.verdict == "anomalous" for r in scored])
         if not scored:
             reasons = "; ".join(r.error or "" for r in results)
             return _error(422, f"no image could be scored: {reasons}", errors=results, model_version=model.version)

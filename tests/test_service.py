@@ -4,6 +4,7 @@ and an atomic reload under concurrent requests with zero failed requests."""
 from __future__ import annotations
 
 import io
+import math
 import os
 import shutil
 import socket
@@ -201,13 +202,28 @@ def test_readyz_healthz_and_metrics(client: httpx.Client) -> None:
     assert client.get("/healthz").json() == {"status": "ok"}
     ready = client.get("/readyz")
     assert ready.status_code == 200 and ready.json()["model_version"] == "tiny:1"
-    assert client.post("/v1/score", files=files(("a.png", png_bytes(3)))).status_code == 200
+    first = client.post("/v1/score", files=files(("a.png", png_bytes(3))))
+    assert first.status_code == 200
     text = client.get("/metrics").text
     assert 'inspector_http_requests_total{method="POST",path="/v1/score",status="200"}' in text
     assert 'inspector_model_info{bundle=' in text and 'version="tiny:1"' in text
     assert "inspector_http_request_duration_seconds_bucket" in text
     assert "inspector_images_scored_total" in text and "inspector_anomalies_flagged_total" in text
     assert "inspector_model_ready 1.0" in text
+    # drift: the flag rate of the latest parts, beside what the threshold was calibrated for (not recorded here: NaN)
+    assert math.isnan(_gauge(text, "inspector_model_calibrated_false_reject_rate"))
+    verdicts = [r["verdict"] == "anomalous" for r in first.json()["results"]]
+    for i in range(4):
+        body = client.post("/v1/score", files=files(*[(f"{i}{j}.png", png_bytes(10 * i + j)) for j in range(3)])).json()
+        verdicts += [r["verdict"] == "anomalous" for r in body["results"]]
+    assert len(verdicts) == 13
+    assert _gauge(client.get("/metrics").text, "inspector_recent_flag_rate") == pytest.approx(sum(verdicts) / len(verdicts))
+
+
+def _gauge(text: str, name: str) -> float:
+    """One unlabelled sample's value from a Prometheus text page."""
+    line = next(line for line in text.splitlines() if line.startswith(name + " "))
+    return float(line.split()[1])
 
 
 def test_reload_under_concurrent_requests_fails_nothing(
@@ -327,3 +343,38 @@ def test_a_local_mlflow_store_in_the_environment_does_not_stop_a_bundle_service(
     assert settings.tracking_uri is None
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
     assert ServiceSettings.from_env(bundle=tiny_bundle).tracking_uri == "http://127.0.0.1:5000"
+
+
+def test_drift_gauges_follow_the_served_model(tiny_bundle: Path, tmp_path: Path) -> None:
+    """The calibrated false-reject rate comes from the served bundle; the recent flag rate covers the latest
+    FLAG_WINDOW parts of the model being served, and starts afresh when another is swapped in."""
+    from dataclasses import replace
+
+    from inspector.bundle import Threshold, load_bundle, write_bundle
+    from inspector.service import FLAG_WINDOW, LoadedModel, ServiceMetrics
+
+    old = load_bundle(tiny_bundle)
+    details = {"false_reject_rate": 0.008, "frr_upper_95": 0.031}
+    calibrated = write_bundle(tmp_path / "calibrated", old.model_path, old.references,
+                              replace(old.spec, threshold=Threshold(0.5, rule="target_frr", details=details)))
+    metrics = ServiceMetrics()
+
+    def gauges() -> tuple[float, float, float]:
+        text = metrics.render()[0].decode()
+        return (_gauge(text, "inspector_recent_flag_rate"), _gauge(text, "inspector_model_calibrated_false_reject_rate"),
+                _gauge(text, "inspector_model_false_reject_rate_upper95"))
+
+    metrics.model_loaded(LoadedModel(Inspector.from_bundle(calibrated), calibrated, time.time()))
+    rate, frr, upper = gauges()
+    assert math.isnan(rate) and (frr, upper) == (0.008, 0.031)
+    metrics.parts_scored([True] * 10 + [False] * (FLAG_WINDOW - 10))
+    assert gauges()[0] == pytest.approx(10 / FLAG_WINDOW)
+    metrics.parts_scored([True] * 10)  # the oldest 10 (flagged) leave the window, 10 newer flagged ones come in
+    assert gauges()[0] == pytest.approx(10 / FLAG_WINDOW)
+    metrics.parts_scored([False] * (FLAG_WINDOW - 1))
+    assert gauges()[0] == pytest.approx(1 / FLAG_WINDOW)  # only the last of the newer flagged ones is left
+    metrics.parts_scored([False])
+    assert gauges()[0] == 0.0
+    metrics.model_loaded(LoadedModel(Inspector.from_bundle(tiny_bundle), tiny_bundle, time.time()))
+    rate, frr, upper = gauges()
+    assert math.isnan(rate) and math.isnan(frr) and math.isnan(upper)
