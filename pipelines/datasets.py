@@ -91,20 +91,28 @@ def images_and_masks(folder: Path) -> list[tuple[Path, Path | None]]:
     return [(p, masks.get(p)) for p in files if p not in mask_files]
 
 
+def folder_tree(folder: Path) -> list[Path]:
+    """``folder`` and every folder under it (hidden ones skipped), sorted: goods kept by date, camera or shift."""
+    subs = sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+    return [folder] + [f for d in subs for f in folder_tree(d)]
+
+
 def scan_folders(good: str | Path, defective: str | Path | None = None) -> list[ImageRecord]:
-    """Plain ``--good DIR --defective DIR`` input; sub-folders of the defective dir become defect types. Masks
-    stored beside their images (:func:`images_and_masks`) go with the defective images and are skipped as goods."""
+    """Plain ``--good DIR --defective DIR`` input. Every image under the good dir is a good part, however deep
+    (``good/2026-11-30/cam1/…``); under the defective dir, images at the top are of type ``defect`` and each
+    sub-folder, with everything under it, is a defect type of its name. Masks stored beside their images
+    (:func:`images_and_masks`) go with the defective images and are skipped as goods."""
     good = Path(good)
     if not good.is_dir():
         raise FileNotFoundError(f"{good}: good-image folder not found")
-    records = [ImageRecord(p, 0, "good", "") for p, _ in images_and_masks(good)]
+    records = [ImageRecord(p, 0, "good", "") for folder in folder_tree(good) for p, _ in images_and_masks(folder)]
     if defective is not None:
         defective = Path(defective)
         if not defective.is_dir():
             raise FileNotFoundError(f"{defective}: defective-image folder not found")
         records += [ImageRecord(p, 1, "defect", "", mask) for p, mask in images_and_masks(defective)]
-        for sub in sorted(d for d in defective.iterdir() if d.is_dir()):
-            records += [ImageRecord(p, 1, sub.name, "", mask) for p, mask in images_and_masks(sub)]
+        for sub in sorted(d for d in defective.iterdir() if d.is_dir() and not d.name.startswith(".")):
+            records += [ImageRecord(p, 1, sub.name, "", mask) for folder in folder_tree(sub) for p, mask in images_and_masks(folder)]
     return records
 
 

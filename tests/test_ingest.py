@@ -257,3 +257,16 @@ def test_masks_stored_beside_their_images_are_masks_not_parts(tmp_path: Path) ->
     manifest = build_manifest(records)
     assert not manifest.rejected and not manifest.warnings
     assert {Path(e.path): e.mask for e in manifest.entries if not e.is_good}[bad] == str(bad_dir / "scratch" / "7_label.bmp")
+
+
+def test_plain_folders_are_read_however_deep(tmp_path: Path) -> None:
+    """Goods kept by date and camera (``good/<date>/<camera>/``) are all goods; a defect type's own sub-folders
+    stay that type; hidden folders are skipped."""
+    good, bad = tmp_path / "good", tmp_path / "bad"
+    goods = [_image(good / "top.png", 0), _image(good / "2026-11-30" / "cam1" / "a.png", 1), _image(good / "2026-12-01" / "b.png", 2)]
+    _image(good / ".thumbs" / "t.png", 3)
+    crack = [_image(bad / "crack" / "c.png", 4), _image(bad / "crack" / "night" / "d.png", 5)]
+    loose = _image(bad / "e.png", 6)
+    records = scan_folders(good, bad)
+    assert sorted(r.path for r in records if r.is_good) == sorted(goods)
+    assert {r.path: r.defect_type for r in records if not r.is_good} == {crack[0]: "crack", crack[1]: "crack", loose: "defect"}
