@@ -49,17 +49,19 @@ def scan_mvtec(root: str | Path) -> list[ImageRecord]:
     """All images of an MVTec-layout folder; raises FileNotFoundError naming what is missing.
 
     Goods come from ``train/good`` and, where the dataset has one (MVTec AD 2, MVTec LOCO), ``validation/good``:
-    both are goods the product may train and calibrate on; ``test/good`` stays test. BTAD's ``ok`` is ``good``."""
+    both are goods the product may train and calibrate on; ``test/good`` stays test. BTAD's ``ok`` is ``good``.
+    MVTec AD 2 has no ``test/`` but a labelled ``test_public/`` with its masks under ``test_public/ground_truth/``."""
     root = Path(root)
     good = next((name for name in GOOD_FOLDERS if (root / "train" / name).is_dir()), None)
     if good is None:
         raise FileNotFoundError(f"{root}: no train/good (or train/ok) folder (expected the MVTec AD layout: train/good, test/good, test/<defect>)")
     records = [ImageRecord(p, 0, "good", "train") for folder in ("train", "validation") for p in list_images(root / folder / good)]
-    test = root / "test"
+    test = root / "test" if (root / "test").is_dir() or not (root / "test_public").is_dir() else root / "test_public"
+    truth = root / "ground_truth" if (root / "ground_truth").is_dir() else test / "ground_truth"
     if test.is_dir():
-        for sub in sorted(d for d in test.iterdir() if d.is_dir()):
+        for sub in sorted(d for d in test.iterdir() if d.is_dir() and d != truth and not d.name.startswith(".")):
             label = 0 if sub.name in GOOD_FOLDERS else 1
-            masks = mask_index(root / "ground_truth" / sub.name) if label else {}
+            masks = mask_index(truth / sub.name) if label else {}
             for p in list_images(sub):
                 records.append(ImageRecord(p, label, sub.name if label else "good", "test", masks.get(f"{p.stem}_mask", masks.get(p.stem))))
     return records

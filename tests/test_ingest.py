@@ -270,3 +270,20 @@ def test_plain_folders_are_read_however_deep(tmp_path: Path) -> None:
     records = scan_folders(good, bad)
     assert sorted(r.path for r in records if r.is_good) == sorted(goods)
     assert {r.path: r.defect_type for r in records if not r.is_good} == {crack[0]: "crack", crack[1]: "crack", loose: "defect"}
+
+
+def test_mvtec_ad_2_test_public_with_its_own_ground_truth(tmp_path: Path) -> None:
+    """MVTec AD 2: ``test_public/good``, ``test_public/bad`` and the masks in ``test_public/ground_truth/bad``
+    (never a defect type of its own); ``test_private`` (unlabelled) is not read."""
+    root = tmp_path / "can"
+    _image(root / "train" / "good" / "000_regular.png", 0)
+    good = _image(root / "test_public" / "good" / "000_regular.png", 1)
+    bad = _image(root / "test_public" / "bad" / "000_overexposed.png", 2)
+    mask = np.zeros((16, 24), np.uint8)
+    mask[3:9, 5:11] = 255
+    (root / "test_public" / "ground_truth" / "bad").mkdir(parents=True)
+    Image.fromarray(mask).save(root / "test_public" / "ground_truth" / "bad" / "000_overexposed_mask.png")
+    _image(root / "test_private" / "000.png", 3)
+    records = {r.path: r for r in scan_mvtec(root)}
+    assert len(records) == 3 and records[good].is_good and records[good].source_split == "test"
+    assert records[bad].defect_type == "bad" and records[bad].mask == root / "test_public" / "ground_truth" / "bad" / "000_overexposed_mask.png"
