@@ -34,13 +34,12 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from PIL import Image  # noqa: E402
 
 from inspector.bundle import load_bundle  # noqa: E402
 from inspector.engine import Inspector  # noqa: E402
 from inspector.heatmap import score_with_maps  # noqa: E402
 from inspector.metrics import pixel_auroc  # noqa: E402
-from inspector.preprocess import PreprocessConfig, mask_pixels  # noqa: E402
+from inspector.preprocess import PreprocessConfig, open_mask  # noqa: E402
 from models.siamese import FrozenGlobalEmbedder, build_embedder  # noqa: E402
 from pipelines.datasets import ImageRecord, group_by_number_gaps, scan_mvtec  # noqa: E402
 from pipelines.ingest import SplitFractions, assign_splits, build_manifest  # noqa: E402
@@ -67,7 +66,7 @@ def pixel_level(bundle: Path, test: list[ImageRecord], limit: int = 400) -> floa
             if amap is None:
                 continue
             maps.append(amap)
-            masks.append(None if record.is_good else mask_pixels(Image.open(record.mask)))
+            masks.append(None if record.is_good else np.asarray(open_mask(record.mask)) > 0)
     return pixel_auroc(maps, masks)
 
 

@@ -208,6 +208,24 @@ def mask_pixels(mask: Image.Image) -> np.ndarray:
     return values >= top / 2 if top > 0 else np.zeros(values.shape, dtype=bool)
 
 
+def open_mask(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """A ground-truth mask as an ``L`` image, 255 where it marks the defect (:func:`mask_pixels`); raises
+    :class:`ImageError` naming the file. ``path`` may be a folder of masks of one image (MVTec LOCO keeps one file
+    per defect region, ``ground_truth/<type>/<image>/000.png``): their union, all of one size."""
+    path = Path(path)
+    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES) if path.is_dir() else [path]
+    if not files:
+        raise ImageError(str(path), "mask folder holds no image")
+    union: np.ndarray | None = None
+    for file in files:
+        marked = mask_pixels(load_image(file, max_pixels=max_pixels, bit_depth="keep"))
+        if union is not None and marked.shape != union.shape:
+            raise ImageError(str(file), f"mask is {marked.shape[1]}x{marked.shape[0]}, the others in {path} {union.shape[1]}x{union.shape[0]}")
+        union = marked if union is None else union | marked
+    assert union is not None
+    return Image.fromarray(union.astype(np.uint8) * 255, mode="L")
+
+
 def patch_grid(num_patches: int, height: int, width: int) -> tuple[int, int]:
     """The (rows, cols) feature grid behind ``num_patches`` patches of an ``height`` x ``width`` input.
 

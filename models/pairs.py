@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from inspector.preprocess import Preprocessor
+from inspector.preprocess import Preprocessor, open_mask
 from models.synthetic import SyntheticDefects
 
 GOOD, DEFECT, SYNTHETIC = 0, 1, 2
@@ -400,10 +400,7 @@ class PatchPairDataset(_SeededImageDataset):
         all-normal mask would teach the defect photo's every patch as normal."""
         if path is None:
             return None
-        from PIL import Image
-
-        with Image.open(path) as img:
-            resized = self.preprocessor.resize_mask(img)
+        resized = self.preprocessor.resize_mask(open_mask(path))
         return resized if resized.any() else None
 
     def __len__(self) -> int:

@@ -69,8 +69,10 @@ def scan_mvtec(root: str | Path) -> list[ImageRecord]:
 
 def mask_index(folder: Path) -> dict[str, Path]:
     """The masks of one defect type by file stem: MVTec AD names them ``<image>_mask.png``, datasets converted to
-    its layout (BTAD, VisA) often ``<image>.png`` or another image format; :func:`scan_mvtec` tries both names."""
-    return {p.stem: p for p in list_images(folder)}
+    its layout (BTAD, VisA) often ``<image>.png`` or another image format, MVTec LOCO a folder ``<image>/`` of
+    masks (:func:`inspector.preprocess.open_mask` joins them); :func:`scan_mvtec` tries both names."""
+    folders = {d.name: d for d in sorted(folder.iterdir()) if d.is_dir() and not d.name.startswith(".")} if folder.is_dir() else {}
+    return {**folders, **{p.stem: p for p in list_images(folder)}}
 
 
 #: Stem endings of a mask stored beside its image (KolektorSDD2 ``<id>_GT.png``, KolektorSDD ``<id>_label.bmp``).

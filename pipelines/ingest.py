@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from inspector.errors import ImageError
-from inspector.preprocess import DEFAULT_MAX_PIXELS, load_image, mask_pixels, significant_bits
+from inspector.preprocess import DEFAULT_MAX_PIXELS, load_image, mask_pixels, open_mask, significant_bits
 from pipelines.datasets import ImageRecord, assign_split, scan_dataset
 
 if TYPE_CHECKING:  # recipe.py pulls in torch; imported lazily where a DataSplit is built
@@ -227,7 +227,7 @@ def build_manifest(records: Sequence[ImageRecord], *, max_pixels: int = DEFAULT_
         mask = str(r.mask) if r.mask else None
         if mask:
             try:
-                mask_image = load_image(mask, max_pixels=max_pixels, bit_depth="keep")
+                mask_image = open_mask(mask, max_pixels=max_pixels)
             except ImageError as exc:
                 warnings.append(f"{r.path}: mask {mask} left out ({exc.reason})")
                 mask = None

@@ -287,3 +287,31 @@ def test_mvtec_ad_2_test_public_with_its_own_ground_truth(tmp_path: Path) -> Non
     records = {r.path: r for r in scan_mvtec(root)}
     assert len(records) == 3 and records[good].is_good and records[good].source_split == "test"
     assert records[bad].defect_type == "bad" and records[bad].mask == root / "test_public" / "ground_truth" / "bad" / "000_overexposed_mask.png"
+
+
+def test_mvtec_loco_mask_folders_are_joined(tmp_path: Path) -> None:
+    """MVTec LOCO keeps one mask file per defect region in ``ground_truth/<type>/<image>/``: the image's mask is
+    their union; masks of different sizes in one folder are an error naming the file."""
+    from inspector.errors import ImageError
+    from inspector.preprocess import open_mask
+
+    root = tmp_path / "loco"
+    _image(root / "train" / "good" / "000.png", 0)
+    _image(root / "validation" / "good" / "000.png", 1)
+    bad = _image(root / "test" / "logical_anomalies" / "000.png", 2)
+    folder = root / "ground_truth" / "logical_anomalies" / "000"
+    folder.mkdir(parents=True)
+    regions = [np.zeros((16, 24), np.uint8) for _ in range(2)]
+    regions[0][1:4, 1:5] = 255
+    regions[1][10:14, 15:20] = 255
+    for i, r in enumerate(regions):
+        Image.fromarray(r).save(folder / f"{i:03d}.png")
+    records = {r.path: r for r in scan_mvtec(root)}
+    assert records[bad].mask == folder
+    manifest = ingest(root=root)
+    assert not manifest.warnings and {Path(e.path): e.mask for e in manifest.entries}[bad] == str(folder)
+    assert np.array_equal(np.asarray(open_mask(folder)) > 0, (regions[0] > 0) | (regions[1] > 0))
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(folder / "002.png")
+    with pytest.raises(ImageError, match="8x8") as info:
+        open_mask(folder)
+    assert str(folder / "002.png") in str(info.value)
