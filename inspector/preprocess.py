@@ -114,26 +114,29 @@ def significant_bits(image: Image.Image) -> int:
     single-channel image, then the smallest depth holding its largest value."""
     if image.mode not in HIGH_BIT_MODES:
         return 8
-    values = np.asarray(image)  # not getextrema: Pillow has none for big-endian I;16B (TIFF from "MM" cameras)
+    return _depth_of(np.asarray(image), image.mode)  # not getextrema: Pillow has none for big-endian I;16B
+
+
+def _depth_of(values: np.ndarray, mode: str) -> int:
     low, high = (int(values.min()), int(values.max())) if values.size else (0, 0)
     if low < 0:
-        raise ValueError(f"negative pixel values (down to {low}) in a {image.mode} image")
-    need = high.bit_length()
-    return next(d for d in CAMERA_BIT_DEPTHS if d >= need)
+        raise ValueError(f"negative pixel values (down to {low}) in a {mode} image")
+    return next(d for d in CAMERA_BIT_DEPTHS if d >= high.bit_length())
 
 
 def _to_8bit(image: Image.Image, bit_depth: int | None, label: str) -> Image.Image:
     """A high-bit single-channel image as 8-bit ``L``, its values scaled from the camera depth's full range."""
-    bits = significant_bits(image)
+    values = np.asarray(image)  # one copy out of Pillow, shared by the checks and the scaling
+    bits = _depth_of(values, image.mode)
     if bit_depth is None:
         raise ImageError(label, f"{bits}-bit single-channel image (mode {image.mode}), but this model takes 8-bit images: "
                                 "build it on this camera's images (the training pipeline then sets preprocess.bit_depth) "
                                 "or set preprocess.bit_depth")
     if bits > bit_depth:
-        raise ImageError(label, f"pixel values up to {int(np.asarray(image).max())} do not fit this model's {bit_depth}-bit range "
+        raise ImageError(label, f"pixel values up to {int(values.max())} do not fit this model's {bit_depth}-bit range "
                                 f"(a {bits}-bit image): did the camera's bit depth change? Rebuild the model on its images")
-    values = np.asarray(image).astype(np.float32) * np.float32(255.0 / (2**bit_depth - 1))
-    return Image.fromarray(np.rint(values).astype(np.uint8), mode="L")
+    scaled = values.astype(np.float32) * np.float32(255.0 / (2**bit_depth - 1))
+    return Image.fromarray(np.rint(scaled).astype(np.uint8), mode="L")
 
 
 def load_image(source: str | Path | bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, name: str | None = None,

@@ -304,6 +304,7 @@ class ServiceMetrics:
         self.calibrated_frr_upper = Gauge("inspector_model_false_reject_rate_upper95", "one-sided 95 % upper bound on the served "
                                           "model's true false-reject rate from its calibration (NaN: not recorded)", registry=r)
         self._flags: deque[bool] = deque(maxlen=FLAG_WINDOW)
+        self._flagged = 0  # how many of ``_flags`` are True, kept as they come and go (no sum over the window)
         self._flags_lock = threading.Lock()
         self.recent_flag_rate.set(math.nan)
         self._loaded = 0
@@ -313,9 +314,13 @@ class ServiceMetrics:
         rate far above what the threshold was calibrated for (``calibrated_frr`` plus the line's defect rate) long
         before anyone reads the rejects; an alert on the ratio catches it within one window."""
         with self._flags_lock:
-            self._flags.extend(flagged)
+            for flag in flagged:
+                if len(self._flags) == FLAG_WINDOW:
+                    self._flagged -= self._flags[0]
+                self._flags.append(flag)
+                self._flagged += flag
             if self._flags:
-                self.recent_flag_rate.set(sum(self._flags) / len(self._flags))
+                self.recent_flag_rate.set(self._flagged / len(self._flags))
 
     def model_loaded(self, model: LoadedModel) -> None:
         self.model.info({"version": model.version, "bundle": str(model.bundle), "model_uri": model.model_uri or "",
@@ -328,6 +333,7 @@ class ServiceMetrics:
             gauge.set(float(value) if isinstance(value, (int, float)) else math.nan)
         with self._flags_lock:  # a new model's rate starts afresh
             self._flags.clear()
+            self._flagged = 0
             self.recent_flag_rate.set(math.nan)
         if self._loaded:
             self.swaps.inc()

@@ -56,7 +56,7 @@ def scan_mvtec(root: str | Path) -> list[ImageRecord]:
     if good is None:
         raise FileNotFoundError(f"{root}: no train/good (or train/ok) folder (expected the MVTec AD layout: train/good, test/good, test/<defect>)")
     records = [ImageRecord(p, 0, "good", "train") for folder in ("train", "validation") for p in list_images(root / folder / good)]
-    test = root / "test" if (root / "test").is_dir() or not (root / "test_public").is_dir() else root / "test_public"
+    test = next((root / name for name in ("test", "test_public") if (root / name).is_dir()), root / "test")
     truth = root / "ground_truth" if (root / "ground_truth").is_dir() else test / "ground_truth"
     if test.is_dir():
         for sub in sorted(d for d in test.iterdir() if d.is_dir() and d != truth and not d.name.startswith(".")):

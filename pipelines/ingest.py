@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from inspector.errors import ImageError
-from inspector.preprocess import DEFAULT_MAX_PIXELS, load_image, mask_pixels, open_mask, significant_bits
+from inspector.preprocess import DEFAULT_MAX_PIXELS, load_image, open_mask, significant_bits
 from pipelines.datasets import ImageRecord, assign_split, scan_dataset
 
 if TYPE_CHECKING:  # recipe.py pulls in torch; imported lazily where a DataSplit is built
@@ -232,7 +232,7 @@ def build_manifest(records: Sequence[ImageRecord], *, max_pixels: int = DEFAULT_
                 warnings.append(f"{r.path}: mask {mask} left out ({exc.reason})")
                 mask = None
             else:
-                if not mask_pixels(mask_image).any():
+                if mask_image.getbbox() is None:  # open_mask's image is the marked pixels: none marked
                     warnings.append(f"{r.path}: mask {mask} left out (it marks no pixel: where the defect is stays unknown)")
                     mask = None
                 elif abs(math.log((mask_image.width / mask_image.height) / (width / height))) > 0.02:
