@@ -28,7 +28,8 @@ def _parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train on your images, log to MLflow, register a version with alias 'challenger'")
     src = train.add_mutually_exclusive_group(required=True)
-    src.add_argument("--data", type=Path, help="MVTec-layout folder (train/good, test/good, test/<defect>)")
+    src.add_argument("--data", type=Path, help="dataset root: MVTec layout (train/good, test/good, test/<defect>), VisA (Data/Images/Normal|Anomaly), "
+                     "or images labelled by masks beside them (KolektorSDD, DAGM)")
     src.add_argument("--good", type=Path, help="folder of good images (with --defective for defect photos)")
     train.add_argument("--defective", type=Path, help="folder of defective images (sub-folders = defect types)")
     train.add_argument("--config", type=Path, help="JSON file of recipe settings (nested or dotted keys)")

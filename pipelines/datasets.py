@@ -1,8 +1,8 @@
 """Finding the images of a dataset and splitting them deterministically.
 
 Reads the MVTec AD / anomalib Folder layout (``train/good``, ``test/good``, ``test/<defect>``; BTAD's ``ok`` for
-``good``) or plain folders of
-good and defective images. Splits are by a hash of each image's *group* (by default the file itself), never by
+``good``), VisA's own layout (``Data/Images/Normal|Anomaly``, ``Data/Masks/Anomaly``), datasets whose masks say
+which parts are defective (KolektorSDD, KolektorSDD2, DAGM 2007), or plain folders of good and defective images. Splits are by a hash of each image's *group* (by default the file itself), never by
 file order, so adding images never moves old ones, and all images of one group (a physical part photographed
 several times, a capture session) land on the same side.
 """
@@ -24,7 +24,7 @@ class ImageRecord:
     """One image of a dataset: where it is, whether it is good, its defect type and its origin folder split."""
 
     path: Path
-    label: int  # 0 good, 1 defective
+    label: int  # 0 good, 1 defective, LABEL_BY_MASK: defective if its mask marks any pixel (read at ingest)
     defect_type: str  # "good" for good images
     source_split: str  # "train" / "test" in the MVTec layout, "" for plain folders
     mask: Path | None = None  # ground-truth defect mask, when the dataset has one
@@ -40,6 +40,10 @@ def list_images(folder: Path) -> list[Path]:
         return []
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
 
+
+#: The label of an image whose mask decides it (KolektorSDD keeps an all-black mask beside every good part):
+#: :func:`pipelines.ingest.build_manifest` reads the mask and makes it good (marks nothing) or defective.
+LABEL_BY_MASK = -1
 
 #: The good parts' folder in MVTec-like layouts: MVTec AD's ``good``, BTAD's ``ok``.
 GOOD_FOLDERS = ("good", "ok")
@@ -120,14 +124,100 @@ def scan_folders(good: str | Path, defective: str | Path | None = None) -> list[
     return records
 
 
+VISA_IMAGES = Path("Data") / "Images"
+VISA_MASKS = Path("Data") / "Masks"
+
+
+def scan_visa(root: str | Path) -> list[ImageRecord]:
+    """One VisA object as the dataset ships it: goods in ``Data/Images/Normal``, defects in ``Data/Images/Anomaly``
+    (one folder for every kind: type ``defect``), their masks under the same name in ``Data/Masks/Anomaly``. VisA's
+    ``split_csv`` is not read: the product splits by content and capture group like every other layout."""
+    root = Path(root)
+    masks = mask_index(root / VISA_MASKS / "Anomaly")
+    return ([ImageRecord(p, 0, "good", "") for folder in folder_tree(root / VISA_IMAGES / "Normal") for p in list_images(folder)]
+            + [ImageRecord(p, 1, "defect", "", masks.get(p.stem)) for folder in folder_tree(root / VISA_IMAGES / "Anomaly")
+               for p in list_images(folder)])
+
+
+#: Folders that hold the masks of the images beside them (DAGM 2007 keeps ``Train/Label/<id>_label.PNG``).
+LABEL_FOLDERS = ("label", "labels", "gt", "ground_truth", "masks")
+
+
+def _label_folder_masks(folder: Path) -> tuple[dict[str, Path], set[Path]]:
+    """Masks kept in a ``Label/``-like sub-folder of ``folder``, by the stem of the image they belong to, and the
+    folders they were found in (never scanned for parts)."""
+    masks: dict[str, Path] = {}
+    used: set[Path] = set()
+    for sub in sorted(d for d in folder.iterdir() if d.is_dir() and d.name.lower() in LABEL_FOLDERS):
+        used.add(sub)
+        for p in list_images(sub):
+            stem = p.stem
+            for suffix in BESIDE_MASK_SUFFIXES:
+                if stem.lower().endswith(suffix):
+                    stem = stem[: -len(suffix)]
+                    break
+            masks.setdefault(stem, p)
+    return masks, used
+
+
+def _source_split(path: Path, root: Path) -> str:
+    """``train`` / ``test`` when a folder on the way from ``root`` says so (KolektorSDD2, DAGM), else ``""``."""
+    names = {part.lower() for part in path.relative_to(root).parts[:-1]}
+    return "test" if "test" in names else "train" if "train" in names else ""
+
+
+def scan_labelled_by_mask(root: str | Path) -> list[ImageRecord]:
+    """Images anywhere under ``root`` whose masks say whether they are defective: a mask beside the image
+    (``<id>_GT.png``, ``<id>_label.bmp``) or in a ``Label/`` folder beside it. An image with a mask is labelled
+    by it at ingest (:data:`LABEL_BY_MASK`: an all-black mask is a good part, as KolektorSDD stores them); one
+    without is good (DAGM keeps masks of its defective images only). Goods under a ``test`` folder stay test."""
+    root = Path(root)
+    records: list[ImageRecord] = []
+    skip: set[Path] = set()
+    for folder in folder_tree(root):
+        if folder in skip or any(parent in skip for parent in folder.parents):
+            continue
+        in_label_folder, label_folders = _label_folder_masks(folder)
+        skip |= label_folders
+        for p, mask in images_and_masks(folder):
+            mask = mask or in_label_folder.get(p.stem)
+            records.append(ImageRecord(p, LABEL_BY_MASK if mask else 0, "defect" if mask else "good", _source_split(p, root), mask))
+    return records
+
+
+def detect_layout(root: str | Path) -> str:
+    """Which layout a dataset root is in: ``mvtec``, ``visa`` or ``masks`` (labelled by masks); raises
+    FileNotFoundError naming the folder and what each layout needs when it is none of them."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: dataset folder not found")
+    if any((root / "train" / name).is_dir() for name in GOOD_FOLDERS):
+        return "mvtec"
+    if (root / VISA_IMAGES / "Normal").is_dir():
+        return "visa"
+    if any(r.mask for r in scan_labelled_by_mask(root)):
+        return "masks"
+    raise FileNotFoundError(
+        f"{root}: no dataset layout found: expected train/good (or train/ok) with test/<defect> (MVTec AD), "
+        "Data/Images/Normal and Data/Images/Anomaly (VisA), or images with masks beside them or in a Label/ folder "
+        "(KolektorSDD, DAGM); for plain folders of good and defective images use --good DIR --defective DIR")
+
+
+def scan_root(root: str | Path) -> list[ImageRecord]:
+    """All images of a dataset root in any layout :func:`detect_layout` knows."""
+    layout = detect_layout(root)
+    return scan_mvtec(root) if layout == "mvtec" else scan_visa(root) if layout == "visa" else scan_labelled_by_mask(root)
+
+
 def scan_dataset(root: str | Path | None = None, good: str | Path | None = None, defective: str | Path | None = None) -> list[ImageRecord]:
-    """Either layout: ``root`` (MVTec) or ``good`` [+ ``defective``] folders; exactly one of the two must be given."""
+    """Either ``root`` (a dataset in a layout :func:`detect_layout` knows) or ``good`` [+ ``defective``] folders;
+    exactly one of the two must be given."""
     if (root is None) == (good is None):
         raise ValueError("give either a dataset root (MVTec layout) or a good-image folder (with an optional defective one)")
     if root is not None:
         if defective is not None:
-            raise ValueError("a defective folder goes with a good folder, not with an MVTec root")
-        return scan_mvtec(root)
+            raise ValueError("a defective folder goes with a good folder, not with a dataset root")
+        return scan_root(root)
     return scan_folders(good, defective)  # type: ignore[arg-type]
 
 

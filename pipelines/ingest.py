@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from inspector.errors import ImageError
 from inspector.preprocess import DEFAULT_MAX_PIXELS, load_image, open_mask, significant_bits
-from pipelines.datasets import ImageRecord, assign_split, scan_dataset
+from pipelines.datasets import LABEL_BY_MASK, ImageRecord, assign_split, detect_layout, scan_dataset
 
 if TYPE_CHECKING:  # recipe.py pulls in torch; imported lazily where a DataSplit is built
     from pipelines.recipe import DataSplit
@@ -222,24 +222,34 @@ def build_manifest(records: Sequence[ImageRecord], *, max_pixels: int = DEFAULT_
         try:
             sha, width, height, bits = _read_one(Path(r.path), max_pixels, max_bytes)
         except ImageError as exc:
-            rejected.append(RejectedFile(str(r.path), exc.reason, "invalid", r.label, r.defect_type))
+            known = r.label != LABEL_BY_MASK
+            rejected.append(RejectedFile(str(r.path), exc.reason, "invalid", r.label if known else None, r.defect_type if known else ""))
             continue
         mask = str(r.mask) if r.mask else None
+        label, defect_type = int(r.label), r.defect_type
         if mask:
             try:
                 mask_image = open_mask(mask, max_pixels=max_pixels)
             except ImageError as exc:
+                if label == LABEL_BY_MASK:  # the mask is the only label this image has
+                    rejected.append(RejectedFile(str(r.path), f"its mask {mask} cannot be read ({exc.reason}): good or "
+                                                 "defective is unknown", "invalid", None, ""))
+                    continue
                 warnings.append(f"{r.path}: mask {mask} left out ({exc.reason})")
                 mask = None
             else:
-                if mask_image.getbbox() is None:  # open_mask's image is the marked pixels: none marked
+                if label == LABEL_BY_MASK:
+                    label, defect_type = (0, "good") if mask_image.getbbox() is None else (1, defect_type)
+                if label == 0:  # a good part's mask marks nothing: there is no defect to locate
+                    mask = None
+                elif mask_image.getbbox() is None:  # open_mask's image is the marked pixels: none marked
                     warnings.append(f"{r.path}: mask {mask} left out (it marks no pixel: where the defect is stays unknown)")
                     mask = None
                 elif abs(math.log((mask_image.width / mask_image.height) / (width / height))) > 0.02:
                     warnings.append(f"{r.path}: mask {mask} left out (it is {mask_image.width}x{mask_image.height}, the image "
                                     f"{width}x{height}: a different shape cannot be laid on it)")
                     mask = None
-        valid.append(ManifestEntry(str(r.path), sha, int(r.label), r.defect_type, r.source_split, mask,
+        valid.append(ManifestEntry(str(r.path), sha, label, defect_type, r.source_split, mask,
                                    _group(group_of, Path(r.path)), width, height, bits=bits))
 
     by_sha: dict[str, list[ManifestEntry]] = {}
@@ -265,7 +275,7 @@ def ingest(root: str | Path | None = None, good: str | Path | None = None, defec
            max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int = DEFAULT_MAX_BYTES, group_of: GroupOf | None = None) -> Manifest:
     """Find the images (MVTec layout under ``root``, or ``good``/``defective`` folders) and build their manifest."""
     records = scan_dataset(root=root, good=good, defective=defective)
-    layout = "mvtec" if root is not None else "folders"
+    layout = detect_layout(root) if root is not None else "folders"
     source = {"layout": layout, "root": str(root) if root is not None else None,
               "good": str(good) if good is not None else None, "defective": str(defective) if defective is not None else None}
     return build_manifest(records, max_pixels=max_pixels, max_bytes=max_bytes, group_of=group_of, source=source)
@@ -283,6 +293,7 @@ class SplitFractions:
     defect_val_fraction: float = 0.15
     use_real_defects: bool = True
     seed: int = 0
+    good_test_fraction: float = 0.2
 
     @classmethod
     def from_recipe(cls, recipe: Any) -> SplitFractions:
@@ -301,10 +312,17 @@ def split_roles(manifest: Manifest, fractions: SplitFractions = SplitFractions()
 
     Goods from an MVTec ``test`` folder are test. Other goods go to calibration with ``calibration_fraction``;
     defects to train / validation / test with the defect fractions (train and validation are empty without
-    ``use_real_defects``). Each role depends only on the key and the seed, so adding images never moves old ones,
-    and all images of one group with the same label share a role.
+    ``use_real_defects``). A dataset with no test goods of its own (plain folders, VisA) keeps
+    ``good_test_fraction`` of its goods for test: without them the test AUROC and the false-reject rate on later
+    goods cannot be measured. Each role depends only on the key and the seed, so adding images never moves old
+    ones, and all images of one group with the same label share a role.
     """
     cal = fractions.calibration_fraction
+    good_test = 0.0 if any(e.is_good and e.source_split == "test" for e in manifest.entries) else fractions.good_test_fraction
+    if not 0.0 < cal + good_test < 1.0:
+        raise ValueError(f"calibration_fraction {cal} and good_test_fraction {good_test} leave no good parts to train on")
+    good_roles = [("calibration", cal), ("train", 1.0 - cal)] if not good_test else \
+        [("calibration", cal), ("test", good_test), ("train", 1.0 - cal - good_test)]
     d_train = fractions.defect_train_fraction if fractions.use_real_defects else 0.0
     d_val = fractions.defect_val_fraction if fractions.use_real_defects else 0.0
     salt = f"seed{fractions.seed}"
@@ -315,7 +333,7 @@ def split_roles(manifest: Manifest, fractions: SplitFractions = SplitFractions()
             if e.source_split == "test":
                 roles.append("test")
             else:
-                roles.append(assign_split(key, [("calibration", cal), ("train", 1.0 - cal)], salt + ":good"))
+                roles.append(assign_split(key, good_roles, salt + ":good"))
         else:
             roles.append(assign_split(key, [("train_defective", d_train), ("validation", d_val), ("test", 1.0 - d_train - d_val)], salt + ":defect"))
     return roles

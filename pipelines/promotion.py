@@ -141,7 +141,8 @@ class GateSet:
 
 
 def gate_set_from_folder(folder: Path, out: Path) -> GateSet:
-    """Freeze a folder as a gate manifest: MVTec layout (its ``test`` images) or ``good/`` + ``<defect>/`` folders."""
+    """Freeze a folder as a gate manifest: MVTec layout (its ``test`` images), ``good/`` + ``<defect>/`` folders, or
+    any other layout ``pipelines train --data`` reads (VisA, images labelled by their masks)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: gate data folder not found")
@@ -153,7 +154,11 @@ def gate_set_from_folder(folder: Path, out: Path) -> GateSet:
     elif (folder / "good").is_dir():
         manifest = _good_and_defect_folders(folder)
     else:
-        raise ValueError(f"{folder}: expected an MVTec layout (test/good, test/<defect>) or good/ and <defect>/ folders")
+        try:
+            manifest = ingest(root=folder)  # VisA, or images labelled by their masks
+        except FileNotFoundError:
+            raise ValueError(f"{folder}: expected an MVTec layout (test/good, test/<defect>), good/ and <defect>/ folders, "
+                             "VisA's Data/Images/Normal|Anomaly, or images with masks beside them") from None
     if not manifest.entries:
         raise ValueError(f"{folder}: no readable images for the gate set")
     return GateSet(manifest, write_manifest(manifest, out))

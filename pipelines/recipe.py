@@ -49,6 +49,7 @@ class Recipe:
     epoch_size: int = 384
     augment_strength: float = 1.0
     calibration_fraction: float = 0.2
+    good_test_fraction: float = 0.2  # goods kept for test where the data has no test goods of its own (plain folders)
     defect_train_fraction: float = 0.5
     defect_val_fraction: float = 0.15
     target_false_reject_rate: float = 0.01

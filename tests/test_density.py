@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from sklearn.covariance import LedoitWolf
 
 from inspector.bundle import load_bundle, write_bundle

@@ -31,6 +31,15 @@ def _image(path: Path, seed: int, size: tuple[int, int] = (24, 16)) -> Path:
     return path
 
 
+def _plain_folders(root: Path, n_good: int, n_bad: int) -> tuple[Path, Path]:
+    """``root/good`` and ``root/bad`` with that many distinct 8 × 8 images."""
+    for i in range(n_good):
+        _image(root / "good" / f"g{i:03d}.png", i, (8, 8))
+    for i in range(n_bad):
+        _image(root / "bad" / f"d{i:03d}.png", 1000 + i, (8, 8))
+    return root / "good", root / "bad"
+
+
 def _roles(manifest: Manifest, **kw: object) -> dict[str, str]:
     return {e.path: r for e, r in zip(manifest.entries, split_roles(manifest, **kw))}  # type: ignore[arg-type]
 
@@ -139,11 +148,7 @@ def test_dataset_hash_ignores_names_and_order_but_not_content(tmp_path: Path) ->
 
 
 def test_adding_images_never_moves_old_ones(tmp_path: Path) -> None:
-    good_dir, bad_dir = tmp_path / "good", tmp_path / "bad"
-    for i in range(40):
-        _image(good_dir / f"g{i:03d}.png", i, (8, 8))
-    for i in range(16):
-        _image(bad_dir / f"d{i:03d}.png", 1000 + i, (8, 8))
+    good_dir, bad_dir = _plain_folders(tmp_path, 40, 16)
     fractions = SplitFractions(calibration_fraction=0.25, defect_train_fraction=0.5, defect_val_fraction=0.2, seed=3)
     before = _roles(ingest(good=good_dir, defective=bad_dir), fractions=fractions)
     assert set(before.values()) == {"train", "calibration", "train_defective", "validation", "test"}
@@ -181,7 +186,7 @@ def test_capture_groups_stay_together(tmp_path: Path) -> None:
     for path, role in roles.items():
         per_session.setdefault(by_session(Path(path)), set()).add(role)
     assert all(len(r) == 1 for r in per_session.values())
-    assert {next(iter(r)) for r in per_session.values()} == {"train", "calibration"}
+    assert {next(iter(r)) for r in per_session.values()} == {"train", "calibration", "test"}  # plain folders keep test goods
     # a group function given at split time overrides the recorded groups
     plain = ingest(good=good_dir)
     assert _roles(plain, fractions=SplitFractions(calibration_fraction=0.4), group_of=by_session) == roles
@@ -315,3 +320,104 @@ def test_mvtec_loco_mask_folders_are_joined(tmp_path: Path) -> None:
     with pytest.raises(ImageError, match="8x8") as info:
         open_mask(folder)
     assert str(folder / "002.png") in str(info.value)
+
+
+def _mask(path: Path, size: tuple[int, int], box: tuple[int, int, int, int] | None) -> Path:
+    """A 0/255 mask (size = width, height) marking ``box`` (x0, y0, x1, y1), or nothing."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    marked = np.zeros((size[1], size[0]), np.uint8)
+    if box:
+        marked[box[1]:box[3], box[0]:box[2]] = 255
+    Image.fromarray(marked).save(path)
+    return path
+
+
+def test_plain_folders_keep_goods_for_test_and_mvtec_keeps_its_own(tmp_path: Path) -> None:
+    good_dir, bad_dir = _plain_folders(tmp_path, 60, 12)
+    fractions = SplitFractions(calibration_fraction=0.2, good_test_fraction=0.2)
+    split = assign_splits(ingest(good=good_dir, defective=bad_dir), fractions)
+    test_goods = [r for r in split.test if r.is_good]
+    assert 4 <= len(test_goods) <= 24  # about a fifth of 60: without them the test AUROC is undefined
+    assert len(split.train_good) + len(split.calibration_good) + len(test_goods) == 60
+    with pytest.raises(ValueError, match="no good parts to train on"):
+        split_roles(ingest(good=good_dir), SplitFractions(calibration_fraction=0.5, good_test_fraction=0.5))
+
+    from models.demo_data import generate_demo_dataset
+
+    root = tmp_path / "mvtec"
+    generate_demo_dataset(root, seed=0, n_train_good=30, n_test_good=3, n_test_per_defect=1, height=16, width=16)
+    split = assign_splits(ingest(root=root), fractions)
+    assert sorted(r.path.parent.name for r in split.test if r.is_good) == ["good"] * 3
+    assert all(r.source_split == "test" for r in split.test if r.is_good)  # MVTec's own test goods, no train good moved
+
+
+def test_visa_layout(tmp_path: Path) -> None:
+    root = tmp_path / "candle"
+    images, masks = root / "Data" / "Images", root / "Data" / "Masks" / "Anomaly"
+    goods = [_image(images / "Normal" / f"{i:04d}.JPG", i, (20, 16)) for i in range(5)]
+    bads = [_image(images / "Anomaly" / f"{i:03d}.JPG", 100 + i, (20, 16)) for i in range(3)]
+    for i, bad in enumerate(bads[:2]):
+        _mask(masks / f"{bad.stem}.png", (20, 16), (i, 2, 8 + i, 9))
+    (root / "split_csv").mkdir()
+    (root / "split_csv" / "1cls.csv").write_text("object,split,label,image,mask\n")
+
+    manifest = ingest(root=root)
+
+    assert manifest.source["layout"] == "visa"
+    by_path = {Path(e.path): e for e in manifest.entries}
+    assert set(by_path) == set(goods + bads)
+    assert [by_path[g].label for g in goods] == [0] * 5
+    assert [(by_path[b].label, by_path[b].defect_type) for b in bads] == [(1, "defect")] * 3
+    assert [by_path[b].mask for b in bads] == [str(masks / f"{b.stem}.png") for b in bads[:2]] + [None]
+
+    from pipelines.promotion import gate_set_from_folder
+
+    gate = gate_set_from_folder(root, tmp_path / "gate.json")  # a VisA object is a valid promotion gate set too
+    assert gate.manifest.dataset_hash == manifest.dataset_hash and gate.path.is_file()
+
+
+def test_datasets_labelled_by_their_masks(tmp_path: Path) -> None:
+    """KolektorSDD2 keeps ``<id>_GT.png`` beside every image, black for a good part; DAGM 2007 keeps
+    ``Label/<id>_label.PNG`` for its defective images only. Both read from ``--data ROOT``."""
+    ksdd = tmp_path / "ksdd2"
+    marked = [_image(ksdd / split / f"{10 * i + j}.png", 10 * i + j, (16, 24)) for i, split in enumerate(("train", "test")) for j in range(2)]
+    black = [_image(ksdd / split / f"{10 * i + j + 5}.png", 50 + 10 * i + j, (16, 24)) for i, split in enumerate(("train", "test")) for j in range(3)]
+    for p in marked:
+        _mask(p.with_name(f"{p.stem}_GT.png"), (16, 24), (2, 2, 9, 9))
+    for p in black:
+        _mask(p.with_name(f"{p.stem}_GT.png"), (16, 24), None)
+    unreadable = _image(ksdd / "train" / "99.png", 99, (16, 24))
+    unreadable.with_name("99_GT.png").write_bytes(b"not a png")
+
+    manifest = ingest(root=ksdd)
+
+    assert manifest.source["layout"] == "masks"
+    by_path = {Path(e.path): e for e in manifest.entries}
+    assert set(by_path) == set(marked + black)  # no mask became a part
+    assert all(by_path[p].label == 1 and by_path[p].mask == str(p.with_name(f"{p.stem}_GT.png")) for p in marked)
+    assert all(by_path[p].label == 0 and by_path[p].defect_type == "good" and by_path[p].mask is None for p in black)
+    assert {p.parent.name for p in black if by_path[p].source_split == "test"} == {"test"}
+    assert [by_path[p].source_split for p in black] == ["train"] * 3 + ["test"] * 3
+    (rejected,) = manifest.rejected
+    assert rejected.path == str(unreadable) and "99_GT.png" in rejected.reason and "unknown" in rejected.reason
+    assert not manifest.warnings  # an all-black mask of a good part is not a problem
+
+    dagm = tmp_path / "Class1"
+    parts = [_image(dagm / "Train" / f"{i:04d}.PNG", 200 + i, (16, 16)) for i in range(1, 6)]
+    _mask(dagm / "Train" / "Label" / "0002_label.PNG", (16, 16), (4, 4, 12, 12))
+    (dagm / "Train" / "Label" / "Labels.txt").write_text("5\n")
+
+    manifest = ingest(root=dagm)
+
+    labels = {Path(e.path).name: (e.label, e.mask) for e in manifest.entries}
+    assert labels == {"0001.PNG": (0, None), "0002.PNG": (1, str(dagm / "Train" / "Label" / "0002_label.PNG")),
+                      "0003.PNG": (0, None), "0004.PNG": (0, None), "0005.PNG": (0, None)}
+    assert len(parts) == 5 and not manifest.rejected
+
+
+def test_unknown_dataset_layout_says_what_it_reads(tmp_path: Path) -> None:
+    _image(tmp_path / "pics" / "a.png", 0)
+    with pytest.raises(FileNotFoundError, match=r"pics: no dataset layout found.*MVTec AD.*VisA.*--good DIR"):
+        ingest(root=tmp_path / "pics")
+    with pytest.raises(FileNotFoundError, match="dataset folder not found"):
+        ingest(root=tmp_path / "missing")
