@@ -40,6 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--tracking-uri", help="MLflow tracking URI (default: SQLite under the work dir)")
     train.add_argument("--group-pattern", help="regex with one numeric group; images within --group-gap form one capture group")
     train.add_argument("--group-gap", type=int, help="see --group-pattern")
+    train.add_argument("--group-by-folder", dest="group_by_folder", action="store_true", default=None,
+                       help="the images of one folder are one capture group (goods kept in date, shift or camera folders)")
     train.add_argument("--no-baseline", dest="baseline", action="store_false", default=None, help="skip the frozen-baseline evaluation")
 
     score = sub.add_parser("score", help="score a folder with a registered model, e.g. models:/parts-inspector@challenger")
@@ -73,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
 def _settings(args: argparse.Namespace) -> PipelineSettings:
     from pipelines.settings import PipelineSettings
 
-    given = {k: getattr(args, k) for k in ("work_dir", "experiment", "model_name", "tracking_uri", "group_pattern", "group_gap", "baseline") if getattr(args, k, None) is not None}
+    given = {k: getattr(args, k) for k in ("work_dir", "experiment", "model_name", "tracking_uri", "group_pattern", "group_gap", "group_by_folder", "baseline") if getattr(args, k, None) is not None}
     return PipelineSettings(**given)
 
 

@@ -277,3 +277,13 @@ def group_by_number_gaps(paths: Iterable[Path], pattern: str, gap: int) -> dict[
         groups[p] = str(current)
         prev = n
     return groups
+
+
+def capture_groups(paths: Sequence[Path], pattern: str | None = None, gap: int = 0, *, by_folder: bool = False) -> dict[Path, str] | None:
+    """Each image's capture group, or None to split image by image: frame numbers within ``gap`` of each other
+    (:func:`group_by_number_gaps`), the image's folder (``by_folder``: goods kept by date, shift or camera), or
+    both (frames within a folder)."""
+    if not pattern and not by_folder:
+        return None
+    numbered = group_by_number_gaps(paths, pattern, gap) if pattern else {}
+    return {p: "/".join(part for part in (str(p.parent) if by_folder else "", numbered.get(p, "")) if part) for p in paths}

@@ -18,7 +18,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from pipelines.datasets import group_by_number_gaps, scan_dataset
+from pipelines.datasets import capture_groups, scan_dataset
 from pipelines.ingest import Manifest, SplitFractions, assign_splits, build_manifest, read_manifest, write_manifest
 from pipelines.recipe import DataSplit, Evaluation, Recipe, build_bundle, evaluate_bundle, fit_embedder, resolve_bit_depth, resolve_input_size, threshold_metrics
 from pipelines.settings import PipelineSettings
@@ -51,7 +51,8 @@ class TrainResult:
 def _files_fingerprint(context: Any, parameters: dict[str, Any]) -> str:
     """Cache key of ingest: every file's path, size and mtime (content hashes are only computed on a miss)."""
     source: DataSource = parameters["source"]
-    h = hashlib.sha256(json.dumps([source.root, source.good, source.defective, parameters.get("group_pattern"), parameters.get("group_gap")]).encode())
+    h = hashlib.sha256(json.dumps([source.root, source.good, source.defective, parameters.get("group_pattern"), parameters.get("group_gap"),
+                                   parameters.get("group_by_folder", False)]).encode())
     if source.manifest:
         st = Path(source.manifest).stat()
         h.update(f"manifest:{Path(source.manifest).resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())
@@ -64,14 +65,14 @@ def _files_fingerprint(context: Any, parameters: dict[str, Any]) -> str:
 
 
 @task(retries=2, retry_delay_seconds=2, cache_key_fn=_files_fingerprint, persist_result=True, cache_expiration=timedelta(days=7))
-def ingest_task(source: DataSource, group_pattern: str | None = None, group_gap: int = 0) -> Manifest:
+def ingest_task(source: DataSource, group_pattern: str | None = None, group_gap: int = 0, group_by_folder: bool = False) -> Manifest:
     """Open and validate every image once; bad files are reported by path and left out."""
     if source.manifest:
         manifest = read_manifest(source.manifest)
         get_run_logger().info("ingest: manifest %s: %s", source.manifest, manifest.summary())
         return manifest
     records = scan_dataset(root=source.root, good=source.good, defective=source.defective)
-    groups = group_by_number_gaps([r.path for r in records], group_pattern, group_gap) if group_pattern else None
+    groups = capture_groups([r.path for r in records], group_pattern, group_gap, by_folder=group_by_folder)
     manifest = build_manifest(records, group_of=groups, source={"root": source.root, "good": source.good, "defective": source.defective})
     logger = get_run_logger()
     logger.info("ingest: %s", manifest.summary())
@@ -138,7 +139,7 @@ def train_flow(source: DataSource, recipe: Recipe | None = None, settings: Pipel
     work = Path(settings.work_dir).resolve()
     mlflow.set_tracking_uri(settings.tracking_uri or tracking_uri(work))
     ensure_experiment(settings.experiment, work / "mlartifacts")
-    manifest = ingest_task(source, settings.group_pattern, settings.group_gap)
+    manifest = ingest_task(source, settings.group_pattern, settings.group_gap, settings.group_by_folder)
     recipe = resolve_input_size(recipe, [(e.width, e.height) for e in manifest.entries if e.is_good])
     recipe = resolve_bit_depth(recipe, [e.bits for e in manifest.entries])
     with mlflow.start_run() as run:

@@ -368,4 +368,12 @@ def assign_splits(manifest: Manifest, fractions: SplitFractions = SplitFractions
             test.append(e.record())
     if len(train_good) < 2:
         raise ValueError(f"only {len(train_good)} good training images after the split: need at least 2")
+    good_groups = len({groups[str(Path(e.path))] for e in manifest.entries if e.is_good})
+    asked = (("calibration", cal_good, fractions.calibration_fraction), ("test", [r for r in test if r.is_good], fractions.good_test_fraction))
+    missing = [role for role, got, fraction in asked if fraction > 0 and not got]
+    if missing:  # few capture groups (say three date folders) can leave a role without a single group
+        raise ValueError(f"the {sum(e.is_good for e in manifest.entries)} good images form {good_groups} capture group(s), and "
+                         f"none fell to {' or '.join(missing)}: calibration and test need goods the model never trained on (an empty calibration set "
+                         "would leave the line without a threshold). Give more good images, from more capture groups (folders, "
+                         "sessions) when they are grouped, or split without grouping them")
     return DataSplit(train_good, train_def, cal_good, val_def, test, groups)

@@ -99,7 +99,7 @@ def test_mvtec_layout_and_manifest_round_trip(tmp_path: Path) -> None:
     from models.demo_data import generate_demo_dataset
 
     root = tmp_path / "mvtec"
-    generate_demo_dataset(root, seed=0, n_train_good=6, n_test_good=2, n_test_per_defect=2, height=24, width=32)
+    generate_demo_dataset(root, seed=0, n_train_good=14, n_test_good=2, n_test_per_defect=2, height=24, width=32)
     _image(root / "test" / "good" / "zz_broken.png", 0).write_bytes(b"\x89PNG\r\n\x1a\n broken")
 
     manifest = ingest(root=root)
@@ -108,7 +108,7 @@ def test_mvtec_layout_and_manifest_round_trip(tmp_path: Path) -> None:
     assert len(manifest.entries) == len(records) - 1 and [r.path for r in manifest.rejected] == [str(root / "test" / "good" / "zz_broken.png")]
     goods = [e for e in manifest.entries if e.is_good]
     defects = [e for e in manifest.entries if not e.is_good]
-    assert sum(e.source_split == "train" for e in goods) == 6 and sum(e.source_split == "test" for e in goods) == 2
+    assert sum(e.source_split == "train" for e in goods) == 14 and sum(e.source_split == "test" for e in goods) == 2
     assert defects and all(e.mask and Path(e.mask).is_file() for e in defects)
     assert {e.defect_type for e in defects} == {p.name for p in (root / "test").iterdir() if p.name != "good"}
     assert all((e.width, e.height) == (32, 24) for e in manifest.entries)
@@ -127,7 +127,7 @@ def test_mvtec_layout_and_manifest_round_trip(tmp_path: Path) -> None:
 
     split = assign_splits(manifest, SplitFractions(calibration_fraction=0.2))
     assert all(r.source_split == "test" for r in split.test if r.is_good)
-    assert len(split.train_good) + len(split.calibration_good) == 6
+    assert len(split.train_good) + len(split.calibration_good) == 14
 
 
 def test_dataset_hash_ignores_names_and_order_but_not_content(tmp_path: Path) -> None:
@@ -421,3 +421,30 @@ def test_unknown_dataset_layout_says_what_it_reads(tmp_path: Path) -> None:
         ingest(root=tmp_path / "pics")
     with pytest.raises(FileNotFoundError, match="dataset folder not found"):
         ingest(root=tmp_path / "missing")
+
+
+def test_folders_as_capture_groups_and_too_few_groups_refused(tmp_path: Path) -> None:
+    from pipelines.datasets import capture_groups, scan_folders
+
+    good_dir = tmp_path / "good"
+    for day in range(12):
+        for shot in range(3):
+            _image(good_dir / f"2026-11-{day + 1:02d}" / f"cam1_{shot}.png", 10 * day + shot, (8, 8))
+    records = scan_folders(good_dir)
+    groups = capture_groups([r.path for r in records], by_folder=True)
+    assert groups is not None and len(set(groups.values())) == 12
+    split = assign_splits(build_manifest(records, group_of=groups))
+    role_of = {**{p: "train" for p in split.train_good}, **{p: "calibration" for p in split.calibration_good},
+               **{r.path: "test" for r in split.test}}
+    per_day: dict[str, set[str]] = {}
+    for path, role in role_of.items():
+        per_day.setdefault(path.parent.name, set()).add(role)
+    assert all(len(roles) == 1 for roles in per_day.values())  # a day's captures never straddle train and calibration
+    assert set().union(*per_day.values()) == {"train", "calibration", "test"}
+    # both groupings at once: frames within a folder
+    both = capture_groups([r.path for r in records], r"_(\d+)\.png", 0, by_folder=True)
+    assert both is not None and len(set(both.values())) == 36 and capture_groups([r.path for r in records]) is None
+
+    few = [r for r in records if r.path.parent.name in ("2026-11-01", "2026-11-02")]
+    with pytest.raises(ValueError, match=r"6 good images form 2 capture group\(s\).*none fell to"):
+        assign_splits(build_manifest(few, group_of=groups))
