@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 from dataclasses import replace
+from collections.abc import Iterator
 from pathlib import Path
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -26,9 +27,9 @@ import numpy as np  # noqa: E402
 
 from inspector.engine import Inspector  # noqa: E402
 from inspector.metrics import roc_auc  # noqa: E402
-from pipelines.datasets import group_by_number_gaps, scan_mvtec  # noqa: E402
+from pipelines.datasets import ImageRecord, group_by_number_gaps, scan_mvtec  # noqa: E402
 from pipelines.ingest import SplitFractions, assign_splits, build_manifest  # noqa: E402
-from pipelines.recipe import Recipe, resolve_input_size  # noqa: E402
+from pipelines.recipe import DataSplit, Recipe, resolve_input_size  # noqa: E402
 
 
 def raw_views(bundle: Path, paths: list[Path]) -> tuple[np.ndarray, np.ndarray]:
@@ -79,23 +80,28 @@ def rules(cal: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray]
     return out
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def bundle_args(doc: str | None, cache: str) -> argparse.Namespace:
+    """The command line every bundle probe takes: the dataset root, ``--bundle PATH:SPLIT_SEED[:TYPE]`` and grouping."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("root", type=Path)
     p.add_argument("--bundle", action="append", required=True, help="PATH:SPLIT_SEED[:HELD_OUT_TYPE]")
     p.add_argument("--group-pattern", default=None)
     p.add_argument("--group-gap", type=int, default=0)
-    p.add_argument("--cache", type=Path, default=Path("runs/fusion_cache"))
+    p.add_argument("--cache", type=Path, default=Path(cache))
     args = p.parse_args()
+    args.cache.mkdir(parents=True, exist_ok=True)
+    return args
 
+
+def bundle_sets(args: argparse.Namespace) -> Iterator[tuple[str, str, list[str], DataSplit, list[Path], list[ImageRecord]]]:
+    """For each ``--bundle``: its path, split seed, held-out type (if any), the split it was built on, its
+    validation defects and test images (with every image of a held-out type), as the quality run made them."""
     records = scan_mvtec(args.root)
     groups = group_by_number_gaps([r.path for r in records], args.group_pattern, args.group_gap) if args.group_pattern else None
     manifest = build_manifest(records, group_of=groups)
     recipe = resolve_input_size(Recipe(seed=0), [(e.width, e.height) for e in manifest.entries if e.is_good])
     all_records = manifest.records()
     types_of = {str(r.path): r.defect_type for r in all_records}
-    args.cache.mkdir(parents=True, exist_ok=True)
-    table: dict[str, dict[str, dict[str, float]]] = {}
     for spec in args.bundle:
         path, seed, *held = spec.split(":")
         split = assign_splits(manifest, replace(SplitFractions.from_recipe(recipe), seed=int(seed)))
@@ -104,6 +110,13 @@ def main() -> None:
         if held:
             val = [v for v in val if types_of.get(str(v)) != held[0]]
             test = [r for r in test if r.is_good] + [r for r in all_records if r.defect_type == held[0]]
+        yield path, seed, held, split, val, test
+
+
+def main() -> None:
+    args = bundle_args(__doc__, "runs/fusion_cache")
+    table: dict[str, dict[str, dict[str, float]]] = {}
+    for path, seed, held, split, val, test in bundle_sets(args):
         cache = args.cache / (Path(path).parent.name + "_" + Path(path).name + f"_{seed}.npz")
         if cache.exists():
             z = np.load(cache)
