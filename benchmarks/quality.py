@@ -1,4 +1,5 @@
-"""Detection quality on any MVTec-layout folder: the frozen baselines vs the Siamese-trained product model, one run.
+"""Detection quality on any dataset ``pipelines train --data`` reads (MVTec layout, VisA, images labelled by
+their masks): the frozen baselines vs the Siamese-trained product model, one run.
 
 Every model is scored exactly as on the line (ONNX bundle through ``inspector``), on the product's own split (the
 manifest split of the training flow: content/group keyed; test defects are never trained on). Experiments
@@ -18,7 +19,8 @@ manifest split of the training flow: content/group keyed; test defects are never
         --group-pattern 'num_(\\d+)' --group-gap 2000 --experiments product,good-only,few-shot,loto
 
 ``--group-pattern``/``--group-gap`` group images whose numeric ids are within the gap (the same physical part
-photographed in consecutive frames), so that no part straddles train and test.
+photographed in consecutive frames), so that no part straddles train and test; ``--group-by-folder`` makes each
+folder one group, as in ``pipelines train``.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from inspector.heatmap import score_with_maps  # noqa: E402
 from inspector.metrics import pixel_auroc  # noqa: E402
 from inspector.preprocess import PreprocessConfig, open_mask  # noqa: E402
 from models.siamese import FrozenGlobalEmbedder, build_embedder  # noqa: E402
-from pipelines.datasets import ImageRecord, group_by_number_gaps, scan_mvtec  # noqa: E402
+from pipelines.datasets import ImageRecord, capture_groups, scan_root  # noqa: E402
 from pipelines.ingest import SplitFractions, assign_splits, build_manifest  # noqa: E402
 from pipelines.recipe import DataSplit, Evaluation, Recipe, build_bundle, evaluate_bundle, fit_embedder, resolve_bit_depth, resolve_input_size  # noqa: E402
 from pipelines.settings import apply_overrides, load_overrides  # noqa: E402
@@ -154,6 +156,7 @@ def main() -> None:
     p.add_argument("--epoch-size", type=int, default=None)
     p.add_argument("--group-pattern", default=None, help="regex with one numeric capture group in file names")
     p.add_argument("--group-gap", type=int, default=0)
+    p.add_argument("--group-by-folder", action="store_true", help="each folder is one capture group")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--split-seed", type=int, default=None, help="the split's own seed (default: --seed); fix it and vary "
                    "--seed to see how much the bank draw and training alone move the figures on the same test images")
@@ -174,8 +177,8 @@ def main() -> None:
         recipe = replace(recipe, epoch_size=args.epoch_size)
     recipe = apply_overrides(replace(recipe, train=replace(recipe.train, progress=True)), load_overrides(None, args.overrides))
 
-    records = scan_mvtec(args.root)
-    groups = group_by_number_gaps([r.path for r in records], args.group_pattern, args.group_gap) if args.group_pattern else None
+    records = scan_root(args.root)
+    groups = capture_groups([r.path for r in records], args.group_pattern, args.group_gap, by_folder=args.group_by_folder)
     manifest = build_manifest(records, group_of=groups)
     if not args.size:  # the recipe's own rule, as in the training flow
         recipe = resolve_input_size(recipe, [(e.width, e.height) for e in manifest.entries if e.is_good])
