@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -97,11 +98,16 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def summary_table(metrics: dict[str, float]) -> str:
     """The test metrics of the trained model beside the frozen baseline's, one row each."""
+    def cell(value: float | None, width: int) -> str:
+        return "" if value is None else f"{'n/a':>{width}}" if math.isnan(value) else f"{value:>{width}.3f}"
+
     rows = [k[len("test_"):] for k in metrics if k.startswith("test_")]
     lines = [f"{'test metric':<28}{'trained':>10}{'frozen baseline':>17}"]
     for name in rows:
-        base = metrics.get(f"baseline_test_{name}")
-        lines.append(f"{name:<28}{metrics['test_' + name]:>10.3f}{'' if base is None else f'{base:>17.3f}'}")
+        lines.append(f"{name:<28}{cell(metrics['test_' + name], 10)}{cell(metrics.get(f'baseline_test_{name}'), 17)}")
+    if math.isnan(metrics.get("test_image_auroc", 0.0)):
+        lines.append("n/a: the test set lacks good or defective parts (AUROC and escape need both; with goods only, "
+                     "the false-reject rate is the figure to watch)")
     return "\n".join(lines)
 
 

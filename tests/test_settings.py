@@ -51,3 +51,14 @@ def test_cli_environment_gives_the_ephemeral_prefect_server_time_to_start() -> N
             env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = env_value
         out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, env=env, check=True)
         assert out.stdout.strip().splitlines()[-1] == expected
+
+
+def test_summary_table_says_why_a_figure_is_missing() -> None:
+    from pipelines.cli import summary_table
+
+    table = summary_table({"test_image_auroc": float("nan"), "test_false_reject_rate": 0.04,
+                           "baseline_test_image_auroc": float("nan"), "baseline_test_false_reject_rate": 0.0})
+    assert "nan" not in table and table.count("n/a") >= 3 and "0.040" in table
+    assert "lacks good or defective parts" in table
+    full = summary_table({"test_image_auroc": 0.9, "baseline_test_image_auroc": 0.7})
+    assert "0.900" in full and "0.700" in full and "n/a" not in full
