@@ -18,6 +18,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -294,6 +295,7 @@ class SplitFractions:
     use_real_defects: bool = True
     seed: int = 0
     good_test_fraction: float = 0.2
+    good_test_split: str = "hash"  # "latest": the test goods are the last capture groups (or files) in name order
 
     @classmethod
     def from_recipe(cls, recipe: Any) -> SplitFractions:
@@ -306,6 +308,17 @@ def split_key(entry: ManifestEntry, group_of: GroupOf | None = None) -> str:
     return f"group:{group}" if group else f"sha256:{entry.sha256}"
 
 
+def _capture_order(entry: ManifestEntry, group_of: GroupOf | None) -> str:
+    """What orders captures in time for ``good_test_split="latest"``: the capture group, else the file's path."""
+    group = _group(group_of, Path(entry.path)) if group_of is not None else entry.group
+    return group or entry.path
+
+
+def _natural(text: str) -> list[Any]:
+    """Sort key in which ``g200`` comes before ``g1000`` and ``2026-11-02`` after ``2026-11-01``."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
+
+
 def split_roles(manifest: Manifest, fractions: SplitFractions = SplitFractions(), group_of: GroupOf | None = None) -> list[str]:
     """The role of each entry, in order: ``train`` / ``calibration`` (goods), ``train_defective`` / ``validation``
     (defects), or ``test``.
@@ -315,7 +328,9 @@ def split_roles(manifest: Manifest, fractions: SplitFractions = SplitFractions()
     ``use_real_defects``). A dataset with no test goods of its own (plain folders, VisA) keeps
     ``good_test_fraction`` of its goods for test: without them the test AUROC and the false-reject rate on later
     goods cannot be measured. Each role depends only on the key and the seed, so adding images never moves old
-    ones, and all images of one group with the same label share a role.
+    ones, and all images of one group with the same label share a role. ``good_test_split="latest"`` makes those
+    test goods the last capture groups (or files) in natural name order — date folders, frame numbers — so the test
+    asks whether a threshold set on earlier captures holds on later ones; new later captures then move the window.
     """
     cal = fractions.calibration_fraction
     good_test = 0.0 if any(e.is_good and e.source_split == "test" for e in manifest.entries) else fractions.good_test_fraction
@@ -323,6 +338,13 @@ def split_roles(manifest: Manifest, fractions: SplitFractions = SplitFractions()
         raise ValueError(f"calibration_fraction {cal} and good_test_fraction {good_test} leave no good parts to train on")
     good_roles = [("calibration", cal), ("train", 1.0 - cal)] if not good_test else \
         [("calibration", cal), ("test", good_test), ("train", 1.0 - cal - good_test)]
+    latest: set[str] = set()
+    if good_test and fractions.good_test_split == "latest":
+        order = sorted({_capture_order(e, group_of) for e in manifest.entries if e.is_good}, key=_natural)
+        latest = set(order[len(order) - math.ceil(good_test * len(order)):])
+        good_roles = [("calibration", cal / (1.0 - good_test)), ("train", 1.0 - cal / (1.0 - good_test))]
+    elif fractions.good_test_split not in ("hash", "latest"):
+        raise ValueError(f"good_test_split {fractions.good_test_split!r} is not 'hash' or 'latest'")
     d_train = fractions.defect_train_fraction if fractions.use_real_defects else 0.0
     d_val = fractions.defect_val_fraction if fractions.use_real_defects else 0.0
     salt = f"seed{fractions.seed}"
@@ -330,7 +352,7 @@ def split_roles(manifest: Manifest, fractions: SplitFractions = SplitFractions()
     for e in manifest.entries:
         key = split_key(e, group_of)
         if e.is_good:
-            if e.source_split == "test":
+            if e.source_split == "test" or _capture_order(e, group_of) in latest:
                 roles.append("test")
             else:
                 roles.append(assign_split(key, good_roles, salt + ":good"))

@@ -50,6 +50,7 @@ class Recipe:
     augment_strength: float = 1.0
     calibration_fraction: float = 0.2
     good_test_fraction: float = 0.2  # goods kept for test where the data has no test goods of its own (plain folders)
+    good_test_split: Literal["hash", "latest"] = "hash"  # "latest": those test goods are the last capture groups by name
     defect_train_fraction: float = 0.5
     defect_val_fraction: float = 0.15
     target_false_reject_rate: float = 0.01

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines.datasets import ImageRecord, group_by_regex, scan_folders, scan_mvtec
+from pipelines.datasets import ImageRecord, capture_groups, group_by_regex, scan_folders, scan_mvtec
 from pipelines.ingest import (
     Manifest,
     SplitFractions,
@@ -424,7 +424,7 @@ def test_unknown_dataset_layout_says_what_it_reads(tmp_path: Path) -> None:
 
 
 def test_folders_as_capture_groups_and_too_few_groups_refused(tmp_path: Path) -> None:
-    from pipelines.datasets import capture_groups, scan_folders
+
 
     good_dir = tmp_path / "good"
     for day in range(12):
@@ -448,3 +448,24 @@ def test_folders_as_capture_groups_and_too_few_groups_refused(tmp_path: Path) ->
     few = [r for r in records if r.path.parent.name in ("2026-11-01", "2026-11-02")]
     with pytest.raises(ValueError, match=r"6 good images form 2 capture group\(s\).*none fell to"):
         assign_splits(build_manifest(few, group_of=groups))
+
+
+def test_latest_captures_as_the_test_goods(tmp_path: Path) -> None:
+    good_dir = tmp_path / "good"
+    for day in range(1, 11):  # day 10 sorts after day 9 only by number
+        for shot in range(4):
+            _image(good_dir / f"day{day}" / f"{shot}.png", 10 * day + shot, (8, 8))
+    for i in range(6):
+        _image(tmp_path / "bad" / f"d{i}.png", 500 + i, (8, 8))
+    records = scan_folders(good_dir, tmp_path / "bad")
+    manifest = build_manifest(records, group_of=capture_groups([r.path for r in records], by_folder=True))
+
+    split = assign_splits(manifest, SplitFractions(good_test_fraction=0.2, good_test_split="latest"))
+
+    assert sorted({r.path.parent.name for r in split.test if r.is_good}) == ["day10", "day9"]  # the last two of ten
+    earlier = {p.parent.name for p in split.train_good + split.calibration_good}
+    assert earlier == {f"day{d}" for d in range(1, 9)} and split.calibration_good
+    hashed = assign_splits(manifest, SplitFractions(good_test_fraction=0.2))
+    assert {r.path.parent.name for r in hashed.test if r.is_good} != {"day9", "day10"}
+    with pytest.raises(ValueError, match="good_test_split"):
+        split_roles(manifest, SplitFractions(good_test_split="newest"))
