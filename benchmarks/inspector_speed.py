@@ -24,7 +24,7 @@ import socket
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -136,7 +136,8 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def service_rate(bundle: Path, paths: list[Path], requests: int, clients: int = 8, repeats: int = 3) -> tuple[float, int]:
+def service_rate(bundle: Path, paths: list[Path], requests: int, clients: int = 8, repeats: int = 3,
+                 extra: Sequence[str] = ()) -> tuple[float, int]:
     """Images/s of ``requests`` single-image POSTs from ``clients`` threads against ``inspector serve`` on loopback
     (best of ``repeats`` rounds after a warm-up) and the number of failed requests over all rounds.
 
@@ -150,7 +151,7 @@ def service_rate(bundle: Path, paths: list[Path], requests: int, clients: int = 
 
     port = free_port()
     cmd = [sys.executable, "-c", "import sys; from inspector.cli import main; sys.exit(main())",
-           "serve", "--bundle", str(bundle), "--host", "127.0.0.1", "--port", str(port), "--log-level", "error"]
+           "serve", "--bundle", str(bundle), "--host", "127.0.0.1", "--port", str(port), "--log-level", "error", *extra]
     server = subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     url = f"http://127.0.0.1:{port}"
     try:
@@ -276,9 +277,16 @@ def main() -> None:
         print(f"single-image latency: p50 {np.percentile(lat, 50):.1f} ms, p99 {np.percentile(lat, 99):.1f} ms")
         if cfg.mode == "patch" and not args.skip_service:
             single = rate(lambda: [inspector.score([q]) for q in paths[:16]], 16)
-            svc, errors = service_rate(bundle, paths, args.requests)
+            alone, combined, errors = [], [], 0
+            for _ in range(2):  # interleaved: the machine's load drifts between measures
+                for out, extra in ((alone, ["--combine-images", "1"]), (combined, [])):
+                    svc, failed = service_rate(bundle, paths, args.requests, extra=extra)
+                    out.append(svc)
+                    errors += failed
+            svc, before = max(combined), max(alone)
             print(f"HTTP service, 8 clients, {args.requests} single-image requests (best of 3): {svc:6.1f} img/s, {errors} errors; "
-                  f"in-process single-image scoring {single:6.1f} img/s; ratio x{svc / single:.2f}")
+                  f"in-process single-image scoring {single:6.1f} img/s; ratio x{svc / single:.2f}; each request alone "
+                  f"(--combine-images 1) {before:6.1f} img/s: combining queued requests x{svc / before:.2f}")
 
 
 if __name__ == "__main__":

@@ -137,7 +137,7 @@ def serve_settings(args: argparse.Namespace) -> ServiceSettings:
         bundle=args.bundle, model_uri=args.model_uri, host=args.host, port=args.port, token=args.token,
         max_bytes=args.max_bytes, max_images=args.max_images, threads=args.threads, log_level=args.log_level,
         tracking_uri=args.tracking_uri, poll_seconds=args.poll_seconds, cache_dir=args.cache_dir,
-        registry_timeout=args.registry_timeout,
+        registry_timeout=args.registry_timeout, combine_images=args.combine_images,
     )
 
 
@@ -290,6 +290,8 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--max-bytes", type=int, default=None, help="largest request body in bytes (default 20 MiB)")
     v.add_argument("--max-images", type=int, default=None, help="most images per request (default 64)")
     v.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: all cores)")
+    v.add_argument("--combine-images", type=int, default=None, help="requests queued behind a running batch are scored "
+                   "together, up to this many images (default 32; 1: every request alone)")
     v.add_argument("--log-level", default=None, choices=["critical", "error", "warning", "info", "debug"])
     v.set_defaults(func=cmd_serve)
     return p

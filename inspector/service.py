@@ -49,6 +49,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from inspector.batching import RequestBatcher
 from inspector.engine import Inspector
 from inspector.errors import BundleError, ImageError, InspectorError
 from inspector.registry import (
@@ -97,6 +98,8 @@ class ServiceSettings(_Model):
     max_bytes: int = Field(20 * 1024 * 1024, gt=0, description="largest request body accepted (413 above)")
     max_images: int = Field(64, gt=0, description="most images in one request (413 above)")
     threads: int | None = Field(None, ge=0, description="onnxruntime intra-op threads (None: INSPECTOR_THREADS or all cores)")
+    combine_images: int = Field(32, ge=1, description="requests queued behind a running batch are scored together, up to this many "
+                                "images (1: every request alone)")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
@@ -287,6 +290,10 @@ class ServiceMetrics:
         self.images = Counter("inspector_images_scored", "images scored (a score was produced)", registry=r)
         self.image_errors = Counter("inspector_image_errors", "images that could not be scored (per-item errors)", registry=r)
         self.anomalies = Counter("inspector_anomalies_flagged", "images scored above the threshold", registry=r)
+        self.batches = Counter("inspector_score_batches", "scoring batches run (requests that queued behind a running batch "
+                               "are combined into one)", registry=r)
+        self.batched_requests = Counter("inspector_score_batched_requests", "requests scored in those batches (divided by "
+                                        "inspector_score_batches_total: requests a batch)", registry=r)
         self.model = Info("inspector_model", "the model being served", registry=r)
         self.ready = Gauge("inspector_model_ready", "1 while a verified model is loaded", registry=r)
         self.reloads = Counter("inspector_model_reloads", "model (re)loads by result", ["result"], registry=r)
@@ -308,6 +315,10 @@ class ServiceMetrics:
         self._flags_lock = threading.Lock()
         self.recent_flag_rate.set(math.nan)
         self._loaded = 0
+
+    def batch_scored(self, requests: int, images: int) -> None:
+        self.batches.inc()
+        self.batched_requests.inc(requests)
 
     def parts_scored(self, flagged: list[bool]) -> None:
         """Count the verdicts into the recent flag rate. Why: a camera, lens or lighting change shows up as a flag
@@ -759,8 +770,9 @@ class _Upload:
     error: str | None = None
 
 
-def _score_uploads(model: LoadedModel, uploads: list[_Upload]) -> list[ImageScore]:
-    """Decode and score (synchronous: runs in the threadpool). Every upload gets a result, in order."""
+def _score_uploads(model: LoadedModel, uploads: list[_Upload], batcher: RequestBatcher) -> list[ImageScore]:
+    """Decode and score (synchronous: runs in the threadpool), with other requests' images when they queue up
+    together (``batcher``). Every upload gets a result, in order."""
     inspector = model.inspector
     threshold = inspector.threshold
     results: list[ImageScore | None] = [None] * len(uploads)
@@ -785,7 +797,7 @@ def _score_uploads(model: LoadedModel, uploads: list[_Upload]) -> list[ImageScor
 
     if decoded:
         try:
-            for (i, _), r in zip(decoded, inspector.score([img for _, img in decoded])):
+            for (i, _), r in zip(decoded, batcher.score(inspector, [img for _, img in decoded])):
                 fill(i, r)
         except Exception:  # one odd image must not sink the others: score them one by one to find it
             for i, img in decoded:
@@ -837,6 +849,7 @@ def create_app(settings: ServiceSettings, holder: ModelHolder | None = None) -> 
     holder = holder or ModelHolder(settings)
     metrics = ServiceMetrics()
     holder.on_swap(metrics.model_loaded)
+    batcher = RequestBatcher(settings.combine_images, on_batch=metrics.batch_scored)
     watcher = RegistryWatcher(holder, metrics, settings.model_uri, settings.poll_seconds) if settings.model_uri else None
 
     @asynccontextmanager
@@ -855,6 +868,7 @@ def create_app(settings: ServiceSettings, holder: ModelHolder | None = None) -> 
     app.state.settings = settings
     app.state.holder = holder
     app.state.metrics = metrics
+    app.state.batcher = batcher
     app.state.watcher = watcher
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)  # added last = outermost: sees the 413s too
@@ -883,7 +897,7 @@ def create_app(settings: ServiceSettings, holder: ModelHolder | None = None) -> 
         uploads = await _read_uploads(request, settings)
         if isinstance(uploads, JSONResponse):
             return uploads
-        results = await run_in_threadpool(_score_uploads, model, uploads)
+        results = await run_in_threadpool(_score_uploads, model, uploads, batcher)
         scored = [r for r in results if r.error is None]
         metrics.images.inc(len(scored))
         metrics.image_errors.inc(len(results) - len(scored))

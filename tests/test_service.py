@@ -378,3 +378,41 @@ def test_drift_gauges_follow_the_served_model(tiny_bundle: Path, tmp_path: Path)
     metrics.model_loaded(LoadedModel(Inspector.from_bundle(tiny_bundle), tiny_bundle, time.time()))
     rate, frr, upper = gauges()
     assert math.isnan(rate) and math.isnan(frr) and math.isnan(upper)
+
+
+def test_concurrent_cameras_are_scored_together_with_their_own_results(start_server: Callable[..., LiveServer], tiny_bundle: Path) -> None:
+    server = start_server(tiny_bundle)
+    blobs = [png_bytes(100 + i) for i in range(32)]
+    expected = [r.score for r in Inspector.from_bundle(tiny_bundle, threads=1).score(blobs)]
+    start = threading.Barrier(8)
+    local = threading.local()
+
+    def one(i: int) -> float:
+        if i < 8:
+            start.wait()
+        if not hasattr(local, "client"):
+            local.client = httpx.Client(base_url=server.url, timeout=30)
+        r = local.client.post("/v1/score", files=files((f"cam{i}.png", blobs[i])))
+        assert r.status_code == 200, r.text
+        (result,) = r.json()["results"]
+        assert result["name"] == f"cam{i}.png"
+        return float(result["score"])
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(one, range(len(blobs))))
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        metrics = c.get("/metrics").text
+    assert _gauge(metrics, "inspector_score_batched_requests_total") == 32  # every request went through the batcher
+    assert 1 <= _gauge(metrics, "inspector_score_batches_total") <= 32
+
+
+def test_each_request_alone_when_combining_is_off(start_server: Callable[..., LiveServer], tiny_bundle: Path) -> None:
+    server = start_server(tiny_bundle, combine_images=1)
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        for i in range(3):
+            assert c.post("/v1/score", files=files(("a.png", png_bytes(i)), ("b.png", png_bytes(i + 50)))).status_code == 200
+        metrics = c.get("/metrics").text
+    assert _gauge(metrics, "inspector_score_batches_total") == 3 == _gauge(metrics, "inspector_score_batched_requests_total")
