@@ -10,6 +10,7 @@ several times, a capture session) land on the same side.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -286,4 +287,9 @@ def capture_groups(paths: Sequence[Path], pattern: str | None = None, gap: int =
     if not pattern and not by_folder:
         return None
     numbered = group_by_number_gaps(paths, pattern, gap) if pattern else {}
-    return {p: "/".join(part for part in (str(p.parent) if by_folder else "", numbered.get(p, "")) if part) for p in paths}
+    base = Path(os.path.commonpath([str(p.parent) for p in paths])) if by_folder and paths else None
+
+    def folder(path: Path) -> str:  # relative to the dataset, so the split survives moving the dataset elsewhere
+        return path.parent.relative_to(base).as_posix() if base is not None else ""
+
+    return {p: "/".join(part for part in (folder(p), numbered.get(p, "")) if part) for p in paths}

@@ -427,12 +427,12 @@ def test_folders_as_capture_groups_and_too_few_groups_refused(tmp_path: Path) ->
 
 
     good_dir = tmp_path / "good"
-    for day in range(12):
+    for day in range(16):
         for shot in range(3):
             _image(good_dir / f"2026-11-{day + 1:02d}" / f"cam1_{shot}.png", 10 * day + shot, (8, 8))
     records = scan_folders(good_dir)
     groups = capture_groups([r.path for r in records], by_folder=True)
-    assert groups is not None and len(set(groups.values())) == 12
+    assert groups is not None and len(set(groups.values())) == 16
     split = assign_splits(build_manifest(records, group_of=groups))
     role_of = {**{p: "train" for p in split.train_good}, **{p: "calibration" for p in split.calibration_good},
                **{r.path: "test" for r in split.test}}
@@ -442,8 +442,10 @@ def test_folders_as_capture_groups_and_too_few_groups_refused(tmp_path: Path) ->
     assert all(len(roles) == 1 for roles in per_day.values())  # a day's captures never straddle train and calibration
     assert set().union(*per_day.values()) == {"train", "calibration", "test"}
     # both groupings at once: frames within a folder
+    moved = capture_groups([Path(str(r.path).replace(str(tmp_path), "/elsewhere/data")) for r in records], by_folder=True)
+    assert moved is not None and sorted(moved.values()) == sorted(groups.values())  # keyed inside the dataset, not by where it lies
     both = capture_groups([r.path for r in records], r"_(\d+)\.png", 0, by_folder=True)
-    assert both is not None and len(set(both.values())) == 36 and capture_groups([r.path for r in records]) is None
+    assert both is not None and len(set(both.values())) == 48 and capture_groups([r.path for r in records]) is None
 
     few = [r for r in records if r.path.parent.name in ("2026-11-01", "2026-11-02")]
     with pytest.raises(ValueError, match=r"6 good images form 2 capture group\(s\).*none fell to"):
