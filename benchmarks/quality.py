@@ -39,13 +39,11 @@ import torch  # noqa: E402
 
 from inspector.bundle import load_bundle  # noqa: E402
 from inspector.engine import Inspector  # noqa: E402
-from inspector.heatmap import score_with_maps  # noqa: E402
-from inspector.metrics import pixel_auroc  # noqa: E402
-from inspector.preprocess import PreprocessConfig, open_mask  # noqa: E402
+from inspector.preprocess import PreprocessConfig  # noqa: E402
 from models.siamese import FrozenGlobalEmbedder, build_embedder  # noqa: E402
 from pipelines.datasets import ImageRecord, capture_groups, scan_root  # noqa: E402
 from pipelines.ingest import SplitFractions, assign_splits, build_manifest  # noqa: E402
-from pipelines.recipe import DataSplit, Evaluation, Recipe, build_bundle, evaluate_bundle, fit_embedder, resolve_bit_depth, resolve_input_size  # noqa: E402
+from pipelines.recipe import DataSplit, Evaluation, Recipe, build_bundle, evaluate_bundle, fit_embedder, pixel_level_auroc, resolve_bit_depth, resolve_input_size  # noqa: E402
 from pipelines.settings import apply_overrides, load_overrides  # noqa: E402
 
 FEW_SHOT = (5, 10, 25)
@@ -59,17 +57,8 @@ def escape_per_type(evaluation: Evaluation) -> dict[str, float]:
 
 def pixel_level(bundle: Path, test: list[ImageRecord], limit: int = 400) -> float:
     """Pixel AUROC of the bundle's heatmaps on the test images that have masks, plus the test goods (all-normal)."""
-    chosen = [r for r in test if r.is_good or r.mask is not None][:limit]
-    inspector = Inspector.from_bundle(bundle)
-    maps, masks = [], []
-    for start in range(0, len(chosen), 32):
-        batch = chosen[start : start + 32]
-        for record, (_, amap, _) in zip(batch, score_with_maps(inspector, [r.path for r in batch])):
-            if amap is None:
-                continue
-            maps.append(amap)
-            masks.append(None if record.is_good else np.asarray(open_mask(record.mask)) > 0)
-    return pixel_auroc(maps, masks)
+    value = pixel_level_auroc(bundle, test, limit)
+    return float("nan") if value is None else value
 
 
 def line_speed(bundle: Path, paths: list[Path], repeat: int = 1) -> float:

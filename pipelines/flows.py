@@ -20,7 +20,7 @@ from prefect.cache_policies import NO_CACHE
 
 from pipelines.datasets import capture_groups, scan_dataset
 from pipelines.ingest import Manifest, SplitFractions, assign_splits, build_manifest, read_manifest, write_manifest
-from pipelines.recipe import DataSplit, Evaluation, Recipe, build_bundle, evaluate_bundle, fit_embedder, resolve_bit_depth, resolve_input_size, threshold_metrics
+from pipelines.recipe import DataSplit, Evaluation, Recipe, build_bundle, evaluate_bundle, fit_embedder, pixel_level_auroc, resolve_bit_depth, resolve_input_size, threshold_metrics
 from pipelines.settings import PipelineSettings
 
 
@@ -151,6 +151,8 @@ def train_flow(source: DataSource, recipe: Recipe | None = None, settings: Pipel
         bundle = bundle_task(embedder, split, recipe, run_dir / "bundle", provenance, settings.model_name)
         evaluation = evaluate_task(bundle, split)
         metrics = {**_float_metrics(evaluation), **threshold_metrics(bundle)}
+        if (pixel := pixel_level_auroc(bundle, split.test)) is not None:  # the test defects have masks: where, not only whether
+            metrics["test_pixel_auroc"] = pixel
         if settings.baseline:
             metrics.update(baseline_task(split, recipe, run_dir / "baseline_bundle"))
         scores_path = run_dir / "test_scores.json"

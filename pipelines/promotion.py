@@ -60,6 +60,8 @@ class GateRules(BaseModel):
     max_false_reject_rate: float = Field(0.1, ge=0, le=1, description="good parts flagged, at the challenger's threshold")
     max_escape_rate: float = Field(0.2, ge=0, le=1, description="defective parts passed, at the challenger's threshold")
     max_parity_diff: float = Field(1e-3, gt=0, description="torch vs ONNX max abs difference recorded at export")
+    min_pixel_auroc: float | None = Field(None, ge=0, le=1, description="floor on the heatmaps' pixel AUROC against the gate "
+                                          "set's masks (unset: reported, not a rule; set without masks: refused)")
     gate_hash: str | None = Field(None, description="pinned gate-set hash (default: the registered model's gate_set_hash tag)")
 
     @classmethod
@@ -264,6 +266,13 @@ def evaluate_rules(challenger: ModelScore, champion: ModelScore | None, rules: G
         ok = auroc is not None and base is not None and auroc >= base - rules.auroc_tolerance
         out.append(RuleResult("no_regression", ok, f"challenger AUROC {_fmt(auroc)} vs champion {_fmt(base)} (tolerance {rules.auroc_tolerance})"))
 
+    if rules.min_pixel_auroc is not None:
+        pixel = _metric(challenger, "pixel_auroc")
+        ok = pixel is not None and pixel >= rules.min_pixel_auroc
+        reason = "the gate set has no defect masks to measure it on" if pixel is None and not challenger.bundle_error else \
+            f"challenger pixel AUROC {_fmt(pixel)} {'≥' if ok else 'below'} floor {rules.min_pixel_auroc:.4f}"
+        out.append(RuleResult("min_pixel_auroc", ok, reason))
+
     for name, limit in (("false_reject_rate", rules.max_false_reject_rate), ("escape_rate", rules.max_escape_rate)):
         value = _metric(challenger, name)
         ok = value is not None and value <= limit
@@ -314,7 +323,7 @@ def score_version(model_name: str, alias: str, version: Any, gate: GateSet, work
     """
     from inspector.bundle import load_bundle
     from inspector.errors import InspectorError
-    from pipelines.recipe import evaluate_bundle
+    from pipelines.recipe import evaluate_bundle, pixel_level_auroc
     from pipelines.tracking import download_bundle
 
     score = ModelScore(alias, str(version.version), version.run_id or "")
@@ -332,8 +341,11 @@ def score_version(model_name: str, alias: str, version: Any, gate: GateSet, work
             score.hash_mismatch = f"{name} sha256 {files.get(name, '')[:12]}… is not the {recorded[:12]}… recorded at registration"
     parity = bundle.spec.model.get("parity_max_abs_diff")
     score.parity = float(parity) if parity is not None else None
-    evaluation = evaluate_bundle(path, [e.record() for e in gate.manifest.entries])
+    records = [e.record() for e in gate.manifest.entries]
+    evaluation = evaluate_bundle(path, records)
     score.metrics = {k: float(v) for k, v in evaluation.metrics().items()}
+    if (pixel := pixel_level_auroc(path, records)) is not None:  # the gate's defects have masks: where, not only whether
+        score.metrics["pixel_auroc"] = pixel
     score.threshold = float(evaluation.threshold)
     score.scored, score.score_errors = len(evaluation.scores), len(evaluation.errors)
     return score

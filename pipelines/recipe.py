@@ -479,6 +479,30 @@ def threshold_metrics(bundle: Path) -> dict[str, float]:
     return out
 
 
+def pixel_level_auroc(bundle: Path, records: Sequence[ImageRecord], limit: int = 400) -> float | None:
+    """Pixel AUROC of the bundle's heatmaps against the masks of ``records`` (goods count as all-normal), or None
+    when no defective record has a mask or the bundle draws no maps: *where* on the part, not only whether. At
+    most ``limit`` images (a second pass over them, with maps)."""
+    from inspector.heatmap import score_with_maps
+    from inspector.metrics import pixel_auroc
+    from inspector.preprocess import open_mask
+
+    chosen = [r for r in records if r.is_good or r.mask is not None][:limit]
+    if all(r.is_good for r in chosen):
+        return None
+    inspector = Inspector.from_bundle(bundle)
+    maps: list[np.ndarray] = []
+    masks: list[np.ndarray | None] = []
+    for start in range(0, len(chosen), 32):
+        batch = chosen[start : start + 32]
+        for record, (_, amap, _) in zip(batch, score_with_maps(inspector, [r.path for r in batch])):
+            if amap is not None:
+                maps.append(amap)
+                masks.append(None if record.is_good else np.asarray(open_mask(record.mask)) > 0)  # type: ignore[arg-type]
+    value = pixel_auroc(maps, masks) if maps else float("nan")
+    return value if math.isfinite(value) else None
+
+
 def evaluate_bundle(bundle: Path, test: Sequence[ImageRecord]) -> Evaluation:
     """Score the test images through the line's code path (``Inspector``) and keep per-image results."""
     inspector = Inspector.from_bundle(bundle)

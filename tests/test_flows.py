@@ -75,6 +75,8 @@ def test_train_flow_registers_challenger_with_reproducible_scores(prefect_harnes
     # the default bundle also scores whole parts; the run says what each view alone would have scored
     assert load_bundle(result.bundle).spec.density is not None
     assert {"test_image_auroc_patch", "test_image_auroc_part"} <= set(run.data.metrics)
+    # the demo's defects have masks: the run says where on the part, too (pixel AUROC of its heatmaps)
+    assert 0.5 < run.data.metrics["test_pixel_auroc"] <= 1.0
 
 
 def test_failed_run_registers_nothing(prefect_harness: None, tmp_path: Path) -> None:

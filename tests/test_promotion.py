@@ -72,6 +72,19 @@ def test_rules_better_worse_and_no_champion() -> None:
     assert {n for n, ok in _verdicts(weak).items() if not ok} == {"min_auroc", "false_reject_rate", "escape_rate"}
 
 
+def test_pixel_auroc_rule_only_when_asked_and_refused_without_masks() -> None:
+    located = _score("3", 0.95)
+    located.metrics["pixel_auroc"] = 0.82
+    assert "min_pixel_auroc" not in _verdicts(evaluate_rules(located, None, RULES, gate_hash="h", pinned_hash="h"))  # reported only
+    strict = RULES.model_copy(update={"min_pixel_auroc": 0.9})
+    assert _verdicts(evaluate_rules(located, None, strict, gate_hash="h", pinned_hash="h"))["min_pixel_auroc"] is False
+    assert _verdicts(evaluate_rules(located, None, RULES.model_copy(update={"min_pixel_auroc": 0.8}), gate_hash="h",
+                                    pinned_hash="h"))["min_pixel_auroc"] is True
+    unmasked = evaluate_rules(_score("3", 0.95), None, strict, gate_hash="h", pinned_hash="h")
+    assert [r.reason for r in unmasked if r.name == "min_pixel_auroc"] == ["the gate set has no defect masks to measure it on"]
+    assert GateRules.from_overrides(["min_pixel_auroc=0.7"]).min_pixel_auroc == 0.7
+
+
 def test_rules_integrity_parity_gate_hash_and_same_version() -> None:
     corrupt = _score("3", float("nan"), bundle_error="references.npy: sha256 … does not match")
     v = _verdicts(evaluate_rules(corrupt, _score("2", 0.9), RULES, gate_hash="h", pinned_hash="h"))
@@ -250,6 +263,7 @@ def test_gate_moves_champion_only_for_a_good_enough_challenger(backend: str, kit
         failed = {r["name"] for r in decision["rules"] if not r["passed"]}
         assert {"no_regression", "min_auroc"} <= failed
         assert decision["challenger"]["metrics"]["image_auroc"] < decision["champion"]["metrics"]["image_auroc"] - 0.05
+        assert 0.0 <= decision["champion"]["metrics"]["pixel_auroc"] <= 1.0  # the demo gate's defects have masks: where, too
         tags = client.get_model_version(name, "2").tags
         assert tags["gate.decision"] == "refused" and tags["gate.rule.no_regression"].startswith("FAIL")
         assert "no_regression" in tags["gate.reasons"] and tags["gate.champion_version"] == "1"
