@@ -167,7 +167,7 @@ def main() -> None:
     recipe = apply_overrides(replace(recipe, train=replace(recipe.train, progress=True)), load_overrides(None, args.overrides))
 
     records = scan_root(args.root)
-    groups = capture_groups([r.path for r in records], args.group_pattern, args.group_gap, by_folder=args.group_by_folder)
+    groups = capture_groups(records, args.group_pattern, args.group_gap, by_folder=args.group_by_folder)
     manifest = build_manifest(records, group_of=groups)
     if not args.size:  # the recipe's own rule, as in the training flow
         recipe = resolve_input_size(recipe, [(e.width, e.height) for e in manifest.entries if e.is_good])

@@ -280,16 +280,23 @@ def group_by_number_gaps(paths: Iterable[Path], pattern: str, gap: int) -> dict[
     return groups
 
 
-def capture_groups(paths: Sequence[Path], pattern: str | None = None, gap: int = 0, *, by_folder: bool = False) -> dict[Path, str] | None:
+def capture_groups(records: Sequence[ImageRecord], pattern: str | None = None, gap: int = 0, *,
+                   by_folder: bool = False) -> dict[Path, str] | None:
     """Each image's capture group, or None to split image by image: frame numbers within ``gap`` of each other
     (:func:`group_by_number_gaps`), the image's folder (``by_folder``: goods kept by date, shift or camera), or
-    both (frames within a folder)."""
+    both (frames within a folder). A defect photo's folder named after its defect type is its type, not a capture
+    group (a whole type on one side of the split would leave it untested or untrained): those are not grouped by
+    folder, their own sub-folders (``bad/scratch/2026-11-30/``) are."""
     if not pattern and not by_folder:
         return None
+    paths = [r.path for r in records]
     numbered = group_by_number_gaps(paths, pattern, gap) if pattern else {}
     base = Path(os.path.commonpath([str(p.parent) for p in paths])) if by_folder and paths else None
 
-    def folder(path: Path) -> str:  # relative to the dataset, so the split survives moving the dataset elsewhere
-        return path.parent.relative_to(base).as_posix() if base is not None else ""
+    def folder(record: ImageRecord) -> str:  # relative to the dataset, so the split survives moving the dataset elsewhere
+        if base is None or (not record.is_good and record.path.parent.name == record.defect_type):
+            return ""
+        return record.path.parent.relative_to(base).as_posix()
 
-    return {p: "/".join(part for part in (folder(p), numbered.get(p, "")) if part) for p in paths}
+    # "" (a type folder, no frame number): the image is its own group, split by its content like ungrouped images
+    return {r.path: "/".join(part for part in (folder(r), numbered.get(r.path, "")) if part) for r in records}

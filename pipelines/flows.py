@@ -48,11 +48,21 @@ class TrainResult:
     scores: dict[str, float]
 
 
+def _ingest_code() -> bytes:
+    """The source of the code that reads a dataset: a release that reads layouts, masks or groups differently must
+    not be handed a manifest the old code built."""
+    from pipelines import datasets, ingest
+
+    return b"".join(Path(m.__file__).read_bytes() for m in (datasets, ingest) if m.__file__)
+
+
 def _files_fingerprint(context: Any, parameters: dict[str, Any]) -> str:
-    """Cache key of ingest: every file's path, size and mtime (content hashes are only computed on a miss)."""
+    """Cache key of ingest: every file's path, size and mtime (content hashes are only computed on a miss), the
+    grouping asked for and the ingest code itself."""
     source: DataSource = parameters["source"]
     h = hashlib.sha256(json.dumps([source.root, source.good, source.defective, parameters.get("group_pattern"), parameters.get("group_gap"),
                                    parameters.get("group_by_folder", False)]).encode())
+    h.update(hashlib.sha256(_ingest_code()).digest())
     if source.manifest:
         st = Path(source.manifest).stat()
         h.update(f"manifest:{Path(source.manifest).resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())
@@ -72,7 +82,7 @@ def ingest_task(source: DataSource, group_pattern: str | None = None, group_gap:
         get_run_logger().info("ingest: manifest %s: %s", source.manifest, manifest.summary())
         return manifest
     records = scan_dataset(root=source.root, good=source.good, defective=source.defective)
-    groups = capture_groups([r.path for r in records], group_pattern, group_gap, by_folder=group_by_folder)
+    groups = capture_groups(records, group_pattern, group_gap, by_folder=group_by_folder)
     manifest = build_manifest(records, group_of=groups, source={"root": source.root, "good": source.good, "defective": source.defective})
     logger = get_run_logger()
     logger.info("ingest: %s", manifest.summary())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -431,7 +432,7 @@ def test_folders_as_capture_groups_and_too_few_groups_refused(tmp_path: Path) ->
         for shot in range(3):
             _image(good_dir / f"2026-11-{day + 1:02d}" / f"cam1_{shot}.png", 10 * day + shot, (8, 8))
     records = scan_folders(good_dir)
-    groups = capture_groups([r.path for r in records], by_folder=True)
+    groups = capture_groups(records, by_folder=True)
     assert groups is not None and len(set(groups.values())) == 16
     split = assign_splits(build_manifest(records, group_of=groups))
     role_of = {**{p: "train" for p in split.train_good}, **{p: "calibration" for p in split.calibration_good},
@@ -442,10 +443,10 @@ def test_folders_as_capture_groups_and_too_few_groups_refused(tmp_path: Path) ->
     assert all(len(roles) == 1 for roles in per_day.values())  # a day's captures never straddle train and calibration
     assert set().union(*per_day.values()) == {"train", "calibration", "test"}
     # both groupings at once: frames within a folder
-    moved = capture_groups([Path(str(r.path).replace(str(tmp_path), "/elsewhere/data")) for r in records], by_folder=True)
+    moved = capture_groups([replace(r, path=Path(str(r.path).replace(str(tmp_path), "/elsewhere/data"))) for r in records], by_folder=True)
     assert moved is not None and sorted(moved.values()) == sorted(groups.values())  # keyed inside the dataset, not by where it lies
-    both = capture_groups([r.path for r in records], r"_(\d+)\.png", 0, by_folder=True)
-    assert both is not None and len(set(both.values())) == 48 and capture_groups([r.path for r in records]) is None
+    both = capture_groups(records, r"_(\d+)\.png", 0, by_folder=True)
+    assert both is not None and len(set(both.values())) == 48 and capture_groups(records) is None
 
     few = [r for r in records if r.path.parent.name in ("2026-11-01", "2026-11-02")]
     with pytest.raises(ValueError, match=r"6 good images form 2 capture group\(s\).*none fell to"):
@@ -460,7 +461,7 @@ def test_latest_captures_as_the_test_goods(tmp_path: Path) -> None:
     for i in range(6):
         _image(tmp_path / "bad" / f"d{i}.png", 500 + i, (8, 8))
     records = scan_folders(good_dir, tmp_path / "bad")
-    manifest = build_manifest(records, group_of=capture_groups([r.path for r in records], by_folder=True))
+    manifest = build_manifest(records, group_of=capture_groups(records, by_folder=True))
 
     split = assign_splits(manifest, SplitFractions(good_test_fraction=0.2, good_test_split="latest"))
 
@@ -471,3 +472,18 @@ def test_latest_captures_as_the_test_goods(tmp_path: Path) -> None:
     assert {r.path.parent.name for r in hashed.test if r.is_good} != {"day9", "day10"}
     with pytest.raises(ValueError, match="good_test_split"):
         split_roles(manifest, SplitFractions(good_test_split="newest"))
+
+
+def test_a_defect_type_folder_is_not_a_capture_group(tmp_path: Path) -> None:
+    """Grouped by folder, every scratch photo would land on one side of the split: scratches all trained on and
+    never tested, or never trained on. Type folders stay ungrouped; their own dated sub-folders are groups."""
+    for day in range(3):
+        _image(tmp_path / "good" / f"day{day}" / "a.png", day, (8, 8))
+    scratches = [_image(tmp_path / "bad" / "scratch" / f"s{i}.png", 100 + i, (8, 8)) for i in range(4)]
+    dents = [_image(tmp_path / "bad" / "dent" / "2026-11-30" / f"d{i}.png", 200 + i, (8, 8)) for i in range(2)]
+    records = scan_folders(tmp_path / "good", tmp_path / "bad")
+    groups = capture_groups(records, by_folder=True)
+    assert groups is not None
+    assert [groups[p] for p in scratches] == [""] * 4  # each its own group, split by content
+    assert {groups[p] for p in dents} == {"bad/dent/2026-11-30"}
+    assert {groups[r.path] for r in records if r.is_good} == {"good/day0", "good/day1", "good/day2"}
