@@ -2,9 +2,10 @@
 
 Reads the MVTec AD / anomalib Folder layout (``train/good``, ``test/good``, ``test/<defect>``; BTAD's ``ok`` for
 ``good``), VisA's own layout (``Data/Images/Normal|Anomaly``, ``Data/Masks/Anomaly``), datasets whose masks say
-which parts are defective (KolektorSDD, KolektorSDD2, DAGM 2007), or plain folders of good and defective images. Splits are by a hash of each image's *group* (by default the file itself), never by
-file order, so adding images never moves old ones, and all images of one group (a physical part photographed
-several times, a capture session) land on the same side.
+which parts are defective (KolektorSDD, KolektorSDD2, DAGM 2007), or plain folders of good and defective images.
+Splits are by a hash of each image's *group* (by default the file itself), never by file order, so adding images
+never moves old ones, and all images of one group (a physical part photographed several times, a capture session)
+land on the same side.
 """
 
 from __future__ import annotations
