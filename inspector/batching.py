@@ -47,8 +47,7 @@ class RequestBatcher:
         self._lock = threading.Lock()
         self._queue: deque[_Pending] = deque()
         self._busy = False
-        self.batches = 0  # scored batches and the requests in them: what the combining achieved
-        self.requests = 0
+        self.requests = 0  # requests scored so far, through whichever batch
 
     def score(self, inspector: Inspector, images: Sequence[Any]) -> list[ScoreResult]:
         """The results of ``images`` (in order) through ``inspector``, scored alone or with other requests' images;
@@ -79,7 +78,6 @@ class RequestBatcher:
             while self._queue and self._queue[0].inspector is batch[0].inspector and size + len(self._queue[0].images) <= self.max_images:
                 size += len(self._queue[0].images)
                 batch.append(self._queue.popleft())
-            self.batches += 1
             self.requests += len(batch)
         return batch
 

@@ -85,6 +85,11 @@ def mask_index(folder: Path) -> dict[str, Path]:
 BESIDE_MASK_SUFFIXES = ("_mask", "_gt", "_label")
 
 
+def _masked_stem(stem: str) -> str | None:
+    """The image stem a mask named ``<image><suffix>`` (:data:`BESIDE_MASK_SUFFIXES`) belongs to, else None."""
+    return next((stem[: -len(suffix)] for suffix in BESIDE_MASK_SUFFIXES if stem.lower().endswith(suffix)), None)
+
+
 def images_and_masks(folder: Path) -> list[tuple[Path, Path | None]]:
     """The images of a plain folder, each with the mask stored beside it, if any: a file named like an image of
     the folder plus one of :data:`BESIDE_MASK_SUFFIXES` is that image's mask, never a part of its own (taken as a
@@ -93,10 +98,8 @@ def images_and_masks(folder: Path) -> list[tuple[Path, Path | None]]:
     by_stem = {p.stem: p for p in files}
     masks: dict[Path, Path] = {}
     for p in files:
-        for suffix in BESIDE_MASK_SUFFIXES:
-            if p.stem.lower().endswith(suffix) and p.stem[: -len(suffix)] in by_stem:
-                masks[by_stem[p.stem[: -len(suffix)]]] = p
-                break
+        if (stem := _masked_stem(p.stem)) in by_stem:
+            masks[by_stem[stem]] = p  # type: ignore[index]
     mask_files = set(masks.values())
     return [(p, masks.get(p)) for p in files if p not in mask_files]
 
@@ -153,12 +156,7 @@ def _label_folder_masks(folder: Path) -> tuple[dict[str, Path], set[Path]]:
     for sub in sorted(d for d in folder.iterdir() if d.is_dir() and d.name.lower() in LABEL_FOLDERS):
         used.add(sub)
         for p in list_images(sub):
-            stem = p.stem
-            for suffix in BESIDE_MASK_SUFFIXES:
-                if stem.lower().endswith(suffix):
-                    stem = stem[: -len(suffix)]
-                    break
-            masks.setdefault(stem, p)
+            masks.setdefault(_masked_stem(p.stem) or p.stem, p)
     return masks, used
 
 
@@ -205,10 +203,14 @@ def detect_layout(root: str | Path) -> str:
         "(KolektorSDD, DAGM); for plain folders of good and defective images use --good DIR --defective DIR")
 
 
+def scan_layout(root: str | Path, layout: str) -> list[ImageRecord]:
+    """All images of a dataset root in ``layout`` (what :func:`detect_layout` said of it)."""
+    return scan_mvtec(root) if layout == "mvtec" else scan_visa(root) if layout == "visa" else scan_labelled_by_mask(root)
+
+
 def scan_root(root: str | Path) -> list[ImageRecord]:
     """All images of a dataset root in any layout :func:`detect_layout` knows."""
-    layout = detect_layout(root)
-    return scan_mvtec(root) if layout == "mvtec" else scan_visa(root) if layout == "visa" else scan_labelled_by_mask(root)
+    return scan_layout(root, detect_layout(root))
 
 
 def scan_dataset(root: str | Path | None = None, good: str | Path | None = None, defective: str | Path | None = None) -> list[ImageRecord]:

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from inspector.errors import ImageError
 from inspector.preprocess import DEFAULT_MAX_PIXELS, load_image, open_mask, significant_bits
-from pipelines.datasets import LABEL_BY_MASK, ImageRecord, assign_split, detect_layout, scan_dataset
+from pipelines.datasets import LABEL_BY_MASK, ImageRecord, assign_split, detect_layout, scan_dataset, scan_layout
 
 if TYPE_CHECKING:  # recipe.py pulls in torch; imported lazily where a DataSplit is built
     from pipelines.recipe import DataSplit
@@ -275,8 +275,11 @@ def build_manifest(records: Sequence[ImageRecord], *, max_pixels: int = DEFAULT_
 def ingest(root: str | Path | None = None, good: str | Path | None = None, defective: str | Path | None = None, *,
            max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int = DEFAULT_MAX_BYTES, group_of: GroupOf | None = None) -> Manifest:
     """Find the images (MVTec layout under ``root``, or ``good``/``defective`` folders) and build their manifest."""
-    records = scan_dataset(root=root, good=good, defective=defective)
-    layout = detect_layout(root) if root is not None else "folders"
+    if root is None or good is not None or defective is not None:  # plain folders (scan_dataset refuses a mix)
+        layout, records = "folders", scan_dataset(root=root, good=good, defective=defective)
+    else:  # the layout found once, not again for the manifest's source
+        layout = detect_layout(root)
+        records = scan_layout(root, layout)
     source = {"layout": layout, "root": str(root) if root is not None else None,
               "good": str(good) if good is not None else None, "defective": str(defective) if defective is not None else None}
     return build_manifest(records, max_pixels=max_pixels, max_bytes=max_bytes, group_of=group_of, source=source)
@@ -302,16 +305,20 @@ class SplitFractions:
         return cls(**{k: getattr(recipe, k) for k in cls.__dataclass_fields__})
 
 
+def _entry_group(entry: ManifestEntry, group_of: GroupOf | None) -> str:
+    """The entry's capture group: from ``group_of`` when given at split time, else the one recorded at ingest."""
+    return _group(group_of, Path(entry.path)) if group_of is not None else entry.group
+
+
 def split_key(entry: ManifestEntry, group_of: GroupOf | None = None) -> str:
     """What an image is split by: its capture group when it has one, else its content hash (never its name)."""
-    group = _group(group_of, Path(entry.path)) if group_of is not None else entry.group
+    group = _entry_group(entry, group_of)
     return f"group:{group}" if group else f"sha256:{entry.sha256}"
 
 
 def _capture_order(entry: ManifestEntry, group_of: GroupOf | None) -> str:
     """What orders captures in time for ``good_test_split="latest"``: the capture group, else the file's path."""
-    group = _group(group_of, Path(entry.path)) if group_of is not None else entry.group
-    return group or entry.path
+    return _entry_group(entry, group_of) or entry.path
 
 
 def _natural(text: str) -> list[Any]:
