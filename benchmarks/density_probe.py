@@ -27,7 +27,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from feature_probe import (aggregate, cached_stage_maps, content_masks, ensemble_scores, fuse, nearest,  # noqa: E402
                            per_type, probe_split, product_split_defects, subset_cells)
 
@@ -116,6 +115,9 @@ def main() -> None:
                    "against one Gaussian of every golden region (stages --stages, summed), the part's score its worst region")
     p.add_argument("--tail-scales", default="", help="comma-separated percentiles q: also fuse by the max of the two "
                    "scores each scaled by its calibration goods' median-to-q-th-percentile distance (instead of the IQR)")
+    p.add_argument("--extra-sizes", default="", help="comma-separated HxW: also compute the whole-part Gaussian of "
+                   "--stage-sets at these input sizes (a part seen at several scales); each alone and summed with the "
+                   "--size one, each also fused with the patch rule")
     p.add_argument("--verbose", action="store_true", help="also print each stage's own score")
     p.add_argument("--cache", type=Path, default=None)
     p.add_argument("--group-pattern", default=None)
@@ -154,6 +156,31 @@ def main() -> None:
             summed = (sum(t for t, _ in chosen), sum(c for _, c in chosen))
             report(f"gauss {how} sum {subset}", *summed, test, in_split)
             members[f"gauss-{how}-{subset}"] = summed
+
+    base = {name: value for name, value in members.items() if name.startswith("gauss-meanstd-")}
+    for size in [v for v in args.extra_sizes.split(",") if v.strip()]:
+        eh, ew = (int(v) for v in size.lower().split("x"))
+        epre = Preprocessor(PreprocessConfig(height=eh, width=ew))
+        emaps = {name: cached_stage_maps([r.path for r in group], epre, stages, args.cache, args.backbone)
+                 for name, group in (("fit", fit), ("cal", cal), ("test", test))}
+        by_stage = {}
+        for s in stages:
+            grid = emaps["test"][s].shape[-2:]
+            desc = {k: pooled(emaps[k][s], content_masks(paths[k], epre, grid), "meanstd") for k in emaps}
+            cal_s, test_s = gaussian_scores(desc["fit"], desc["cal"], desc["test"])
+            by_stage[s] = (test_s, cal_s)
+        for subset in args.stage_sets.split(","):
+            chosen = [by_stage[int(s)] for s in subset.split("+")]
+            alone = (sum(t for t, _ in chosen), sum(c for _, c in chosen))
+            report(f"gauss meanstd {subset} @{size}", *alone, test, in_split)
+            members[f"gauss@{size}-{subset}"] = alone
+            own = base.get(f"gauss-meanstd-{subset}")
+            if own is not None:
+                both = (own[0] + alone[0], own[1] + alone[1])
+                report(f"gauss {subset} @{args.size}+{size}", *both, test, in_split)
+                members[f"gauss@{args.size}+{size}-{subset}"] = both
+                scaled = ensemble_scores([own, alone], np.add)
+                report(f"zsum gauss {subset} @{args.size},{size}", *scaled, test, in_split)
 
     for regions in [int(v) for v in args.regions.split(",") if v.strip()]:
         total = {k: 0.0 for k in ("cal", "test")}

@@ -200,6 +200,8 @@ def main() -> None:
     p.add_argument("--skip-service", action="store_true", help="leave out the HTTP service measure")
     p.add_argument("--patch-only", action=argparse.BooleanOptionalAction, default=True, help="also measure the patch embedder "
                    "without the whole-part descriptor and score (what the default costs over it)")
+    p.add_argument("--multi-scale", action="store_true", help="also measure the whole-part descriptor taken again from the "
+                   "input at half size (density_downscales=(2,)): what that option costs")
     p.add_argument("--head-only", action="store_true", help="also measure the patch embedder without the pretrained half (128-d patches)")
     p.add_argument("--global", dest="global_mode", action=argparse.BooleanOptionalAction, default=True, help="also measure the global embedder")
     args = p.parse_args()
@@ -212,6 +214,7 @@ def main() -> None:
 
     modes = [("patch (default)", EmbedderConfig())]
     modes += [("patch, no whole-part score (density_stages=0)", EmbedderConfig(density_stages=0))] if args.patch_only else []
+    modes += [("patch, whole part also at half size (density_downscales=(2,))", EmbedderConfig(density_downscales=(2,)))] if args.multi_scale else []
     modes += [("patch, head alone (keep_pretrained=False)", EmbedderConfig(keep_pretrained=False))] if args.head_only else []
     modes += [("global", EmbedderConfig(mode="global"))] if args.global_mode else []
     for index, (label, cfg) in enumerate(modes):

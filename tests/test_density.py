@@ -65,14 +65,15 @@ def test_descriptor_pools_over_the_part_only() -> None:
     np.testing.assert_allclose(out[1, :3], fmap[1].reshape(3, -1).mean(1), rtol=1e-5)
 
 
-def _embedder(density_stages: int = 2) -> torch.nn.Module:
+def _embedder(density_stages: int = 2, density_downscales: tuple[int, ...] = ()) -> torch.nn.Module:
     torch.manual_seed(0)
     return build_embedder(EmbedderConfig(backbone="tiny_cnn", weights=None, feature_stages=(2, 3), embedding_dim=8,
-                                         density_stages=density_stages)).eval()
+                                         density_stages=density_stages, density_downscales=density_downscales)).eval()
 
 
-def test_onnx_describes_letterboxed_parts_as_torch_does(tmp_path: Path) -> None:
-    model = _embedder()
+@pytest.mark.parametrize("downscales", [(), (2,)])
+def test_onnx_describes_letterboxed_parts_as_torch_does(tmp_path: Path, downscales: tuple[int, ...]) -> None:
+    model = _embedder(density_downscales=downscales)
     path = export_onnx(model, tmp_path / "m.onnx", height=32, width=32)
     pre = PreprocessConfig(height=32, width=32)
     onnx = OnnxEmbedder(path, pre)
@@ -88,6 +89,32 @@ def test_onnx_describes_letterboxed_parts_as_torch_does(tmp_path: Path) -> None:
     np.testing.assert_allclose(desc, t_desc.numpy(), rtol=1e-4, atol=1e-4)
     assert desc.shape == (3, sum(model.descriptor_blocks))
     assert check_parity(model, path, prepared.batch, placement=placement) <= 1e-4
+
+
+def test_downscaled_pass_describes_the_part_again_from_the_pooled_input() -> None:
+    """Each downscale adds one block per density stage: the same statistics of a pass over the average-pooled input,
+    over the same part; configs written before the option read back without it."""
+    torch.manual_seed(0)
+    cfg = dict(backbone="tiny_cnn", weights=None, feature_stages=(2, 3), embedding_dim=8, density_stages=2)
+    single = build_embedder(EmbedderConfig(**cfg, density_downscales=())).eval()
+    double = build_embedder(EmbedderConfig(**cfg, density_downscales=(2,))).eval()
+    double.load_state_dict(single.state_dict())
+    assert double.descriptor_blocks == single.descriptor_blocks * 2
+    x = torch.rand(2, 3, 64, 48)
+    placement = torch.tensor([[0.0, 0.0, 48.0, 64.0], [8.0, 0.0, 32.0, 64.0]])
+    with torch.no_grad():
+        emb1, d1 = single.forward_parts(x, placement)
+        emb2, d2 = double.forward_parts(x, placement)
+        small = double._density_maps(torch.nn.functional.avg_pool2d(x, 2), list(double.backbone.stages))
+    width = sum(single.descriptor_blocks)
+    torch.testing.assert_close(emb2, emb1)
+    torch.testing.assert_close(d2[:, :width], d1)
+    expected = torch.cat([pooled_on_part(m, placement, (64, 48)) for m in small], dim=1)
+    torch.testing.assert_close(d2[:, width:], expected)
+    assert not torch.allclose(d2[:, width:], d1)
+    assert EmbedderConfig.from_dict({"density_stages": 4}).density_downscales == ()
+    with pytest.raises(ValueError, match="density_downscales"):
+        EmbedderConfig(density_downscales=(1,))
 
 
 def test_whole_part_score_finds_parts_whose_every_patch_looks_good(density_bundle: tuple[Path, dict[str, list[Path]]]) -> None:
