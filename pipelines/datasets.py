@@ -10,6 +10,7 @@ land on the same side.
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import os
 import re
@@ -135,13 +136,45 @@ VISA_MASKS = Path("Data") / "Masks"
 
 def scan_visa(root: str | Path) -> list[ImageRecord]:
     """One VisA object as the dataset ships it: goods in ``Data/Images/Normal``, defects in ``Data/Images/Anomaly``
-    (one folder for every kind: type ``defect``), their masks under the same name in ``Data/Masks/Anomaly``. VisA's
-    ``split_csv`` is not read: the product splits by content and capture group like every other layout."""
+    (one folder for every kind: type ``defect``), their masks under the same name in ``Data/Masks/Anomaly``. Where
+    VisA's ``split_csv/1cls.csv`` is there (beside the object folders, or in it), its train/test assignment is kept
+    as each image's source split, so the test goods are VisA's own, as in published results; without it the
+    product keeps goods for test by capture group like for plain folders."""
     root = Path(root)
     masks = mask_index(root / VISA_MASKS / "Anomaly")
-    return ([ImageRecord(p, 0, "good", "") for folder in folder_tree(root / VISA_IMAGES / "Normal") for p in list_images(folder)]
-            + [ImageRecord(p, 1, "defect", "", masks.get(p.stem)) for folder in folder_tree(root / VISA_IMAGES / "Anomaly")
-               for p in list_images(folder)])
+    splits = visa_splits(root)
+    return ([ImageRecord(p, 0, "good", splits.get(p.resolve(), "")) for folder in folder_tree(root / VISA_IMAGES / "Normal")
+             for p in list_images(folder)]
+            + [ImageRecord(p, 1, "defect", splits.get(p.resolve(), ""), masks.get(p.stem))
+               for folder in folder_tree(root / VISA_IMAGES / "Anomaly") for p in list_images(folder)])
+
+
+VISA_SPLIT_CSV = Path("split_csv") / "1cls.csv"
+
+
+def visa_splits(root: Path) -> dict[Path, str]:
+    """``train`` / ``test`` of each image VisA's one-class split file lists (resolved path → split), from
+    ``<VisA>/split_csv/1cls.csv`` (paths relative to ``<VisA>``) or the object's own copy; empty when there is none.
+    A file that is not VisA's (columns missing, a split other than train/test) is an error that names it."""
+    for csv_path in (root.parent / VISA_SPLIT_CSV, root / VISA_SPLIT_CSV):
+        if csv_path.is_file():
+            break
+    else:
+        return {}
+    base = csv_path.parent.parent
+    with csv_path.open(newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        missing = {"split", "image"} - set(reader.fieldnames or ())
+        if reader.fieldnames and missing:
+            raise ValueError(f"{csv_path}: not a VisA split file, no column {sorted(missing)} "
+                             f"(expected object,split,label,image,mask)")
+        splits: dict[Path, str] = {}
+        for line, row in enumerate(reader, start=2):
+            split = (row.get("split") or "").strip().lower()
+            if split not in ("train", "test"):
+                raise ValueError(f"{csv_path}, line {line}: split {row.get('split')!r} is neither train nor test")
+            splits[(base / (row.get("image") or "").strip()).resolve()] = split
+    return splits
 
 
 #: Folders that hold the masks of the images beside them (DAGM 2007 keeps ``Train/Label/<id>_label.PNG``).

@@ -332,7 +332,7 @@ def split_roles(manifest: Manifest, fractions: SplitFractions = SplitFractions()
 
     Goods from an MVTec ``test`` folder are test. Other goods go to calibration with ``calibration_fraction``;
     defects to train / validation / test with the defect fractions (train and validation are empty without
-    ``use_real_defects``). A dataset with no test goods of its own (plain folders, VisA) keeps
+    ``use_real_defects``). A dataset with no test goods of its own (plain folders, VisA without its split file) keeps
     ``good_test_fraction`` of its goods for test: without them the test AUROC and the false-reject rate on later
     goods cannot be measured. Each role depends only on the key and the seed, so adding images never moves old
     ones, and all images of one group with the same label share a role. ``good_test_split="latest"`` makes those

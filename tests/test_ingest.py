@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines.datasets import ImageRecord, capture_groups, group_by_regex, scan_folders, scan_mvtec
+from pipelines.datasets import ImageRecord, capture_groups, group_by_regex, scan_folders, scan_mvtec, scan_visa
 from pipelines.ingest import (
     Manifest,
     SplitFractions,
@@ -375,6 +375,35 @@ def test_visa_layout(tmp_path: Path) -> None:
 
     gate = gate_set_from_folder(root, tmp_path / "gate.json")  # a VisA object is a valid promotion gate set too
     assert gate.manifest.dataset_hash == manifest.dataset_hash and gate.path.is_file()
+
+
+def test_visa_keeps_its_own_split_file(tmp_path: Path) -> None:
+    """VisA's split_csv/1cls.csv (beside the object folders, paths relative to them) decides which goods are test."""
+    visa = tmp_path / "VisA"
+    root = visa / "candle"
+    images = root / "Data" / "Images"
+    goods = [_image(images / "Normal" / f"{i:04d}.JPG", i, (20, 16)) for i in range(10)]
+    bads = [_image(images / "Anomaly" / f"{i:03d}.JPG", 100 + i, (20, 16)) for i in range(3)]
+    test_goods = goods[7:]
+    rows = ["object,split,label,image,mask"]
+    rows += [f"candle,{'test' if g in test_goods else 'train'},normal,{g.relative_to(visa).as_posix()}," for g in goods]
+    rows += [f"candle,test,anomaly,{b.relative_to(visa).as_posix()}," for b in bads]
+    rows += ["pcb1,train,normal,pcb1/Data/Images/Normal/0000.JPG,"]  # another object's row: not this dataset's
+    (visa / "split_csv").mkdir()
+    (visa / "split_csv" / "1cls.csv").write_text("\n".join(rows) + "\n")
+
+    manifest = ingest(root=root)
+    by_path = {Path(e.path): e for e in manifest.entries}
+    assert [by_path[g].source_split for g in goods] == ["train"] * 7 + ["test"] * 3
+    split = assign_splits(manifest, SplitFractions(calibration_fraction=0.3, good_test_fraction=0.2))
+    assert sorted(r.path for r in split.test if r.is_good) == test_goods  # VisA's own, none drawn from its train goods
+
+    (visa / "split_csv" / "1cls.csv").write_text("object,label,image\ncandle,normal,candle/Data/Images/Normal/0000.JPG\n")
+    with pytest.raises(ValueError, match=r"1cls.csv: not a VisA split file.*'split'"):
+        scan_visa(root)
+    (visa / "split_csv" / "1cls.csv").write_text("object,split,label,image,mask\ncandle,val,normal,x.JPG,\n")
+    with pytest.raises(ValueError, match=r"1cls.csv, line 2: split 'val'"):
+        scan_visa(root)
 
 
 def test_datasets_labelled_by_their_masks(tmp_path: Path) -> None:
