@@ -99,3 +99,22 @@ def test_failed_run_registers_nothing(prefect_harness: None, tmp_path: Path) -> 
     assert client.search_model_versions("name='never'") == []
     runs = client.search_runs([client.get_experiment_by_name("fail").experiment_id])
     assert [r.info.status for r in runs] == ["FAILED"]
+
+
+def test_ingest_cache_key_follows_the_files_the_grouping_and_the_reading_code(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A manifest cached by an older release (other layout, mask or group rules) or for other files is never reused."""
+    from pipelines import datasets, flows
+
+    generate_demo_dataset(tmp_path / "data", n_train_good=4, n_test_good=2, n_test_per_defect=1, height=32, width=32, seed=0)
+    source = flows.DataSource(root=str(tmp_path / "data"))
+    key = flows._files_fingerprint(None, {"source": source})
+    assert key == flows._files_fingerprint(None, {"source": source})
+    assert Path(datasets.__file__).read_bytes() in flows._ingest_code()
+    assert key != flows._files_fingerprint(None, {"source": source, "group_by_folder": True})
+    image = next((tmp_path / "data" / "train" / "good").iterdir())
+    image.write_bytes(image.read_bytes() + b"\0")
+    changed = flows._files_fingerprint(None, {"source": source})
+    assert changed != key
+    # a release whose reading code differs (the one fault here that needs a stand-in: the code on disk is ours)
+    monkeypatch.setattr(flows, "_ingest_code", lambda: b"a later release of datasets.py and ingest.py")
+    assert flows._files_fingerprint(None, {"source": source}) != changed
