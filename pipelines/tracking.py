@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -55,6 +56,10 @@ CHALLENGER = "challenger"
 EPOCH_METRICS = ("train_loss", "val_auroc", "embedding_variance", "images_per_second")
 OUTPUT_COLUMNS = ("path", "score", "threshold", "verdict", "model_version", "error")
 SERVING_PACKAGES = ("onnxruntime", "numpy", "pillow")
+#: Packages whose version can move a run's figures (numerics, image decoding and resizing, augmentation, export):
+#: tagged on every training run as ``env.<package>``
+RESULT_PACKAGES = ("torch", "torchvision", "timm", "numpy", "pillow", "opencv-python-headless", "albumentations",
+                   "scikit-learn", "onnx", "onnxruntime")
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on one param value
 
 
@@ -196,7 +201,7 @@ def log_training_run(
       best_val_auroc, and ``training/history.json``;
     - ``metrics``: final metrics (non-finite and None values are skipped);
     - ``manifest`` (a JSON file, or the manifest itself), ``checkpoint`` and ``plots`` (PNG files) as artifacts;
-    - tags: ``dataset_hash``, ``git_commit`` (or ``"unknown"``), plus ``tags``.
+    - tags: ``dataset_hash``, ``git_commit`` (or ``"unknown"``), ``env.*`` (:func:`environment_tags`), plus ``tags``.
     """
     run_id = _active_run_id()
     client = MlflowClient()
@@ -230,7 +235,7 @@ def log_training_run(
             continue
         metric_rows.append(Metric(str(key), value, now, 0))
 
-    all_tags = {"dataset_hash": dataset_hash or "unknown", "git_commit": git_commit(repo_dir)}
+    all_tags = {"dataset_hash": dataset_hash or "unknown", "git_commit": git_commit(repo_dir), **environment_tags()}
     for key in ("stopped_early", "collapsed", "device", "skipped"):
         if history_dict.get(key) is not None:
             all_tags[f"training.{key}"] = history_dict[key]
@@ -254,6 +259,19 @@ def log_training_run(
     for plot in plots:
         mlflow.log_artifact(str(_existing_file(plot, "plot")), "plots")
     return run_id
+
+
+def environment_tags() -> dict[str, str]:
+    """What a run ran on: Python, the machine, and the version of each result-moving package (``"absent"`` when it
+    is not installed). Why: the same code and data can score differently under another numpy, Pillow or CPU, and
+    a run that does not say what it ran on cannot be reproduced or compared."""
+    tags = {"env.python": platform.python_version(), "env.machine": f"{platform.machine()} {platform.system()}"}
+    for package in RESULT_PACKAGES:
+        try:
+            tags[f"env.{package}"] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            tags[f"env.{package}"] = "absent"
+    return tags
 
 
 def _now_ms() -> int:

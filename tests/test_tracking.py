@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -108,6 +109,9 @@ def test_log_training_run(store: dict, tmp_path: Path) -> None:
     assert data.tags["dataset_hash"] == "abc123"
     commit = data.tags["git_commit"]
     assert commit == "unknown" or len(commit) == 40
+    # the run says which versions produced it (its figures move with numpy, Pillow, torch)
+    assert data.tags["env.numpy"] == metadata.version("numpy") and data.tags["env.torch"] == metadata.version("torch")
+    assert data.tags["env.python"].count(".") == 2 and set(tracking.RESULT_PACKAGES) == {k[4:] for k in data.tags if k.startswith("env.")} - {"python", "machine"}
     artifacts = {a.path for d in ("", "dataset", "checkpoint", "plots", "training") for a in client.list_artifacts(run.info.run_id, d or None)}
     assert {"dataset/manifest.json", "checkpoint/last.pt", "plots/roc.png", "config.json", "training/history.json"} <= artifacts
     assert Path(client.get_run(run.info.run_id).info.artifact_uri.removeprefix("file://")).is_relative_to(tmp_path)
