@@ -1,5 +1,6 @@
 # Two commands for a fresh machine with Python 3.11 and pip: `make demo` and `make test`.
-# The venv is created once and reinstalled only when pyproject.toml changes.
+# The venv is created once and reinstalled only when pyproject.toml or constraints.txt changes; constraints.txt
+# pins every package to the versions the suite and the benchmark figures were measured with.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -13,9 +14,9 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet -e '.[train,serve,dev]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[train,serve,dev]'
 	@touch $(STAMP)
 
 demo: $(STAMP)
