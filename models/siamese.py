@@ -176,13 +176,7 @@ class PatchEmbedder(nn.Module):
 
     def _stage_maps(self, x: Tensor, stages: list[nn.Module], extra: tuple[int, ...] = ()) -> list[Tensor]:
         """The maps of ``feature_stages`` in order, then those of ``extra`` (running only as deep as either needs)."""
-        wanted = set(self.feature_stages) | set(extra)
-        found: dict[int, Tensor] = {}
-        for i, stage in enumerate(stages[: max(wanted) + 1]):
-            x = stage(x)
-            if i in wanted:
-                found[i] = x
-        return [found[i] for i in self.feature_stages] + [found[i] for i in extra]
+        return stage_maps(x, stages, self.feature_stages + tuple(extra))
 
     def features(self, x: Tensor) -> Tensor:
         """Fused multi-stage feature map (N, C, h, w) on the coarsest selected grid, with neighbourhood context."""
@@ -228,19 +222,21 @@ class PatchEmbedder(nn.Module):
         patches = self._embed(self._fuse(maps[: len(self.feature_stages)])).flatten(2).transpose(1, 2)
         size = x.shape[-2:]
         descriptor = [pooled_on_part(m, placement, size) for m in maps[len(self.feature_stages) :]]
-        for k in self.density_downscales:
-            small = self._density_maps(F.avg_pool2d(x, k), stages)
+        for k in self.density_downscales:  # a downscaled pass needs no patch features
+            small = stage_maps(F.avg_pool2d(x, k), stages, self.density_stages)
             descriptor += [pooled_on_part(m, placement, size) for m in small]
         return patches, torch.cat(descriptor, dim=1)
 
-    def _density_maps(self, x: Tensor, stages: list[nn.Module]) -> list[Tensor]:
-        """The maps of ``density_stages`` alone (a downscaled pass needs no patch features)."""
-        found = []
-        for i, stage in enumerate(stages[: max(self.density_stages) + 1]):
-            x = stage(x)
-            if i in self.density_stages:
-                found.append(x)
-        return found
+
+def stage_maps(x: Tensor, stages: list[nn.Module], order: tuple[int, ...]) -> list[Tensor]:
+    """The output maps of the stages numbered in ``order`` (in that order), running only as deep as the deepest."""
+    wanted = set(order)
+    found: dict[int, Tensor] = {}
+    for i, stage in enumerate(stages[: max(wanted) + 1]):
+        x = stage(x)
+        if i in wanted:
+            found[i] = x
+    return [found[i] for i in order]
 
 
 def on_part_weights(placement: Tensor, grid: tuple[int, int], size: tuple[int, int]) -> Tensor:

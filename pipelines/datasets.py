@@ -143,37 +143,43 @@ def scan_visa(root: str | Path) -> list[ImageRecord]:
     root = Path(root)
     masks = mask_index(root / VISA_MASKS / "Anomaly")
     splits = visa_splits(root)
-    return ([ImageRecord(p, 0, "good", splits.get(p.resolve(), "")) for folder in folder_tree(root / VISA_IMAGES / "Normal")
-             for p in list_images(folder)]
-            + [ImageRecord(p, 1, "defect", splits.get(p.resolve(), ""), masks.get(p.stem))
+
+    def split(p: Path) -> str:
+        return splits.get(p.relative_to(root.parent).as_posix(), "")
+
+    return ([ImageRecord(p, 0, "good", split(p)) for folder in folder_tree(root / VISA_IMAGES / "Normal") for p in list_images(folder)]
+            + [ImageRecord(p, 1, "defect", split(p), masks.get(p.stem))
                for folder in folder_tree(root / VISA_IMAGES / "Anomaly") for p in list_images(folder)])
 
 
 VISA_SPLIT_CSV = Path("split_csv") / "1cls.csv"
 
 
-def visa_splits(root: Path) -> dict[Path, str]:
-    """``train`` / ``test`` of each image VisA's one-class split file lists (resolved path → split), from
-    ``<VisA>/split_csv/1cls.csv`` (paths relative to ``<VisA>``) or the object's own copy; empty when there is none.
-    A file that is not VisA's (columns missing, a split other than train/test) is an error that names it."""
+def visa_splits(root: Path) -> dict[str, str]:
+    """``train`` / ``test`` of each of this object's images in VisA's one-class split file, keyed by its path as the
+    file writes it (relative to ``<VisA>``, so ``<object>/Data/...``), from ``<VisA>/split_csv/1cls.csv`` or a copy
+    in the object's folder; empty when there is none. A file that is not VisA's (columns missing, a split other
+    than train/test) is an error that names it."""
     for csv_path in (root.parent / VISA_SPLIT_CSV, root / VISA_SPLIT_CSV):
         if csv_path.is_file():
             break
     else:
         return {}
-    base = csv_path.parent.parent
+    prefix = f"{root.name}/"
     with csv_path.open(newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         missing = {"split", "image"} - set(reader.fieldnames or ())
         if reader.fieldnames and missing:
             raise ValueError(f"{csv_path}: not a VisA split file, no column {sorted(missing)} "
                              f"(expected object,split,label,image,mask)")
-        splits: dict[Path, str] = {}
+        splits: dict[str, str] = {}
         for line, row in enumerate(reader, start=2):
             split = (row.get("split") or "").strip().lower()
             if split not in ("train", "test"):
                 raise ValueError(f"{csv_path}, line {line}: split {row.get('split')!r} is neither train nor test")
-            splits[(base / (row.get("image") or "").strip()).resolve()] = split
+            image = (row.get("image") or "").strip().replace("\\", "/")
+            if image.startswith(prefix):
+                splits[image] = split
     return splits
 
 

@@ -16,7 +16,7 @@ from inspector.errors import BundleError, InspectorError
 from inspector.preprocess import PreprocessConfig
 from inspector.references import ReferencesError, add_references, remove_references
 from models.export import check_parity, export_onnx
-from models.siamese import EmbedderConfig, build_embedder, pooled_on_part
+from models.siamese import EmbedderConfig, build_embedder, pooled_on_part, stage_maps
 from tests.parts import textured_parts
 
 
@@ -105,7 +105,7 @@ def test_downscaled_pass_describes_the_part_again_from_the_pooled_input() -> Non
     with torch.no_grad():
         emb1, d1 = single.forward_parts(x, placement)
         emb2, d2 = double.forward_parts(x, placement)
-        small = double._density_maps(torch.nn.functional.avg_pool2d(x, 2), list(double.backbone.stages))
+        small = stage_maps(torch.nn.functional.avg_pool2d(x, 2), list(double.backbone.stages), double.density_stages)
     width = sum(single.descriptor_blocks)
     torch.testing.assert_close(emb2, emb1)
     torch.testing.assert_close(d2[:, :width], d1)
