@@ -42,7 +42,7 @@ from inspector.engine import Inspector  # noqa: E402
 from inspector.preprocess import PreprocessConfig  # noqa: E402
 from models.siamese import FrozenGlobalEmbedder, build_embedder  # noqa: E402
 from pipelines.datasets import ImageRecord, capture_groups, scan_root  # noqa: E402
-from pipelines.ingest import SplitFractions, assign_splits, build_manifest  # noqa: E402
+from pipelines.ingest import Manifest, SplitFractions, assign_splits, build_manifest  # noqa: E402
 from pipelines.recipe import DataSplit, Evaluation, Recipe, build_bundle, evaluate_bundle, fit_embedder, pixel_level_auroc, resolve_bit_depth, resolve_input_size  # noqa: E402
 from pipelines.settings import apply_overrides, load_overrides  # noqa: E402
 
@@ -135,6 +135,21 @@ def print_table(title: str, columns: dict[str, dict[str, float]], counts: dict[s
         print(f"{r:<16}{cells}" + (f"{counts[r]:>8}" if counts and r in counts else ""))
 
 
+def product_split(root: Path, recipe: Recipe, group_pattern: str | None, group_gap: int, by_folder: bool,
+                  split_seed: int | None, resolve_size: bool = True) -> tuple[Manifest, DataSplit, Recipe]:
+    """The training flow's split of ``root`` (same grouping, fractions and seed), and the recipe with its input size
+    and bit depth resolved from the data as the flow does; other benchmarks use it to score on the same test images."""
+    records = scan_root(root)
+    groups = capture_groups(records, group_pattern, group_gap, by_folder=by_folder)
+    manifest = build_manifest(records, group_of=groups)
+    if resolve_size:
+        recipe = resolve_input_size(recipe, [(e.width, e.height) for e in manifest.entries if e.is_good])
+    recipe = resolve_bit_depth(recipe, [e.bits for e in manifest.entries])
+    fractions = SplitFractions.from_recipe(recipe)
+    split = assign_splits(manifest, fractions if split_seed is None else replace(fractions, seed=split_seed))
+    return manifest, split, recipe
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("root", type=Path)
@@ -167,14 +182,8 @@ def main() -> None:
         recipe = replace(recipe, epoch_size=args.epoch_size)
     recipe = apply_overrides(replace(recipe, train=replace(recipe.train, progress=True)), load_overrides(None, args.overrides))
 
-    records = scan_root(args.root)
-    groups = capture_groups(records, args.group_pattern, args.group_gap, by_folder=args.group_by_folder)
-    manifest = build_manifest(records, group_of=groups)
-    if not args.size:  # the recipe's own rule, as in the training flow
-        recipe = resolve_input_size(recipe, [(e.width, e.height) for e in manifest.entries if e.is_good])
-    recipe = resolve_bit_depth(recipe, [e.bits for e in manifest.entries])
-    fractions = SplitFractions.from_recipe(recipe)
-    split = assign_splits(manifest, fractions if args.split_seed is None else replace(fractions, seed=args.split_seed))
+    manifest, split, recipe = product_split(args.root, recipe, args.group_pattern, args.group_gap, args.group_by_folder,
+                                            args.split_seed, resolve_size=not args.size)
     all_records = manifest.records()
     print("ingest:", json.dumps(manifest.summary()), "\nsplit:", json.dumps(split.summary()))
     print(f"input {recipe.preprocess.height}x{recipe.preprocess.width} {recipe.preprocess.resize}, {recipe.train.epochs} epochs x {recipe.epoch_size} images")
