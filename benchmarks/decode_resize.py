@@ -35,7 +35,9 @@ def best_ms(fn: Callable[[], object], repeats: int) -> float:
 def photo(width: int, height: int, mono: bool, seed: int = 0) -> Image.Image:
     """A smooth part-like photo with sensor noise (smooth content alone would flatter the JPEG decoder)."""
     rng = np.random.default_rng(seed)
-    base = Image.fromarray(rng.integers(40, 220, (24, 30, 3), dtype=np.uint8)).resize((width, height), Image.Resampling.BICUBIC)
+    base = Image.fromarray(rng.integers(40, 220, (24, 30, 3), dtype=np.uint8)).resize(
+        (width, height), Image.Resampling.BICUBIC
+    )
     noisy = np.asarray(base).astype(np.int16) + rng.integers(-8, 9, (height, width, 3))
     img = Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
     return img.convert("L") if mono else img
@@ -56,9 +58,13 @@ def main() -> None:
     in_w, in_h = (int(v) for v in args.input.split("x"))
     two = Preprocessor(PreprocessConfig(height=in_h, width=in_w))
     one = Preprocessor(PreprocessConfig(height=in_h, width=in_w, reducing_gap=None))
-    print(f"input {in_w}x{in_h}, one thread, ms per photo (best of {args.repeats}); max diff: largest pixel difference from one step")
-    print(f"{'photo':>10} {'format':>6} {'colour':>6} | {'one step':>8} {'two steps':>9} {'+ draft':>8} {'ratio':>6} {'max diff':>8} | "
-          f"{'mono via RGB':>12} {'one channel':>11} {'ratio':>6}")
+    print(
+        f"input {in_w}x{in_h}, one thread, ms per photo (best of {args.repeats}); max diff: largest pixel difference from one step"
+    )
+    print(
+        f"{'photo':>10} {'format':>6} {'colour':>6} | {'one step':>8} {'two steps':>9} {'+ draft':>8} {'ratio':>6} {'max diff':>8} | "
+        f"{'mono via RGB':>12} {'one channel':>11} {'ratio':>6}"
+    )
     for size in args.sizes.split(","):
         w, h = (int(v) for v in size.split("x"))
         for fmt in ("JPEG", "PNG"):
@@ -69,8 +75,10 @@ def main() -> None:
                 t_now = best_ms(lambda: two.resize(two.load(data, keep_gray=True)), args.repeats)  # the line's way
                 reference = one.resize(load_image(data)).astype(int)
                 diff = int(np.abs(two.resize(two.load(data)).astype(int) - reference).max())
-                row = (f"{size:>10} {fmt:>6} {'mono' if mono else 'colour':>6} | {t_one:8.1f} {t_two:9.1f} {t_now:8.1f} "
-                       f"{t_one / t_now:5.2f}x {diff:8d} |")
+                row = (
+                    f"{size:>10} {fmt:>6} {'mono' if mono else 'colour':>6} | {t_one:8.1f} {t_two:9.1f} {t_now:8.1f} "
+                    f"{t_one / t_now:5.2f}x {diff:8d} |"
+                )
                 if mono:
                     t_rgb = best_ms(lambda: two.resize(two.load(data)), args.repeats)
                     assert np.array_equal(two.resize(two.load(data)), two.resize(two.load(data, keep_gray=True)))

@@ -25,14 +25,24 @@ from pathlib import Path
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from feature_probe import (aggregate, cached_stage_maps, content_masks, ensemble_scores, fuse, nearest,  # noqa: E402
-                           per_type, probe_split, product_split_defects, subset_cells)
+import numpy as np
+import torch
+from feature_probe import (
+    aggregate,
+    cached_stage_maps,
+    content_masks,
+    ensemble_scores,
+    fuse,
+    nearest,
+    per_type,
+    probe_split,
+    product_split_defects,
+    subset_cells,
+)
 
-from inspector.density import GaussianDensity  # noqa: E402
-from inspector.preprocess import PreprocessConfig, Preprocessor  # noqa: E402
-from pipelines.datasets import scan_mvtec  # noqa: E402
+from inspector.density import GaussianDensity
+from inspector.preprocess import PreprocessConfig, Preprocessor
+from pipelines.datasets import scan_mvtec
 
 
 def pooled(maps: np.ndarray, content: np.ndarray, how: str) -> np.ndarray:
@@ -72,7 +82,9 @@ def region_pooled(maps: np.ndarray, content: np.ndarray, regions: int) -> np.nda
                 if len(rb) and len(cb):
                     mask[np.ix_(rb, cb)] = True
                 mask &= grid[i]
-                out[i, r * regions + k] = pooled(maps[i : i + 1], mask.reshape(1, -1), "meanstd")[0] if mask.any() else whole
+                out[i, r * regions + k] = (
+                    pooled(maps[i : i + 1], mask.reshape(1, -1), "meanstd")[0] if mask.any() else whole
+                )
     return out
 
 
@@ -103,21 +115,39 @@ def main() -> None:
     p.add_argument("--size", default="320x256")
     p.add_argument("--backbone", default="tf_efficientnet_lite0")
     p.add_argument("--stages", default="1,2,3,4,5,6", help="stage indices whose pooled features get a Gaussian each")
-    p.add_argument("--stage-sets", default="2+3+4+5+6+7+8", help="comma-separated '+'-joined stage sets whose "
-                   "Mahalanobis distances are summed (each also fused with the patch rule)")
-    p.add_argument("--fit-images", type=int, default=400, help="train goods the Gaussian (and the patch bank) is fitted on")
+    p.add_argument(
+        "--stage-sets",
+        default="2+3+4+5+6+7+8",
+        help="comma-separated '+'-joined stage sets whose "
+        "Mahalanobis distances are summed (each also fused with the patch rule)",
+    )
+    p.add_argument(
+        "--fit-images", type=int, default=400, help="train goods the Gaussian (and the patch bank) is fitted on"
+    )
     p.add_argument("--cal-images", type=int, default=140)
     p.add_argument("--pooling", default="mean,meanstd")
     p.add_argument("--patch-variant", default="3+4", help="the product's patch features, for the fused rows")
     p.add_argument("--bank", type=int, default=16384)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--regions", default="", help="comma-separated R: also score R x R regions of each part's bounding box "
-                   "against one Gaussian of every golden region (stages --stages, summed), the part's score its worst region")
-    p.add_argument("--tail-scales", default="", help="comma-separated percentiles q: also fuse by the max of the two "
-                   "scores each scaled by its calibration goods' median-to-q-th-percentile distance (instead of the IQR)")
-    p.add_argument("--extra-sizes", default="", help="comma-separated HxW: also compute the whole-part Gaussian of "
-                   "--stage-sets at these input sizes (a part seen at several scales); each alone and summed with the "
-                   "--size one, each also fused with the patch rule")
+    p.add_argument(
+        "--regions",
+        default="",
+        help="comma-separated R: also score R x R regions of each part's bounding box "
+        "against one Gaussian of every golden region (stages --stages, summed), the part's score its worst region",
+    )
+    p.add_argument(
+        "--tail-scales",
+        default="",
+        help="comma-separated percentiles q: also fuse by the max of the two "
+        "scores each scaled by its calibration goods' median-to-q-th-percentile distance (instead of the IQR)",
+    )
+    p.add_argument(
+        "--extra-sizes",
+        default="",
+        help="comma-separated HxW: also compute the whole-part Gaussian of "
+        "--stage-sets at these input sizes (a part seen at several scales); each alone and summed with the "
+        "--size one, each also fused with the patch rule",
+    )
     p.add_argument("--verbose", action="store_true", help="also print each stage's own score")
     p.add_argument("--cache", type=Path, default=None)
     p.add_argument("--group-pattern", default=None)
@@ -135,10 +165,14 @@ def main() -> None:
     h, w = (int(v) for v in args.size.lower().split("x"))
     pre = Preprocessor(PreprocessConfig(height=h, width=w))
     t0 = time.perf_counter()
-    maps = {name: cached_stage_maps([r.path for r in group], pre, need, args.cache, args.backbone)
-            for name, group in (("fit", fit), ("cal", cal), ("test", test))}
+    maps = {
+        name: cached_stage_maps([r.path for r in group], pre, need, args.cache, args.backbone)
+        for name, group in (("fit", fit), ("cal", cal), ("test", test))
+    }
     paths = {"fit": [r.path for r in fit], "cal": [r.path for r in cal], "test": [r.path for r in test]}
-    print(f"fit {len(fit)}, cal {len(cal)}, test {len(test)} ({sum(r.is_good for r in test)} good); features in {time.perf_counter() - t0:.0f} s")
+    print(
+        f"fit {len(fit)}, cal {len(cal)}, test {len(test)} ({sum(r.is_good for r in test)} good); features in {time.perf_counter() - t0:.0f} s"
+    )
 
     members: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for how in args.pooling.split(","):
@@ -161,8 +195,10 @@ def main() -> None:
     for size in [v for v in args.extra_sizes.split(",") if v.strip()]:
         eh, ew = (int(v) for v in size.lower().split("x"))
         epre = Preprocessor(PreprocessConfig(height=eh, width=ew))
-        emaps = {name: cached_stage_maps([r.path for r in group], epre, stages, args.cache, args.backbone)
-                 for name, group in (("fit", fit), ("cal", cal), ("test", test))}
+        emaps = {
+            name: cached_stage_maps([r.path for r in group], epre, stages, args.cache, args.backbone)
+            for name, group in (("fit", fit), ("cal", cal), ("test", test))
+        }
         by_stage = {}
         for s in stages:
             grid = emaps["test"][s].shape[-2:]
@@ -216,7 +252,10 @@ def main() -> None:
             report(f"zmax(patch, whole, {name})", *fused, test, in_split)
         for q in [float(v) for v in args.tail_scales.split(",") if v.strip()]:
             members_q = [(patch["test"], patch["cal"]), (t, c)]
-            fused = tuple(np.maximum(*(tail_standardised(v, cal_v, q) for v, cal_v in ((m[i], m[1]) for m in members_q))) for i in (0, 1))
+            fused = tuple(
+                np.maximum(*(tail_standardised(v, cal_v, q) for v, cal_v in ((m[i], m[1]) for m in members_q)))
+                for i in (0, 1)
+            )
             report(f"zmax-q{q:g}(patch, {name})", *fused, test, in_split)
 
 

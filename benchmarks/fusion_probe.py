@@ -17,19 +17,19 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import replace
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from inspector.engine import Inspector  # noqa: E402
-from inspector.metrics import roc_auc  # noqa: E402
-from pipelines.datasets import ImageRecord, group_by_number_gaps, scan_mvtec  # noqa: E402
-from pipelines.ingest import SplitFractions, assign_splits, build_manifest  # noqa: E402
-from pipelines.recipe import DataSplit, Recipe, resolve_input_size  # noqa: E402
+from inspector.engine import Inspector
+from inspector.metrics import roc_auc
+from pipelines.datasets import ImageRecord, group_by_number_gaps, scan_mvtec
+from pipelines.ingest import SplitFractions, assign_splits, build_manifest
+from pipelines.recipe import DataSplit, Recipe, resolve_input_size
 
 
 def raw_views(bundle: Path, paths: list[Path]) -> tuple[np.ndarray, np.ndarray]:
@@ -63,7 +63,9 @@ def mean_z(cal: np.ndarray, x: np.ndarray) -> np.ndarray:
     return (x - cal.mean()) / max(cal.std(), 1e-9)
 
 
-def rules(cal: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray], x: tuple[np.ndarray, np.ndarray]) -> dict[str, np.ndarray]:
+def rules(
+    cal: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray], x: tuple[np.ndarray, np.ndarray]
+) -> dict[str, np.ndarray]:
     """Every fusion rule's scores of ``x``, each fitted on the calibration goods (``cal``) and validation defects (``val``)."""
     out: dict[str, np.ndarray] = {"patch": x[0], "part": x[1]}
     for name, z in {"iqr": iqr_z, "tail90": tail_z, "log": log_z, "std": mean_z}.items():
@@ -75,7 +77,10 @@ def rules(cal: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray]
     zc = (iqr_z(cal[0], cal[0]), iqr_z(cal[1], cal[1]))
     zv = (iqr_z(cal[0], val[0]), iqr_z(cal[1], val[1]))
     labels = np.r_[np.zeros(len(zc[0])), np.ones(len(zv[0]))]
-    best = max(np.linspace(0, 1, 21), key=lambda w: roc_auc(labels, np.r_[(1 - w) * zc[0] + w * zc[1], (1 - w) * zv[0] + w * zv[1]]))
+    best = max(
+        np.linspace(0, 1, 21),
+        key=lambda w: roc_auc(labels, np.r_[(1 - w) * zc[0] + w * zc[1], (1 - w) * zv[0] + w * zv[1]]),
+    )
     out["val-weighted sum iqr"] = (1 - best) * iqr_z(cal[0], x[0]) + best * iqr_z(cal[1], x[1])
     return out
 
@@ -93,11 +98,17 @@ def bundle_args(doc: str | None, cache: str) -> argparse.Namespace:
     return args
 
 
-def bundle_sets(args: argparse.Namespace) -> Iterator[tuple[str, str, list[str], DataSplit, list[Path], list[ImageRecord]]]:
+def bundle_sets(
+    args: argparse.Namespace,
+) -> Iterator[tuple[str, str, list[str], DataSplit, list[Path], list[ImageRecord]]]:
     """For each ``--bundle``: its path, split seed, held-out type (if any), the split it was built on, its
     validation defects and test images (with every image of a held-out type), as the quality run made them."""
     records = scan_mvtec(args.root)
-    groups = group_by_number_gaps([r.path for r in records], args.group_pattern, args.group_gap) if args.group_pattern else None
+    groups = (
+        group_by_number_gaps([r.path for r in records], args.group_pattern, args.group_gap)
+        if args.group_pattern
+        else None
+    )
     manifest = build_manifest(records, group_of=groups)
     recipe = resolve_input_size(Recipe(seed=0), [(e.width, e.height) for e in manifest.entries if e.is_good])
     all_records = manifest.records()
@@ -136,7 +147,9 @@ def main() -> None:
                 m = (kinds == "good") | (kinds == t)
                 row[t] = roc_auc((kinds[m] != "good").astype(int), s[m])
             table[name][rule] = row
-        print(f"\n{name} (split seed {seed}{', held out ' + held[0] if held else ''}; {len(cal_v[0])} cal goods, {len(val_v[0])} val defects)")
+        print(
+            f"\n{name} (split seed {seed}{', held out ' + held[0] if held else ''}; {len(cal_v[0])} cal goods, {len(val_v[0])} val defects)"
+        )
         types = [k for k in next(iter(table[name].values())) if k != "overall"]
         print(f"{'rule':24s}{'overall':>9s}" + "".join(f"{t:>10s}" for t in types))
         for rule, row in table[name].items():

@@ -20,24 +20,26 @@ from pathlib import Path
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from PIL import Image  # noqa: E402
-from torch import nn  # noqa: E402
+import numpy as np
+import torch
+import torch.nn.functional as F
+from feature_probe import per_type
+from PIL import Image
+from torch import nn
 
-from feature_probe import per_type  # noqa: E402  (same folder: these scripts run as files)
-from inspector.metrics import roc_auc  # noqa: E402
-from inspector.preprocess import PreprocessConfig, Preprocessor, load_image  # noqa: E402
-from inspector.scoring import ScoringConfig, anomaly_scores  # noqa: E402
-from models.losses import patch_contrastive_loss, patch_labels_from_masks  # noqa: E402
-from models.siamese import EmbedderConfig, build_embedder, join_with_pretrained  # noqa: E402
-from pipelines.datasets import ImageRecord, group_by_number_gaps, scan_mvtec  # noqa: E402
-from pipelines.ingest import SplitFractions, assign_splits, build_manifest  # noqa: E402
-from pipelines.recipe import Recipe  # noqa: E402
+from inspector.metrics import roc_auc
+from inspector.preprocess import PreprocessConfig, Preprocessor, load_image
+from inspector.scoring import ScoringConfig, anomaly_scores
+from models.losses import patch_contrastive_loss, patch_labels_from_masks
+from models.siamese import EmbedderConfig, build_embedder, join_with_pretrained
+from pipelines.datasets import ImageRecord, group_by_number_gaps, scan_mvtec
+from pipelines.ingest import SplitFractions, assign_splits, build_manifest
+from pipelines.recipe import Recipe
 
 
-def cached_features(records: list[ImageRecord], pre: Preprocessor, stages: tuple[int, ...], batch: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+def cached_features(
+    records: list[ImageRecord], pre: Preprocessor, stages: tuple[int, ...], batch: int = 16
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused frozen features (N, C, h, w) and patch labels (N, h, w) of every record (goods: all 0)."""
     embedder = build_embedder(EmbedderConfig(feature_stages=stages)).eval()
     feats, labels = [], []
@@ -88,7 +90,9 @@ LEARNED_WEIGHT = 0.5  # --learned-weight: the head's share of the joined squared
 SCORING = ScoringConfig()  # --offset sets the line's scoring offset for every score below
 
 
-def score(head: nn.Module, bank_feats: torch.Tensor, test_feats: torch.Tensor, max_bank: int = 16384, seed: int = 0) -> np.ndarray:
+def score(
+    head: nn.Module, bank_feats: torch.Tensor, test_feats: torch.Tensor, max_bank: int = 16384, seed: int = 0
+) -> np.ndarray:
     """Worst-patch distance of each test image to the nearest bank patch: the line's exact scoring."""
     with torch.no_grad():
         bank = embed(head, bank_feats).flatten(0, 1)
@@ -97,8 +101,17 @@ def score(head: nn.Module, bank_feats: torch.Tensor, test_feats: torch.Tensor, m
     return anomaly_scores(queries.numpy(), bank.numpy(), SCORING)
 
 
-def train_head(kind: str, good: torch.Tensor, bad: torch.Tensor, bad_labels: torch.Tensor, steps: list[int], margin: float, seed: int,
-               batch: int = 8, lr: float = 1e-3) -> list[nn.Module]:
+def train_head(
+    kind: str,
+    good: torch.Tensor,
+    bad: torch.Tensor,
+    bad_labels: torch.Tensor,
+    steps: list[int],
+    margin: float,
+    seed: int,
+    batch: int = 8,
+    lr: float = 1e-3,
+) -> list[nn.Module]:
     """The head after each number of ``steps`` (one run, copies taken on the way)."""
     torch.manual_seed(seed)
     joined = kind.endswith("cat")  # the loss sees the joined embedding the line would score with
@@ -140,7 +153,12 @@ def main() -> None:
     p.add_argument("--group-gap", type=int, default=0)
     p.add_argument("--experiments", default="product,loto")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--offset", type=float, default=0.0, help="ScoringConfig.offset: minus this fraction of each part's median patch distance")
+    p.add_argument(
+        "--offset",
+        type=float,
+        default=0.0,
+        help="ScoringConfig.offset: minus this fraction of each part's median patch distance",
+    )
     p.add_argument("--learned-weight", type=float, default=0.5, help="the head's share of the joined squared distance")
     args = p.parse_args()
     global SCORING, LEARNED_WEIGHT
@@ -152,7 +170,11 @@ def main() -> None:
     pre = Preprocessor(PreprocessConfig(height=h, width=w))
 
     records = scan_mvtec(args.root)
-    groups = group_by_number_gaps([r.path for r in records], args.group_pattern, args.group_gap) if args.group_pattern else None
+    groups = (
+        group_by_number_gaps([r.path for r in records], args.group_pattern, args.group_gap)
+        if args.group_pattern
+        else None
+    )
     manifest = build_manifest(records, group_of=groups)
     split = assign_splits(manifest, SplitFractions.from_recipe(Recipe()))
     by_path = {str(r.path): r for r in manifest.records()}
@@ -169,7 +191,9 @@ def main() -> None:
         test_good_f, _ = cached_features(test_good, pre, stages)
         cache.parent.mkdir(parents=True, exist_ok=True)
         torch.save((good_f, bad_f, bad_l, test_good_f), cache)
-    print(f"{h}x{w} stages {stages}: {good_f.shape[1]} channels, grid {tuple(good_f.shape[-2:])}, features in {time.perf_counter() - t0:.0f} s")
+    print(
+        f"{h}x{w} stages {stages}: {good_f.shape[1]} channels, grid {tuple(good_f.shape[-2:])}, features in {time.perf_counter() - t0:.0f} s"
+    )
     bad_index = {str(r.path): i for i, r in enumerate(all_bad)}
     train_bad = torch.tensor([bad_index[str(r.path)] for r in split.train_defective])
     test_bad_recs = [r for r in split.test if not r.is_good]
@@ -180,15 +204,23 @@ def main() -> None:
     kinds = [k.strip() for k in args.heads.split(",")]
 
     if "product" in args.experiments:
-        print(f"product split: {len(train_good)} train goods, {len(train_bad)} train defects, test {len(test_good)} good + {len(test_bad)} defective")
-        print(f"  frozen (no head)            {fmt(per_type(score(nn.Identity(), good_f, product_test), product_recs))}")
+        print(
+            f"product split: {len(train_good)} train goods, {len(train_bad)} train defects, test {len(test_good)} good + {len(test_bad)} defective"
+        )
+        print(
+            f"  frozen (no head)            {fmt(per_type(score(nn.Identity(), good_f, product_test), product_recs))}"
+        )
         for kind in kinds:
             t0 = time.perf_counter()
             heads = train_head(kind, good_f, bad_f[train_bad], bad_l[train_bad], steps_list, args.margin, args.seed)
             for steps, head in zip(steps_list, heads):
-                print(f"  {kind:<8} {steps:>5} steps       {fmt(per_type(score(head, good_f, product_test), product_recs))}  ({time.perf_counter() - t0:.0f} s)")
+                print(
+                    f"  {kind:<8} {steps:>5} steps       {fmt(per_type(score(head, good_f, product_test), product_recs))}  ({time.perf_counter() - t0:.0f} s)"
+                )
                 if not kind.endswith("cat"):
-                    print(f"  {kind + '+frozen':<14} {steps:>5}  {fmt(per_type(score(WithFrozen(head), good_f, product_test), product_recs))}")
+                    print(
+                        f"  {kind + '+frozen':<14} {steps:>5}  {fmt(per_type(score(WithFrozen(head), good_f, product_test), product_recs))}"
+                    )
     if "loto" in args.experiments:
         types = sorted({r.defect_type for r in all_bad})
         bad_types = np.array([r.defect_type for r in all_bad])
@@ -198,12 +230,20 @@ def main() -> None:
             for t in types:
                 train_idx = torch.tensor([i for i in train_bad.tolist() if bad_types[i] != t])
                 held = torch.from_numpy(np.flatnonzero(bad_types == t))
-                heads = [nn.Identity()] if kind == "frozen" else train_head(kind, good_f, bad_f[train_idx], bad_l[train_idx], steps_list, args.margin, args.seed)
+                heads = (
+                    [nn.Identity()]
+                    if kind == "frozen"
+                    else train_head(
+                        kind, good_f, bad_f[train_idx], bad_l[train_idx], steps_list, args.margin, args.seed
+                    )
+                )
                 for steps, head in zip(runs, heads):
                     y = np.r_[np.zeros(len(test_good)), np.ones(len(held))]
                     cells[steps, ""][t] = roc_auc(y, score(head, good_f, torch.cat([test_good_f, bad_f[held]])))
                     if kind != "frozen" and not kind.endswith("cat"):
-                        cells[steps, "+frozen"][t] = roc_auc(y, score(WithFrozen(head), good_f, torch.cat([test_good_f, bad_f[held]])))
+                        cells[steps, "+frozen"][t] = roc_auc(
+                            y, score(WithFrozen(head), good_f, torch.cat([test_good_f, bad_f[held]]))
+                        )
             for (steps, suffix), row in cells.items():
                 if row:
                     row["mean"] = float(np.mean(list(row.values())))

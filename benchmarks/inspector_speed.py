@@ -30,19 +30,19 @@ from pathlib import Path
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
+import numpy as np
+import torch
+from PIL import Image
 
-from inspector.bundle import BundleSpec, Threshold, write_bundle  # noqa: E402
-from inspector.density import DensitySpec, ScoreScale  # noqa: E402
-from inspector.engine import PLACEMENT_INPUT, Inspector, OnnxEmbedder, make_session  # noqa: E402
-from inspector.preprocess import PreprocessConfig, Preprocessor, full_placement, load_image  # noqa: E402
-from inspector.scoring import GoldenBank, ScoringConfig  # noqa: E402
-from models.coreset import greedy_coreset  # noqa: E402
-from models.demo_data import render_good_part  # noqa: E402
-from models.export import export_onnx  # noqa: E402
-from models.siamese import EmbedderConfig, build_embedder  # noqa: E402
+from inspector.bundle import BundleSpec, Threshold, write_bundle
+from inspector.density import DensitySpec, ScoreScale
+from inspector.engine import PLACEMENT_INPUT, Inspector, OnnxEmbedder, make_session
+from inspector.preprocess import PreprocessConfig, Preprocessor, full_placement, load_image
+from inspector.scoring import GoldenBank, ScoringConfig
+from models.coreset import greedy_coreset
+from models.demo_data import render_good_part
+from models.export import export_onnx
+from models.siamese import EmbedderConfig, build_embedder
 
 
 def rate(fn, n_images: int, repeats: int = 3) -> float:  # type: ignore[no-untyped-def]
@@ -56,7 +56,9 @@ def rate(fn, n_images: int, repeats: int = 3) -> float:  # type: ignore[no-untyp
     return n_images / best
 
 
-def interleaved_rates(fns: dict[str, Callable[[], object]], n_images: dict[str, int], rounds: int = 5) -> dict[str, float]:
+def interleaved_rates(
+    fns: dict[str, Callable[[], object]], n_images: dict[str, int], rounds: int = 5
+) -> dict[str, float]:
     """Best-of-``rounds`` images/s of several functions measured in turn, so load from other jobs hits all alike."""
     for fn in fns.values():
         fn()
@@ -93,11 +95,15 @@ def stage_times(inspector: Inspector, paths: list[Path], rounds: int = 5) -> dic
         "normalise": lambda: pre.normalize(resized),
         "ORT forward": lambda: emb.embed_arrays(batch),
         "kNN (pruned, line)": lambda: inspector.golden.anomaly_scores(features, inspector.bundle.spec.scoring),
-        "kNN (brute force, before)": lambda: _with_blas_threads(2, brute.anomaly_scores, features, inspector.bundle.spec.scoring),
+        "kNN (brute force, before)": lambda: _with_blas_threads(
+            2, brute.anomaly_scores, features, inspector.bundle.spec.scoring
+        ),
     }
     if images[0].mode == "L":  # mono images: the one-channel route against converting to RGB first
         stages["decode+resize via RGB (1 thread, before)"] = lambda: [pre.resize(load_image(p)) for p in paths]
-        stages["decode+resize one channel (1 thread)"] = lambda: [pre.resize(load_image(p, keep_gray=True)) for p in paths]
+        stages["decode+resize one channel (1 thread)"] = lambda: [
+            pre.resize(load_image(p, keep_gray=True)) for p in paths
+        ]
     if inspector.density is not None and descriptors is not None:
         density = inspector.density
         stages["whole-part Gaussian"] = lambda: density.distances(descriptors)
@@ -136,8 +142,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def service_rate(bundle: Path, paths: list[Path], requests: int, clients: int = 8, repeats: int = 3,
-                 extra: Sequence[str] = ()) -> tuple[float, int]:
+def service_rate(
+    bundle: Path, paths: list[Path], requests: int, clients: int = 8, repeats: int = 3, extra: Sequence[str] = ()
+) -> tuple[float, int]:
     """Images/s of ``requests`` single-image POSTs from ``clients`` threads against ``inspector serve`` on loopback
     (best of ``repeats`` rounds after a warm-up) and the number of failed requests over all rounds.
 
@@ -150,8 +157,21 @@ def service_rate(bundle: Path, paths: list[Path], requests: int, clients: int = 
     import httpx
 
     port = free_port()
-    cmd = [sys.executable, "-c", "import sys; from inspector.cli import main; sys.exit(main())",
-           "serve", "--bundle", str(bundle), "--host", "127.0.0.1", "--port", str(port), "--log-level", "error", *extra]
+    cmd = [
+        sys.executable,
+        "-c",
+        "import sys; from inspector.cli import main; sys.exit(main())",
+        "serve",
+        "--bundle",
+        str(bundle),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--log-level",
+        "error",
+        *extra,
+    ]
     server = subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     url = f"http://127.0.0.1:{port}"
     try:
@@ -195,15 +215,36 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=64)
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--rounds", type=int, default=5, help="best of this many interleaved repeats per measure")
-    p.add_argument("--mono", action="store_true", help="score one-channel JPEGs (a mono line camera) instead of colour ones")
+    p.add_argument(
+        "--mono", action="store_true", help="score one-channel JPEGs (a mono line camera) instead of colour ones"
+    )
     p.add_argument("--skip-eager", action="store_true", help="leave out the torch eager comparison")
     p.add_argument("--skip-service", action="store_true", help="leave out the HTTP service measure")
-    p.add_argument("--patch-only", action=argparse.BooleanOptionalAction, default=True, help="also measure the patch embedder "
-                   "without the whole-part descriptor and score (what the default costs over it)")
-    p.add_argument("--multi-scale", action="store_true", help="also measure the whole-part descriptor taken again from the "
-                   "input at half size (density_downscales=(2,)): what that option costs")
-    p.add_argument("--head-only", action="store_true", help="also measure the patch embedder without the pretrained half (128-d patches)")
-    p.add_argument("--global", dest="global_mode", action=argparse.BooleanOptionalAction, default=True, help="also measure the global embedder")
+    p.add_argument(
+        "--patch-only",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also measure the patch embedder "
+        "without the whole-part descriptor and score (what the default costs over it)",
+    )
+    p.add_argument(
+        "--multi-scale",
+        action="store_true",
+        help="also measure the whole-part descriptor taken again from the "
+        "input at half size (density_downscales=(2,)): what that option costs",
+    )
+    p.add_argument(
+        "--head-only",
+        action="store_true",
+        help="also measure the patch embedder without the pretrained half (128-d patches)",
+    )
+    p.add_argument(
+        "--global",
+        dest="global_mode",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also measure the global embedder",
+    )
     args = p.parse_args()
     torch.set_num_threads(os.cpu_count() or 2)
     work = Path(tempfile.mkdtemp(prefix="inspector_speed_"))
@@ -213,9 +254,17 @@ def main() -> None:
     pre = Preprocessor(pre_cfg)
 
     modes = [("patch (default)", EmbedderConfig())]
-    modes += [("patch, no whole-part score (density_stages=0)", EmbedderConfig(density_stages=0))] if args.patch_only else []
-    modes += [("patch, whole part also at half size (density_downscales=(2,))", EmbedderConfig(density_downscales=(2,)))] if args.multi_scale else []
-    modes += [("patch, head alone (keep_pretrained=False)", EmbedderConfig(keep_pretrained=False))] if args.head_only else []
+    modes += (
+        [("patch, no whole-part score (density_stages=0)", EmbedderConfig(density_stages=0))] if args.patch_only else []
+    )
+    modes += (
+        [("patch, whole part also at half size (density_downscales=(2,))", EmbedderConfig(density_downscales=(2,)))]
+        if args.multi_scale
+        else []
+    )
+    modes += (
+        [("patch, head alone (keep_pretrained=False)", EmbedderConfig(keep_pretrained=False))] if args.head_only else []
+    )
     modes += [("global", EmbedderConfig(mode="global"))] if args.global_mode else []
     for index, (label, cfg) in enumerate(modes):
         torch.manual_seed(0)
@@ -228,50 +277,92 @@ def main() -> None:
         density = None
         if embedded.descriptors is not None:  # scales from the references themselves: speed does not depend on them
             density = DensitySpec(tuple(model.descriptor_blocks), ScoreScale(0.0, 1.0), ScoreScale(0.0, 1.0))
-        spec = BundleSpec(pre_cfg, ScoringConfig(), Threshold(1.0), model={"name": label, "mode": "patch" if cfg.mode == "patch" else "image"}, density=density)
-        bundle = write_bundle(work / f"bundle_{cfg.mode}{index}", onnx_path, bank, spec, descriptors=embedded.descriptors if density else None)
+        spec = BundleSpec(
+            pre_cfg,
+            ScoringConfig(),
+            Threshold(1.0),
+            model={"name": label, "mode": "patch" if cfg.mode == "patch" else "image"},
+            density=density,
+        )
+        bundle = write_bundle(
+            work / f"bundle_{cfg.mode}{index}",
+            onnx_path,
+            bank,
+            spec,
+            descriptors=embedded.descriptors if density else None,
+        )
         inspector = Inspector.from_bundle(bundle)
         batch = pre.batch([load_image(q) for q in paths[:32]])
         full = torch.from_numpy(full_placement(32, args.size, args.size))
-        print(f"\n== {label}: bank {len(bank)} x {bank.shape[1]}, input {args.size}px, {torch.get_num_threads()} threads, "
-              f"{inspector.embedder.decode_workers} decode threads, {inspector.golden.cells} bank cells")
+        print(
+            f"\n== {label}: bank {len(bank)} x {bank.shape[1]}, input {args.size}px, {torch.get_num_threads()} threads, "
+            f"{inspector.embedder.decode_workers} decode threads, {inspector.golden.cells} bank cells"
+        )
         if not args.skip_eager:
             xb = torch.from_numpy(batch)
-            forward = (lambda x: model.forward_parts(x, full[: len(x)])) if density else model  # what the ONNX model computes
+            forward = (
+                (lambda x: model.forward_parts(x, full[: len(x)])) if density else model
+            )  # what the ONNX model computes
             with torch.no_grad():
                 eager32 = rate(lambda: forward(xb), 32)
                 eager1 = rate(lambda: [forward(xb[i : i + 1]) for i in range(8)], 8)
             ort32 = rate(lambda: inspector.embedder.embed_arrays(batch), 32)
             ort1 = rate(lambda: [inspector.embedder.embed_arrays(batch[i : i + 1]) for i in range(8)], 8)
             print(f"torch eager   batch 32 {eager32:7.1f} img/s   batch 1 {eager1:7.1f} img/s")
-            print(f"inspector ORT batch 32 {ort32:7.1f} img/s   batch 1 {ort1:7.1f} img/s   ratio vs eager: x{ort32 / eager32:.2f} (b32), x{ort1 / eager1:.2f} (b1)")
+            print(
+                f"inspector ORT batch 32 {ort32:7.1f} img/s   batch 1 {ort1:7.1f} img/s   ratio vs eager: x{ort32 / eager32:.2f} (b32), x{ort1 / eager1:.2f} (b1)"
+            )
         stages = stage_times(inspector, paths[:32], args.rounds)
         print("stage times, one batch of 32: " + ", ".join(f"{k} {v:.1f} ms" for k, v in stages.items()))
         n_stream = len(paths) // 32 * 32
         spinning = make_session(inspector.bundle.model_path, spinning=True)
-        feed = {spinning.get_inputs()[0].name: batch, **({PLACEMENT_INPUT: full.numpy()} if inspector.embedder.describes_parts else {})}
+        feed = {
+            spinning.get_inputs()[0].name: batch,
+            **({PLACEMENT_INPUT: full.numpy()} if inspector.embedder.describes_parts else {}),
+        }
         streams = inspector.embedder.streams
         serial = inspector.embedder.serial_session()
         pipelined = Inspector.from_bundle(bundle, streams=1)  # one batch at a time on all cores, three-stage pipeline
         with ThreadPoolExecutor(streams) as side_pool:
             rates = interleaved_rates(
-                {"ort": lambda: inspector.embedder.embed_arrays(batch),
-                 "ort_spin": lambda: spinning.run(None, feed),
-                 "ort_side": lambda: side_by_side_forward(serial, feed, streams, side_pool),
-                 "score": lambda: inspector.score(paths[:32]),
-                 "stream": lambda: list(inspector.score_paths(paths[:n_stream], chunk=32)),
-                 "stream_1": lambda: list(pipelined.score_paths(paths[:n_stream], chunk=32))},
-                {"ort": 32, "ort_spin": 32, "ort_side": 32 * streams, "score": 32, "stream": n_stream, "stream_1": n_stream}, args.rounds)
+                {
+                    "ort": lambda: inspector.embedder.embed_arrays(batch),
+                    "ort_spin": lambda: spinning.run(None, feed),
+                    "ort_side": lambda: side_by_side_forward(serial, feed, streams, side_pool),
+                    "score": lambda: inspector.score(paths[:32]),
+                    "stream": lambda: list(inspector.score_paths(paths[:n_stream], chunk=32)),
+                    "stream_1": lambda: list(pipelined.score_paths(paths[:n_stream], chunk=32)),
+                },
+                {
+                    "ort": 32,
+                    "ort_spin": 32,
+                    "ort_side": 32 * streams,
+                    "score": 32,
+                    "stream": n_stream,
+                    "stream_1": n_stream,
+                },
+                args.rounds,
+            )
         ort_best = max(rates["ort"], rates["ort_spin"], rates["ort_side"])
-        print(f"ORT forward alone, batch 32: {rates['ort']:7.1f} img/s (line session, no spinning), {rates['ort_spin']:7.1f} img/s "
-              f"(ORT's default spinning), {rates['ort_side']:7.1f} img/s ({streams} batches side by side, one thread each); "
-              "ratios below use the fastest, measured in turn with them")
-        print(f"end to end, Inspector.score of 32 images:          {rates['score']:7.1f} img/s = ORT forward time x{ort_best / rates['score']:.2f}")
-        print(f"end to end, score_paths of {n_stream} images, chunks of 32: {rates['stream']:7.1f} img/s = ORT forward time x{ort_best / rates['stream']:.2f}"
-              f"  (target <= x1.25; {streams} batches side by side)")
-        print(f"  the same, one batch at a time (streams=1: three-stage pipeline, the default before): {rates['stream_1']:7.1f} img/s = "
-              f"x{ort_best / rates['stream_1']:.2f}; side by side / pipeline = x{rates['stream'] / rates['stream_1']:.2f}")
-        print(f"kNN: {inspector.golden.last_exact_searches} of {32 * features_per_image(inspector)} patches searched over the whole bank in the last batch")
+        print(
+            f"ORT forward alone, batch 32: {rates['ort']:7.1f} img/s (line session, no spinning), {rates['ort_spin']:7.1f} img/s "
+            f"(ORT's default spinning), {rates['ort_side']:7.1f} img/s ({streams} batches side by side, one thread each); "
+            "ratios below use the fastest, measured in turn with them"
+        )
+        print(
+            f"end to end, Inspector.score of 32 images:          {rates['score']:7.1f} img/s = ORT forward time x{ort_best / rates['score']:.2f}"
+        )
+        print(
+            f"end to end, score_paths of {n_stream} images, chunks of 32: {rates['stream']:7.1f} img/s = ORT forward time x{ort_best / rates['stream']:.2f}"
+            f"  (target <= x1.25; {streams} batches side by side)"
+        )
+        print(
+            f"  the same, one batch at a time (streams=1: three-stage pipeline, the default before): {rates['stream_1']:7.1f} img/s = "
+            f"x{ort_best / rates['stream_1']:.2f}; side by side / pipeline = x{rates['stream'] / rates['stream_1']:.2f}"
+        )
+        print(
+            f"kNN: {inspector.golden.last_exact_searches} of {32 * features_per_image(inspector)} patches searched over the whole bank in the last batch"
+        )
         lat = []
         for q in paths[:32]:
             t0 = time.perf_counter()
@@ -287,9 +378,11 @@ def main() -> None:
                     out.append(svc)
                     errors += failed
             svc, before = max(combined), max(alone)
-            print(f"HTTP service, 8 clients, {args.requests} single-image requests (best of 3): {svc:6.1f} img/s, {errors} errors; "
-                  f"in-process single-image scoring {single:6.1f} img/s; ratio x{svc / single:.2f}; each request alone "
-                  f"(--combine-images 1) {before:6.1f} img/s: combining queued requests x{svc / before:.2f}")
+            print(
+                f"HTTP service, 8 clients, {args.requests} single-image requests (best of 3): {svc:6.1f} img/s, {errors} errors; "
+                f"in-process single-image scoring {single:6.1f} img/s; ratio x{svc / single:.2f}; each request alone "
+                f"(--combine-images 1) {before:6.1f} img/s: combining queued requests x{svc / before:.2f}"
+            )
 
 
 if __name__ == "__main__":

@@ -21,14 +21,14 @@ from pathlib import Path
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import numpy as np  # noqa: E402
-from density_probe import pooled  # noqa: E402
-from feature_probe import aggregate, cached_stage_maps, content_masks, fuse, nearest, probe_split, standardised  # noqa: E402
+import numpy as np
+from density_probe import pooled
+from feature_probe import aggregate, cached_stage_maps, content_masks, fuse, nearest, probe_split, standardised
 
-from inspector.density import GaussianDensity  # noqa: E402
-from inspector.metrics import roc_auc  # noqa: E402
-from inspector.preprocess import PreprocessConfig, Preprocessor  # noqa: E402
-from pipelines.datasets import group_by_number_gaps, scan_mvtec  # noqa: E402
+from inspector.density import GaussianDensity
+from inspector.metrics import roc_auc
+from inspector.preprocess import PreprocessConfig, Preprocessor
+from pipelines.datasets import group_by_number_gaps, scan_mvtec
 
 DENSITY_STAGES = (5, 6, 7, 8)
 STRIDE_OF = {1: 2, 2: 4, 3: 8, 4: 16, 5: 16, 6: 32, 7: 32}
@@ -63,8 +63,16 @@ def main() -> None:
     sets = {"fit": fit, "cal": cal, "test": test}
     paths = {k: [r.path for r in v] for k, v in sets.items()}
     maps = {k: cached_stage_maps(paths[k], pre, [3, 4, *DENSITY_STAGES], args.cache) for k in sets}
-    desc = {k: np.concatenate([pooled(maps[k][s], content_masks(paths[k], pre, maps[k][s].shape[-2:]), "meanstd")
-                               for s in DENSITY_STAGES], axis=1).astype(np.float64) for k in sets}
+    desc = {
+        k: np.concatenate(
+            [
+                pooled(maps[k][s], content_masks(paths[k], pre, maps[k][s].shape[-2:]), "meanstd")
+                for s in DENSITY_STAGES
+            ],
+            axis=1,
+        ).astype(np.float64)
+        for k in sets
+    }
     gauss = GaussianDensity(desc["fit"], [2 * maps["fit"][s].shape[1] for s in DENSITY_STAGES])
     part = {k: gauss.distances(desc[k]) for k in ("cal", "test")}
     grid = maps["test"][4].shape[-2:]
@@ -72,8 +80,12 @@ def main() -> None:
     feats = {k: fuse(maps[k], (3, 4), STRIDE_OF, "coarse") for k in sets}
     bank = feats["fit"][content["fit"]]
     bank = np.ascontiguousarray(bank[rng.choice(len(bank), min(args.bank, len(bank)), replace=False)])
-    patch = {k: aggregate(nearest(feats[k].reshape(-1, feats[k].shape[-1]), bank)[0].reshape(len(feats[k]), -1), "coff0.5", content[k])
-             for k in ("cal", "test")}
+    patch = {
+        k: aggregate(
+            nearest(feats[k].reshape(-1, feats[k].shape[-1]), bank)[0].reshape(len(feats[k]), -1), "coff0.5", content[k]
+        )
+        for k in ("cal", "test")
+    }
 
     mu, sd = desc["fit"].mean(axis=0), desc["fit"].std(axis=0) + 1e-6
     z = {k: (desc[k] - mu) / sd for k in sets}
@@ -91,18 +103,25 @@ def main() -> None:
         return roc_auc(np.r_[np.zeros(good.sum()), np.ones(chosen.sum())], np.r_[scores[good], scores[chosen]])
 
     for c in (float(v) for v in args.c.split(",")):
+
         def classifier(train_defects: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             clf = LogisticRegression(C=c, max_iter=2000, class_weight="balanced")
-            clf.fit(np.r_[z["fit"], z["test"][train_defects]], np.r_[np.zeros(len(z["fit"])), np.ones(len(train_defects))])
+            clf.fit(
+                np.r_[z["fit"], z["test"][train_defects]], np.r_[np.zeros(len(z["fit"])), np.ones(len(train_defects))]
+            )
             return clf.decision_function(z["test"]), clf.decision_function(z["cal"])
 
         rows: dict[str, dict[str, list[float]]] = {}
         for f in (0, 1):
             sup = classifier(np.flatnonzero(~good & (fold == f)))
             held = ~good & (fold != f)
-            views = {"patch": patch["test"], "part (Gaussian)": part["test"], "classifier": sup[0],
-                     "zmax(patch, part)": zmax((patch["test"], patch["cal"]), (part["test"], part["cal"])),
-                     "zmax(patch, part, classifier)": zmax((patch["test"], patch["cal"]), (part["test"], part["cal"]), sup)}
+            views = {
+                "patch": patch["test"],
+                "part (Gaussian)": part["test"],
+                "classifier": sup[0],
+                "zmax(patch, part)": zmax((patch["test"], patch["cal"]), (part["test"], part["cal"])),
+                "zmax(patch, part, classifier)": zmax((patch["test"], patch["cal"]), (part["test"], part["cal"]), sup),
+            }
             for name, scores in views.items():
                 cells = rows.setdefault(name, {})
                 cells.setdefault("all", []).append(auc(scores, held))
@@ -116,9 +135,12 @@ def main() -> None:
             sup = classifier(np.flatnonzero(~good & (types != t)))
             chosen = types == t
             loto.setdefault("classifier", []).append(auc(sup[0], chosen))
-            loto.setdefault("zmax(patch, part)", []).append(auc(zmax((patch["test"], patch["cal"]), (part["test"], part["cal"])), chosen))
+            loto.setdefault("zmax(patch, part)", []).append(
+                auc(zmax((patch["test"], patch["cal"]), (part["test"], part["cal"])), chosen)
+            )
             loto.setdefault("zmax(patch, part, classifier)", []).append(
-                auc(zmax((patch["test"], patch["cal"]), (part["test"], part["cal"]), sup), chosen))
+                auc(zmax((patch["test"], patch["cal"]), (part["test"], part["cal"]), sup), chosen)
+            )
         print(f"C={c}: leave one type out ({', '.join(sorted(set(types[~good])))})")
         for name, vals in loto.items():
             print(f"  {name:<30} " + " ".join(f"{v:.3f}" for v in vals) + f"  mean {np.mean(vals):.3f}", flush=True)

@@ -34,17 +34,27 @@ from pathlib import Path
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from inspector.bundle import load_bundle  # noqa: E402
-from inspector.engine import Inspector  # noqa: E402
-from inspector.preprocess import PreprocessConfig  # noqa: E402
-from models.siamese import FrozenGlobalEmbedder, build_embedder  # noqa: E402
-from pipelines.datasets import ImageRecord, capture_groups, scan_root  # noqa: E402
-from pipelines.ingest import Manifest, SplitFractions, assign_splits, build_manifest  # noqa: E402
-from pipelines.recipe import DataSplit, Evaluation, Recipe, build_bundle, evaluate_bundle, fit_embedder, pixel_level_auroc, resolve_bit_depth, resolve_input_size  # noqa: E402
-from pipelines.settings import apply_overrides, load_overrides  # noqa: E402
+from inspector.bundle import load_bundle
+from inspector.engine import Inspector
+from inspector.preprocess import PreprocessConfig
+from models.siamese import FrozenGlobalEmbedder, build_embedder
+from pipelines.datasets import ImageRecord, capture_groups, scan_root
+from pipelines.ingest import Manifest, SplitFractions, assign_splits, build_manifest
+from pipelines.recipe import (
+    DataSplit,
+    Evaluation,
+    Recipe,
+    build_bundle,
+    evaluate_bundle,
+    fit_embedder,
+    pixel_level_auroc,
+    resolve_bit_depth,
+    resolve_input_size,
+)
+from pipelines.settings import apply_overrides, load_overrides
 
 FEW_SHOT = (5, 10, 25)
 
@@ -52,7 +62,10 @@ FEW_SHOT = (5, 10, 25)
 def escape_per_type(evaluation: Evaluation) -> dict[str, float]:
     """Share of each type's test defects scored at or under the threshold (let through)."""
     types = np.asarray(evaluation.defect_types)
-    return {t: float(np.mean(evaluation.scores[types == t] <= evaluation.threshold)) for t in sorted(set(types[evaluation.labels == 1]))}
+    return {
+        t: float(np.mean(evaluation.scores[types == t] <= evaluation.threshold))
+        for t in sorted(set(types[evaluation.labels == 1]))
+    }
 
 
 def pixel_level(bundle: Path, test: list[ImageRecord], limit: int = 400) -> float:
@@ -83,20 +96,31 @@ def score_views(bundle: Path, test: list[ImageRecord]) -> dict[str, Evaluation]:
     views = {"fused": inspector.with_whole_part(patch, embedded.descriptors)}
     if inspector.density is not None and embedded.descriptors is not None:
         views.update(patch=patch, part=inspector.density.distances(embedded.descriptors))
-    return {name: Evaluation(paths=[str(r.path) for r in kept], defect_types=[r.defect_type for r in kept], labels=np.array([r.label for r in kept]),
-                             scores=np.asarray(v, dtype=np.float64), threshold=inspector.threshold if name == "fused" else float("nan"))
-            for name, v in views.items()}
+    return {
+        name: Evaluation(
+            paths=[str(r.path) for r in kept],
+            defect_types=[r.defect_type for r in kept],
+            labels=np.array([r.label for r in kept]),
+            scores=np.asarray(v, dtype=np.float64),
+            threshold=inspector.threshold if name == "fused" else float("nan"),
+        )
+        for name, v in views.items()
+    }
 
 
 def view_columns(label: str, views: dict[str, Evaluation]) -> dict[str, dict[str, float]]:
     """Table columns ``label`` (the line's score) and, for a bundle with a whole-part score, its two views alone."""
     names = {"patch": f"{label}: patch", "part": f"{label}: part"}
-    cols = {names[k]: {"overall": v.metrics()["image_auroc"], **v.per_type_auroc()} for k, v in views.items() if k in names}
+    cols = {
+        names[k]: {"overall": v.metrics()["image_auroc"], **v.per_type_auroc()} for k, v in views.items() if k in names
+    }
     cols[label] = {"overall": views["fused"].metrics()["image_auroc"], **views["fused"].per_type_auroc()}
     return cols
 
 
-def train_and_evaluate(split: DataSplit, recipe: Recipe, out: Path, name: str, test: list[ImageRecord] | None = None) -> tuple[Path, Evaluation, float]:
+def train_and_evaluate(
+    split: DataSplit, recipe: Recipe, out: Path, name: str, test: list[ImageRecord] | None = None
+) -> tuple[Path, Evaluation, float]:
     t0 = time.perf_counter()
     embedder, _ = fit_embedder(split, recipe, checkpoint_dir=out / f"{name}_checkpoints")
     seconds = time.perf_counter() - t0
@@ -118,7 +142,9 @@ def few_shot_split(split: DataSplit, n: int, seed: int) -> DataSplit:
     return replace(split, train_defective=[split.train_defective[i] for i in keep])
 
 
-def without_type(split: DataSplit, all_records: list[ImageRecord], held_out: str) -> tuple[DataSplit, list[ImageRecord]]:
+def without_type(
+    split: DataSplit, all_records: list[ImageRecord], held_out: str
+) -> tuple[DataSplit, list[ImageRecord]]:
     """A split with type ``held_out`` removed from training and validation, and its test: test goods + every image of it."""
     val_types = {str(r.path): r.defect_type for r in all_records}
     train = [r for r in split.train_defective if r.defect_type != held_out]
@@ -135,8 +161,15 @@ def print_table(title: str, columns: dict[str, dict[str, float]], counts: dict[s
         print(f"{r:<16}{cells}" + (f"{counts[r]:>8}" if counts and r in counts else ""))
 
 
-def product_split(root: Path, recipe: Recipe, group_pattern: str | None, group_gap: int, by_folder: bool,
-                  split_seed: int | None, resolve_size: bool = True) -> tuple[Manifest, DataSplit, Recipe]:
+def product_split(
+    root: Path,
+    recipe: Recipe,
+    group_pattern: str | None,
+    group_gap: int,
+    by_folder: bool,
+    split_seed: int | None,
+    resolve_size: bool = True,
+) -> tuple[Manifest, DataSplit, Recipe]:
     """The training flow's split of ``root`` (same grouping, fractions and seed), and the recipe with its input size
     and bit depth resolved from the data as the flow does; other benchmarks use it to score on the same test images."""
     records = scan_root(root)
@@ -162,13 +195,30 @@ def main() -> None:
     p.add_argument("--group-gap", type=int, default=0)
     p.add_argument("--group-by-folder", action="store_true", help="each folder is one capture group")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--split-seed", type=int, default=None, help="the split's own seed (default: --seed); fix it and vary "
-                   "--seed to see how much the bank draw and training alone move the figures on the same test images")
+    p.add_argument(
+        "--split-seed",
+        type=int,
+        default=None,
+        help="the split's own seed (default: --seed); fix it and vary "
+        "--seed to see how much the bank draw and training alone move the figures on the same test images",
+    )
     p.add_argument("--experiments", default="product", help="comma-separated: product, good-only, few-shot, loto")
-    p.add_argument("--loto-frozen-only", action="store_true", help="leave-one-type-out with the frozen patch embedder only (no "
-                   "training: minutes instead of an hour)")
-    p.add_argument("--loto-types", default=None, help="comma-separated defect types to hold out in turn (default: every type)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="any recipe setting, as in `pipelines train --set`")
+    p.add_argument(
+        "--loto-frozen-only",
+        action="store_true",
+        help="leave-one-type-out with the frozen patch embedder only (no training: minutes instead of an hour)",
+    )
+    p.add_argument(
+        "--loto-types", default=None, help="comma-separated defect types to hold out in turn (default: every type)"
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any recipe setting, as in `pipelines train --set`",
+    )
     args = p.parse_args()
     experiments = [e.strip() for e in args.experiments.split(",") if e.strip()]
 
@@ -180,59 +230,129 @@ def main() -> None:
         recipe = replace(recipe, train=replace(recipe.train, epochs=args.epochs))
     if args.epoch_size is not None:
         recipe = replace(recipe, epoch_size=args.epoch_size)
-    recipe = apply_overrides(replace(recipe, train=replace(recipe.train, progress=True)), load_overrides(None, args.overrides))
+    recipe = apply_overrides(
+        replace(recipe, train=replace(recipe.train, progress=True)), load_overrides(None, args.overrides)
+    )
 
-    manifest, split, recipe = product_split(args.root, recipe, args.group_pattern, args.group_gap, args.group_by_folder,
-                                            args.split_seed, resolve_size=not args.size)
+    manifest, split, recipe = product_split(
+        args.root,
+        recipe,
+        args.group_pattern,
+        args.group_gap,
+        args.group_by_folder,
+        args.split_seed,
+        resolve_size=not args.size,
+    )
     all_records = manifest.records()
     print("ingest:", json.dumps(manifest.summary()), "\nsplit:", json.dumps(split.summary()))
-    print(f"input {recipe.preprocess.height}x{recipe.preprocess.width} {recipe.preprocess.resize}, {recipe.train.epochs} epochs x {recipe.epoch_size} images")
+    print(
+        f"input {recipe.preprocess.height}x{recipe.preprocess.width} {recipe.preprocess.resize}, {recipe.train.epochs} epochs x {recipe.epoch_size} images"
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     results: dict[str, object] = {"split": split.summary(), "recipe": recipe.to_dict()}
-    n_test = {t: sum(1 for r in split.test if r.defect_type == t) for t in sorted({r.defect_type for r in split.test if not r.is_good})}
+    n_test = {
+        t: sum(1 for r in split.test if r.defect_type == t)
+        for t in sorted({r.defect_type for r in split.test if not r.is_good})
+    }
 
     torch.manual_seed(recipe.seed)
-    untrained_bundle = build_bundle(build_embedder(recipe.embedder).eval(), split, recipe, args.out / "untrained_bundle", model_name="patch-untrained")
+    untrained_bundle = build_bundle(
+        build_embedder(recipe.embedder).eval(),
+        split,
+        recipe,
+        args.out / "untrained_bundle",
+        model_name="patch-untrained",
+    )
     untrained = evaluate_bundle(untrained_bundle, split.test)
     trained_eval: Evaluation | None = None
 
     if "product" in experiments:
-        frozen_bundle = build_bundle(FrozenGlobalEmbedder(), split, recipe, args.out / "frozen_bundle", model_name="frozen-lite0")
+        frozen_bundle = build_bundle(
+            FrozenGlobalEmbedder(), split, recipe, args.out / "frozen_bundle", model_name="frozen-lite0"
+        )
         frozen = evaluate_bundle(frozen_bundle, split.test)
         trained_bundle, trained_eval, train_s = train_and_evaluate(split, recipe, args.out, "trained")
         fm, um, tm = frozen.metrics(), untrained.metrics(), trained_eval.metrics()
-        untrained_views, trained_views = score_views(untrained_bundle, split.test), score_views(trained_bundle, split.test)
-        print_table(f"image AUROC, product split: {len(trained_eval.scores)} test images ({int(sum(trained_eval.labels == 0))} good); "
-                    "'patch' / 'part': the worst-patch and whole-part scores alone, the unlabelled column the line's (fused) score",
-                    {"frozen global": {"overall": fm["image_auroc"], **frozen.per_type_auroc()}, **view_columns("frozen patch", untrained_views),
-                     **view_columns("trained", trained_views)}, {"overall": len(trained_eval.scores), **n_test})
-        pix = {"frozen patch": pixel_level(untrained_bundle, split.test), "trained": pixel_level(trained_bundle, split.test)}
-        print(f"\npixel AUROC (test images with masks + test goods): frozen patch {pix['frozen patch']:.3f}, trained {pix['trained']:.3f}")
+        untrained_views, trained_views = (
+            score_views(untrained_bundle, split.test),
+            score_views(trained_bundle, split.test),
+        )
+        print_table(
+            f"image AUROC, product split: {len(trained_eval.scores)} test images ({int(sum(trained_eval.labels == 0))} good); "
+            "'patch' / 'part': the worst-patch and whole-part scores alone, the unlabelled column the line's (fused) score",
+            {
+                "frozen global": {"overall": fm["image_auroc"], **frozen.per_type_auroc()},
+                **view_columns("frozen patch", untrained_views),
+                **view_columns("trained", trained_views),
+            },
+            {"overall": len(trained_eval.scores), **n_test},
+        )
+        pix = {
+            "frozen patch": pixel_level(untrained_bundle, split.test),
+            "trained": pixel_level(trained_bundle, split.test),
+        }
+        print(
+            f"\npixel AUROC (test images with masks + test goods): frozen patch {pix['frozen patch']:.3f}, trained {pix['trained']:.3f}"
+        )
         spec = load_bundle(trained_bundle).spec.threshold
         target = recipe.target_false_reject_rate
-        print(f"\nthreshold ({spec.rule}, target FRR {target:.3f}): calibration FRR {spec.details.get('false_reject_rate', float('nan')):.3f}, "
-              f"95% upper bound {spec.details.get('frr_upper_95', float('nan')):.3f}; realised on the later test goods {tm['false_reject_rate']:.3f} "
-              f"({'within' if tm['false_reject_rate'] <= 1.5 * target else 'OVER'} 1.5x target); escape {tm['escape_rate']:.3f}")
-        print("escape per type at that threshold:", json.dumps({k: round(v, 3) for k, v in escape_per_type(trained_eval).items()}))
-        print(f"scoring offset chosen on validation: frozen patch {offset_choice(untrained_bundle)}, trained {offset_choice(trained_bundle)}")
+        print(
+            f"\nthreshold ({spec.rule}, target FRR {target:.3f}): calibration FRR {spec.details.get('false_reject_rate', float('nan')):.3f}, "
+            f"95% upper bound {spec.details.get('frr_upper_95', float('nan')):.3f}; realised on the later test goods {tm['false_reject_rate']:.3f} "
+            f"({'within' if tm['false_reject_rate'] <= 1.5 * target else 'OVER'} 1.5x target); escape {tm['escape_rate']:.3f}"
+        )
+        print(
+            "escape per type at that threshold:",
+            json.dumps({k: round(v, 3) for k, v in escape_per_type(trained_eval).items()}),
+        )
+        print(
+            f"scoring offset chosen on validation: frozen patch {offset_choice(untrained_bundle)}, trained {offset_choice(trained_bundle)}"
+        )
         print(f"frozen global at its own threshold: FRR {fm['false_reject_rate']:.3f}, escape {fm['escape_rate']:.3f}")
         test_paths = [r.path for r in split.test]
-        speed = {"frozen global": line_speed(frozen_bundle, test_paths), "trained": line_speed(trained_bundle, test_paths)}
-        print(f"line model end to end: trained {speed['trained']:.1f} img/s, frozen global {speed['frozen global']:.1f} img/s "
-              f"(ratio {speed['trained'] / speed['frozen global']:.2f}); training {train_s:.0f} s")
-        results["product_views"] = {"frozen_patch": view_columns("frozen patch", untrained_views), "trained": view_columns("trained", trained_views)}
-        results["product"] = {"frozen_global": {**fm, "per_type": frozen.per_type_auroc()}, "frozen_patch": {**um, "per_type": untrained.per_type_auroc()},
-                              "trained": {**tm, "per_type": trained_eval.per_type_auroc(), "escape_per_type": escape_per_type(trained_eval)},
-                              "pixel_auroc": pix, "threshold": {"rule": spec.rule, "value": spec.value, **spec.details}, "images_per_s": speed,
-                              "train_seconds": train_s}
+        speed = {
+            "frozen global": line_speed(frozen_bundle, test_paths),
+            "trained": line_speed(trained_bundle, test_paths),
+        }
+        print(
+            f"line model end to end: trained {speed['trained']:.1f} img/s, frozen global {speed['frozen global']:.1f} img/s "
+            f"(ratio {speed['trained'] / speed['frozen global']:.2f}); training {train_s:.0f} s"
+        )
+        results["product_views"] = {
+            "frozen_patch": view_columns("frozen patch", untrained_views),
+            "trained": view_columns("trained", trained_views),
+        }
+        results["product"] = {
+            "frozen_global": {**fm, "per_type": frozen.per_type_auroc()},
+            "frozen_patch": {**um, "per_type": untrained.per_type_auroc()},
+            "trained": {
+                **tm,
+                "per_type": trained_eval.per_type_auroc(),
+                "escape_per_type": escape_per_type(trained_eval),
+            },
+            "pixel_auroc": pix,
+            "threshold": {"rule": spec.rule, "value": spec.value, **spec.details},
+            "images_per_s": speed,
+            "train_seconds": train_s,
+        }
 
     curve: dict[str, float] = {}
     if "good-only" in experiments:
-        _, good_only, _ = train_and_evaluate(replace(split, train_defective=[], validation_defective=[]), replace(recipe, use_real_defects=False, train_without_defect_photos=True), args.out, "good_only")
+        _, good_only, _ = train_and_evaluate(
+            replace(split, train_defective=[], validation_defective=[]),
+            replace(recipe, use_real_defects=False, train_without_defect_photos=True),
+            args.out,
+            "good_only",
+        )
         curve["0"] = good_only.metrics()["image_auroc"]
-        print_table("good images only, product split: the product's default keeps the pretrained patch features (= frozen patch); "
-                    "trained = the head trained on synthetic defects", {"frozen patch (default)": {"overall": untrained.metrics()["image_auroc"], **untrained.per_type_auroc()},
-                    "trained on synthetic": {"overall": curve["0"], **good_only.per_type_auroc()}})
+        print_table(
+            "good images only, product split: the product's default keeps the pretrained patch features (= frozen patch); "
+            "trained = the head trained on synthetic defects",
+            {
+                "frozen patch (default)": {"overall": untrained.metrics()["image_auroc"], **untrained.per_type_auroc()},
+                "trained on synthetic": {"overall": curve["0"], **good_only.per_type_auroc()},
+            },
+        )
         results["good_only"] = {**good_only.metrics(), "per_type": good_only.per_type_auroc()}
     if "few-shot" in experiments:
         for n in FEW_SHOT:
@@ -240,7 +360,10 @@ def main() -> None:
             curve[str(n)] = ev.metrics()["image_auroc"]
         if trained_eval is not None:
             curve[f"all ({len(split.train_defective)})"] = trained_eval.metrics()["image_auroc"]
-        print("\nfew-shot curve (image AUROC vs defect photos in training):", json.dumps({k: round(v, 3) for k, v in curve.items()}))
+        print(
+            "\nfew-shot curve (image AUROC vs defect photos in training):",
+            json.dumps({k: round(v, 3) for k, v in curve.items()}),
+        )
         results["few_shot"] = curve
     if "loto" in experiments:
         loto: dict[str, dict[str, float]] = {"frozen patch": {}, "trained without it": {}}
@@ -248,21 +371,37 @@ def main() -> None:
         for t in [t for t in types if args.loto_types is None or t in args.loto_types.split(",")]:
             held_split, held_test = without_type(split, all_records, t)
             # the frozen bundle too is calibrated (threshold, scoring offset) without the held-out type
-            frozen_held = build_bundle(build_embedder(recipe.embedder).eval(), held_split, recipe, args.out / f"loto_{t}_frozen_bundle", model_name="patch-untrained")
+            frozen_held = build_bundle(
+                build_embedder(recipe.embedder).eval(),
+                held_split,
+                recipe,
+                args.out / f"loto_{t}_frozen_bundle",
+                model_name="patch-untrained",
+            )
             for name, view in score_views(frozen_held, held_test).items():
-                loto.setdefault("frozen patch" + ("" if name == "fused" else f": {name}"), {})[t] = view.metrics()["image_auroc"]
+                loto.setdefault("frozen patch" + ("" if name == "fused" else f": {name}"), {})[t] = view.metrics()[
+                    "image_auroc"
+                ]
             if args.loto_frozen_only:
-                print(f"\nleave out {t}: " + ", ".join(f"{k} {v[t]:.3f}" for k, v in loto.items() if t in v), flush=True)
+                print(
+                    f"\nleave out {t}: " + ", ".join(f"{k} {v[t]:.3f}" for k, v in loto.items() if t in v), flush=True
+                )
                 continue
             bundle, ev, _ = train_and_evaluate(held_split, recipe, args.out, f"loto_{t}", test=held_test)
             loto["trained without it"][t] = ev.metrics()["image_auroc"]
-            print(f"\nleave out {t}: frozen patch {loto['frozen patch'][t]:.3f} (offset {offset_choice(frozen_held)}), "
-                  f"trained without it {loto['trained without it'][t]:.3f} (offset {offset_choice(bundle)})", flush=True)
+            print(
+                f"\nleave out {t}: frozen patch {loto['frozen patch'][t]:.3f} (offset {offset_choice(frozen_held)}), "
+                f"trained without it {loto['trained without it'][t]:.3f} (offset {offset_choice(bundle)})",
+                flush=True,
+            )
         loto = {k: v for k, v in loto.items() if v}
         for row in loto.values():
             row["mean"] = float(np.mean(list(row.values())))
-        print_table("leave one type out: test = test goods + every image of the held-out type", loto,
-                    {t: sum(r.defect_type == t for r in all_records) for t in loto["frozen patch"]})
+        print_table(
+            "leave one type out: test = test goods + every image of the held-out type",
+            loto,
+            {t: sum(r.defect_type == t for r in all_records) for t in loto["frozen patch"]},
+        )
         results["loto"] = loto
     (args.out / "results.json").write_text(json.dumps(results, indent=2, default=float))
     print(f"\nresults: {args.out / 'results.json'}")

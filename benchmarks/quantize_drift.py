@@ -24,14 +24,14 @@ from pathlib import Path
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from inspector.engine import Inspector  # noqa: E402
-from inspector.metrics import roc_auc  # noqa: E402
-from inspector.quantize import quantize_bundle  # noqa: E402
-from pipelines.datasets import group_by_number_gaps, scan_mvtec  # noqa: E402
-from pipelines.ingest import SplitFractions, assign_splits, build_manifest  # noqa: E402
-from pipelines.recipe import Recipe  # noqa: E402
+from inspector.engine import Inspector
+from inspector.metrics import roc_auc
+from inspector.quantize import quantize_bundle
+from pipelines.datasets import group_by_number_gaps, scan_mvtec
+from pipelines.ingest import SplitFractions, assign_splits, build_manifest
+from pipelines.recipe import Recipe
 
 
 def scored(bundle: Path, paths: list[Path]) -> tuple[np.ndarray, dict[str, np.ndarray], float, float]:
@@ -59,7 +59,11 @@ def main() -> None:
     args = p.parse_args()
 
     records = scan_mvtec(args.root)
-    groups = group_by_number_gaps([r.path for r in records], args.group_pattern, args.group_gap) if args.group_pattern else None
+    groups = (
+        group_by_number_gaps([r.path for r in records], args.group_pattern, args.group_gap)
+        if args.group_pattern
+        else None
+    )
     fractions = SplitFractions.from_recipe(Recipe())
     split = assign_splits(build_manifest(records, group_of=groups), replace(fractions, seed=args.split_seed))
     test = split.test
@@ -75,22 +79,30 @@ def main() -> None:
 
         report = load_bundle(q).spec.provenance["quantization"]
     threshold = fp32[2]
-    print(f"{len(paths)} test images ({int(labels.sum())} defective); quantised in {q_seconds:.0f} s on {args.calibration} calibration goods")
+    print(
+        f"{len(paths)} test images ({int(labels.sum())} defective); quantised in {q_seconds:.0f} s on {args.calibration} calibration goods"
+    )
     print("drift recorded in the INT8 bundle (calibration images):", json.dumps(report["drift"], indent=None))
     print("model bytes:", report["model_bytes"], " ORT forward img/s:", report["images_per_second"])
     diff = np.abs(fp32[0] - int8[0])
     flips = int(np.sum((fp32[0] > threshold) != (int8[0] > threshold)))
-    print(f"test images: |score fp32 - int8| max {diff.max():.4f} mean {diff.mean():.4f} (threshold {threshold:.3f}, "
-          f"FP32 scores of the goods: median {np.median(fp32[0][labels == 0]):.3f}, 99th pct {np.percentile(fp32[0][labels == 0], 99):.3f}); "
-          f"verdict flips {flips} of {len(paths)}")
+    print(
+        f"test images: |score fp32 - int8| max {diff.max():.4f} mean {diff.mean():.4f} (threshold {threshold:.3f}, "
+        f"FP32 scores of the goods: median {np.median(fp32[0][labels == 0]):.3f}, 99th pct {np.percentile(fp32[0][labels == 0], 99):.3f}); "
+        f"verdict flips {flips} of {len(paths)}"
+    )
     for name, (scores, views, _, rate) in (("fp32", fp32), ("int8", int8)):
         frr = float(np.mean(scores[labels == 0] > threshold))
         escape = float(np.mean(scores[labels == 1] <= threshold))
-        per_type = " ".join(f"{t}={roc_auc(labels[(labels == 0) | (types == t)], scores[(labels == 0) | (types == t)]):.3f}"
-                            for t in sorted(set(types[labels == 1])))
+        per_type = " ".join(
+            f"{t}={roc_auc(labels[(labels == 0) | (types == t)], scores[(labels == 0) | (types == t)]):.3f}"
+            for t in sorted(set(types[labels == 1]))
+        )
         view_cells = " ".join(f"{k}={roc_auc(labels, v):.3f}" for k, v in views.items())
-        print(f"  {name}: image AUROC {roc_auc(labels, scores):.3f} ({view_cells}) {per_type}; FRR {frr:.3f} escape {escape:.3f}; "
-              f"end to end {rate:.1f} img/s")
+        print(
+            f"  {name}: image AUROC {roc_auc(labels, scores):.3f} ({view_cells}) {per_type}; FRR {frr:.3f} escape {escape:.3f}; "
+            f"end to end {rate:.1f} img/s"
+        )
     print(f"  int8 / fp32 end-to-end speed: x{int8[3] / fp32[3]:.2f}")
 
 

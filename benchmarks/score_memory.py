@@ -24,9 +24,13 @@ def main() -> None:
     p.add_argument("bundle", type=Path)
     p.add_argument("folder", type=Path, help="images anywhere below it are scored")
     p.add_argument("--limit", type=int, default=800)
-    p.add_argument("--one-batch", action="store_true", help="decode every image into one array first (before session 12)")
+    p.add_argument(
+        "--one-batch", action="store_true", help="decode every image into one array first (before session 12)"
+    )
     args = p.parse_args()
-    paths = sorted(q for q in args.folder.rglob("*") if q.suffix.lower() in IMAGE_SUFFIXES and "ground_truth" not in q.parts)[: args.limit]
+    paths = sorted(
+        q for q in args.folder.rglob("*") if q.suffix.lower() in IMAGE_SUFFIXES and "ground_truth" not in q.parts
+    )[: args.limit]
     if args.one_batch:
         engine.SCORE_CHUNK = len(paths) + 1
     inspector = Inspector.from_bundle(args.bundle)
@@ -35,8 +39,10 @@ def main() -> None:
     results = inspector.score(paths)
     seconds = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
-    print(f"{'one batch' if args.one_batch else 'streamed'}: {len(results)} images, {len(results) / seconds:.1f} img/s, "
-          f"peak RSS {peak} MB ({before} MB after loading the bundle), {inspector.embedder.streams} streams")
+    print(
+        f"{'one batch' if args.one_batch else 'streamed'}: {len(results)} images, {len(results) / seconds:.1f} img/s, "
+        f"peak RSS {peak} MB ({before} MB after loading the bundle), {inspector.embedder.streams} streams"
+    )
 
 
 if __name__ == "__main__":

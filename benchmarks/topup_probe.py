@@ -28,10 +28,11 @@ from pathlib import Path
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-from inspector.references import add_references  # noqa: E402
-from pipelines.datasets import ImageRecord  # noqa: E402
-from pipelines.recipe import Evaluation, Recipe, evaluate_bundle  # noqa: E402
-from quality import product_split  # noqa: E402
+from quality import product_split
+
+from inspector.references import add_references
+from pipelines.datasets import ImageRecord
+from pipelines.recipe import Evaluation, Recipe, evaluate_bundle
 
 
 def session_of(path: Path, pattern: str | None) -> str:
@@ -46,33 +47,53 @@ def capture_order(path: Path, pattern: str | None) -> tuple[int, str]:
     return (int(m.group(1)) if m else 0, path.name)
 
 
-def first_goods(goods: list[ImageRecord], k: int, session_pattern: str | None, order_pattern: str | None) -> list[ImageRecord]:
+def first_goods(
+    goods: list[ImageRecord], k: int, session_pattern: str | None, order_pattern: str | None
+) -> list[ImageRecord]:
     """The first ``k`` goods, in capture order, of every session."""
     by_session: dict[str, list[ImageRecord]] = defaultdict(list)
     for r in goods:
         by_session[session_of(r.path, session_pattern)].append(r)
-    return [r for s in sorted(by_session) for r in sorted(by_session[s], key=lambda r: capture_order(r.path, order_pattern))[:k]]
+    return [
+        r
+        for s in sorted(by_session)
+        for r in sorted(by_session[s], key=lambda r: capture_order(r.path, order_pattern))[:k]
+    ]
 
 
 def row(label: str, ev: Evaluation, types: list[str]) -> str:
     m, per = ev.metrics(), ev.per_type_auroc()
-    cells = [f"{m['image_auroc']:.3f}", *(f"{per.get(t, float('nan')):.3f}" for t in types), f"{m['false_reject_rate']:.3f}", f"{m['escape_rate']:.3f}"]
+    cells = [
+        f"{m['image_auroc']:.3f}",
+        *(f"{per.get(t, float('nan')):.3f}" for t in types),
+        f"{m['false_reject_rate']:.3f}",
+        f"{m['escape_rate']:.3f}",
+    ]
     return f"| {label} | " + " | ".join(cells) + " |"
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("root", type=Path)
-    p.add_argument("--bundle", action="append", required=True, metavar="LABEL=PATH", help="a bundle built on this split")
+    p.add_argument(
+        "--bundle", action="append", required=True, metavar="LABEL=PATH", help="a bundle built on this split"
+    )
     p.add_argument("--group-pattern", default=None)
     p.add_argument("--group-gap", type=int, default=0)
     p.add_argument("--group-by-folder", action="store_true")
-    p.add_argument("--split-seed", type=int, default=0, help="the split the bundles were built on (quality.py --split-seed, default its --seed 0)")
+    p.add_argument(
+        "--split-seed",
+        type=int,
+        default=0,
+        help="the split the bundles were built on (quality.py --split-seed, default its --seed 0)",
+    )
     p.add_argument("--session-pattern", default=None, help="regex, first group = the capture session, on the file name")
     p.add_argument("--per-session", default="0,2,5,10", help="comma-separated k: goods added from each session")
     args = p.parse_args()
 
-    _, split, _ = product_split(args.root, Recipe(), args.group_pattern, args.group_gap, args.group_by_folder, args.split_seed)
+    _, split, _ = product_split(
+        args.root, Recipe(), args.group_pattern, args.group_gap, args.group_by_folder, args.split_seed
+    )
     goods = [r for r in split.test if r.is_good]
     defects = [r for r in split.test if not r.is_good]
     types = sorted({r.defect_type for r in defects})
@@ -92,7 +113,10 @@ def main() -> None:
                 if k:
                     out = Path(tmp) / f"{label}_{k}"
                     add_references(path, [r.path for r in added], out)
-                    print(row(f"{label}, k = {k}: + {len(added)} references", evaluate_bundle(out, rest), types), flush=True)
+                    print(
+                        row(f"{label}, k = {k}: + {len(added)} references", evaluate_bundle(out, rest), types),
+                        flush=True,
+                    )
 
 
 if __name__ == "__main__":

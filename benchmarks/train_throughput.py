@@ -11,10 +11,10 @@ import time
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-import torch  # noqa: E402
+import torch
 
-from models.siamese import EmbedderConfig, build_embedder  # noqa: E402
-from models.training import TrainConfig, batch_loss, resolve_device, resolve_mode  # noqa: E402
+from models.siamese import EmbedderConfig, build_embedder
+from models.training import TrainConfig, batch_loss, resolve_device, resolve_mode
 
 CASES = [
     ("lite0 patch 224 px, projection head only (default)", EmbedderConfig(), 224),
@@ -22,7 +22,11 @@ CASES = [
     ("lite0 patch 128 px, projection head only (demo)", EmbedderConfig(), 128),
     ("lite0 global 224 px, last 2 stages trainable", EmbedderConfig(mode="global", trainable_stages=2), 224),
     ("resnet18 224 px, global, random init", EmbedderConfig(backbone="resnet18", weights=None, mode="global"), 224),
-    ("tiny_cnn 64 px, global (unit tests)", EmbedderConfig(backbone="tiny_cnn", weights=None, mode="global", embedding_dim=32, hidden_dim=64), 64),
+    (
+        "tiny_cnn 64 px, global (unit tests)",
+        EmbedderConfig(backbone="tiny_cnn", weights=None, mode="global", embedding_dim=32, hidden_dim=64),
+        64,
+    ),
 ]
 
 
@@ -36,7 +40,12 @@ def measure(cfg: EmbedderConfig, size: int, batch: int, steps: int, device: torc
     if tcfg.mode == "patch":  # pairs of (good, defect with a square mask) from distinct sources
         masks = torch.zeros(batch // 2, 2, size, size)
         masks[:, 1, size // 4 : size // 2, size // 4 : size // 2] = 1
-        data = (x.view(batch // 2, 2, 3, size, size), masks, torch.arange(batch).view(-1, 2) // 2, torch.tensor([[0, 1]]).repeat(batch // 2, 1))
+        data = (
+            x.view(batch // 2, 2, 3, size, size),
+            masks,
+            torch.arange(batch).view(-1, 2) // 2,
+            torch.tensor([[0, 1]]).repeat(batch // 2, 1),
+        )
     else:
         data = (x, torch.arange(batch) % 2)
     use_amp = device.type == "cuda"

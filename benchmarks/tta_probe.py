@@ -20,13 +20,18 @@ from pathlib import Path
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-import numpy as np  # noqa: E402
-from PIL import Image, ImageOps  # noqa: E402
+import numpy as np
+from fusion_probe import bundle_args, bundle_sets, iqr_z, raw_views
+from PIL import Image, ImageOps
 
-from fusion_probe import bundle_args, bundle_sets, iqr_z, raw_views  # noqa: E402  (same folder: these scripts run as files)
-from inspector.metrics import roc_auc  # noqa: E402
+from inspector.metrics import roc_auc
 
-FLIPS = {"none": lambda im: im, "h": ImageOps.mirror, "v": ImageOps.flip, "hv": lambda im: ImageOps.flip(ImageOps.mirror(im))}
+FLIPS = {
+    "none": lambda im: im,
+    "h": ImageOps.mirror,
+    "v": ImageOps.flip,
+    "hv": lambda im: ImageOps.flip(ImageOps.mirror(im)),
+}
 
 
 def flipped_copies(paths: list[Path], flip: str, out: Path) -> list[Path]:
@@ -55,7 +60,10 @@ def main() -> None:
             cal_paths, test_paths = list(split.calibration_good), [r.path for r in test]
             views: dict[str, tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]] = {}
             for flip in FLIPS:
-                cache = args.cache / f"{Path(path).parent.name}_{Path(path).name}_{seed}{'_' + held[0] if held else ''}_{flip}.npz"
+                cache = (
+                    args.cache
+                    / f"{Path(path).parent.name}_{Path(path).name}_{seed}{'_' + held[0] if held else ''}_{flip}.npz"
+                )
                 if not cache.exists():
                     base = Path(tmp) / f"{seed}{held}" / flip
                     c = raw_views(Path(path), flipped_copies(cal_paths, flip, base / "cal"))
@@ -66,8 +74,12 @@ def main() -> None:
             labels = np.array([0 if r.is_good else 1 for r in test])
             kinds = np.array([r.defect_type for r in test])
             types = sorted(set(kinds[labels == 1]))
-            print(f"\n{path} (split seed {seed}{', held out ' + held[0] if held else ''}; {len(cal_paths)} cal goods, {len(test)} test)")
-            print(f"{'flips averaged':16s}{'overall':>9s}" + "".join(f"{t:>10s}" for t in types) + f"{'FRR@cal99':>11s}")
+            print(
+                f"\n{path} (split seed {seed}{', held out ' + held[0] if held else ''}; {len(cal_paths)} cal goods, {len(test)} test)"
+            )
+            print(
+                f"{'flips averaged':16s}{'overall':>9s}" + "".join(f"{t:>10s}" for t in types) + f"{'FRR@cal99':>11s}"
+            )
             for name, flips in variants.items():
                 cal = tuple(np.mean([views[f][0][i] for f in flips], axis=0) for i in (0, 1))
                 x = tuple(np.mean([views[f][1][i] for f in flips], axis=0) for i in (0, 1))

@@ -75,7 +75,11 @@ class RequestBatcher:
         with self._lock:
             batch = [self._queue.popleft()]
             size = len(batch[0].images)
-            while self._queue and self._queue[0].inspector is batch[0].inspector and size + len(self._queue[0].images) <= self.max_images:
+            while (
+                self._queue
+                and self._queue[0].inspector is batch[0].inspector
+                and size + len(self._queue[0].images) <= self.max_images
+            ):
                 size += len(self._queue[0].images)
                 batch.append(self._queue.popleft())
             self.requests += len(batch)
@@ -88,14 +92,14 @@ class RequestBatcher:
             self.on_batch(len(batch), len(images))
         try:
             results = batch[0].inspector.score(images)
-        except BaseException as exc:  # noqa: BLE001 - handed to the request(s) it belongs to
+        except BaseException as exc:
             if len(batch) == 1:
                 batch[0].error = exc
             else:  # one odd request must not fail the others: each alone, so the error lands where it belongs
                 for p in batch:
                     try:
                         p.results = p.inspector.score(p.images)
-                    except BaseException as alone:  # noqa: BLE001
+                    except BaseException as alone:
                         p.error = alone
         else:
             start = 0

@@ -48,8 +48,10 @@ class Threshold:
         return {"value": float(self.value), "rule": self.rule, "details": self.details}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Threshold":
-        return cls(value=float(data["value"]), rule=str(data.get("rule", "manual")), details=dict(data.get("details", {})))
+    def from_dict(cls, data: dict[str, Any]) -> Threshold:
+        return cls(
+            value=float(data["value"]), rule=str(data.get("rule", "manual")), details=dict(data.get("details", {}))
+        )
 
 
 @dataclass(frozen=True)
@@ -109,17 +111,28 @@ def sha256_file(path: Path, block: int = 1 << 20) -> str:
 
 def _check_descriptors(where: Path, descriptors: np.ndarray | None, density: DensitySpec | None) -> None:
     if (descriptors is None) != (density is None):
-        raise BundleError(f"{where}: descriptors and the density spec come together (got {'descriptors' if density is None else 'a density spec'} alone)")
+        raise BundleError(
+            f"{where}: descriptors and the density spec come together (got {'descriptors' if density is None else 'a density spec'} alone)"
+        )
     if descriptors is None or density is None:
         return
     if descriptors.ndim != 2 or len(descriptors) < 2 or descriptors.shape[1] != sum(density.blocks):
-        raise BundleError(f"{where}: descriptors must be (G >= 2, {sum(density.blocks)}), got shape {descriptors.shape}")
+        raise BundleError(
+            f"{where}: descriptors must be (G >= 2, {sum(density.blocks)}), got shape {descriptors.shape}"
+        )
     if density.ids and len(density.ids) != len(descriptors):
         raise BundleError(f"{where}: {len(density.ids)} descriptor ids for {len(descriptors)} descriptors")
 
 
-def write_bundle(out: str | Path, model: str | Path | bytes, references: np.ndarray, spec: BundleSpec, *, overwrite: bool = False,
-                 descriptors: np.ndarray | None = None) -> Path:
+def write_bundle(
+    out: str | Path,
+    model: str | Path | bytes,
+    references: np.ndarray,
+    spec: BundleSpec,
+    *,
+    overwrite: bool = False,
+    descriptors: np.ndarray | None = None,
+) -> Path:
     """Write a bundle atomically: everything goes to a temp dir beside ``out``, which is then renamed into place."""
     out = Path(out)
     refs = np.ascontiguousarray(np.asarray(references, dtype=np.float32))
@@ -145,7 +158,10 @@ def write_bundle(out: str | Path, model: str | Path | bytes, references: np.ndar
             names.append(DESCRIPTORS_FILE)
         manifest = spec.to_dict()
         manifest["model"].setdefault("embedding_dim", int(refs.shape[1]))
-        manifest["provenance"] = {"created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **manifest["provenance"]}
+        manifest["provenance"] = {
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            **manifest["provenance"],
+        }
         manifest["files"] = {name: sha256_file(tmp / name) for name in names}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         for name in (*names, MANIFEST):
@@ -178,7 +194,9 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
         raise BundleError(f"{manifest_path}: not valid JSON ({exc})") from None
     version = manifest.get("schema_version")
     if version != SCHEMA_VERSION:
-        raise BundleError(f"{manifest_path}: unknown schema_version {version!r} (this inspector reads {SCHEMA_VERSION})")
+        raise BundleError(
+            f"{manifest_path}: unknown schema_version {version!r} (this inspector reads {SCHEMA_VERSION})"
+        )
     return manifest
 
 
@@ -195,7 +213,9 @@ def load_bundle(path: str | Path) -> Bundle:
             raise BundleError(f"{file_path}: missing from the bundle")
         actual = sha256_file(file_path)
         if actual != files[name]:
-            raise BundleError(f"{file_path}: sha256 {actual[:12]}… does not match the manifest ({files[name][:12]}…): file changed or corrupt")
+            raise BundleError(
+                f"{file_path}: sha256 {actual[:12]}… does not match the manifest ({files[name][:12]}…): file changed or corrupt"
+            )
     try:
         references = np.load(path / REFERENCES_FILE, allow_pickle=False)
     except ValueError as exc:
@@ -221,7 +241,13 @@ def load_bundle(path: str | Path) -> Bundle:
         except ValueError as exc:
             raise BundleError(f"{path / DESCRIPTORS_FILE}: unreadable ({exc})") from None
         _check_descriptors(path / DESCRIPTORS_FILE, descriptors, spec.density)
-    return Bundle(path=path, spec=spec, references=references.astype(np.float32, copy=False), manifest=manifest, descriptors=descriptors)
+    return Bundle(
+        path=path,
+        spec=spec,
+        references=references.astype(np.float32, copy=False),
+        manifest=manifest,
+        descriptors=descriptors,
+    )
 
 
 def derived_provenance(parent: Bundle, drop: tuple[str, ...] = ()) -> dict[str, Any]:

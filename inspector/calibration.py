@@ -179,13 +179,15 @@ def _rates(good: np.ndarray, bad: np.ndarray, value: float) -> dict[str, Any]:
         "false_reject_rate": fp / len(good) if len(good) else float("nan"),
     }
     if len(bad):
-        out.update({
-            "defects_detected": tp,
-            "recall": tp / len(bad),
-            "escape_rate": 1.0 - tp / len(bad),
-            "precision": tp / (tp + fp) if tp + fp else float("nan"),
-            "f1": 2 * tp / (2 * tp + fp + (len(bad) - tp)),
-        })
+        out.update(
+            {
+                "defects_detected": tp,
+                "recall": tp / len(bad),
+                "escape_rate": 1.0 - tp / len(bad),
+                "precision": tp / (tp + fp) if tp + fp else float("nan"),
+                "f1": 2 * tp / (2 * tp + fp + (len(bad) - tp)),
+            }
+        )
     return out
 
 

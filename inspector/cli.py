@@ -13,8 +13,7 @@ import json
 import sys
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from inspector.bundle import load_bundle
 from inspector.engine import Inspector, ScoreResult
@@ -52,7 +51,9 @@ def _print_table(results: list[ScoreResult]) -> None:
             print(f"{r.source:<{width}}  {'-':>8}  {r.threshold:>9.4f}  ERROR {r.error}")
         else:
             why = f" ({max(r.views, key=lambda k: r.views[k])})" if r.anomalous and r.views else ""  # type: ignore[union-attr]
-            print(f"{r.source:<{width}}  {r.score:>8.4f}  {r.threshold:>9.4f}  {'ANOMALOUS' if r.anomalous else 'good'}{why}")
+            print(
+                f"{r.source:<{width}}  {r.score:>8.4f}  {r.threshold:>9.4f}  {'ANOMALOUS' if r.anomalous else 'good'}{why}"
+            )
 
 
 def cmd_score(args: argparse.Namespace) -> int:
@@ -66,7 +67,9 @@ def cmd_score(args: argparse.Namespace) -> int:
     if args.heatmaps is not None:
         from inspector.heatmap import write_heatmaps
 
-        pairs = list(_progress(write_heatmaps(inspector, paths, args.heatmaps), len(paths), not (args.json or args.csv)))
+        pairs = list(
+            _progress(write_heatmaps(inspector, paths, args.heatmaps), len(paths), not (args.json or args.csv))
+        )
         results = [r for r, _ in pairs]
         rows = [{**r.to_dict(), "heatmap": str(h) if h else None} for r, h in pairs]
     else:
@@ -111,9 +114,12 @@ def cmd_check(args: argparse.Namespace) -> int:
         "embedding_dim": int(bundle.references.shape[1]),
         "threshold": bundle.spec.threshold.to_dict(),
         "preprocessing": bundle.spec.preprocessing.to_dict(),
-        "whole_part_score": None if bundle.spec.density is None else {
+        "whole_part_score": None
+        if bundle.spec.density is None
+        else {
             "references": int(len(bundle.descriptors)) if bundle.descriptors is not None else 0,
-            **{k: v for k, v in bundle.spec.density.to_dict().items() if k != "ids"}},
+            **{k: v for k, v in bundle.spec.density.to_dict().items() if k != "ids"},
+        },
         "status": "ok",
     }
     print(json.dumps(info, indent=2))
@@ -124,7 +130,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:  # the service stack is an optional extra; importing it here keeps `import inspector.cli` light
         from inspector.service import serve
     except ImportError as exc:
-        print(f"error: `inspector serve` needs the 'serve' extra (pip install 'siamese-inspector[serve]'): {exc}", file=sys.stderr)
+        print(
+            f"error: `inspector serve` needs the 'serve' extra (pip install 'siamese-inspector[serve]'): {exc}",
+            file=sys.stderr,
+        )
         return EXIT_BAD_INPUT
     return serve(serve_settings(args))
 
@@ -134,10 +143,20 @@ def serve_settings(args: argparse.Namespace) -> ServiceSettings:
     from inspector.service import ServiceSettings
 
     return ServiceSettings.from_env(
-        bundle=args.bundle, model_uri=args.model_uri, host=args.host, port=args.port, token=args.token,
-        max_bytes=args.max_bytes, max_images=args.max_images, threads=args.threads, log_level=args.log_level,
-        tracking_uri=args.tracking_uri, poll_seconds=args.poll_seconds, cache_dir=args.cache_dir,
-        registry_timeout=args.registry_timeout, combine_images=args.combine_images,
+        bundle=args.bundle,
+        model_uri=args.model_uri,
+        host=args.host,
+        port=args.port,
+        token=args.token,
+        max_bytes=args.max_bytes,
+        max_images=args.max_images,
+        threads=args.threads,
+        log_level=args.log_level,
+        tracking_uri=args.tracking_uri,
+        poll_seconds=args.poll_seconds,
+        cache_dir=args.cache_dir,
+        registry_timeout=args.registry_timeout,
+        combine_images=args.combine_images,
     )
 
 
@@ -151,8 +170,12 @@ def _reference_summary(before_path: Path, after_path: Path) -> dict:
         "bundle": str(before.path),
         "out": str(after.path),
         "model": after.model_version,
-        "references": {"before": int(before.references.shape[0]), "after": int(after.references.shape[0]),
-                       "sources_before": len(reference_sources(before)), "sources_after": len(reference_sources(after))},
+        "references": {
+            "before": int(before.references.shape[0]),
+            "after": int(after.references.shape[0]),
+            "sources_before": len(reference_sources(before)),
+            "sources_after": len(reference_sources(after)),
+        },
         "added": [a["id"] for a in change.get("added", [])],
         "removed": change.get("removed", []),
         "skipped": change.get("skipped", []),
@@ -181,8 +204,16 @@ def cmd_add_references(args: argparse.Namespace) -> int:
     if (args.recalibrate_good and not good) or (args.recalibrate_defective and not bad):
         print("error: a re-calibration folder holds no images", file=sys.stderr)
         return EXIT_BAD_INPUT
-    out = add_references(args.bundle, images, args.out, recalibrate_good=good, recalibrate_defective=bad,
-                         target_false_reject_rate=args.target_frr, skip_bad=args.skip_bad, threads=args.threads)
+    out = add_references(
+        args.bundle,
+        images,
+        args.out,
+        recalibrate_good=good,
+        recalibrate_defective=bad,
+        target_false_reject_rate=args.target_frr,
+        skip_bad=args.skip_bad,
+        threads=args.threads,
+    )
     print(json.dumps(_reference_summary(args.bundle, out), indent=2))
     return EXIT_OK
 
@@ -207,8 +238,15 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if not images:
         print("error: no calibration images", file=sys.stderr)
         return EXIT_BAD_INPUT
-    out = quantize_bundle(args.bundle, images, args.out, per_channel=not args.per_tensor, max_images=args.max_images,
-                          activation_type=args.activations, threads=args.threads)
+    out = quantize_bundle(
+        args.bundle,
+        images,
+        args.out,
+        per_channel=not args.per_tensor,
+        max_images=args.max_images,
+        activation_type=args.activations,
+        threads=args.threads,
+    )
     new = load_bundle(out)
     report = new.spec.provenance["quantization"]
     summary = {
@@ -218,7 +256,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         "threshold": new.spec.threshold.value,
         "calibration_images": report["calibration"]["images"],
         "skipped": report["calibration"]["skipped"],
-        "settings": {k: report[k] for k in ("method", "format", "weights", "activations", "calibrate_method", "pre_processed")},
+        "settings": {
+            k: report[k] for k in ("method", "format", "weights", "activations", "calibrate_method", "pre_processed")
+        },
         "drift": report["drift"],
         "model_bytes": report["model_bytes"],
         "images_per_second": report["images_per_second"],
@@ -235,7 +275,9 @@ def _positive_int(text: str) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="inspector", description="Score part images against golden references (onnxruntime).")
+    p = argparse.ArgumentParser(
+        prog="inspector", description="Score part images against golden references (onnxruntime)."
+    )
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("score", help="score image files, folders or globs")
     s.add_argument("paths", nargs="+")
@@ -244,11 +286,21 @@ def _parser() -> argparse.ArgumentParser:
     fmt.add_argument("--json", action="store_true", help="JSON list on stdout")
     fmt.add_argument("--csv", action="store_true", help="CSV on stdout")
     s.add_argument("--fail-on-anomaly", action="store_true", help="exit 1 when any part is flagged")
-    s.add_argument("--heatmaps", type=Path, default=None, metavar="DIR",
-                   help="write an anomaly-heatmap overlay PNG per image into DIR (patch-mode bundles)")
+    s.add_argument(
+        "--heatmaps",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="write an anomaly-heatmap overlay PNG per image into DIR (patch-mode bundles)",
+    )
     s.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: all cores)")
-    s.add_argument("--streams", type=_positive_int, default=None, help="batches scored side by side, one core each (default: "
-                   "INSPECTOR_STREAMS, else --threads or the cores; 1: one batch at a time on all cores)")
+    s.add_argument(
+        "--streams",
+        type=_positive_int,
+        default=None,
+        help="batches scored side by side, one core each (default: "
+        "INSPECTOR_STREAMS, else --threads or the cores; 1: one batch at a time on all cores)",
+    )
     s.set_defaults(func=cmd_score)
     c = sub.add_parser("check", help="verify a bundle (hashes, schema, model loads)")
     c.add_argument("bundle", type=Path)
@@ -257,10 +309,24 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("bundle", type=Path)
     a.add_argument("images", nargs="+", help="image files, folders or globs")
     a.add_argument("--out", required=True, type=Path, help="the new bundle directory (must not exist)")
-    a.add_argument("--recalibrate-good", nargs="+", metavar="DIR_OR_FILES", help="good parts NOT in the bank: threshold = their (1 - target FRR) score quantile")
-    a.add_argument("--recalibrate-defective", nargs="+", metavar="DIR_OR_FILES", help="defective parts: report recall at that threshold")
-    a.add_argument("--target-frr", type=float, default=0.01, help="target false-reject rate on good parts (default 0.01)")
-    a.add_argument("--skip-bad", action="store_true", help="skip unreadable or already-present images instead of failing")
+    a.add_argument(
+        "--recalibrate-good",
+        nargs="+",
+        metavar="DIR_OR_FILES",
+        help="good parts NOT in the bank: threshold = their (1 - target FRR) score quantile",
+    )
+    a.add_argument(
+        "--recalibrate-defective",
+        nargs="+",
+        metavar="DIR_OR_FILES",
+        help="defective parts: report recall at that threshold",
+    )
+    a.add_argument(
+        "--target-frr", type=float, default=0.01, help="target false-reject rate on good parts (default 0.01)"
+    )
+    a.add_argument(
+        "--skip-bad", action="store_true", help="skip unreadable or already-present images instead of failing"
+    )
     a.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: all cores)")
     a.set_defaults(func=cmd_add_references)
     r = sub.add_parser("remove-references", help="write a new bundle without the given reference ids")
@@ -268,21 +334,39 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--ids", nargs="+", required=True, help="reference ids (file names as added; see the add summary)")
     r.add_argument("--out", required=True, type=Path, help="the new bundle directory (must not exist)")
     r.set_defaults(func=cmd_remove_references)
-    q = sub.add_parser("quantize", help="write a new bundle with a static INT8 model calibrated on part images (bank and threshold kept)")
+    q = sub.add_parser(
+        "quantize",
+        help="write a new bundle with a static INT8 model calibrated on part images (bank and threshold kept)",
+    )
     q.add_argument("bundle", type=Path)
-    q.add_argument("images", nargs="+", help="calibration image files, folders or globs (good parts; at least 8 readable)")
+    q.add_argument(
+        "images", nargs="+", help="calibration image files, folders or globs (good parts; at least 8 readable)"
+    )
     q.add_argument("--out", required=True, type=Path, help="the new bundle directory (must not exist)")
     q.add_argument("--max-images", type=int, default=64, help="most calibration images to use (default 64)")
     q.add_argument("--per-tensor", action="store_true", help="per-tensor weight scales (default: per channel)")
-    q.add_argument("--activations", choices=["uint8", "int8"], default="uint8", help="activation type (default uint8: fastest on x86 CPUs)")
+    q.add_argument(
+        "--activations",
+        choices=["uint8", "int8"],
+        default="uint8",
+        help="activation type (default uint8: fastest on x86 CPUs)",
+    )
     q.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: all cores)")
     q.set_defaults(func=cmd_quantize)
     v = sub.add_parser("serve", help="HTTP scoring service (needs the 'serve' extra: fastapi, uvicorn)")
     v.add_argument("--bundle", type=Path, default=None, help="bundle directory (or INSPECTOR_BUNDLE)")
-    v.add_argument("--model-uri", default=None, help="registry model to serve and follow: models:/<name>@champion (or INSPECTOR_MODEL_URI)")
+    v.add_argument(
+        "--model-uri",
+        default=None,
+        help="registry model to serve and follow: models:/<name>@champion (or INSPECTOR_MODEL_URI)",
+    )
     v.add_argument("--tracking-uri", default=None, help="MLflow server, http(s)://host:port (or MLFLOW_TRACKING_URI)")
-    v.add_argument("--poll-seconds", type=float, default=None, help="re-resolve the alias every N seconds (default 30; 0: never)")
-    v.add_argument("--cache-dir", type=Path, default=None, help="verified registry bundles (default ~/.cache/inspector/registry)")
+    v.add_argument(
+        "--poll-seconds", type=float, default=None, help="re-resolve the alias every N seconds (default 30; 0: never)"
+    )
+    v.add_argument(
+        "--cache-dir", type=Path, default=None, help="verified registry bundles (default ~/.cache/inspector/registry)"
+    )
     v.add_argument("--registry-timeout", type=float, default=None, help="seconds per registry request (default 10)")
     v.add_argument("--host", default=None, help="interface to listen on (default 127.0.0.1)")
     v.add_argument("--port", type=int, default=None, help="port (default 8000)")
@@ -290,8 +374,13 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--max-bytes", type=int, default=None, help="largest request body in bytes (default 20 MiB)")
     v.add_argument("--max-images", type=int, default=None, help="most images per request (default 64)")
     v.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: all cores)")
-    v.add_argument("--combine-images", type=int, default=None, help="requests queued behind a running batch are scored "
-                   "together, up to this many images (default 32; 1: every request alone)")
+    v.add_argument(
+        "--combine-images",
+        type=int,
+        default=None,
+        help="requests queued behind a running batch are scored "
+        "together, up to this many images (default 32; 1: every request alone)",
+    )
     v.add_argument("--log-level", default=None, choices=["critical", "error", "warning", "info", "debug"])
     v.set_defaults(func=cmd_serve)
     return p

@@ -112,7 +112,7 @@ class ScoreScale:
     spread: float
 
     @classmethod
-    def of(cls, good_scores: np.ndarray) -> "ScoreScale":
+    def of(cls, good_scores: np.ndarray) -> ScoreScale:
         values = np.asarray(good_scores, dtype=np.float64)
         if values.size == 0 or not np.all(np.isfinite(values)):
             raise InspectorError("a score scale needs at least one finite calibration score")
@@ -127,16 +127,20 @@ class ScoreScale:
         return {"median": self.median, "spread": self.spread}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ScoreScale":
+    def from_dict(cls, data: dict[str, Any]) -> ScoreScale:
         return cls(float(data["median"]), float(data["spread"]))
 
 
-def standardised_views(patch: np.ndarray, density: np.ndarray, patch_scale: ScoreScale, density_scale: ScoreScale) -> dict[str, np.ndarray]:
+def standardised_views(
+    patch: np.ndarray, density: np.ndarray, patch_scale: ScoreScale, density_scale: ScoreScale
+) -> dict[str, np.ndarray]:
     """Each view's scores in units of the good parts' spread above their median: ``patch`` and ``part``."""
     return {"patch": patch_scale.standardise(patch), "part": density_scale.standardise(density)}
 
 
-def fused_scores(patch: np.ndarray, density: np.ndarray, patch_scale: ScoreScale, density_scale: ScoreScale) -> np.ndarray:
+def fused_scores(
+    patch: np.ndarray, density: np.ndarray, patch_scale: ScoreScale, density_scale: ScoreScale
+) -> np.ndarray:
     """One score per part: the larger of its patch and whole-part scores, each standardised
     (:func:`standardised_views`) — a part is as anomalous as the more alarmed of the two views."""
     return fused_scores_of(standardised_views(patch, density, patch_scale, density_scale))
@@ -158,13 +162,23 @@ class DensitySpec:
     combine: str = COMBINE
 
     def to_dict(self) -> dict[str, Any]:
-        return {"blocks": list(self.blocks), "patch_scale": self.patch_scale.to_dict(), "density_scale": self.density_scale.to_dict(),
-                "ids": list(self.ids), "combine": self.combine}
+        return {
+            "blocks": list(self.blocks),
+            "patch_scale": self.patch_scale.to_dict(),
+            "density_scale": self.density_scale.to_dict(),
+            "ids": list(self.ids),
+            "combine": self.combine,
+        }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "DensitySpec":
+    def from_dict(cls, data: dict[str, Any]) -> DensitySpec:
         combine = str(data.get("combine", COMBINE))
         if combine != COMBINE:
             raise ValueError(f"unknown density combine rule {combine!r}: this inspector knows {COMBINE!r}")
-        return cls(tuple(int(b) for b in data["blocks"]), ScoreScale.from_dict(data["patch_scale"]),
-                   ScoreScale.from_dict(data["density_scale"]), tuple(str(i) for i in data.get("ids", [])), combine)
+        return cls(
+            tuple(int(b) for b in data["blocks"]),
+            ScoreScale.from_dict(data["patch_scale"]),
+            ScoreScale.from_dict(data["density_scale"]),
+            tuple(str(i) for i in data.get("ids", [])),
+            combine,
+        )

@@ -76,8 +76,13 @@ class Prepared(NamedTuple):
     sizes: list[tuple[int, int]]
 
 
-def make_session(model_path: str | Path, *, threads: int | None = None, providers: Sequence[str] | None = None,
-                 spinning: bool | None = None) -> ort.InferenceSession:
+def make_session(
+    model_path: str | Path,
+    *,
+    threads: int | None = None,
+    providers: Sequence[str] | None = None,
+    spinning: bool | None = None,
+) -> ort.InferenceSession:
     """An onnxruntime session with full graph optimisation; CUDA first when the runtime has it.
 
     Spinning is off by default (``spinning=True`` or ``INSPECTOR_ORT_SPIN=1`` turns it on): ORT's idle worker
@@ -156,15 +161,25 @@ class OnnxEmbedder:
     normalised once as uint8 → float32 NCHW instead of per image.
     """
 
-    def __init__(self, model_path: str | Path, preprocessing: PreprocessConfig, *, threads: int | None = None,
-                 providers: Sequence[str] | None = None, batch_size: int = 32, decode_workers: int | None = None,
-                 streams: int | None = None) -> None:
+    def __init__(
+        self,
+        model_path: str | Path,
+        preprocessing: PreprocessConfig,
+        *,
+        threads: int | None = None,
+        providers: Sequence[str] | None = None,
+        batch_size: int = 32,
+        decode_workers: int | None = None,
+        streams: int | None = None,
+    ) -> None:
         self.preprocessing = preprocessing
         self.preprocessor = Preprocessor(preprocessing)
         self.model_path = Path(model_path)
         self.session = make_session(model_path, threads=threads, providers=providers)
         #: batches :meth:`Inspector.score_paths` scores side by side, each on one core (see :func:`default_streams`)
-        self.streams = max(1, streams) if streams is not None else default_streams(threads, self.session.get_providers())
+        self.streams = (
+            max(1, streams) if streams is not None else default_streams(threads, self.session.get_providers())
+        )
         self._serial: ort.InferenceSession | None = None
         self._serial_lock = threading.Lock()
         self.input_name = self.session.get_inputs()[0].name
@@ -174,7 +189,11 @@ class OnnxEmbedder:
         self.embedding_dim: int | None = out_dim if isinstance(out_dim, int) else None
         self.batch_size = batch_size
         self.decode_workers = decode_workers if decode_workers is not None else _default_decode_workers()
-        self._pool = ThreadPoolExecutor(self.decode_workers, thread_name_prefix="inspector-decode") if self.decode_workers > 1 else None
+        self._pool = (
+            ThreadPoolExecutor(self.decode_workers, thread_name_prefix="inspector-decode")
+            if self.decode_workers > 1
+            else None
+        )
 
     def embed_arrays(self, batch: np.ndarray, sizes: Sequence[tuple[int, int]] | None = None) -> np.ndarray:
         """Embed an already-preprocessed float32 NCHW batch, in chunks of ``batch_size``."""
@@ -192,7 +211,9 @@ class OnnxEmbedder:
                 self._serial = make_session(self.model_path, threads=1, providers=self.session.get_providers())
             return self._serial
 
-    def run(self, batch: np.ndarray, sizes: Sequence[tuple[int, int]] | None = None, *, serial: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    def run(
+        self, batch: np.ndarray, sizes: Sequence[tuple[int, int]] | None = None, *, serial: bool = False
+    ) -> tuple[np.ndarray, np.ndarray | None]:
         """Embeddings of a preprocessed batch and, for a model that describes whole parts, their descriptors (else
         None). ``sizes``: the images' original (width, height), which place each part on the input (without them,
         each part is taken to fill the input). ``serial``: on one core (:meth:`serial_session`), for callers that
@@ -266,7 +287,7 @@ class OnnxEmbedder:
         embedded = self.embed_all(images)
         return embedded.embeddings, embedded.valid, embedded.errors
 
-    def embed_all(self, images: Sequence[ImageSource]) -> "Embedded":
+    def embed_all(self, images: Sequence[ImageSource]) -> Embedded:
         """:meth:`embed_parts` plus the whole-part descriptors of a model that outputs them."""
         batch, errors, sizes = self.prepare(images)
         if not len(batch):
@@ -284,26 +305,45 @@ class OnnxEmbedder:
 class Inspector:
     """Scores part images against the golden references of one bundle."""
 
-    def __init__(self, bundle: Bundle, *, threads: int | None = None, providers: Sequence[str] | None = None, batch_size: int = 32,
-                 decode_workers: int | None = None, streams: int | None = None) -> None:
+    def __init__(
+        self,
+        bundle: Bundle,
+        *,
+        threads: int | None = None,
+        providers: Sequence[str] | None = None,
+        batch_size: int = 32,
+        decode_workers: int | None = None,
+        streams: int | None = None,
+    ) -> None:
         self.bundle = bundle
-        self.embedder = OnnxEmbedder(bundle.model_path, bundle.spec.preprocessing, threads=threads, providers=providers,
-                                     batch_size=batch_size, decode_workers=decode_workers, streams=streams)
+        self.embedder = OnnxEmbedder(
+            bundle.model_path,
+            bundle.spec.preprocessing,
+            threads=threads,
+            providers=providers,
+            batch_size=batch_size,
+            decode_workers=decode_workers,
+            streams=streams,
+        )
         dim = self.embedder.embedding_dim
         if dim is not None and dim != bundle.references.shape[1]:
-            raise InspectorError(f"{bundle.path}: model outputs {dim}-d embeddings but references are {bundle.references.shape[1]}-d")
+            raise InspectorError(
+                f"{bundle.path}: model outputs {dim}-d embeddings but references are {bundle.references.shape[1]}-d"
+            )
         self.golden = GoldenBank(bundle.references, chunk_size=bundle.spec.scoring.chunk_size)
         self.density: GaussianDensity | None = None
         if bundle.spec.density is not None and bundle.descriptors is not None:
             if not self.embedder.describes_parts:
-                raise InspectorError(f"{bundle.path}: the bundle scores whole parts but its model has no '{PLACEMENT_INPUT}' input")
+                raise InspectorError(
+                    f"{bundle.path}: the bundle scores whole parts but its model has no '{PLACEMENT_INPUT}' input"
+                )
             self.density = GaussianDensity(bundle.descriptors, bundle.spec.density.blocks)
         if self.golden.cells > 1:
             use_one_blas_thread()  # from the loading (usually main) thread: see its docstring
             self.golden.partition()  # at load, not on the first part of the line
 
     @classmethod
-    def from_bundle(cls, path: str | Path, **kwargs: Any) -> "Inspector":
+    def from_bundle(cls, path: str | Path, **kwargs: Any) -> Inspector:
         return cls(load_bundle(path), **kwargs)
 
     @property
@@ -317,10 +357,14 @@ class Inspector:
     def embed(self, images: Sequence[ImageSource]) -> tuple[np.ndarray, list[str | None]]:
         return self.embedder.embed(images)
 
-    def score_embeddings(self, embeddings: np.ndarray, valid: np.ndarray | None = None, descriptors: np.ndarray | None = None) -> np.ndarray:
+    def score_embeddings(
+        self, embeddings: np.ndarray, valid: np.ndarray | None = None, descriptors: np.ndarray | None = None
+    ) -> np.ndarray:
         """Scores of embeddings already computed; ``valid`` marks the patches on each part (OnnxEmbedder.patch_valid);
         a bundle that also scores whole parts needs their ``descriptors`` (OnnxEmbedder.run)."""
-        return self.with_whole_part(self.golden.anomaly_scores(embeddings, self.bundle.spec.scoring, valid), descriptors)
+        return self.with_whole_part(
+            self.golden.anomaly_scores(embeddings, self.bundle.spec.scoring, valid), descriptors
+        )
 
     def with_whole_part(self, patch_scores: np.ndarray, descriptors: np.ndarray | None) -> np.ndarray:
         """The line's scores from the patch scores: fused with the whole-part score when the bundle has one."""
@@ -333,8 +377,12 @@ class Inspector:
         if self.density is None or density is None:
             return None
         if descriptors is None:
-            raise InspectorError(f"{self.bundle.path}: this bundle scores whole parts too; pass the model's descriptors")
-        return standardised_views(patch_scores, self.density.distances(descriptors), density.patch_scale, density.density_scale)
+            raise InspectorError(
+                f"{self.bundle.path}: this bundle scores whole parts too; pass the model's descriptors"
+            )
+        return standardised_views(
+            patch_scores, self.density.distances(descriptors), density.patch_scale, density.density_scale
+        )
 
     @property
     def patch_threshold(self) -> float:
@@ -362,13 +410,20 @@ class Inspector:
         """The model's outputs (embeddings, descriptors) for a prepared batch; None when nothing in it was readable."""
         return self.embedder.run(prepared.batch, prepared.sizes) if len(prepared.batch) else None
 
-    def _scored(self, images: list[ImageSource], prepared: Prepared, outputs: tuple[np.ndarray, np.ndarray | None] | None,
-                start: int = 0) -> list[ScoreResult]:
+    def _scored(
+        self,
+        images: list[ImageSource],
+        prepared: Prepared,
+        outputs: tuple[np.ndarray, np.ndarray | None] | None,
+        start: int = 0,
+    ) -> list[ScoreResult]:
         """Verdicts from the model's outputs: the golden-bank search, the whole-part view, one result per image."""
         if outputs is None:
             return self.results_for(images, [], prepared.errors, start=start)
         embeddings, descriptors = outputs
-        patch = self.golden.anomaly_scores(embeddings, self.bundle.spec.scoring, self.embedder.patch_valid(prepared.sizes, embeddings))
+        patch = self.golden.anomaly_scores(
+            embeddings, self.bundle.spec.scoring, self.embedder.patch_valid(prepared.sizes, embeddings)
+        )
         return self.results_for(images, patch, prepared.errors, descriptors, start=start)
 
     def _scored_alone(self, images: list[ImageSource], start: int = 0) -> list[ScoreResult]:
@@ -396,15 +451,24 @@ class Inspector:
                 for future in pending:
                     future.cancel()
 
-    def results_for(self, images: Sequence[ImageSource], patch_scores: Sequence[float] | np.ndarray, errors: list[str | None],
-                    descriptors: np.ndarray | None = None, *, start: int = 0) -> list[ScoreResult]:
+    def results_for(
+        self,
+        images: Sequence[ImageSource],
+        patch_scores: Sequence[float] | np.ndarray,
+        errors: list[str | None],
+        descriptors: np.ndarray | None = None,
+        *,
+        start: int = 0,
+    ) -> list[ScoreResult]:
         """Verdicts for ``images`` from the patch scores of the readable ones (in order), their descriptors when the
         bundle also scores whole parts, and a per-image error (or None); ``start``: the first image's index in the
         caller's list (it names in-memory images)."""
         views = self.views(np.asarray(patch_scores, dtype=np.float64), descriptors) if len(patch_scores) else None
         fused = fused_scores_of(views) if views is not None else np.asarray(patch_scores, dtype=np.float64)
         scores = iter(fused.tolist())
-        per_view = iter([{k: float(v[i]) for k, v in views.items()} for i in range(len(fused))] if views is not None else [])
+        per_view = iter(
+            [{k: float(v[i]) for k, v in views.items()} for i in range(len(fused))] if views is not None else []
+        )
         results = []
         for i, (source, error) in enumerate(zip(images, errors), start):
             name = _source_name(source, i)
@@ -412,7 +476,9 @@ class Inspector:
                 results.append(ScoreResult(name, None, self.threshold, None, self.model_version, error))
                 continue
             s = float(next(scores))
-            results.append(ScoreResult(name, s, self.threshold, s > self.threshold, self.model_version, views=next(per_view, None)))
+            results.append(
+                ScoreResult(name, s, self.threshold, s > self.threshold, self.model_version, views=next(per_view, None))
+            )
         return results
 
     def score_paths(self, paths: Iterable[ImageSource], chunk: int = SCORE_CHUNK) -> Iterator[ScoreResult]:
@@ -428,8 +494,10 @@ class Inspector:
         if self.embedder.streams > 1:
             yield from self._side_by_side(paths, max(1, min(chunk, self.embedder.batch_size)))
             return
-        with ThreadPoolExecutor(1, thread_name_prefix="inspector-prefetch") as prefetch, \
-                ThreadPoolExecutor(1, thread_name_prefix="inspector-search") as search:
+        with (
+            ThreadPoolExecutor(1, thread_name_prefix="inspector-prefetch") as prefetch,
+            ThreadPoolExecutor(1, thread_name_prefix="inspector-search") as search,
+        ):
             prepared: Future[Prepared] | None = None
             prepared_images: list[ImageSource] = []
             scored: Future[list[ScoreResult]] | None = None
@@ -437,16 +505,26 @@ class Inspector:
             for images in _chunks(paths, chunk):
                 upcoming = prefetch.submit(self.embedder.prepare, images, start=start)
                 if prepared is not None:
-                    scored = yield from self._pipeline_step(search, scored, prepared_images, prepared.result(), start - len(prepared_images))
+                    scored = yield from self._pipeline_step(
+                        search, scored, prepared_images, prepared.result(), start - len(prepared_images)
+                    )
                 prepared, prepared_images = upcoming, images
                 start += len(images)
             if prepared is not None:
-                scored = yield from self._pipeline_step(search, scored, prepared_images, prepared.result(), start - len(prepared_images))
+                scored = yield from self._pipeline_step(
+                    search, scored, prepared_images, prepared.result(), start - len(prepared_images)
+                )
             if scored is not None:
                 yield from scored.result()
 
-    def _pipeline_step(self, search: ThreadPoolExecutor, previous: Future[list[ScoreResult]] | None, images: list[ImageSource],
-                       prepared: Prepared, start: int) -> Generator[ScoreResult, None, Future[list[ScoreResult]]]:
+    def _pipeline_step(
+        self,
+        search: ThreadPoolExecutor,
+        previous: Future[list[ScoreResult]] | None,
+        images: list[ImageSource],
+        prepared: Prepared,
+        start: int,
+    ) -> Generator[ScoreResult, None, Future[list[ScoreResult]]]:
         """Run the model on this chunk, then hand out the previous chunk's results and queue this chunk's search."""
         outputs = self._forward(prepared)
         if previous is not None:

@@ -22,12 +22,27 @@ from inspector.preprocess import Preprocessor, load_image, patch_grid
 from inspector.scoring import GoldenBank, ScoringConfig, patch_mask
 
 #: Colour stops (value in [0, 1] → RGB) of the overlay: dark blue (far below threshold) to red (well above).
-_STOPS = np.array([[0.0, 0, 0, 130], [0.35, 0, 90, 255], [0.55, 0, 230, 230], [0.67, 255, 255, 0], [0.8, 255, 120, 0], [1.0, 200, 0, 0]],
-                  dtype=np.float32)
+_STOPS = np.array(
+    [
+        [0.0, 0, 0, 130],
+        [0.35, 0, 90, 255],
+        [0.55, 0, 230, 230],
+        [0.67, 255, 255, 0],
+        [0.8, 255, 120, 0],
+        [1.0, 200, 0, 0],
+    ],
+    dtype=np.float32,
+)
 
 
-def patch_distance_maps(patch_embeddings: np.ndarray, references: np.ndarray | GoldenBank, scoring: ScoringConfig, height: int,
-                        width: int, valid: np.ndarray | None = None) -> np.ndarray:
+def patch_distance_maps(
+    patch_embeddings: np.ndarray,
+    references: np.ndarray | GoldenBank,
+    scoring: ScoringConfig,
+    height: int,
+    width: int,
+    valid: np.ndarray | None = None,
+) -> np.ndarray:
     """(N, P, D) patch embeddings → (N, rows, cols) distance of each patch to the golden bank (the score's own rule).
 
     With ``scoring.offset`` the part's own offset is taken off every patch, and patches off the part (``valid``,
@@ -35,7 +50,9 @@ def patch_distance_maps(patch_embeddings: np.ndarray, references: np.ndarray | G
     """
     emb = np.asarray(patch_embeddings, dtype=np.float32)
     if emb.ndim != 3:
-        raise InspectorError(f"heatmaps need patch embeddings (N, P, D); this model gives shape {emb.shape} (an image-level model)")
+        raise InspectorError(
+            f"heatmaps need patch embeddings (N, P, D); this model gives shape {emb.shape} (an image-level model)"
+        )
     rows, cols = patch_grid(emb.shape[1], height, width)
     bank = references if isinstance(references, GoldenBank) else GoldenBank(references, chunk_size=scoring.chunk_size)
     maps = bank.patch_distances(emb, scoring)
@@ -49,7 +66,11 @@ def patch_distance_maps(patch_embeddings: np.ndarray, references: np.ndarray | G
 
 def _resize_float(values: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Bilinear resize of a 2-D float map to ``size`` = (width, height)."""
-    return np.asarray(Image.fromarray(np.ascontiguousarray(values, dtype=np.float32), mode="F").resize(size, Image.Resampling.BILINEAR))
+    return np.asarray(
+        Image.fromarray(np.ascontiguousarray(values, dtype=np.float32), mode="F").resize(
+            size, Image.Resampling.BILINEAR
+        )
+    )
 
 
 def to_image_map(grid_map: np.ndarray, preprocessor: Preprocessor, image_size: tuple[int, int]) -> np.ndarray:
@@ -94,7 +115,9 @@ def heatmap_filename(source: str, index: int, taken: set[str]) -> str:
     return name
 
 
-def score_with_maps(inspector: Inspector, sources: Sequence[str | Path]) -> list[tuple[ScoreResult, np.ndarray | None, Image.Image | None]]:
+def score_with_maps(
+    inspector: Inspector, sources: Sequence[str | Path]
+) -> list[tuple[ScoreResult, np.ndarray | None, Image.Image | None]]:
     """Score image files and compute each readable one's anomaly map from the same embeddings and patch search.
 
     Returns (result, map, decoded image) per source, in order; map and image are None where the file was unreadable.
@@ -121,21 +144,26 @@ def score_with_maps(inspector: Inspector, sources: Sequence[str | Path]) -> list
         sizes = [img.size for img in model_inputs]
         emb, descriptors = inspector.embedder.run(pre.batch(model_inputs), sizes)
         valid = inspector.embedder.patch_valid(sizes, emb)
-        grids = patch_distance_maps(emb, inspector.golden, inspector.bundle.spec.scoring, pre.config.height, pre.config.width, valid)
+        grids = patch_distance_maps(
+            emb, inspector.golden, inspector.bundle.spec.scoring, pre.config.height, pre.config.width, valid
+        )
     results = inspector.results_for(sources, grids.max(axis=(1, 2)), errors, descriptors)
     maps = iter(to_image_map(g, pre, img.size) for g, img in zip(grids, readable))
     return [(result, None if img is None else next(maps), img) for result, img in zip(results, decoded)]
 
 
-def write_heatmaps(inspector: Inspector, paths: Sequence[str | Path], out_dir: Path, *, chunk: int = 32,
-                   save_maps: bool = False) -> Iterator[tuple[ScoreResult, Path | None]]:
+def write_heatmaps(
+    inspector: Inspector, paths: Sequence[str | Path], out_dir: Path, *, chunk: int = 32, save_maps: bool = False
+) -> Iterator[tuple[ScoreResult, Path | None]]:
     """Score ``paths`` in chunks and write one overlay PNG per readable image into ``out_dir`` (created).
 
     Yields (result, overlay path) as it goes, so a long folder streams with bounded memory. With ``save_maps`` the
     raw float32 map is saved beside each PNG as ``.npy`` (for pixel-level evaluation against masks).
     """
     if inspector.bundle.spec.model.get("mode") == "image":
-        raise InspectorError(f"{inspector.bundle.path}: this bundle scores whole images; heatmaps need a patch-mode bundle")
+        raise InspectorError(
+            f"{inspector.bundle.path}: this bundle scores whole images; heatmaps need a patch-mode bundle"
+        )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     taken: set[str] = set()

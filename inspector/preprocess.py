@@ -90,9 +90,13 @@ class PreprocessConfig:
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
             raise ValueError("mean and std need three values each, std > 0")
         if self.reducing_gap is not None and not self.reducing_gap >= 1.0:
-            raise ValueError(f"reducing_gap must be at least 1.0 (or None for a one-step resize), got {self.reducing_gap}")
+            raise ValueError(
+                f"reducing_gap must be at least 1.0 (or None for a one-step resize), got {self.reducing_gap}"
+            )
         if self.bit_depth is not None and self.bit_depth not in CAMERA_BIT_DEPTHS:
-            raise ValueError(f"bit_depth must be one of {CAMERA_BIT_DEPTHS} (or None for 8-bit images only), got {self.bit_depth}")
+            raise ValueError(
+                f"bit_depth must be one of {CAMERA_BIT_DEPTHS} (or None for 8-bit images only), got {self.bit_depth}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -100,7 +104,7 @@ class PreprocessConfig:
         return d
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "PreprocessConfig":
+    def from_dict(cls, data: dict[str, Any]) -> PreprocessConfig:
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
         known.setdefault("reducing_gap", None)  # written before the two-step resize existed: keep one step
         for key in ("mean", "std"):
@@ -129,19 +133,31 @@ def _to_8bit(image: Image.Image, bit_depth: int | None, label: str) -> Image.Ima
     values = np.asarray(image)  # one copy out of Pillow, shared by the checks and the scaling
     bits = _depth_of(values, image.mode)
     if bit_depth is None:
-        raise ImageError(label, f"{bits}-bit single-channel image (mode {image.mode}), but this model takes 8-bit images: "
-                                "build it on this camera's images (the training pipeline then sets preprocess.bit_depth) "
-                                "or set preprocess.bit_depth")
+        raise ImageError(
+            label,
+            f"{bits}-bit single-channel image (mode {image.mode}), but this model takes 8-bit images: "
+            "build it on this camera's images (the training pipeline then sets preprocess.bit_depth) "
+            "or set preprocess.bit_depth",
+        )
     if bits > bit_depth:
-        raise ImageError(label, f"pixel values up to {int(values.max())} do not fit this model's {bit_depth}-bit range "
-                                f"(a {bits}-bit image): did the camera's bit depth change? Rebuild the model on its images")
+        raise ImageError(
+            label,
+            f"pixel values up to {int(values.max())} do not fit this model's {bit_depth}-bit range "
+            f"(a {bits}-bit image): did the camera's bit depth change? Rebuild the model on its images",
+        )
     scaled = values.astype(np.float32) * np.float32(255.0 / (2**bit_depth - 1))
     return Image.fromarray(np.rint(scaled).astype(np.uint8), mode="L")
 
 
-def load_image(source: str | Path | bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, name: str | None = None,
-               keep_gray: bool = False, at_least: Callable[[int, int], tuple[int, int]] | None = None,
-               bit_depth: int | None | Literal["keep"] = None) -> Image.Image:
+def load_image(
+    source: str | Path | bytes,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    name: str | None = None,
+    keep_gray: bool = False,
+    at_least: Callable[[int, int], tuple[int, int]] | None = None,
+    bit_depth: int | Literal["keep"] | None = None,
+) -> Image.Image:
     """Open, fully decode and validate one image; raise :class:`ImageError` naming the file and the problem.
 
     Decoding fully here (not lazily) is what turns a truncated JPEG into an error for that file instead of a crash
@@ -182,8 +198,11 @@ def load_image(source: str | Path | bytes, *, max_pixels: int = DEFAULT_MAX_PIXE
             img.load()
             ImageOps.exif_transpose(img, in_place=True)  # in place: no copy of an already-upright image
             if img.mode == "F":
-                raise ImageError(label, "32-bit floating-point image: its value range is not in the file; save the camera's "
-                                        "images as 8- or 16-bit integers")
+                raise ImageError(
+                    label,
+                    "32-bit floating-point image: its value range is not in the file; save the camera's "
+                    "images as 8- or 16-bit integers",
+                )
             if img.mode in HIGH_BIT_MODES:
                 if bit_depth == "keep":
                     return img
@@ -216,14 +235,21 @@ def open_mask(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Imag
     :class:`ImageError` naming the file. ``path`` may be a folder of masks of one image (MVTec LOCO keeps one file
     per defect region, ``ground_truth/<type>/<image>/000.png``): their union, all of one size."""
     path = Path(path)
-    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES) if path.is_dir() else [path]
+    files = (
+        sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        if path.is_dir()
+        else [path]
+    )
     if not files:
         raise ImageError(str(path), "mask folder holds no image")
     union: np.ndarray | None = None
     for file in files:
         marked = mask_pixels(load_image(file, max_pixels=max_pixels, bit_depth="keep"))
         if union is not None and marked.shape != union.shape:
-            raise ImageError(str(file), f"mask is {marked.shape[1]}x{marked.shape[0]}, the others in {path} {union.shape[1]}x{union.shape[0]}")
+            raise ImageError(
+                str(file),
+                f"mask is {marked.shape[1]}x{marked.shape[0]}, the others in {path} {union.shape[1]}x{union.shape[0]}",
+            )
         union = marked if union is None else union | marked
     assert union is not None
     return Image.fromarray(union.astype(np.uint8) * 255, mode="L")
@@ -265,8 +291,14 @@ class Preprocessor:
         calibration, training) loads through here, so all of them see the same pixels and sizes.
         """
         at_least = self._decode_size if self.config.reducing_gap is not None else None
-        return load_image(source, max_pixels=self.config.max_pixels, name=name, keep_gray=keep_gray, at_least=at_least,
-                          bit_depth=self.config.bit_depth)
+        return load_image(
+            source,
+            max_pixels=self.config.max_pixels,
+            name=name,
+            keep_gray=keep_gray,
+            at_least=at_least,
+            bit_depth=self.config.bit_depth,
+        )
 
     def decodes_reduced(self, width: int, height: int) -> bool:
         """Whether :meth:`load` decodes a JPEG of ``width`` x ``height`` (either orientation) at a reduced scale:
@@ -317,10 +349,14 @@ class Preprocessor:
         out = np.empty((len(sizes), rows * cols), dtype=bool)
         for i, (width, height) in enumerate(sizes):
             new_w, new_h, left, top = self.placement(width, height)
-            out[i] = (((ys >= top) & (ys < top + new_h))[:, None] & ((xs >= left) & (xs < left + new_w))[None, :]).ravel()
+            out[i] = (
+                ((ys >= top) & (ys < top + new_h))[:, None] & ((xs >= left) & (xs < left + new_w))[None, :]
+            ).ravel()
         return out
 
-    def _place(self, image: Image.Image, resample: Image.Resampling, fill: int | tuple[int, ...], mode: str | None = None) -> Image.Image:
+    def _place(
+        self, image: Image.Image, resample: Image.Resampling, fill: int | tuple[int, ...], mode: str | None = None
+    ) -> Image.Image:
         """``image`` resized onto the input canvas; ``mode``: converted to it after the resize (before the padding)."""
         new_w, new_h, left, top = self.placement(*image.size)
         gap = self.config.reducing_gap if resample != Image.Resampling.NEAREST else None

@@ -54,7 +54,13 @@ class QuantizeError(InspectorError):
 class _BatchReader:
     """A ``CalibrationDataReader`` over an already-preprocessed NCHW batch, ``CALIBRATION_BATCH`` images at a time."""
 
-    def __init__(self, input_name: str, batch: np.ndarray, batch_size: int = CALIBRATION_BATCH, placement: np.ndarray | None = None) -> None:
+    def __init__(
+        self,
+        input_name: str,
+        batch: np.ndarray,
+        batch_size: int = CALIBRATION_BATCH,
+        placement: np.ndarray | None = None,
+    ) -> None:
         feeds = []
         for i in range(0, len(batch), batch_size):
             feed = {input_name: np.ascontiguousarray(batch[i : i + batch_size], dtype=np.float32)}
@@ -76,8 +82,9 @@ def _reader(input_name: str, batch: np.ndarray, placement: np.ndarray | None = N
     return Reader(input_name, batch, placement=placement)
 
 
-def load_calibration_batch(embedder: OnnxEmbedder, images: Sequence[str | Path], max_images: int
-                           ) -> tuple[np.ndarray, list[str], list[str], list[tuple[int, int]]]:
+def load_calibration_batch(
+    embedder: OnnxEmbedder, images: Sequence[str | Path], max_images: int
+) -> tuple[np.ndarray, list[str], list[str], list[tuple[int, int]]]:
     """Decode and preprocess (the bundle's own preprocessing) up to ``max_images`` readable images.
 
     Returns the float32 NCHW batch, the files used, the problems with files that could not be read, and each used
@@ -97,11 +104,17 @@ def load_calibration_batch(embedder: OnnxEmbedder, images: Sequence[str | Path],
             sizes.append(img.size)
         except ImageError as exc:
             problems.append(str(exc))
-    batch = np.stack(arrays) if arrays else np.zeros((0, 3, embedder.preprocessing.height, embedder.preprocessing.width), np.float32)
+    batch = (
+        np.stack(arrays)
+        if arrays
+        else np.zeros((0, 3, embedder.preprocessing.height, embedder.preprocessing.width), np.float32)
+    )
     return batch, used, problems, sizes
 
 
-def _images_per_second(embedder: OnnxEmbedder, batch: np.ndarray, min_seconds: float = 0.2, max_repeats: int = 20) -> float:
+def _images_per_second(
+    embedder: OnnxEmbedder, batch: np.ndarray, min_seconds: float = 0.2, max_repeats: int = 20
+) -> float:
     """Throughput on ``batch`` (best of a few timed passes after one warm-up pass)."""
     embedder.embed_arrays(batch)
     best, spent, repeats = float("inf"), 0.0, 0
@@ -113,8 +126,12 @@ def _images_per_second(embedder: OnnxEmbedder, batch: np.ndarray, min_seconds: f
     return float(len(batch) / max(best, 1e-9))
 
 
-def _drift(line: Inspector, fp32: tuple[np.ndarray, np.ndarray | None], int8: tuple[np.ndarray, np.ndarray | None],
-           valid: np.ndarray | None) -> dict[str, Any]:
+def _drift(
+    line: Inspector,
+    fp32: tuple[np.ndarray, np.ndarray | None],
+    int8: tuple[np.ndarray, np.ndarray | None],
+    valid: np.ndarray | None,
+) -> dict[str, Any]:
     """How far the INT8 model moves the line's scores from the FP32 model's, both scored by the parent bundle as the
     line scores (``line``: patch score, fused with the whole-part score when the bundle has one; the threshold's
     units), and how many verdicts flip at its threshold. ``fp32`` / ``int8``: each model's embeddings and descriptors."""
@@ -127,7 +144,9 @@ def _drift(line: Inspector, fp32: tuple[np.ndarray, np.ndarray | None], int8: tu
     out: dict[str, Any] = {
         "measured_on": "calibration images (in-sample for the activation ranges)",
         "images": len(emb32),
-        "score": "the line's score: patch and whole-part views fused" if desc32 is not None else "the line's score (patch)",
+        "score": "the line's score: patch and whole-part views fused"
+        if desc32 is not None
+        else "the line's score (patch)",
         "embedding_abs_diff_max": float(diff.max()),
         "embedding_abs_diff_mean": float(diff.mean()),
         "embedding_norm_fp32_mean": float(np.linalg.norm(emb32.reshape(-1, emb32.shape[-1]), axis=1).mean()),
@@ -140,7 +159,9 @@ def _drift(line: Inspector, fp32: tuple[np.ndarray, np.ndarray | None], int8: tu
     if desc32 is not None and desc8 is not None:  # each view alone, in the threshold's units
         patch32, patch8 = (line.golden.anomaly_scores(e, line.bundle.spec.scoring, valid) for e in (emb32, emb8))
         views32, views8 = line.views(patch32, desc32), line.views(patch8, desc8)
-        spread = line.bundle.descriptors.std(axis=0) if line.bundle.descriptors is not None else np.abs(desc32).mean(axis=0)
+        spread = (
+            line.bundle.descriptors.std(axis=0) if line.bundle.descriptors is not None else np.abs(desc32).mean(axis=0)
+        )
         moved = np.abs(desc32 - desc8) / (spread + 1e-9 * float(spread.mean()) + 1e-12)  # in the golden parts' spread
         out["descriptor_drift_in_spreads"] = {"median": float(np.median(moved)), "p99": float(np.percentile(moved, 99))}
         for name in views32 or {}:
@@ -148,9 +169,17 @@ def _drift(line: Inspector, fp32: tuple[np.ndarray, np.ndarray | None], int8: tu
     return out
 
 
-def quantize_bundle(bundle_path: str | Path, calibration_images: Sequence[str | Path], out_path: str | Path, *,
-                    per_channel: bool = True, max_images: int = 64,
-                    activation_type: Literal["uint8", "int8"] = "uint8", threads: int | None = None, reduce_range: bool = True) -> Path:
+def quantize_bundle(
+    bundle_path: str | Path,
+    calibration_images: Sequence[str | Path],
+    out_path: str | Path,
+    *,
+    per_channel: bool = True,
+    max_images: int = 64,
+    activation_type: Literal["uint8", "int8"] = "uint8",
+    threads: int | None = None,
+    reduce_range: bool = True,
+) -> Path:
     """Write a new bundle at ``out_path`` with a static INT8 (QDQ) copy of the model, the same bank and threshold.
 
     Calibration images go through the bundle's own preprocessing; up to ``max_images`` readable ones are used
@@ -168,7 +197,9 @@ def quantize_bundle(bundle_path: str | Path, calibration_images: Sequence[str | 
     if out_path.exists():
         raise QuantizeError(f"{out_path}: already exists (choose a new bundle path)")
     if parent.spec.provenance.get("quantized"):
-        raise QuantizeError(f"{parent.path}: is already quantized ({parent.spec.provenance['quantized']}); quantize the FP32 parent instead")
+        raise QuantizeError(
+            f"{parent.path}: is already quantized ({parent.spec.provenance['quantized']}); quantize the FP32 parent instead"
+        )
     try:
         from onnxruntime.quantization import (
             CalibrationMethod,
@@ -183,8 +214,10 @@ def quantize_bundle(bundle_path: str | Path, calibration_images: Sequence[str | 
     batch, used, problems, sizes = load_calibration_batch(fp32, calibration_images, max_images)
     if len(batch) < MIN_CALIBRATION_IMAGES:
         detail = ("\n  " + "\n  ".join(problems)) if problems else ""
-        raise QuantizeError(f"only {len(batch)} calibration image(s) could be read, at least {MIN_CALIBRATION_IMAGES} are needed; "
-                            f"nothing was written{detail}")
+        raise QuantizeError(
+            f"only {len(batch)} calibration image(s) could be read, at least {MIN_CALIBRATION_IMAGES} are needed; "
+            f"nothing was written{detail}"
+        )
 
     act = QuantType.QInt8 if activation_type == "int8" else QuantType.QUInt8
     with tempfile.TemporaryDirectory(prefix="inspector-quantize-") as tmp:
@@ -201,36 +234,52 @@ def quantize_bundle(bundle_path: str | Path, calibration_images: Sequence[str | 
                 quant_pre_process(str(parent.model_path), str(Path(tmp) / "pre.onnx"), **kwargs)
                 source, pre_processed = Path(tmp) / "pre.onnx", label
                 break
-            except Exception as exc:  # noqa: BLE001 - pre-processing is an optimisation; fall back
+            except Exception as exc:
                 pre_notes.append(f"quant_pre_process ({label}) failed: {type(exc).__name__}: {exc}")
         q_path = Path(tmp) / MODEL_FILE
         try:
             quantize_static(
-                str(source), str(q_path), _reader(fp32.input_name, batch, fp32.placements(sizes) if fp32.describes_parts else None),
-                quant_format=QuantFormat.QDQ, per_channel=per_channel, reduce_range=reduce_range, activation_type=act, weight_type=QuantType.QInt8,
+                str(source),
+                str(q_path),
+                _reader(fp32.input_name, batch, fp32.placements(sizes) if fp32.describes_parts else None),
+                quant_format=QuantFormat.QDQ,
+                per_channel=per_channel,
+                reduce_range=reduce_range,
+                activation_type=act,
+                weight_type=QuantType.QInt8,
                 calibrate_method=CalibrationMethod.MinMax,
             )
             int8 = OnnxEmbedder(q_path, parent.spec.preprocessing, threads=threads)
-        except Exception as exc:  # noqa: BLE001 - name the bundle; nothing has been written
-            raise QuantizeError(f"{parent.model_path}: static INT8 quantisation failed: {type(exc).__name__}: {exc}") from None
+        except Exception as exc:
+            raise QuantizeError(
+                f"{parent.model_path}: static INT8 quantisation failed: {type(exc).__name__}: {exc}"
+            ) from None
 
         out32, out8 = fp32.run(batch, sizes), int8.run(batch, sizes)
         if out32[0].shape != out8[0].shape:
-            raise QuantizeError(f"quantised model outputs {out8[0].shape}, the FP32 model {out32[0].shape}; nothing was written")
+            raise QuantizeError(
+                f"quantised model outputs {out8[0].shape}, the FP32 model {out32[0].shape}; nothing was written"
+            )
         report: dict[str, Any] = {
             "method": QUANTIZED_TAG,
             "format": "QDQ",
-            "weights": "int8" + (" per-channel" if per_channel else " per-tensor") + (", 7-bit range" if reduce_range else ""),
+            "weights": "int8"
+            + (" per-channel" if per_channel else " per-tensor")
+            + (", 7-bit range" if reduce_range else ""),
             "activations": activation_type,
             "calibrate_method": "MinMax",
             "pre_processed": pre_processed,
             "calibration": {"images": len(used), "files": used, "skipped": problems},
             "drift": _drift(Inspector(parent, threads=threads), out32, out8, fp32.patch_valid(sizes, out32[0])),
             "model_bytes": {"fp32": parent.model_path.stat().st_size, "int8": q_path.stat().st_size},
-            "images_per_second": {"fp32": _images_per_second(fp32, batch), "int8": _images_per_second(int8, batch),
-                                  "batch": len(batch), "threads": threads},
+            "images_per_second": {
+                "fp32": _images_per_second(fp32, batch),
+                "int8": _images_per_second(int8, batch),
+                "batch": len(batch),
+                "threads": threads,
+            },
             "bank": "kept from the FP32 parent (embedded by the FP32 model; not re-embedded)"
-                    + ("; so are the whole-part descriptors and score scales" if parent.spec.density else ""),
+            + ("; so are the whole-part descriptors and score scales" if parent.spec.density else ""),
         }
         if pre_notes:
             report["pre_process_notes"] = pre_notes
@@ -242,5 +291,3 @@ def quantize_bundle(bundle_path: str | Path, calibration_images: Sequence[str | 
         model["version"] = f"{parent.spec.model.get('version', 'unversioned')}+int8"
         spec = replace(parent.spec, model=model, provenance=prov)
         return write_bundle(out_path, q_path, parent.references, spec, descriptors=parent.descriptors)
-
-

@@ -63,7 +63,9 @@ def sources_from_ids(ids: Sequence[str]) -> list[dict[str, Any]]:
     return sources
 
 
-def check_sources(sources: Sequence[dict[str, Any]], n_rows: int, where: str = "reference_sources") -> list[dict[str, Any]]:
+def check_sources(
+    sources: Sequence[dict[str, Any]], n_rows: int, where: str = "reference_sources"
+) -> list[dict[str, Any]]:
     """Validate that sources tile rows ``[0, n_rows)`` in order; return a clean copy."""
     clean: list[dict[str, Any]] = []
     expected = 0
@@ -74,7 +76,9 @@ def check_sources(sources: Sequence[dict[str, Any]], n_rows: int, where: str = "
         except (KeyError, TypeError, ValueError) as exc:
             raise BundleError(f"{where}: entry {i} is malformed ({exc!r})") from None
         if start != expected or stop <= start:
-            raise BundleError(f"{where}: entry {i} ({entry['id']!r}) covers rows {start}:{stop}, expected to start at {expected}")
+            raise BundleError(
+                f"{where}: entry {i} ({entry['id']!r}) covers rows {start}:{stop}, expected to start at {expected}"
+            )
         if src.get("sha256"):
             entry["sha256"] = str(src["sha256"])
         clean.append(entry)
@@ -104,7 +108,9 @@ def row_ids(sources: Sequence[dict[str, Any]]) -> list[str]:
     return out
 
 
-def flatten_embeddings(embeddings: np.ndarray, mode: str, dim: int, on_part: np.ndarray | None = None) -> tuple[np.ndarray, list[int]]:
+def flatten_embeddings(
+    embeddings: np.ndarray, mode: str, dim: int, on_part: np.ndarray | None = None
+) -> tuple[np.ndarray, list[int]]:
     """Model output → bank rows: (N, D) stays, (N, P, D) becomes its patches, only those on the part where
     ``on_part`` (N, P) is given (letterbox padding is never scored, so it is not stored). Returns the rows and
     each image's row count."""
@@ -127,8 +133,14 @@ def default_ids(paths: Sequence[Path], shas: Sequence[str]) -> list[str]:
     return [n if names.count(n) == 1 else f"{n}@{s[:8]}" for n, s in zip(names, shas)]
 
 
-def append_references(bank: np.ndarray, sources: Sequence[dict[str, Any]], new_rows: np.ndarray, counts: Sequence[int],
-                      ids: Sequence[str], shas: Sequence[str | None]) -> tuple[np.ndarray, list[dict[str, Any]]]:
+def append_references(
+    bank: np.ndarray,
+    sources: Sequence[dict[str, Any]],
+    new_rows: np.ndarray,
+    counts: Sequence[int],
+    ids: Sequence[str],
+    shas: Sequence[str | None],
+) -> tuple[np.ndarray, list[dict[str, Any]]]:
     """Append ``len(ids)`` images' rows (``counts[i]`` rows for image i, in order) to the bank and the source list."""
     if len(counts) != len(ids) or len(new_rows) != sum(counts):
         raise ValueError(f"{len(new_rows)} rows for {len(ids)} images of {list(counts)} rows")
@@ -143,13 +155,17 @@ def append_references(bank: np.ndarray, sources: Sequence[dict[str, Any]], new_r
     return np.concatenate([np.asarray(bank, dtype=np.float32), np.asarray(new_rows, dtype=np.float32)]), out_sources
 
 
-def drop_references(bank: np.ndarray, sources: Sequence[dict[str, Any]], ids: Iterable[str]) -> tuple[np.ndarray, list[dict[str, Any]]]:
+def drop_references(
+    bank: np.ndarray, sources: Sequence[dict[str, Any]], ids: Iterable[str]
+) -> tuple[np.ndarray, list[dict[str, Any]]]:
     """Remove every source with one of ``ids``; rows are re-indexed. Unknown ids or removing everything is an error."""
     ids = list(dict.fromkeys(ids))
     known = {s["id"] for s in sources}
     unknown = [i for i in ids if i not in known]
     if unknown:
-        raise ReferencesError(f"unknown reference id(s): {', '.join(map(repr, unknown))} (the bank has {len(known)} ids)")
+        raise ReferencesError(
+            f"unknown reference id(s): {', '.join(map(repr, unknown))} (the bank has {len(known)} ids)"
+        )
     drop = set(ids)
     kept = [s for s in sources if s["id"] not in drop]
     if not kept:
@@ -188,8 +204,12 @@ def _calibrate(good_scores: np.ndarray, defective_scores: np.ndarray | None, rul
     return threshold
 
 
-def calibrate_threshold(good_scores: np.ndarray, defective_scores: np.ndarray | None, target_frr: float,
-                        inputs: dict[str, Any] | None = None) -> Threshold:
+def calibrate_threshold(
+    good_scores: np.ndarray,
+    defective_scores: np.ndarray | None,
+    target_frr: float,
+    inputs: dict[str, Any] | None = None,
+) -> Threshold:
     """Goods only → rule ``good_quantile``; with defectives too → ``good_quantile+defects`` (recall reported).
 
     Both pick the same threshold (:func:`inspector.calibration.good_quantile_threshold`: with defects, the
@@ -197,7 +217,12 @@ def calibrate_threshold(good_scores: np.ndarray, defective_scores: np.ndarray | 
     rate, precision and AUROC to the record.
     """
     has_defects = defective_scores is not None and len(defective_scores) > 0
-    threshold = _calibrate(good_scores, defective_scores if has_defects else None, "target_frr" if has_defects else "good_quantile", target_frr)
+    threshold = _calibrate(
+        good_scores,
+        defective_scores if has_defects else None,
+        "target_frr" if has_defects else "good_quantile",
+        target_frr,
+    )
     details = threshold.details
     rule = "good_quantile"
     if has_defects:
@@ -252,10 +277,18 @@ def _check_out(bundle_path: Path, out_path: Path) -> None:
         raise ReferencesError(f"{out_path}: already exists (choose a new bundle path)")
 
 
-def add_references(bundle_path: str | Path, images: Sequence[str | Path], out_path: str | Path, *,
-                   recalibrate_good: Sequence[str | Path] = (), recalibrate_defective: Sequence[str | Path] = (),
-                   target_false_reject_rate: float = 0.01, skip_bad: bool = False, ids: Sequence[str] | None = None,
-                   threads: int | None = None) -> Path:
+def add_references(
+    bundle_path: str | Path,
+    images: Sequence[str | Path],
+    out_path: str | Path,
+    *,
+    recalibrate_good: Sequence[str | Path] = (),
+    recalibrate_defective: Sequence[str | Path] = (),
+    target_false_reject_rate: float = 0.01,
+    skip_bad: bool = False,
+    ids: Sequence[str] | None = None,
+    threads: int | None = None,
+) -> Path:
     """Embed new good images with the bundle's model, append them to its bank and write a new bundle at ``out_path``.
 
     Unreadable images, images already in the bank (same file sha256) or given twice are errors that name each file
@@ -285,7 +318,7 @@ def add_references(bundle_path: str | Path, images: Sequence[str | Path], out_pa
     new_ids = list(ids) if ids is not None else default_ids(paths, shas)
     existing_ids = {s["id"] for s in sources}
     existing_sha = {s["sha256"]: s["id"] for s in sources if s.get("sha256")}
-    problems: list[str] = []   # always fatal
+    problems: list[str] = []  # always fatal
     skippable: list[tuple[int, str]] = []  # fatal unless skip_bad
     seen_sha: dict[str, Path] = {}
     seen_ids: set[str] = set()
@@ -314,8 +347,9 @@ def add_references(bundle_path: str | Path, images: Sequence[str | Path], out_pa
     emb_keep = emb[kept_rows]
     mask = patch_mask(emb_keep, parent.spec.scoring, on_part[kept_rows] if on_part is not None else None)
     rows, per_image = flatten_embeddings(emb_keep, mode, int(parent.references.shape[1]), mask)
-    bank, new_sources = append_references(parent.references, sources, rows, per_image,
-                                          [new_ids[i] for i in keep], [shas[i] for i in keep])
+    bank, new_sources = append_references(
+        parent.references, sources, rows, per_image, [new_ids[i] for i in keep], [shas[i] for i in keep]
+    )
     descriptors, density = parent.descriptors, parent.spec.density
     if density is not None and descriptors is not None:
         if embedded.descriptors is None:
@@ -325,18 +359,26 @@ def add_references(bundle_path: str | Path, images: Sequence[str | Path], out_pa
 
     threshold = parent.spec.threshold
     if good_paths:
-        threshold, density = _recalibrate(embedder, parent, bank, new_sources, good_paths, bad_paths, target_false_reject_rate,
-                                          descriptors, density)
+        threshold, density = _recalibrate(
+            embedder, parent, bank, new_sources, good_paths, bad_paths, target_false_reject_rate, descriptors, density
+        )
 
     change = {
         "action": "add",
-        "added": [{"id": new_ids[i], "file": str(paths[i]), "sha256": shas[i], "rows": n} for i, n in zip(keep, per_image)],
+        "added": [
+            {"id": new_ids[i], "file": str(paths[i]), "sha256": shas[i], "rows": n} for i, n in zip(keep, per_image)
+        ],
         "skipped": [msg for _, msg in skippable],
         "threshold_before": parent.spec.threshold.to_dict(),
         "recalibrated": bool(good_paths),
     }
-    spec = replace(parent.spec, threshold=threshold, provenance=derived_provenance(parent, change, new_sources),
-                   reference_ids=row_ids(new_sources) if (mode == "image" or parent.spec.reference_ids) else [], density=density)
+    spec = replace(
+        parent.spec,
+        threshold=threshold,
+        provenance=derived_provenance(parent, change, new_sources),
+        reference_ids=row_ids(new_sources) if (mode == "image" or parent.spec.reference_ids) else [],
+        density=density,
+    )
     return write_bundle(out_path, parent.model_path, bank, spec, descriptors=descriptors)
 
 
@@ -347,9 +389,17 @@ def _descriptor_ids(bundle: Bundle) -> tuple[str, ...]:
     return tuple(ids) if len(ids) == n else (INITIAL_SOURCE,) * n
 
 
-def _recalibrate(embedder: OnnxEmbedder, parent: Bundle, bank: np.ndarray, sources: list[dict[str, Any]],
-                 good_paths: list[Path], bad_paths: list[Path], target_frr: float, descriptors: np.ndarray | None = None,
-                 density: DensitySpec | None = None) -> tuple[Threshold, DensitySpec | None]:
+def _recalibrate(
+    embedder: OnnxEmbedder,
+    parent: Bundle,
+    bank: np.ndarray,
+    sources: list[dict[str, Any]],
+    good_paths: list[Path],
+    bad_paths: list[Path],
+    target_frr: float,
+    descriptors: np.ndarray | None = None,
+    density: DensitySpec | None = None,
+) -> tuple[Threshold, DensitySpec | None]:
     """The threshold for the new references from re-calibration goods (and defects); a bundle that also scores
     whole parts gets both scores' scales re-measured on those goods and its threshold set on the fused score."""
     in_bank = {s["sha256"]: s["id"] for s in sources if s.get("sha256")}
@@ -360,7 +410,9 @@ def _recalibrate(embedder: OnnxEmbedder, parent: Bundle, bank: np.ndarray, sourc
     problems = [e for e in good_err + bad_err if e is not None]
     for p, sha in zip(good_paths + bad_paths, good_sha + bad_sha):
         if sha and sha in in_bank:
-            problems.append(f"{p}: is in the reference bank (as {in_bank[sha]!r}); calibrate on images the bank does not hold")
+            problems.append(
+                f"{p}: is in the reference bank (as {in_bank[sha]!r}); calibrate on images the bank does not hold"
+            )
     overlap = set(filter(None, good_sha)) & set(filter(None, bad_sha))
     problems += [f"{p}: given as both good and defective" for p, sha in zip(bad_paths, bad_sha) if sha in overlap]
     if problems:
@@ -374,7 +426,9 @@ def _recalibrate(embedder: OnnxEmbedder, parent: Bundle, bank: np.ndarray, sourc
         density = replace(density, patch_scale=ScoreScale.of(good_scores), density_scale=ScoreScale.of(good_density))
         good_scores = fused_scores(good_scores, good_density, density.patch_scale, density.density_scale)
         if bad_scores is not None and bad is not None and bad.descriptors is not None:
-            bad_scores = fused_scores(bad_scores, gauss.distances(bad.descriptors), density.patch_scale, density.density_scale)
+            bad_scores = fused_scores(
+                bad_scores, gauss.distances(bad.descriptors), density.patch_scale, density.density_scale
+            )
     inputs = {
         "scored_against": "new reference bank",
         "good": [{"file": str(p), "sha256": s} for p, s in zip(good_paths, good_sha)],
@@ -397,13 +451,23 @@ def remove_references(bundle_path: str | Path, ids: Sequence[str], out_path: str
     if density is not None and descriptors is not None:
         keep = np.array([i not in set(ids) for i in _descriptor_ids(parent)], dtype=bool)
         if keep.sum() < 2:
-            raise ReferencesError(f"{bundle_path}: removing {sorted(set(ids))} would leave {int(keep.sum())} whole-part "
-                                  "references; the part Gaussian needs at least 2")
+            raise ReferencesError(
+                f"{bundle_path}: removing {sorted(set(ids))} would leave {int(keep.sum())} whole-part "
+                "references; the part Gaussian needs at least 2"
+            )
         descriptors = descriptors[keep]
         density = replace(density, ids=tuple(i for i, k in zip(_descriptor_ids(parent), keep) if k))
-    change = {"action": "remove", "removed": list(dict.fromkeys(ids)),
-              "rows_removed": int(parent.references.shape[0] - bank.shape[0]),
-              "threshold_before": parent.spec.threshold.to_dict(), "recalibrated": False}
-    spec = replace(parent.spec, provenance=derived_provenance(parent, change, new_sources),
-                   reference_ids=row_ids(new_sources) if (mode == "image" or parent.spec.reference_ids) else [], density=density)
+    change = {
+        "action": "remove",
+        "removed": list(dict.fromkeys(ids)),
+        "rows_removed": int(parent.references.shape[0] - bank.shape[0]),
+        "threshold_before": parent.spec.threshold.to_dict(),
+        "recalibrated": False,
+    }
+    spec = replace(
+        parent.spec,
+        provenance=derived_provenance(parent, change, new_sources),
+        reference_ids=row_ids(new_sources) if (mode == "image" or parent.spec.reference_ids) else [],
+        density=density,
+    )
     return write_bundle(out_path, parent.model_path, bank, spec, descriptors=descriptors)

@@ -29,7 +29,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import tempfile
 import time
 import urllib.error
@@ -46,7 +45,11 @@ from inspector.errors import BundleError, InspectorError
 #: The name under which ``pipelines.tracking.register_bundle`` logs the bundle directory (pyfunc artifacts).
 BUNDLE_ARTIFACT = "bundle"
 #: Version tags written at registration that must match the downloaded bundle's manifest.
-HASH_TAGS = {"bundle_sha256.model": MODEL_FILE, "bundle_sha256.references": REFERENCES_FILE, "bundle_sha256.descriptors": DESCRIPTORS_FILE}
+HASH_TAGS = {
+    "bundle_sha256.model": MODEL_FILE,
+    "bundle_sha256.references": REFERENCES_FILE,
+    "bundle_sha256.descriptors": DESCRIPTORS_FILE,
+}
 API = "/api/2.0/mlflow"
 ARTIFACTS_API = "/api/2.0/mlflow-artifacts/artifacts"
 MAX_BUNDLE_FILES = 64
@@ -83,8 +86,10 @@ def parse_model_uri(uri: str) -> ModelUri:
     """Parse a registry URI; anything else (``runs:/``, ``latest``, stages, a path) is an error that says what works."""
     match = _URI.match(uri.strip())
     if not match:
-        raise RegistryError(f"{uri!r}: not a registry model URI; use models:/<name>@<alias> (e.g. models:/parts@champion) "
-                            "or models:/<name>/<version number>")
+        raise RegistryError(
+            f"{uri!r}: not a registry model URI; use models:/<name>@<alias> (e.g. models:/parts@champion) "
+            "or models:/<name>/<version number>"
+        )
     return ModelUri(name=match["name"], alias=match["alias"], version=match["version"])
 
 
@@ -129,7 +134,9 @@ def bundle_path_in_mlmodel(text: str, uri: str) -> str:
     scalars = mlmodel_scalars(text)
     path = scalars.get(("flavors", "python_function", "artifacts", BUNDLE_ARTIFACT, "path"))
     if not path:
-        raise RegistryError(f"{uri}: not an inspector model (its MLmodel has no python_function artifact {BUNDLE_ARTIFACT!r})")
+        raise RegistryError(
+            f"{uri}: not an inspector model (its MLmodel has no python_function artifact {BUNDLE_ARTIFACT!r})"
+        )
     parts = [p for p in path.strip("/").split("/") if p]
     if not parts or any(p in (".", "..") for p in parts):
         raise RegistryError(f"{uri}: MLmodel names an invalid bundle path {path!r}")
@@ -165,8 +172,10 @@ class RegistryClient:
     def __init__(self, tracking_uri: str, *, timeout: float = 10.0, env: Mapping[str, str] | None = None) -> None:
         parsed = urllib.parse.urlsplit(tracking_uri.strip())
         if parsed.scheme not in ("http", "https") or not parsed.netloc:
-            raise RegistryError(f"tracking URI {tracking_uri!r}: the line service talks to an MLflow server over "
-                                "http(s) (e.g. http://mlflow.plant.local:5000); a local sqlite/file store needs mlflow")
+            raise RegistryError(
+                f"tracking URI {tracking_uri!r}: the line service talks to an MLflow server over "
+                "http(s) (e.g. http://mlflow.plant.local:5000); a local sqlite/file store needs mlflow"
+            )
         self.base = tracking_uri.strip().rstrip("/")
         self.timeout = timeout
         self._auth = _auth_header(os.environ if env is None else env)
@@ -178,14 +187,14 @@ class RegistryClient:
         if self._auth:
             request.add_header("Authorization", self._auth)
         try:
-            return urllib.request.urlopen(request, timeout=self.timeout)  # noqa: S310 (http(s) only, checked above)
+            return urllib.request.urlopen(request, timeout=self.timeout)
         except urllib.error.HTTPError as exc:
             body = exc.read(4096).decode("utf-8", "replace")
             exc.close()
             if exc.code >= 500 or exc.code == 429:
                 raise RegistryUnreachable(f"{what}: registry {self.base} answered HTTP {exc.code}") from None
             raise _http_error(exc.code, body, what, self.base) from None
-        except (urllib.error.URLError, OSError, socket.timeout) as exc:
+        except (TimeoutError, urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
             raise RegistryUnreachable(f"{what}: registry {self.base} unreachable ({reason})") from None
 
@@ -209,9 +218,13 @@ class RegistryClient:
         """The version an alias points to now (or check that a pinned version exists), with its tags."""
         model = uri if isinstance(uri, ModelUri) else parse_model_uri(uri)
         if model.alias:
-            body = self.get_json(f"{API}/registered-models/alias", {"name": model.name, "alias": model.alias}, str(model))
+            body = self.get_json(
+                f"{API}/registered-models/alias", {"name": model.name, "alias": model.alias}, str(model)
+            )
         else:
-            body = self.get_json(f"{API}/model-versions/get", {"name": model.name, "version": str(model.version)}, str(model))
+            body = self.get_json(
+                f"{API}/model-versions/get", {"name": model.name, "version": str(model.version)}, str(model)
+            )
         mv = body.get("model_version") or {}
         if "version" not in mv:
             raise RegistryError(f"{model}: the registry's answer holds no model version")
@@ -219,14 +232,17 @@ class RegistryClient:
         return ModelVersionRef(uri=str(model), name=model.name, version=str(mv["version"]), tags=tags)
 
     def download_uri(self, ref: ModelVersionRef) -> str:
-        body = self.get_json(f"{API}/model-versions/get-download-uri", {"name": ref.name, "version": ref.version},
-                             f"{ref.uri} (version {ref.version})")
+        body = self.get_json(
+            f"{API}/model-versions/get-download-uri",
+            {"name": ref.name, "version": ref.version},
+            f"{ref.uri} (version {ref.version})",
+        )
         uri = body.get("artifact_uri")
         if not uri:
             raise RegistryError(f"{ref.uri} (version {ref.version}): the registry gave no artifact location")
         return str(uri)
 
-    def artifacts(self, artifact_uri: str, what: str) -> "ArtifactStore":
+    def artifacts(self, artifact_uri: str, what: str) -> ArtifactStore:
         """The store for an artifact URI: proxied through this server, or a local directory."""
         parsed = urllib.parse.urlsplit(artifact_uri)
         if parsed.scheme == "mlflow-artifacts":
@@ -238,12 +254,16 @@ class RegistryClient:
         if parsed.scheme == "file" or (not parsed.scheme and artifact_uri.startswith("/")):
             root = Path(urllib.parse.unquote(parsed.path))
             if not root.is_dir():
-                raise RegistryError(f"{what}: artifact location {artifact_uri} is not a directory readable from this host "
-                                    "(serve artifacts through the tracking server: mlflow server --artifacts-destination …)")
+                raise RegistryError(
+                    f"{what}: artifact location {artifact_uri} is not a directory readable from this host "
+                    "(serve artifacts through the tracking server: mlflow server --artifacts-destination …)"
+                )
             return LocalArtifacts(root)
-        raise RegistryError(f"{what}: artifact location {artifact_uri!r} ({parsed.scheme or 'no scheme'}) is not readable "
-                            "without mlflow; run the tracking server with proxied artifacts (--serve-artifacts, "
-                            "--artifacts-destination …) so the line reads them over HTTP")
+        raise RegistryError(
+            f"{what}: artifact location {artifact_uri!r} ({parsed.scheme or 'no scheme'}) is not readable "
+            "without mlflow; run the tracking server with proxied artifacts (--serve-artifacts, "
+            "--artifacts-destination …) so the line reads them over HTTP"
+        )
 
 
 def _http_error(code: int, body: str, what: str, base: str) -> RegistryError:
@@ -253,8 +273,10 @@ def _http_error(code: int, body: str, what: str, base: str) -> RegistryError:
     except (json.JSONDecodeError, AttributeError):
         message, error_code = body.strip()[:200], ""
     if code in (401, 403):
-        return RegistryError(f"{what}: registry {base} refused access (HTTP {code}); set MLFLOW_TRACKING_TOKEN or "
-                             "MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD")
+        return RegistryError(
+            f"{what}: registry {base} refused access (HTTP {code}); set MLFLOW_TRACKING_TOKEN or "
+            "MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD"
+        )
     if "alias" in message.lower() and "not found" in message.lower():
         return RegistryError(f"{what}: unknown alias ({message})")
     if error_code == "RESOURCE_DOES_NOT_EXIST" or code == 404:
@@ -287,7 +309,9 @@ class ProxiedArtifacts(ArtifactStore):
         return "/".join(p for p in (self.root, path.strip("/")) if p)
 
     def list(self, path: str) -> list[tuple[str, bool, int | None]]:
-        body = self.client.read_json(f"{self.base}{ARTIFACTS_API}?{urllib.parse.urlencode({'path': self._full(path)})}", self.what)
+        body = self.client.read_json(
+            f"{self.base}{ARTIFACTS_API}?{urllib.parse.urlencode({'path': self._full(path)})}", self.what
+        )
         out = []
         for entry in body.get("files", []):
             name = str(entry.get("path", "")).rsplit("/", 1)[-1]
@@ -348,8 +372,10 @@ def check_registry_hashes(bundle: Bundle, ref: ModelVersionRef) -> None:
     for tag, name in HASH_TAGS.items():
         expected = ref.tags.get(tag)
         if expected and files.get(name) != expected:
-            raise BundleError(f"{ref.uri} (version {ref.version}): {name} sha256 in the bundle ({str(files.get(name))[:12]}…) "
-                              f"does not match the registry's tag {tag} ({expected[:12]}…): artifact replaced or corrupt")
+            raise BundleError(
+                f"{ref.uri} (version {ref.version}): {name} sha256 in the bundle ({str(files.get(name))[:12]}…) "
+                f"does not match the registry's tag {tag} ({expected[:12]}…): artifact replaced or corrupt"
+            )
 
 
 class BundleCache:
@@ -391,7 +417,11 @@ class BundleCache:
         if model.version:
             return model.version
         try:
-            return str(json.loads((self.root / _safe(model.name) / _ALIASES_DIR / _safe(str(model.alias))).read_text())["version"])
+            return str(
+                json.loads((self.root / _safe(model.name) / _ALIASES_DIR / _safe(str(model.alias))).read_text())[
+                    "version"
+                ]
+            )
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
@@ -446,16 +476,20 @@ def _download_tree(store: ArtifactStore, root: str, dst: Path, what: str) -> Non
     if not files:
         raise RegistryError(f"{what}: the bundle artifact {root!r} is empty or missing")
     if len(files) > MAX_BUNDLE_FILES:
-        raise RegistryError(f"{what}: the bundle artifact holds {len(files)} files (at most {MAX_BUNDLE_FILES}): not an inspector bundle")
+        raise RegistryError(
+            f"{what}: the bundle artifact holds {len(files)} files (at most {MAX_BUNDLE_FILES}): not an inspector bundle"
+        )
     for path, size in files:
-        target = dst / path[len(root) + 1:]
+        target = dst / path[len(root) + 1 :]
         target.parent.mkdir(parents=True, exist_ok=True)
         with store.open(path) as src, open(target, "wb") as out:
             shutil.copyfileobj(src, out, 1 << 20)
             out.flush()
             os.fsync(out.fileno())
         if size is not None and target.stat().st_size != size:
-            raise RegistryUnreachable(f"{what}: {path} arrived with {target.stat().st_size} of {size} bytes (transfer cut)")
+            raise RegistryUnreachable(
+                f"{what}: {path} arrived with {target.stat().st_size} of {size} bytes (transfer cut)"
+            )
 
 
 @dataclass(frozen=True)

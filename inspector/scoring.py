@@ -51,7 +51,7 @@ class ScoringConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ScoringConfig":
+    def from_dict(cls, data: dict[str, Any]) -> ScoringConfig:
         """A stored config; one written before ``content_only`` existed scored the padding too, and still does."""
         return cls(**{"content_only": False, **{k: v for k, v in data.items() if k in cls.__dataclass_fields__}})
 
@@ -139,8 +139,15 @@ class GoldenBank:
     min_partitioned_bank = 2048
     min_queries = 64
 
-    def __init__(self, references: np.ndarray, *, cells: int | None = None, probes: int = 2, seed: int = 0,
-                 chunk_size: int = 8192) -> None:
+    def __init__(
+        self,
+        references: np.ndarray,
+        *,
+        cells: int | None = None,
+        probes: int = 2,
+        seed: int = 0,
+        chunk_size: int = 8192,
+    ) -> None:
         bank = np.asarray(references, dtype=np.float32)
         if bank.ndim == 3:
             bank = bank.reshape(-1, bank.shape[-1])
@@ -178,7 +185,9 @@ class GoldenBank:
         flat = emb.reshape(-1, emb.shape[-1])
         return _aggregate(self.knn_sq(flat, cfg.k), cfg).reshape(emb.shape[:-1])
 
-    def anomaly_scores(self, embeddings: np.ndarray, config: ScoringConfig | None = None, valid: np.ndarray | None = None) -> np.ndarray:
+    def anomaly_scores(
+        self, embeddings: np.ndarray, config: ScoringConfig | None = None, valid: np.ndarray | None = None
+    ) -> np.ndarray:
         """One score per image: the k-NN distance (image mode) or, in patch mode, the worst patch's distance minus
         ``config.offset`` times the part's typical patch distance (:meth:`worst_and_typical`).
 
@@ -199,10 +208,13 @@ class GoldenBank:
                 return d
             return d.max(axis=1) if mask is None else np.where(mask, d, -np.inf).max(axis=1).astype(np.float32)
         use_one_blas_thread()
-        return self._worst_patch_search(emb, cfg, None if mask is None else self._patch_bounds(emb, cfg, mask, fill=-np.inf))
+        return self._worst_patch_search(
+            emb, cfg, None if mask is None else self._patch_bounds(emb, cfg, mask, fill=-np.inf)
+        )
 
-    def worst_and_typical(self, embeddings: np.ndarray, config: ScoringConfig | None = None,
-                          valid: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def worst_and_typical(
+        self, embeddings: np.ndarray, config: ScoringConfig | None = None, valid: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Each part's exact worst-patch distance and its typical patch distance, both (N,), over the ``valid``
         patches (see :meth:`anomaly_scores`).
 
@@ -235,7 +247,9 @@ class GoldenBank:
             bound[~mask] = -np.inf
         return self._worst_patch_search(emb, cfg, bound), typical
 
-    def typical_distances(self, embeddings: np.ndarray, config: ScoringConfig | None = None, valid: np.ndarray | None = None) -> np.ndarray:
+    def typical_distances(
+        self, embeddings: np.ndarray, config: ScoringConfig | None = None, valid: np.ndarray | None = None
+    ) -> np.ndarray:
         """Each part's typical patch distance (N,), exactly as :meth:`worst_and_typical` computes it."""
         cfg = config or ScoringConfig()
         emb = self._check(embeddings)
@@ -248,7 +262,9 @@ class GoldenBank:
             d = self._patch_bounds(emb, cfg, mask, fill=np.nan)
         return np.median(d, axis=1).astype(np.float32) if mask is None else _masked_median(d, mask)
 
-    def _patch_bounds(self, emb: np.ndarray, cfg: ScoringConfig, mask: np.ndarray | None = None, fill: float = np.nan) -> np.ndarray:
+    def _patch_bounds(
+        self, emb: np.ndarray, cfg: ScoringConfig, mask: np.ndarray | None = None, fill: float = np.nan
+    ) -> np.ndarray:
         """Each patch's upper bound (N, P); with ``mask`` only the masked-in patches are searched, the rest get ``fill``."""
         use_one_blas_thread()
         flat = emb.reshape(-1, emb.shape[-1])
@@ -281,7 +297,7 @@ class GoldenBank:
             np.maximum.at(scores, rest // p, _aggregate(self.knn_sq(flat[rest], cfg.k), cfg))
         return scores
 
-    def partition(self) -> "_Partition":
+    def partition(self) -> _Partition:
         """The k-means cells, built on first use (a few tens of ms for a 10k bank) and kept."""
         if self._partition is None:
             self._partition = _Partition.build(self.vectors, self.sq_norms, self.cells, seed=self._seed)
@@ -394,7 +410,7 @@ class _Partition:
     start: np.ndarray
 
     @classmethod
-    def build(cls, vectors: np.ndarray, sq_norms: np.ndarray, cells: int, *, seed: int) -> "_Partition":
+    def build(cls, vectors: np.ndarray, sq_norms: np.ndarray, cells: int, *, seed: int) -> _Partition:
         centroids = _kmeans(vectors, cells, seed=seed)
         cell = _nearest_centroid(vectors, centroids)
         order = np.argsort(cell, kind="stable")
@@ -430,18 +446,26 @@ def _kmeans(x: np.ndarray, cells: int, *, seed: int, iterations: int = 8, sample
     return _Centroids(np.ascontiguousarray(c), _sq_norms(c))
 
 
-def patch_distances(embeddings: np.ndarray, references: np.ndarray | GoldenBank, config: ScoringConfig | None = None) -> np.ndarray:
+def patch_distances(
+    embeddings: np.ndarray, references: np.ndarray | GoldenBank, config: ScoringConfig | None = None
+) -> np.ndarray:
     """Per-query (image mode, shape (N,)) or per-patch (patch mode, shape (N, P)) distance to the references.
 
     ``references`` is a 2-D bank (M, D); a 3-D stack of reference patch embeddings (R, P, D) is flattened to one.
     """
     cfg = config or ScoringConfig()
-    bank = references if isinstance(references, GoldenBank) else GoldenBank(references, cells=0, chunk_size=cfg.chunk_size)
+    bank = (
+        references if isinstance(references, GoldenBank) else GoldenBank(references, cells=0, chunk_size=cfg.chunk_size)
+    )
     return bank.patch_distances(embeddings, cfg)
 
 
-def anomaly_scores(embeddings: np.ndarray, references: np.ndarray | GoldenBank, config: ScoringConfig | None = None,
-                   valid: np.ndarray | None = None) -> np.ndarray:
+def anomaly_scores(
+    embeddings: np.ndarray,
+    references: np.ndarray | GoldenBank,
+    config: ScoringConfig | None = None,
+    valid: np.ndarray | None = None,
+) -> np.ndarray:
     """One score per image (higher = more anomalous): distance to the golden references, worst patch in patch mode.
 
     Pass a :class:`GoldenBank` to reuse its preparation across calls (the line does); a plain array is prepared
@@ -461,7 +485,9 @@ def patch_mask(embeddings: np.ndarray, config: ScoringConfig, valid: np.ndarray 
         return None
     mask = np.asarray(valid, dtype=bool)
     if mask.shape != embeddings.shape[:2]:
-        raise ValueError(f"patch mask of shape {mask.shape} for embeddings of shape {embeddings.shape}: one flag per patch")
+        raise ValueError(
+            f"patch mask of shape {mask.shape} for embeddings of shape {embeddings.shape}: one flag per patch"
+        )
     if mask.all():
         return None
     empty = ~mask.any(axis=1)

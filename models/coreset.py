@@ -13,8 +13,15 @@ import numpy as np
 import torch
 
 
-def greedy_coreset(points: np.ndarray, size: int, *, given: np.ndarray | None = None, projection_dim: int = 64, seed: int = 0,
-                   block: int = 65536) -> np.ndarray:
+def greedy_coreset(
+    points: np.ndarray,
+    size: int,
+    *,
+    given: np.ndarray | None = None,
+    projection_dim: int = 64,
+    seed: int = 0,
+    block: int = 65536,
+) -> np.ndarray:
     """Indices of ``size`` points chosen by greedy k-center (farthest-point) selection, sorted; all if fewer.
 
     ``given``: indices of centres already in the bank; the choice then starts from them and returns only new

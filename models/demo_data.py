@@ -212,6 +212,7 @@ def render_good_part(rng: np.random.Generator, height: int, width: int) -> np.nd
     spec = np.exp(-(np.sin(theta - light - math.pi / 2) ** 2) / 0.12)
     on_hub = np.clip(r_hub - r + 0.5, 0.0, 1.0)
     face = 1.0 + sheen * spec + texture * (1.0 - 0.5 * on_hub) + 0.05 * on_hub
+
     # Edges: outer chamfer and hub step face outward, the bore chamfer inward; lit sides bright, far sides dark.
     def ring(radius: float, inside: bool) -> _Array:
         centre = radius - chamfer / 2 if inside else radius + chamfer / 2
@@ -691,8 +692,10 @@ def main(argv: list[str] | None = None) -> int:
         defect_types=defects,
     )
     n_defect = sum(ds.defect_counts.values())
-    print(f"{ds.root}: {ds.n_train_good} train good, {ds.n_test_good} test good, {n_defect} defective "
-          f"({', '.join(f'{k} {v}' for k, v in ds.defect_counts.items())})")
+    print(
+        f"{ds.root}: {ds.n_train_good} train good, {ds.n_test_good} test good, {n_defect} defective "
+        f"({', '.join(f'{k} {v}' for k, v in ds.defect_counts.items())})"
+    )
     return 0
 
 

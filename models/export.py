@@ -61,7 +61,6 @@ def describes_parts(embedder: nn.Module) -> bool:
     return bool(getattr(embedder, "density_stages", ()))
 
 
-
 def export_onnx(embedder: nn.Module, path: str | Path, *, height: int, width: int, dynamo: bool = True) -> Path:
     """Export ``embedder`` (in eval mode, on CPU, float32) to ``path`` atomically; returns the path.
 
@@ -127,7 +126,9 @@ def onnx_outputs(path: str | Path, batch: np.ndarray, placement: np.ndarray | No
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     feed = {session.get_inputs()[0].name: np.ascontiguousarray(batch, dtype=np.float32)}
     if any(i.name == PLACEMENT_NAME for i in session.get_inputs()):
-        feed[PLACEMENT_NAME] = full_placement(len(batch), *batch.shape[-2:]) if placement is None else np.asarray(placement, np.float32)
+        feed[PLACEMENT_NAME] = (
+            full_placement(len(batch), *batch.shape[-2:]) if placement is None else np.asarray(placement, np.float32)
+        )
     return session.run(None, feed)
 
 
@@ -137,8 +138,9 @@ def onnx_embed(path: str | Path, batch: np.ndarray) -> np.ndarray:
 
 
 @torch.no_grad()
-def check_parity(embedder: nn.Module, path: str | Path, batch: np.ndarray, *, atol: float = 1e-4,
-                 placement: np.ndarray | None = None) -> float:
+def check_parity(
+    embedder: nn.Module, path: str | Path, batch: np.ndarray, *, atol: float = 1e-4, placement: np.ndarray | None = None
+) -> float:
     """Max |torch − onnxruntime| over ``batch`` (real preprocessed images) and, for a model that describes whole
     parts, over their descriptors (relative to each descriptor's scale); raises ParityError above ``atol``."""
     if len(batch) == 0:
@@ -151,7 +153,11 @@ def check_parity(embedder: nn.Module, path: str | Path, batch: np.ndarray, *, at
     device = next(embedder.parameters()).device
     embedder.cpu().float().eval()
     try:
-        expected = [t.numpy() for t in embedder.forward_parts(x, torch.from_numpy(placement))] if parts else [embedder(x).numpy()]
+        expected = (
+            [t.numpy() for t in embedder.forward_parts(x, torch.from_numpy(placement))]
+            if parts
+            else [embedder(x).numpy()]
+        )
     finally:
         embedder.to(device).train(was_training)
     actual = onnx_outputs(path, batch, placement)
@@ -160,7 +166,9 @@ def check_parity(embedder: nn.Module, path: str | Path, batch: np.ndarray, *, at
     for name, a, e in zip(names, actual, expected):
         if a.shape != e.shape:
             raise ParityError(f"{path}: ONNX output {name!r} shape {a.shape} differs from torch {e.shape}")
-        scale = max(1.0, float(np.max(np.abs(e)))) if name == DESCRIPTOR_NAME else 1.0  # raw features are not unit-length
+        scale = (
+            max(1.0, float(np.max(np.abs(e)))) if name == DESCRIPTOR_NAME else 1.0
+        )  # raw features are not unit-length
         diffs.append(float(np.max(np.abs(a - e))) / scale)
     diff = max(diffs)
     if not diff <= atol:

@@ -249,7 +249,12 @@ def patch_labels_from_masks(masks: Tensor, grid: tuple[int, int], ignore_border:
 
 
 def patch_contrastive_loss(
-    patches: Tensor, patch_labels: Tensor, image_labels: Tensor, sources: Tensor, margin: float = 1.0, max_bank: int = 4096
+    patches: Tensor,
+    patch_labels: Tensor,
+    image_labels: Tensor,
+    sources: Tensor,
+    margin: float = 1.0,
+    max_bank: int = 4096,
 ) -> Tensor:
     """The contrastive loss on the distance the line scores with: each patch's distance D to the nearest normal patch.
 

@@ -75,21 +75,26 @@ def default_augmentation(strength: float = 1.0) -> A.Compose:
     if strength == 0:
         return A.Compose([])
     s = float(strength)
-    return A.Compose([
-        A.Affine(
-            translate_percent=(-0.03 * s, 0.03 * s),
-            scale=(1.0 - 0.05 * s, 1.0 + 0.05 * s),
-            rotate=(-5.0 * s, 5.0 * s),
-            interpolation=cv2.INTER_LINEAR,
-            border_mode=cv2.BORDER_REFLECT_101,
-            p=0.8,
-        ),
-        A.RandomBrightnessContrast(brightness_limit=0.1 * s, contrast_limit=0.1 * s, p=0.8),
-        A.OneOf([
-            A.GaussianBlur(blur_limit=0, sigma_limit=(0.2, 0.2 + 0.4 * s), p=1.0),
-            A.GaussNoise(std_range=(0.0, min(0.5, 0.02 * s)), per_channel=False, p=1.0),
-        ], p=min(1.0, 0.3 * s)),
-    ])
+    return A.Compose(
+        [
+            A.Affine(
+                translate_percent=(-0.03 * s, 0.03 * s),
+                scale=(1.0 - 0.05 * s, 1.0 + 0.05 * s),
+                rotate=(-5.0 * s, 5.0 * s),
+                interpolation=cv2.INTER_LINEAR,
+                border_mode=cv2.BORDER_REFLECT_101,
+                p=0.8,
+            ),
+            A.RandomBrightnessContrast(brightness_limit=0.1 * s, contrast_limit=0.1 * s, p=0.8),
+            A.OneOf(
+                [
+                    A.GaussianBlur(blur_limit=0, sigma_limit=(0.2, 0.2 + 0.4 * s), p=1.0),
+                    A.GaussNoise(std_range=(0.0, min(0.5, 0.02 * s)), per_channel=False, p=1.0),
+                ],
+                p=min(1.0, 0.3 * s),
+            ),
+        ]
+    )
 
 
 def augment_image(augment: Augment | None, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -104,7 +109,9 @@ def augment_image(augment: Augment | None, image: np.ndarray, rng: np.random.Gen
         out = augment(image, rng)
     if not isinstance(out, np.ndarray) or out.shape != image.shape or out.dtype != np.uint8:
         got = f"{out.dtype} {out.shape}" if isinstance(out, np.ndarray) else type(out).__name__
-        raise ValueError(f"augmentation must return a {image.shape} uint8 array (size is fixed by the preprocessor), got {got}")
+        raise ValueError(
+            f"augmentation must return a {image.shape} uint8 array (size is fixed by the preprocessor), got {got}"
+        )
     return out
 
 
@@ -231,8 +238,15 @@ class LabelledImageDataset(_SeededImageDataset):
             raise ValueError(f"defect_fraction must be in [0, 1), got {defect_fraction}")
         if defect_fraction == 0.0 and synthetic_fraction is None:
             synthetic_fraction = 1.0  # no negatives asked for: do not insist on defective images
-        super().__init__(good, defective, preprocessor, synthetic_fraction=synthetic_fraction, augment=augment,
-                         synthetic=synthetic, seed=seed)
+        super().__init__(
+            good,
+            defective,
+            preprocessor,
+            synthetic_fraction=synthetic_fraction,
+            augment=augment,
+            synthetic=synthetic,
+            seed=seed,
+        )
         self.defect_fraction = defect_fraction
         self.epoch_size = math.ceil(len(self.good) / (1.0 - defect_fraction)) if epoch_size is None else epoch_size
         if self.epoch_size < 1:
@@ -285,8 +299,15 @@ class PairDataset(_SeededImageDataset):
             raise ValueError(f"positive_fraction must be in [0, 1], got {positive_fraction}")
         if positive_fraction == 1.0 and synthetic_fraction is None:
             synthetic_fraction = 1.0
-        super().__init__(good, defective, preprocessor, synthetic_fraction=synthetic_fraction, augment=augment,
-                         synthetic=synthetic, seed=seed)
+        super().__init__(
+            good,
+            defective,
+            preprocessor,
+            synthetic_fraction=synthetic_fraction,
+            augment=augment,
+            synthetic=synthetic,
+            seed=seed,
+        )
         self.num_pairs = num_pairs
         self.positive_fraction = positive_fraction
 
@@ -334,8 +355,15 @@ class TripletDataset(_SeededImageDataset):
     ) -> None:
         if num_triplets < 1:
             raise ValueError(f"num_triplets must be >= 1, got {num_triplets}")
-        super().__init__(good, defective, preprocessor, synthetic_fraction=synthetic_fraction, augment=augment,
-                         synthetic=synthetic, seed=seed)
+        super().__init__(
+            good,
+            defective,
+            preprocessor,
+            synthetic_fraction=synthetic_fraction,
+            augment=augment,
+            synthetic=synthetic,
+            seed=seed,
+        )
         self.num_triplets = num_triplets
 
     def __len__(self) -> int:
@@ -343,8 +371,7 @@ class TripletDataset(_SeededImageDataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         kind, (anchor, positive, negative), rng = self._item(index)
-        return (self._good_view(anchor, rng), self._good_view(positive, rng),
-                self._negative_view(kind, negative, rng))
+        return (self._good_view(anchor, rng), self._good_view(positive, rng), self._negative_view(kind, negative, rng))
 
     def _make_plan(self, rng: np.random.Generator) -> EpochPlan:
         n = self.num_triplets
@@ -385,8 +412,15 @@ class PatchPairDataset(_SeededImageDataset):
         synthetic: SyntheticDefects | None = None,
         seed: int = 0,
     ) -> None:
-        super().__init__(good, defective, preprocessor, synthetic_fraction=synthetic_fraction, augment=augment,
-                         synthetic=synthetic, seed=seed)
+        super().__init__(
+            good,
+            defective,
+            preprocessor,
+            synthetic_fraction=synthetic_fraction,
+            augment=augment,
+            synthetic=synthetic,
+            seed=seed,
+        )
         masks = list(defective_masks) if defective_masks is not None else [None] * len(self.defective)
         if len(masks) != len(self.defective):
             raise ValueError(f"{len(masks)} masks for {len(self.defective)} defective images")
@@ -432,7 +466,9 @@ class PatchPairDataset(_SeededImageDataset):
         return images, masks, torch.tensor([int(src[0]), neg_source]), torch.tensor([GOOD, 1])
 
 
-def augment_with_mask(augment: Augment | None, image: np.ndarray, mask: np.ndarray | None, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def augment_with_mask(
+    augment: Augment | None, image: np.ndarray, mask: np.ndarray | None, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     """Augment an image and its defect mask with the same geometry (albumentations moves masks with images)."""
     target = np.zeros(image.shape[:2], np.uint8) if mask is None else mask.astype(np.uint8)
     if augment is None:

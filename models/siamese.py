@@ -61,10 +61,18 @@ class EmbedderConfig:
     embedding_dim: int = 128
     hidden_dim: int = 512
     pooling: Pooling = "gem"
-    trainable_stages: int = 0  # patch mode: stages before the deepest feature stage stay frozen; 0 = projection head only
-    keep_pretrained: bool = True  # patch mode: each patch embedding carries the backbone's own features beside the head's
-    learned_weight: float = 0.5  # with keep_pretrained: the head's share of the joined squared distance (see PatchEmbedder)
-    density_stages: int = 4  # patch mode: the backbone's last N stages, pooled over the part, describe it whole (0 = off)
+    trainable_stages: int = (
+        0  # patch mode: stages before the deepest feature stage stay frozen; 0 = projection head only
+    )
+    keep_pretrained: bool = (
+        True  # patch mode: each patch embedding carries the backbone's own features beside the head's
+    )
+    learned_weight: float = (
+        0.5  # with keep_pretrained: the head's share of the joined squared distance (see PatchEmbedder)
+    )
+    density_stages: int = (
+        4  # patch mode: the backbone's last N stages, pooled over the part, describe it whole (0 = off)
+    )
     density_downscales: tuple[int, ...] = ()  # the whole-part descriptor also from the input average-pooled k x k
 
     def __post_init__(self) -> None:
@@ -78,15 +86,19 @@ class EmbedderConfig:
         if self.density_stages < 0:
             raise ValueError(f"density_stages must be >= 0 (0 = no whole-part descriptor), got {self.density_stages}")
         object.__setattr__(self, "density_downscales", tuple(int(k) for k in self.density_downscales))
-        if any(k < 2 for k in self.density_downscales) or len(set(self.density_downscales)) != len(self.density_downscales):
-            raise ValueError(f"density_downscales must be distinct factors >= 2 (the full-size pass is always made), "
-                             f"got {self.density_downscales}")
+        if any(k < 2 for k in self.density_downscales) or len(set(self.density_downscales)) != len(
+            self.density_downscales
+        ):
+            raise ValueError(
+                f"density_downscales must be distinct factors >= 2 (the full-size pass is always made), "
+                f"got {self.density_downscales}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "EmbedderConfig":
+    def from_dict(cls, data: dict[str, Any]) -> EmbedderConfig:
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
         known.setdefault("keep_pretrained", False)  # configs written before the option existed meant the head alone
         known.setdefault("density_stages", 0)  # nor did they describe the whole part
@@ -99,12 +111,16 @@ class Embedder(nn.Module):
 
     mode: Mode = "global"
 
-    def __init__(self, backbone: nn.Module, embedding_dim: int = 128, hidden_dim: int = 512, pooling: Pooling = "gem") -> None:
+    def __init__(
+        self, backbone: nn.Module, embedding_dim: int = 128, hidden_dim: int = 512, pooling: Pooling = "gem"
+    ) -> None:
         super().__init__()
         self.backbone = backbone
         self.pool = make_pooling(pooling)
         channels = int(backbone.out_channels)
-        self.head = nn.Sequential(nn.Linear(channels, hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, embedding_dim))
+        self.head = nn.Sequential(
+            nn.Linear(channels, hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, embedding_dim)
+        )
         self.embedding_dim = embedding_dim
 
     def features(self, x: Tensor) -> Tensor:
@@ -135,17 +151,29 @@ class PatchEmbedder(nn.Module):
 
     mode: Mode = "patch"
 
-    def __init__(self, backbone: nn.Module, feature_stages: tuple[int, ...] = (3, 4), embedding_dim: int = 128, context: int = 1,
-                 keep_pretrained: bool = True, learned_weight: float = 0.5, density_stages: int = 0,
-                 density_downscales: tuple[int, ...] = ()) -> None:
+    def __init__(
+        self,
+        backbone: nn.Module,
+        feature_stages: tuple[int, ...] = (3, 4),
+        embedding_dim: int = 128,
+        context: int = 1,
+        keep_pretrained: bool = True,
+        learned_weight: float = 0.5,
+        density_stages: int = 0,
+        density_downscales: tuple[int, ...] = (),
+    ) -> None:
         super().__init__()
         stages = list(backbone.stages)
         if max(feature_stages) >= len(stages) or min(feature_stages) < 0:
-            raise ValueError(f"feature_stages {feature_stages} out of range: the backbone has stages 0..{len(stages) - 1}")
+            raise ValueError(
+                f"feature_stages {feature_stages} out of range: the backbone has stages 0..{len(stages) - 1}"
+            )
         self.backbone = backbone
         self.feature_stages = tuple(sorted(feature_stages))
         #: indices of the stages whose pooled statistics form the whole-part descriptor (:meth:`forward_parts`)
-        self.density_stages = tuple(range(max(0, len(stages) - density_stages), len(stages))) if density_stages > 0 else ()
+        self.density_stages = (
+            tuple(range(max(0, len(stages) - density_stages), len(stages))) if density_stages > 0 else ()
+        )
         #: the descriptor is computed again on the input average-pooled by each of these factors (see forward_parts)
         self.density_downscales = tuple(density_downscales) if self.density_stages else ()
         self.context = context
@@ -154,9 +182,14 @@ class PatchEmbedder(nn.Module):
         #: each, the input's own scale first, then each downscale in order
         self.descriptor_blocks = tuple(2 * c for c in density_channels) * (1 + len(self.density_downscales))
         if embedding_dim < channels:
-            log.warning("embedding_dim %d is below the %d feature channels of stages %s: the untrained head is a lossy "
-                        "projection, not the pretrained features; use embedding_dim >= %d", embedding_dim, channels,
-                        self.feature_stages, channels)
+            log.warning(
+                "embedding_dim %d is below the %d feature channels of stages %s: the untrained head is a lossy "
+                "projection, not the pretrained features; use embedding_dim >= %d",
+                embedding_dim,
+                channels,
+                self.feature_stages,
+                channels,
+            )
         self.head = nn.Conv2d(channels, embedding_dim, kernel_size=1)
         nn.init.orthogonal_(self.head.weight)
         nn.init.zeros_(self.head.bias)
@@ -195,7 +228,11 @@ class PatchEmbedder(nn.Module):
 
     def _embed(self, features: Tensor) -> Tensor:
         learned = self.head(features)
-        return join_with_pretrained(learned, features, self.learned_weight) if self.keep_pretrained else F.normalize(learned.float(), p=2.0, dim=1)
+        return (
+            join_with_pretrained(learned, features, self.learned_weight)
+            if self.keep_pretrained
+            else F.normalize(learned.float(), p=2.0, dim=1)
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_map(x).flatten(2).transpose(1, 2)
@@ -268,8 +305,13 @@ def join_with_pretrained(learned: Tensor, features: Tensor, learned_weight: floa
     """Unit-length join of two (N, C, ...) maps, each L2-normalised over C: the squared distance between two joins is
     ``learned_weight`` times the learned squared distance plus the rest times the pretrained one (checked once, by
     :class:`EmbedderConfig`, not on every forward)."""
-    return torch.cat([F.normalize(learned.float(), p=2.0, dim=1) * learned_weight**0.5,
-                      F.normalize(features.float(), p=2.0, dim=1) * (1.0 - learned_weight) ** 0.5], dim=1)
+    return torch.cat(
+        [
+            F.normalize(learned.float(), p=2.0, dim=1) * learned_weight**0.5,
+            F.normalize(features.float(), p=2.0, dim=1) * (1.0 - learned_weight) ** 0.5,
+        ],
+        dim=1,
+    )
 
 
 class SiameseNetwork(nn.Module):
@@ -304,7 +346,9 @@ def pair_distance(z1: Tensor, z2: Tensor, eps: float = 1e-12) -> Tensor:
     return d2.min(dim=2).values.max(dim=1).values.sqrt()
 
 
-def build_embedder(config: EmbedderConfig | None = None, *, weights: str | Path | None | Literal["config"] = "config") -> Embedder | PatchEmbedder:
+def build_embedder(
+    config: EmbedderConfig | None = None, *, weights: str | Path | Literal["config"] | None = "config"
+) -> Embedder | PatchEmbedder:
     """Build an embedder from its config; ``weights`` overrides the backbone weights (e.g. None when loading a checkpoint)."""
     cfg = config or EmbedderConfig()
     backbone_weights = cfg.weights if weights == "config" else weights
@@ -316,9 +360,16 @@ def build_embedder(config: EmbedderConfig | None = None, *, weights: str | Path 
             trainable += len(backbone.stages) - 1 - max(cfg.feature_stages)
         freeze_stages(backbone, trainable)
     if cfg.mode == "patch":
-        return PatchEmbedder(backbone, feature_stages=cfg.feature_stages, embedding_dim=cfg.embedding_dim, context=cfg.context,
-                             keep_pretrained=cfg.keep_pretrained, learned_weight=cfg.learned_weight, density_stages=cfg.density_stages,
-                             density_downscales=cfg.density_downscales)
+        return PatchEmbedder(
+            backbone,
+            feature_stages=cfg.feature_stages,
+            embedding_dim=cfg.embedding_dim,
+            context=cfg.context,
+            keep_pretrained=cfg.keep_pretrained,
+            learned_weight=cfg.learned_weight,
+            density_stages=cfg.density_stages,
+            density_downscales=cfg.density_downscales,
+        )
     return Embedder(backbone, embedding_dim=cfg.embedding_dim, hidden_dim=cfg.hidden_dim, pooling=cfg.pooling)
 
 

@@ -98,7 +98,7 @@ class Scene:
     box: tuple[int, int, int, int]  # content without letterbox padding: y0, y1, x0, x1
 
     @classmethod
-    def of(cls, image: np.ndarray) -> "Scene":
+    def of(cls, image: np.ndarray) -> Scene:
         weights = placement_weights(image)
         return cls(image, np.cumsum(weights, dtype=np.float64).ravel(), content_box(image))
 
@@ -130,8 +130,14 @@ def placement_weights(image: np.ndarray) -> np.ndarray:
     std = np.sqrt(np.maximum(cv2.blur(gray * gray, (small, small)) - mean * mean, 0.0))
     # Opening-like: erosion removes thin ridges of high std (the part's outline) and keeps textured areas.
     texture = cv2.blur(cv2.erode(std, np.ones((2 * small + 1, 2 * small + 1), np.uint8)), (small, small))
-    frame = np.concatenate([content[:2].reshape(-1, 3), content[-2:].reshape(-1, 3),
-                            content[:, :2].reshape(-1, 3), content[:, -2:].reshape(-1, 3)])
+    frame = np.concatenate(
+        [
+            content[:2].reshape(-1, 3),
+            content[-2:].reshape(-1, 3),
+            content[:, :2].reshape(-1, 3),
+            content[:, -2:].reshape(-1, 3),
+        ]
+    )
     background = np.median(frame, axis=0).astype(np.float32)
     distance = cv2.blur(np.linalg.norm(content.astype(np.float32) - background, axis=2), (small, small))
     # Squared texture: faint sensor noise on a background must weigh far less than the part's own texture.
@@ -206,7 +212,7 @@ def _fallback_spot(scene: Scene, rng: np.random.Generator) -> tuple[np.ndarray, 
     y, x = scene.position(rng)
     alpha = np.zeros(image.shape[:2], np.float32)
     yi, xi = int(np.clip(round(y), 0, image.shape[0] - 2)), int(np.clip(round(x), 0, image.shape[1] - 2))
-    alpha[yi:yi + 2, xi:xi + 2] = 1.0
+    alpha[yi : yi + 2, xi : xi + 2] = 1.0
     dark = bool(image[yi, xi].mean() > 127)
     return composite(image, shade(image, 0.5, dark), alpha)
 
@@ -240,9 +246,15 @@ def _cutpaste(scene: Scene, size: float, rng: np.random.Generator) -> tuple[np.n
     if rng.random() < 0.5:
         jitter = rng.uniform(0.05, 0.3)
         layer = apply_albumentations(
-            A.ColorJitter(brightness=(1 - jitter, 1 + jitter), contrast=(1 - jitter, 1 + jitter),
-                          saturation=(1 - jitter, 1 + jitter), hue=(-jitter / 6, jitter / 6), p=1.0),
-            layer, rng,
+            A.ColorJitter(
+                brightness=(1 - jitter, 1 + jitter),
+                contrast=(1 - jitter, 1 + jitter),
+                saturation=(1 - jitter, 1 + jitter),
+                hue=(-jitter / 6, jitter / 6),
+                p=1.0,
+            ),
+            layer,
+            rng,
         )
     corners = np.array([[-patch_w, -patch_h], [patch_w, -patch_h], [patch_w, patch_h], [-patch_w, patch_h]]) / 2
     polygon = (corners @ rotation.T) + dest
@@ -302,9 +314,14 @@ def _spots(scene: Scene, size: float, rng: np.random.Generator) -> tuple[np.ndar
         x = cx if i == 0 else float(np.clip(cx + rng.normal(0.0, spread), 0, shape[1] - 1))
         aspect = _log_uniform(rng, 0.6, 1.7)
         ragged = 1.0 + rng.uniform(0.0, 0.6) * (smooth_noise(shape, max(1.5, radius / 2), rng) - 0.5)
-        blob = ellipse_alpha(shape, (y, x), (radius * math.sqrt(aspect), radius / math.sqrt(aspect)),
-                             rng.uniform(0.0, math.pi), edge=max(0.8, radius * rng.uniform(0.2, 0.7)),
-                             distortion=ragged)
+        blob = ellipse_alpha(
+            shape,
+            (y, x),
+            (radius * math.sqrt(aspect), radius / math.sqrt(aspect)),
+            rng.uniform(0.0, math.pi),
+            edge=max(0.8, radius * rng.uniform(0.2, 0.7)),
+            distortion=ragged,
+        )
         alpha = np.maximum(alpha, blob * rng.uniform(0.6, 1.0))
     alpha *= 0.7 + 0.3 * smooth_noise(shape, max(1.5, size / 4), rng)  # uneven floor of a pit
     dark = rng.random() < 0.65
@@ -353,11 +370,13 @@ def _texture(scene: Scene, size: float, rng: np.random.Generator) -> tuple[np.nd
     mode = ("blur", "noise", "contrast")[int(rng.integers(3))]
     if mode == "blur":
         sigma = max(1.0, size / 10)
-        changed = apply_albumentations(A.GaussianBlur(blur_limit=0, sigma_limit=(sigma, 2.5 * sigma), p=1.0),
-                                       content, rng)
+        changed = apply_albumentations(
+            A.GaussianBlur(blur_limit=0, sigma_limit=(sigma, 2.5 * sigma), p=1.0), content, rng
+        )
     elif mode == "noise":
-        transform = A.GaussNoise(std_range=(0.02, 0.08), per_channel=False,
-                                 noise_scale_factor=float(rng.uniform(0.3, 1.0)), p=1.0)
+        transform = A.GaussNoise(
+            std_range=(0.02, 0.08), per_channel=False, noise_scale_factor=float(rng.uniform(0.3, 1.0)), p=1.0
+        )
         changed = apply_albumentations(transform, content, rng)
     else:
         x = content.astype(np.float32)
@@ -391,7 +410,7 @@ def ellipse_alpha(
     distortion: np.ndarray | None = None,
 ) -> np.ndarray:
     """Anti-aliased ellipse in [0, 1] with a linear edge ``edge`` px wide; ``distortion`` (HxW) warps its outline."""
-    ys, xs = np.mgrid[0:shape[0], 0:shape[1]].astype(np.float32)
+    ys, xs = np.mgrid[0 : shape[0], 0 : shape[1]].astype(np.float32)
     dy, dx = ys - centre[0], xs - centre[1]
     c, s = math.cos(angle), math.sin(angle)
     u, v = (dx * c + dy * s) / radii[1], (-dx * s + dy * c) / radii[0]

@@ -64,7 +64,9 @@ class TrainConfig:
     num_workers: int = 0
     progress: bool = True
     init_checkpoint: str | None = None  # warm start: a checkpoint whose "model" weights are loaded before epoch 1
-    keep_initial: bool = True  # validate the starting weights too: if no epoch beats them, they are what train() returns
+    keep_initial: bool = (
+        True  # validate the starting weights too: if no epoch beats them, they are what train() returns
+    )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -93,7 +95,9 @@ class TrainHistory:
     best_epoch: int | None = None  # -1: no epoch beat the starting weights (``keep_initial``), which were kept
     best_val_auroc: float | None = None
     initial_val_auroc: float | None = None
-    initial_val_views: dict[str, float] | None = None  # with a whole-part score: each view's AUROC on the starting weights
+    initial_val_views: dict[str, float] | None = (
+        None  # with a whole-part score: each view's AUROC on the starting weights
+    )
     skipped: str | None = None  # why no training happened (the starting weights are the model), when it was skipped
     stopped_early: bool = False
     collapsed: bool = False
@@ -106,8 +110,11 @@ class TrainHistory:
         return d
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TrainHistory":
-        epochs = [EpochRecord(**{k: v for k, v in e.items() if k in EpochRecord.__dataclass_fields__}) for e in data.get("epochs", [])]
+    def from_dict(cls, data: dict[str, Any]) -> TrainHistory:
+        epochs = [
+            EpochRecord(**{k: v for k, v in e.items() if k in EpochRecord.__dataclass_fields__})
+            for e in data.get("epochs", [])
+        ]
         rest = {k: v for k, v in data.items() if k in cls.__dataclass_fields__ and k != "epochs"}
         return cls(epochs=epochs, **rest)
 
@@ -122,7 +129,9 @@ class ValidationData:
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
     query_sizes: list[tuple[int, int]] | None = None  # original (width, height): patch scores skip letterbox padding
     preprocess: PreprocessConfig | None = None  # the geometry the queries went through (with query_sizes)
-    reference_sizes: list[tuple[int, int]] | None = None  # the references' (width, height): their whole-part descriptors
+    reference_sizes: list[tuple[int, int]] | None = (
+        None  # the references' (width, height): their whole-part descriptors
+    )
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -138,7 +147,9 @@ def seed_everything(seed: int) -> None:
 
 
 @torch.no_grad()
-def embed_tensor(embedder: Embedder, images: Tensor, batch_size: int = 64, device: torch.device | None = None) -> np.ndarray:
+def embed_tensor(
+    embedder: Embedder, images: Tensor, batch_size: int = 64, device: torch.device | None = None
+) -> np.ndarray:
     """Embed a preprocessed NCHW tensor in eval mode; float32 numpy out."""
     device = device or next(embedder.parameters()).device
     was_training = embedder.training
@@ -156,8 +167,13 @@ def embed_tensor(embedder: Embedder, images: Tensor, batch_size: int = 64, devic
 
 
 @torch.no_grad()
-def embed_parts(embedder: PatchEmbedder, images: Tensor, placements: np.ndarray, batch_size: int = 64,
-                device: torch.device | None = None) -> tuple[np.ndarray, np.ndarray]:
+def embed_parts(
+    embedder: PatchEmbedder,
+    images: Tensor,
+    placements: np.ndarray,
+    batch_size: int = 64,
+    device: torch.device | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """Patch embeddings and whole-part descriptors (``PatchEmbedder.forward_parts``) of a preprocessed NCHW tensor."""
     device = device or next(embedder.parameters()).device
     was_training = embedder.training
@@ -185,12 +201,17 @@ def _placements(data: ValidationData, sizes: list[tuple[int, int]] | None, n: in
 def describes_parts(embedder: nn.Module, data: ValidationData) -> bool:
     """Whether validation scores like a line bundle with the whole-part score: the embedder describes whole parts,
     the geometry is known, and there are enough references for a Gaussian and goods to scale the two views."""
-    return (bool(getattr(embedder, "density_stages", ())) and data.preprocess is not None and len(data.references) >= 2
-            and int((np.asarray(data.labels) == 0).sum()) >= 2)
+    return (
+        bool(getattr(embedder, "density_stages", ()))
+        and data.preprocess is not None
+        and len(data.references) >= 2
+        and int((np.asarray(data.labels) == 0).sum()) >= 2
+    )
 
 
-def validation_views(embedder: Embedder | PatchEmbedder, data: ValidationData,
-                     device: torch.device | None = None) -> tuple[dict[str, np.ndarray], float]:
+def validation_views(
+    embedder: Embedder | PatchEmbedder, data: ValidationData, device: torch.device | None = None
+) -> tuple[dict[str, np.ndarray], float]:
     """Scores of the validation queries as the line computes them, and the mean per-dimension embedding variance.
 
     Always ``patch`` (worst patch, or image distance). For an embedder that describes whole parts, also ``part``
@@ -201,8 +222,12 @@ def validation_views(embedder: Embedder | PatchEmbedder, data: ValidationData,
     parts = isinstance(embedder, PatchEmbedder) and describes_parts(embedder, data)
     ref_desc = query_desc = None
     if parts:
-        refs, ref_desc = embed_parts(embedder, data.references, _placements(data, data.reference_sizes, len(data.references)), device=device)  # type: ignore[arg-type]
-        queries, query_desc = embed_parts(embedder, data.queries, _placements(data, data.query_sizes, len(data.queries)), device=device)  # type: ignore[arg-type]
+        refs, ref_desc = embed_parts(
+            embedder, data.references, _placements(data, data.reference_sizes, len(data.references)), device=device
+        )  # type: ignore[arg-type]
+        queries, query_desc = embed_parts(
+            embedder, data.queries, _placements(data, data.query_sizes, len(data.queries)), device=device
+        )  # type: ignore[arg-type]
     else:
         refs = embed_tensor(embedder, data.references, device=device)
         queries = embed_tensor(embedder, data.queries, device=device)
@@ -214,14 +239,18 @@ def validation_views(embedder: Embedder | PatchEmbedder, data: ValidationData,
     if ref_desc is not None and query_desc is not None:
         density = GaussianDensity(ref_desc, embedder.descriptor_blocks).distances(query_desc)  # type: ignore[union-attr]
         good = np.asarray(data.labels) == 0
-        z = standardised_views(views["patch"], density, ScoreScale.of(views["patch"][good]), ScoreScale.of(density[good]))
+        z = standardised_views(
+            views["patch"], density, ScoreScale.of(views["patch"][good]), ScoreScale.of(density[good])
+        )
         views.update(part=density, fused=np.maximum(z["patch"], z["part"]))
     both = np.concatenate([refs, queries])
     variance = float(both.reshape(-1, both.shape[-1]).var(axis=0).mean())
     return views, variance
 
 
-def validate(embedder: Embedder | PatchEmbedder, data: ValidationData, device: torch.device | None = None) -> tuple[float, float, dict[str, float]]:
+def validate(
+    embedder: Embedder | PatchEmbedder, data: ValidationData, device: torch.device | None = None
+) -> tuple[float, float, dict[str, float]]:
     """Validation image AUROC of the line's score (fused when the embedder describes whole parts), the mean
     per-dimension embedding variance, and each view's AUROC alone."""
     views, variance = validation_views(embedder, data, device)
@@ -238,7 +267,9 @@ def resolve_mode(embedder: nn.Module, mode: Mode) -> Mode:
     return mode
 
 
-def batch_loss(embedder: Embedder | PatchEmbedder, batch: Any, cfg: TrainConfig, device: torch.device) -> tuple[Tensor, Tensor, int]:
+def batch_loss(
+    embedder: Embedder | PatchEmbedder, batch: Any, cfg: TrainConfig, device: torch.device
+) -> tuple[Tensor, Tensor, int]:
     """Loss for one batch in the configured mode; returns (loss, embeddings for the collapse monitor, images seen)."""
     move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
     fmt = (lambda t: t.contiguous(memory_format=torch.channels_last)) if device.type == "cuda" else (lambda t: t)
@@ -318,7 +349,9 @@ def train(
     cfg = replace(cfg, mode=resolve_mode(embedder, cfg.mode))
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
-    if cfg.init_checkpoint and not resume:  # warm start (e.g. from the champion's best.pt); same architecture or an error
+    if (
+        cfg.init_checkpoint and not resume
+    ):  # warm start (e.g. from the champion's best.pt); same architecture or an error
         embedder.load_state_dict(load_checkpoint(cfg.init_checkpoint, map_location="cpu")["model"])
         log.info("warm start from %s", cfg.init_checkpoint)
     embedder.to(device)
@@ -396,7 +429,9 @@ def train(
             with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
                 loss, z, seen = batch_loss(embedder, batch, cfg, device)
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"epoch {epoch + 1}, step {step + 1}: loss is {loss.item()} (diverged); lower the learning rate")
+                raise FloatingPointError(
+                    f"epoch {epoch + 1}, step {step + 1}: loss is {loss.item()} (diverged); lower the learning rate"
+                )
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
@@ -414,19 +449,44 @@ def train(
         val_auroc, variance, val_views = (None, float(np.mean(variances)) if variances else 0.0, None)
         if validation is not None:
             val_auroc, variance, val_views = validate(embedder, validation, device)
-        record = EpochRecord(epoch, total / max(n_batches, 1), val_auroc, variance, seconds, n_images,
-                             val_views if val_views and len(val_views) > 1 else None)
+        record = EpochRecord(
+            epoch,
+            total / max(n_batches, 1),
+            val_auroc,
+            variance,
+            seconds,
+            n_images,
+            val_views if val_views and len(val_views) > 1 else None,
+        )
         history.epochs.append(record)
-        log.info("epoch %d loss %.4f val_auroc %s %s variance %.2e %.1f img/s", epoch + 1, record.train_loss, val_auroc,
-                 _views_text(record.val_views), variance, record.images_per_second)
+        log.info(
+            "epoch %d loss %.4f val_auroc %s %s variance %.2e %.1f img/s",
+            epoch + 1,
+            record.train_loss,
+            val_auroc,
+            _views_text(record.val_views),
+            variance,
+            record.images_per_second,
+        )
         if variance < cfg.collapse_variance:
             history.collapsed = True
-            log.warning("embedding collapse: mean embedding variance %.2e < %.1e at epoch %d", variance, cfg.collapse_variance, epoch + 1)
+            log.warning(
+                "embedding collapse: mean embedding variance %.2e < %.1e at epoch %d",
+                variance,
+                cfg.collapse_variance,
+                epoch + 1,
+            )
 
         score = val_auroc if val_auroc is not None and not math.isnan(val_auroc) else -record.train_loss
         tiebreak = _tiebreak(val_views)
         if _improves(score, tiebreak, best_score, best_tiebreak, cfg.min_delta):
-            best_score, best_tiebreak, history.best_epoch, history.best_val_auroc, bad_epochs = score, tiebreak, epoch, val_auroc, 0
+            best_score, best_tiebreak, history.best_epoch, history.best_val_auroc, bad_epochs = (
+                score,
+                tiebreak,
+                epoch,
+                val_auroc,
+                0,
+            )
             best_state = {k: v.detach().cpu().clone() for k, v in embedder.state_dict().items()}
             if ckpt_dir is not None:
                 save_checkpoint(ckpt_dir / "best.pt", {"model": best_state, "epoch": epoch, **(extra_state or {})})
@@ -467,7 +527,9 @@ def _tiebreak(views: dict[str, float] | None) -> float | None:
     return None if value is None or math.isnan(value) else float(value)
 
 
-def _improves(score: float, tiebreak: float | None, best: float | None, best_tiebreak: float | None, min_delta: float) -> bool:
+def _improves(
+    score: float, tiebreak: float | None, best: float | None, best_tiebreak: float | None, min_delta: float
+) -> bool:
     """Whether an epoch beats the best so far: a higher validation score (the line's), or the same score (within
     ``min_delta``) and a better patch view. Why the tie-break: a few dozen validation parts often tie the fused AUROC
     (the whole-part view, which training does not change, ranks them), while the patch view, which training does
@@ -475,7 +537,12 @@ def _improves(score: float, tiebreak: float | None, best: float | None, best_tie
     whole-part score."""
     if best is None or score > best + min_delta:
         return True
-    return abs(score - best) <= min_delta and tiebreak is not None and best_tiebreak is not None and tiebreak > best_tiebreak + min_delta
+    return (
+        abs(score - best) <= min_delta
+        and tiebreak is not None
+        and best_tiebreak is not None
+        and tiebreak > best_tiebreak + min_delta
+    )
 
 
 def _views_text(views: dict[str, float] | None) -> str:

@@ -23,50 +23,100 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pipelines", description="Train and package the part-inspection model.")
     sub = p.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="generate demo data, train, export a bundle, score the test split")
-    demo.add_argument("--workdir", type=Path, default=Path("runs/demo"), help="where data, checkpoints and the bundle go")
+    demo.add_argument(
+        "--workdir", type=Path, default=Path("runs/demo"), help="where data, checkpoints and the bundle go"
+    )
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--fast", action="store_true", help="2 training epochs instead of 6 (a quick smoke test)")
 
-    train = sub.add_parser("train", help="train on your images, log to MLflow, register a version with alias 'challenger'")
+    train = sub.add_parser(
+        "train", help="train on your images, log to MLflow, register a version with alias 'challenger'"
+    )
     src = train.add_mutually_exclusive_group(required=True)
-    src.add_argument("--data", type=Path, help="dataset root: MVTec layout (train/good, test/good, test/<defect>), VisA (Data/Images/Normal|Anomaly), "
-                     "or images labelled by masks beside them (KolektorSDD, DAGM)")
+    src.add_argument(
+        "--data",
+        type=Path,
+        help="dataset root: MVTec layout (train/good, test/good, test/<defect>), VisA (Data/Images/Normal|Anomaly), "
+        "or images labelled by masks beside them (KolektorSDD, DAGM)",
+    )
     src.add_argument("--good", type=Path, help="folder of good images (with --defective for defect photos)")
     train.add_argument("--defective", type=Path, help="folder of defective images (sub-folders = defect types)")
     train.add_argument("--config", type=Path, help="JSON file of recipe settings (nested or dotted keys)")
-    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="recipe setting, e.g. train.epochs=3")
-    train.add_argument("--work-dir", type=Path, help="where runs, bundles and the default MLflow store go (default: runs)")
+    train.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="recipe setting, e.g. train.epochs=3",
+    )
+    train.add_argument(
+        "--work-dir", type=Path, help="where runs, bundles and the default MLflow store go (default: runs)"
+    )
     train.add_argument("--experiment", help="MLflow experiment (one per product line)")
     train.add_argument("--model-name", help="registered model name")
     train.add_argument("--tracking-uri", help="MLflow tracking URI (default: SQLite under the work dir)")
-    train.add_argument("--group-pattern", help="regex with one numeric group; images within --group-gap form one capture group")
+    train.add_argument(
+        "--group-pattern", help="regex with one numeric group; images within --group-gap form one capture group"
+    )
     train.add_argument("--group-gap", type=int, help="see --group-pattern")
-    train.add_argument("--group-by-folder", dest="group_by_folder", action="store_true", default=None,
-                       help="the images of one folder are one capture group (goods kept in date, shift or camera folders)")
-    train.add_argument("--no-baseline", dest="baseline", action="store_false", default=None, help="skip the frozen-baseline evaluation")
+    train.add_argument(
+        "--group-by-folder",
+        dest="group_by_folder",
+        action="store_true",
+        default=None,
+        help="the images of one folder are one capture group (goods kept in date, shift or camera folders)",
+    )
+    train.add_argument(
+        "--no-baseline", dest="baseline", action="store_false", default=None, help="skip the frozen-baseline evaluation"
+    )
 
-    score = sub.add_parser("score", help="score a folder with a registered model, e.g. models:/parts-inspector@challenger")
+    score = sub.add_parser(
+        "score", help="score a folder with a registered model, e.g. models:/parts-inspector@challenger"
+    )
     score.add_argument("paths", nargs="+")
     score.add_argument("--model", required=True, help="models:/<name>@<alias> or models:/<name>/<version>")
     score.add_argument("--tracking-uri", help="MLflow tracking URI (default: SQLite under runs/)")
     score.add_argument("--json", action="store_true")
 
-    promote = sub.add_parser("promote", help="gate 'challenger' against 'champion' on a frozen gate set; move 'champion' only if every rule passes")
+    promote = sub.add_parser(
+        "promote",
+        help="gate 'challenger' against 'champion' on a frozen gate set; move 'champion' only if every rule passes",
+    )
     promote.add_argument("--model-name", required=True, help="registered model name")
     gate = promote.add_mutually_exclusive_group(required=True)
-    gate.add_argument("--gate-data", type=Path, help="gate images: MVTec layout (its test/ images) or good/ + <defect>/ folders; frozen as a manifest")
+    gate.add_argument(
+        "--gate-data",
+        type=Path,
+        help="gate images: MVTec layout (its test/ images) or good/ + <defect>/ folders; frozen as a manifest",
+    )
     gate.add_argument("--gate-manifest", type=Path, help="a gate manifest written before (pinned by its hash)")
-    promote.add_argument("--manifest-out", type=Path, help="where --gate-data's manifest goes (default: runs/gates/<hash>.json)")
-    promote.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else SQLite under runs/)")
-    promote.add_argument("--set", dest="overrides", action="append", default=[], metavar="RULE=VALUE", help="gate rule, e.g. min_auroc=0.95")
+    promote.add_argument(
+        "--manifest-out", type=Path, help="where --gate-data's manifest goes (default: runs/gates/<hash>.json)"
+    )
+    promote.add_argument(
+        "--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else SQLite under runs/)"
+    )
+    promote.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="RULE=VALUE",
+        help="gate rule, e.g. min_auroc=0.95",
+    )
     promote.add_argument("--json", action="store_true", help="print the whole decision as JSON")
 
     rollback = sub.add_parser("rollback", help="move 'champion' back to the previous champion, or to --to VERSION")
     rollback.add_argument("--model-name", required=True)
     rollback.add_argument("--to", dest="to_version", help="version to make champion (default: the previous champion)")
-    rollback.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else SQLite under runs/)")
+    rollback.add_argument(
+        "--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else SQLite under runs/)"
+    )
 
-    serve = sub.add_parser("serve-deployments", help="serve the retraining and promotion deployments (cron schedules) from this host")
+    serve = sub.add_parser(
+        "serve-deployments", help="serve the retraining and promotion deployments (cron schedules) from this host"
+    )
     serve.add_argument("--config", type=Path, help="JSON file of deployment parameters (see pipelines/deployments.py)")
     serve.add_argument("--retrain-cron", help="cron of the retraining deployment (default: nightly 02:00)")
     serve.add_argument("--dry-run", action="store_true", help="print the deployments and exit without serving")
@@ -76,7 +126,20 @@ def _parser() -> argparse.ArgumentParser:
 def _settings(args: argparse.Namespace) -> PipelineSettings:
     from pipelines.settings import PipelineSettings
 
-    given = {k: getattr(args, k) for k in ("work_dir", "experiment", "model_name", "tracking_uri", "group_pattern", "group_gap", "group_by_folder", "baseline") if getattr(args, k, None) is not None}
+    given = {
+        k: getattr(args, k)
+        for k in (
+            "work_dir",
+            "experiment",
+            "model_name",
+            "tracking_uri",
+            "group_pattern",
+            "group_gap",
+            "group_by_folder",
+            "baseline",
+        )
+        if getattr(args, k, None) is not None
+    }
     return PipelineSettings(**given)
 
 
@@ -86,11 +149,25 @@ def cmd_train(args: argparse.Namespace) -> int:
     from pipelines.settings import apply_overrides, load_overrides
 
     recipe = apply_overrides(Recipe(), load_overrides(args.config, args.overrides))
-    source = DataSource(root=str(args.data)) if args.data else DataSource(good=str(args.good), defective=str(args.defective) if args.defective else None)
+    source = (
+        DataSource(root=str(args.data))
+        if args.data
+        else DataSource(good=str(args.good), defective=str(args.defective) if args.defective else None)
+    )
     settings = _settings(args)
     result = train_flow(source, recipe, settings)
-    print(json.dumps({"run_id": result.run_id, "model_version": result.model_version, "bundle": str(result.bundle),
-                      "dataset_hash": result.dataset_hash, "metrics": result.metrics}, indent=2))
+    print(
+        json.dumps(
+            {
+                "run_id": result.run_id,
+                "model_version": result.model_version,
+                "bundle": str(result.bundle),
+                "dataset_hash": result.dataset_hash,
+                "metrics": result.metrics,
+            },
+            indent=2,
+        )
+    )
     print(summary_table(result.metrics))
     print(f"registered models:/{settings.model_name}/{result.model_version} (alias challenger)")
     return 0
@@ -98,16 +175,19 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def summary_table(metrics: dict[str, float]) -> str:
     """The test metrics of the trained model beside the frozen baseline's, one row each."""
+
     def cell(value: float | None, width: int) -> str:
         return "" if value is None else f"{'n/a':>{width}}" if math.isnan(value) else f"{value:>{width}.3f}"
 
-    rows = [k[len("test_"):] for k in metrics if k.startswith("test_")]
+    rows = [k[len("test_") :] for k in metrics if k.startswith("test_")]
     lines = [f"{'test metric':<28}{'trained':>10}{'frozen baseline':>17}"]
     for name in rows:
         lines.append(f"{name:<28}{cell(metrics['test_' + name], 10)}{cell(metrics.get(f'baseline_test_{name}'), 17)}")
     if math.isnan(metrics.get("test_image_auroc", 0.0)):
-        lines.append("n/a: the test set lacks good or defective parts (AUROC and escape need both; with goods only, "
-                     "the false-reject rate is the figure to watch)")
+        lines.append(
+            "n/a: the test set lacks good or defective parts (AUROC and escape need both; with goods only, "
+            "the false-reject rate is the figure to watch)"
+        )
     return "\n".join(lines)
 
 
@@ -145,7 +225,10 @@ def cmd_promote(args: argparse.Namespace) -> int:
 
     rules = GateRules.from_overrides(args.overrides)
     if args.gate_data is not None:
-        out = args.manifest_out or Path("runs/gates") / f"{hashlib.sha256(str(args.gate_data.resolve()).encode()).hexdigest()[:12]}.json"
+        out = (
+            args.manifest_out
+            or Path("runs/gates") / f"{hashlib.sha256(str(args.gate_data.resolve()).encode()).hexdigest()[:12]}.json"
+        )
         gate = gate_set_from_folder(args.gate_data, out)
         print(f"gate set {gate.hash} ({len(gate.manifest.entries)} images) frozen in {gate.path}", file=sys.stderr)
     else:
@@ -166,7 +249,9 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
     _set_tracking(args.tracking_uri)
     result = rollback(args.model_name, args.to_version)
-    print(f"champion of {result.model_name}: v{result.from_version} -> v{result.to_version} (recorded in run {result.run_id})")
+    print(
+        f"champion of {result.model_name}: v{result.from_version} -> v{result.to_version} (recorded in run {result.run_id})"
+    )
     return 0
 
 
@@ -184,6 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     default_env()
     args = _parser().parse_args(argv)
     from pipelines.promotion import GateError
+
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.command == "demo":
         from pipelines.demo import run_demo
@@ -191,8 +277,13 @@ def main(argv: list[str] | None = None) -> int:
         run_demo(args.workdir, seed=args.seed, fast=args.fast)
         return 0
     try:
-        commands = {"train": cmd_train, "score": cmd_score, "promote": cmd_promote, "rollback": cmd_rollback,
-                    "serve-deployments": cmd_serve_deployments}
+        commands = {
+            "train": cmd_train,
+            "score": cmd_score,
+            "promote": cmd_promote,
+            "rollback": cmd_rollback,
+            "serve-deployments": cmd_serve_deployments,
+        }
         return commands[args.command](args)
     except (FileNotFoundError, KeyError, ValueError, GateError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -21,7 +21,6 @@ from pathlib import Path
 from inspector.preprocess import IMAGE_SUFFIXES
 
 
-
 @dataclass(frozen=True)
 class ImageRecord:
     """One image of a dataset: where it is, whether it is good, its defect type and its origin folder split."""
@@ -41,7 +40,9 @@ def list_images(folder: Path) -> list[Path]:
     """Image files directly in ``folder`` (sorted; hidden files and non-image suffixes ignored)."""
     if not folder.is_dir():
         return []
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+    return sorted(
+        p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+    )
 
 
 #: The label of an image whose mask decides it (KolektorSDD keeps an all-black mask beside every good part):
@@ -61,8 +62,14 @@ def scan_mvtec(root: str | Path) -> list[ImageRecord]:
     root = Path(root)
     good = next((name for name in GOOD_FOLDERS if (root / "train" / name).is_dir()), None)
     if good is None:
-        raise FileNotFoundError(f"{root}: no train/good (or train/ok) folder (expected the MVTec AD layout: train/good, test/good, test/<defect>)")
-    records = [ImageRecord(p, 0, "good", "train") for folder in ("train", "validation") for p in list_images(root / folder / good)]
+        raise FileNotFoundError(
+            f"{root}: no train/good (or train/ok) folder (expected the MVTec AD layout: train/good, test/good, test/<defect>)"
+        )
+    records = [
+        ImageRecord(p, 0, "good", "train")
+        for folder in ("train", "validation")
+        for p in list_images(root / folder / good)
+    ]
     test = next((root / name for name in ("test", "test_public") if (root / name).is_dir()), root / "test")
     truth = root / "ground_truth" if (root / "ground_truth").is_dir() else test / "ground_truth"
     if test.is_dir():
@@ -70,7 +77,11 @@ def scan_mvtec(root: str | Path) -> list[ImageRecord]:
             label = 0 if sub.name in GOOD_FOLDERS else 1
             masks = mask_index(truth / sub.name) if label else {}
             for p in list_images(sub):
-                records.append(ImageRecord(p, label, sub.name if label else "good", "test", masks.get(f"{p.stem}_mask", masks.get(p.stem))))
+                records.append(
+                    ImageRecord(
+                        p, label, sub.name if label else "good", "test", masks.get(f"{p.stem}_mask", masks.get(p.stem))
+                    )
+                )
     return records
 
 
@@ -78,7 +89,11 @@ def mask_index(folder: Path) -> dict[str, Path]:
     """The masks of one defect type by file stem: MVTec AD names them ``<image>_mask.png``, datasets converted to
     its layout (BTAD, VisA) often ``<image>.png`` or another image format, MVTec LOCO a folder ``<image>/`` of
     masks (:func:`inspector.preprocess.open_mask` joins them); :func:`scan_mvtec` tries both names."""
-    folders = {d.name: d for d in sorted(folder.iterdir()) if d.is_dir() and not d.name.startswith(".")} if folder.is_dir() else {}
+    folders = (
+        {d.name: d for d in sorted(folder.iterdir()) if d.is_dir() and not d.name.startswith(".")}
+        if folder.is_dir()
+        else {}
+    )
     return {**folders, **{p.stem: p for p in list_images(folder)}}
 
 
@@ -126,7 +141,11 @@ def scan_folders(good: str | Path, defective: str | Path | None = None) -> list[
             raise FileNotFoundError(f"{defective}: defective-image folder not found")
         records += [ImageRecord(p, 1, "defect", "", mask) for p, mask in images_and_masks(defective)]
         for sub in sorted(d for d in defective.iterdir() if d.is_dir() and not d.name.startswith(".")):
-            records += [ImageRecord(p, 1, sub.name, "", mask) for folder in folder_tree(sub) for p, mask in images_and_masks(folder)]
+            records += [
+                ImageRecord(p, 1, sub.name, "", mask)
+                for folder in folder_tree(sub)
+                for p, mask in images_and_masks(folder)
+            ]
     return records
 
 
@@ -147,9 +166,15 @@ def scan_visa(root: str | Path) -> list[ImageRecord]:
     def split(p: Path) -> str:
         return splits.get(p.relative_to(root.parent).as_posix(), "")
 
-    return ([ImageRecord(p, 0, "good", split(p)) for folder in folder_tree(root / VISA_IMAGES / "Normal") for p in list_images(folder)]
-            + [ImageRecord(p, 1, "defect", split(p), masks.get(p.stem))
-               for folder in folder_tree(root / VISA_IMAGES / "Anomaly") for p in list_images(folder)])
+    return [
+        ImageRecord(p, 0, "good", split(p))
+        for folder in folder_tree(root / VISA_IMAGES / "Normal")
+        for p in list_images(folder)
+    ] + [
+        ImageRecord(p, 1, "defect", split(p), masks.get(p.stem))
+        for folder in folder_tree(root / VISA_IMAGES / "Anomaly")
+        for p in list_images(folder)
+    ]
 
 
 VISA_SPLIT_CSV = Path("split_csv") / "1cls.csv"
@@ -170,8 +195,10 @@ def visa_splits(root: Path) -> dict[str, str]:
         reader = csv.DictReader(f)
         missing = {"split", "image"} - set(reader.fieldnames or ())
         if reader.fieldnames and missing:
-            raise ValueError(f"{csv_path}: not a VisA split file, no column {sorted(missing)} "
-                             f"(expected object,split,label,image,mask)")
+            raise ValueError(
+                f"{csv_path}: not a VisA split file, no column {sorted(missing)} "
+                f"(expected object,split,label,image,mask)"
+            )
         splits: dict[str, str] = {}
         for line, row in enumerate(reader, start=2):
             split = (row.get("split") or "").strip().lower()
@@ -220,7 +247,9 @@ def scan_labelled_by_mask(root: str | Path) -> list[ImageRecord]:
         skip |= label_folders
         for p, mask in images_and_masks(folder):
             mask = mask or in_label_folder.get(p.stem)
-            records.append(ImageRecord(p, LABEL_BY_MASK if mask else 0, "defect" if mask else "good", _source_split(p, root), mask))
+            records.append(
+                ImageRecord(p, LABEL_BY_MASK if mask else 0, "defect" if mask else "good", _source_split(p, root), mask)
+            )
     return records
 
 
@@ -239,12 +268,15 @@ def detect_layout(root: str | Path) -> str:
     raise FileNotFoundError(
         f"{root}: no dataset layout found: expected train/good (or train/ok) with test/<defect> (MVTec AD), "
         "Data/Images/Normal and Data/Images/Anomaly (VisA), or images with masks beside them or in a Label/ folder "
-        "(KolektorSDD, DAGM); for plain folders of good and defective images use --good DIR --defective DIR")
+        "(KolektorSDD, DAGM); for plain folders of good and defective images use --good DIR --defective DIR"
+    )
 
 
 def scan_layout(root: str | Path, layout: str) -> list[ImageRecord]:
     """All images of a dataset root in ``layout`` (what :func:`detect_layout` said of it)."""
-    return scan_mvtec(root) if layout == "mvtec" else scan_visa(root) if layout == "visa" else scan_labelled_by_mask(root)
+    return (
+        scan_mvtec(root) if layout == "mvtec" else scan_visa(root) if layout == "visa" else scan_labelled_by_mask(root)
+    )
 
 
 def scan_root(root: str | Path) -> list[ImageRecord]:
@@ -252,11 +284,15 @@ def scan_root(root: str | Path) -> list[ImageRecord]:
     return scan_layout(root, detect_layout(root))
 
 
-def scan_dataset(root: str | Path | None = None, good: str | Path | None = None, defective: str | Path | None = None) -> list[ImageRecord]:
+def scan_dataset(
+    root: str | Path | None = None, good: str | Path | None = None, defective: str | Path | None = None
+) -> list[ImageRecord]:
     """Either ``root`` (a dataset in a layout :func:`detect_layout` knows) or ``good`` [+ ``defective``] folders;
     exactly one of the two must be given."""
     if (root is None) == (good is None):
-        raise ValueError("give either a dataset root (MVTec layout) or a good-image folder (with an optional defective one)")
+        raise ValueError(
+            "give either a dataset root (MVTec layout) or a good-image folder (with an optional defective one)"
+        )
     if root is not None:
         if defective is not None:
             raise ValueError("a defective folder goes with a good folder, not with a dataset root")
@@ -322,8 +358,9 @@ def group_by_number_gaps(paths: Iterable[Path], pattern: str, gap: int) -> dict[
     return groups
 
 
-def capture_groups(records: Sequence[ImageRecord], pattern: str | None = None, gap: int = 0, *,
-                   by_folder: bool = False) -> dict[Path, str] | None:
+def capture_groups(
+    records: Sequence[ImageRecord], pattern: str | None = None, gap: int = 0, *, by_folder: bool = False
+) -> dict[Path, str] | None:
     """Each image's capture group, or None to split image by image: frame numbers within ``gap`` of each other
     (:func:`group_by_number_gaps`), the image's folder (``by_folder``: goods kept by date, shift or camera), or
     both (frames within a folder). A defect photo's folder named after its defect type is its type, not a capture
@@ -335,7 +372,9 @@ def capture_groups(records: Sequence[ImageRecord], pattern: str | None = None, g
     numbered = group_by_number_gaps(paths, pattern, gap) if pattern else {}
     base = Path(os.path.commonpath([str(p.parent) for p in paths])) if by_folder and paths else None
 
-    def folder(record: ImageRecord) -> str:  # relative to the dataset, so the split survives moving the dataset elsewhere
+    def folder(
+        record: ImageRecord,
+    ) -> str:  # relative to the dataset, so the split survives moving the dataset elsewhere
         if base is None or (not record.is_good and record.path.parent.name == record.defect_type):
             return ""
         return record.path.parent.relative_to(base).as_posix()

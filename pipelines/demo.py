@@ -47,12 +47,16 @@ def run_demo(workdir: Path, *, seed: int = 0, fast: bool = False) -> dict[str, o
     workdir = workdir.resolve()
     data_root = workdir / "demo_data"
     info = generate_demo_dataset(data_root, seed=seed, n_train_good=100, n_test_good=30, n_test_per_defect=12)
-    print(f"[1/3] demo data: {info.n_train_good} train good, {info.n_test_good} test good, "
-          f"{sum(info.defect_counts.values())} defective ({', '.join(info.defect_counts)}) in {data_root}")
+    print(
+        f"[1/3] demo data: {info.n_train_good} train good, {info.n_test_good} test good, "
+        f"{sum(info.defect_counts.values())} defective ({', '.join(info.defect_counts)}) in {data_root}"
+    )
     recipe = replace(demo_recipe(fast), seed=seed)
     settings = PipelineSettings(work_dir=workdir, experiment="demo-flanges", model_name="demo-flange-inspector")
-    print(f"[2/3] training flow: {recipe.embedder.backbone} patch embedder, {recipe.preprocess.height}x{recipe.preprocess.width} px, "
-          f"{recipe.train.epochs} epochs")
+    print(
+        f"[2/3] training flow: {recipe.embedder.backbone} patch embedder, {recipe.preprocess.height}x{recipe.preprocess.width} px, "
+        f"{recipe.train.epochs} epochs"
+    )
     result = train_flow(DataSource(root=str(data_root)), recipe, settings)
     promoted = promote_first_version(settings.model_name, result.model_version)
     m = result.metrics
@@ -74,5 +78,7 @@ def run_demo(workdir: Path, *, seed: int = 0, fast: bool = False) -> dict[str, o
     print(json.dumps(summary, indent=2))
     print(f"MLflow UI:        .venv/bin/mlflow ui --backend-store-uri sqlite:///{db}")
     print(f"Score new parts:  .venv/bin/inspector score --bundle {result.bundle} PATH...")
-    print(f"         or:      MLFLOW_TRACKING_URI=sqlite:///{db} .venv/bin/pipelines score PATH... --model models:/{settings.model_name}@{CHAMPION}")
+    print(
+        f"         or:      MLFLOW_TRACKING_URI=sqlite:///{db} .venv/bin/pipelines score PATH... --model models:/{settings.model_name}@{CHAMPION}"
+    )
     return summary

@@ -32,8 +32,12 @@ class DeploymentSettings(BaseSettings):
     retrain_cron: str = Field("0 2 * * *", description="when retraining runs (cron, in `timezone`)")
     timezone: str = Field("UTC")
     promote_cron: str | None = Field(None, description="optional schedule for re-gating the current challenger")
-    retrain_parameters: dict[str, Any] = Field(default_factory=dict, description="parameters of retrain_flow (gate_manifest, data, …)")
-    promote_parameters: dict[str, Any] = Field(default_factory=dict, description="parameters of promote_flow (model_name, gate_manifest, …)")
+    retrain_parameters: dict[str, Any] = Field(
+        default_factory=dict, description="parameters of retrain_flow (gate_manifest, data, …)"
+    )
+    promote_parameters: dict[str, Any] = Field(
+        default_factory=dict, description="parameters of promote_flow (model_name, gate_manifest, …)"
+    )
     tags: list[str] = Field(default_factory=lambda: ["inspector"])
 
     @classmethod
@@ -58,12 +62,20 @@ def build_deployments(settings: DeploymentSettings) -> list[Any]:
     from pipelines.retrain import retrain_flow
 
     return [
-        retrain_flow.to_deployment(RETRAIN_DEPLOYMENT, schedules=_schedules(settings.retrain_cron, settings.timezone),
-                                   parameters=settings.retrain_parameters, tags=settings.tags,
-                                   description="Nightly: retrain on new images, register a challenger, run the promotion gate."),
-        promote_flow.to_deployment(PROMOTE_DEPLOYMENT, schedules=_schedules(settings.promote_cron, settings.timezone),
-                                   parameters=settings.promote_parameters, tags=settings.tags,
-                                   description="Gate the current challenger against the champion; move champion only if every rule passes."),
+        retrain_flow.to_deployment(
+            RETRAIN_DEPLOYMENT,
+            schedules=_schedules(settings.retrain_cron, settings.timezone),
+            parameters=settings.retrain_parameters,
+            tags=settings.tags,
+            description="Nightly: retrain on new images, register a challenger, run the promotion gate.",
+        ),
+        promote_flow.to_deployment(
+            PROMOTE_DEPLOYMENT,
+            schedules=_schedules(settings.promote_cron, settings.timezone),
+            parameters=settings.promote_parameters,
+            tags=settings.tags,
+            description="Gate the current challenger against the champion; move champion only if every rule passes.",
+        ),
     ]
 
 
@@ -71,7 +83,9 @@ def serve_deployments(settings: DeploymentSettings, *, dry_run: bool = False) ->
     """Register both deployments and serve them from this process until interrupted (``dry_run``: only build)."""
     deployments = build_deployments(settings)
     for d in deployments:
-        print(f"{d.flow_name}/{d.name}: schedules {[getattr(s.schedule, 'cron', None) for s in d.schedules]}, parameters {d.parameters}")
+        print(
+            f"{d.flow_name}/{d.name}: schedules {[getattr(s.schedule, 'cron', None) for s in d.schedules]}, parameters {d.parameters}"
+        )
     if not dry_run:
         from prefect import serve
 

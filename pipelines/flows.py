@@ -20,7 +20,18 @@ from prefect.cache_policies import NO_CACHE
 
 from pipelines.datasets import capture_groups, scan_dataset
 from pipelines.ingest import Manifest, SplitFractions, assign_splits, build_manifest, read_manifest, write_manifest
-from pipelines.recipe import DataSplit, Evaluation, Recipe, build_bundle, evaluate_bundle, fit_embedder, pixel_level_auroc, resolve_bit_depth, resolve_input_size, threshold_metrics
+from pipelines.recipe import (
+    DataSplit,
+    Evaluation,
+    Recipe,
+    build_bundle,
+    evaluate_bundle,
+    fit_embedder,
+    pixel_level_auroc,
+    resolve_bit_depth,
+    resolve_input_size,
+    threshold_metrics,
+)
 from pipelines.settings import PipelineSettings
 
 
@@ -60,8 +71,18 @@ def _files_fingerprint(context: Any, parameters: dict[str, Any]) -> str:
     """Cache key of ingest: every file's path, size and mtime (content hashes are only computed on a miss), the
     grouping asked for and the ingest code itself."""
     source: DataSource = parameters["source"]
-    h = hashlib.sha256(json.dumps([source.root, source.good, source.defective, parameters.get("group_pattern"), parameters.get("group_gap"),
-                                   parameters.get("group_by_folder", False)]).encode())
+    h = hashlib.sha256(
+        json.dumps(
+            [
+                source.root,
+                source.good,
+                source.defective,
+                parameters.get("group_pattern"),
+                parameters.get("group_gap"),
+                parameters.get("group_by_folder", False),
+            ]
+        ).encode()
+    )
     h.update(hashlib.sha256(_ingest_code()).digest())
     if source.manifest:
         st = Path(source.manifest).stat()
@@ -74,8 +95,16 @@ def _files_fingerprint(context: Any, parameters: dict[str, Any]) -> str:
     return f"ingest-{h.hexdigest()}"
 
 
-@task(retries=2, retry_delay_seconds=2, cache_key_fn=_files_fingerprint, persist_result=True, cache_expiration=timedelta(days=7))
-def ingest_task(source: DataSource, group_pattern: str | None = None, group_gap: int = 0, group_by_folder: bool = False) -> Manifest:
+@task(
+    retries=2,
+    retry_delay_seconds=2,
+    cache_key_fn=_files_fingerprint,
+    persist_result=True,
+    cache_expiration=timedelta(days=7),
+)
+def ingest_task(
+    source: DataSource, group_pattern: str | None = None, group_gap: int = 0, group_by_folder: bool = False
+) -> Manifest:
     """Open and validate every image once; bad files are reported by path and left out."""
     if source.manifest:
         manifest = read_manifest(source.manifest)
@@ -83,7 +112,9 @@ def ingest_task(source: DataSource, group_pattern: str | None = None, group_gap:
         return manifest
     records = scan_dataset(root=source.root, good=source.good, defective=source.defective)
     groups = capture_groups(records, group_pattern, group_gap, by_folder=group_by_folder)
-    manifest = build_manifest(records, group_of=groups, source={"root": source.root, "good": source.good, "defective": source.defective})
+    manifest = build_manifest(
+        records, group_of=groups, source={"root": source.root, "good": source.good, "defective": source.defective}
+    )
     logger = get_run_logger()
     logger.info("ingest: %s", manifest.summary())
     for rejected in manifest.rejected:
@@ -104,8 +135,12 @@ def train_task(split: DataSplit, recipe: Recipe, checkpoint_dir: Path) -> tuple[
 
 
 @task(cache_policy=NO_CACHE)
-def bundle_task(embedder: Any, split: DataSplit, recipe: Recipe, out: Path, provenance: dict[str, Any], model_name: str) -> Path:
-    return build_bundle(embedder, split, recipe, out, provenance=provenance, model_name=model_name, model_version=provenance["run_id"])
+def bundle_task(
+    embedder: Any, split: DataSplit, recipe: Recipe, out: Path, provenance: dict[str, Any], model_name: str
+) -> Path:
+    return build_bundle(
+        embedder, split, recipe, out, provenance=provenance, model_name=model_name, model_version=provenance["run_id"]
+    )
 
 
 @task(cache_policy=NO_CACHE)
@@ -137,7 +172,9 @@ def _float_metrics(evaluation: Evaluation) -> dict[str, float]:
 
 
 @flow(name="train-inspector", log_prints=True)
-def train_flow(source: DataSource, recipe: Recipe | None = None, settings: PipelineSettings | None = None) -> TrainResult:
+def train_flow(
+    source: DataSource, recipe: Recipe | None = None, settings: PipelineSettings | None = None
+) -> TrainResult:
     """Train, export, calibrate, evaluate and register one model version (alias ``challenger``)."""
     import mlflow
 
@@ -161,7 +198,9 @@ def train_flow(source: DataSource, recipe: Recipe | None = None, settings: Pipel
         bundle = bundle_task(embedder, split, recipe, run_dir / "bundle", provenance, settings.model_name)
         evaluation = evaluate_task(bundle, split)
         metrics = {**_float_metrics(evaluation), **threshold_metrics(bundle)}
-        if (pixel := pixel_level_auroc(bundle, split.test)) is not None:  # the test defects have masks: where, not only whether
+        if (
+            pixel := pixel_level_auroc(bundle, split.test)
+        ) is not None:  # the test defects have masks: where, not only whether
             metrics["test_pixel_auroc"] = pixel
         if settings.baseline:
             metrics.update(baseline_task(split, recipe, run_dir / "baseline_bundle"))
@@ -172,13 +211,29 @@ def train_flow(source: DataSource, recipe: Recipe | None = None, settings: Pipel
             history=history,
             metrics=metrics,
             manifest=manifest_path,
-            checkpoint=best if (best := run_dir / "checkpoints" / "best.pt").is_file() else None,  # none when training was skipped
-            plots=save_evaluation_plots(evaluation, run_dir / "plots") + save_heatmap_examples(bundle, evaluation, run_dir / "plots"),
+            checkpoint=best
+            if (best := run_dir / "checkpoints" / "best.pt").is_file()
+            else None,  # none when training was skipped
+            plots=save_evaluation_plots(evaluation, run_dir / "plots")
+            + save_heatmap_examples(bundle, evaluation, run_dir / "plots"),
             dataset_hash=manifest.dataset_hash,
             tags={"settings": json.dumps(settings.model_dump(mode="json"))},
         )
         mlflow.log_artifact(str(scores_path), "evaluation")
-        key = {k: round(v, 4) for k, v in metrics.items() if k in ("test_image_auroc", "test_false_reject_rate", "test_escape_rate")}
-        version = register_task(bundle, settings.model_name, run.info.run_id, {"dataset_hash": manifest.dataset_hash, **key})
-    return TrainResult(run.info.run_id, version, bundle, metrics, evaluation.per_type_auroc(), manifest.dataset_hash,
-                       dict(zip(evaluation.paths, evaluation.scores.tolist())))
+        key = {
+            k: round(v, 4)
+            for k, v in metrics.items()
+            if k in ("test_image_auroc", "test_false_reject_rate", "test_escape_rate")
+        }
+        version = register_task(
+            bundle, settings.model_name, run.info.run_id, {"dataset_hash": manifest.dataset_hash, **key}
+        )
+    return TrainResult(
+        run.info.run_id,
+        version,
+        bundle,
+        metrics,
+        evaluation.per_type_auroc(),
+        manifest.dataset_hash,
+        dict(zip(evaluation.paths, evaluation.scores.tolist())),
+    )

@@ -59,7 +59,9 @@ class ManifestEntry:
         return self.label == 0
 
     def record(self) -> ImageRecord:
-        return ImageRecord(Path(self.path), self.label, self.defect_type, self.source_split, Path(self.mask) if self.mask else None)
+        return ImageRecord(
+            Path(self.path), self.label, self.defect_type, self.source_split, Path(self.mask) if self.mask else None
+        )
 
 
 @dataclass(frozen=True)
@@ -138,7 +140,9 @@ class Manifest:
             source=dict(data.get("source", {})),
         )
         if data.get("dataset_hash") and data["dataset_hash"] != manifest.dataset_hash:
-            raise ValueError(f"manifest dataset_hash {data['dataset_hash']} does not match its entries ({manifest.dataset_hash})")
+            raise ValueError(
+                f"manifest dataset_hash {data['dataset_hash']} does not match its entries ({manifest.dataset_hash})"
+            )
         return manifest
 
     @classmethod
@@ -206,8 +210,14 @@ def _read_one(path: Path, max_pixels: int, max_bytes: int) -> tuple[str, int, in
     return hashlib.sha256(data).hexdigest(), image.width, image.height, bits
 
 
-def build_manifest(records: Sequence[ImageRecord], *, max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int = DEFAULT_MAX_BYTES,
-                   group_of: GroupOf | None = None, source: dict[str, Any] | None = None) -> Manifest:
+def build_manifest(
+    records: Sequence[ImageRecord],
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    group_of: GroupOf | None = None,
+    source: dict[str, Any] | None = None,
+) -> Manifest:
     """Open and validate every image once, hash it, drop duplicates and label conflicts; never raises on a bad file.
 
     Records are taken in path order. A file that cannot be used goes to ``rejected`` with the reason. Files with
@@ -224,7 +234,11 @@ def build_manifest(records: Sequence[ImageRecord], *, max_pixels: int = DEFAULT_
             sha, width, height, bits = _read_one(Path(r.path), max_pixels, max_bytes)
         except ImageError as exc:
             known = r.label != LABEL_BY_MASK
-            rejected.append(RejectedFile(str(r.path), exc.reason, "invalid", r.label if known else None, r.defect_type if known else ""))
+            rejected.append(
+                RejectedFile(
+                    str(r.path), exc.reason, "invalid", r.label if known else None, r.defect_type if known else ""
+                )
+            )
             continue
         mask = str(r.mask) if r.mask else None
         label, defect_type = int(r.label), r.defect_type
@@ -233,8 +247,15 @@ def build_manifest(records: Sequence[ImageRecord], *, max_pixels: int = DEFAULT_
                 mask_image = open_mask(mask, max_pixels=max_pixels)
             except ImageError as exc:
                 if label == LABEL_BY_MASK:  # the mask is the only label this image has
-                    rejected.append(RejectedFile(str(r.path), f"its mask {mask} cannot be read ({exc.reason}): good or "
-                                                 "defective is unknown", "invalid", None, ""))
+                    rejected.append(
+                        RejectedFile(
+                            str(r.path),
+                            f"its mask {mask} cannot be read ({exc.reason}): good or defective is unknown",
+                            "invalid",
+                            None,
+                            "",
+                        )
+                    )
                     continue
                 warnings.append(f"{r.path}: mask {mask} left out ({exc.reason})")
                 mask = None
@@ -244,14 +265,30 @@ def build_manifest(records: Sequence[ImageRecord], *, max_pixels: int = DEFAULT_
                 if label == 0:  # a good part's mask marks nothing: there is no defect to locate
                     mask = None
                 elif mask_image.getbbox() is None:  # open_mask's image is the marked pixels: none marked
-                    warnings.append(f"{r.path}: mask {mask} left out (it marks no pixel: where the defect is stays unknown)")
+                    warnings.append(
+                        f"{r.path}: mask {mask} left out (it marks no pixel: where the defect is stays unknown)"
+                    )
                     mask = None
                 elif abs(math.log((mask_image.width / mask_image.height) / (width / height))) > 0.02:
-                    warnings.append(f"{r.path}: mask {mask} left out (it is {mask_image.width}x{mask_image.height}, the image "
-                                    f"{width}x{height}: a different shape cannot be laid on it)")
+                    warnings.append(
+                        f"{r.path}: mask {mask} left out (it is {mask_image.width}x{mask_image.height}, the image "
+                        f"{width}x{height}: a different shape cannot be laid on it)"
+                    )
                     mask = None
-        valid.append(ManifestEntry(str(r.path), sha, label, defect_type, r.source_split, mask,
-                                   _group(group_of, Path(r.path)), width, height, bits=bits))
+        valid.append(
+            ManifestEntry(
+                str(r.path),
+                sha,
+                label,
+                defect_type,
+                r.source_split,
+                mask,
+                _group(group_of, Path(r.path)),
+                width,
+                height,
+                bits=bits,
+            )
+        )
 
     by_sha: dict[str, list[ManifestEntry]] = {}
     for e in valid:
@@ -262,26 +299,49 @@ def build_manifest(records: Sequence[ImageRecord], *, max_pixels: int = DEFAULT_
         same = by_sha[e.sha256]
         labels = sorted({(x.label, x.defect_type) for x in same})
         if len(labels) > 1:
-            others = ", ".join(f"{x.path} ({'good' if x.is_good else 'defective: ' + x.defect_type})" for x in same if x is not e)
-            rejected.append(RejectedFile(e.path, f"same content as {others}: conflicting labels, all copies left out", "conflict", e.label, e.defect_type))
+            others = ", ".join(
+                f"{x.path} ({'good' if x.is_good else 'defective: ' + x.defect_type})" for x in same if x is not e
+            )
+            rejected.append(
+                RejectedFile(
+                    e.path,
+                    f"same content as {others}: conflicting labels, all copies left out",
+                    "conflict",
+                    e.label,
+                    e.defect_type,
+                )
+            )
         elif same[0] is e:
             entries.append(e)
         else:
             duplicates.append(DuplicateFile(e.path, e.sha256, same[0].path))
     rejected.sort(key=lambda x: x.path)
-    return Manifest(entries, rejected, duplicates, warnings, source=dict(source or {}, max_pixels=max_pixels, max_bytes=max_bytes))
+    return Manifest(
+        entries, rejected, duplicates, warnings, source=dict(source or {}, max_pixels=max_pixels, max_bytes=max_bytes)
+    )
 
 
-def ingest(root: str | Path | None = None, good: str | Path | None = None, defective: str | Path | None = None, *,
-           max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int = DEFAULT_MAX_BYTES, group_of: GroupOf | None = None) -> Manifest:
+def ingest(
+    root: str | Path | None = None,
+    good: str | Path | None = None,
+    defective: str | Path | None = None,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    group_of: GroupOf | None = None,
+) -> Manifest:
     """Find the images (MVTec layout under ``root``, or ``good``/``defective`` folders) and build their manifest."""
     if root is None or good is not None or defective is not None:  # plain folders (scan_dataset refuses a mix)
         layout, records = "folders", scan_dataset(root=root, good=good, defective=defective)
     else:  # the layout found once, not again for the manifest's source
         layout = detect_layout(root)
         records = scan_layout(root, layout)
-    source = {"layout": layout, "root": str(root) if root is not None else None,
-              "good": str(good) if good is not None else None, "defective": str(defective) if defective is not None else None}
+    source = {
+        "layout": layout,
+        "root": str(root) if root is not None else None,
+        "good": str(good) if good is not None else None,
+        "defective": str(defective) if defective is not None else None,
+    }
     return build_manifest(records, max_pixels=max_pixels, max_bytes=max_bytes, group_of=group_of, source=source)
 
 
@@ -326,7 +386,9 @@ def _natural(text: str) -> list[Any]:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
 
 
-def split_roles(manifest: Manifest, fractions: SplitFractions = SplitFractions(), group_of: GroupOf | None = None) -> list[str]:
+def split_roles(
+    manifest: Manifest, fractions: SplitFractions = SplitFractions(), group_of: GroupOf | None = None
+) -> list[str]:
     """The role of each entry, in order: ``train`` / ``calibration`` (goods), ``train_defective`` / ``validation``
     (defects), or ``test``.
 
@@ -340,15 +402,22 @@ def split_roles(manifest: Manifest, fractions: SplitFractions = SplitFractions()
     asks whether a threshold set on earlier captures holds on later ones; new later captures then move the window.
     """
     cal = fractions.calibration_fraction
-    good_test = 0.0 if any(e.is_good and e.source_split == "test" for e in manifest.entries) else fractions.good_test_fraction
+    good_test = (
+        0.0 if any(e.is_good and e.source_split == "test" for e in manifest.entries) else fractions.good_test_fraction
+    )
     if not 0.0 < cal + good_test < 1.0:
-        raise ValueError(f"calibration_fraction {cal} and good_test_fraction {good_test} leave no good parts to train on")
-    good_roles = [("calibration", cal), ("train", 1.0 - cal)] if not good_test else \
-        [("calibration", cal), ("test", good_test), ("train", 1.0 - cal - good_test)]
+        raise ValueError(
+            f"calibration_fraction {cal} and good_test_fraction {good_test} leave no good parts to train on"
+        )
+    good_roles = (
+        [("calibration", cal), ("train", 1.0 - cal)]
+        if not good_test
+        else [("calibration", cal), ("test", good_test), ("train", 1.0 - cal - good_test)]
+    )
     latest: set[str] = set()
     if good_test and fractions.good_test_split == "latest":
         order = sorted({_capture_order(e, group_of) for e in manifest.entries if e.is_good}, key=_natural)
-        latest = set(order[len(order) - math.ceil(good_test * len(order)):])
+        latest = set(order[len(order) - math.ceil(good_test * len(order)) :])
         good_roles = [("calibration", cal / (1.0 - good_test)), ("train", 1.0 - cal / (1.0 - good_test))]
     elif fractions.good_test_split not in ("hash", "latest"):
         raise ValueError(f"good_test_split {fractions.good_test_split!r} is not 'hash' or 'latest'")
@@ -364,17 +433,27 @@ def split_roles(manifest: Manifest, fractions: SplitFractions = SplitFractions()
             else:
                 roles.append(assign_split(key, good_roles, salt + ":good"))
         else:
-            roles.append(assign_split(key, [("train_defective", d_train), ("validation", d_val), ("test", 1.0 - d_train - d_val)], salt + ":defect"))
+            roles.append(
+                assign_split(
+                    key,
+                    [("train_defective", d_train), ("validation", d_val), ("test", 1.0 - d_train - d_val)],
+                    salt + ":defect",
+                )
+            )
     return roles
 
 
-def with_splits(manifest: Manifest, fractions: SplitFractions = SplitFractions(), group_of: GroupOf | None = None) -> Manifest:
+def with_splits(
+    manifest: Manifest, fractions: SplitFractions = SplitFractions(), group_of: GroupOf | None = None
+) -> Manifest:
     """A copy of the manifest with each entry's ``split`` filled in (what gets written as the run's artifact)."""
     roles = split_roles(manifest, fractions, group_of)
     return replace(manifest, entries=[replace(e, split=r) for e, r in zip(manifest.entries, roles)])
 
 
-def assign_splits(manifest: Manifest, fractions: SplitFractions = SplitFractions(), group_of: GroupOf | None = None) -> DataSplit:
+def assign_splits(
+    manifest: Manifest, fractions: SplitFractions = SplitFractions(), group_of: GroupOf | None = None
+) -> DataSplit:
     """The content-keyed split as the :class:`pipelines.recipe.DataSplit` the training steps take.
 
     Keyed by sha256 or capture group, never by file name or order.
@@ -398,11 +477,16 @@ def assign_splits(manifest: Manifest, fractions: SplitFractions = SplitFractions
     if len(train_good) < 2:
         raise ValueError(f"only {len(train_good)} good training images after the split: need at least 2")
     good_groups = len({groups[str(Path(e.path))] for e in manifest.entries if e.is_good})
-    asked = (("calibration", cal_good, fractions.calibration_fraction), ("test", [r for r in test if r.is_good], fractions.good_test_fraction))
+    asked = (
+        ("calibration", cal_good, fractions.calibration_fraction),
+        ("test", [r for r in test if r.is_good], fractions.good_test_fraction),
+    )
     missing = [role for role, got, fraction in asked if fraction > 0 and not got]
     if missing:  # few capture groups (say three date folders) can leave a role without a single group
-        raise ValueError(f"the {sum(e.is_good for e in manifest.entries)} good images form {good_groups} capture group(s), and "
-                         f"none fell to {' or '.join(missing)}: calibration and test need goods the model never trained on (an empty calibration set "
-                         "would leave the line without a threshold). Give more good images, from more capture groups (folders, "
-                         "sessions) when they are grouped, or split without grouping them")
+        raise ValueError(
+            f"the {sum(e.is_good for e in manifest.entries)} good images form {good_groups} capture group(s), and "
+            f"none fell to {' or '.join(missing)}: calibration and test need goods the model never trained on (an empty calibration set "
+            "would leave the line without a threshold). Give more good images, from more capture groups (folders, "
+            "sessions) when they are grouped, or split without grouping them"
+        )
     return DataSplit(train_good, train_def, cal_good, val_def, test, groups)

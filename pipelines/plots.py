@@ -54,7 +54,14 @@ def save_evaluation_plots(evaluation: Evaluation, out_dir: Path, *, worst: int =
     bins = np.linspace(float(scores.min()), float(scores.max()) + 1e-9, 30)
     ax.hist(scores[labels == 0], bins=bins, alpha=0.6, label="good")
     for t in sorted(set(np.asarray(evaluation.defect_types)[labels == 1])):
-        ax.hist(scores[np.asarray(evaluation.defect_types) == t], bins=bins, alpha=0.5, label=t, histtype="step", linewidth=1.5)
+        ax.hist(
+            scores[np.asarray(evaluation.defect_types) == t],
+            bins=bins,
+            alpha=0.5,
+            label=t,
+            histtype="step",
+            linewidth=1.5,
+        )
     if np.isfinite(evaluation.threshold):
         ax.axvline(evaluation.threshold, color="red", linestyle="--", label="threshold")
     ax.set(xlabel="anomaly score", ylabel="images", title="score distribution")
@@ -66,7 +73,9 @@ def save_evaluation_plots(evaluation: Evaluation, out_dir: Path, *, worst: int =
     # the goods scored highest (false-reject candidates) and the defects scored lowest (escape candidates)
     good_idx = [i for i in np.argsort(-scores) if labels[i] == 0][: worst // 2]
     bad_idx = [i for i in np.argsort(scores) if labels[i] == 1][: worst // 2]
-    picks = [(i, "good, high score") for i in good_idx] + [(i, f"{evaluation.defect_types[i]}, low score") for i in bad_idx]
+    picks = [(i, "good, high score") for i in good_idx] + [
+        (i, f"{evaluation.defect_types[i]}, low score") for i in bad_idx
+    ]
     if picks:
         fig, axes = plt.subplots(1, len(picks), figsize=(2.2 * len(picks), 2.6), squeeze=False)
         for ax, (i, what) in zip(axes[0], picks):
@@ -98,7 +107,9 @@ def save_heatmap_examples(bundle: Path, evaluation: Evaluation, out_dir: Path, *
     if inspector.bundle.spec.model.get("mode") == "image" or not len(evaluation.scores):
         return []
     order = np.argsort(-evaluation.scores)
-    picks = [i for i in order if evaluation.labels[i] == 1][:per_kind] + [i for i in order if evaluation.labels[i] == 0][:per_kind]
+    picks = [i for i in order if evaluation.labels[i] == 1][:per_kind] + [
+        i for i in order if evaluation.labels[i] == 0
+    ][:per_kind]
     drawn = score_with_maps(inspector, [evaluation.paths[i] for i in picks])
     fig, axes = plt.subplots(1, len(picks), figsize=(2.2 * len(picks), 2.8), squeeze=False)
     for ax, i, (result, amap, img) in zip(axes[0], picks, drawn):

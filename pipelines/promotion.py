@@ -55,14 +55,27 @@ class GateRules(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    min_auroc: float = Field(0.9, ge=0, le=1, description="absolute floor on gate-set image AUROC (decides alone with no champion)")
-    auroc_tolerance: float = Field(0.01, ge=0, le=1, description="challenger AUROC may be at most this much below the champion's")
-    max_false_reject_rate: float = Field(0.1, ge=0, le=1, description="good parts flagged, at the challenger's threshold")
+    min_auroc: float = Field(
+        0.9, ge=0, le=1, description="absolute floor on gate-set image AUROC (decides alone with no champion)"
+    )
+    auroc_tolerance: float = Field(
+        0.01, ge=0, le=1, description="challenger AUROC may be at most this much below the champion's"
+    )
+    max_false_reject_rate: float = Field(
+        0.1, ge=0, le=1, description="good parts flagged, at the challenger's threshold"
+    )
     max_escape_rate: float = Field(0.2, ge=0, le=1, description="defective parts passed, at the challenger's threshold")
     max_parity_diff: float = Field(1e-3, gt=0, description="torch vs ONNX max abs difference recorded at export")
-    min_pixel_auroc: float | None = Field(None, ge=0, le=1, description="floor on the heatmaps' pixel AUROC against the gate "
-                                          "set's masks (unset: reported, not a rule; set without masks: refused)")
-    gate_hash: str | None = Field(None, description="pinned gate-set hash (default: the registered model's gate_set_hash tag)")
+    min_pixel_auroc: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="floor on the heatmaps' pixel AUROC against the gate "
+        "set's masks (unset: reported, not a rule; set without masks: refused)",
+    )
+    gate_hash: str | None = Field(
+        None, description="pinned gate-set hash (default: the registered model's gate_set_hash tag)"
+    )
 
     @classmethod
     def from_overrides(cls, pairs: Sequence[str], base: Mapping[str, Any] | None = None) -> GateRules:
@@ -152,15 +165,19 @@ def gate_set_from_folder(folder: Path, out: Path) -> GateSet:
         manifest = ingest(root=folder)
         test_only = [e for e in manifest.entries if e.source_split == "test"]
         if test_only:
-            manifest = Manifest(test_only, manifest.rejected, manifest.duplicates, manifest.warnings, source=manifest.source)
+            manifest = Manifest(
+                test_only, manifest.rejected, manifest.duplicates, manifest.warnings, source=manifest.source
+            )
     elif (folder / "good").is_dir():
         manifest = _good_and_defect_folders(folder)
     else:
         try:
             manifest = ingest(root=folder)  # VisA, or images labelled by their masks
         except FileNotFoundError:
-            raise ValueError(f"{folder}: expected an MVTec layout (test/good, test/<defect>), good/ and <defect>/ folders, "
-                             "VisA's Data/Images/Normal|Anomaly, or images with masks beside them") from None
+            raise ValueError(
+                f"{folder}: expected an MVTec layout (test/good, test/<defect>), good/ and <defect>/ folders, "
+                "VisA's Data/Images/Normal|Anomaly, or images with masks beside them"
+            ) from None
     if not manifest.entries:
         raise ValueError(f"{folder}: no readable images for the gate set")
     return GateSet(manifest, write_manifest(manifest, out))
@@ -222,19 +239,42 @@ def _metric(score: ModelScore | None, name: str) -> float | None:
     return None if value is None or math.isnan(value) else float(value)
 
 
-def evaluate_rules(challenger: ModelScore, champion: ModelScore | None, rules: GateRules, *, gate_hash: str,
-                   pinned_hash: str | None, changed_images: Sequence[str] = ()) -> list[RuleResult]:
+def evaluate_rules(
+    challenger: ModelScore,
+    champion: ModelScore | None,
+    rules: GateRules,
+    *,
+    gate_hash: str,
+    pinned_hash: str | None,
+    changed_images: Sequence[str] = (),
+) -> list[RuleResult]:
     """Every rule's verdict and reason. Pure: the registry and the models were read before."""
     out: list[RuleResult] = []
     if pinned_hash and pinned_hash != gate_hash:
-        out.append(RuleResult("gate_set", False, f"gate manifest hash {gate_hash[:12]}… is not the pinned {pinned_hash[:12]}…"))
+        out.append(
+            RuleResult("gate_set", False, f"gate manifest hash {gate_hash[:12]}… is not the pinned {pinned_hash[:12]}…")
+        )
     elif changed_images:
-        out.append(RuleResult("gate_set", False, f"{len(changed_images)} gate images changed since the manifest: {list(changed_images)[:3]}"))
+        out.append(
+            RuleResult(
+                "gate_set",
+                False,
+                f"{len(changed_images)} gate images changed since the manifest: {list(changed_images)[:3]}",
+            )
+        )
     else:
-        out.append(RuleResult("gate_set", True, f"gate set {gate_hash[:12]}… {'matches the pinned hash' if pinned_hash else 'pinned now (first gate)'}"))
+        out.append(
+            RuleResult(
+                "gate_set",
+                True,
+                f"gate set {gate_hash[:12]}… {'matches the pinned hash' if pinned_hash else 'pinned now (first gate)'}",
+            )
+        )
 
     if champion is not None and champion.version == challenger.version:
-        out.append(RuleResult("distinct_versions", False, f"challenger version {challenger.version} is already the champion"))
+        out.append(
+            RuleResult("distinct_versions", False, f"challenger version {challenger.version} is already the champion")
+        )
 
     problems = []
     if challenger.bundle_error:
@@ -244,49 +284,98 @@ def evaluate_rules(challenger: ModelScore, champion: ModelScore | None, rules: G
     if champion is not None and champion.bundle_error:
         problems.append(f"champion v{champion.version}: {champion.bundle_error}")
     if not challenger.bundle_error and challenger.score_errors:
-        problems.append(f"challenger could not score {challenger.score_errors} of {challenger.scored + challenger.score_errors} gate images")
-    out.append(RuleResult("bundle_integrity", not problems, "; ".join(problems) or "bundles verified (sha256 of model and references)"))
+        problems.append(
+            f"challenger could not score {challenger.score_errors} of {challenger.scored + challenger.score_errors} gate images"
+        )
+    out.append(
+        RuleResult(
+            "bundle_integrity", not problems, "; ".join(problems) or "bundles verified (sha256 of model and references)"
+        )
+    )
 
     if challenger.bundle_error:
         out.append(RuleResult("onnx_parity", False, "challenger bundle not verified"))
     elif challenger.parity is None:
-        out.append(RuleResult("onnx_parity", False, "no parity result recorded in the bundle (model.parity_max_abs_diff)"))
+        out.append(
+            RuleResult("onnx_parity", False, "no parity result recorded in the bundle (model.parity_max_abs_diff)")
+        )
     else:
         ok = challenger.parity <= rules.max_parity_diff
-        out.append(RuleResult("onnx_parity", ok, f"recorded torch/ONNX max abs diff {challenger.parity:.2e} {'≤' if ok else '>'} {rules.max_parity_diff:.0e}"))
+        out.append(
+            RuleResult(
+                "onnx_parity",
+                ok,
+                f"recorded torch/ONNX max abs diff {challenger.parity:.2e} {'≤' if ok else '>'} {rules.max_parity_diff:.0e}",
+            )
+        )
 
     auroc = _metric(challenger, "image_auroc")
     ok = auroc is not None and auroc >= rules.min_auroc
-    out.append(RuleResult("min_auroc", ok, f"challenger AUROC {_fmt(auroc)} {'≥' if ok else 'below'} floor {rules.min_auroc:.4f}"))
+    out.append(
+        RuleResult(
+            "min_auroc", ok, f"challenger AUROC {_fmt(auroc)} {'≥' if ok else 'below'} floor {rules.min_auroc:.4f}"
+        )
+    )
 
     if champion is None:
         out.append(RuleResult("no_regression", True, "no champion yet: the absolute rules decide"))
     else:
         base = _metric(champion, "image_auroc")
         ok = auroc is not None and base is not None and auroc >= base - rules.auroc_tolerance
-        out.append(RuleResult("no_regression", ok, f"challenger AUROC {_fmt(auroc)} vs champion {_fmt(base)} (tolerance {rules.auroc_tolerance})"))
+        out.append(
+            RuleResult(
+                "no_regression",
+                ok,
+                f"challenger AUROC {_fmt(auroc)} vs champion {_fmt(base)} (tolerance {rules.auroc_tolerance})",
+            )
+        )
 
     if rules.min_pixel_auroc is not None:
         pixel = _metric(challenger, "pixel_auroc")
         ok = pixel is not None and pixel >= rules.min_pixel_auroc
-        reason = "the gate set has no defect masks to measure it on" if pixel is None and not challenger.bundle_error else \
-            f"challenger pixel AUROC {_fmt(pixel)} {'≥' if ok else 'below'} floor {rules.min_pixel_auroc:.4f}"
+        reason = (
+            "the gate set has no defect masks to measure it on"
+            if pixel is None and not challenger.bundle_error
+            else f"challenger pixel AUROC {_fmt(pixel)} {'≥' if ok else 'below'} floor {rules.min_pixel_auroc:.4f}"
+        )
         out.append(RuleResult("min_pixel_auroc", ok, reason))
 
     for name, limit in (("false_reject_rate", rules.max_false_reject_rate), ("escape_rate", rules.max_escape_rate)):
         value = _metric(challenger, name)
         ok = value is not None and value <= limit
-        out.append(RuleResult(name, ok, f"challenger {name.replace('_', ' ')} {_fmt(value)} at threshold {_fmt(challenger.threshold)} "
-                                        f"{'≤' if ok else 'above'} target {limit}"))
+        out.append(
+            RuleResult(
+                name,
+                ok,
+                f"challenger {name.replace('_', ' ')} {_fmt(value)} at threshold {_fmt(challenger.threshold)} "
+                f"{'≤' if ok else 'above'} target {limit}",
+            )
+        )
     return out
 
 
-def decide(model_name: str, challenger: ModelScore, champion: ModelScore | None, rules: GateRules, gate: GateSet,
-           pinned_hash: str | None, changed_images: Sequence[str] = ()) -> GateDecision:
+def decide(
+    model_name: str,
+    challenger: ModelScore,
+    champion: ModelScore | None,
+    rules: GateRules,
+    gate: GateSet,
+    pinned_hash: str | None,
+    changed_images: Sequence[str] = (),
+) -> GateDecision:
     """Apply every rule; promote only when all pass."""
-    results = evaluate_rules(challenger, champion, rules, gate_hash=gate.hash, pinned_hash=pinned_hash, changed_images=changed_images)
-    return GateDecision(model_name, all(r.passed for r in results), results, challenger, champion, gate.hash,
-                        {**rules.model_dump(), "gate_manifest": str(gate.path), "pinned_hash": pinned_hash})
+    results = evaluate_rules(
+        challenger, champion, rules, gate_hash=gate.hash, pinned_hash=pinned_hash, changed_images=changed_images
+    )
+    return GateDecision(
+        model_name,
+        all(r.passed for r in results),
+        results,
+        challenger,
+        champion,
+        gate.hash,
+        {**rules.model_dump(), "gate_manifest": str(gate.path), "pinned_hash": pinned_hash},
+    )
 
 
 # --------------------------------------------------------------------------------------------- registry helpers
@@ -334,17 +423,24 @@ def score_version(model_name: str, alias: str, version: Any, gate: GateSet, work
         score.bundle_error = str(exc)
         return score
     files = bundle.manifest["files"]
-    for key, name in (("bundle_sha256.model", "model.onnx"), ("bundle_sha256.references", "references.npy"),
-                      ("bundle_sha256.descriptors", "descriptors.npy")):
+    for key, name in (
+        ("bundle_sha256.model", "model.onnx"),
+        ("bundle_sha256.references", "references.npy"),
+        ("bundle_sha256.descriptors", "descriptors.npy"),
+    ):
         recorded = (version.tags or {}).get(key)
         if recorded and recorded != files.get(name):
-            score.hash_mismatch = f"{name} sha256 {files.get(name, '')[:12]}… is not the {recorded[:12]}… recorded at registration"
+            score.hash_mismatch = (
+                f"{name} sha256 {files.get(name, '')[:12]}… is not the {recorded[:12]}… recorded at registration"
+            )
     parity = bundle.spec.model.get("parity_max_abs_diff")
     score.parity = float(parity) if parity is not None else None
     records = [e.record() for e in gate.manifest.entries]
     evaluation = evaluate_bundle(path, records)
     score.metrics = {k: float(v) for k, v in evaluation.metrics().items()}
-    if (pixel := pixel_level_auroc(path, records)) is not None:  # the gate's defects have masks: where, not only whether
+    if (
+        pixel := pixel_level_auroc(path, records)
+    ) is not None:  # the gate's defects have masks: where, not only whether
         score.metrics["pixel_auroc"] = pixel
     score.threshold = float(evaluation.threshold)
     score.scored, score.score_errors = len(evaluation.scores), len(evaluation.errors)
@@ -392,12 +488,22 @@ def record_decision(decision: GateDecision) -> str:
     from pipelines.tracking import _param_value, ensure_experiment
 
     ensure_experiment(f"{decision.model_name}-promotion")
-    metrics = {f"{who}_{k}": v for who, s in (("challenger", decision.challenger), ("champion", decision.champion)) if s
-               for k, v in s.metrics.items() if math.isfinite(v)}
+    metrics = {
+        f"{who}_{k}": v
+        for who, s in (("challenger", decision.challenger), ("champion", decision.champion))
+        if s
+        for k, v in s.metrics.items()
+        if math.isfinite(v)
+    }
     with mlflow.start_run(run_name=f"gate v{decision.challenger.version}") as run:
         mlflow.log_params({k: _param_value(v) for k, v in decision.settings.items()})
-        mlflow.log_params({"challenger_version": decision.challenger.version,
-                           "champion_version": decision.champion.version if decision.champion else "none", "gate_set_hash": decision.gate_hash})
+        mlflow.log_params(
+            {
+                "challenger_version": decision.challenger.version,
+                "champion_version": decision.champion.version if decision.champion else "none",
+                "gate_set_hash": decision.gate_hash,
+            }
+        )
         mlflow.log_metrics({**metrics, "promoted": float(decision.promote)})
         mlflow.set_tags({"decision": "promoted" if decision.promote else "refused", "model_name": decision.model_name})
         mlflow.log_dict(decision.to_dict(), "decision.json")
@@ -415,8 +521,10 @@ def move_champion(decision: GateDecision) -> GateDecision:
     now = alias_version(decision.model_name, _challenger_alias())
     if now is None or str(now.version) != decision.challenger.version:
         decision.promote = False
-        decision.note = (f"challenger alias moved to v{getattr(now, 'version', None)} during the gate (evaluated "
-                         f"v{decision.challenger.version}): champion unchanged")
+        decision.note = (
+            f"challenger alias moved to v{getattr(now, 'version', None)} during the gate (evaluated "
+            f"v{decision.challenger.version}): champion unchanged"
+        )
         _client().set_model_version_tag(decision.model_name, decision.challenger.version, "gate.decision", "refused")
         _client().set_model_version_tag(decision.model_name, decision.challenger.version, "gate.note", decision.note)
         return decision
@@ -431,8 +539,12 @@ def move_champion(decision: GateDecision) -> GateDecision:
     if expected and (not history or history[-1] != expected):
         history.append(expected)  # a champion set outside the gate (e.g. the demo's first version)
     _set_champion(decision.model_name, decision.challenger.version, [*history, decision.challenger.version])
-    _client().set_model_version_tag(decision.model_name, decision.challenger.version, "gate.promoted_at",
-                                    datetime.now(UTC).isoformat(timespec="seconds"))
+    _client().set_model_version_tag(
+        decision.model_name,
+        decision.challenger.version,
+        "gate.promoted_at",
+        datetime.now(UTC).isoformat(timespec="seconds"),
+    )
     decision.moved = True
     decision.note = f"champion moved to v{decision.challenger.version}"
     return decision
@@ -485,7 +597,9 @@ def rollback(model_name: str, to_version: str | int | None = None) -> RollbackRe
         history.append(current_v)
     if to_version is None:
         if len(history) < 2:
-            raise GateError(f"{model_name}: no previous champion to roll back to (history {history or 'empty'}); pass --to VERSION")
+            raise GateError(
+                f"{model_name}: no previous champion to roll back to (history {history or 'empty'}); pass --to VERSION"
+            )
         target = history[-2]
         new_history = history[:-1]
     else:
@@ -500,8 +614,16 @@ def rollback(model_name: str, to_version: str | int | None = None) -> RollbackRe
     with mlflow.start_run(run_name=f"rollback to v{target}") as run:
         mlflow.log_params({"action": "rollback", "from_version": current_v or "none", "to_version": target})
         mlflow.set_tags({"decision": "rollback", "model_name": model_name})
-        mlflow.log_dict({"action": "rollback", "from_version": current_v, "to_version": target, "at": stamp, "history": new_history},
-                        "decision.json")
+        mlflow.log_dict(
+            {
+                "action": "rollback",
+                "from_version": current_v,
+                "to_version": target,
+                "at": stamp,
+                "history": new_history,
+            },
+            "decision.json",
+        )
     client.set_model_version_tag(model_name, target, "gate.rollback_to_at", stamp)
     if current_v:
         client.set_model_version_tag(model_name, current_v, "gate.rolled_back_at", stamp)
@@ -519,8 +641,13 @@ def load_gate_task(gate_manifest: str) -> GateSet:
 @task(cache_policy=NO_CACHE)
 def score_task(model_name: str, alias: str, version: Any, gate: GateSet, work: Path) -> ModelScore:
     score = score_version(model_name, alias, version, gate, work)
-    get_run_logger().info("%s v%s: %s%s", alias, score.version, {k: round(v, 4) for k, v in score.metrics.items()},
-                          f" (bundle: {score.bundle_error})" if score.bundle_error else "")
+    get_run_logger().info(
+        "%s v%s: %s%s",
+        alias,
+        score.version,
+        {k: round(v, 4) for k, v in score.metrics.items()},
+        f" (bundle: {score.bundle_error})" if score.bundle_error else "",
+    )
     return score
 
 
@@ -535,8 +662,12 @@ def move_task(decision: GateDecision) -> GateDecision:
 
 
 @flow(name="promote-inspector", log_prints=True)
-def promote_flow(model_name: str, gate_manifest: str, rules: GateRules | dict[str, Any] | None = None,
-                 tracking_uri: str | None = None) -> dict[str, Any]:
+def promote_flow(
+    model_name: str,
+    gate_manifest: str,
+    rules: GateRules | dict[str, Any] | None = None,
+    tracking_uri: str | None = None,
+) -> dict[str, Any]:
     """Gate ``challenger`` against ``champion`` on the frozen gate set; move ``champion`` only if every rule passes.
 
     Returns the decision as a dict (``promote``, ``moved``, ``rules``, both models' metrics, ``reasons``).
@@ -557,7 +688,11 @@ def promote_flow(model_name: str, gate_manifest: str, rules: GateRules | dict[st
     pinned = rules.gate_hash or (_client().get_registered_model(model_name).tags or {}).get(GATE_HASH_TAG)
     with tempfile.TemporaryDirectory(prefix="gate-") as tmp:
         challenger = score_task(model_name, CHALLENGER, challenger_version, gate, Path(tmp))
-        champion = score_task(model_name, CHAMPION, champion_version, gate, Path(tmp)) if champion_version is not None else None
+        champion = (
+            score_task(model_name, CHAMPION, champion_version, gate, Path(tmp))
+            if champion_version is not None
+            else None
+        )
         decision = decide(model_name, challenger, champion, rules, gate, pinned, changed_gate_images(gate))
     record_task(decision)
     if not pinned and decision.rules[0].passed:

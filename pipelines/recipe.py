@@ -24,13 +24,14 @@ from inspector.engine import Inspector, OnnxEmbedder
 from inspector.metrics import average_precision, rates_at_threshold, roc_auc
 from inspector.preprocess import PreprocessConfig, Preprocessor
 from inspector.scoring import GoldenBank, ScoringConfig, anomaly_scores, offset_scores, patch_mask
-from models.export import check_parity, export_onnx
 from models.coreset import greedy_coreset
+from models.export import check_parity, export_onnx
 from models.pairs import LabelledImageDataset, PatchPairDataset, default_augmentation
 from models.siamese import Embedder, EmbedderConfig, PatchEmbedder, build_embedder
 from models.synthetic import SyntheticDefects
 from models.training import TrainConfig, TrainHistory, ValidationData, train
 from pipelines.datasets import ImageRecord
+
 
 @dataclass(frozen=True)
 class Recipe:
@@ -40,7 +41,11 @@ class Recipe:
     embedder: EmbedderConfig = field(default_factory=EmbedderConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     scoring: ScoringConfig = field(default_factory=lambda: ScoringConfig(offset=0.5))
-    offset_candidates: tuple[float, ...] = (0.0, 0.5, 1.0)  # patch mode: the scoring offset moves to one of these only when
+    offset_candidates: tuple[float, ...] = (
+        0.0,
+        0.5,
+        1.0,
+    )  # patch mode: the scoring offset moves to one of these only when
     # held-out parts show it separates better with ``offset_confidence`` (see choose_offset); () keeps ``scoring.offset``
     offset_confidence: float = 0.95
     use_real_defects: bool = True
@@ -50,7 +55,9 @@ class Recipe:
     augment_strength: float = 1.0
     calibration_fraction: float = 0.2
     good_test_fraction: float = 0.2  # goods kept for test where the data has no test goods of its own (plain folders)
-    good_test_split: Literal["hash", "latest"] = "hash"  # "latest": those test goods are the last capture groups by name
+    good_test_split: Literal["hash", "latest"] = (
+        "hash"  # "latest": those test goods are the last capture groups by name
+    )
     defect_train_fraction: float = 0.5
     defect_val_fraction: float = 0.15
     target_false_reject_rate: float = 0.01
@@ -59,8 +66,12 @@ class Recipe:
     max_validation_queries: int = 160
     max_bank_patches: int = 16384
     bank_selection: Literal["random", "coreset"] = "coreset"  # how max_bank_patches are picked from the goods' patches
-    train_without_defect_photos: bool = False  # no real defect photos: keep the pretrained patch features (see fit_embedder)
-    input_pixels: int | None = 81920  # input HxW follow the training goods' median aspect at about this many pixels (320x256 for
+    train_without_defect_photos: bool = (
+        False  # no real defect photos: keep the pretrained patch features (see fit_embedder)
+    )
+    input_pixels: int | None = (
+        81920  # input HxW follow the training goods' median aspect at about this many pixels (320x256 for
+    )
     # 5:4 portrait parts); None keeps ``preprocess.height``/``width`` as given
     seed: int = 0
 
@@ -70,11 +81,17 @@ class Recipe:
             "embedder": self.embedder.to_dict(),
             "train": self.train.to_dict(),
             "scoring": self.scoring.to_dict(),
-            **{k: getattr(self, k) for k in self.__dataclass_fields__ if k not in ("preprocess", "embedder", "train", "scoring")},
+            **{
+                k: getattr(self, k)
+                for k in self.__dataclass_fields__
+                if k not in ("preprocess", "embedder", "train", "scoring")
+            },
         }
 
 
-def auto_input_size(sizes: Sequence[tuple[int, int]], pixels: int, *, multiple: int = 32, max_aspect: float = 2.0) -> tuple[int, int]:
+def auto_input_size(
+    sizes: Sequence[tuple[int, int]], pixels: int, *, multiple: int = 32, max_aspect: float = 2.0
+) -> tuple[int, int]:
     """Input (height, width) with about ``pixels`` pixels and the median aspect of the images' (width, height).
 
     Parts photographed portrait stay portrait: letterboxing a 200x512 part into a square wastes most of the input
@@ -132,7 +149,9 @@ class DataSplit:
     calibration_good: list[Path]
     validation_defective: list[Path]
     test: list[ImageRecord]
-    groups: dict[str, str] = field(default_factory=dict)  # str(path) -> what it was split by (capture group or content):
+    groups: dict[str, str] = field(
+        default_factory=dict
+    )  # str(path) -> what it was split by (capture group or content):
     # photos of one physical part are not independent evidence, so choices made on held-out parts resample whole groups
 
     def group_ids(self, paths: Sequence[Path]) -> list[str]:
@@ -160,7 +179,11 @@ def load_resized(paths: Sequence[Path], preprocessor: Preprocessor) -> tuple[np.
     (width, height) (for the patch content mask and the part's placement)."""
     cfg = preprocessor.config
     images = [preprocessor.load(p) for p in paths]
-    resized = np.stack([preprocessor.resize(img) for img in images]) if images else np.zeros((0, cfg.height, cfg.width, 3), np.uint8)
+    resized = (
+        np.stack([preprocessor.resize(img) for img in images])
+        if images
+        else np.zeros((0, cfg.height, cfg.width, 3), np.uint8)
+    )
     return resized, [img.size for img in images]
 
 
@@ -179,7 +202,9 @@ def validation_data(split: DataSplit, recipe: Recipe) -> ValidationData | None:
         bad_resized, bad_sizes = load_resized(split.validation_defective[:half], pre)
     else:
         synth = SyntheticDefects()
-        bad_resized = np.stack([synth(img, np.random.default_rng([recipe.seed, 7, i]))[0] for i, img in enumerate(good_resized)])
+        bad_resized = np.stack(
+            [synth(img, np.random.default_rng([recipe.seed, 7, i]))[0] for i, img in enumerate(good_resized)]
+        )
         bad_sizes = good_sizes
     labels = np.r_[np.zeros(len(good_resized)), np.ones(len(bad_resized))]
     ref_resized, ref_sizes = load_resized(refs, pre)
@@ -194,7 +219,9 @@ def validation_data(split: DataSplit, recipe: Recipe) -> ValidationData | None:
     )
 
 
-def fit_embedder(split: DataSplit, recipe: Recipe, checkpoint_dir: Path | None = None, *, resume: bool = False) -> tuple[Embedder | PatchEmbedder, TrainHistory]:
+def fit_embedder(
+    split: DataSplit, recipe: Recipe, checkpoint_dir: Path | None = None, *, resume: bool = False
+) -> tuple[Embedder | PatchEmbedder, TrainHistory]:
     """Train the Siamese embedder on the split's training images (real defects + synthetic ones).
 
     Without any real defect photo (none to train on, none to validate with) the pretrained patch embedder is returned
@@ -205,7 +232,12 @@ def fit_embedder(split: DataSplit, recipe: Recipe, checkpoint_dir: Path | None =
     """
     torch.manual_seed(recipe.seed)
     embedder = build_embedder(recipe.embedder)
-    if not split.train_defective and not split.validation_defective and not recipe.train_without_defect_photos and recipe.embedder.mode == "patch":
+    if (
+        not split.train_defective
+        and not split.validation_defective
+        and not recipe.train_without_defect_photos
+        and recipe.embedder.mode == "patch"
+    ):
         reason = "no defect photos: pretrained patch features kept (set train_without_defect_photos to train on synthetic defects)"
         return embedder.cpu().eval(), TrainHistory(skipped=reason)
     common = dict(
@@ -218,9 +250,13 @@ def fit_embedder(split: DataSplit, recipe: Recipe, checkpoint_dir: Path | None =
     defective = [r.path for r in split.train_defective]
     pre = Preprocessor(recipe.preprocess)
     if recipe.embedder.mode == "patch":
-        dataset: Dataset = PatchPairDataset(split.train_good, defective, pre, defective_masks=[r.mask for r in split.train_defective], **common)
+        dataset: Dataset = PatchPairDataset(
+            split.train_good, defective, pre, defective_masks=[r.mask for r in split.train_defective], **common
+        )
     else:
-        dataset = LabelledImageDataset(split.train_good, defective, pre, defect_fraction=recipe.defect_fraction, **common)
+        dataset = LabelledImageDataset(
+            split.train_good, defective, pre, defect_fraction=recipe.defect_fraction, **common
+        )
     history = train(
         embedder,
         dataset,
@@ -266,10 +302,21 @@ def reference_bank(embeddings: np.ndarray, recipe: Recipe, valid: np.ndarray | N
     return flat[greedy_coreset(flat, size, seed=recipe.seed)]
 
 
-def choose_offset(bank: GoldenBank, good: np.ndarray, defective: np.ndarray, scoring: ScoringConfig, candidates: Sequence[float], *,
-                  confidence: float = 0.95, resamples: int = 400, seed: int = 0, good_groups: Sequence[str] | None = None,
-                  defective_groups: Sequence[str] | None = None, good_valid: np.ndarray | None = None,
-                  defective_valid: np.ndarray | None = None) -> tuple[ScoringConfig, dict[str, Any]]:
+def choose_offset(
+    bank: GoldenBank,
+    good: np.ndarray,
+    defective: np.ndarray,
+    scoring: ScoringConfig,
+    candidates: Sequence[float],
+    *,
+    confidence: float = 0.95,
+    resamples: int = 400,
+    seed: int = 0,
+    good_groups: Sequence[str] | None = None,
+    defective_groups: Sequence[str] | None = None,
+    good_valid: np.ndarray | None = None,
+    defective_valid: np.ndarray | None = None,
+) -> tuple[ScoringConfig, dict[str, Any]]:
     """The scoring offset (``ScoringConfig.offset``) for this product: the configured one unless the held-out parts
     show another candidate separating goods from defects better, in at least ``confidence`` of bootstrap resamples.
 
@@ -284,8 +331,17 @@ def choose_offset(bank: GoldenBank, good: np.ndarray, defective: np.ndarray, sco
     of one tile are one piece of evidence, not six. Returns the scoring to use and what was measured (recorded in
     the threshold's details).
     """
-    return pick_offset(bank.worst_and_typical(good, scoring, good_valid), bank.worst_and_typical(defective, scoring, defective_valid), scoring, candidates,
-                       confidence=confidence, resamples=resamples, seed=seed, good_groups=good_groups, defective_groups=defective_groups)
+    return pick_offset(
+        bank.worst_and_typical(good, scoring, good_valid),
+        bank.worst_and_typical(defective, scoring, defective_valid),
+        scoring,
+        candidates,
+        confidence=confidence,
+        resamples=resamples,
+        seed=seed,
+        good_groups=good_groups,
+        defective_groups=defective_groups,
+    )
 
 
 def _cluster_draws(groups: Sequence[str] | None, n: int, resamples: int, rng: np.random.Generator) -> list[np.ndarray]:
@@ -296,31 +352,61 @@ def _cluster_draws(groups: Sequence[str] | None, n: int, resamples: int, rng: np
         raise ValueError(f"{len(groups)} group ids for {n} images")
     _, inverse = np.unique(np.asarray(groups, dtype=str), return_inverse=True)
     members = [np.flatnonzero(inverse == g) for g in range(int(inverse.max()) + 1)] if n else []
-    return [np.concatenate([members[g] for g in rng.integers(0, len(members), len(members))]) if members else np.zeros(0, int)
-            for _ in range(resamples)]
+    return [
+        np.concatenate([members[g] for g in rng.integers(0, len(members), len(members))])
+        if members
+        else np.zeros(0, int)
+        for _ in range(resamples)
+    ]
 
 
-def pick_offset(good: tuple[np.ndarray, np.ndarray], defective: tuple[np.ndarray, np.ndarray], scoring: ScoringConfig,
-                candidates: Sequence[float], *, confidence: float = 0.95, resamples: int = 400, seed: int = 0,
-                good_groups: Sequence[str] | None = None, defective_groups: Sequence[str] | None = None) -> tuple[ScoringConfig, dict[str, Any]]:
+def pick_offset(
+    good: tuple[np.ndarray, np.ndarray],
+    defective: tuple[np.ndarray, np.ndarray],
+    scoring: ScoringConfig,
+    candidates: Sequence[float],
+    *,
+    confidence: float = 0.95,
+    resamples: int = 400,
+    seed: int = 0,
+    good_groups: Sequence[str] | None = None,
+    defective_groups: Sequence[str] | None = None,
+) -> tuple[ScoringConfig, dict[str, Any]]:
     """:func:`choose_offset` on (worst, typical) patch distances already searched, so calibration can reuse them."""
     offsets = sorted({*(float(c) for c in candidates), scoring.offset})
-    aurocs, wins = bootstrap_wins({c: (offset_scores(*good, c), offset_scores(*defective, c)) for c in offsets}, scoring.offset,
-                                  resamples=resamples, seed=seed, good_groups=good_groups, defective_groups=defective_groups)
+    aurocs, wins = bootstrap_wins(
+        {c: (offset_scores(*good, c), offset_scores(*defective, c)) for c in offsets},
+        scoring.offset,
+        resamples=resamples,
+        seed=seed,
+        good_groups=good_groups,
+        defective_groups=defective_groups,
+    )
     n_good, n_bad = len(good[0]), len(defective[0])
     better = [c for c in offsets if c != scoring.offset and wins[c] >= confidence]
     best = max(better, key=lambda c: aurocs[c]) if better else scoring.offset
-    units = {"good": len(set(good_groups)) if good_groups is not None else n_good,
-             "defective": len(set(defective_groups)) if defective_groups is not None else n_bad}
-    return replace(scoring, offset=best), {"offset_auroc": {str(c): aurocs[c] for c in offsets},
-                                           "offset_wins": {str(c): wins[c] for c in offsets}, "offset": best,
-                                           "offset_resampled": "groups" if defective_groups is not None else "images",
-                                           "offset_resample_units": units}
+    units = {
+        "good": len(set(good_groups)) if good_groups is not None else n_good,
+        "defective": len(set(defective_groups)) if defective_groups is not None else n_bad,
+    }
+    return replace(scoring, offset=best), {
+        "offset_auroc": {str(c): aurocs[c] for c in offsets},
+        "offset_wins": {str(c): wins[c] for c in offsets},
+        "offset": best,
+        "offset_resampled": "groups" if defective_groups is not None else "images",
+        "offset_resample_units": units,
+    }
 
 
-def bootstrap_wins(candidates: dict[Any, tuple[np.ndarray, np.ndarray]], baseline: Any, *, resamples: int = 400, seed: int = 0,
-                   good_groups: Sequence[str] | None = None, defective_groups: Sequence[str] | None = None,
-                   ) -> tuple[dict[Any, float], dict[Any, float]]:
+def bootstrap_wins(
+    candidates: dict[Any, tuple[np.ndarray, np.ndarray]],
+    baseline: Any,
+    *,
+    resamples: int = 400,
+    seed: int = 0,
+    good_groups: Sequence[str] | None = None,
+    defective_groups: Sequence[str] | None = None,
+) -> tuple[dict[Any, float], dict[Any, float]]:
     """Each candidate scoring's AUROC on held-out (good, defective) scores, and the share of bootstrap resamples in
     which it beats ``baseline``'s; goods and defects resampled separately, paired across candidates, seeded, and by
     whole capture groups when ``*_groups`` are given."""
@@ -337,8 +423,17 @@ def bootstrap_wins(candidates: dict[Any, tuple[np.ndarray, np.ndarray]], baselin
     return aurocs, {c: float(np.mean(boot[c] > boot[baseline])) for c in scores}
 
 
-def build_bundle(embedder: Embedder | PatchEmbedder, split: DataSplit, recipe: Recipe, out: Path, *, provenance: dict[str, Any] | None = None,
-                 model_name: str = "siamese-inspector", model_version: str = "dev", overwrite: bool = True) -> Path:
+def build_bundle(
+    embedder: Embedder | PatchEmbedder,
+    split: DataSplit,
+    recipe: Recipe,
+    out: Path,
+    *,
+    provenance: dict[str, Any] | None = None,
+    model_name: str = "siamese-inspector",
+    model_version: str = "dev",
+    overwrite: bool = True,
+) -> Path:
     """Export to ONNX (with a parity check on real images), embed golden references and calibrate the threshold."""
     out.parent.mkdir(parents=True, exist_ok=True)
     onnx_path = out.parent / f".{out.name}.model.onnx"
@@ -354,7 +449,9 @@ def build_bundle(embedder: Embedder | PatchEmbedder, split: DataSplit, recipe: R
             raise ValueError(f"{len(bad_refs)} golden reference images could not be read: {bad_refs[:3]}")
         references = reference_bank(refs.embeddings, recipe, refs.valid)
         patch_mode = getattr(embedder, "mode", "global") == "patch"
-        scoring = recipe.scoring if patch_mode else replace(recipe.scoring, offset=0.0)  # the offset is a patch-mode rule
+        scoring = (
+            recipe.scoring if patch_mode else replace(recipe.scoring, offset=0.0)
+        )  # the offset is a patch-mode rule
         density: DensitySpec | None = None
         descriptors = refs.descriptors
         if split.calibration_good:
@@ -362,22 +459,44 @@ def build_bundle(embedder: Embedder | PatchEmbedder, split: DataSplit, recipe: R
             cal_emb, cal_valid, val_emb, val_valid = cal.embeddings, cal.valid, val.embeddings, val.valid
             bank = GoldenBank(references, chunk_size=scoring.chunk_size)
             choice: dict[str, Any] = {}
-            if len(val_emb) and patch_mode and recipe.offset_candidates:  # one search of each set serves choice and calibration
-                searched = bank.worst_and_typical(cal_emb, scoring, cal_valid), bank.worst_and_typical(val_emb, scoring, val_valid)
-                scoring, choice = pick_offset(*searched, scoring, recipe.offset_candidates, confidence=recipe.offset_confidence, seed=recipe.seed,
-                                              good_groups=split.group_ids(split.calibration_good),
-                                              defective_groups=split.group_ids(split.validation_defective))
+            if (
+                len(val_emb) and patch_mode and recipe.offset_candidates
+            ):  # one search of each set serves choice and calibration
+                searched = (
+                    bank.worst_and_typical(cal_emb, scoring, cal_valid),
+                    bank.worst_and_typical(val_emb, scoring, val_valid),
+                )
+                scoring, choice = pick_offset(
+                    *searched,
+                    scoring,
+                    recipe.offset_candidates,
+                    confidence=recipe.offset_confidence,
+                    seed=recipe.seed,
+                    good_groups=split.group_ids(split.calibration_good),
+                    defective_groups=split.group_ids(split.validation_defective),
+                )
                 cal_scores, val_scores = (offset_scores(*s, scoring.offset) for s in searched)
             else:
                 cal_scores = anomaly_scores(cal_emb, bank, scoring, cal_valid)
                 val_scores = anomaly_scores(val_emb, bank, scoring, val_valid) if len(val_emb) else None
             if descriptors is not None and cal.descriptors is not None and len(descriptors) >= 2 and len(cal_scores):
                 density, fused_cal, fused_val = whole_part_scores(
-                    descriptors, tuple(embedder.descriptor_blocks), ["initial"] * len(descriptors),  # type: ignore[union-attr]
-                    cal.descriptors, cal_scores, val.descriptors, val_scores)
+                    descriptors,
+                    tuple(embedder.descriptor_blocks),
+                    ["initial"] * len(descriptors),  # type: ignore[union-attr]
+                    cal.descriptors,
+                    cal_scores,
+                    val.descriptors,
+                    val_scores,
+                )
                 keep, choice["whole_part_score"] = keep_whole_part(
-                    (cal_scores, val_scores), (fused_cal, fused_val), confidence=recipe.offset_confidence, seed=recipe.seed,
-                    good_groups=split.group_ids(split.calibration_good), defective_groups=split.group_ids(split.validation_defective))
+                    (cal_scores, val_scores),
+                    (fused_cal, fused_val),
+                    confidence=recipe.offset_confidence,
+                    seed=recipe.seed,
+                    good_groups=split.group_ids(split.calibration_good),
+                    defective_groups=split.group_ids(split.validation_defective),
+                )
                 choice["whole_part_score"]["references"] = len(descriptors)
                 if keep:
                     cal_scores, val_scores = fused_cal, fused_val
@@ -396,20 +515,33 @@ def build_bundle(embedder: Embedder | PatchEmbedder, split: DataSplit, recipe: R
             preprocessing=recipe.preprocess,
             scoring=scoring,
             threshold=threshold,
-            model={"name": model_name, "version": model_version, "backbone": recipe.embedder.backbone, "mode": "patch" if patch_mode else "image",
-                   "parity_max_abs_diff": parity},
+            model={
+                "name": model_name,
+                "version": model_version,
+                "backbone": recipe.embedder.backbone,
+                "mode": "patch" if patch_mode else "image",
+                "parity_max_abs_diff": parity,
+            },
             provenance=provenance or {},
             reference_ids=[p.name for p in split.train_good] if references.shape[0] == len(split.train_good) else [],
             density=density,
         )
-        return write_bundle(out, onnx_path, references, spec, overwrite=overwrite, descriptors=descriptors if density else None)
+        return write_bundle(
+            out, onnx_path, references, spec, overwrite=overwrite, descriptors=descriptors if density else None
+        )
     finally:
         onnx_path.unlink(missing_ok=True)
 
 
-def whole_part_scores(descriptors: np.ndarray, blocks: tuple[int, ...], ids: Sequence[str], cal_descriptors: np.ndarray,
-                      cal_patch: np.ndarray, val_descriptors: np.ndarray | None, val_patch: np.ndarray | None,
-                      ) -> tuple[DensitySpec, np.ndarray, np.ndarray | None]:
+def whole_part_scores(
+    descriptors: np.ndarray,
+    blocks: tuple[int, ...],
+    ids: Sequence[str],
+    cal_descriptors: np.ndarray,
+    cal_patch: np.ndarray,
+    val_descriptors: np.ndarray | None,
+    val_patch: np.ndarray | None,
+) -> tuple[DensitySpec, np.ndarray, np.ndarray | None]:
     """The whole-part Gaussian of the golden parts (inspector.density), the scale of each score on the calibration
     goods, and the calibration and validation scores fused as the line will fuse them (for the threshold)."""
     gauss = GaussianDensity(descriptors, blocks)
@@ -422,9 +554,16 @@ def whole_part_scores(descriptors: np.ndarray, blocks: tuple[int, ...], ids: Seq
     return spec, cal, val
 
 
-def keep_whole_part(patch: tuple[np.ndarray, np.ndarray | None], fused: tuple[np.ndarray, np.ndarray | None], *, confidence: float = 0.95,
-                    resamples: int = 400, seed: int = 0, good_groups: Sequence[str] | None = None,
-                    defective_groups: Sequence[str] | None = None) -> tuple[bool, dict[str, Any]]:
+def keep_whole_part(
+    patch: tuple[np.ndarray, np.ndarray | None],
+    fused: tuple[np.ndarray, np.ndarray | None],
+    *,
+    confidence: float = 0.95,
+    resamples: int = 400,
+    seed: int = 0,
+    good_groups: Sequence[str] | None = None,
+    defective_groups: Sequence[str] | None = None,
+) -> tuple[bool, dict[str, Any]]:
     """Whether the bundle fuses the whole-part score: yes, unless the held-out defects show the patch score alone
     separating them better in at least ``confidence`` of bootstrap resamples (by capture group when known).
 
@@ -435,8 +574,14 @@ def keep_whole_part(patch: tuple[np.ndarray, np.ndarray | None], fused: tuple[np
     (``patch`` and ``fused``: calibration-good and validation-defect scores of each.)"""
     if patch[1] is None or fused[1] is None or not len(patch[1]):
         return True, {"kept": True, "reason": "no validation defects to test it on"}
-    aurocs, wins = bootstrap_wins({"fused": (fused[0], fused[1]), "patch": (patch[0], patch[1])}, "fused", resamples=resamples,
-                                  seed=seed, good_groups=good_groups, defective_groups=defective_groups)
+    aurocs, wins = bootstrap_wins(
+        {"fused": (fused[0], fused[1]), "patch": (patch[0], patch[1])},
+        "fused",
+        resamples=resamples,
+        seed=seed,
+        good_groups=good_groups,
+        defective_groups=defective_groups,
+    )
     keep = wins["patch"] < confidence
     return keep, {"kept": keep, "validation_auroc": aurocs, "patch_wins": wins["patch"]}
 
@@ -454,16 +599,24 @@ class Evaluation:
     views: dict[str, np.ndarray] = field(default_factory=dict)  # with a whole-part score: each view's scores alone
 
     def metrics(self) -> dict[str, float]:
-        m = {"image_auroc": roc_auc(self.labels, self.scores), "average_precision": average_precision(self.labels, self.scores)}
+        m = {
+            "image_auroc": roc_auc(self.labels, self.scores),
+            "average_precision": average_precision(self.labels, self.scores),
+        }
         m.update(rates_at_threshold(self.labels, self.scores, self.threshold))
-        m.update({f"image_auroc_{name}": roc_auc(self.labels, v) for name, v in self.views.items()})  # what each view adds
+        m.update(
+            {f"image_auroc_{name}": roc_auc(self.labels, v) for name, v in self.views.items()}
+        )  # what each view adds
         return m
 
     def per_type_auroc(self) -> dict[str, float]:
         """AUROC of each defect type against all good test images."""
         types = np.asarray(self.defect_types)
         good = self.labels == 0
-        return {t: roc_auc(self.labels[good | (types == t)], self.scores[good | (types == t)]) for t in sorted(set(types[~good]))}
+        return {
+            t: roc_auc(self.labels[good | (types == t)], self.scores[good | (types == t)])
+            for t in sorted(set(types[~good]))
+        }
 
 
 def threshold_metrics(bundle: Path) -> dict[str, float]:
@@ -472,8 +625,12 @@ def threshold_metrics(bundle: Path) -> dict[str, float]:
     spec = load_bundle(bundle).spec
     threshold, details = spec.threshold, spec.threshold.details
     out = {"threshold": threshold.value, "scoring_offset": spec.scoring.offset}
-    for key, name in (("false_reject_rate", "calibration_false_reject_rate"), ("frr_upper_95", "calibration_frr_upper_95"),
-                      ("target_false_reject_rate", "calibration_target_false_reject_rate"), ("n_good", "calibration_n_good")):
+    for key, name in (
+        ("false_reject_rate", "calibration_false_reject_rate"),
+        ("frr_upper_95", "calibration_frr_upper_95"),
+        ("target_false_reject_rate", "calibration_target_false_reject_rate"),
+        ("n_good", "calibration_n_good"),
+    ):
         if isinstance(details.get(key), (int, float)):
             out[name] = float(details[key])
     return out

@@ -19,7 +19,9 @@ from pipelines.promotion import CHAMPION, GateRules, alias_version, promote_flow
 from pipelines.settings import PipelineSettings, apply_overrides
 
 
-def data_source(data: str | None = None, good: str | None = None, defective: str | None = None, manifest: str | None = None) -> DataSource:
+def data_source(
+    data: str | None = None, good: str | None = None, defective: str | None = None, manifest: str | None = None
+) -> DataSource:
     """Exactly one of: an MVTec-layout folder, good (+ defective) folders, or a manifest file; each must exist."""
     given = [x for x in (data, good, manifest) if x]
     if len(given) != 1:
@@ -37,7 +39,9 @@ def build_recipe(base: Literal["default", "tiny"] = "default", overrides: dict[s
     from pipelines.recipe import Recipe, tiny_recipe
 
     recipe = tiny_recipe() if base == "tiny" else Recipe()
-    return apply_overrides(recipe, {k: str(v) if isinstance(v, (int, float, bool)) else v for k, v in (overrides or {}).items()})
+    return apply_overrides(
+        recipe, {k: str(v) if isinstance(v, (int, float, bool)) else v for k, v in (overrides or {}).items()}
+    )
 
 
 @task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
@@ -50,7 +54,9 @@ def champion_checkpoint_task(model_name: str, dst: Path) -> str | None:
         get_run_logger().info("no champion: training from the pretrained backbone")
         return None
     dst.mkdir(parents=True, exist_ok=True)
-    path = mlflow.artifacts.download_artifacts(run_id=champion.run_id, artifact_path="checkpoint/best.pt", dst_path=str(dst))
+    path = mlflow.artifacts.download_artifacts(
+        run_id=champion.run_id, artifact_path="checkpoint/best.pt", dst_path=str(dst)
+    )
     get_run_logger().info("warm start from champion v%s (run %s)", champion.version, champion.run_id)
     return path
 
@@ -85,8 +91,13 @@ def retrain_flow(
     rules_obj = GateRules(**(rules or {}))  # bad rules fail now, not after an hour of training
     if not Path(gate_manifest).is_file():
         raise FileNotFoundError(f"{gate_manifest}: gate manifest not found")
-    settings = PipelineSettings(work_dir=Path(work_dir), experiment=experiment, model_name=model_name, tracking_uri=tracking_uri,
-                                baseline=baseline)
+    settings = PipelineSettings(
+        work_dir=Path(work_dir),
+        experiment=experiment,
+        model_name=model_name,
+        tracking_uri=tracking_uri,
+        baseline=baseline,
+    )
     uri = settings.tracking_uri or default_tracking_uri(Path(work_dir).resolve())
     mlflow.set_tracking_uri(uri)
     overrides = dict(recipe_overrides or {})
@@ -97,4 +108,9 @@ def retrain_flow(
     result = train_flow(source, build_recipe(recipe, overrides), settings.model_copy(update={"tracking_uri": uri}))
     print(f"registered {model_name} v{result.model_version} as challenger; gating it")
     decision = promote_flow(model_name, gate_manifest, rules_obj, tracking_uri=uri)
-    return {"model_version": result.model_version, "run_id": result.run_id, "metrics": result.metrics, "decision": decision}
+    return {
+        "model_version": result.model_version,
+        "run_id": result.run_id,
+        "metrics": result.metrics,
+        "decision": decision,
+    }

@@ -29,9 +29,13 @@ class PipelineSettings(BaseSettings):
     experiment: str = Field("parts", description="MLflow experiment, one per product line")
     model_name: str = Field("parts-inspector", description="registered model name")
     tracking_uri: str | None = Field(None, description="MLflow tracking URI (default: SQLite under work_dir)")
-    group_pattern: str | None = Field(None, description="regex with one numeric group: images within group_gap form one group")
+    group_pattern: str | None = Field(
+        None, description="regex with one numeric group: images within group_gap form one group"
+    )
     group_gap: int = Field(0, ge=0)
-    group_by_folder: bool = Field(False, description="the images of one folder are one capture group (goods kept by date, shift or camera)")
+    group_by_folder: bool = Field(
+        False, description="the images of one folder are one capture group (goods kept by date, shift or camera)"
+    )
     baseline: bool = Field(True, description="also evaluate the frozen ImageNet baseline on the same test split")
 
 

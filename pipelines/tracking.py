@@ -58,8 +58,18 @@ OUTPUT_COLUMNS = ("path", "score", "threshold", "verdict", "model_version", "err
 SERVING_PACKAGES = ("onnxruntime", "numpy", "pillow")
 #: Packages whose version can move a run's figures (numerics, image decoding and resizing, augmentation, export):
 #: tagged on every training run as ``env.<package>``
-RESULT_PACKAGES = ("torch", "torchvision", "timm", "numpy", "pillow", "opencv-python-headless", "albumentations",
-                   "scikit-learn", "onnx", "onnxruntime")
+RESULT_PACKAGES = (
+    "torch",
+    "torchvision",
+    "timm",
+    "numpy",
+    "pillow",
+    "opencv-python-headless",
+    "albumentations",
+    "scikit-learn",
+    "onnx",
+    "onnxruntime",
+)
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on one param value
 
 
@@ -78,7 +88,7 @@ def tracking_uri(data_dir: Path) -> str:
 
 def _local_sqlite_file(uri: str) -> Path | None:
     if uri.startswith("sqlite:///"):
-        rest = uri[len("sqlite:///"):].split("?", 1)[0]
+        rest = uri[len("sqlite:///") :].split("?", 1)[0]
         if rest and rest != ":memory:":
             return Path(rest if rest.startswith("/") else Path.cwd() / rest)
     return None
@@ -148,7 +158,9 @@ def flatten_params(config: Mapping[str, Any], prefix: str = "") -> dict[str, str
 def git_commit(repo_dir: Path | None = None) -> str:
     """``git rev-parse HEAD`` of the repository (the project's own by default), or ``"unknown"``."""
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo_dir or PROJECT_ROOT, capture_output=True, text=True, timeout=10)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=repo_dir or PROJECT_ROOT, capture_output=True, text=True, timeout=10
+        )
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     commit = out.stdout.strip()
@@ -308,7 +320,9 @@ def _as_paths(model_input: Any) -> list[str]:
         model_input = model_input.tolist()
     if isinstance(model_input, (list, tuple)):
         return [str(p) for p in model_input]
-    raise TypeError(f"expected image paths (DataFrame with a 'path' column, list or str), got {type(model_input).__name__}")
+    raise TypeError(
+        f"expected image paths (DataFrame with a 'path' column, list or str), got {type(model_input).__name__}"
+    )
 
 
 class InspectorModel(mlflow.pyfunc.PythonModel):
@@ -344,9 +358,16 @@ def model_signature() -> ModelSignature:
     column schema would reject before ``predict`` sees them."""
     return ModelSignature(
         inputs=None,
-        outputs=Schema([ColSpec("string", "path"), ColSpec("double", "score", required=False), ColSpec("double", "threshold"),
-                        ColSpec("string", "verdict", required=False), ColSpec("string", "model_version"),
-                        ColSpec("string", "error", required=False)]),
+        outputs=Schema(
+            [
+                ColSpec("string", "path"),
+                ColSpec("double", "score", required=False),
+                ColSpec("double", "threshold"),
+                ColSpec("string", "verdict", required=False),
+                ColSpec("string", "model_version"),
+                ColSpec("string", "error", required=False),
+            ]
+        ),
     )
 
 
@@ -365,7 +386,9 @@ def _stage_code(dst: Path) -> list[str]:
     """Copy ``inspector`` and this module (nothing torch) so the logged model loads where the project is absent."""
     import inspector
 
-    shutil.copytree(Path(inspector.__file__).parent, dst / "inspector", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    shutil.copytree(
+        Path(inspector.__file__).parent, dst / "inspector", ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
+    )
     (dst / "pipelines").mkdir()
     (dst / "pipelines" / "__init__.py").write_text('"""Only the tracking module, shipped with a logged model."""\n')
     shutil.copyfile(Path(__file__), dst / "pipelines" / "tracking.py")
@@ -382,7 +405,9 @@ def _ensure_registered_model(client: MlflowClient, name: str) -> None:
         if exc.error_code != ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
             raise
         try:
-            client.create_registered_model(name, description="Siamese part inspector: an ONNX bundle scored by `inspector`.")
+            client.create_registered_model(
+                name, description="Siamese part inspector: an ONNX bundle scored by `inspector`."
+            )
         except MlflowException as exc2:
             if exc2.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
                 raise
@@ -406,8 +431,14 @@ def _version_tags(bundle: Bundle, run_id: str, tags: Mapping[str, Any]) -> dict[
     return {str(k): _param_value(v) for k, v in derived.items()}
 
 
-def register_bundle(bundle_dir: Path, model_name: str, *, run_id: str | None = None, tags: Mapping[str, Any] | None = None,
-                    alias: str = CHALLENGER) -> ModelVersion:
+def register_bundle(
+    bundle_dir: Path,
+    model_name: str,
+    *,
+    run_id: str | None = None,
+    tags: Mapping[str, Any] | None = None,
+    alias: str = CHALLENGER,
+) -> ModelVersion:
     """Log the verified bundle as a pyfunc in the run and register it as a new version of ``model_name``.
 
     Order matters: (1) copy the bundle to a staging dir and verify the copy (hashes, schema, and that
@@ -449,8 +480,13 @@ def register_bundle(bundle_dir: Path, model_name: str, *, run_id: str | None = N
 
     client = MlflowClient()
     _ensure_registered_model(client, model_name)
-    version = client.create_model_version(model_name, source=info.model_uri, run_id=run_id, tags=_version_tags(bundle, run_id, tags or {}),
-                                          model_id=info.model_id)
+    version = client.create_model_version(
+        model_name,
+        source=info.model_uri,
+        run_id=run_id,
+        tags=_version_tags(bundle, run_id, tags or {}),
+        model_id=info.model_id,
+    )
     try:
         client.set_registered_model_alias(model_name, alias, version.version)
     except BaseException:

@@ -7,15 +7,15 @@ import os
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
-import sys  # noqa: E402
-from collections.abc import Iterator  # noqa: E402
-from pathlib import Path  # noqa: E402
+import sys
+from collections.abc import Iterator
+from pathlib import Path
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-from PIL import Image  # noqa: E402
+import numpy as np
+import pytest
+from PIL import Image
 
-from tests.parts import textured_parts  # noqa: E402
+from tests.parts import textured_parts
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 MAGNETIC_TILES = SHARED_DATA / "magnetic_tile_defect" / "magnetic_tile"
@@ -111,7 +111,9 @@ def density_bundle(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict
 
     tmp = tmp_path_factory.mktemp("density")
     torch.manual_seed(0)
-    model = build_embedder(EmbedderConfig(backbone="tiny_cnn", weights=None, feature_stages=(2, 3), embedding_dim=8, density_stages=2)).eval()
+    model = build_embedder(
+        EmbedderConfig(backbone="tiny_cnn", weights=None, feature_stages=(2, 3), embedding_dim=8, density_stages=2)
+    ).eval()
     path = export_onnx(model, tmp / "m.onnx", height=32, width=32)
     pre = PreprocessConfig(height=32, width=32)
     onnx = OnnxEmbedder(path, pre)
@@ -124,7 +126,10 @@ def density_bundle(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict
             img.save(files[name][-1])
     files["patchy"] = []
     for i in range(12):
-        low, high = np.asarray(textured_parts(rng, 1, (0.3, 0.32))[0]), np.asarray(textured_parts(rng, 1, (0.68, 0.7))[0])
+        low, high = (
+            np.asarray(textured_parts(rng, 1, (0.3, 0.32))[0]),
+            np.asarray(textured_parts(rng, 1, (0.68, 0.7))[0]),
+        )
         img = np.concatenate([low[:, :16], high[:, 16:]], axis=1)
         files["patchy"].append(tmp / f"patchy{i}.png")
         Image.fromarray(img).save(files["patchy"][-1])
@@ -132,8 +137,11 @@ def density_bundle(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict
     cal = onnx.embed_all(files["cal"])
     bank = refs.embeddings.reshape(-1, refs.embeddings.shape[-1])
     cal_patch = anomaly_scores(cal.embeddings, bank, ScoringConfig())
-    density, cal_scores, _ = whole_part_scores(refs.descriptors, tuple(model.descriptor_blocks), ["initial"] * 40,
-                                               cal.descriptors, cal_patch, None, None)
+    density, cal_scores, _ = whole_part_scores(
+        refs.descriptors, tuple(model.descriptor_blocks), ["initial"] * 40, cal.descriptors, cal_patch, None, None
+    )
     threshold = Threshold(float(np.quantile(cal_scores, 0.99)), rule="good_quantile")
-    spec = BundleSpec(pre, ScoringConfig(), threshold, model={"name": "tiny", "version": "1", "mode": "patch"}, density=density)
+    spec = BundleSpec(
+        pre, ScoringConfig(), threshold, model={"name": "tiny", "version": "1", "mode": "patch"}, density=density
+    )
     return write_bundle(tmp / "bundle", path, bank, spec, descriptors=refs.descriptors), files

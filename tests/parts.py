@@ -6,7 +6,9 @@ import numpy as np
 from PIL import Image
 
 
-def textured_parts(rng: np.random.Generator, n: int, level: tuple[float, float], size: tuple[int, int] = (40, 32)) -> list[Image.Image]:
+def textured_parts(
+    rng: np.random.Generator, n: int, level: tuple[float, float], size: tuple[int, int] = (40, 32)
+) -> list[Image.Image]:
     """Textured parts whose overall brightness varies from part to part within ``level``."""
     out = []
     for _ in range(n):

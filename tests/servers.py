@@ -84,8 +84,9 @@ def _env(**extra: str) -> dict[str, str]:
 # --------------------------------------------------------------------------------------------------- MLflow
 
 
-def start_mlflow_server(tmp_path: Path, backend_uri: str | None = None, *, port: int | None = None,
-                        timeout: float = 120) -> tuple[str, Callable[[], None]]:
+def start_mlflow_server(
+    tmp_path: Path, backend_uri: str | None = None, *, port: int | None = None, timeout: float = 120
+) -> tuple[str, Callable[[], None]]:
     """Start ``mlflow server`` on 127.0.0.1; returns ``(url, stop)``. ``stop`` is idempotent.
 
     Backend: ``backend_uri`` or SQLite ``tmp_path/mlflow.db``; artifacts under ``tmp_path/artifacts``, served by the
@@ -99,10 +100,25 @@ def start_mlflow_server(tmp_path: Path, backend_uri: str | None = None, *, port:
     artifacts.mkdir(exist_ok=True)
     port = port or free_port()
     log = tmp_path / f"mlflow-server-{port}.log"
-    cmd = [str(VENV_BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--backend-store-uri", backend_uri,
-           "--artifacts-destination", str(artifacts), "--serve-artifacts", "--workers", "1"]
+    cmd = [
+        str(VENV_BIN / "mlflow"),
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--backend-store-uri",
+        backend_uri,
+        "--artifacts-destination",
+        str(artifacts),
+        "--serve-artifacts",
+        "--workers",
+        "1",
+    ]
     with open(log, "ab") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=_env(), start_new_session=True, cwd=tmp_path)
+        proc = subprocess.Popen(
+            cmd, stdout=fh, stderr=subprocess.STDOUT, env=_env(), start_new_session=True, cwd=tmp_path
+        )
     url = f"http://127.0.0.1:{port}"
 
     def stop() -> None:
@@ -141,7 +157,9 @@ def postgres_missing() -> str | None:
     """Why a throwaway PostgreSQL cluster cannot be started here, or None when it can."""
     for name in ("initdb", "pg_ctl", "postgres"):
         if _pg_binary(name) is None:
-            return f"PostgreSQL server binary {name!r} not found (looked in {', '.join(map(str, PG_BIN_DIRS))} and PATH)"
+            return (
+                f"PostgreSQL server binary {name!r} not found (looked in {', '.join(map(str, PG_BIN_DIRS))} and PATH)"
+            )
     if os.geteuid() == 0:
         try:
             pwd.getpwnam("postgres")
@@ -203,12 +221,25 @@ def prefect_server(tmp_path: Path, *, timeout: float = 180) -> Iterator[tuple[st
     home.mkdir(parents=True, exist_ok=True)
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"
-    env = _env(PREFECT_HOME=str(home), PREFECT_API_URL=api, PREFECT_SERVER_API_HOST="127.0.0.1", PREFECT_SERVER_API_PORT=str(port),
-               PREFECT_UI_ENABLED="false", PREFECT_SERVER_UI_ENABLED="false", PREFECT_LOGGING_LEVEL="WARNING")
+    env = _env(
+        PREFECT_HOME=str(home),
+        PREFECT_API_URL=api,
+        PREFECT_SERVER_API_HOST="127.0.0.1",
+        PREFECT_SERVER_API_PORT=str(port),
+        PREFECT_UI_ENABLED="false",
+        PREFECT_SERVER_UI_ENABLED="false",
+        PREFECT_LOGGING_LEVEL="WARNING",
+    )
     log = home / "server.log"
     with open(log, "ab") as fh:
-        proc = subprocess.Popen([str(VENV_BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui"],
-                                stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=home)
+        proc = subprocess.Popen(
+            [str(VENV_BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui"],
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+            cwd=home,
+        )
     try:
         wait_http(f"{api}/health", timeout, proc, log)
         yield api, env

@@ -236,7 +236,9 @@ def test_torchvision_imagenet_without_cache_is_a_clear_error(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", ["tf_efficientnet_lite1", "tf_efficientnet_lite2"])
-def test_larger_lite_sizes_share_lite0_stages_and_name_their_weights_package(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_larger_lite_sizes_share_lite0_stages_and_name_their_weights_package(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # same stage indices and strides as Lite0, so feature_stages=(3, 4) means the same grid for every size
     x = torch.randn(1, 3, 64, 80)
     with torch.no_grad():

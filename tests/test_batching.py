@@ -57,7 +57,7 @@ def test_a_failing_request_fails_alone(tiny_bundle: Path) -> None:
         start.wait()
         try:
             return [r.score for r in batcher.score(inspector, requests[i])]
-        except Exception as exc:  # noqa: BLE001 - what the request thread sees
+        except Exception as exc:
             return exc
 
     with ThreadPoolExecutor(10) as pool:

@@ -40,7 +40,9 @@ def test_high_bit_images_scale_by_the_camera_depth_and_bad_ones_are_refused_by_n
         assert np.array_equal(np.asarray(load_image(path, bit_depth=12)), np.repeat(eight[..., None], 3, axis=2))
         assert load_image(path, bit_depth=12, keep_gray=True).mode == "L"
         # a 16-bit model scales by 65535: darker, not clipped
-        assert np.asarray(load_image(path, bit_depth=16, keep_gray=True)).max() == round(int(_twelve_bit(eight).max()) * 255 / 65535)
+        assert np.asarray(load_image(path, bit_depth=16, keep_gray=True)).max() == round(
+            int(_twelve_bit(eight).max()) * 255 / 65535
+        )
         with pytest.raises(ImageError) as info:  # a model built on 8-bit images: an error, not a white part
             load_image(path)
         assert str(path) in str(info.value) and "12-bit" in str(info.value) and "bit_depth" in str(info.value)
@@ -97,19 +99,30 @@ def test_a_twelve_bit_camera_trains_and_scores_like_its_8_bit_twin(demo_root: Pa
         manifest = build_manifest(scan_mvtec(root))
         assert not manifest.rejected and {e.bits for e in manifest.entries} == {int(depth)}
         assert Manifest.from_json(manifest.to_json()).entries == manifest.entries
-        recipe = resolve_bit_depth(tiny_recipe(preprocess=PreprocessConfig(height=64, width=64)), [e.bits for e in manifest.entries])
+        recipe = resolve_bit_depth(
+            tiny_recipe(preprocess=PreprocessConfig(height=64, width=64)), [e.bits for e in manifest.entries]
+        )
         assert recipe.preprocess.bit_depth == (12 if depth == "12" else None)
         records = manifest.records()  # the split by hand: the content-keyed one differs with the bytes
         train = sorted(r.path for r in records if r.is_good and r.source_split == "train")
-        split = DataSplit(train_good=train[:-8], train_defective=[], calibration_good=train[-8:], validation_defective=[],
-                          test=sorted((r for r in records if r.source_split == "test"), key=lambda r: str(r.path)))
-        bundles[depth] = build_bundle(build_embedder(recipe.embedder).eval(), split, recipe, tmp_path / f"bundle{depth}")
+        split = DataSplit(
+            train_good=train[:-8],
+            train_defective=[],
+            calibration_good=train[-8:],
+            validation_defective=[],
+            test=sorted((r for r in records if r.source_split == "test"), key=lambda r: str(r.path)),
+        )
+        bundles[depth] = build_bundle(
+            build_embedder(recipe.embedder).eval(), split, recipe, tmp_path / f"bundle{depth}"
+        )
         inspector = Inspector.from_bundle(bundles[depth])
         assert inspector.bundle.spec.preprocessing.bit_depth == recipe.preprocess.bit_depth
         results = inspector.score([r.path for r in split.test])
         assert all(r.error is None for r in results)
         scores[depth] = np.array([r.score for r in results])
-    assert np.allclose(scores["12"], scores["8"], rtol=1e-4, atol=1e-4)  # same pixels (tested above); two builds round alike only to ~1e-5
+    assert np.allclose(
+        scores["12"], scores["8"], rtol=1e-4, atol=1e-4
+    )  # same pixels (tested above); two builds round alike only to ~1e-5
     assert np.ptp(scores["12"]) > 0  # not every part alike, as a white picture would make them
 
     twelve_part = next(roots["12"].rglob("test/good/*.png"))
@@ -119,4 +132,6 @@ def test_a_twelve_bit_camera_trains_and_scores_like_its_8_bit_twin(demo_root: Pa
     assert results[1].score is None and str(twelve_part) in results[1].error and "8-bit" in results[1].error
     ((result, heat, photo),) = score_with_maps(Inspector.from_bundle(bundles["12"]), [twelve_part])
     assert result.error is None and heat is not None and photo is not None
-    assert photo.size == Image.open(twelve_part).size and np.asarray(photo).max() < 255  # the overlay scaled, not clipped
+    assert (
+        photo.size == Image.open(twelve_part).size and np.asarray(photo).max() < 255
+    )  # the overlay scaled, not clipped

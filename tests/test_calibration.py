@@ -74,7 +74,12 @@ def test_best_f1_hand_computed() -> None:
     #   t < 0.1: tp 2 fp 4 → 4/8 = 0.5     t = 0.1: tp 2 fp 3 → 4/7     t = 0.2: tp 2 fp 2 → 4/6
     #   t = 0.3: tp 2 fp 1 → 4/5 = 0.8     t = 0.35: tp 1 fp 1 fn 1 → 2/4   t = 0.4: tp 1 fn 1 → 2/3   t = 0.5: 0
     value, report = best_f1_threshold(goods, defects)
-    assert value == 0.3 and report["f1"] == pytest.approx(0.8) and report["recall"] == 1.0 and report["false_reject_rate"] == 0.25
+    assert (
+        value == 0.3
+        and report["f1"] == pytest.approx(0.8)
+        and report["recall"] == 1.0
+        and report["false_reject_rate"] == 0.25
+    )
     t = calibrate(goods, defects, rule="best_f1", target_frr=0.01)
     assert t.rule == "best_f1" and t.value == 0.3 and t.details["target_false_reject_rate"] is None
     # F1 tie: goods [1, 3, 4], defects [2, 5]. t = 1: tp 2 fp 2 → 4/6; t = 4: tp 1 fn 1 → 2/3. Tie → lowest, 1.
@@ -82,8 +87,20 @@ def test_best_f1_hand_computed() -> None:
     # a good and a defect tied at 2: both flagged or neither. t = 1: tp 2 fp 1 → 4/5 (best); t = 2: tp 1 fn 1 → 2/3
     assert best_f1_threshold([1, 2], [2, 3])[0] == 1.0
     # perfectly separable: every defect above every good → threshold = max good, F1 = 1
-    assert best_f1_threshold([0.1, 0.2], [0.3, 0.4]) == (0.2, pytest.approx({"good_rejects": 0, "false_reject_rate": 0.0, "defects_detected": 2,
-                                                                              "recall": 1.0, "escape_rate": 0.0, "precision": 1.0, "f1": 1.0}))
+    assert best_f1_threshold([0.1, 0.2], [0.3, 0.4]) == (
+        0.2,
+        pytest.approx(
+            {
+                "good_rejects": 0,
+                "false_reject_rate": 0.0,
+                "defects_detected": 2,
+                "recall": 1.0,
+                "escape_rate": 0.0,
+                "precision": 1.0,
+                "f1": 1.0,
+            }
+        ),
+    )
     # every defect below every good: flag everything is the best F1 (2·2 / (4 + 2) = 2/3), just below the lowest score
     value, report = best_f1_threshold([0.5, 0.6], [0.1, 0.2])
     assert value < 0.1 and report["recall"] == 1.0 and report["f1"] == pytest.approx(2 / 3)

@@ -125,8 +125,9 @@ def test_overwrites_only_its_own_files(tmp_path: Path) -> None:
     keep.write_text("mine")
     stale = root / "train" / "good" / "000.png"
     stale.write_bytes(b"not a png")
-    generate_demo_dataset(root, n_train_good=1, n_test_good=0, n_test_per_defect=1, height=32, width=32,
-                          defect_types=("pit",))
+    generate_demo_dataset(
+        root, n_train_good=1, n_test_good=0, n_test_per_defect=1, height=32, width=32, defect_types=("pit",)
+    )
     assert keep.read_text() == "mine"
     with Image.open(stale) as im:
         assert im.size == (32, 32)

@@ -26,7 +26,9 @@ def test_gaussian_matches_ledoit_wolf_mahalanobis_even_with_more_channels_than_r
     refs = rng.normal(size=(n, p)) * rng.uniform(0.2, 4.0, size=p)
     queries = rng.normal(size=(9, p)) * 3
     half = p // 2
-    expected = sum(np.sqrt(LedoitWolf().fit(refs[:, s]).mahalanobis(queries[:, s])) for s in (slice(0, half), slice(half, p)))
+    expected = sum(
+        np.sqrt(LedoitWolf().fit(refs[:, s]).mahalanobis(queries[:, s])) for s in (slice(0, half), slice(half, p))
+    )
     got = GaussianDensity(refs, [half, p - half]).distances(queries)
     np.testing.assert_allclose(got, expected, rtol=1e-8)
 
@@ -45,7 +47,10 @@ def test_gaussian_refuses_what_it_cannot_fit() -> None:
 
 
 def test_fused_score_is_the_more_alarmed_view_in_units_of_the_goods_spread() -> None:
-    patch_scale, part_scale = ScoreScale.of(np.array([1.0, 2.0, 3.0, 4.0, 5.0])), ScoreScale.of(np.array([10.0, 20.0, 30.0]))
+    patch_scale, part_scale = (
+        ScoreScale.of(np.array([1.0, 2.0, 3.0, 4.0, 5.0])),
+        ScoreScale.of(np.array([10.0, 20.0, 30.0])),
+    )
     assert (patch_scale.median, patch_scale.spread) == (3.0, 2.0)
     fused = fused_scores(np.array([3.0, 9.0, 3.0]), np.array([20.0, 20.0, 60.0]), patch_scale, part_scale)
     np.testing.assert_allclose(fused, [0.0, 3.0, 4.0])
@@ -53,7 +58,9 @@ def test_fused_score_is_the_more_alarmed_view_in_units_of_the_goods_spread() -> 
 
 def test_descriptor_pools_over_the_part_only() -> None:
     fmap = torch.randn(2, 3, 4, 6)
-    placement = torch.tensor([[16.0, 0.0, 16.0, 32.0], [0.0, 0.0, 48.0, 32.0]])  # image 0: the middle third of a 32x48 input
+    placement = torch.tensor(
+        [[16.0, 0.0, 16.0, 32.0], [0.0, 0.0, 48.0, 32.0]]
+    )  # image 0: the middle third of a 32x48 input
     out = pooled_on_part(fmap, placement, (32, 48))
     changed = fmap.clone()
     changed[0, :, :, :2] = 100.0  # padding of image 0 (cells whose centre is left of x = 16)
@@ -67,8 +74,16 @@ def test_descriptor_pools_over_the_part_only() -> None:
 
 def _embedder(density_stages: int = 2, density_downscales: tuple[int, ...] = ()) -> torch.nn.Module:
     torch.manual_seed(0)
-    return build_embedder(EmbedderConfig(backbone="tiny_cnn", weights=None, feature_stages=(2, 3), embedding_dim=8,
-                                         density_stages=density_stages, density_downscales=density_downscales)).eval()
+    return build_embedder(
+        EmbedderConfig(
+            backbone="tiny_cnn",
+            weights=None,
+            feature_stages=(2, 3),
+            embedding_dim=8,
+            density_stages=density_stages,
+            density_downscales=density_downscales,
+        )
+    ).eval()
 
 
 @pytest.mark.parametrize("downscales", [(), (2,)])
@@ -78,7 +93,9 @@ def test_onnx_describes_letterboxed_parts_as_torch_does(tmp_path: Path, downscal
     pre = PreprocessConfig(height=32, width=32)
     onnx = OnnxEmbedder(path, pre)
     assert onnx.describes_parts
-    images = textured_parts(np.random.default_rng(0), 3, (0.3, 0.7), size=(48, 20))  # wide parts: letterbox above and below
+    images = textured_parts(
+        np.random.default_rng(0), 3, (0.3, 0.7), size=(48, 20)
+    )  # wide parts: letterbox above and below
     prepared = onnx.prepare(images)
     emb, desc = onnx.run(prepared.batch, prepared.sizes)
     placement = onnx.placements(prepared.sizes)
@@ -117,7 +134,9 @@ def test_downscaled_pass_describes_the_part_again_from_the_pooled_input() -> Non
         EmbedderConfig(density_downscales=(1,))
 
 
-def test_whole_part_score_finds_parts_whose_every_patch_looks_good(density_bundle: tuple[Path, dict[str, list[Path]]]) -> None:
+def test_whole_part_score_finds_parts_whose_every_patch_looks_good(
+    density_bundle: tuple[Path, dict[str, list[Path]]],
+) -> None:
     from inspector.metrics import roc_auc
 
     bundle_path, files = density_bundle
@@ -136,10 +155,14 @@ def test_whole_part_score_finds_parts_whose_every_patch_looks_good(density_bundl
         inspector.score_embeddings(emb.embeddings, emb.valid)
     # the heatmap colour scale is the patch distance at which the patch view alone would flag
     spec = inspector.bundle.spec.density
-    assert inspector.patch_threshold == pytest.approx(spec.patch_scale.median + inspector.threshold * spec.patch_scale.spread)
+    assert inspector.patch_threshold == pytest.approx(
+        spec.patch_scale.median + inspector.threshold * spec.patch_scale.spread
+    )
 
 
-def test_density_bundle_round_trip_and_tampering(density_bundle: tuple[Path, dict[str, list[Path]]], tmp_path: Path) -> None:
+def test_density_bundle_round_trip_and_tampering(
+    density_bundle: tuple[Path, dict[str, list[Path]]], tmp_path: Path
+) -> None:
     bundle_path, _ = density_bundle
     bundle = load_bundle(bundle_path)
     assert bundle.descriptors is not None and bundle.descriptors.shape[0] == 40
@@ -153,7 +176,9 @@ def test_density_bundle_round_trip_and_tampering(density_bundle: tuple[Path, dic
         load_bundle(copy)
 
 
-def test_new_golden_parts_join_the_gaussian_without_retraining(density_bundle: tuple[Path, dict[str, list[Path]]], tmp_path: Path) -> None:
+def test_new_golden_parts_join_the_gaussian_without_retraining(
+    density_bundle: tuple[Path, dict[str, list[Path]]], tmp_path: Path
+) -> None:
     bundle_path, files = density_bundle
     parent = load_bundle(bundle_path)
     grown = add_references(bundle_path, files["more"], tmp_path / "grown", recalibrate_good=files["cal"])
@@ -182,7 +207,9 @@ def test_heatmap_scores_are_the_line_scores(density_bundle: tuple[Path, dict[str
     assert all(p is not None and p.is_file() for _, p in written)
 
 
-def test_each_verdict_says_which_view_flagged_it(density_bundle: tuple[Path, dict[str, list[Path]]], capsys: pytest.CaptureFixture[str]) -> None:
+def test_each_verdict_says_which_view_flagged_it(
+    density_bundle: tuple[Path, dict[str, list[Path]]], capsys: pytest.CaptureFixture[str]
+) -> None:
     import json
 
     from inspector.cli import main
@@ -208,7 +235,11 @@ def test_whole_part_score_is_dropped_only_when_held_out_defects_clearly_prefer_t
     good_patch, bad_patch = rng.normal(0, 1, 60), rng.normal(4, 1, 30)  # the patch score separates well
     noisy_good, noisy_bad = rng.normal(0, 3, 60), rng.normal(0.5, 3, 30)  # a fused score drowned in noise
     keep, info = keep_whole_part((good_patch, bad_patch), (noisy_good, noisy_bad))
-    assert not keep and info["patch_wins"] >= 0.95 and info["validation_auroc"]["patch"] > info["validation_auroc"]["fused"]
+    assert (
+        not keep
+        and info["patch_wins"] >= 0.95
+        and info["validation_auroc"]["patch"] > info["validation_auroc"]["fused"]
+    )
     keep, info = keep_whole_part((good_patch, bad_patch), (good_patch + 0.01 * rng.normal(size=60), bad_patch))
     assert keep, "a tie keeps the default"
     assert keep_whole_part((good_patch, None), (noisy_good, None))[0], "no validation defects: the default"
@@ -216,7 +247,9 @@ def test_whole_part_score_is_dropped_only_when_held_out_defects_clearly_prefer_t
     assert few[0] == (few[1]["patch_wins"] < 0.95)
 
 
-def test_quantised_drift_is_measured_on_the_line_s_fused_score(density_bundle: tuple[Path, dict[str, list[Path]]], tmp_path: Path) -> None:
+def test_quantised_drift_is_measured_on_the_line_s_fused_score(
+    density_bundle: tuple[Path, dict[str, list[Path]]], tmp_path: Path
+) -> None:
     """INT8 moves the descriptors too: the drift and verdict flips are those of the score the threshold is in."""
     from inspector.quantize import quantize_bundle
 
@@ -224,7 +257,11 @@ def test_quantised_drift_is_measured_on_the_line_s_fused_score(density_bundle: t
     calibration = files["cal"][:16]
     out = quantize_bundle(bundle_path, calibration, tmp_path / "q")
     drift = load_bundle(out).spec.provenance["quantization"]["drift"]
-    assert "fused" in drift["score"] and {"patch_view_abs_diff_max", "part_view_abs_diff_max", "descriptor_drift_in_spreads"} <= set(drift)
+    assert "fused" in drift["score"] and {
+        "patch_view_abs_diff_max",
+        "part_view_abs_diff_max",
+        "descriptor_drift_in_spreads",
+    } <= set(drift)
     parent, child = Inspector.from_bundle(bundle_path), Inspector.from_bundle(out)
     fp32 = np.array([r.score for r in parent.score(calibration)])
     int8 = np.array([r.score for r in child.score(calibration)])

@@ -67,8 +67,13 @@ def unit_directives(path: Path) -> dict[str, dict[str, list[str]]]:
 @cache
 def cli_flags(*command: str) -> frozenset[str]:
     """Long options the real CLI lists in ``command --help``."""
-    out = subprocess.run([str(VENV_BIN / command[0]), *command[1:], "--help"], capture_output=True, text=True, timeout=120,
-                         env={**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"})
+    out = subprocess.run(
+        [str(VENV_BIN / command[0]), *command[1:], "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"},
+    )
     assert out.returncode == 0, out.stderr
     return frozenset(re.findall(r"--[a-z][a-z0-9-]*", out.stdout))
 
@@ -177,13 +182,15 @@ def test_compose_commands_parse_with_the_real_clis() -> None:
 
 
 def test_compose_inspector_environment_is_a_valid_registry_service() -> None:
-    from inspector.service import ServiceSettings
-
     from inspector.cli import _parser
+    from inspector.service import ServiceSettings
 
     svc = compose()["services"]["inspector"]
     example = read_env_file(DEPLOY / "stack.env.example")
-    env = {k: re.sub(r"\$\{([A-Z0-9_]+)[^}]*\}", lambda m: example[m.group(1)], str(v)) for k, v in svc["environment"].items()}
+    env = {
+        k: re.sub(r"\$\{([A-Z0-9_]+)[^}]*\}", lambda m: example[m.group(1)], str(v))
+        for k, v in svc["environment"].items()
+    }
     args = check_argparse(_parser(), list(svc["command"]), "compose inspector")
     settings = _settings_from(env, args)
     assert settings.model_uri == "models:/parts-inspector@champion" and settings.tracking_uri == "http://mlflow:5000"
@@ -192,12 +199,16 @@ def test_compose_inspector_environment_is_a_valid_registry_service() -> None:
     assert isinstance(settings, ServiceSettings)
 
 
-def _settings_from(env: dict[str, str], args: argparse.Namespace):  # noqa: ANN202
+def _settings_from(env: dict[str, str], args: argparse.Namespace):
     """What ``inspector serve`` would build from this environment and these flags (the CLI's own code path)."""
     from inspector.cli import serve_settings
     from inspector.service import ServiceSettings
 
-    unknown = [k for k in env if k.startswith("INSPECTOR_") and k[len("INSPECTOR_"):].lower() not in ServiceSettings.model_fields]
+    unknown = [
+        k
+        for k in env
+        if k.startswith("INSPECTOR_") and k[len("INSPECTOR_") :].lower() not in ServiceSettings.model_fields
+    ]
     assert not unknown, f"not inspector settings: {unknown}"
     saved = {k: os.environ.get(k) for k in (*env, "MLFLOW_TRACKING_URI")}
     try:
@@ -213,7 +224,12 @@ def _settings_from(env: dict[str, str], args: argparse.Namespace):  # noqa: ANN2
 
 
 def test_units_are_hardened_non_root_restarting_and_use_example_env_files() -> None:
-    assert {u.name for u in UNITS} == {"mlflow.service", "prefect-server.service", "prefect-worker.service", "inspector.service"}
+    assert {u.name for u in UNITS} == {
+        "mlflow.service",
+        "prefect-server.service",
+        "prefect-worker.service",
+        "inspector.service",
+    }
     for unit in UNITS:
         d = unit_directives(unit)
         service = d["Service"]
@@ -228,7 +244,9 @@ def test_units_are_hardened_non_root_restarting_and_use_example_env_files() -> N
         assert name and (DEPLOY / f"{name.group(1)}.env.example").is_file(), f"{unit.name}: no example for {env_file}"
         read_env_file(DEPLOY / f"{name.group(1)}.env.example")
     inspector = unit_directives(DEPLOY / "systemd" / "inspector.service")["Service"]
-    assert inspector["CacheDirectory"] == ["inspector"] and "--cache-dir /var/cache/inspector" in inspector["ExecStart"][0]
+    assert (
+        inspector["CacheDirectory"] == ["inspector"] and "--cache-dir /var/cache/inspector" in inspector["ExecStart"][0]
+    )
     assert int(inspector["TimeoutStopSec"][0]) > 30  # longer than uvicorn's graceful drain
     assert "PrivateDevices" not in unit_directives(DEPLOY / "systemd" / "prefect-worker.service")["Service"]  # GPU
 
@@ -250,12 +268,16 @@ def test_line_unit_with_its_env_file_is_a_valid_registry_service() -> None:
     settings = _settings_from(read_env_file(DEPLOY / "inspector.env.example"), args)
     settings.check_source()
     assert settings.model_uri == "models:/parts-inspector@champion" and settings.poll_seconds == 30
-    assert settings.token is not None and settings.host == "0.0.0.0" and settings.cache_dir == Path("/var/cache/inspector")
+    assert (
+        settings.token is not None and settings.host == "0.0.0.0" and settings.cache_dir == Path("/var/cache/inspector")
+    )
     assert settings.tracking_uri == "http://mlflow.plant.local:5000" and settings.threads == 2
     for name in ("mlflow", "prefect-server", "prefect-worker"):
         assert read_env_file(DEPLOY / f"{name}.env.example")
     assert read_env_file(DEPLOY / "mlflow.env.example")["MLFLOW_BACKEND_STORE_URI"].startswith("postgresql+psycopg2://")
-    assert read_env_file(DEPLOY / "prefect-server.env.example")["PREFECT_API_DATABASE_CONNECTION_URL"].startswith("postgresql+asyncpg://")
+    assert read_env_file(DEPLOY / "prefect-server.env.example")["PREFECT_API_DATABASE_CONNECTION_URL"].startswith(
+        "postgresql+asyncpg://"
+    )
 
 
 def test_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
@@ -281,8 +303,11 @@ def readme_commands() -> list[list[str]]:
         for line in block.replace("\\\n", " ").splitlines():
             line = line.split(" #", 1)[0].strip().rstrip("&").strip()
             line = re.sub(r"^(\S+=\S+\s+)+", "", line)  # VAR=value prefixes
-            if line.split(" ", 1)[0] in {f"{prefix}{program}" for prefix in ("", ".venv/bin/", "/opt/inspector/venv/bin/")
-                                         for program in ("inspector", "pipelines", "prefect", "mlflow")}:
+            if line.split(" ", 1)[0] in {
+                f"{prefix}{program}"
+                for prefix in ("", ".venv/bin/", "/opt/inspector/venv/bin/")
+                for program in ("inspector", "pipelines", "prefect", "mlflow")
+            }:
                 commands.append(shlex.split(line))
     return commands
 
@@ -293,7 +318,12 @@ def test_readme_commands_parse_with_the_real_clis() -> None:
     programs = {Path(c[0]).name for c in commands}
     assert {"inspector", "pipelines", "prefect", "mlflow"} <= programs
     subcommands = {(Path(c[0]).name, c[1]) for c in commands}
-    assert {("pipelines", "promote"), ("pipelines", "rollback"), ("pipelines", "serve-deployments"), ("inspector", "serve")} <= subcommands
+    assert {
+        ("pipelines", "promote"),
+        ("pipelines", "rollback"),
+        ("pipelines", "serve-deployments"),
+        ("inspector", "serve"),
+    } <= subcommands
     for argv in commands:
         check_command(argv, "deploy/README.md")
 
@@ -311,16 +341,33 @@ def test_postgres_init_script_creates_both_databases(tmp_path: Path) -> None:
 
     with postgres_cluster(tmp_path, database="scratch") as url:
         port = int(re.search(r":(\d+)/", url).group(1))  # type: ignore[union-attr]
-        env = {**os.environ, "POSTGRES_USER": "app", "PGHOST": "127.0.0.1", "PGPORT": str(port),
-               "MLFLOW_DB_PASSWORD": "pw-m'l", "PREFECT_DB_PASSWORD": "pw-p", "PATH": f"{_pg_binary('psql').parent}:{os.environ['PATH']}"}
-        out = subprocess.run(["bash", str(DEPLOY / "postgres" / "init-databases.sh")], env=env, capture_output=True, text=True, timeout=60)
+        env = {
+            **os.environ,
+            "POSTGRES_USER": "app",
+            "PGHOST": "127.0.0.1",
+            "PGPORT": str(port),
+            "MLFLOW_DB_PASSWORD": "pw-m'l",
+            "PREFECT_DB_PASSWORD": "pw-p",
+            "PATH": f"{_pg_binary('psql').parent}:{os.environ['PATH']}",
+        }
+        out = subprocess.run(
+            ["bash", str(DEPLOY / "postgres" / "init-databases.sh")],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert out.returncode == 0, out.stderr
         conn = psycopg2.connect(host="127.0.0.1", port=port, user="app", dbname="postgres")
         try:
             with conn.cursor() as cur:
-                cur.execute("SELECT datname, pg_get_userbyid(datdba) FROM pg_database WHERE datname IN ('mlflow', 'prefect') ORDER BY 1")
+                cur.execute(
+                    "SELECT datname, pg_get_userbyid(datdba) FROM pg_database WHERE datname IN ('mlflow', 'prefect') ORDER BY 1"
+                )
                 assert cur.fetchall() == [("mlflow", "mlflow"), ("prefect", "prefect")]
-                cur.execute("SELECT rolname FROM pg_authid WHERE rolcanlogin AND rolpassword IS NOT NULL AND rolname IN ('mlflow', 'prefect') ORDER BY 1")
+                cur.execute(
+                    "SELECT rolname FROM pg_authid WHERE rolcanlogin AND rolpassword IS NOT NULL AND rolname IN ('mlflow', 'prefect') ORDER BY 1"
+                )
                 assert cur.fetchall() == [("mlflow",), ("prefect",)]
         finally:
             conn.close()

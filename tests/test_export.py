@@ -26,7 +26,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[torch.nn.Module,
 
 
 def _real_batch(demo_root: Path, n: int = 5) -> tuple[list[Path], np.ndarray]:
-    paths = sorted((demo_root / "test").rglob("*.png"))[:: 7][:n]
+    paths = sorted((demo_root / "test").rglob("*.png"))[::7][:n]
     return paths, Preprocessor(CFG).batch([load_image(p) for p in paths])
 
 
@@ -38,7 +38,9 @@ def test_single_file_dynamic_batch_and_parity(exported: tuple[torch.nn.Module, P
     assert check_parity(model, path, batch[:1]) <= 1e-4  # batch of one works too
 
 
-def test_inspector_embeddings_equal_torch_on_image_files(exported: tuple[torch.nn.Module, Path], demo_root: Path) -> None:
+def test_inspector_embeddings_equal_torch_on_image_files(
+    exported: tuple[torch.nn.Module, Path], demo_root: Path
+) -> None:
     """The line's decode + preprocessing + ORT path gives what torch gives on the same files."""
     model, path = exported
     paths, batch = _real_batch(demo_root)
@@ -61,9 +63,13 @@ def test_parity_failure_raises_clear_error(exported: tuple[torch.nn.Module, Path
 
 def test_patch_embedder_exports_with_parity(tmp_path: Path, demo_root: Path) -> None:
     torch.manual_seed(0)
-    model = build_embedder(EmbedderConfig(backbone="tiny_cnn", weights=None, feature_stages=(2, 3), embedding_dim=16)).eval()
+    model = build_embedder(
+        EmbedderConfig(backbone="tiny_cnn", weights=None, feature_stages=(2, 3), embedding_dim=16)
+    ).eval()
     path = export_onnx(model, tmp_path / "patch.onnx", height=64, width=64)
     _, batch = _real_batch(demo_root, n=3)
     assert check_parity(model, path, batch) <= 1e-4
     out, _ = OnnxEmbedder(path, CFG).embed(sorted((demo_root / "train" / "good").glob("*.png"))[:2])
-    assert out.shape == (2, 16, model.embedding_dim) and model.embedding_dim > 16  # N x patches (4x4) x D (head + features)
+    assert (
+        out.shape == (2, 16, model.embedding_dim) and model.embedding_dim > 16
+    )  # N x patches (4x4) x D (head + features)

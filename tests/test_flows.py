@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from inspector.bundle import load_bundle
-
 from inspector.engine import Inspector
 from inspector.metrics import roc_auc
 from models.demo_data import generate_demo_dataset
@@ -42,9 +41,16 @@ def test_train_flow_registers_challenger_with_reproducible_scores(prefect_harnes
     generate_demo_dataset(data, seed=3, n_train_good=40, n_test_good=10, n_test_per_defect=4, height=64, width=64)
     (data / "train" / "good" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")  # left out, run goes on
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    settings = PipelineSettings(work_dir=tmp_path / "work", tracking_uri=uri, experiment="flanges", model_name="flange-inspector")
+    settings = PipelineSettings(
+        work_dir=tmp_path / "work", tracking_uri=uri, experiment="flanges", model_name="flange-inspector"
+    )
     recipe = tiny_recipe()
-    recipe = replace(recipe, preprocess=replace(recipe.preprocess, height=64, width=64), train=replace(recipe.train, epochs=2), epoch_size=32)
+    recipe = replace(
+        recipe,
+        preprocess=replace(recipe.preprocess, height=64, width=64),
+        train=replace(recipe.train, epochs=2),
+        epoch_size=32,
+    )
 
     result = train_flow(DataSource(root=str(data)), recipe, settings)
 
@@ -58,12 +64,19 @@ def test_train_flow_registers_challenger_with_reproducible_scores(prefect_harnes
     artifacts = {a.path for a in client.list_artifacts(result.run_id, "plots")}
     assert {"plots/roc.png", "plots/score_histogram.png", "plots/heatmaps.png"} <= artifacts
     # the expected false-reject rate and its 95 % upper bound from calibration travel with the run
-    assert 0.0 <= run.data.metrics["calibration_false_reject_rate"] <= run.data.metrics["calibration_frr_upper_95"] <= 1.0
+    assert (
+        0.0 <= run.data.metrics["calibration_false_reject_rate"] <= run.data.metrics["calibration_frr_upper_95"] <= 1.0
+    )
     assert run.data.metrics["threshold"] == pytest.approx(load_bundle(result.bundle).spec.threshold.value)
 
     # the bundle downloaded from the registry scores the test images exactly as the run logged them
-    logged = json.loads(Path(mlflow.artifacts.download_artifacts(run_id=result.run_id, artifact_path="evaluation/test_scores.json",
-                                                                 dst_path=str(tmp_path / "dl"))).read_text())
+    logged = json.loads(
+        Path(
+            mlflow.artifacts.download_artifacts(
+                run_id=result.run_id, artifact_path="evaluation/test_scores.json", dst_path=str(tmp_path / "dl")
+            )
+        ).read_text()
+    )
     bundle = download_bundle("models:/flange-inspector@challenger", tmp_path / "registry_bundle")
     paths = sorted(logged)
     rescored = [r.score for r in Inspector.from_bundle(bundle).score(paths)]
@@ -89,10 +102,17 @@ def test_failed_run_registers_nothing(prefect_harness: None, tmp_path: Path) -> 
     data = tmp_path / "data"
     generate_demo_dataset(data, seed=4, n_train_good=16, n_test_good=4, n_test_per_defect=2, height=64, width=64)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    settings = PipelineSettings(work_dir=tmp_path / "work", tracking_uri=uri, experiment="fail", model_name="never", baseline=False)
+    settings = PipelineSettings(
+        work_dir=tmp_path / "work", tracking_uri=uri, experiment="fail", model_name="never", baseline=False
+    )
     recipe = tiny_recipe()
-    recipe = replace(recipe, preprocess=replace(recipe.preprocess, height=64, width=64), train=replace(recipe.train, epochs=1),
-                     epoch_size=16, max_bank_patches=0)
+    recipe = replace(
+        recipe,
+        preprocess=replace(recipe.preprocess, height=64, width=64),
+        train=replace(recipe.train, epochs=1),
+        epoch_size=16,
+        max_bank_patches=0,
+    )
     with pytest.raises(ValueError, match="reference bank is empty"):
         train_flow(DataSource(root=str(data)), recipe, settings)
     client = MlflowClient(uri)
@@ -101,11 +121,15 @@ def test_failed_run_registers_nothing(prefect_harness: None, tmp_path: Path) -> 
     assert [r.info.status for r in runs] == ["FAILED"]
 
 
-def test_ingest_cache_key_follows_the_files_the_grouping_and_the_reading_code(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_ingest_cache_key_follows_the_files_the_grouping_and_the_reading_code(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A manifest cached by an older release (other layout, mask or group rules) or for other files is never reused."""
     from pipelines import datasets, flows
 
-    generate_demo_dataset(tmp_path / "data", n_train_good=4, n_test_good=2, n_test_per_defect=1, height=32, width=32, seed=0)
+    generate_demo_dataset(
+        tmp_path / "data", n_train_good=4, n_test_good=2, n_test_per_defect=1, height=32, width=32, seed=0
+    )
     source = flows.DataSource(root=str(tmp_path / "data"))
     key = flows._files_fingerprint(None, {"source": source})
     assert key == flows._files_fingerprint(None, {"source": source})

@@ -16,7 +16,10 @@ from inspector.metrics import pixel_auroc
 from inspector.preprocess import PreprocessConfig, Preprocessor
 
 
-@pytest.mark.parametrize(("p", "h", "w", "grid"), [(196, 224, 224, (14, 14)), (320, 320, 256, (20, 16)), (4, 32, 32, (2, 2)), (8, 64, 32, (4, 2))])
+@pytest.mark.parametrize(
+    ("p", "h", "w", "grid"),
+    [(196, 224, 224, (14, 14)), (320, 320, 256, (20, 16)), (4, 32, 32, (2, 2)), (8, 64, 32, (4, 2))],
+)
 def test_patch_grid_keeps_input_aspect(p: int, h: int, w: int, grid: tuple[int, int]) -> None:
     assert patch_grid(p, h, w) == grid
 
@@ -29,7 +32,9 @@ def test_to_image_map_undoes_the_letterbox() -> None:
     amap = to_image_map(grid, pre, (32, 64))
     assert amap.shape == (64, 32)
     profile = amap.mean(axis=0)
-    assert 5 <= int(np.argmax(profile)) <= 10 and profile.max() > 0.95  # peak at the hot cell's centre (image column ~8)
+    assert (
+        5 <= int(np.argmax(profile)) <= 10 and profile.max() > 0.95
+    )  # peak at the hot cell's centre (image column ~8)
     assert profile[24:].max() < 0.05
 
 
@@ -72,10 +77,23 @@ def test_map_maximum_is_the_score(tiny_bundle: Path, demo_root: Path, bad_images
         assert amap.max() >= 0.5 * result.score
 
 
-def test_cli_writes_heatmaps(tiny_bundle: Path, demo_root: Path, bad_images: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_writes_heatmaps(
+    tiny_bundle: Path, demo_root: Path, bad_images: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     images = sorted((demo_root / "test").rglob("*.png"))[:3]
     out = tmp_path / "maps"
-    code = inspector_main(["score", *map(str, images), str(bad_images["empty"]), "--bundle", str(tiny_bundle), "--heatmaps", str(out), "--json"])
+    code = inspector_main(
+        [
+            "score",
+            *map(str, images),
+            str(bad_images["empty"]),
+            "--bundle",
+            str(tiny_bundle),
+            "--heatmaps",
+            str(out),
+            "--json",
+        ]
+    )
     rows = json.loads(capsys.readouterr().out)
     assert code == 2  # one unreadable image: exit 2, the others still scored and drawn
     drawn = [r for r in rows if r["heatmap"]]
@@ -95,7 +113,9 @@ def test_heatmaps_find_the_defects(demo_root: Path, tmp_path: Path) -> None:
     train = [r.path for r in records if r.is_good and r.source_split == "train"]
     defects = [r for r in records if not r.is_good and r.mask is not None][:18]
     recipe = tiny_recipe(preprocess=PreprocessConfig(height=64, width=64))
-    split = DataSplit(train_good=train[:-8], train_defective=[], calibration_good=train[-8:], validation_defective=[], test=[])
+    split = DataSplit(
+        train_good=train[:-8], train_defective=[], calibration_good=train[-8:], validation_defective=[], test=[]
+    )
     bundle = build_bundle(build_embedder(recipe.embedder).eval(), split, recipe, tmp_path / "bundle")
     scored = score_with_maps(Inspector.from_bundle(bundle), [r.path for r in defects])
     masks = [np.asarray(Image.open(r.mask).convert("L")) >= 128 for r in defects]

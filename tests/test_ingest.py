@@ -47,10 +47,17 @@ def _roles(manifest: Manifest, **kw: object) -> dict[str, str]:
 
 def test_bad_files_are_reported_by_path_and_left_out(tmp_path: Path, bad_images: dict[str, Path]) -> None:
     good_dir, bad_dir = tmp_path / "in" / "good", tmp_path / "in" / "defective"
-    kept = [_image(good_dir / f"ok{i}.png", i) for i in range(3)] + [_image(bad_dir / "scratch" / "d0.png", 100, (20, 30))]
+    kept = [_image(good_dir / f"ok{i}.png", i) for i in range(3)] + [
+        _image(bad_dir / "scratch" / "d0.png", 100, (20, 30))
+    ]
     kept.append(Path(shutil.copy(bad_images["good"], good_dir / "fixture_good.png")))
-    broken = {kind: Path(shutil.copy(bad_images[kind], good_dir / bad_images[kind].name)) for kind in ("truncated", "empty", "text", "corrupt")}
-    broken["huge"] = Path(shutil.copy(bad_images["huge"], bad_dir / "huge.png"))  # 12000 × 12000 px, over the pixel limit
+    broken = {
+        kind: Path(shutil.copy(bad_images[kind], good_dir / bad_images[kind].name))
+        for kind in ("truncated", "empty", "text", "corrupt")
+    }
+    broken["huge"] = Path(
+        shutil.copy(bad_images["huge"], bad_dir / "huge.png")
+    )  # 12000 × 12000 px, over the pixel limit
 
     manifest = ingest(good=good_dir, defective=bad_dir)
 
@@ -106,7 +113,9 @@ def test_mvtec_layout_and_manifest_round_trip(tmp_path: Path) -> None:
     manifest = ingest(root=root)
 
     records = scan_mvtec(root)
-    assert len(manifest.entries) == len(records) - 1 and [r.path for r in manifest.rejected] == [str(root / "test" / "good" / "zz_broken.png")]
+    assert len(manifest.entries) == len(records) - 1 and [r.path for r in manifest.rejected] == [
+        str(root / "test" / "good" / "zz_broken.png")
+    ]
     goods = [e for e in manifest.entries if e.is_good]
     defects = [e for e in manifest.entries if not e.is_good]
     assert sum(e.source_split == "train" for e in goods) == 14 and sum(e.source_split == "test" for e in goods) == 2
@@ -118,8 +127,12 @@ def test_mvtec_layout_and_manifest_round_trip(tmp_path: Path) -> None:
     out = write_manifest(with_splits(manifest), tmp_path / "artifacts" / "manifest.json")
     assert [p.name for p in out.parent.iterdir()] == ["manifest.json"]  # no temp file left behind
     again = read_manifest(out)
-    assert again.dataset_hash == manifest.dataset_hash and [e.split for e in again.entries] == [e.split for e in with_splits(manifest).entries]
-    assert all(e.split for e in again.entries) and all(e.split == "test" for e in again.entries if e.source_split == "test" and e.is_good)
+    assert again.dataset_hash == manifest.dataset_hash and [e.split for e in again.entries] == [
+        e.split for e in with_splits(manifest).entries
+    ]
+    assert all(e.split for e in again.entries) and all(
+        e.split == "test" for e in again.entries if e.source_split == "test" and e.is_good
+    )
     assert Manifest.from_json(manifest.to_json()) == manifest
     tampered = json.loads(out.read_text())
     tampered["entries"][0]["label"] = 1 - tampered["entries"][0]["label"]
@@ -165,12 +178,20 @@ def test_adding_images_never_moves_old_ones(tmp_path: Path) -> None:
     # keyed by content: a renamed file keeps its role
     old = good_dir / "g000.png"
     old.rename(good_dir / "renamed.png")
-    assert _roles(ingest(good=good_dir, defective=bad_dir), fractions=fractions)[str(good_dir / "renamed.png")] == before[str(old)]
+    assert (
+        _roles(ingest(good=good_dir, defective=bad_dir), fractions=fractions)[str(good_dir / "renamed.png")]
+        == before[str(old)]
+    )
 
     # the DataSplit the training steps take holds every kept image exactly once
     manifest = ingest(good=good_dir, defective=bad_dir)
     split = assign_splits(manifest, fractions)
-    placed = split.train_good + split.calibration_good + split.validation_defective + [r.path for r in split.train_defective + split.test]
+    placed = (
+        split.train_good
+        + split.calibration_good
+        + split.validation_defective
+        + [r.path for r in split.train_defective + split.test]
+    )
     assert sorted(map(str, placed)) == sorted(e.path for e in manifest.entries)
 
 
@@ -187,20 +208,28 @@ def test_capture_groups_stay_together(tmp_path: Path) -> None:
     for path, role in roles.items():
         per_session.setdefault(by_session(Path(path)), set()).add(role)
     assert all(len(r) == 1 for r in per_session.values())
-    assert {next(iter(r)) for r in per_session.values()} == {"train", "calibration", "test"}  # plain folders keep test goods
+    assert {next(iter(r)) for r in per_session.values()} == {
+        "train",
+        "calibration",
+        "test",
+    }  # plain folders keep test goods
     # a group function given at split time overrides the recorded groups
     plain = ingest(good=good_dir)
     assert _roles(plain, fractions=SplitFractions(calibration_fraction=0.4), group_of=by_session) == roles
 
 
-def test_masks_found_by_either_name_kept_as_0_1_and_left_out_with_a_warning_when_empty_or_misshapen(tmp_path: Path) -> None:
+def test_masks_found_by_either_name_kept_as_0_1_and_left_out_with_a_warning_when_empty_or_misshapen(
+    tmp_path: Path,
+) -> None:
     from models.demo_data import generate_demo_dataset
 
     root = tmp_path / "mvtec"
     generate_demo_dataset(root, seed=0, n_train_good=4, n_test_good=2, n_test_per_defect=2, height=24, width=32)
     masks = sorted((root / "ground_truth").rglob("*_mask.png"))
     ones, empty = masks[0], masks[1]
-    Image.fromarray((np.asarray(Image.open(ones).convert("L")) > 0).astype(np.uint8)).save(ones)  # 0/1, as some datasets ship
+    Image.fromarray((np.asarray(Image.open(ones).convert("L")) > 0).astype(np.uint8)).save(
+        ones
+    )  # 0/1, as some datasets ship
     Image.fromarray(np.zeros((24, 32), np.uint8)).save(empty)
     same_name = masks[2].with_name(masks[2].stem.removesuffix("_mask") + ".bmp")  # BTAD / converted VisA naming
     Image.open(masks[2]).save(same_name)
@@ -233,7 +262,11 @@ def test_btad_ok_folders_and_validation_goods_are_read(tmp_path: Path) -> None:
     rows = {Path(e.path): e for e in manifest.entries}
     assert all(rows[p].is_good and rows[p].source_split == "train" for p in train)
     assert rows[test_ok].is_good and rows[test_ok].defect_type == "good" and rows[test_ok].source_split == "test"
-    assert not rows[bad].is_good and rows[bad].defect_type == "ko" and rows[bad].mask == str(btad / "ground_truth" / "ko" / "0200.png")
+    assert (
+        not rows[bad].is_good
+        and rows[bad].defect_type == "ko"
+        and rows[bad].mask == str(btad / "ground_truth" / "ko" / "0200.png")
+    )
     assert all(r.source_split == "test" for r in assign_splits(manifest).test if r.is_good)
 
     mvtec2 = tmp_path / "mvtec2"
@@ -262,20 +295,30 @@ def test_masks_stored_beside_their_images_are_masks_not_parts(tmp_path: Path) ->
     assert defects == {bad: bad_dir / "scratch" / "7_label.bmp", lone: None}
     manifest = build_manifest(records)
     assert not manifest.rejected and not manifest.warnings
-    assert {Path(e.path): e.mask for e in manifest.entries if not e.is_good}[bad] == str(bad_dir / "scratch" / "7_label.bmp")
+    assert {Path(e.path): e.mask for e in manifest.entries if not e.is_good}[bad] == str(
+        bad_dir / "scratch" / "7_label.bmp"
+    )
 
 
 def test_plain_folders_are_read_however_deep(tmp_path: Path) -> None:
     """Goods kept by date and camera (``good/<date>/<camera>/``) are all goods; a defect type's own sub-folders
     stay that type; hidden folders are skipped."""
     good, bad = tmp_path / "good", tmp_path / "bad"
-    goods = [_image(good / "top.png", 0), _image(good / "2026-11-30" / "cam1" / "a.png", 1), _image(good / "2026-12-01" / "b.png", 2)]
+    goods = [
+        _image(good / "top.png", 0),
+        _image(good / "2026-11-30" / "cam1" / "a.png", 1),
+        _image(good / "2026-12-01" / "b.png", 2),
+    ]
     _image(good / ".thumbs" / "t.png", 3)
     crack = [_image(bad / "crack" / "c.png", 4), _image(bad / "crack" / "night" / "d.png", 5)]
     loose = _image(bad / "e.png", 6)
     records = scan_folders(good, bad)
     assert sorted(r.path for r in records if r.is_good) == sorted(goods)
-    assert {r.path: r.defect_type for r in records if not r.is_good} == {crack[0]: "crack", crack[1]: "crack", loose: "defect"}
+    assert {r.path: r.defect_type for r in records if not r.is_good} == {
+        crack[0]: "crack",
+        crack[1]: "crack",
+        loose: "defect",
+    }
 
 
 def test_mvtec_ad_2_test_public_with_its_own_ground_truth(tmp_path: Path) -> None:
@@ -292,7 +335,10 @@ def test_mvtec_ad_2_test_public_with_its_own_ground_truth(tmp_path: Path) -> Non
     _image(root / "test_private" / "000.png", 3)
     records = {r.path: r for r in scan_mvtec(root)}
     assert len(records) == 3 and records[good].is_good and records[good].source_split == "test"
-    assert records[bad].defect_type == "bad" and records[bad].mask == root / "test_public" / "ground_truth" / "bad" / "000_overexposed_mask.png"
+    assert (
+        records[bad].defect_type == "bad"
+        and records[bad].mask == root / "test_public" / "ground_truth" / "bad" / "000_overexposed_mask.png"
+    )
 
 
 def test_mvtec_loco_mask_folders_are_joined(tmp_path: Path) -> None:
@@ -328,7 +374,7 @@ def _mask(path: Path, size: tuple[int, int], box: tuple[int, int, int, int] | No
     path.parent.mkdir(parents=True, exist_ok=True)
     marked = np.zeros((size[1], size[0]), np.uint8)
     if box:
-        marked[box[1]:box[3], box[0]:box[2]] = 255
+        marked[box[1] : box[3], box[0] : box[2]] = 255
     Image.fromarray(marked).save(path)
     return path
 
@@ -398,7 +444,9 @@ def test_visa_keeps_its_own_split_file(tmp_path: Path) -> None:
     split = assign_splits(manifest, SplitFractions(calibration_fraction=0.3, good_test_fraction=0.2))
     assert sorted(r.path for r in split.test if r.is_good) == test_goods  # VisA's own, none drawn from its train goods
 
-    (visa / "split_csv" / "1cls.csv").write_text("object,label,image\ncandle,normal,candle/Data/Images/Normal/0000.JPG\n")
+    (visa / "split_csv" / "1cls.csv").write_text(
+        "object,label,image\ncandle,normal,candle/Data/Images/Normal/0000.JPG\n"
+    )
     with pytest.raises(ValueError, match=r"1cls.csv: not a VisA split file.*'split'"):
         scan_visa(root)
     (visa / "split_csv" / "1cls.csv").write_text("object,split,label,image,mask\ncandle,val,normal,x.JPG,\n")
@@ -410,8 +458,16 @@ def test_datasets_labelled_by_their_masks(tmp_path: Path) -> None:
     """KolektorSDD2 keeps ``<id>_GT.png`` beside every image, black for a good part; DAGM 2007 keeps
     ``Label/<id>_label.PNG`` for its defective images only. Both read from ``--data ROOT``."""
     ksdd = tmp_path / "ksdd2"
-    marked = [_image(ksdd / split / f"{10 * i + j}.png", 10 * i + j, (16, 24)) for i, split in enumerate(("train", "test")) for j in range(2)]
-    black = [_image(ksdd / split / f"{10 * i + j + 5}.png", 50 + 10 * i + j, (16, 24)) for i, split in enumerate(("train", "test")) for j in range(3)]
+    marked = [
+        _image(ksdd / split / f"{10 * i + j}.png", 10 * i + j, (16, 24))
+        for i, split in enumerate(("train", "test"))
+        for j in range(2)
+    ]
+    black = [
+        _image(ksdd / split / f"{10 * i + j + 5}.png", 50 + 10 * i + j, (16, 24))
+        for i, split in enumerate(("train", "test"))
+        for j in range(3)
+    ]
     for p in marked:
         _mask(p.with_name(f"{p.stem}_GT.png"), (16, 24), (2, 2, 9, 9))
     for p in black:
@@ -440,8 +496,13 @@ def test_datasets_labelled_by_their_masks(tmp_path: Path) -> None:
     manifest = ingest(root=dagm)
 
     labels = {Path(e.path).name: (e.label, e.mask) for e in manifest.entries}
-    assert labels == {"0001.PNG": (0, None), "0002.PNG": (1, str(dagm / "Train" / "Label" / "0002_label.PNG")),
-                      "0003.PNG": (0, None), "0004.PNG": (0, None), "0005.PNG": (0, None)}
+    assert labels == {
+        "0001.PNG": (0, None),
+        "0002.PNG": (1, str(dagm / "Train" / "Label" / "0002_label.PNG")),
+        "0003.PNG": (0, None),
+        "0004.PNG": (0, None),
+        "0005.PNG": (0, None),
+    }
     assert len(parts) == 5 and not manifest.rejected
 
 
@@ -455,7 +516,6 @@ def test_unknown_dataset_layout_says_what_it_reads(tmp_path: Path) -> None:
 
 def test_folders_as_capture_groups_and_too_few_groups_refused(tmp_path: Path) -> None:
 
-
     good_dir = tmp_path / "good"
     for day in range(16):
         for shot in range(3):
@@ -464,16 +524,23 @@ def test_folders_as_capture_groups_and_too_few_groups_refused(tmp_path: Path) ->
     groups = capture_groups(records, by_folder=True)
     assert groups is not None and len(set(groups.values())) == 16
     split = assign_splits(build_manifest(records, group_of=groups))
-    role_of = {**{p: "train" for p in split.train_good}, **{p: "calibration" for p in split.calibration_good},
-               **{r.path: "test" for r in split.test}}
+    role_of = {
+        **{p: "train" for p in split.train_good},
+        **{p: "calibration" for p in split.calibration_good},
+        **{r.path: "test" for r in split.test},
+    }
     per_day: dict[str, set[str]] = {}
     for path, role in role_of.items():
         per_day.setdefault(path.parent.name, set()).add(role)
     assert all(len(roles) == 1 for roles in per_day.values())  # a day's captures never straddle train and calibration
     assert set().union(*per_day.values()) == {"train", "calibration", "test"}
     # both groupings at once: frames within a folder
-    moved = capture_groups([replace(r, path=Path(str(r.path).replace(str(tmp_path), "/elsewhere/data"))) for r in records], by_folder=True)
-    assert moved is not None and sorted(moved.values()) == sorted(groups.values())  # keyed inside the dataset, not by where it lies
+    moved = capture_groups(
+        [replace(r, path=Path(str(r.path).replace(str(tmp_path), "/elsewhere/data"))) for r in records], by_folder=True
+    )
+    assert moved is not None and sorted(moved.values()) == sorted(
+        groups.values()
+    )  # keyed inside the dataset, not by where it lies
     both = capture_groups(records, r"_(\d+)\.png", 0, by_folder=True)
     assert both is not None and len(set(both.values())) == 48 and capture_groups(records) is None
 

@@ -37,8 +37,20 @@ def test_score_folder_json(tiny_bundle: Path, parts: Path, capsys: pytest.Captur
         main(["score", str(parts), "--bundle", str(tiny_bundle), "--streams", "0"])
 
 
-def test_bad_file_named_rest_scored_exit_2(tiny_bundle: Path, parts: Path, bad_images: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
-    code = main(["score", str(parts / "p0.png"), str(bad_images["truncated"]), str(parts / "p1.png"), "--bundle", str(tiny_bundle), "--csv"])
+def test_bad_file_named_rest_scored_exit_2(
+    tiny_bundle: Path, parts: Path, bad_images: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(
+        [
+            "score",
+            str(parts / "p0.png"),
+            str(bad_images["truncated"]),
+            str(parts / "p1.png"),
+            "--bundle",
+            str(tiny_bundle),
+            "--csv",
+        ]
+    )
     out, err = capsys.readouterr()
     assert code == 2
     assert "truncated.jpg" in err and "cannot decode" in err

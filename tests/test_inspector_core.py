@@ -18,7 +18,13 @@ from inspector.scoring import ScoringConfig, anomaly_scores, knn_distances
 
 def test_load_image_names_file_and_problem(bad_images: dict[str, Path]) -> None:
     assert load_image(bad_images["good"]).mode == "RGB"
-    expected = {"empty": "empty file", "text": "not an image", "truncated": "cannot decode", "corrupt": "", "huge": "over the limit"}
+    expected = {
+        "empty": "empty file",
+        "text": "not an image",
+        "truncated": "cannot decode",
+        "corrupt": "",
+        "huge": "over the limit",
+    }
     for kind, fragment in expected.items():
         with pytest.raises(ImageError) as info:
             load_image(bad_images[kind])
@@ -47,8 +53,16 @@ def test_grayscale_kept_one_channel_gives_the_rgb_array_bit_for_bit(tmp_path: Pa
     assert load_image(path).mode == "RGB" and load_image(path, keep_gray=True).mode == "L"
     for interpolation in ("bicubic", "bilinear", "nearest", "area"):
         for resize in ("letterbox", "stretch"):
-            pre = Preprocessor(PreprocessConfig(height=48, width=64, resize=resize, interpolation=interpolation,
-                                                mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)))
+            pre = Preprocessor(
+                PreprocessConfig(
+                    height=48,
+                    width=64,
+                    resize=resize,
+                    interpolation=interpolation,
+                    mean=(0.485, 0.456, 0.406),
+                    std=(0.229, 0.224, 0.225),
+                )
+            )
             for h, w in ((37, 90), (90, 37), (48, 64), (200, 13)):
                 gray = Image.fromarray(rng.integers(0, 255, (h, w), dtype=np.uint8))
                 assert np.array_equal(pre.resize(gray), pre.resize(gray.convert("RGB"))), (interpolation, resize, h, w)
@@ -72,8 +86,13 @@ def test_two_step_resize_of_large_photos_and_old_bundles_keep_one_step() -> None
     assert PreprocessConfig.from_dict(legacy).reducing_gap is None
     assert PreprocessConfig().reducing_gap == 3.0
     rng = np.random.default_rng(1)
-    smooth = Image.fromarray(rng.integers(0, 255, (12, 15, 3), dtype=np.uint8)).resize((1500, 1200), Image.Resampling.BICUBIC)
-    two, one = Preprocessor(PreprocessConfig(height=64, width=80)), Preprocessor(PreprocessConfig(height=64, width=80, reducing_gap=None))
+    smooth = Image.fromarray(rng.integers(0, 255, (12, 15, 3), dtype=np.uint8)).resize(
+        (1500, 1200), Image.Resampling.BICUBIC
+    )
+    two, one = (
+        Preprocessor(PreprocessConfig(height=64, width=80)),
+        Preprocessor(PreprocessConfig(height=64, width=80, reducing_gap=None)),
+    )
     a, b = two.resize(smooth).astype(int), one.resize(smooth).astype(int)
     assert 0 < np.abs(a - b).max() <= 2 and np.abs(a - b).mean() < 0.5, "two steps: nearly, not exactly, one step"
     small = smooth.resize((380, 304), Image.Resampling.BICUBIC)  # 4.75x the input: a whole factor needs 2 gaps (6x)
@@ -103,7 +122,12 @@ def test_metrics_against_hand_computed() -> None:
 
 
 def _spec() -> BundleSpec:
-    return BundleSpec(PreprocessConfig(height=32, width=32), ScoringConfig(k=2), Threshold(0.5, "manual"), model={"name": "m", "version": "3"})
+    return BundleSpec(
+        PreprocessConfig(height=32, width=32),
+        ScoringConfig(k=2),
+        Threshold(0.5, "manual"),
+        model={"name": "m", "version": "3"},
+    )
 
 
 def test_bundle_round_trip_and_tamper_detection(tmp_path: Path) -> None:
@@ -159,8 +183,9 @@ def test_fast_normalize_and_decode_are_bit_identical_to_the_plain_formulas(tmp_p
     assert load_image(tmp_path / "rotated.jpg").size == (30, 40)
 
 
-def test_pipelined_scoring_equals_one_batch_and_the_plain_path(tiny_bundle: Path, bad_images: dict[str, Path], tmp_path: Path,
-                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_pipelined_scoring_equals_one_batch_and_the_plain_path(
+    tiny_bundle: Path, bad_images: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """score_paths (decode of the next chunk and the search of the previous one overlapping this one's forward pass,
     or batches scored side by side on several cores) and the decode pool change no result, chunks of readable,
     unreadable and mixed images alike."""
@@ -177,22 +202,32 @@ def test_pipelined_scoring_equals_one_batch_and_the_plain_path(tiny_bundle: Path
     inspector = Inspector.from_bundle(tiny_bundle, threads=1)
     batch = inspector.score(paths)
     assert [r.error is None for r in batch] == [p in goods for p in paths]
-    def same(results: list) -> bool:  # equal results; scores to float32 rounding (a GEMM's last bit follows the batch shape)
-        return ([{**r.to_dict(), "score": None} for r in results] == [{**r.to_dict(), "score": None} for r in batch]
-                and all((a.score is None and b.score is None) or abs(a.score - b.score) <= 1e-6 for a, b in zip(results, batch)))
+
+    def same(
+        results: list,
+    ) -> bool:  # equal results; scores to float32 rounding (a GEMM's last bit follows the batch shape)
+        return [{**r.to_dict(), "score": None} for r in results] == [
+            {**r.to_dict(), "score": None} for r in batch
+        ] and all(
+            (a.score is None and b.score is None) or abs(a.score - b.score) <= 1e-6 for a, b in zip(results, batch)
+        )
 
     assert inspector.embedder.streams == 1, "threads=1: one batch at a time, the three-stage pipeline"
     for chunk in (1, 2, 4, 100):
         assert same(list(inspector.score_paths(iter(paths), chunk=chunk))), chunk
     blobs = [p.read_bytes() for p in paths]
+
     def named_in_order(results: list) -> bool:  # in-memory images keep their place in the caller's list across chunks
-        return ([r.source for r in results] == [f"<image {i}>" for i in range(len(blobs))]
-                and [r.error is None for r in results] == [r.error is None for r in batch]
-                and all(r.error is None or f"<image {i}>" in r.error for i, r in enumerate(results)))
+        return (
+            [r.source for r in results] == [f"<image {i}>" for i in range(len(blobs))]
+            and [r.error is None for r in results] == [r.error is None for r in batch]
+            and all(r.error is None or f"<image {i}>" in r.error for i, r in enumerate(results))
+        )
 
     assert named_in_order(list(inspector.score_paths(blobs, chunk=3)))
     # one call with more images than a chunk streams through score_paths (bounded memory), same results
     import inspector.engine as engine
+
     monkeypatch.setattr(engine, "SCORE_CHUNK", 3)
     assert same(inspector.score(paths)) and named_in_order(inspector.score(blobs))
     monkeypatch.undo()
@@ -210,11 +245,16 @@ def test_pipelined_scoring_equals_one_batch_and_the_plain_path(tiny_bundle: Path
     plain = embedder.embed_arrays(np.stack([pre(load_image(p)) for p in goods[:4] + goods[4:]]))
     on_part = embedder.patch_valid([load_image(p).size for p in goods], plain)
     assert on_part is not None and not on_part.all(), "these 16-px-wide parts are letterboxed: some patches are padding"
-    brute = GoldenBank(inspector.bundle.references, cells=0).anomaly_scores(plain, inspector.bundle.spec.scoring, on_part)
+    brute = GoldenBank(inspector.bundle.references, cells=0).anomaly_scores(
+        plain, inspector.bundle.spec.scoring, on_part
+    )
     assert np.abs(np.array([r.score for r in batch if r.error is None]) - brute).max() <= 1e-5
     pruned = GoldenBank(inspector.bundle.references, cells=3, probes=1)
     pruned.min_queries = 1  # this tiny model has few patches: force the pruned search
-    assert pruned.cells == 3 and np.abs(pruned.anomaly_scores(plain, inspector.bundle.spec.scoring, on_part) - brute).max() <= 1e-5
+    assert (
+        pruned.cells == 3
+        and np.abs(pruned.anomaly_scores(plain, inspector.bundle.spec.scoring, on_part) - brute).max() <= 1e-5
+    )
     assert pruned.last_exact_searches < plain.shape[0] * plain.shape[1]
 
 
@@ -228,8 +268,12 @@ def test_large_jpegs_decode_at_a_reduced_scale_alike_on_every_path(tiny_bundle: 
     from inspector.heatmap import score_with_maps
 
     rng = np.random.default_rng(5)
-    base = Image.fromarray(rng.integers(30, 220, (12, 16, 3), dtype=np.uint8)).resize((640, 480), Image.Resampling.BICUBIC)
-    photo = Image.fromarray(np.clip(np.asarray(base).astype(int) + rng.integers(-8, 9, (480, 640, 3)), 0, 255).astype(np.uint8))
+    base = Image.fromarray(rng.integers(30, 220, (12, 16, 3), dtype=np.uint8)).resize(
+        (640, 480), Image.Resampling.BICUBIC
+    )
+    photo = Image.fromarray(
+        np.clip(np.asarray(base).astype(int) + rng.integers(-8, 9, (480, 640, 3)), 0, 255).astype(np.uint8)
+    )
     path = tmp_path / "large.jpg"
     photo.save(path, quality=92)
     inspector = Inspector.from_bundle(tiny_bundle, threads=1)

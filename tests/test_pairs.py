@@ -154,8 +154,9 @@ def test_pair_balance_matches_the_requested_fractions(images) -> None:
 
 def test_labelled_dataset_label_distribution(images) -> None:
     good, defective = images
-    dataset = LabelledImageDataset(good, defective, Preprocessor(CONFIG), defect_fraction=0.25,
-                                   synthetic_fraction=0.4, epoch_size=40, seed=1)
+    dataset = LabelledImageDataset(
+        good, defective, Preprocessor(CONFIG), defect_fraction=0.25, synthetic_fraction=0.4, epoch_size=40, seed=1
+    )
     counts = np.bincount(dataset.kinds(), minlength=3)
     assert counts.tolist() == [30, 6, 4]
     assert len(dataset) == 40
@@ -211,8 +212,15 @@ def augmented_pairs(images):
     good, defective = images
 
     def make(seed: int = 0) -> PairDataset:
-        return PairDataset(good, defective, Preprocessor(CONFIG), num_pairs=24, augment=default_augmentation(),
-                           synthetic=SyntheticDefects(), seed=seed)
+        return PairDataset(
+            good,
+            defective,
+            Preprocessor(CONFIG),
+            num_pairs=24,
+            augment=default_augmentation(),
+            synthetic=SyntheticDefects(),
+            seed=seed,
+        )
 
     return make
 
@@ -252,8 +260,13 @@ def test_dataloader_workers_give_the_same_batches(augmented_pairs) -> None:
 def test_the_two_branches_are_augmented_independently(images, tmp_path: Path) -> None:
     good, _ = images
     twin = _write(tmp_path, "twin.png", np.asarray(Image.open(good[0])))
-    dataset = PairDataset([good[0], twin], preprocessor=Preprocessor(CONFIG), num_pairs=6, positive_fraction=1.0,
-                          augment=default_augmentation(1.0))
+    dataset = PairDataset(
+        [good[0], twin],
+        preprocessor=Preprocessor(CONFIG),
+        num_pairs=6,
+        positive_fraction=1.0,
+        augment=default_augmentation(1.0),
+    )
     for index in range(6):
         x1, x2, y = dataset[index]
         assert y == 0 and not torch.equal(x1, x2)  # same pixels on disk, different augmentation draws

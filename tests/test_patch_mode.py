@@ -36,13 +36,17 @@ def test_patch_contrastive_loss_hand_example() -> None:
     # normal term: image 0's only normal neighbour of another source → none (same source) → no normal term.
     # defect term: D to nearest normal = 0.6, margin 1 → 0.5*(0.4)^2 = 0.08
     patches = torch.tensor([[[0.0, 0.0]], [[0.6, 0.0]]], requires_grad=True)
-    loss = patch_contrastive_loss(patches, torch.tensor([[0], [1]]), torch.tensor([0, 1]), torch.tensor([5, 5]), margin=1.0)
+    loss = patch_contrastive_loss(
+        patches, torch.tensor([[0], [1]]), torch.tensor([0, 1]), torch.tensor([5, 5]), margin=1.0
+    )
     assert loss.item() == pytest.approx(0.08, abs=1e-5)
     loss.backward()
     assert torch.isfinite(patches.grad).all()
     # a second good source 0.3 away adds the normal term 0.5*0.3^2 for each of the two good patches
     patches2 = torch.tensor([[[0.0, 0.0]], [[0.6, 0.0]], [[0.0, 0.3]]])
-    loss2 = patch_contrastive_loss(patches2, torch.tensor([[0], [1], [0]]), torch.tensor([0, 1, 0]), torch.tensor([5, 5, 6]), margin=1.0)
+    loss2 = patch_contrastive_loss(
+        patches2, torch.tensor([[0], [1], [0]]), torch.tensor([0, 1, 0]), torch.tensor([5, 5, 6]), margin=1.0
+    )
     # defect nearest normal: min(0.6, sqrt(0.36+0.09)=0.67) = 0.6 → 0.08; normal: 0.5*0.09 = 0.045
     assert loss2.item() == pytest.approx(0.08 + 0.045, abs=1e-5)
 
@@ -95,7 +99,9 @@ def test_reference_bank_random_subset_keeps_density_and_coreset_spreads() -> Non
     assert random_bank.shape == (100, 8)
     assert {tuple(r) for r in random_bank.tolist()} <= {tuple(r) for r in flat.tolist()}  # real patches, no duplicates
     assert len({tuple(r) for r in random_bank.tolist()}) == 100
-    assert np.array_equal(random_bank, reference_bank(common, tiny_recipe(max_bank_patches=100, bank_selection="random")))  # seeded
+    assert np.array_equal(
+        random_bank, reference_bank(common, tiny_recipe(max_bank_patches=100, bank_selection="random"))
+    )  # seeded
     assert (np.abs(random_bank).max(axis=1) > 1).sum() <= 1  # 3 in 2,000: a uniform subset rarely keeps an outlier
     coreset = reference_bank(common, tiny_recipe(max_bank_patches=100))  # the default
     assert (np.abs(coreset).max(axis=1) > 1).sum() >= 1  # k-center covers the far-away patches
@@ -152,10 +158,17 @@ def test_keep_pretrained_joins_head_and_features_as_weighted_squared_distance(we
         fa = torch.nn.functional.normalize(model.features(a), dim=1).flatten(2)[0].T
         fb = torch.nn.functional.normalize(model.features(b), dim=1).flatten(2)[0].T
     joined = (za - zb).pow(2).sum(-1)
-    assert torch.allclose(joined, weight * (ha - hb).pow(2).sum(-1) + (1 - weight) * (fa - fb).pow(2).sum(-1), atol=1e-5)
+    assert torch.allclose(
+        joined, weight * (ha - hb).pow(2).sum(-1) + (1 - weight) * (fa - fb).pow(2).sum(-1), atol=1e-5
+    )
     assert torch.allclose(za.norm(dim=-1), torch.ones(len(za)), atol=1e-5)
     # configs saved before the options existed load as the head alone, and joins as equal halves
-    assert EmbedderConfig.from_dict({k: v for k, v in TINY_PATCH.to_dict().items() if k != "keep_pretrained"}).keep_pretrained is False
+    assert (
+        EmbedderConfig.from_dict(
+            {k: v for k, v in TINY_PATCH.to_dict().items() if k != "keep_pretrained"}
+        ).keep_pretrained
+        is False
+    )
     old_join = {k: v for k, v in TINY_PATCH.to_dict().items() if k != "learned_weight"}
     assert EmbedderConfig.from_dict(old_join).learned_weight == 0.5
     assert EmbedderConfig().learned_weight == 0.5
@@ -204,7 +217,9 @@ def test_masks_mark_the_defect_however_they_are_stored(tmp_path: Path) -> None:
         "255": Image.fromarray(region.astype(np.uint8) * 255),
         "01": Image.fromarray(region.astype(np.uint8)),
         "16bit": Image.fromarray(region.astype(np.uint16) * 65535),
-        "red": Image.fromarray(np.stack([region * 255, np.zeros_like(region), np.zeros_like(region)], -1).astype(np.uint8)),
+        "red": Image.fromarray(
+            np.stack([region * 255, np.zeros_like(region), np.zeros_like(region)], -1).astype(np.uint8)
+        ),
         "jpeg-noise": Image.fromarray((region * 250 + (~region) * 6).astype(np.uint8)),
     }
     for name, mask in stored.items():
@@ -222,7 +237,9 @@ def test_masks_mark_the_defect_however_they_are_stored(tmp_path: Path) -> None:
     Image.new("L", (40, 40)).save(tmp_path / "empty.png")
     pre = Preprocessor(PreprocessConfig(height=40, width=40))
     for mask, expect in ((tmp_path / "ones.png", region), (tmp_path / "empty.png", None)):
-        ds = PatchPairDataset(good, [bad], pre, defective_masks=[mask], synthetic_fraction=0.0, augment=None, epoch_size=2, seed=0)
+        ds = PatchPairDataset(
+            good, [bad], pre, defective_masks=[mask], synthetic_fraction=0.0, augment=None, epoch_size=2, seed=0
+        )
         _, masks, sources, _ = ds[0]
         assert sources[1] < 0  # a real defect photo
         if expect is None:
@@ -239,7 +256,11 @@ def _scores_before_golden_bank(emb: np.ndarray, bank: np.ndarray, k: int, aggreg
     for start in range(0, len(r), chunk):
         partial = q @ r[start : start + chunk].T * -2.0 + r_sq[None, start : start + chunk]
         merged = np.concatenate([best, partial], axis=1)
-        best = np.take_along_axis(merged, np.argpartition(merged, k - 1, axis=1)[:, :k], axis=1) if merged.shape[1] > k else merged
+        best = (
+            np.take_along_axis(merged, np.argpartition(merged, k - 1, axis=1)[:, :k], axis=1)
+            if merged.shape[1] > k
+            else merged
+        )
     d = np.sqrt(np.maximum(np.sort(best, axis=1) + np.einsum("ij,ij->i", q, q)[:, None], 0.0))
     per_patch = {"mean": np.mean, "max": np.max, "min": np.min}[aggregation](d, axis=1).reshape(emb.shape[:-1])
     return per_patch.max(axis=1) if per_patch.ndim == 2 else per_patch
@@ -261,8 +282,14 @@ def test_golden_bank_pruned_search_equals_the_old_brute_force(k: int, aggregatio
     parts[5, :10] = bank[:10]  # patches identical to references: distance 0 (rounding must not go negative)
     cfg = ScoringConfig(k=k, aggregation=aggregation, chunk_size=700)  # type: ignore[arg-type]
     expected = _scores_before_golden_bank(parts, bank, k, aggregation, chunk=700)
-    direct = np.sort(np.linalg.norm(parts.reshape(-1, 1, 16).astype(np.float64) - bank[None].astype(np.float64), axis=2), axis=1)[:, :k]
-    assert np.allclose(expected, {"mean": np.mean, "max": np.max, "min": np.min}[aggregation](direct, axis=1).reshape(12, 49).max(axis=1), atol=1e-5)
+    direct = np.sort(
+        np.linalg.norm(parts.reshape(-1, 1, 16).astype(np.float64) - bank[None].astype(np.float64), axis=2), axis=1
+    )[:, :k]
+    assert np.allclose(
+        expected,
+        {"mean": np.mean, "max": np.max, "min": np.min}[aggregation](direct, axis=1).reshape(12, 49).max(axis=1),
+        atol=1e-5,
+    )
     for cells, probes in ((None, 2), (7, 1), (400, 3)):  # default cells, very coarse cells, cells smaller than k
         golden = GoldenBank(bank, cells=cells, probes=probes, chunk_size=700)
         assert golden.cells > 1
@@ -271,7 +298,9 @@ def test_golden_bank_pruned_search_equals_the_old_brute_force(k: int, aggregatio
         assert np.abs(got - expected).max() <= 1e-5, (cells, probes)
         assert np.argmax(got) == 3
         if cells is None:
-            assert golden.last_exact_searches < parts.shape[0] * parts.shape[1] // 2, "the bounds must skip most patches"
+            assert golden.last_exact_searches < parts.shape[0] * parts.shape[1] // 2, (
+                "the bounds must skip most patches"
+            )
     assert np.abs(anomaly_scores(parts, bank, cfg) - expected).max() <= 1e-5  # the functional API prunes too
     assert np.allclose(patch_distances(parts, GoldenBank(bank), cfg).max(axis=1), expected, atol=1e-5)
 
@@ -382,7 +411,9 @@ def test_choose_offset_follows_where_the_defects_are() -> None:
     assert chosen.offset == 1.0 and info["offset"] == 1.0 and set(info["offset_auroc"]) == {"0.0", "0.5", "1.0"}
     assert info["offset_auroc"]["1.0"] > info["offset_auroc"]["0.0"] + 0.2 and info["offset_wins"]["1.0"] >= 0.95
     assert chosen.k == scoring.k
-    assert choose_offset(bank, varied_good, local_defects, scoring, (0.0, 0.5, 1.0))[1] == info, "seeded: the same choice every time"
+    assert choose_offset(bank, varied_good, local_defects, scoring, (0.0, 0.5, 1.0))[1] == info, (
+        "seeded: the same choice every time"
+    )
 
     quirky_good = one_far_patch(20, 0.08)
     whole_defects = np.stack([_clustered_patches(rng, centres, 64, 0.25) for _ in range(20)])
@@ -390,8 +421,14 @@ def test_choose_offset_follows_where_the_defects_are() -> None:
     assert moved.offset == 0.0 and why["offset_auroc"]["0.0"] > why["offset_auroc"]["0.5"] + 0.1
 
     few_parts, few = choose_offset(bank, varied_good[:6], local_defects[:4], scoring, (0.0, 0.5, 1.0))
-    assert few_parts.offset == 0.5 and few["offset_auroc"]["1.0"] > few["offset_auroc"]["0.5"] and few["offset_wins"]["1.0"] < 0.95
-    assert choose_offset(bank, varied_good, local_defects, ScoringConfig(offset=0.0), ())[0].offset == 0.0  # nothing else to try
+    assert (
+        few_parts.offset == 0.5
+        and few["offset_auroc"]["1.0"] > few["offset_auroc"]["0.5"]
+        and few["offset_wins"]["1.0"] < 0.95
+    )
+    assert (
+        choose_offset(bank, varied_good, local_defects, ScoringConfig(offset=0.0), ())[0].offset == 0.0
+    )  # nothing else to try
 
 
 def test_choose_offset_resamples_whole_capture_groups() -> None:
@@ -412,8 +449,9 @@ def test_choose_offset_resamples_whole_capture_groups() -> None:
     by_image, info = choose_offset(bank, good, defects, scoring, (0.0, 0.5, 1.0))
     assert by_image.offset == 1.0 and info["offset_resampled"] == "images"
     groups = ["tile-a"] * 16 + ["tile-b"] * 4
-    by_group, why = choose_offset(bank, good, defects, scoring, (0.0, 0.5, 1.0), good_groups=[f"g{i}" for i in range(24)],
-                                  defective_groups=groups)
+    by_group, why = choose_offset(
+        bank, good, defects, scoring, (0.0, 0.5, 1.0), good_groups=[f"g{i}" for i in range(24)], defective_groups=groups
+    )
     assert by_group.offset == 0.5 and why["offset_wins"]["1.0"] < 0.95
     assert why["offset_resampled"] == "groups" and why["offset_resample_units"] == {"good": 24, "defective": 2}
 
@@ -446,7 +484,9 @@ def test_content_mask_follows_the_letterbox() -> None:
     assert tall.shape == (1, 32) and tall.all()
     wide = pre.content_mask([(64, 32)], (8, 4)).reshape(8, 4)  # 32x16 on the canvas, rows 24..40
     assert wide.all(axis=1).tolist() == [False, False, False, True, True, False, False, False]
-    narrow = pre.content_mask([(4, 64)], (8, 4)).reshape(8, 4)  # x 14..18 on the canvas: no column centre (4, 12, 20, 28) on it
+    narrow = pre.content_mask([(4, 64)], (8, 4)).reshape(
+        8, 4
+    )  # x 14..18 on the canvas: no column centre (4, 12, 20, 28) on it
     assert not narrow.any()
     stretch = Preprocessor(PreprocessConfig(height=64, width=32, resize="stretch")).content_mask([(64, 32)], (8, 4))
     assert stretch.all(), "a stretched image has no padding"
@@ -478,7 +518,9 @@ def test_scores_use_only_the_patches_on_the_part(cells: int | None, offset: floa
     assert np.allclose(anomaly_scores(parts, golden, cfg, valid), scores, atol=1e-6)
     # a config that scores the padding (bundles written before the option) ignores the mask
     old = ScoringConfig.from_dict({"offset": offset})
-    assert not old.content_only and np.allclose(golden.anomaly_scores(parts, old, valid), golden.anomaly_scores(parts, old), atol=1e-6)
+    assert not old.content_only and np.allclose(
+        golden.anomaly_scores(parts, old, valid), golden.anomaly_scores(parts, old), atol=1e-6
+    )
     with pytest.raises(ValueError, match="one flag per patch"):
         golden.anomaly_scores(parts, cfg, valid[:, :10])
 

@@ -45,9 +45,18 @@ FAST_FAIL_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TI
 # --------------------------------------------------------------------------------------------- pure rule logic
 
 
-def _score(version: str, auroc: float, frr: float = 0.05, escape: float = 0.3, parity: float | None = 1e-6, **kw: object) -> ModelScore:
-    return ModelScore("challenger", version, metrics={"image_auroc": auroc, "false_reject_rate": frr, "escape_rate": escape},
-                      parity=parity, threshold=0.5, scored=30, **kw)  # type: ignore[arg-type]
+def _score(
+    version: str, auroc: float, frr: float = 0.05, escape: float = 0.3, parity: float | None = 1e-6, **kw: object
+) -> ModelScore:
+    return ModelScore(
+        "challenger",
+        version,
+        metrics={"image_auroc": auroc, "false_reject_rate": frr, "escape_rate": escape},
+        parity=parity,
+        threshold=0.5,
+        scored=30,
+        **kw,
+    )  # type: ignore[arg-type]
 
 
 def _verdicts(results: list) -> dict[str, bool]:
@@ -58,8 +67,15 @@ def test_rules_better_worse_and_no_champion() -> None:
     better = evaluate_rules(_score("3", 0.95), _score("2", 0.94), RULES, gate_hash="h", pinned_hash="h")
     assert all(r.passed for r in better), better
     worse = evaluate_rules(_score("3", 0.90), _score("2", 0.95), RULES, gate_hash="h", pinned_hash="h")
-    assert _verdicts(worse) == {"gate_set": True, "bundle_integrity": True, "onnx_parity": True, "min_auroc": True,
-                                "no_regression": False, "false_reject_rate": True, "escape_rate": True}
+    assert _verdicts(worse) == {
+        "gate_set": True,
+        "bundle_integrity": True,
+        "onnx_parity": True,
+        "min_auroc": True,
+        "no_regression": False,
+        "false_reject_rate": True,
+        "escape_rate": True,
+    }
     reason = next(r.reason for r in worse if r.name == "no_regression")
     assert "0.9000" in reason and "0.9500" in reason
     within_tolerance = evaluate_rules(_score("3", 0.935), _score("2", 0.95), RULES, gate_hash="h", pinned_hash="h")
@@ -75,13 +91,23 @@ def test_rules_better_worse_and_no_champion() -> None:
 def test_pixel_auroc_rule_only_when_asked_and_refused_without_masks() -> None:
     located = _score("3", 0.95)
     located.metrics["pixel_auroc"] = 0.82
-    assert "min_pixel_auroc" not in _verdicts(evaluate_rules(located, None, RULES, gate_hash="h", pinned_hash="h"))  # reported only
+    assert "min_pixel_auroc" not in _verdicts(
+        evaluate_rules(located, None, RULES, gate_hash="h", pinned_hash="h")
+    )  # reported only
     strict = RULES.model_copy(update={"min_pixel_auroc": 0.9})
     assert _verdicts(evaluate_rules(located, None, strict, gate_hash="h", pinned_hash="h"))["min_pixel_auroc"] is False
-    assert _verdicts(evaluate_rules(located, None, RULES.model_copy(update={"min_pixel_auroc": 0.8}), gate_hash="h",
-                                    pinned_hash="h"))["min_pixel_auroc"] is True
+    assert (
+        _verdicts(
+            evaluate_rules(
+                located, None, RULES.model_copy(update={"min_pixel_auroc": 0.8}), gate_hash="h", pinned_hash="h"
+            )
+        )["min_pixel_auroc"]
+        is True
+    )
     unmasked = evaluate_rules(_score("3", 0.95), None, strict, gate_hash="h", pinned_hash="h")
-    assert [r.reason for r in unmasked if r.name == "min_pixel_auroc"] == ["the gate set has no defect masks to measure it on"]
+    assert [r.reason for r in unmasked if r.name == "min_pixel_auroc"] == [
+        "the gate set has no defect masks to measure it on"
+    ]
     assert GateRules.from_overrides(["min_pixel_auroc=0.7"]).min_pixel_auroc == 0.7
 
 
@@ -92,12 +118,20 @@ def test_rules_integrity_parity_gate_hash_and_same_version() -> None:
     swapped = _score("3", 0.95, hash_mismatch="model.onnx sha256 aa… is not the bb… recorded at registration")
     assert not _verdicts(evaluate_rules(swapped, None, RULES, gate_hash="h", pinned_hash="h"))["bundle_integrity"]
     bad_champion = _score("2", float("nan"), bundle_error="missing")
-    assert not _verdicts(evaluate_rules(_score("3", 0.95), bad_champion, RULES, gate_hash="h", pinned_hash="h"))["bundle_integrity"]
-    assert not _verdicts(evaluate_rules(_score("3", 0.95, parity=None), None, RULES, gate_hash="h", pinned_hash="h"))["onnx_parity"]
-    assert not _verdicts(evaluate_rules(_score("3", 0.95, parity=0.5), None, RULES, gate_hash="h", pinned_hash="h"))["onnx_parity"]
+    assert not _verdicts(evaluate_rules(_score("3", 0.95), bad_champion, RULES, gate_hash="h", pinned_hash="h"))[
+        "bundle_integrity"
+    ]
+    assert not _verdicts(evaluate_rules(_score("3", 0.95, parity=None), None, RULES, gate_hash="h", pinned_hash="h"))[
+        "onnx_parity"
+    ]
+    assert not _verdicts(evaluate_rules(_score("3", 0.95, parity=0.5), None, RULES, gate_hash="h", pinned_hash="h"))[
+        "onnx_parity"
+    ]
     other_gate = evaluate_rules(_score("3", 0.95), None, RULES, gate_hash="abc", pinned_hash="def")
     assert not other_gate[0].passed and "not the pinned" in other_gate[0].reason
-    changed = evaluate_rules(_score("3", 0.95), None, RULES, gate_hash="h", pinned_hash="h", changed_images=["/x.png (sha256 changed)"])
+    changed = evaluate_rules(
+        _score("3", 0.95), None, RULES, gate_hash="h", pinned_hash="h", changed_images=["/x.png (sha256 changed)"]
+    )
     assert not changed[0].passed and "/x.png" in changed[0].reason
     same = _verdicts(evaluate_rules(_score("2", 0.95), _score("2", 0.95), RULES, gate_hash="h", pinned_hash="h"))
     assert same["distinct_versions"] is False
@@ -161,7 +195,9 @@ def kit(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Kit:
     torch.manual_seed(0)
     better = build_bundle(build_embedder(recipe.embedder).eval(), split, recipe, tmp / "better")
     # an untrained random CNN seen through its random head alone: clearly worse than pretrained features
-    tiny = EmbedderConfig(backbone="tiny_cnn", weights=None, feature_stages=(2, 3), embedding_dim=8, keep_pretrained=False)
+    tiny = EmbedderConfig(
+        backbone="tiny_cnn", weights=None, feature_stages=(2, 3), embedding_dim=8, keep_pretrained=False
+    )
     worse = build_bundle(build_embedder(tiny).eval(), split, recipe, tmp / "worse")
     gate = gate_set_from_folder(demo_root, tmp / "gate.json")
     return Kit(better, worse, gate.path, demo_root)
@@ -232,8 +268,9 @@ BACKEND = "sqlite" if postgres_missing() else "postgresql"
 
 
 @pytest.mark.parametrize("backend", [BACKEND])
-def test_gate_moves_champion_only_for_a_good_enough_challenger(backend: str, kit: Kit, prefect_harness: None, use_registry, tmp_path: Path,
-                                                               capsys: pytest.CaptureFixture[str]) -> None:
+def test_gate_moves_champion_only_for_a_good_enough_challenger(
+    backend: str, kit: Kit, prefect_harness: None, use_registry, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from mlflow import MlflowClient
 
     from pipelines.cli import main
@@ -255,15 +292,26 @@ def test_gate_moves_champion_only_for_a_good_enough_challenger(backend: str, kit
 
         # 2. a worse challenger (through the CLI): refused with reasons, champion stays on v1
         assert register(kit.worse, name) == "2"
-        code = main(["promote", "--model-name", name, "--gate-manifest", gate, "--json",
-                     *[f"--set={k}={v}" for k, v in RULES.model_dump(exclude_none=True).items()]])
+        code = main(
+            [
+                "promote",
+                "--model-name",
+                name,
+                "--gate-manifest",
+                gate,
+                "--json",
+                *[f"--set={k}={v}" for k, v in RULES.model_dump(exclude_none=True).items()],
+            ]
+        )
         out = capsys.readouterr().out
-        decision = json.loads(out[out.find("{\n"):])  # the flow's own prints come first
+        decision = json.loads(out[out.find("{\n") :])  # the flow's own prints come first
         assert code == 1 and not decision["moved"] and aliases(name) == {"challenger": "2", "champion": "1"}
         failed = {r["name"] for r in decision["rules"] if not r["passed"]}
         assert {"no_regression", "min_auroc"} <= failed
         assert decision["challenger"]["metrics"]["image_auroc"] < decision["champion"]["metrics"]["image_auroc"] - 0.05
-        assert 0.0 <= decision["champion"]["metrics"]["pixel_auroc"] <= 1.0  # the demo gate's defects have masks: where, too
+        assert (
+            0.0 <= decision["champion"]["metrics"]["pixel_auroc"] <= 1.0
+        )  # the demo gate's defects have masks: where, too
         tags = client.get_model_version(name, "2").tags
         assert tags["gate.decision"] == "refused" and tags["gate.rule.no_regression"].startswith("FAIL")
         assert "no_regression" in tags["gate.reasons"] and tags["gate.champion_version"] == "1"
@@ -299,7 +347,9 @@ def sqlite_server(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-
     state["stop"]()
 
 
-def test_bundle_corrupted_in_the_artifact_store_is_refused(kit: Kit, prefect_harness: None, use_registry, sqlite_server: dict) -> None:
+def test_bundle_corrupted_in_the_artifact_store_is_refused(
+    kit: Kit, prefect_harness: None, use_registry, sqlite_server: dict
+) -> None:
     from mlflow import MlflowClient
 
     from pipelines.promotion import promote_flow
@@ -309,18 +359,24 @@ def test_bundle_corrupted_in_the_artifact_store_is_refused(kit: Kit, prefect_har
     register(kit.better, name)
     assert promote_flow(name, str(kit.gate), RULES)["moved"]
     version = register(kit.better, name)
-    stored = max((sqlite_server["root"] / "artifacts").rglob("references.npy"), key=lambda p: p.stat().st_mtime_ns)  # just uploaded
+    stored = max(
+        (sqlite_server["root"] / "artifacts").rglob("references.npy"), key=lambda p: p.stat().st_mtime_ns
+    )  # just uploaded
     with open(stored, "r+b") as fh:  # flip bytes at the end of the stored bank, after upload
         fh.seek(-8, 2)
         fh.write(b"\xff" * 8)
     decision = promote_flow(name, str(kit.gate), RULES)
     integrity = next(r for r in decision["rules"] if r["name"] == "bundle_integrity")
-    assert not integrity["passed"] and "references.npy" in integrity["reason"] and "does not match" in integrity["reason"]
+    assert (
+        not integrity["passed"] and "references.npy" in integrity["reason"] and "does not match" in integrity["reason"]
+    )
     assert not decision["moved"] and aliases(name) == {"champion": "1", "challenger": version}
     assert MlflowClient().get_model_version(name, version).tags["gate.decision"] == "refused"
 
 
-def test_challenger_alias_moving_mid_gate_is_refused(kit: Kit, use_registry, sqlite_server: dict, tmp_path: Path) -> None:
+def test_challenger_alias_moving_mid_gate_is_refused(
+    kit: Kit, use_registry, sqlite_server: dict, tmp_path: Path
+) -> None:
     """The pieces of the flow, with a new registration between scoring and the alias move."""
     from pipelines.promotion import (
         CHAMPION,
@@ -342,8 +398,9 @@ def test_challenger_alias_moving_mid_gate_is_refused(kit: Kit, use_registry, sql
     assert alias_version(name, CHAMPION) is None
 
 
-def test_registry_down_mid_flow_leaves_champion(kit: Kit, prefect_harness: None, use_registry, sqlite_server: dict,
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_registry_down_mid_flow_leaves_champion(
+    kit: Kit, prefect_harness: None, use_registry, sqlite_server: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from mlflow import MlflowClient
 
     from pipelines.promotion import promote_flow
@@ -361,13 +418,19 @@ def test_registry_down_mid_flow_leaves_champion(kit: Kit, prefect_harness: None,
     with pytest.raises(Exception) as info:
         promote_flow(name, str(kit.gate), RULES)
     assert time.monotonic() - t0 < 60
-    assert "Connection refused" in str(info.value) or "ConnectionError" in type(info.value).__name__ or "Max retries" in str(info.value)
+    assert (
+        "Connection refused" in str(info.value)
+        or "ConnectionError" in type(info.value).__name__
+        or "Max retries" in str(info.value)
+    )
     sqlite_server["url"], sqlite_server["stop"] = start_mlflow_server(sqlite_server["root"], port=port)
     assert aliases(name) == {"champion": "1", "challenger": version}
     assert "gate.decision" not in MlflowClient().get_model_version(name, version).tags
 
 
-def test_training_killed_midway_registers_nothing(demo_root: Path, use_registry, sqlite_server: dict, kit: Kit, tmp_path: Path) -> None:
+def test_training_killed_midway_registers_nothing(
+    demo_root: Path, use_registry, sqlite_server: dict, kit: Kit, tmp_path: Path
+) -> None:
     """A real ``pipelines train`` process SIGKILLed after its first checkpoint: no version, no alias moved."""
     from mlflow import MlflowClient
 
@@ -377,9 +440,31 @@ def test_training_killed_midway_registers_nothing(demo_root: Path, use_registry,
     before = aliases(name)
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "MLFLOW_TRACKING_URI": sqlite_server["url"]}
     env.pop("PREFECT_API_URL", None)
-    cmd = [str(VENV_BIN / "pipelines"), "train", "--data", str(demo_root), "--model-name", name, "--work-dir", str(tmp_path / "work"),
-           "--experiment", "killed", "--no-baseline", "--set", "preprocess.height=64", "--set", "preprocess.width=64",
-           "--set", "epoch_size=16", "--set", "train.epochs=200", "--set", "train.batch_size=8", "--set", "train.progress=false"]
+    cmd = [
+        str(VENV_BIN / "pipelines"),
+        "train",
+        "--data",
+        str(demo_root),
+        "--model-name",
+        name,
+        "--work-dir",
+        str(tmp_path / "work"),
+        "--experiment",
+        "killed",
+        "--no-baseline",
+        "--set",
+        "preprocess.height=64",
+        "--set",
+        "preprocess.width=64",
+        "--set",
+        "epoch_size=16",
+        "--set",
+        "train.epochs=200",
+        "--set",
+        "train.batch_size=8",
+        "--set",
+        "train.progress=false",
+    ]
     log = tmp_path / "train.log"
     with open(log, "wb") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)

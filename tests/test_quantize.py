@@ -35,14 +35,18 @@ def _snapshot(bundle: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def quantized(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str], dict[str, str]]:
+def quantized(
+    tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, dict[str, str], dict[str, str]]:
     tmp = tmp_path_factory.mktemp("quantize")
     before = _snapshot(tiny_bundle)
     out = quantize_bundle(tiny_bundle, _pngs(tmp / "calib", 16, seed=1), tmp / "q")
     return out, before, _snapshot(tiny_bundle)
 
 
-def test_quantized_bundle_verifies_and_scores_close_to_fp32(tiny_bundle: Path, quantized: tuple, tmp_path: Path) -> None:
+def test_quantized_bundle_verifies_and_scores_close_to_fp32(
+    tiny_bundle: Path, quantized: tuple, tmp_path: Path
+) -> None:
     out, _, _ = quantized
     parent, child = load_bundle(tiny_bundle), load_bundle(out)
     assert sha256_file(child.model_path) != sha256_file(parent.model_path)
@@ -55,7 +59,10 @@ def test_quantized_bundle_verifies_and_scores_close_to_fp32(tiny_bundle: Path, q
     assert prov["parent_bundle"]["manifest_sha256"] == sha256_file(tiny_bundle / "inspector.json")
     q = prov["quantization"]
     assert q["format"] == "QDQ" and q["calibration"]["images"] == 16
-    assert q["model_bytes"]["fp32"] == parent.model_path.stat().st_size and q["model_bytes"]["int8"] == child.model_path.stat().st_size
+    assert (
+        q["model_bytes"]["fp32"] == parent.model_path.stat().st_size
+        and q["model_bytes"]["int8"] == child.model_path.stat().st_size
+    )
     assert 0 < q["drift"]["score_abs_diff_max"] < SCORE_TOLERANCE and q["drift"]["verdict_flips"] == 0
     assert child.model_version == "tiny:1+int8"
 
@@ -90,7 +97,9 @@ def test_refuses_existing_output_and_requantizing(tiny_bundle: Path, quantized: 
         quantize_bundle(quantized[0], images, tmp_path / "qq")
 
 
-def test_cli_quantize_summary_and_exit_codes(tiny_bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_quantize_summary_and_exit_codes(
+    tiny_bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     folder = tmp_path / "calib"
     _pngs(folder, 10, seed=4)
     out = tmp_path / "q"

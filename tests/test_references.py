@@ -59,7 +59,9 @@ def _patches_per_image(bundle: Path) -> int:
     return int(emb.shape[1])
 
 
-def test_add_references_writes_verified_new_bundle(tiny_bundle: Path, new_parts: dict[str, Path], tmp_path: Path) -> None:
+def test_add_references_writes_verified_new_bundle(
+    tiny_bundle: Path, new_parts: dict[str, Path], tmp_path: Path
+) -> None:
     before = _snapshot(tiny_bundle)
     parent = load_bundle(tiny_bundle)
     p = _patches_per_image(tiny_bundle)
@@ -96,7 +98,9 @@ def test_add_references_writes_verified_new_bundle(tiny_bundle: Path, new_parts:
 def test_bad_image_named_and_nothing_written(tiny_bundle: Path, bad_images: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "out" / "v2"
     with pytest.raises(ReferencesError) as err:
-        add_references(tiny_bundle, [bad_images["good"], bad_images["truncated"], bad_images["text"], tmp_path / "typo.png"], out)
+        add_references(
+            tiny_bundle, [bad_images["good"], bad_images["truncated"], bad_images["text"], tmp_path / "typo.png"], out
+        )
     message = str(err.value)
     assert all(name in message for name in ("truncated.jpg", "notes.png", "typo.png")) and "good.png" not in message
     assert not out.exists() and not (out.parent.exists() and any(out.parent.iterdir()))
@@ -112,7 +116,14 @@ def test_remove_references_round_trip(tiny_bundle: Path, new_parts: dict[str, Pa
     v3 = remove_references(v2, ["a.png"], tmp_path / "v3")
     b3 = load_bundle(v3)
     assert [s["id"] for s in b3.spec.provenance["reference_sources"]] == ["initial", "b.png"]
-    np.testing.assert_array_equal(b3.references, np.delete(load_bundle(v2).references, np.s_[len(parent.references) : len(parent.references) + _patches_per_image(tiny_bundle)], axis=0))
+    np.testing.assert_array_equal(
+        b3.references,
+        np.delete(
+            load_bundle(v2).references,
+            np.s_[len(parent.references) : len(parent.references) + _patches_per_image(tiny_bundle)],
+            axis=0,
+        ),
+    )
     v4 = remove_references(v3, ["b.png"], tmp_path / "v4")
     np.testing.assert_array_equal(load_bundle(v4).references, parent.references)
     assert load_bundle(v4).spec.provenance["revision"] == 3
@@ -139,17 +150,36 @@ def test_pure_helpers() -> None:
 def test_recalibration_picks_the_quantile(tiny_bundle: Path, new_parts: dict[str, Path], tmp_path: Path) -> None:
     goods = [_save(tmp_path / "cal_good" / f"g{i}.png", _random_image(200 + i)) for i in range(8)]
     bright = np.full((32, 32, 3), 250, dtype=np.uint8)
-    defects = [_save(tmp_path / "cal_bad" / f"d{i}.png", np.where(np.arange(32)[:, None, None] < 8 * (i + 1), bright, _random_image(300 + i))) for i in range(3)]
-    out = add_references(tiny_bundle, [new_parts["a"]], tmp_path / "v2", recalibrate_good=goods, target_false_reject_rate=0.2)
+    defects = [
+        _save(
+            tmp_path / "cal_bad" / f"d{i}.png",
+            np.where(np.arange(32)[:, None, None] < 8 * (i + 1), bright, _random_image(300 + i)),
+        )
+        for i in range(3)
+    ]
+    out = add_references(
+        tiny_bundle, [new_parts["a"]], tmp_path / "v2", recalibrate_good=goods, target_false_reject_rate=0.2
+    )
     threshold = load_bundle(out).spec.threshold
     good_scores = _score(out, goods)  # independently, through the public scorer on the NEW bundle
     expected = np.sort(good_scores)[8 - 1 - 1]  # floor(0.2 * 8) = 1 good part may be rejected
     assert threshold.value == pytest.approx(expected, abs=1e-6)
     assert threshold.value == pytest.approx(np.quantile(good_scores, 0.8, method="inverted_cdf"), abs=1e-6)
-    assert threshold.rule == "good_quantile" and threshold.details["n_good"] == 8 and threshold.details["target_false_reject_rate"] == 0.2
+    assert (
+        threshold.rule == "good_quantile"
+        and threshold.details["n_good"] == 8
+        and threshold.details["target_false_reject_rate"] == 0.2
+    )
     assert np.mean(good_scores > threshold.value + 1e-6) <= 0.2
 
-    out = add_references(tiny_bundle, [new_parts["a"]], tmp_path / "v2d", recalibrate_good=goods, recalibrate_defective=defects, target_false_reject_rate=0.2)
+    out = add_references(
+        tiny_bundle,
+        [new_parts["a"]],
+        tmp_path / "v2d",
+        recalibrate_good=goods,
+        recalibrate_defective=defects,
+        target_false_reject_rate=0.2,
+    )
     threshold = load_bundle(out).spec.threshold
     bad_scores = _score(out, defects)
     assert threshold.rule == "good_quantile+defects" and threshold.value == pytest.approx(expected, abs=1e-6)
@@ -160,11 +190,33 @@ def test_recalibration_picks_the_quantile(tiny_bundle: Path, new_parts: dict[str
     assert not (tmp_path / "v2x").exists()
 
 
-def test_cli_exit_codes_and_summary(tiny_bundle: Path, new_parts: dict[str, Path], bad_images: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_exit_codes_and_summary(
+    tiny_bundle: Path,
+    new_parts: dict[str, Path],
+    bad_images: dict[str, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     parent = load_bundle(tiny_bundle)
     v2 = tmp_path / "v2"
-    assert main(["add-references", str(tiny_bundle), str(new_parts["a"].parent), "--out", str(v2),
-                 "--recalibrate-good", str(new_parts["a_near"]), "--target-frr", "0.01", "--threads", "1"]) == 0
+    assert (
+        main(
+            [
+                "add-references",
+                str(tiny_bundle),
+                str(new_parts["a"].parent),
+                "--out",
+                str(v2),
+                "--recalibrate-good",
+                str(new_parts["a_near"]),
+                "--target-frr",
+                "0.01",
+                "--threads",
+                "1",
+            ]
+        )
+        == 0
+    )
     summary = json.loads(capsys.readouterr().out)
     assert summary["references"]["before"] == len(parent.references) < summary["references"]["after"]
     assert summary["added"] == ["a.png", "b.png"] and summary["threshold"]["before"]["value"] == 0.5
@@ -193,27 +245,43 @@ def test_image_mode_bundle_keeps_one_id_per_row(tmp_path: Path) -> None:
     from inspector.scoring import ScoringConfig
 
     graph = helper.make_graph(
-        [helper.make_node("GlobalAveragePool", ["images"], ["pooled"]), helper.make_node("Flatten", ["pooled"], ["embeddings"])],
-        "gap", [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["N", 3, 16, 16])],
-        [helper.make_tensor_value_info("embeddings", TensorProto.FLOAT, ["N", 3])])
+        [
+            helper.make_node("GlobalAveragePool", ["images"], ["pooled"]),
+            helper.make_node("Flatten", ["pooled"], ["embeddings"]),
+        ],
+        "gap",
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["N", 3, 16, 16])],
+        [helper.make_tensor_value_info("embeddings", TensorProto.FLOAT, ["N", 3])],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
     pre = PreprocessConfig(height=16, width=16)
     refs = [_save(tmp_path / "refs" / f"r{i}.png", _random_image(10 + i)) for i in range(3)]
     bank, _ = OnnxEmbedder(_write(tmp_path / "gap.onnx", model), pre).embed(refs)
-    spec = BundleSpec(pre, ScoringConfig(), Threshold(0.1), model={"name": "gap", "version": "1", "mode": "image"}, reference_ids=[p.name for p in refs])
+    spec = BundleSpec(
+        pre,
+        ScoringConfig(),
+        Threshold(0.1),
+        model={"name": "gap", "version": "1", "mode": "image"},
+        reference_ids=[p.name for p in refs],
+    )
     v1 = write_bundle(tmp_path / "v1", tmp_path / "gap.onnx", bank, spec)
 
-    new = [_save(tmp_path / "new" / "n0.png", _random_image(20)), _save(tmp_path / "other" / "n0.png", _random_image(21))]
+    new = [
+        _save(tmp_path / "new" / "n0.png", _random_image(20)),
+        _save(tmp_path / "other" / "n0.png", _random_image(21)),
+    ]
     v2 = load_bundle(add_references(v1, new, tmp_path / "v2"))
     ids = v2.spec.reference_ids
     assert ids[:3] == ["r0.png", "r1.png", "r2.png"] and len(ids) == 5 == len(v2.references)
-    assert ids[3].startswith("n0.png@") and ids[4].startswith("n0.png@") and ids[3] != ids[4]  # same name, different parts
+    assert (
+        ids[3].startswith("n0.png@") and ids[4].startswith("n0.png@") and ids[3] != ids[4]
+    )  # same name, different parts
     v3 = load_bundle(remove_references(v2.path, ["r1.png", ids[4]], tmp_path / "v3"))
     assert v3.spec.reference_ids == ["r0.png", "r2.png", ids[3]]
     np.testing.assert_array_equal(v3.references, v2.references[[0, 2, 3]])
 
 
-def _write(path: Path, model) -> Path:  # noqa: ANN001 - an onnx.ModelProto
+def _write(path: Path, model) -> Path:
     path.write_bytes(model.SerializeToString())
     return path
 
@@ -221,7 +289,9 @@ def _write(path: Path, model) -> Path:  # noqa: ANN001 - an onnx.ModelProto
 def test_added_references_keep_only_the_patches_on_the_part(tiny_bundle: Path, tmp_path: Path) -> None:
     """A letterboxed reference adds only its on-part patches, as training's bank does; its own score stays ~0."""
     narrow = tmp_path / "narrow.png"
-    Image.fromarray(np.random.default_rng(9).integers(0, 255, (20, 40, 3), dtype=np.uint8)).save(narrow)  # 32x16 on the canvas
+    Image.fromarray(np.random.default_rng(9).integers(0, 255, (20, 40, 3), dtype=np.uint8)).save(
+        narrow
+    )  # 32x16 on the canvas
     inspector = Inspector.from_bundle(tiny_bundle, threads=1)
     emb, on_part, _ = inspector.embedder.embed_parts([narrow])
     assert on_part is not None and 0 < on_part.sum() < on_part.size

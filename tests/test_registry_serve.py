@@ -81,7 +81,14 @@ def test_parse_model_uri() -> None:
     assert parse_model_uri(" models:/line-7.parts/12 ") == ModelUri("line-7.parts", version="12")
     assert str(parse_model_uri("models:/parts@champion")) == "models:/parts@champion"
     assert str(parse_model_uri("models:/parts/3")) == "models:/parts/3"
-    for bad in ("runs:/abc/model", "models:/parts", "models:/parts/latest", "models:/parts@", "/srv/bundle", "models:/a/b/1"):
+    for bad in (
+        "runs:/abc/model",
+        "models:/parts",
+        "models:/parts/latest",
+        "models:/parts@",
+        "/srv/bundle",
+        "models:/a/b/1",
+    ):
         with pytest.raises(RegistryError, match="not a registry model URI"):
             parse_model_uri(bad)
 
@@ -92,10 +99,14 @@ def test_mlmodel_parsing_finds_the_bundle_and_nothing_else() -> None:
     assert scalars[("flavors", "python_function", "env", "conda")] == "conda.yaml"
     assert scalars[("metadata", "threshold")] == "0.5"
     assert scalars[("utc_time_created",)] == "2026-11-25 11:26:41.881752"  # quotes removed
-    assert ("signature", "inputs") in scalars and not any(k[0] == '"name"' for k in scalars)  # continuation lines skipped
+    assert ("signature", "inputs") in scalars and not any(
+        k[0] == '"name"' for k in scalars
+    )  # continuation lines skipped
     assert bundle_path_in_mlmodel(MLMODEL, "models:/x@c") == "artifacts/bundle"
 
-    not_ours = MLMODEL.replace("      bundle:\n        path: artifacts/bundle\n", "      weights:\n        path: artifacts/w\n")
+    not_ours = MLMODEL.replace(
+        "      bundle:\n        path: artifacts/bundle\n", "      weights:\n        path: artifacts/w\n"
+    )
     with pytest.raises(RegistryError, match=r"models:/x@c: not an inspector model"):
         bundle_path_in_mlmodel(not_ours, "models:/x@c")
     escaping = MLMODEL.replace("path: artifacts/bundle", "path: ../../etc")
@@ -133,15 +144,21 @@ def test_cache_remembers_served_versions_and_drops_tampered_copies(tiny_bundle: 
     source = RegistrySource(RegistryClient("http://127.0.0.1:9", timeout=1, env={}), cache)
     assert source.cached_for("models:/tiny@champion").version == "3"  # type: ignore[union-attr]
 
-    good = ModelVersionRef("models:/tiny@champion", "tiny", "3", {"bundle_sha256.model": bundle.manifest["files"]["model.onnx"]})
+    good = ModelVersionRef(
+        "models:/tiny@champion", "tiny", "3", {"bundle_sha256.model": bundle.manifest["files"]["model.onnx"]}
+    )
     check_registry_hashes(bundle, good)
     with pytest.raises(BundleError, match="model.onnx sha256 .* does not match the registry's tag"):
-        check_registry_hashes(bundle, ModelVersionRef("models:/tiny@champion", "tiny", "3", {"bundle_sha256.model": "0" * 64}))
+        check_registry_hashes(
+            bundle, ModelVersionRef("models:/tiny@champion", "tiny", "3", {"bundle_sha256.model": "0" * 64})
+        )
 
     # the registry now holds another bundle under number 3 (store rebuilt): the stale copy goes, a download is tried
     shutil.copytree(tiny_bundle, cache.version_dir("tiny", "5"))
     with pytest.raises(RegistryUnreachable):
-        cache.fetch(source.client, ModelVersionRef("models:/tiny@champion", "tiny", "5", {"bundle_sha256.references": "f" * 64}))
+        cache.fetch(
+            source.client, ModelVersionRef("models:/tiny@champion", "tiny", "5", {"bundle_sha256.references": "f" * 64})
+        )
     assert not cache.version_dir("tiny", "5").exists() and not list(cache.version_dir("tiny", "5").parent.glob(".5.*"))
 
     (cache.version_dir("tiny", "3") / "references.npy").write_bytes(b"tampered on disk")
@@ -178,7 +195,10 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     root = tmp_path_factory.mktemp("registry")
     url, stop = start_mlflow_server(root)
     state = {"url": url, "root": root, "stop": stop, "port": int(url.rsplit(":", 1)[1])}
-    old_env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")}
+    old_env = {
+        k: os.environ.get(k)
+        for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    }
     os.environ["MLFLOW_TRACKING_URI"] = url
     os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
     mlflow.set_tracking_uri(url)
@@ -220,9 +240,26 @@ class Service:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "INSPECTOR_"))}
         self.log = log
         with open(log, "ab") as fh:
-            self.proc = subprocess.Popen([sys.executable, "-m", "inspector.cli", "serve", "--port", str(self.port), "--threads", "1",
-                                          "--log-level", "warning", *args],
-                                         cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "inspector.cli",
+                    "serve",
+                    "--port",
+                    str(self.port),
+                    "--threads",
+                    "1",
+                    "--log-level",
+                    "warning",
+                    *args,
+                ],
+                cwd=ROOT,
+                env=env,
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         self.http = httpx.Client(base_url=self.url, timeout=30)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -279,16 +316,27 @@ def wait_until(check: Callable[[], bool], timeout: float, what: str, service: Se
 
 def tamper_artifact(registry: dict, name: str, version: str) -> Path:
     """Corrupt references.npy of one registered version where the server stores it (its artifact destination)."""
-    uri = RegistryClient(registry["url"], timeout=10).download_uri(ModelVersionRef(f"models:/{name}/{version}", name, version))
+    uri = RegistryClient(registry["url"], timeout=10).download_uri(
+        ModelVersionRef(f"models:/{name}/{version}", name, version)
+    )
     assert uri.startswith("mlflow-artifacts:/"), uri
-    target = registry["root"] / "artifacts" / uri.removeprefix("mlflow-artifacts:/") / "artifacts" / "bundle" / "references.npy"
+    target = (
+        registry["root"]
+        / "artifacts"
+        / uri.removeprefix("mlflow-artifacts:/")
+        / "artifacts"
+        / "bundle"
+        / "references.npy"
+    )
     target.write_bytes(target.read_bytes()[:-16] + b"\x00" * 16)
     return target
 
 
 def test_file_artifact_location_is_read_from_disk(registry: dict, bundles: dict[str, Path], tmp_path: Path) -> None:
     """An experiment whose artifacts live on a ``file:`` location (a share this host mounts): no proxy involved."""
-    version = register(bundles["v2"], "line7-file", "champion", experiment="line-7-file", artifact_root=tmp_path / "share")
+    version = register(
+        bundles["v2"], "line7-file", "champion", experiment="line-7-file", artifact_root=tmp_path / "share"
+    )
     client = RegistryClient(registry["url"], timeout=5)
     ref = client.resolve("models:/line7-file@champion")
     assert ref.version == version and client.download_uri(ref).startswith("file://")
@@ -304,13 +352,24 @@ def test_file_artifact_location_is_read_from_disk(registry: dict, bundles: dict[
         client.resolve("models:/no-such-model@champion")
 
 
-def test_line_service_follows_the_champion(registry: dict, bundles: dict[str, Path], services: Callable[..., Service],
-                                           tmp_path: Path) -> None:
+def test_line_service_follows_the_champion(
+    registry: dict, bundles: dict[str, Path], services: Callable[..., Service], tmp_path: Path
+) -> None:
     name = "line7-parts"
     assert register(bundles["v1"], name, "champion") == "1"
     cache = tmp_path / "cache"
-    args = ("--model-uri", f"models:/{name}@champion", "--tracking-uri", registry["url"], "--poll-seconds", "0.5",
-            "--registry-timeout", "5", "--cache-dir", str(cache))
+    args = (
+        "--model-uri",
+        f"models:/{name}@champion",
+        "--tracking-uri",
+        registry["url"],
+        "--poll-seconds",
+        "0.5",
+        "--registry-timeout",
+        "5",
+        "--cache-dir",
+        str(cache),
+    )
     svc = services(*args, log=tmp_path / "service1.log")
 
     # version 1 from the registry, verified into the cache
@@ -370,10 +429,15 @@ def test_line_service_follows_the_champion(registry: dict, bundles: dict[str, Pa
 
     # the registry goes down: the line keeps scoring with version 2 and says so
     registry["stop"]()
-    wait_until(lambda: svc.ready()["registry"]["status"] == "unreachable", 30, "/readyz to report the registry down", svc)
+    wait_until(
+        lambda: svc.ready()["registry"]["status"] == "unreachable", 30, "/readyz to report the registry down", svc
+    )
     ready = svc.ready()
     assert ready["status"] == "ready" and ready["registry_version"] == "2"
-    assert ready["registry"]["detail"].startswith("unreachable since ") and "Connection refused" in ready["registry"]["error"]
+    assert (
+        ready["registry"]["detail"].startswith("unreachable since ")
+        and "Connection refused" in ready["registry"]["error"]
+    )
     assert svc.metric("inspector_registry_up") == 0.0
     last_success = svc.metric("inspector_registry_last_success_timestamp_seconds")
     assert 0 < last_success <= time.time()

@@ -54,7 +54,9 @@ def test_prefect_yaml_names_real_flows_with_matching_parameters() -> None:
         unknown = set(d.get("parameters", {})) - set(signature.parameters)
         assert not unknown, f"{name}: parameters {unknown} are not parameters of {flow.name}"
         required = {p for p, v in signature.parameters.items() if v.default is inspect.Parameter.empty}
-        assert required <= set(d["parameters"]), f"{name}: required parameters {required - set(d['parameters'])} missing"
+        assert required <= set(d["parameters"]), (
+            f"{name}: required parameters {required - set(d['parameters'])} missing"
+        )
         assert d["work_pool"]["name"] == WORK_POOL
         for schedule in d.get("schedules") or []:
             CronSchedule(cron=schedule["cron"], timezone=schedule.get("timezone"))  # raises on a bad cron or zone
@@ -66,15 +68,21 @@ def test_prefect_yaml_names_real_flows_with_matching_parameters() -> None:
 
 def _api(url: str, path: str, body: dict[str, Any] | None = None) -> Any:
     data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(f"{url}{path}", data=data, method="POST" if body is not None else "GET",
-                                 headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        f"{url}{path}",
+        data=data,
+        method="POST" if body is not None else "GET",
+        headers={"Content-Type": "application/json"},
+    )
     with urllib.request.urlopen(req, timeout=30) as resp:
         return json.loads(resp.read())
 
 
 def _run(cmd: list[str], env: dict[str, str], timeout: float = 180) -> str:
     out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False)
-    assert out.returncode == 0, f"{' '.join(cmd)} failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    assert out.returncode == 0, (
+        f"{' '.join(cmd)} failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    )
     return out.stdout + out.stderr
 
 
@@ -85,7 +93,9 @@ def server(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped
 
 
 @pytest.mark.slow
-def test_retraining_deployment_runs_through_a_real_worker(server: tuple[str, dict[str, str]], demo_root: Path, tmp_path: Path) -> None:
+def test_retraining_deployment_runs_through_a_real_worker(
+    server: tuple[str, dict[str, str]], demo_root: Path, tmp_path: Path
+) -> None:
     from mlflow import MlflowClient
 
     from pipelines.promotion import gate_set_from_folder
@@ -93,26 +103,54 @@ def test_retraining_deployment_runs_through_a_real_worker(server: tuple[str, dic
     api, base_env = server
     gate = gate_set_from_folder(demo_root, tmp_path / "gate.json")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    env = {**base_env, "INSPECTOR_RETRAIN_DATA": str(demo_root), "INSPECTOR_GATE_MANIFEST": str(gate.path),
-           "INSPECTOR_WORK_DIR": str(tmp_path / "work"), "MLFLOW_TRACKING_URI": uri}
+    env = {
+        **base_env,
+        "INSPECTOR_RETRAIN_DATA": str(demo_root),
+        "INSPECTOR_GATE_MANIFEST": str(gate.path),
+        "INSPECTOR_WORK_DIR": str(tmp_path / "work"),
+        "MLFLOW_TRACKING_URI": uri,
+    }
     prefect = str(VENV_BIN / "prefect")
     _run([prefect, "work-pool", "create", WORK_POOL, "--type", "process"], env)
     _run([prefect, "--no-prompt", "deploy", "--prefect-file", str(PREFECT_YAML), "--all"], env)
 
     deployment = _api(api, f"/deployments/name/retrain-inspector/{RETRAIN_DEPLOYMENT}")
     assert deployment["work_pool_name"] == WORK_POOL
-    assert deployment["parameters"]["data"] == str(demo_root) and deployment["parameters"]["gate_manifest"] == str(gate.path)
+    assert deployment["parameters"]["data"] == str(demo_root) and deployment["parameters"]["gate_manifest"] == str(
+        gate.path
+    )
     assert [s["schedule"]["cron"] for s in deployment["schedules"]] == ["0 2 * * *"]
 
     # one run now, on the tiny recipe, through the pool's real worker
-    params = {"recipe": "tiny", "warm_start": False, "rules": LOOSE_RULES, "tracking_uri": uri, "model_name": "deployed", "experiment": "deployed",
-              "recipe_overrides": {"preprocess.height": 64, "preprocess.width": 64, "train.epochs": 1, "epoch_size": 16, "train.progress": False}}
-    out = _run([prefect, "deployment", "run", f"retrain-inspector/{RETRAIN_DEPLOYMENT}", "--params", json.dumps(params)], env)
+    params = {
+        "recipe": "tiny",
+        "warm_start": False,
+        "rules": LOOSE_RULES,
+        "tracking_uri": uri,
+        "model_name": "deployed",
+        "experiment": "deployed",
+        "recipe_overrides": {
+            "preprocess.height": 64,
+            "preprocess.width": 64,
+            "train.epochs": 1,
+            "epoch_size": 16,
+            "train.progress": False,
+        },
+    }
+    out = _run(
+        [prefect, "deployment", "run", f"retrain-inspector/{RETRAIN_DEPLOYMENT}", "--params", json.dumps(params)], env
+    )
     flow_run_id = re.search(r"UUID:\s*([0-9a-f-]{36})", out).group(1)  # type: ignore[union-attr]
     worker_log = tmp_path / "worker.log"
     with open(worker_log, "wb") as fh:
-        worker = subprocess.Popen([prefect, "worker", "start", "--pool", WORK_POOL, "--run-once", "--limit", "1"], env=env, cwd=tmp_path,
-                                  stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+        worker = subprocess.Popen(
+            [prefect, "worker", "start", "--pool", WORK_POOL, "--run-once", "--limit", "1"],
+            env=env,
+            cwd=tmp_path,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         deadline = time.monotonic() + 420
         while True:
@@ -140,12 +178,25 @@ def test_retraining_deployment_runs_through_a_real_worker(server: tuple[str, dic
 def test_serve_deployments_registers_scheduled_deployments(server: tuple[str, dict[str, str]], tmp_path: Path) -> None:
     api, base_env = server
     config = tmp_path / "deploy.json"
-    config.write_text(json.dumps({"retrain_cron": "30 3 * * 1-5", "timezone": "Europe/Berlin",
-                                  "retrain_parameters": {"gate_manifest": "/srv/gate.json", "data": "/srv/images"}}))
+    config.write_text(
+        json.dumps(
+            {
+                "retrain_cron": "30 3 * * 1-5",
+                "timezone": "Europe/Berlin",
+                "retrain_parameters": {"gate_manifest": "/srv/gate.json", "data": "/srv/images"},
+            }
+        )
+    )
     log = tmp_path / "serve.log"
     with open(log, "wb") as fh:
-        proc = subprocess.Popen([str(VENV_BIN / "pipelines"), "serve-deployments", "--config", str(config)], env=base_env, cwd=tmp_path,
-                                stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            [str(VENV_BIN / "pipelines"), "serve-deployments", "--config", str(config)],
+            env=base_env,
+            cwd=tmp_path,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         deadline = time.monotonic() + 120
         found: dict[str, Any] = {}
@@ -173,4 +224,7 @@ def test_serve_deployments_dry_run(capsys: pytest.CaptureFixture[str]) -> None:
     os.environ.pop("INSPECTOR_DEPLOY_RETRAIN_CRON", None)
     assert main(["serve-deployments", "--dry-run", "--retrain-cron", "15 1 * * *"]) == 0
     out = capsys.readouterr().out
-    assert "retrain-inspector/retrain-nightly: schedules ['15 1 * * *']" in out and "promote-inspector/promote-on-demand" in out
+    assert (
+        "retrain-inspector/retrain-nightly: schedules ['15 1 * * *']" in out
+        and "promote-inspector/promote-on-demand" in out
+    )

@@ -35,7 +35,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def png_bytes(seed: int, size: tuple[int, int] = (30, 40)) -> bytes:
     buf = io.BytesIO()
-    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(buf, format="PNG")
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(
+        buf, format="PNG"
+    )
     return buf.getvalue()
 
 
@@ -51,7 +53,7 @@ class LiveServer:
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
-    def start(self) -> "LiveServer":
+    def start(self) -> LiveServer:
         self.thread.start()
         deadline = time.monotonic() + 30
         while not self.server.started:
@@ -84,7 +86,9 @@ def start_server() -> Iterator[Callable[..., LiveServer]]:
 @pytest.fixture(scope="module")
 def server(tiny_bundle: Path) -> Iterator[LiveServer]:
     """The shared server: bearer token on, 2 MB and 8 images per request."""
-    s = LiveServer(ServiceSettings(bundle=tiny_bundle, token=TOKEN, max_bytes=2_000_000, max_images=8, threads=1)).start()
+    s = LiveServer(
+        ServiceSettings(bundle=tiny_bundle, token=TOKEN, max_bytes=2_000_000, max_images=8, threads=1)
+    ).start()
     yield s
     s.stop()
 
@@ -107,7 +111,9 @@ def files(*items: tuple[str, bytes]) -> list[tuple[str, tuple[str, bytes, str]]]
     return [("files", (name, data, "image/png")) for name, data in items]
 
 
-def test_a_whole_part_bundle_answers_with_both_views(start_server: Callable[..., LiveServer], density_bundle: tuple[Path, dict]) -> None:
+def test_a_whole_part_bundle_answers_with_both_views(
+    start_server: Callable[..., LiveServer], density_bundle: tuple[Path, dict]
+) -> None:
     bundle, parts = density_bundle
     paths = parts["good"][:1] + parts["patchy"][:1]
     expected = Inspector.from_bundle(bundle, threads=1).score(paths)
@@ -117,7 +123,9 @@ def test_a_whole_part_bundle_answers_with_both_views(start_server: Callable[...,
     assert reply.status_code == 200, reply.text
     for got, want in zip(reply.json()["results"], expected):
         assert got["score"] == pytest.approx(want.score, abs=1e-6)
-        assert got["views"] == pytest.approx(want.views, abs=1e-6) and got["score"] == pytest.approx(max(got["views"].values()), abs=1e-9)
+        assert got["views"] == pytest.approx(want.views, abs=1e-6) and got["score"] == pytest.approx(
+            max(got["views"].values()), abs=1e-9
+        )
 
 
 def test_score_one_and_many_match_the_python_api(client: httpx.Client, tiny_bundle: Path) -> None:
@@ -206,7 +214,7 @@ def test_readyz_healthz_and_metrics(client: httpx.Client) -> None:
     assert first.status_code == 200
     text = client.get("/metrics").text
     assert 'inspector_http_requests_total{method="POST",path="/v1/score",status="200"}' in text
-    assert 'inspector_model_info{bundle=' in text and 'version="tiny:1"' in text
+    assert "inspector_model_info{bundle=" in text and 'version="tiny:1"' in text
     assert "inspector_http_request_duration_seconds_bucket" in text
     assert "inspector_images_scored_total" in text and "inspector_anomalies_flagged_total" in text
     assert "inspector_model_ready 1.0" in text
@@ -217,7 +225,9 @@ def test_readyz_healthz_and_metrics(client: httpx.Client) -> None:
         body = client.post("/v1/score", files=files(*[(f"{i}{j}.png", png_bytes(10 * i + j)) for j in range(3)])).json()
         verdicts += [r["verdict"] == "anomalous" for r in body["results"]]
     assert len(verdicts) == 13
-    assert _gauge(client.get("/metrics").text, "inspector_recent_flag_rate") == pytest.approx(sum(verdicts) / len(verdicts))
+    assert _gauge(client.get("/metrics").text, "inspector_recent_flag_rate") == pytest.approx(
+        sum(verdicts) / len(verdicts)
+    )
 
 
 def _gauge(text: str, name: str) -> float:
@@ -284,7 +294,9 @@ def test_reload_under_concurrent_requests_fails_nothing(
         assert "inspector_model_swaps_total 3.0" in metrics
 
 
-def test_startup_refuses_what_it_cannot_serve(tmp_path: Path, tiny_bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_startup_refuses_what_it_cannot_serve(
+    tmp_path: Path, tiny_bundle: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from inspector.cli import main
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -293,13 +305,29 @@ def test_startup_refuses_what_it_cannot_serve(tmp_path: Path, tiny_bundle: Path,
     with pytest.raises(InspectorError, match="not a registry model URI"):
         create_app(ServiceSettings(model_uri="runs:/abc/model", tracking_uri="http://127.0.0.1:9"))
     with pytest.raises(InspectorError, match="either --bundle or --model-uri"):
-        create_app(ServiceSettings(bundle=tiny_bundle, model_uri="models:/tiny@champion", tracking_uri="http://127.0.0.1:9"))
+        create_app(
+            ServiceSettings(bundle=tiny_bundle, model_uri="models:/tiny@champion", tracking_uri="http://127.0.0.1:9")
+        )
     with pytest.raises(InspectorError, match="over http"):
         create_app(ServiceSettings(model_uri="models:/tiny@champion", tracking_uri="sqlite:///x.db"))
     assert main(["serve", "--model-uri", "models:/tiny@champion"]) == 2
     # registry unreachable and nothing cached: a clear error, no server
-    assert main(["serve", "--model-uri", "models:/tiny@champion", "--tracking-uri", "http://127.0.0.1:9",
-                 "--cache-dir", str(tmp_path / "cache"), "--registry-timeout", "2"]) == 2
+    assert (
+        main(
+            [
+                "serve",
+                "--model-uri",
+                "models:/tiny@champion",
+                "--tracking-uri",
+                "http://127.0.0.1:9",
+                "--cache-dir",
+                str(tmp_path / "cache"),
+                "--registry-timeout",
+                "2",
+            ]
+        )
+        == 2
+    )
     assert main(["serve", "--bundle", str(tmp_path)]) == 2  # not a bundle: clear error, no server
 
 
@@ -309,9 +337,25 @@ def test_cli_serve_runs_uvicorn(tiny_bundle: Path) -> None:
         port = s.getsockname()[1]
     env = {**os.environ, "INSPECTOR_TOKEN": TOKEN}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "inspector.cli", "serve", "--bundle", str(tiny_bundle), "--port", str(port), "--threads", "1",
-         "--log-level", "warning"],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            "-m",
+            "inspector.cli",
+            "serve",
+            "--bundle",
+            str(tiny_bundle),
+            "--port",
+            str(port),
+            "--threads",
+            "1",
+            "--log-level",
+            "warning",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     try:
         deadline = time.monotonic() + 30
@@ -322,9 +366,13 @@ def test_cli_serve_runs_uvicorn(tiny_bundle: Path) -> None:
                 break
             except httpx.TransportError:
                 time.sleep(0.1)
-        assert ready is not None and ready.status_code == 200, proc.stdout.read() if proc.poll() is not None else "no answer"
+        assert ready is not None and ready.status_code == 200, (
+            proc.stdout.read() if proc.poll() is not None else "no answer"
+        )
         assert ready.json()["model_version"] == "tiny:1"
-        scored = httpx.post(f"http://127.0.0.1:{port}/v1/score", files=files(("a.png", png_bytes(0))), headers=AUTH, timeout=30)
+        scored = httpx.post(
+            f"http://127.0.0.1:{port}/v1/score", files=files(("a.png", png_bytes(0))), headers=AUTH, timeout=30
+        )
         assert scored.status_code == 200
     finally:
         proc.terminate()
@@ -335,7 +383,9 @@ def test_cli_serve_runs_uvicorn(tiny_bundle: Path) -> None:
             proc.wait()
 
 
-def test_a_local_mlflow_store_in_the_environment_does_not_stop_a_bundle_service(tiny_bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_local_mlflow_store_in_the_environment_does_not_stop_a_bundle_service(
+    tiny_bundle: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """On a host that also trains, MLFLOW_TRACKING_URI may point at a local SQLite store: serving a bundle ignores it."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////tmp/somewhere/mlflow.db")
     settings = ServiceSettings.from_env(bundle=tiny_bundle)
@@ -355,14 +405,21 @@ def test_drift_gauges_follow_the_served_model(tiny_bundle: Path, tmp_path: Path)
 
     old = load_bundle(tiny_bundle)
     details = {"false_reject_rate": 0.008, "frr_upper_95": 0.031}
-    calibrated = write_bundle(tmp_path / "calibrated", old.model_path, old.references,
-                              replace(old.spec, threshold=Threshold(0.5, rule="target_frr", details=details)))
+    calibrated = write_bundle(
+        tmp_path / "calibrated",
+        old.model_path,
+        old.references,
+        replace(old.spec, threshold=Threshold(0.5, rule="target_frr", details=details)),
+    )
     metrics = ServiceMetrics()
 
     def gauges() -> tuple[float, float, float]:
         text = metrics.render()[0].decode()
-        return (_gauge(text, "inspector_recent_flag_rate"), _gauge(text, "inspector_model_calibrated_false_reject_rate"),
-                _gauge(text, "inspector_model_false_reject_rate_upper95"))
+        return (
+            _gauge(text, "inspector_recent_flag_rate"),
+            _gauge(text, "inspector_model_calibrated_false_reject_rate"),
+            _gauge(text, "inspector_model_false_reject_rate_upper95"),
+        )
 
     metrics.model_loaded(LoadedModel(Inspector.from_bundle(calibrated), calibrated, time.time()))
     rate, frr, upper = gauges()
@@ -380,7 +437,9 @@ def test_drift_gauges_follow_the_served_model(tiny_bundle: Path, tmp_path: Path)
     assert math.isnan(rate) and math.isnan(frr) and math.isnan(upper)
 
 
-def test_concurrent_cameras_are_scored_together_with_their_own_results(start_server: Callable[..., LiveServer], tiny_bundle: Path) -> None:
+def test_concurrent_cameras_are_scored_together_with_their_own_results(
+    start_server: Callable[..., LiveServer], tiny_bundle: Path
+) -> None:
     server = start_server(tiny_bundle)
     blobs = [png_bytes(100 + i) for i in range(32)]
     expected = [r.score for r in Inspector.from_bundle(tiny_bundle, threads=1).score(blobs)]
@@ -413,6 +472,13 @@ def test_each_request_alone_when_combining_is_off(start_server: Callable[..., Li
     server = start_server(tiny_bundle, combine_images=1)
     with httpx.Client(base_url=server.url, timeout=30) as c:
         for i in range(3):
-            assert c.post("/v1/score", files=files(("a.png", png_bytes(i)), ("b.png", png_bytes(i + 50)))).status_code == 200
+            assert (
+                c.post("/v1/score", files=files(("a.png", png_bytes(i)), ("b.png", png_bytes(i + 50)))).status_code
+                == 200
+            )
         metrics = c.get("/metrics").text
-    assert _gauge(metrics, "inspector_score_batches_total") == 3 == _gauge(metrics, "inspector_score_batched_requests_total")
+    assert (
+        _gauge(metrics, "inspector_score_batches_total")
+        == 3
+        == _gauge(metrics, "inspector_score_batched_requests_total")
+    )

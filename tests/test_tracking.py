@@ -65,8 +65,16 @@ def test_tracking_uri_default_is_absolute_sqlite_and_env_wins(tmp_path: Path, mo
 
 
 def test_flatten_params() -> None:
-    flat = tracking.flatten_params({"train": {"lr": 0.001, "stages": (2, 3), "opt": {"name": "adam"}}, "seed": 0, "note": None})
-    assert flat == {"train.lr": "0.001", "train.stages": "(2, 3)", "train.opt.name": "adam", "seed": "0", "note": "None"}
+    flat = tracking.flatten_params(
+        {"train": {"lr": 0.001, "stages": (2, 3), "opt": {"name": "adam"}}, "seed": 0, "note": None}
+    )
+    assert flat == {
+        "train.lr": "0.001",
+        "train.stages": "(2, 3)",
+        "train.opt.name": "adam",
+        "seed": "0",
+        "note": "None",
+    }
 
 
 def test_log_training_run(store: dict, tmp_path: Path) -> None:
@@ -80,30 +88,63 @@ def test_log_training_run(store: dict, tmp_path: Path) -> None:
     checkpoint.write_bytes(b"\0" * 64)
     plot = tmp_path / "roc.png"
     Image.new("RGB", (8, 8)).save(plot)
-    config = {"preprocess": {"height": 32, "width": 32}, "embedder": {"backbone": "tiny_cnn", "feature_stages": (2, 3)}, "seed": 0}
+    config = {
+        "preprocess": {"height": 32, "width": 32},
+        "embedder": {"backbone": "tiny_cnn", "feature_stages": (2, 3)},
+        "seed": 0,
+    }
     history = {
         "epochs": [
-            {"epoch": e, "train_loss": 1.0 / (e + 1), "val_auroc": 0.5 + 0.1 * e, "embedding_variance": 0.2, "seconds": 2.0, "images": 10,
-             "images_per_second": 5.0, "val_views": {"patch": 0.4 + 0.1 * e, "part": 0.6, "fused": 0.5 + 0.1 * e}}
+            {
+                "epoch": e,
+                "train_loss": 1.0 / (e + 1),
+                "val_auroc": 0.5 + 0.1 * e,
+                "embedding_variance": 0.2,
+                "seconds": 2.0,
+                "images": 10,
+                "images_per_second": 5.0,
+                "val_views": {"patch": 0.4 + 0.1 * e, "part": 0.6, "fused": 0.5 + 0.1 * e},
+            }
             for e in range(3)
         ],
-        "best_epoch": 2, "best_val_auroc": 0.7, "stopped_early": False, "collapsed": False, "device": "cpu",
-        "initial_val_auroc": 0.45, "initial_val_views": {"patch": 0.3, "part": 0.6, "fused": 0.45},
+        "best_epoch": 2,
+        "best_val_auroc": 0.7,
+        "stopped_early": False,
+        "collapsed": False,
+        "device": "cpu",
+        "initial_val_auroc": 0.45,
+        "initial_val_views": {"patch": 0.3, "part": 0.6, "fused": 0.45},
     }
     with mlflow.start_run(experiment_id=store["experiment_id"]) as run:
-        tracking.log_training_run(config, history=history, metrics={"image_auroc": 0.9, "escape_rate": 0.1, "bad": float("nan")},
-                                  manifest=manifest, checkpoint=checkpoint, plots=[plot], dataset_hash="abc123")
+        tracking.log_training_run(
+            config,
+            history=history,
+            metrics={"image_auroc": 0.9, "escape_rate": 0.1, "bad": float("nan")},
+            manifest=manifest,
+            checkpoint=checkpoint,
+            plots=[plot],
+            dataset_hash="abc123",
+        )
 
     client = MlflowClient()
     data = client.get_run(run.info.run_id).data
-    assert data.params == {"preprocess.height": "32", "preprocess.width": "32", "embedder.backbone": "tiny_cnn",
-                           "embedder.feature_stages": "(2, 3)", "seed": "0"}
+    assert data.params == {
+        "preprocess.height": "32",
+        "preprocess.width": "32",
+        "embedder.backbone": "tiny_cnn",
+        "embedder.feature_stages": "(2, 3)",
+        "seed": "0",
+    }
     assert data.metrics["image_auroc"] == 0.9 and data.metrics["escape_rate"] == 0.1 and "bad" not in data.metrics
     losses = client.get_metric_history(run.info.run_id, "train_loss")
     assert sorted((m.step, m.value) for m in losses) == [(0, 1.0), (1, 0.5), (2, pytest.approx(1 / 3))]
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val_auroc")] == [0, 1, 2]
     patch = client.get_metric_history(run.info.run_id, "val_auroc_patch")  # each view of the fused score, per epoch
-    assert sorted((m.step, m.value) for m in patch) == [(0, pytest.approx(0.4)), (1, pytest.approx(0.5)), (2, pytest.approx(0.6))]
+    assert sorted((m.step, m.value) for m in patch) == [
+        (0, pytest.approx(0.4)),
+        (1, pytest.approx(0.5)),
+        (2, pytest.approx(0.6)),
+    ]
     assert data.metrics["initial_val_auroc_part"] == 0.6 and data.metrics["initial_val_auroc"] == 0.45
     assert {"embedding_variance", "images_per_second", "best_val_auroc"} <= set(data.metrics)
     assert data.tags["dataset_hash"] == "abc123"
@@ -111,9 +152,21 @@ def test_log_training_run(store: dict, tmp_path: Path) -> None:
     assert commit == "unknown" or len(commit) == 40
     # the run says which versions produced it (its figures move with numpy, Pillow, torch)
     assert data.tags["env.numpy"] == metadata.version("numpy") and data.tags["env.torch"] == metadata.version("torch")
-    assert data.tags["env.python"].count(".") == 2 and set(tracking.RESULT_PACKAGES) == {k[4:] for k in data.tags if k.startswith("env.")} - {"python", "machine"}
-    artifacts = {a.path for d in ("", "dataset", "checkpoint", "plots", "training") for a in client.list_artifacts(run.info.run_id, d or None)}
-    assert {"dataset/manifest.json", "checkpoint/last.pt", "plots/roc.png", "config.json", "training/history.json"} <= artifacts
+    assert data.tags["env.python"].count(".") == 2 and set(tracking.RESULT_PACKAGES) == {
+        k[4:] for k in data.tags if k.startswith("env.")
+    } - {"python", "machine"}
+    artifacts = {
+        a.path
+        for d in ("", "dataset", "checkpoint", "plots", "training")
+        for a in client.list_artifacts(run.info.run_id, d or None)
+    }
+    assert {
+        "dataset/manifest.json",
+        "checkpoint/last.pt",
+        "plots/roc.png",
+        "config.json",
+        "training/history.json",
+    } <= artifacts
     assert Path(client.get_run(run.info.run_id).info.artifact_uri.removeprefix("file://")).is_relative_to(tmp_path)
     assert not (Path.cwd() / "mlruns").exists() or not any((Path.cwd() / "mlruns").glob(f"{store['experiment_id']}/*"))
 
@@ -124,13 +177,19 @@ def test_register_needs_a_run(store: dict, tiny_bundle: Path) -> None:
     assert not MlflowClient().search_registered_models(filter_string="name='no-run'")
 
 
-def test_register_load_predict_download_and_failed_registration(store: dict, tiny_bundle: Path, part_images: list[Path], tmp_path: Path) -> None:
+def test_register_load_predict_download_and_failed_registration(
+    store: dict, tiny_bundle: Path, part_images: list[Path], tmp_path: Path
+) -> None:
     client = MlflowClient()
     name = "line-7-inspector"
     versions = []
     for _ in range(2):
         with mlflow.start_run(experiment_id=store["experiment_id"]) as run:
-            versions.append(tracking.register_bundle(tiny_bundle, name, run_id=run.info.run_id, tags={"dataset_hash": "abc123", "image_auroc": 0.91}))
+            versions.append(
+                tracking.register_bundle(
+                    tiny_bundle, name, run_id=run.info.run_id, tags={"dataset_hash": "abc123", "image_auroc": 0.91}
+                )
+            )
     assert [str(v.version) for v in versions] == ["1", "2"]
     assert str(client.get_model_version_by_alias(name, "challenger").version) == "2"
     tags = client.get_model_version(name, "2").tags

@@ -69,14 +69,33 @@ def test_trains_checkpoints_and_learns(tmp_path: Path) -> None:
 def test_resume_after_interruption_matches_uninterrupted_run(tmp_path: Path) -> None:
     torch.manual_seed(0)
     straight = build_embedder(TINY)
-    train(straight, SpotDataset(), _config(early_stopping_patience=99), validation=_validation(), checkpoint_dir=tmp_path / "a")
+    train(
+        straight,
+        SpotDataset(),
+        _config(early_stopping_patience=99),
+        validation=_validation(),
+        checkpoint_dir=tmp_path / "a",
+    )
 
     torch.manual_seed(0)
     interrupted = build_embedder(TINY)
     with pytest.raises(RuntimeError, match="killed"):
-        train(interrupted, SpotDataset(fail_at_epoch=2), _config(early_stopping_patience=99), validation=_validation(), checkpoint_dir=tmp_path / "b")
+        train(
+            interrupted,
+            SpotDataset(fail_at_epoch=2),
+            _config(early_stopping_patience=99),
+            validation=_validation(),
+            checkpoint_dir=tmp_path / "b",
+        )
     resumed = build_embedder(TINY)
-    history = train(resumed, SpotDataset(), _config(early_stopping_patience=99), validation=_validation(), checkpoint_dir=tmp_path / "b", resume=True)
+    history = train(
+        resumed,
+        SpotDataset(),
+        _config(early_stopping_patience=99),
+        validation=_validation(),
+        checkpoint_dir=tmp_path / "b",
+        resume=True,
+    )
     assert len(history.epochs) == 3
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.allclose(a.float(), b.float(), atol=1e-6), name
@@ -91,7 +110,12 @@ def test_early_stopping_when_validation_does_not_improve() -> None:
     torch.manual_seed(0)
     same = _images(4, False, 9)  # queries identical to the references: every score 0, AUROC stuck at 0.5
     flat = ValidationData(references=same, queries=torch.cat([same, same]), labels=np.r_[np.zeros(4), np.ones(4)])
-    history = train(build_embedder(TINY), SpotDataset(), _config(epochs=6, early_stopping_patience=2, keep_initial=False), validation=flat)
+    history = train(
+        build_embedder(TINY),
+        SpotDataset(),
+        _config(epochs=6, early_stopping_patience=2, keep_initial=False),
+        validation=flat,
+    )
     assert len(history.epochs) == 3 and history.stopped_early and history.best_epoch == 0
 
 
@@ -103,7 +127,12 @@ def test_starting_weights_are_kept_when_no_epoch_beats_them() -> None:
     model = build_embedder(TINY)
     start = {k: v.clone() for k, v in model.state_dict().items()}
     history = train(model, SpotDataset(), _config(epochs=6, early_stopping_patience=2), validation=flat)
-    assert history.initial_val_auroc == 0.5 and history.best_epoch == -1 and len(history.epochs) == 2 and history.stopped_early
+    assert (
+        history.initial_val_auroc == 0.5
+        and history.best_epoch == -1
+        and len(history.epochs) == 2
+        and history.stopped_early
+    )
     for name, value in model.state_dict().items():
         assert torch.equal(value, start[name]), name
 
@@ -131,16 +160,31 @@ def _part_validation(tmp_path: Path) -> tuple[ValidationData, list[Path]]:
     rng = np.random.default_rng(3)
     pre = PreprocessConfig(height=32, width=32)
     refs, goods = textured_parts(rng, 30, (0.3, 0.7)), textured_parts(rng, 12, (0.3, 0.7))
-    patchy = [Image.fromarray(np.concatenate([np.asarray(textured_parts(rng, 1, (0.3, 0.32))[0])[:, :20],
-                                              np.asarray(textured_parts(rng, 1, (0.68, 0.7))[0])[:, 20:]], axis=1)) for _ in range(12)]
+    patchy = [
+        Image.fromarray(
+            np.concatenate(
+                [
+                    np.asarray(textured_parts(rng, 1, (0.3, 0.32))[0])[:, :20],
+                    np.asarray(textured_parts(rng, 1, (0.68, 0.7))[0])[:, 20:],
+                ],
+                axis=1,
+            )
+        )
+        for _ in range(12)
+    ]
     files = []
     for i, img in enumerate(refs):
         files.append(tmp_path / f"ref{i}.png")
         img.save(files[-1])
     batch = Preprocessor(pre).batch
-    data = ValidationData(references=torch.from_numpy(batch(refs)), queries=torch.from_numpy(batch(goods + patchy)),
-                          labels=np.r_[np.zeros(12), np.ones(12)], query_sizes=[im.size for im in goods + patchy], preprocess=pre,
-                          reference_sizes=[im.size for im in refs])
+    data = ValidationData(
+        references=torch.from_numpy(batch(refs)),
+        queries=torch.from_numpy(batch(goods + patchy)),
+        labels=np.r_[np.zeros(12), np.ones(12)],
+        query_sizes=[im.size for im in goods + patchy],
+        preprocess=pre,
+        reference_sizes=[im.size for im in refs],
+    )
     return data, files
 
 
@@ -151,11 +195,15 @@ def test_validation_scores_with_the_line_s_fused_score(tmp_path: Path) -> None:
 
     data, _ = _part_validation(tmp_path)
     torch.manual_seed(0)
-    model = build_embedder(EmbedderConfig(backbone="tiny_cnn", weights=None, feature_stages=(2, 3), embedding_dim=8, density_stages=2))
+    model = build_embedder(
+        EmbedderConfig(backbone="tiny_cnn", weights=None, feature_stages=(2, 3), embedding_dim=8, density_stages=2)
+    )
     auroc, variance, views = validate(model, data)
     assert set(views) == {"patch", "part", "fused"} and variance > 0
     assert auroc == views["fused"] and views["fused"] > 0.95 and views["fused"] > views["patch"] + 0.2
-    no_part = build_embedder(EmbedderConfig(backbone="tiny_cnn", weights=None, feature_stages=(2, 3), embedding_dim=8, density_stages=0))
+    no_part = build_embedder(
+        EmbedderConfig(backbone="tiny_cnn", weights=None, feature_stages=(2, 3), embedding_dim=8, density_stages=0)
+    )
     auroc, _, views = validate(no_part, data)
     assert set(views) == {"patch"} and auroc == views["patch"]
 
@@ -167,8 +215,12 @@ def test_training_records_each_view_and_keeps_the_best_fused_epoch(tmp_path: Pat
 
     data, files = _part_validation(tmp_path)
     torch.manual_seed(0)
-    model = build_embedder(EmbedderConfig(backbone="tiny_cnn", weights=None, feature_stages=(2, 3), embedding_dim=8, density_stages=2))
-    dataset = PatchPairDataset(files, [], Preprocessor(PreprocessConfig(height=32, width=32)), synthetic=SyntheticDefects(), seed=0)
+    model = build_embedder(
+        EmbedderConfig(backbone="tiny_cnn", weights=None, feature_stages=(2, 3), embedding_dim=8, density_stages=2)
+    )
+    dataset = PatchPairDataset(
+        files, [], Preprocessor(PreprocessConfig(height=32, width=32)), synthetic=SyntheticDefects(), seed=0
+    )
     history = train(model, dataset, _config(epochs=2, batch_size=8, max_steps_per_epoch=2), validation=data)
     assert history.initial_val_views is not None and set(history.initial_val_views) == {"patch", "part", "fused"}
     assert history.initial_val_auroc == history.initial_val_views["fused"]
