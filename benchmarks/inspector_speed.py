@@ -1,19 +1,26 @@
-"""Line-side speed in one run, same model and images: torch eager vs the inspector (onnxruntime), end to end, HTTP.
+"""Line-side speed in one run, same model and images: torch eager against the inspector (onnxruntime), each stage
+of scoring, end to end against the forward pass alone, single-image latency and the HTTP service.
 
-Model: the default line embedder (Lite0 patch embedder, 224 px, ImageNet weights, untrained head: speed does not
-depend on training) with a golden bank built from generated parts. Prints images/s and the ratios the issue's
-targets are stated in:
-  * inspector ORT forward vs torch eager forward, batch 1 and 32;
-  * end to end (JPEG decode + preprocessing + ORT + patch kNN scoring) vs the ORT forward alone, per image at batch
-    32, same images, same run: one ``Inspector.score`` call of 32 images, and ``score_paths`` streaming all images
-    in chunks of 32 (on a multi-core CPU, batches side by side, one core each, against one batch at a time through
-    the three-stage pipeline); the ORT forward alone is the fastest of one batch on all cores and batches side by
-    side; plus the time of each stage for one batch of 32 and the brute-force kNN the line used before;
-  * p50/p99 single-image latency through ``Inspector.score``;
-  * the HTTP service (``inspector serve`` in its own process) under 8 concurrent clients (bounded request loop on
-    127.0.0.1) vs in-process single-image scoring.
+Model: the default line embedder (Lite0 patch embedder with the whole-part view, ImageNet weights, untrained head:
+speed does not depend on training), bundled by the product's own ``build_bundle`` from generated parts (48 golden,
+16 calibration goods). For each model it prints:
 
-    .venv/bin/python benchmarks/inspector_speed.py [--images 128] [--requests 64] [--skip-eager] [--skip-service]
+* the ORT forward against torch eager, batch 32 and batch 1 (``--skip-eager`` leaves it out);
+* the time of each stage for one batch of 32: decode, resize, normalise, forward, the golden-bank search (and the
+  brute-force search beside it), the whole-part Gaussian;
+* end to end (decode + preprocessing + ORT + scoring) against the ORT forward alone, per image at batch 32: one
+  ``Inspector.score`` call of 32 images, and ``score_paths`` streaming ``--images`` in chunks of 32, with batches
+  side by side, one core each (the default on a multi-core CPU), and one batch at a time (``streams=1``: the path
+  of a GPU or a single core). The forward alone is the fastest of one batch on all cores, ORT's own spinning
+  threads, and batches side by side; all are measured in turn, so load from other jobs hits all alike;
+* p50/p99 single-image latency through ``Inspector.score``;
+* the HTTP service (``inspector serve`` in its own process) under 8 concurrent clients posting one image each,
+  with queued requests combined (the default) and each request scored alone (``--combine-images 1``).
+
+``--patch-only``, ``--multi-scale``, ``--head-only`` and ``--global`` add the models of other product settings
+(what the default costs over each). ``--set`` changes the recipe as ``pipelines train --set`` does.
+
+    .venv/bin/python -m benchmarks.inspector_speed [--images 128] [--requests 64] [--mono] [--skip-eager]
 """
 
 from __future__ import annotations
@@ -21,119 +28,88 @@ from __future__ import annotations
 import argparse
 import os
 import socket
+import subprocess
+import sys
 import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import numpy as np
+import onnxruntime as ort
 import torch
 from PIL import Image
 
-from inspector.bundle import BundleSpec, Threshold, write_bundle
-from inspector.density import DensitySpec, ScoreScale
-from inspector.engine import PLACEMENT_INPUT, Inspector, OnnxEmbedder, make_session
-from inspector.preprocess import PreprocessConfig, Preprocessor, full_placement, load_image
-from inspector.scoring import GoldenBank, ScoringConfig
-from models.coreset import greedy_coreset
+from benchmarks.common import best_seconds, interleaved_rates, write_json
+from inspector.engine import PLACEMENT_INPUT, Inspector, make_session
+from inspector.preprocess import full_placement
+from inspector.scoring import GoldenBank
 from models.demo_data import render_good_part
-from models.export import export_onnx
-from models.siamese import EmbedderConfig, build_embedder
+from models.export import describes_parts
+from models.siamese import Embedder, EmbedderConfig, PatchEmbedder, build_embedder
+from pipelines.bundle_building import build_bundle
+from pipelines.data.split import DataSplit
+from pipelines.recipe import Recipe
+from pipelines.settings import apply_overrides, load_overrides
+
+BATCH = 32
 
 
-def rate(fn, n_images: int, repeats: int = 3) -> float:  # type: ignore[no-untyped-def]
-    """Best-of-``repeats`` images per second of ``fn`` (after one warm-up call)."""
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return n_images / best
-
-
-def interleaved_rates(
-    fns: dict[str, Callable[[], object]], n_images: dict[str, int], rounds: int = 5
-) -> dict[str, float]:
-    """Best-of-``rounds`` images/s of several functions measured in turn, so load from other jobs hits all alike."""
-    for fn in fns.values():
-        fn()
-    best = dict.fromkeys(fns, float("inf"))
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            best[name] = min(best[name], time.perf_counter() - t0)
-    return {name: n_images[name] / best[name] for name in fns}
-
-
-def _with_blas_threads(n: int, fn: Callable[..., object], *args: object) -> object:
-    """Run ``fn`` with numpy's BLAS on ``n`` threads (the line keeps it on one; the old brute force used two)."""
-    from threadpoolctl import threadpool_limits
-
-    with threadpool_limits(n, user_api="blas"):
-        return fn(*args)
-
-
-def stage_times(inspector: Inspector, paths: list[Path], rounds: int = 5) -> dict[str, float]:
-    """Best-of-``rounds`` milliseconds per batch of each stage of ``Inspector.score`` on these images."""
-    emb = inspector.embedder
-    pre = emb.preprocessor
-    images = [load_image(p, keep_gray=True) for p in paths]  # as the line decodes them
-    resized = np.stack([pre.resize(img) for img in images])
-    batch = pre.normalize(resized)
-    features, descriptors = emb.run(batch)
-    brute = GoldenBank(inspector.bundle.references, cells=0)
-    stages: dict[str, Callable[[], object]] = {
-        "decode (1 thread)": lambda: [load_image(p, keep_gray=True) for p in paths],
-        "resize (1 thread)": lambda: [pre.resize(img) for img in images],
-        "decode+resize (pool)": lambda: emb.prepare(paths),
-        "normalise": lambda: pre.normalize(resized),
-        "ORT forward": lambda: emb.embed_arrays(batch),
-        "kNN (pruned, line)": lambda: inspector.golden.anomaly_scores(features, inspector.bundle.spec.scoring),
-        "kNN (brute force, before)": lambda: _with_blas_threads(
-            2, brute.anomaly_scores, features, inspector.bundle.spec.scoring
-        ),
-    }
-    if images[0].mode == "L":  # mono images: the one-channel route against converting to RGB first
-        stages["decode+resize via RGB (1 thread, before)"] = lambda: [pre.resize(load_image(p)) for p in paths]
-        stages["decode+resize one channel (1 thread)"] = lambda: [
-            pre.resize(load_image(p, keep_gray=True)) for p in paths
-        ]
-    if inspector.density is not None and descriptors is not None:
-        density = inspector.density
-        stages["whole-part Gaussian"] = lambda: density.distances(descriptors)
-    rates = interleaved_rates(stages, dict.fromkeys(stages, 1), rounds)
-    return {name: 1000.0 / r for name, r in rates.items()}
-
-
-def side_by_side_forward(session: object, feed: dict[str, np.ndarray], streams: int, pool: ThreadPoolExecutor) -> None:
-    """The ORT forward alone as the line runs it on a multi-core CPU: ``streams`` batches side by side on a session
-    of one intra-op thread each (Inspector.score_paths's default there)."""
-    for f in [pool.submit(session.run, None, feed) for _ in range(streams)]:  # type: ignore[attr-defined]
-        f.result()
-
-
-def features_per_image(inspector: Inspector) -> int:
-    """Patches per image of a patch bundle (1 for image mode), from the model's output shape."""
-    shape = inspector.embedder.session.get_outputs()[0].shape
-    return int(shape[1]) if len(shape) == 3 and isinstance(shape[1], int) else 1
-
-
-def make_images(folder: Path, n: int, size: int, seed: int, mono: bool = False) -> list[Path]:
+def generated_parts(folder: Path, n: int, size: int, seed: int, mono: bool = False) -> list[Path]:
     """``n`` generated parts as JPEGs, colour or (``mono``) one-channel like a mono line camera's."""
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for i in range(n):
         img = Image.fromarray(render_good_part(np.random.default_rng([seed, i]), size, size))
-        p = folder / f"part_{i:03d}.jpg"
-        (img.convert("L") if mono else img).save(p, quality=92)
-        paths.append(p)
+        path = folder / f"part_{i:03d}.jpg"
+        (img.convert("L") if mono else img).save(path, quality=92)
+        paths.append(path)
     return paths
+
+
+def stage_ms(inspector: Inspector, paths: list[Path], rounds: int) -> dict[str, float]:
+    """Best-of-``rounds`` milliseconds of each stage of ``Inspector.score`` for one batch of these images."""
+    emb, scorer = inspector.embedder, inspector.scorer
+    pre = emb.preprocessor
+    images = [pre.load(p, keep_gray=True) for p in paths]  # as the line decodes them
+    sizes = [im.size for im in images]
+    resized = np.stack([pre.resize(im) for im in images])
+    batch = pre.normalize(resized)
+    embeddings, descriptors = emb.run(batch, sizes)
+    valid = emb.patch_valid(sizes, embeddings)
+    brute = GoldenBank(inspector.bundle.references, cells=0)
+    stages: dict[str, Callable[[], object]] = {
+        "decode (1 thread)": lambda: [pre.load(p, keep_gray=True) for p in paths],
+        "resize (1 thread)": lambda: [pre.resize(im) for im in images],
+        "decode+resize (pool)": lambda: emb.prepare(paths),
+        "normalise": lambda: pre.normalize(resized),
+        "ORT forward": lambda: emb.run(batch, sizes),
+        "golden-bank search (pruned, the line's)": lambda: scorer.bank.anomaly_scores(
+            embeddings, scorer.scoring, valid
+        ),
+        "golden-bank search (brute force)": lambda: brute.anomaly_scores(embeddings, scorer.scoring, valid),
+    }
+    if images[0].mode == "L":  # a mono camera: kept one channel until after the resize, against RGB at decode
+        stages["decode+resize via RGB (1 thread)"] = lambda: [pre.resize(pre.load(p)) for p in paths]
+    if scorer.part_model is not None:
+        stages["whole-part Gaussian"] = lambda: scorer.part_distances(descriptors)
+    rates = interleaved_rates(stages, dict.fromkeys(stages, 1), rounds)
+    return {name: 1000.0 / r for name, r in rates.items()}
+
+
+def side_by_side_forward(
+    session: ort.InferenceSession, feed: dict[str, np.ndarray], streams: int, pool: ThreadPoolExecutor
+) -> None:
+    """The ORT forward alone as the line runs it on a multi-core CPU: ``streams`` batches side by side on a session
+    of one intra-op thread each."""
+    for future in [pool.submit(session.run, None, feed) for _ in range(streams)]:
+        future.result()
 
 
 def free_port() -> int:
@@ -143,35 +119,18 @@ def free_port() -> int:
 
 
 def service_rate(
-    bundle: Path, paths: list[Path], requests: int, clients: int = 8, repeats: int = 3, extra: Sequence[str] = ()
+    bundle: Path, paths: list[Path], requests: int, repeats: int, clients: int = 8, extra: Sequence[str] = ()
 ) -> tuple[float, int]:
     """Images/s of ``requests`` single-image POSTs from ``clients`` threads against ``inspector serve`` on loopback
-    (best of ``repeats`` rounds after a warm-up) and the number of failed requests over all rounds.
+    (best of ``repeats`` rounds after a warm-up) and the failed requests over all rounds.
 
-    The server is its own process (``inspector serve``), as on the line, so it shares neither the GIL nor
-    numpy's thread settings with the client threads and the rest of this benchmark.
-    """
-    import subprocess
-    import sys
-
+    The server is its own process, as on the line, so it shares neither the GIL nor numpy's thread settings with
+    the client threads."""
     import httpx
 
     port = free_port()
-    cmd = [
-        sys.executable,
-        "-c",
-        "import sys; from inspector.cli import main; sys.exit(main())",
-        "serve",
-        "--bundle",
-        str(bundle),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--log-level",
-        "error",
-        *extra,
-    ]
+    cmd = [sys.executable, "-m", "inspector.cli", "serve", "--bundle", str(bundle), "--host", "127.0.0.1"]
+    cmd += ["--port", str(port), "--log-level", "error", *extra]
     server = subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     url = f"http://127.0.0.1:{port}"
     try:
@@ -192,13 +151,12 @@ def service_rate(
             if not hasattr(local, "client"):
                 local.client = httpx.Client(timeout=60)
             name, data = blobs[i % len(blobs)]
-            r = local.client.post(f"{url}/v1/score", files={"files": (name, data, "image/jpeg")})
-            return r.status_code == 200
+            return bool(local.client.post(f"{url}/v1/score", files={"files": (name, data, "image/jpeg")}).is_success)
 
         with ThreadPoolExecutor(clients) as pool:
             list(pool.map(one, range(4 * clients)))  # warm-up: connections, ORT arenas for batch 1
             elapsed, errors = float("inf"), 0
-            for _ in range(repeats):  # best of ``repeats``, like the in-process figure it is compared with
+            for _ in range(max(1, repeats)):
                 t0 = time.perf_counter()
                 results = list(pool.map(one, range(requests)))
                 elapsed = min(elapsed, time.perf_counter() - t0)
@@ -209,180 +167,180 @@ def service_rate(
     return requests / elapsed, errors
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--images", type=int, default=128, help="images streamed through score_paths (multiple of 32)")
-    p.add_argument("--requests", type=int, default=64)
-    p.add_argument("--size", type=int, default=224)
-    p.add_argument("--rounds", type=int, default=5, help="best of this many interleaved repeats per measure")
-    p.add_argument(
-        "--mono", action="store_true", help="score one-channel JPEGs (a mono line camera) instead of colour ones"
+def bundle_of(model: Embedder | PatchEmbedder, recipe: Recipe, refs: list[Path], cal: list[Path], out: Path) -> Path:
+    """The product's bundle of ``model`` on generated goods: golden bank, whole-part view, calibrated threshold."""
+    split = DataSplit(train_good=refs, train_defective=[], calibration_good=cal, validation_defective=[], test=[])
+    return build_bundle(model, split, recipe, out, model_name=out.name)
+
+
+def measure(
+    label: str, cfg: EmbedderConfig, recipe: Recipe, bundle_dir: Path, parts: dict[str, list[Path]], args: Any
+) -> dict[str, Any]:
+    """Every figure of one model; printed as it goes, returned for ``--json``."""
+    size = recipe.preprocess.height
+    paths = parts["scored"]
+    torch.manual_seed(0)
+    model = build_embedder(cfg).eval()
+    bundle = bundle_of(model, replace(recipe, embedder=cfg), parts["golden"], parts["calibration"], bundle_dir)
+    inspector = Inspector.from_bundle(bundle)
+    emb = inspector.embedder
+    figures: dict[str, Any] = {"bank": list(inspector.bundle.references.shape)}
+    print(
+        f"\n== {label}: bank {inspector.bundle.references.shape[0]} x {inspector.bundle.references.shape[1]}, "
+        f"input {size}px, {torch.get_num_threads()} threads, {emb.decode_workers} decode threads, "
+        f"{inspector.scorer.bank.cells} bank cells"
     )
+    first = paths[:BATCH]
+    batch = emb.preprocessor.batch([emb.preprocessor.load(q) for q in first])
+    full = full_placement(len(first), size, size)
+    if not args.skip_eager:
+        x = torch.from_numpy(batch)
+        place = torch.from_numpy(full)
+        with_parts = describes_parts(model) and isinstance(model, PatchEmbedder)
+
+        def eager(xb: torch.Tensor) -> object:  # what the ONNX model computes
+            if with_parts and isinstance(model, PatchEmbedder):
+                return model.forward_parts(xb, place[: len(xb)])
+            return model(xb)
+
+        with torch.no_grad():
+            eager32 = BATCH / best_seconds(lambda: eager(x), args.rounds)
+            eager1 = 8 / best_seconds(lambda: [eager(x[i : i + 1]) for i in range(8)], args.rounds)
+        ort32 = BATCH / best_seconds(lambda: emb.run(batch), args.rounds)
+        ort1 = 8 / best_seconds(lambda: [emb.run(batch[i : i + 1]) for i in range(8)], args.rounds)
+        print(f"torch eager   batch 32 {eager32:7.1f} img/s   batch 1 {eager1:7.1f} img/s")
+        print(
+            f"inspector ORT batch 32 {ort32:7.1f} img/s   batch 1 {ort1:7.1f} img/s   "
+            f"ORT vs eager x{ort32 / eager32:.2f} (batch 32), x{ort1 / eager1:.2f} (batch 1)"
+        )
+        figures["eager"] = {"eager_32": eager32, "eager_1": eager1, "ort_32": ort32, "ort_1": ort1}
+    stages = stage_ms(inspector, first, args.rounds)
+    print("one batch of 32, ms: " + ", ".join(f"{k} {v:.1f}" for k, v in stages.items()))
+    figures["stage_ms"] = stages
+    n_stream = len(paths) // BATCH * BATCH
+    spinning = make_session(inspector.bundle.model_path, spinning=True)
+    feed = {spinning.get_inputs()[0].name: batch, **({PLACEMENT_INPUT: full} if emb.describes_parts else {})}
+    streams, serial = emb.streams, emb.serial_session()
+    one_at_a_time = Inspector.from_bundle(bundle, streams=1)
+    with ThreadPoolExecutor(streams) as pool:
+        rates = interleaved_rates(
+            {
+                "ort": lambda: emb.run(batch),
+                "ort_spinning": lambda: spinning.run(None, feed),
+                "ort_side_by_side": lambda: side_by_side_forward(serial, feed, streams, pool),
+                "score": lambda: inspector.score(first),
+                "stream": lambda: list(inspector.score_paths(paths[:n_stream], chunk=BATCH)),
+                "stream_one_at_a_time": lambda: list(one_at_a_time.score_paths(paths[:n_stream], chunk=BATCH)),
+            },
+            {
+                "ort": BATCH,
+                "ort_spinning": BATCH,
+                "ort_side_by_side": BATCH * streams,
+                "score": BATCH,
+                "stream": n_stream,
+                "stream_one_at_a_time": n_stream,
+            },
+            args.rounds,
+        )
+    forward = max(rates["ort"], rates["ort_spinning"], rates["ort_side_by_side"])
+    print(
+        f"ORT forward alone, batch 32: {rates['ort']:.1f} img/s (the line's session), {rates['ort_spinning']:.1f} "
+        f"(ORT's spinning threads), {rates['ort_side_by_side']:.1f} ({streams} batches side by side, one thread "
+        "each); the ratios below use the fastest"
+    )
+    print(
+        f"end to end, Inspector.score of 32 images: {rates['score']:.1f} img/s = "
+        f"forward x{forward / rates['score']:.2f}"
+    )
+    print(
+        f"end to end, score_paths of {n_stream} images: {rates['stream']:.1f} img/s = forward "
+        f"x{forward / rates['stream']:.2f} ({streams} batches side by side); one batch at a time (streams=1) "
+        f"{rates['stream_one_at_a_time']:.1f} img/s = x{forward / rates['stream_one_at_a_time']:.2f}"
+    )
+    figures["images_per_second"] = rates
+    figures["end_to_end_vs_forward"] = {k: forward / rates[k] for k in ("score", "stream", "stream_one_at_a_time")}
+    latency = []
+    for q in first:
+        t0 = time.perf_counter()
+        inspector.score([q])
+        latency.append((time.perf_counter() - t0) * 1000)
+    p50, p99 = (float(v) for v in np.percentile(latency, [50, 99]))
+    print(f"single-image latency: p50 {p50:.1f} ms, p99 {p99:.1f} ms")
+    figures["latency_ms"] = {"p50": p50, "p99": p99}
+    if cfg.mode == "patch" and not args.skip_service:
+        single = 16 / best_seconds(lambda: [inspector.score([q]) for q in paths[:16]], args.rounds)
+        alone: list[float] = []
+        combined: list[float] = []
+        errors = 0
+        for _ in range(2 if args.rounds > 1 else 1):  # interleaved: the machine's load drifts between measures
+            for out, extra in ((alone, ["--combine-images", "1"]), (combined, [])):
+                rate, failed = service_rate(bundle, paths, args.requests, args.rounds, extra=extra)
+                out.append(rate)
+                errors += failed
+        print(
+            f"HTTP service, 8 clients, {args.requests} single-image requests: {max(combined):.1f} img/s, {errors} "
+            f"errors; in-process single images {single:.1f} img/s (ratio x{max(combined) / single:.2f}); each "
+            f"request alone {max(alone):.1f} img/s (combining queued requests x{max(combined) / max(alone):.2f})"
+        )
+        figures["service"] = {
+            "combined": max(combined),
+            "alone": max(alone),
+            "in_process": single,
+            "errors": errors,
+        }
+    return figures
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--images", type=int, default=128, help="images streamed through score_paths (a multiple of 32)")
+    p.add_argument("--requests", type=int, default=64, help="single-image requests per round against the service")
+    p.add_argument("--size", type=int, default=224, help="square input size")
+    p.add_argument("--rounds", type=int, default=5, help="best of this many interleaved repeats per measure")
+    p.add_argument("--mono", action="store_true", help="score one-channel JPEGs (a mono line camera)")
     p.add_argument("--skip-eager", action="store_true", help="leave out the torch eager comparison")
-    p.add_argument("--skip-service", action="store_true", help="leave out the HTTP service measure")
+    p.add_argument("--skip-service", action="store_true", help="leave out the HTTP service")
     p.add_argument(
         "--patch-only",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="also measure the patch embedder "
-        "without the whole-part descriptor and score (what the default costs over it)",
+        help="also the patch view alone (embedder.density_stages=0): what the whole-part view costs",
     )
     p.add_argument(
         "--multi-scale",
         action="store_true",
-        help="also measure the whole-part descriptor taken again from the "
-        "input at half size (density_downscales=(2,)): what that option costs",
+        help="also the whole part seen again at half size (embedder.density_downscales=2)",
     )
     p.add_argument(
-        "--head-only",
-        action="store_true",
-        help="also measure the patch embedder without the pretrained half (128-d patches)",
+        "--head-only", action="store_true", help="also the trained head without the pretrained features beside it"
     )
-    p.add_argument(
-        "--global",
-        dest="global_mode",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="also measure the global embedder",
-    )
-    args = p.parse_args()
+    p.add_argument("--global", dest="global_mode", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="recipe setting")
+    p.add_argument("--json", type=Path, default=None, help="also write every figure to this file")
+    args = p.parse_args(argv)
     torch.set_num_threads(os.cpu_count() or 2)
-    work = Path(tempfile.mkdtemp(prefix="inspector_speed_"))
-    paths = make_images(work / "parts", max(args.images, 32), 256, seed=1, mono=args.mono)
-    refs = make_images(work / "refs", 48, 256, seed=2)
-    pre_cfg = PreprocessConfig(height=args.size, width=args.size)
-    pre = Preprocessor(pre_cfg)
-
-    modes = [("patch (default)", EmbedderConfig())]
-    modes += (
-        [("patch, no whole-part score (density_stages=0)", EmbedderConfig(density_stages=0))] if args.patch_only else []
+    recipe = apply_overrides(Recipe(input_pixels=None), load_overrides(None, args.overrides))
+    recipe = replace(recipe, preprocess=replace(recipe.preprocess, height=args.size, width=args.size))
+    base = recipe.embedder
+    models = [("patch (default)", base)]
+    models += [("patch view only (density_stages=0)", replace(base, density_stages=0))] if args.patch_only else []
+    models += [("whole part also at half size", replace(base, density_downscales=(2,)))] if args.multi_scale else []
+    models += (
+        [("trained head alone (keep_pretrained=False)", replace(base, keep_pretrained=False))] if args.head_only else []
     )
-    modes += (
-        [("patch, whole part also at half size (density_downscales=(2,))", EmbedderConfig(density_downscales=(2,)))]
-        if args.multi_scale
-        else []
-    )
-    modes += (
-        [("patch, head alone (keep_pretrained=False)", EmbedderConfig(keep_pretrained=False))] if args.head_only else []
-    )
-    modes += [("global", EmbedderConfig(mode="global"))] if args.global_mode else []
-    for index, (label, cfg) in enumerate(modes):
-        torch.manual_seed(0)
-        model = build_embedder(cfg).eval()
-        onnx_path = export_onnx(model, work / f"{cfg.mode}{index}.onnx", height=args.size, width=args.size)
-        onnx = OnnxEmbedder(onnx_path, pre_cfg)
-        embedded = onnx.embed_all(refs)
-        bank = embedded.embeddings.reshape(-1, embedded.embeddings.shape[-1])
-        bank = bank[greedy_coreset(bank, 16384)]
-        density = None
-        if embedded.descriptors is not None:  # scales from the references themselves: speed does not depend on them
-            density = DensitySpec(tuple(model.descriptor_blocks), ScoreScale(0.0, 1.0), ScoreScale(0.0, 1.0))
-        spec = BundleSpec(
-            pre_cfg,
-            ScoringConfig(),
-            Threshold(1.0),
-            model={"name": label, "mode": "patch" if cfg.mode == "patch" else "image"},
-            density=density,
-        )
-        bundle = write_bundle(
-            work / f"bundle_{cfg.mode}{index}",
-            onnx_path,
-            bank,
-            spec,
-            descriptors=embedded.descriptors if density else None,
-        )
-        inspector = Inspector.from_bundle(bundle)
-        batch = pre.batch([load_image(q) for q in paths[:32]])
-        full = torch.from_numpy(full_placement(32, args.size, args.size))
-        print(
-            f"\n== {label}: bank {len(bank)} x {bank.shape[1]}, input {args.size}px, {torch.get_num_threads()} threads, "
-            f"{inspector.embedder.decode_workers} decode threads, {inspector.golden.cells} bank cells"
-        )
-        if not args.skip_eager:
-            xb = torch.from_numpy(batch)
-            forward = (
-                (lambda x: model.forward_parts(x, full[: len(x)])) if density else model
-            )  # what the ONNX model computes
-            with torch.no_grad():
-                eager32 = rate(lambda: forward(xb), 32)
-                eager1 = rate(lambda: [forward(xb[i : i + 1]) for i in range(8)], 8)
-            ort32 = rate(lambda: inspector.embedder.embed_arrays(batch), 32)
-            ort1 = rate(lambda: [inspector.embedder.embed_arrays(batch[i : i + 1]) for i in range(8)], 8)
-            print(f"torch eager   batch 32 {eager32:7.1f} img/s   batch 1 {eager1:7.1f} img/s")
-            print(
-                f"inspector ORT batch 32 {ort32:7.1f} img/s   batch 1 {ort1:7.1f} img/s   ratio vs eager: x{ort32 / eager32:.2f} (b32), x{ort1 / eager1:.2f} (b1)"
-            )
-        stages = stage_times(inspector, paths[:32], args.rounds)
-        print("stage times, one batch of 32: " + ", ".join(f"{k} {v:.1f} ms" for k, v in stages.items()))
-        n_stream = len(paths) // 32 * 32
-        spinning = make_session(inspector.bundle.model_path, spinning=True)
-        feed = {
-            spinning.get_inputs()[0].name: batch,
-            **({PLACEMENT_INPUT: full.numpy()} if inspector.embedder.describes_parts else {}),
+    models += [("global", replace(base, mode="global"))] if args.global_mode else []
+    figures: dict[str, Any] = {"size": args.size, "models": {}}
+    with tempfile.TemporaryDirectory(prefix="inspector_speed_") as tmp:
+        work = Path(tmp)
+        parts = {
+            "scored": generated_parts(work / "parts", max(args.images, BATCH), 256, seed=1, mono=args.mono),
+            "golden": generated_parts(work / "golden", 48, 256, seed=2),
+            "calibration": generated_parts(work / "calibration", 16, 256, seed=3),
         }
-        streams = inspector.embedder.streams
-        serial = inspector.embedder.serial_session()
-        pipelined = Inspector.from_bundle(bundle, streams=1)  # one batch at a time on all cores, three-stage pipeline
-        with ThreadPoolExecutor(streams) as side_pool:
-            rates = interleaved_rates(
-                {
-                    "ort": lambda: inspector.embedder.embed_arrays(batch),
-                    "ort_spin": lambda: spinning.run(None, feed),
-                    "ort_side": lambda: side_by_side_forward(serial, feed, streams, side_pool),
-                    "score": lambda: inspector.score(paths[:32]),
-                    "stream": lambda: list(inspector.score_paths(paths[:n_stream], chunk=32)),
-                    "stream_1": lambda: list(pipelined.score_paths(paths[:n_stream], chunk=32)),
-                },
-                {
-                    "ort": 32,
-                    "ort_spin": 32,
-                    "ort_side": 32 * streams,
-                    "score": 32,
-                    "stream": n_stream,
-                    "stream_1": n_stream,
-                },
-                args.rounds,
-            )
-        ort_best = max(rates["ort"], rates["ort_spin"], rates["ort_side"])
-        print(
-            f"ORT forward alone, batch 32: {rates['ort']:7.1f} img/s (line session, no spinning), {rates['ort_spin']:7.1f} img/s "
-            f"(ORT's default spinning), {rates['ort_side']:7.1f} img/s ({streams} batches side by side, one thread each); "
-            "ratios below use the fastest, measured in turn with them"
-        )
-        print(
-            f"end to end, Inspector.score of 32 images:          {rates['score']:7.1f} img/s = ORT forward time x{ort_best / rates['score']:.2f}"
-        )
-        print(
-            f"end to end, score_paths of {n_stream} images, chunks of 32: {rates['stream']:7.1f} img/s = ORT forward time x{ort_best / rates['stream']:.2f}"
-            f"  (target <= x1.25; {streams} batches side by side)"
-        )
-        print(
-            f"  the same, one batch at a time (streams=1: three-stage pipeline, the default before): {rates['stream_1']:7.1f} img/s = "
-            f"x{ort_best / rates['stream_1']:.2f}; side by side / pipeline = x{rates['stream'] / rates['stream_1']:.2f}"
-        )
-        print(
-            f"kNN: {inspector.golden.last_exact_searches} of {32 * features_per_image(inspector)} patches searched over the whole bank in the last batch"
-        )
-        lat = []
-        for q in paths[:32]:
-            t0 = time.perf_counter()
-            inspector.score([q])
-            lat.append((time.perf_counter() - t0) * 1000)
-        print(f"single-image latency: p50 {np.percentile(lat, 50):.1f} ms, p99 {np.percentile(lat, 99):.1f} ms")
-        if cfg.mode == "patch" and not args.skip_service:
-            single = rate(lambda: [inspector.score([q]) for q in paths[:16]], 16)
-            alone, combined, errors = [], [], 0
-            for _ in range(2):  # interleaved: the machine's load drifts between measures
-                for out, extra in ((alone, ["--combine-images", "1"]), (combined, [])):
-                    svc, failed = service_rate(bundle, paths, args.requests, extra=extra)
-                    out.append(svc)
-                    errors += failed
-            svc, before = max(combined), max(alone)
-            print(
-                f"HTTP service, 8 clients, {args.requests} single-image requests (best of 3): {svc:6.1f} img/s, {errors} errors; "
-                f"in-process single-image scoring {single:6.1f} img/s; ratio x{svc / single:.2f}; each request alone "
-                f"(--combine-images 1) {before:6.1f} img/s: combining queued requests x{svc / before:.2f}"
-            )
+        for index, (label, cfg) in enumerate(models):
+            figures["models"][label] = measure(label, cfg, recipe, work / f"bundle_{index}", parts, args)
+    write_json(args.json, figures)
+    return figures
 
 
 if __name__ == "__main__":

@@ -1,26 +1,40 @@
-"""Detection quality on any dataset ``pipelines train --data`` reads (MVTec layout, VisA, images labelled by
-their masks): the frozen baselines vs the Siamese-trained product model, one run.
+"""Detection quality on any dataset ``pipelines train --data`` reads (MVTec layout, VisA, images labelled by their
+masks), measured through the product: the ingest manifest, the training flow's split, training
+(``fit_embedder``), the bundle (ONNX export, golden bank, calibrated threshold) and the line's scoring
+(``Inspector``), so the figures are what the line would give.
 
-Every model is scored exactly as on the line (ONNX bundle through ``inspector``), on the product's own split (the
-manifest split of the training flow: content/group keyed; test defects are never trained on). Experiments
-(``--experiments``, comma-separated):
+Experiments (``--experiments``, comma-separated):
 
-  product    frozen global (DESIGN baseline), frozen patch (the patch embedder before training) and trained (the
-             default recipe): image AUROC overall and per type, pixel AUROC against ``ground_truth/`` masks, the
-             threshold's realised false-reject rate on the test goods (captured later than the calibration goods
-             when the folder is an MVTec split by time) against its target and calibration bound, the escape rate
-             per type, and the line model's images/s;
-  good-only  trained with good images and synthetic defects only (no defect photos);
-  few-shot   trained with 5, 10 and 25 defect photos (drawn by seed), beside 0 (good-only) and all when those run;
-  loto       leave one defect type out: train without type T, test on every image of T (none was trained on);
-             the frozen patch embedder on the same images beside it.
+  product    frozen global Lite0 (the training-free baseline; ``--no-baseline`` leaves it out), frozen patch (the
+             default embedder before training) and trained (the default recipe), each bundle's patch and
+             whole-part views alone beside its fused score; pixel AUROC of the heatmaps against the masks; each
+             threshold's calibration against what the test goods realise; the line model's images/s;
+  good-only  no defect photos: the product's default (pretrained patch features kept) and a head trained
+             against synthetic defects only;
+  few-shot   trained with 5, 10 and 25 defect photos drawn by seed (``--few-shot``);
+  loto       leave one type out: trained without type T, tested on every image of T; frozen patch beside it.
 
-    .venv/bin/python benchmarks/quality.py ../shared/data/magnetic_tile_defect/magnetic_tile \\
-        --group-pattern 'num_(\\d+)' --group-gap 2000 --experiments product,good-only,few-shot,loto
+Every AUROC and escape rate is printed with a 95 % bootstrap interval over capture groups (``--resamples``
+resamples, seeded by ``--seed``): photos of one part are one piece of evidence. Each table ends with the operating
+points a quality engineer chooses from: the escape rate at false-reject rates of 0.5, 1, 2 and 5 % of the test
+goods.
 
-``--group-pattern``/``--group-gap`` group images whose numeric ids are within the gap (the same physical part
-photographed in consecutive frames), so that no part straddles train and test; ``--group-by-folder`` makes each
-folder one group, as in ``pipelines train``.
+``--folds K`` cross-validates the product experiment by capture group: the defects' groups are dealt into K folds
+(each defect type spread evenly over them), and each fold's defects are tested by models trained and calibrated on
+the other folds' defects, so every defect image is scored once by a model that never saw its group. Figures are
+computed within each fold (each model on its own scale) and pooled with the folds' defects as weights. It costs K
+trainings. good-only and loto test defects no model trained on anyway; with ``--folds`` good-only tests every
+defect image.
+
+``--int8`` also quantises each trained bundle (``inspector quantize``, on up to 64 calibration goods) and scores
+the same test images through it: score drift, verdict flips, AUROC, escape rates and images/s beside FP32.
+
+    .venv/bin/python -m benchmarks.quality ../shared/data/magnetic_tile_defect/magnetic_tile \\
+        --group-pattern 'num_(\\d+)' --group-gap 2000 --folds 5 --experiments product,good-only,loto
+
+``--group-pattern``/``--group-gap`` group images whose numeric ids lie within the gap (one physical part
+photographed in consecutive frames), so no part straddles train and test; ``--group-by-folder`` makes each folder
+one group, as in ``pipelines train``.
 """
 
 from __future__ import annotations
@@ -29,136 +43,195 @@ import argparse
 import json
 import os
 import time
-from dataclasses import replace
+from collections import Counter, defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import numpy as np
 import torch
 
+from benchmarks.common import write_json
 from inspector.bundle import load_bundle
 from inspector.engine import Inspector
+from inspector.metrics import FALSE_REJECT_RATES, fold_weighted, grouped_bootstrap, operating_point, roc_auc
 from inspector.preprocess import PreprocessConfig
+from inspector.quantize import quantize_bundle
 from models.siamese import FrozenGlobalEmbedder, build_embedder
-from pipelines.datasets import ImageRecord, capture_groups, scan_root
-from pipelines.ingest import Manifest, SplitFractions, assign_splits, build_manifest
-from pipelines.recipe import (
-    DataSplit,
-    Evaluation,
-    Recipe,
-    build_bundle,
-    evaluate_bundle,
-    fit_embedder,
-    pixel_level_auroc,
-    resolve_bit_depth,
-    resolve_input_size,
-)
+from pipelines.bundle_building import build_bundle
+from pipelines.data.layouts import scan_root
+from pipelines.data.manifest import Manifest, build_manifest
+from pipelines.data.records import ImageRecord, capture_groups
+from pipelines.data.split import DataSplit, SplitFractions, assign_splits, hash_fraction
+from pipelines.embedder_training import fit_embedder
+from pipelines.evaluation import calibration_shortfall, evaluate_bundle, pixel_level_auroc
+from pipelines.recipe import Recipe, resolve_bit_depth, resolve_input_size
 from pipelines.settings import apply_overrides, load_overrides
 
-FEW_SHOT = (5, 10, 25)
+INT8_CALIBRATION_GOODS = 64
+Figure = dict[str, float]  # {"value", "low", "high"}
 
 
-def escape_per_type(evaluation: Evaluation) -> dict[str, float]:
-    """Share of each type's test defects scored at or under the threshold (let through)."""
-    types = np.asarray(evaluation.defect_types)
-    return {
-        t: float(np.mean(evaluation.scores[types == t] <= evaluation.threshold))
-        for t in sorted(set(types[evaluation.labels == 1]))
-    }
+@dataclass(frozen=True)
+class TestScores:
+    """One model's test images as the figures and their intervals need them; each row is one image scored by one
+    fold's model (a test good appears once per fold, a defect once)."""
 
+    paths: np.ndarray
+    labels: np.ndarray  # 0 good, 1 defective
+    margins: np.ndarray  # the line's score minus that model's threshold: flagged above 0
+    types: np.ndarray
+    groups: np.ndarray  # the capture group the split kept together
+    folds: np.ndarray
+    views: dict[str, np.ndarray]  # each view alone, in the threshold's units (bundles with a whole-part view)
 
-def pixel_level(bundle: Path, test: list[ImageRecord], limit: int = 400) -> float:
-    """Pixel AUROC of the bundle's heatmaps on the test images that have masks, plus the test goods (all-normal)."""
-    value = pixel_level_auroc(bundle, test, limit)
-    return float("nan") if value is None else value
-
-
-def line_speed(bundle: Path, paths: list[Path], repeat: int = 1) -> float:
-    """End-to-end images/s of the bundle through ``Inspector.score_paths`` (decode, preprocess, ORT, kNN)."""
-    inspector = Inspector.from_bundle(bundle)
-    list(inspector.score_paths(paths[:32]))  # warm-up
-    t0 = time.perf_counter()
-    for _ in range(repeat):
-        list(inspector.score_paths(paths))
-    return repeat * len(paths) / (time.perf_counter() - t0)
-
-
-def score_views(bundle: Path, test: list[ImageRecord]) -> dict[str, Evaluation]:
-    """The bundle's test scores as the line gives them (``fused``) and, when it also scores whole parts, each view
-    alone: ``patch`` (the worst-patch rule, what the product scored before the whole-part score) and ``part`` (the
-    Gaussian of the golden parts' descriptors). One embedding pass; same images, same bank, same offset."""
-    inspector = Inspector.from_bundle(bundle)
-    records = list(test)
-    embedded = inspector.embedder.embed_all([r.path for r in records])
-    kept = [r for r, e in zip(records, embedded.errors) if e is None]
-    patch = inspector.golden.anomaly_scores(embedded.embeddings, inspector.bundle.spec.scoring, embedded.valid)
-    views = {"fused": inspector.with_whole_part(patch, embedded.descriptors)}
-    if inspector.density is not None and embedded.descriptors is not None:
-        views.update(patch=patch, part=inspector.density.distances(embedded.descriptors))
-    return {
-        name: Evaluation(
-            paths=[str(r.path) for r in kept],
-            defect_types=[r.defect_type for r in kept],
-            labels=np.array([r.label for r in kept]),
-            scores=np.asarray(v, dtype=np.float64),
-            threshold=inspector.threshold if name == "fused" else float("nan"),
+    @classmethod
+    def of(cls, bundle: Path, split: DataSplit, fold: int = 0) -> TestScores:
+        """The split's test images scored through the bundle as the line scores them (unreadable ones left out).
+        A patch bundle that does not fuse a whole-part view (its calibration dropped it) has its score as its
+        patch view, so the folds' patch views still pool."""
+        ev = evaluate_bundle(bundle, split.test)
+        views = {name: np.asarray(v, dtype=np.float64) for name, v in ev.views.items()}
+        if not views and load_bundle(bundle).spec.model.get("mode") == "patch":
+            views = {"patch": np.asarray(ev.scores, dtype=np.float64)}
+        return cls(
+            paths=np.asarray(ev.paths, dtype=object),
+            labels=ev.labels.astype(np.int64),
+            margins=ev.scores - ev.threshold,
+            types=np.asarray(ev.defect_types, dtype=object),
+            groups=np.asarray(split.group_ids([Path(p) for p in ev.paths]), dtype=object),
+            folds=np.full(len(ev.scores), fold),
+            views=views,
         )
-        for name, v in views.items()
-    }
+
+    @classmethod
+    def joined(cls, parts: Sequence[TestScores]) -> TestScores:
+        """The folds' scores as one set (views kept where every fold has them)."""
+        views = set.intersection(*(set(p.views) for p in parts)) if parts else set()
+        return cls(
+            paths=np.concatenate([p.paths for p in parts]),
+            labels=np.concatenate([p.labels for p in parts]),
+            margins=np.concatenate([p.margins for p in parts]),
+            types=np.concatenate([p.types for p in parts]),
+            groups=np.concatenate([p.groups for p in parts]),
+            folds=np.concatenate([p.folds for p in parts]),
+            views={v: np.concatenate([p.views[v] for p in parts]) for v in sorted(views)},
+        )
+
+    def take(self, rows: np.ndarray) -> TestScores:
+        return TestScores(
+            self.paths[rows],
+            self.labels[rows],
+            self.margins[rows],
+            self.types[rows],
+            self.groups[rows],
+            self.folds[rows],
+            {k: v[rows] for k, v in self.views.items()},
+        )
+
+    def only(self, defect_type: str) -> TestScores:
+        """The goods and the defects of one type."""
+        return self.take(np.flatnonzero((self.labels == 0) | (self.types == defect_type)))
+
+    def defect_types(self) -> list[str]:
+        return sorted(set(self.types[self.labels == 1].tolist()))
 
 
-def view_columns(label: str, views: dict[str, Evaluation]) -> dict[str, dict[str, float]]:
-    """Table columns ``label`` (the line's score) and, for a bundle with a whole-part score, its two views alone."""
-    names = {"patch": f"{label}: patch", "part": f"{label}: part"}
-    cols = {
-        names[k]: {"overall": v.metrics()["image_auroc"], **v.per_type_auroc()} for k, v in views.items() if k in names
-    }
-    cols[label] = {"overall": views["fused"].metrics()["image_auroc"], **views["fused"].per_type_auroc()}
-    return cols
+def auroc(view: str | None = None) -> Callable[[TestScores], float]:
+    """Image AUROC of the line's score (or of one view alone), within each fold, pooled."""
+    return lambda s: fold_weighted(roc_auc, s.labels, s.margins if view is None else s.views[view], s.folds)
 
 
-def train_and_evaluate(
-    split: DataSplit, recipe: Recipe, out: Path, name: str, test: list[ImageRecord] | None = None
-) -> tuple[Path, Evaluation, float]:
-    t0 = time.perf_counter()
-    embedder, _ = fit_embedder(split, recipe, checkpoint_dir=out / f"{name}_checkpoints")
-    seconds = time.perf_counter() - t0
-    bundle = build_bundle(embedder, split, recipe, out / f"{name}_bundle", model_name=name)
-    return bundle, evaluate_bundle(bundle, test if test is not None else split.test), seconds
+def escape_rate(s: TestScores) -> float:
+    """Share of the defects each model's threshold lets through."""
+    bad = s.margins[s.labels == 1]
+    return float(np.mean(bad <= 0)) if len(bad) else float("nan")
 
 
-def offset_choice(bundle: Path) -> str:
-    """The bundle's scoring offset and the validation AUROC of each candidate it was chosen from."""
-    spec = load_bundle(bundle).spec
-    tried = spec.threshold.details.get("offset_auroc") or {}
-    return f"{spec.scoring.offset:g}" + (f" ({', '.join(f'{c}: {a:.3f}' for c, a in tried.items())})" if tried else "")
+def false_reject_rate(s: TestScores) -> float:
+    """Share of the goods each model's threshold rejects."""
+    good = s.margins[s.labels == 0]
+    return float(np.mean(good > 0)) if len(good) else float("nan")
 
 
-def few_shot_split(split: DataSplit, n: int, seed: int) -> DataSplit:
-    """Keep ``n`` training defect photos, drawn at random (seeded); validation and test unchanged."""
-    rng = np.random.default_rng(seed)
-    keep = sorted(rng.choice(len(split.train_defective), min(n, len(split.train_defective)), replace=False))
-    return replace(split, train_defective=[split.train_defective[i] for i in keep])
+def escape_at(rate: float) -> Callable[[TestScores], float]:
+    """Escape rate at the threshold that rejects ``rate`` of each fold's test goods, pooled over the folds."""
+    return lambda s: fold_weighted(lambda y, x: operating_point(y, x, rate).escape_rate, s.labels, s.margins, s.folds)
 
 
-def without_type(
-    split: DataSplit, all_records: list[ImageRecord], held_out: str
-) -> tuple[DataSplit, list[ImageRecord]]:
-    """A split with type ``held_out`` removed from training and validation, and its test: test goods + every image of it."""
-    val_types = {str(r.path): r.defect_type for r in all_records}
-    train = [r for r in split.train_defective if r.defect_type != held_out]
-    val = [p for p in split.validation_defective if val_types.get(str(p)) != held_out]
-    test = [r for r in split.test if r.is_good] + [r for r in all_records if r.defect_type == held_out]
-    return replace(split, train_defective=train, validation_defective=val), test
+def type_mean(types: Sequence[str], view: str | None = None) -> Callable[[TestScores], float]:
+    """The unweighted mean of the per-type AUROCs (each held-out type counts once, whatever its size)."""
+    return lambda s: float(np.nanmean([auroc(view)(s.only(t)) for t in types]))
 
 
-def print_table(title: str, columns: dict[str, dict[str, float]], counts: dict[str, int] | None = None) -> None:
-    rows = list(dict.fromkeys(k for col in columns.values() for k in col))
-    print(f"\n{title}\n{'':<16}" + "".join(f"{c:>20}" for c in columns) + ("       n" if counts else ""))
+def estimate(statistic: Callable[[TestScores], float], scores: TestScores, args: argparse.Namespace) -> Figure:
+    """The statistic and its bootstrap interval over capture groups (goods and defects resampled apart)."""
+    interval = grouped_bootstrap(
+        lambda rows: statistic(scores.take(rows)),
+        scores.groups,
+        strata=scores.labels,
+        resamples=args.resamples,
+        seed=args.seed,
+    )
+    return {"value": statistic(scores), "low": interval.low, "high": interval.high}
+
+
+def cell(figure: Figure | None) -> str:
+    if figure is None:
+        return ""
+    return f"{figure['value']:.3f} [{figure['low']:.3f}, {figure['high']:.3f}]"
+
+
+def print_table(title: str, table: dict[str, dict[str, Figure]], counts: dict[str, int] | None = None) -> None:
+    rows = list(dict.fromkeys(r for column in table.values() for r in column))
+    width = max([24, *(len(c) + 2 for c in table)])
+    label = max([16, *(len(r) + 2 for r in rows)])
+    print(f"\n{title}\n{'':<{label}}" + "".join(f"{c:>{width}}" for c in table) + ("       n" if counts else ""))
     for r in rows:
-        cells = "".join(f"{col.get(r, float('nan')):>20.3f}" for col in columns.values())
-        print(f"{r:<16}{cells}" + (f"{counts[r]:>8}" if counts and r in counts else ""))
+        n = f"{counts[r]:>8}" if counts and r in counts else ""
+        print(f"{r:<{label}}" + "".join(f"{cell(col.get(r)):>{width}}" for col in table.values()) + n)
+
+
+def report(
+    title: str, columns: dict[str, TestScores], args: argparse.Namespace, *, views: bool = True, means: bool = False
+) -> dict[str, Any]:
+    """Print and return the AUROC table (overall, per type; with ``views`` each view alone beside the fused score;
+    with ``means`` the unweighted mean over types) and the escape table (at each model's threshold, per type, and
+    at each operating point), every figure with its interval."""
+    types = sorted({t for s in columns.values() for t in s.defect_types()})
+    aurocs: dict[str, dict[str, Figure]] = {}
+    for name, s in columns.items():
+        for view in [*(sorted(s.views) if views else []), None]:
+            rows = {"overall": estimate(auroc(view), s, args)}
+            rows.update({t: estimate(auroc(view), s.only(t), args) for t in types if t in s.defect_types()})
+            if means:
+                rows["mean of types"] = estimate(type_mean(s.defect_types(), view), s, args)
+            aurocs[name if view is None else f"{name}: {view}"] = rows
+    first = next(iter(columns.values()))
+    counts = {"overall": int(len(set(first.paths[first.labels == 1].tolist())))}
+    counts.update({t: int(len(set(first.paths[first.types == t].tolist()))) for t in types})
+    goods_per_fold = int(np.sum((first.labels == 0) & (first.folds == first.folds[0])))
+    print_table(f"image AUROC, {title} (n: defect images; {goods_per_fold} test goods)", aurocs, counts)
+    escapes: dict[str, dict[str, Figure]] = {}
+    for name, s in columns.items():
+        rows = {"false-reject rate": estimate(false_reject_rate, s, args), "escape": estimate(escape_rate, s, args)}
+        rows.update({f"  {t}": estimate(escape_rate, s.only(t), args) for t in s.defect_types()})
+        for rate in FALSE_REJECT_RATES:
+            rows[f"escape at FRR {rate * 100:g} %"] = estimate(escape_at(rate), s, args)
+        escapes[name] = rows
+    unresolved = [f"{r * 100:g} %" for r in FALSE_REJECT_RATES if int(r * goods_per_fold + 1e-9) < 1]
+    print_table(
+        f"escape rates at each model's threshold and at the operating points set on the {goods_per_fold} test goods"
+        + (f" ({', '.join(unresolved)}: too few goods, the threshold is the worst good)" if unresolved else ""),
+        escapes,
+    )
+    return {"auroc": aurocs, "escape": escapes, "counts": counts, "test_goods": goods_per_fold}
+
+
+# ----------------------------------------------------------------------------------------------- the product's splits
 
 
 def product_split(
@@ -171,7 +244,7 @@ def product_split(
     resolve_size: bool = True,
 ) -> tuple[Manifest, DataSplit, Recipe]:
     """The training flow's split of ``root`` (same grouping, fractions and seed), and the recipe with its input size
-    and bit depth resolved from the data as the flow does; other benchmarks use it to score on the same test images."""
+    and bit depth resolved from the data as the flow resolves them."""
     records = scan_root(root)
     groups = capture_groups(records, group_pattern, group_gap, by_folder=by_folder)
     manifest = build_manifest(records, group_of=groups)
@@ -183,44 +256,376 @@ def product_split(
     return manifest, split, recipe
 
 
-def main() -> None:
+def grouped_folds(groups: Sequence[str], types: Sequence[str], k: int, seed: int) -> np.ndarray:
+    """Each item's fold: whole groups to one fold, each type's groups dealt largest first to the fold with the
+    fewest items of that type (then the fewest items), so every type spreads evenly; ties broken by the seed."""
+    members: dict[str, list[int]] = defaultdict(list)
+    for i, g in enumerate(groups):
+        members[g].append(i)
+    if len(members) < k:
+        raise SystemExit(f"--folds {k}: the defects form only {len(members)} capture groups")
+    kind = {g: Counter(types[i] for i in rows).most_common(1)[0][0] for g, rows in members.items()}
+    order = sorted(members)
+    np.random.default_rng(seed).shuffle(order)
+    order.sort(key=lambda g: (kind[g], -len(members[g])))  # stable: the shuffle orders equal groups
+    per_type: dict[str, np.ndarray] = defaultdict(lambda: np.zeros(k))
+    total = np.zeros(k)
+    fold = np.empty(len(groups), dtype=np.int64)
+    for g in order:
+        f = min(range(k), key=lambda j: (per_type[kind[g]][j], total[j], j))
+        fold[members[g]] = f
+        per_type[kind[g]][f] += len(members[g])
+        total[f] += len(members[g])
+    return fold
+
+
+def validation_groups(groups: Sequence[str], share: float, salt: str) -> set[str]:
+    """The groups that validate: in the order of their hash, each that still fits in ``share`` of the images (the
+    first always, when there are two groups or more), so a few large groups never leave a fold without
+    validation defects and the proportion holds."""
+    sizes = Counter(groups)
+    target = share * len(groups)
+    chosen: set[str] = set()
+    held = 0
+    for g in sorted(sizes, key=lambda g: hash_fraction(g, salt))[: len(sizes) - 1]:  # one group stays to train
+        if held + sizes[g] <= target or not chosen:
+            chosen.add(g)
+            held += sizes[g]
+    return chosen
+
+
+def fold_splits(split: DataSplit, defects: list[ImageRecord], k: int, recipe: Recipe) -> list[DataSplit]:
+    """K splits of the same goods (golden, calibration and test goods as in ``split``): fold f tests the defects of
+    fold f, and trains and validates on the others' (by group, validation in the recipe's proportion)."""
+    groups = split.group_ids([d.path for d in defects])
+    fold = grouped_folds(groups, [d.defect_type for d in defects], k, recipe.seed)
+    share = recipe.defect_val_fraction / (recipe.defect_train_fraction + recipe.defect_val_fraction)
+    goods = [r for r in split.test if r.is_good]
+    out = []
+    for f in range(k):
+        rest = [(d, g) for d, g, j in zip(defects, groups, fold) if j != f] if recipe.use_real_defects else []
+        validating = validation_groups([g for _, g in rest], share, f"seed{recipe.seed}:fold{f}")
+        out.append(
+            replace(
+                split,
+                train_defective=[d for d, g in rest if g not in validating],
+                validation_defective=[d.path for d, g in rest if g in validating],
+                test=goods + [d for d, j in zip(defects, fold) if j == f],
+            )
+        )
+    return out
+
+
+def few_shot_split(split: DataSplit, n: int, seed: int) -> DataSplit:
+    """Keep ``n`` training defect photos, drawn at random (seeded); validation and test unchanged."""
+    rng = np.random.default_rng(seed)
+    keep = sorted(rng.choice(len(split.train_defective), min(n, len(split.train_defective)), replace=False))
+    return replace(split, train_defective=[split.train_defective[i] for i in keep])
+
+
+def without_type(split: DataSplit, defects: list[ImageRecord], held_out: str) -> DataSplit:
+    """``split`` with type ``held_out`` taken out of training and validation; its test: the test goods and every
+    image of that type."""
+    type_of = {str(r.path): r.defect_type for r in defects}
+    return replace(
+        split,
+        train_defective=[r for r in split.train_defective if r.defect_type != held_out],
+        validation_defective=[p for p in split.validation_defective if type_of.get(str(p)) != held_out],
+        test=[r for r in split.test if r.is_good] + [r for r in defects if r.defect_type == held_out],
+    )
+
+
+# ----------------------------------------------------------------------------------------------- the models
+
+
+@dataclass
+class Context:
+    """What every experiment shares: the options, the product split, the recipe, where bundles go."""
+
+    args: argparse.Namespace
+    split: DataSplit
+    defects: list[ImageRecord]
+    recipe: Recipe
+    out: Path
+    product_scores: dict[str, TestScores]  # the product experiment's columns, for the few-shot curve's ends
+
+
+def frozen_patch_bundle(split: DataSplit, recipe: Recipe, out: Path) -> Path:
+    """The default embedder before training, bundled as the product bundles it (what it ships without defect
+    photos)."""
+    torch.manual_seed(recipe.seed)
+    return build_bundle(build_embedder(recipe.embedder).eval(), split, recipe, out, model_name="patch-untrained")
+
+
+def trained_bundle(split: DataSplit, recipe: Recipe, out: Path, same_as: Path | None = None) -> tuple[Path, float]:
+    """Train with the recipe and bundle the result; the seconds training took. ``same_as``: the frozen bundle of the
+    same split and recipe, returned as it is when the starting weights were kept or no epoch ran (it is this
+    bundle)."""
+    t0 = time.perf_counter()
+    embedder, history = fit_embedder(split, recipe, checkpoint_dir=out.with_name(f"{out.name}_checkpoints"))
+    seconds = time.perf_counter() - t0
+    if same_as is not None and (history.skipped or history.best_epoch == -1 or not history.epochs):
+        return same_as, seconds
+    return build_bundle(embedder, split, recipe, out, model_name=out.name), seconds
+
+
+def line_speed(bundle: Path, paths: list[Path]) -> float:
+    """End-to-end images/s of the bundle through ``Inspector.score_paths`` (decode, preprocess, ORT, scoring)."""
+    inspector = Inspector.from_bundle(bundle)
+    list(inspector.score_paths(paths[:32]))  # warm-up
+    t0 = time.perf_counter()
+    list(inspector.score_paths(paths))
+    return len(paths) / (time.perf_counter() - t0)
+
+
+def calibration_of(bundle: Path, test: TestScores) -> dict[str, Any]:
+    """The threshold's rule and what calibration promised, beside the false-reject rate the test goods realise."""
+    spec = load_bundle(bundle).spec
+    details = spec.threshold.details
+    offset_tried = details.get("offset_auroc") or {}
+    return {
+        "rule": spec.threshold.rule,
+        "threshold": spec.threshold.value,
+        "target": details.get("target_false_reject_rate"),
+        "calibration_frr": details.get("false_reject_rate"),
+        "frr_upper_95": details.get("frr_upper_95"),
+        "realised_frr": false_reject_rate(test),
+        "shortfall": calibration_shortfall(bundle),
+        "offset": spec.scoring.offset,
+        "offset_validation_auroc": offset_tried,
+        "whole_part_kept": (details.get("whole_part_score") or {}).get("kept"),
+    }
+
+
+def _short(value: Any) -> str:
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def print_calibration(name: str, rows: list[dict[str, Any]]) -> None:
+    for f, c in enumerate(rows):
+        where = f"fold {f + 1}: " if len(rows) > 1 else ""
+        tried = ", ".join(f"{k}: {_short(v)}" for k, v in c["offset_validation_auroc"].items())
+        print(
+            f"{name} threshold, {where}{c['rule']} (target FRR {_short(c['target'])}): calibration FRR "
+            f"{_short(c['calibration_frr'])}, 95 % bound {_short(c['frr_upper_95'])}; realised on the test goods "
+            f"{c['realised_frr']:.3f}; offset {c['offset']:g}"
+            + (f" (validation AUROC {tried})" if tried else "")
+            + (
+                "; whole-part view dropped (validation preferred the patch view)"
+                if c["whole_part_kept"] is False
+                else ""
+            )
+            + (f"; {c['shortfall']}" if c["shortfall"] else "")
+        )
+
+
+def int8_of(
+    bundle: Path, split: DataSplit, fp32: TestScores, fold: int, out: Path
+) -> tuple[TestScores, dict[str, Any]]:
+    """The bundle quantised on the split's calibration goods, scored on the same test images; what changed."""
+    t0 = time.perf_counter()
+    quantized = quantize_bundle(bundle, split.calibration_good[:INT8_CALIBRATION_GOODS], out)
+    seconds = time.perf_counter() - t0
+    int8 = TestScores.of(quantized, split, fold)
+    same = {p: i for i, p in enumerate(int8.paths.tolist())}
+    rows = np.array([same[p] for p in fp32.paths.tolist() if p in same])
+    mine = np.array([p in same for p in fp32.paths.tolist()])
+    drift = np.abs(fp32.margins[mine] - int8.margins[rows])
+    flips = int(np.sum((fp32.margins[mine] > 0) != (int8.margins[rows] > 0)))
+    report = load_bundle(quantized).spec.provenance["quantization"]
+    info = {
+        "bundle": str(quantized),
+        "seconds": seconds,
+        "score_drift_max": float(drift.max()) if len(drift) else float("nan"),
+        "score_drift_mean": float(drift.mean()) if len(drift) else float("nan"),
+        "verdict_flips": flips,
+        "images": int(len(drift)),
+        "model_bytes": report["model_bytes"],
+        "recorded_drift": report["drift"],
+    }
+    print(
+        f"INT8 (fold {fold + 1}): quantised in {seconds:.0f} s; |score fp32 - int8| max {info['score_drift_max']:.3f} "
+        f"mean {info['score_drift_mean']:.3f} (threshold units); verdict flips {flips} of {len(drift)}; model "
+        f"{report['model_bytes']['fp32']} -> {report['model_bytes']['int8']} bytes"
+    )
+    return int8, info
+
+
+# ----------------------------------------------------------------------------------------------- experiments
+
+
+def product(ctx: Context) -> dict[str, Any]:
+    """Frozen baselines against the trained product model, on the product split or cross-validated."""
+    args, recipe = ctx.args, ctx.recipe
+    folds = args.folds if args.folds > 1 else 1
+    splits = [ctx.split] if folds == 1 else fold_splits(ctx.split, ctx.defects, folds, recipe)
+    columns: dict[str, list[TestScores]] = defaultdict(list)
+    pixel: dict[str, list[float]] = defaultdict(list)
+    calibration: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    seconds, int8_info, speed = [], [], {}
+    for f, split in enumerate(splits):
+        tag = f"fold{f + 1}_" if folds > 1 else ""
+        print(f"\n{f'fold {f + 1} of {folds}: ' if folds > 1 else ''}split {json.dumps(split.summary())}", flush=True)
+        bundles: dict[str, Path] = {}
+        if args.baseline:
+            global_model = FrozenGlobalEmbedder()
+            bundles["frozen global"] = build_bundle(
+                global_model,  # type: ignore[arg-type]  # build_bundle takes any embedder module
+                split,
+                recipe,
+                ctx.out / f"{tag}frozen_global_bundle",
+                model_name="frozen-global",
+            )
+        bundles["frozen patch"] = frozen_patch_bundle(split, recipe, ctx.out / f"{tag}frozen_patch_bundle")
+        bundles["trained"], s = trained_bundle(split, recipe, ctx.out / f"{tag}trained_bundle", bundles["frozen patch"])
+        seconds.append(s)
+        for name, bundle in bundles.items():
+            columns[name].append(TestScores.of(bundle, split, f))
+            calibration[name].append(calibration_of(bundle, columns[name][-1]))
+            if name != "frozen global" and (value := pixel_level_auroc(bundle, split.test)) is not None:
+                pixel[name].append(value)
+        if args.int8:
+            int8, info = int8_of(bundles["trained"], split, columns["trained"][-1], f, ctx.out / f"{tag}trained_int8")
+            columns["trained, INT8"].append(int8)
+            int8_info.append(info)
+            bundles["trained, INT8"] = Path(info["bundle"])
+        if f == 0:
+            paths = [r.path for r in split.test]
+            speed = {name: line_speed(b, paths) for name, b in bundles.items() if name != "frozen patch"}
+    joined = {name: TestScores.joined(parts) for name, parts in columns.items()}
+    if folds == 1:
+        ctx.product_scores.update(joined)
+    scored = joined["trained"]
+    title = (
+        f"product split: {int(np.sum(scored.labels == 1))} test defects"
+        if folds == 1
+        else f"{folds}-fold cross-validation by capture group: {int(np.sum(scored.labels == 1))} defects, each scored "
+        "once by a model that never saw its group"
+    )
+    figures = report(title + "; [95 % interval over capture groups]", joined, args)
+    print()
+    for name in ("frozen patch", "trained"):
+        print_calibration(name, calibration[name])
+    print(
+        "pixel AUROC (test images with masks and test goods): "
+        + ", ".join(
+            f"{k} {np.mean(v):.3f}" + (f" (folds {', '.join(f'{x:.3f}' for x in v)})" if len(v) > 1 else "")
+            for k, v in pixel.items()
+        )
+    )
+    print(
+        "line model end to end: "
+        + ", ".join(f"{k} {v:.1f} img/s" for k, v in speed.items())
+        + f"; training {sum(seconds):.0f} s"
+        + (f" over {folds} folds" if folds > 1 else "")
+    )
+    figures.update(
+        folds=folds,
+        defects_scored=len(set(scored.paths[scored.labels == 1].tolist())),
+        defect_rows=int(np.sum(scored.labels == 1)),
+        pixel_auroc=dict(pixel),
+        calibration=dict(calibration),
+        images_per_second=speed,
+        train_seconds=seconds,
+        int8=int8_info,
+    )
+    return figures
+
+
+def good_only(ctx: Context) -> dict[str, Any]:
+    """No defect photos in training or validation: the default (pretrained features kept) and a head trained on
+    synthetic defects only. With ``--folds`` every defect image is tested (none is trained on)."""
+    split = replace(ctx.split, train_defective=[], validation_defective=[])
+    if ctx.args.folds > 1:
+        split = replace(split, test=[r for r in split.test if r.is_good] + ctx.defects)
+    frozen = frozen_patch_bundle(split, ctx.recipe, ctx.out / "good_only_frozen_bundle")
+    synthetic = replace(ctx.recipe, use_real_defects=False, train_without_defect_photos=True)
+    trained, _ = trained_bundle(split, synthetic, ctx.out / "good_only_synthetic_bundle")
+    columns = {
+        "pretrained kept (default)": TestScores.of(frozen, split),
+        "trained on synthetic": TestScores.of(trained, split),
+    }
+    if ctx.args.folds <= 1:
+        ctx.product_scores["0 (good-only default)"] = columns["pretrained kept (default)"]
+    return report("good images only (no defect photo trained on or validated with)", columns, ctx.args)
+
+
+def few_shot(ctx: Context) -> dict[str, Any]:
+    """The trained model against the number of defect photos it trained on; the ends from the other experiments
+    when they ran on the same split."""
+    columns: dict[str, TestScores] = {}
+    if "0 (good-only default)" in ctx.product_scores:
+        columns["0 (good-only default)"] = ctx.product_scores["0 (good-only default)"]
+    for n in (int(v) for v in ctx.args.few_shot.split(",")):
+        split = few_shot_split(ctx.split, n, ctx.recipe.seed)
+        bundle, _ = trained_bundle(split, ctx.recipe, ctx.out / f"few_shot_{n}_bundle")
+        columns[f"{n} photos"] = TestScores.of(bundle, split)
+    if "trained" in ctx.product_scores:
+        columns[f"all {len(ctx.split.train_defective)}"] = ctx.product_scores["trained"]
+    return report("product split, against the defect photos trained on", columns, ctx.args, views=False)
+
+
+def loto(ctx: Context) -> dict[str, Any]:
+    """Leave one type out: trained without type T, tested on the test goods and every image of T."""
+    args = ctx.args
+    types = sorted({r.defect_type for r in ctx.defects})
+    chosen = [t for t in types if args.loto_types is None or t in args.loto_types.split(",")]
+    columns: dict[str, list[TestScores]] = defaultdict(list)
+    for i, t in enumerate(chosen):  # each held-out type is a fold: its own models, its own scale
+        split = without_type(ctx.split, ctx.defects, t)
+        frozen = frozen_patch_bundle(split, ctx.recipe, ctx.out / f"loto_{t}_frozen_bundle")
+        columns["frozen patch"].append(TestScores.of(frozen, split, i))
+        line = f"leave out {t}: frozen patch {auroc()(columns['frozen patch'][-1]):.3f}"
+        if not args.loto_frozen_only:
+            bundle, _ = trained_bundle(split, ctx.recipe, ctx.out / f"loto_{t}_bundle", frozen)
+            columns["trained without it"].append(TestScores.of(bundle, split, i))
+            line += f", trained without it {auroc()(columns['trained without it'][-1]):.3f}"
+        print(line, flush=True)
+    joined = {name: TestScores.joined(parts) for name, parts in columns.items()}
+    return report("leave one type out (test: the test goods and every image of the type)", joined, args, means=True)
+
+
+EXPERIMENTS: dict[str, Callable[[Context], dict[str, Any]]] = {
+    "product": product,
+    "good-only": good_only,
+    "few-shot": few_shot,
+    "loto": loto,
+}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("root", type=Path)
-    p.add_argument("--out", type=Path, default=Path("runs/bench_quality"))
-    p.add_argument("--size", default=None, help="input HxW (default: the recipe's default)")
+    p.add_argument("--out", type=Path, default=Path("runs/bench_quality"), help="bundles and results.json go here")
+    p.add_argument("--experiments", default="product", help=f"comma-separated, of {', '.join(EXPERIMENTS)}")
+    p.add_argument("--folds", type=int, default=1, help="K >= 2: cross-validate the product experiment by group")
+    p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples of capture groups per interval")
+    p.add_argument("--int8", action="store_true", help="also quantise each trained bundle and score it")
+    p.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True, help="frozen global Lite0")
+    p.add_argument("--size", default=None, help="input HxW (default: chosen from the goods' aspect, as in training)")
     p.add_argument("--resize", default="letterbox", choices=["letterbox", "stretch"])
     p.add_argument("--epochs", type=int, default=None, help="training epochs (default: the recipe's)")
     p.add_argument("--epoch-size", type=int, default=None)
     p.add_argument("--group-pattern", default=None, help="regex with one numeric capture group in file names")
     p.add_argument("--group-gap", type=int, default=0)
     p.add_argument("--group-by-folder", action="store_true", help="each folder is one capture group")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="training, bank draw, folds and bootstrap seed")
     p.add_argument(
         "--split-seed",
         type=int,
         default=None,
-        help="the split's own seed (default: --seed); fix it and vary "
-        "--seed to see how much the bank draw and training alone move the figures on the same test images",
+        help="the split's own seed (default: --seed); fix it and vary --seed to see what the bank draw and training "
+        "alone move on the same test images",
     )
-    p.add_argument("--experiments", default="product", help="comma-separated: product, good-only, few-shot, loto")
-    p.add_argument(
-        "--loto-frozen-only",
-        action="store_true",
-        help="leave-one-type-out with the frozen patch embedder only (no training: minutes instead of an hour)",
-    )
-    p.add_argument(
-        "--loto-types", default=None, help="comma-separated defect types to hold out in turn (default: every type)"
-    )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="any recipe setting, as in `pipelines train --set`",
-    )
-    args = p.parse_args()
+    p.add_argument("--few-shot", default="5,10,25", help="defect photos trained on, comma-separated")
+    p.add_argument("--loto-frozen-only", action="store_true", help="leave-one-type-out without training")
+    p.add_argument("--loto-types", default=None, help="comma-separated types to hold out in turn (default: all)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="recipe setting")
+    args = p.parse_args(argv)
     experiments = [e.strip() for e in args.experiments.split(",") if e.strip()]
+    unknown = sorted(set(experiments) - set(EXPERIMENTS))
+    if unknown:
+        p.error(f"unknown experiment(s) {unknown}: choose from {list(EXPERIMENTS)}")
 
     recipe = Recipe(seed=args.seed)
     if args.size:
@@ -233,7 +638,6 @@ def main() -> None:
     recipe = apply_overrides(
         replace(recipe, train=replace(recipe.train, progress=True)), load_overrides(None, args.overrides)
     )
-
     manifest, split, recipe = product_split(
         args.root,
         recipe,
@@ -243,168 +647,18 @@ def main() -> None:
         args.split_seed,
         resolve_size=not args.size,
     )
-    all_records = manifest.records()
     print("ingest:", json.dumps(manifest.summary()), "\nsplit:", json.dumps(split.summary()))
-    print(
-        f"input {recipe.preprocess.height}x{recipe.preprocess.width} {recipe.preprocess.resize}, {recipe.train.epochs} epochs x {recipe.epoch_size} images"
-    )
+    pre = recipe.preprocess
+    print(f"input {pre.height}x{pre.width} {pre.resize}, {recipe.train.epochs} epochs x {recipe.epoch_size} images")
     args.out.mkdir(parents=True, exist_ok=True)
-    results: dict[str, object] = {"split": split.summary(), "recipe": recipe.to_dict()}
-    n_test = {
-        t: sum(1 for r in split.test if r.defect_type == t)
-        for t in sorted({r.defect_type for r in split.test if not r.is_good})
-    }
-
-    torch.manual_seed(recipe.seed)
-    untrained_bundle = build_bundle(
-        build_embedder(recipe.embedder).eval(),
-        split,
-        recipe,
-        args.out / "untrained_bundle",
-        model_name="patch-untrained",
-    )
-    untrained = evaluate_bundle(untrained_bundle, split.test)
-    trained_eval: Evaluation | None = None
-
-    if "product" in experiments:
-        frozen_bundle = build_bundle(
-            FrozenGlobalEmbedder(), split, recipe, args.out / "frozen_bundle", model_name="frozen-lite0"
-        )
-        frozen = evaluate_bundle(frozen_bundle, split.test)
-        trained_bundle, trained_eval, train_s = train_and_evaluate(split, recipe, args.out, "trained")
-        fm, um, tm = frozen.metrics(), untrained.metrics(), trained_eval.metrics()
-        untrained_views, trained_views = (
-            score_views(untrained_bundle, split.test),
-            score_views(trained_bundle, split.test),
-        )
-        print_table(
-            f"image AUROC, product split: {len(trained_eval.scores)} test images ({int(sum(trained_eval.labels == 0))} good); "
-            "'patch' / 'part': the worst-patch and whole-part scores alone, the unlabelled column the line's (fused) score",
-            {
-                "frozen global": {"overall": fm["image_auroc"], **frozen.per_type_auroc()},
-                **view_columns("frozen patch", untrained_views),
-                **view_columns("trained", trained_views),
-            },
-            {"overall": len(trained_eval.scores), **n_test},
-        )
-        pix = {
-            "frozen patch": pixel_level(untrained_bundle, split.test),
-            "trained": pixel_level(trained_bundle, split.test),
-        }
-        print(
-            f"\npixel AUROC (test images with masks + test goods): frozen patch {pix['frozen patch']:.3f}, trained {pix['trained']:.3f}"
-        )
-        spec = load_bundle(trained_bundle).spec.threshold
-        target = recipe.target_false_reject_rate
-        print(
-            f"\nthreshold ({spec.rule}, target FRR {target:.3f}): calibration FRR {spec.details.get('false_reject_rate', float('nan')):.3f}, "
-            f"95% upper bound {spec.details.get('frr_upper_95', float('nan')):.3f}; realised on the later test goods {tm['false_reject_rate']:.3f} "
-            f"({'within' if tm['false_reject_rate'] <= 1.5 * target else 'OVER'} 1.5x target); escape {tm['escape_rate']:.3f}"
-        )
-        print(
-            "escape per type at that threshold:",
-            json.dumps({k: round(v, 3) for k, v in escape_per_type(trained_eval).items()}),
-        )
-        print(
-            f"scoring offset chosen on validation: frozen patch {offset_choice(untrained_bundle)}, trained {offset_choice(trained_bundle)}"
-        )
-        print(f"frozen global at its own threshold: FRR {fm['false_reject_rate']:.3f}, escape {fm['escape_rate']:.3f}")
-        test_paths = [r.path for r in split.test]
-        speed = {
-            "frozen global": line_speed(frozen_bundle, test_paths),
-            "trained": line_speed(trained_bundle, test_paths),
-        }
-        print(
-            f"line model end to end: trained {speed['trained']:.1f} img/s, frozen global {speed['frozen global']:.1f} img/s "
-            f"(ratio {speed['trained'] / speed['frozen global']:.2f}); training {train_s:.0f} s"
-        )
-        results["product_views"] = {
-            "frozen_patch": view_columns("frozen patch", untrained_views),
-            "trained": view_columns("trained", trained_views),
-        }
-        results["product"] = {
-            "frozen_global": {**fm, "per_type": frozen.per_type_auroc()},
-            "frozen_patch": {**um, "per_type": untrained.per_type_auroc()},
-            "trained": {
-                **tm,
-                "per_type": trained_eval.per_type_auroc(),
-                "escape_per_type": escape_per_type(trained_eval),
-            },
-            "pixel_auroc": pix,
-            "threshold": {"rule": spec.rule, "value": spec.value, **spec.details},
-            "images_per_s": speed,
-            "train_seconds": train_s,
-        }
-
-    curve: dict[str, float] = {}
-    if "good-only" in experiments:
-        _, good_only, _ = train_and_evaluate(
-            replace(split, train_defective=[], validation_defective=[]),
-            replace(recipe, use_real_defects=False, train_without_defect_photos=True),
-            args.out,
-            "good_only",
-        )
-        curve["0"] = good_only.metrics()["image_auroc"]
-        print_table(
-            "good images only, product split: the product's default keeps the pretrained patch features (= frozen patch); "
-            "trained = the head trained on synthetic defects",
-            {
-                "frozen patch (default)": {"overall": untrained.metrics()["image_auroc"], **untrained.per_type_auroc()},
-                "trained on synthetic": {"overall": curve["0"], **good_only.per_type_auroc()},
-            },
-        )
-        results["good_only"] = {**good_only.metrics(), "per_type": good_only.per_type_auroc()}
-    if "few-shot" in experiments:
-        for n in FEW_SHOT:
-            _, ev, _ = train_and_evaluate(few_shot_split(split, n, recipe.seed), recipe, args.out, f"few_shot_{n}")
-            curve[str(n)] = ev.metrics()["image_auroc"]
-        if trained_eval is not None:
-            curve[f"all ({len(split.train_defective)})"] = trained_eval.metrics()["image_auroc"]
-        print(
-            "\nfew-shot curve (image AUROC vs defect photos in training):",
-            json.dumps({k: round(v, 3) for k, v in curve.items()}),
-        )
-        results["few_shot"] = curve
-    if "loto" in experiments:
-        loto: dict[str, dict[str, float]] = {"frozen patch": {}, "trained without it": {}}
-        types = sorted({r.defect_type for r in all_records if not r.is_good})
-        for t in [t for t in types if args.loto_types is None or t in args.loto_types.split(",")]:
-            held_split, held_test = without_type(split, all_records, t)
-            # the frozen bundle too is calibrated (threshold, scoring offset) without the held-out type
-            frozen_held = build_bundle(
-                build_embedder(recipe.embedder).eval(),
-                held_split,
-                recipe,
-                args.out / f"loto_{t}_frozen_bundle",
-                model_name="patch-untrained",
-            )
-            for name, view in score_views(frozen_held, held_test).items():
-                loto.setdefault("frozen patch" + ("" if name == "fused" else f": {name}"), {})[t] = view.metrics()[
-                    "image_auroc"
-                ]
-            if args.loto_frozen_only:
-                print(
-                    f"\nleave out {t}: " + ", ".join(f"{k} {v[t]:.3f}" for k, v in loto.items() if t in v), flush=True
-                )
-                continue
-            bundle, ev, _ = train_and_evaluate(held_split, recipe, args.out, f"loto_{t}", test=held_test)
-            loto["trained without it"][t] = ev.metrics()["image_auroc"]
-            print(
-                f"\nleave out {t}: frozen patch {loto['frozen patch'][t]:.3f} (offset {offset_choice(frozen_held)}), "
-                f"trained without it {loto['trained without it'][t]:.3f} (offset {offset_choice(bundle)})",
-                flush=True,
-            )
-        loto = {k: v for k, v in loto.items() if v}
-        for row in loto.values():
-            row["mean"] = float(np.mean(list(row.values())))
-        print_table(
-            "leave one type out: test = test goods + every image of the held-out type",
-            loto,
-            {t: sum(r.defect_type == t for r in all_records) for t in loto["frozen patch"]},
-        )
-        results["loto"] = loto
-    (args.out / "results.json").write_text(json.dumps(results, indent=2, default=float))
+    defects = [r for r in manifest.records() if not r.is_good]
+    ctx = Context(args, split, defects, recipe, args.out, {})
+    results: dict[str, Any] = {"split": split.summary(), "recipe": recipe.to_dict(), "defect_images": len(defects)}
+    for name in experiments:
+        results[name] = EXPERIMENTS[name](ctx)
+    write_json(args.out / "results.json", results)
     print(f"\nresults: {args.out / 'results.json'}")
+    return results
 
 
 if __name__ == "__main__":

@@ -1,6 +1,9 @@
-"""Training throughput (images/s) of the Siamese embedder on this machine, each with its training loss, one run.
+"""Training throughput (images/s) of the Siamese embedder per backbone and mode on this machine, one run.
 
-Baseline: the default line model (Lite0 patch embedder) at 224 px; every other row prints its ratio to it. Run on demand: ``.venv/bin/python benchmarks/train_throughput.py [--steps 6] [--batch 32]``.
+Each case times forward + its mode's loss + backward + an AdamW step on random batches (after one warm-up step);
+every row prints its ratio to the first case measured (the default line model unless ``--cases`` leaves it out).
+
+    .venv/bin/python -m benchmarks.train_throughput [--steps 5] [--batch 32] [--cases default,demo] [--loss triplet]
 """
 
 from __future__ import annotations
@@ -8,54 +11,70 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import torch
 
+from benchmarks.common import write_json
 from models.siamese import EmbedderConfig, build_embedder
 from models.training import TrainConfig, batch_loss, resolve_device, resolve_mode
 
-CASES = [
-    ("lite0 patch 224 px, projection head only (default)", EmbedderConfig(), 224),
-    ("lite0 patch 224 px, stages 3-4 trainable", EmbedderConfig(trainable_stages=2), 224),
-    ("lite0 patch 128 px, projection head only (demo)", EmbedderConfig(), 128),
-    ("lite0 global 224 px, last 2 stages trainable", EmbedderConfig(mode="global", trainable_stages=2), 224),
-    ("resnet18 224 px, global, random init", EmbedderConfig(backbone="resnet18", weights=None, mode="global"), 224),
-    (
+
+@dataclass(frozen=True)
+class Case:
+    """One measured model: what it is, its settings, its input size."""
+
+    description: str
+    embedder: EmbedderConfig
+    size: int
+
+
+CASES = {
+    "default": Case("lite0 patch 224 px, projection head only (default)", EmbedderConfig(), 224),
+    "trunk": Case("lite0 patch 224 px, stages 3-4 trainable", EmbedderConfig(trainable_stages=2), 224),
+    "demo": Case("lite0 patch 128 px, projection head only (demo)", EmbedderConfig(), 128),
+    "global": Case(
+        "lite0 global 224 px, last 2 stages trainable", EmbedderConfig(mode="global", trainable_stages=2), 224
+    ),
+    "resnet18": Case(
+        "resnet18 224 px, global, random init", EmbedderConfig(backbone="resnet18", weights=None, mode="global"), 224
+    ),
+    "tiny": Case(
         "tiny_cnn 64 px, global (unit tests)",
         EmbedderConfig(backbone="tiny_cnn", weights=None, mode="global", embedding_dim=32, hidden_dim=64),
         64,
     ),
-]
+}
 
 
-def measure(cfg: EmbedderConfig, size: int, batch: int, steps: int, device: torch.device) -> float:
+def images_per_second(case: Case, batch: int, steps: int, device: torch.device, loss: str) -> float:
     """Images per second of forward + the mode's loss + backward + AdamW step, after one warm-up step."""
     torch.manual_seed(0)
-    model = build_embedder(cfg).to(device).train()
+    model = build_embedder(case.embedder).to(device).train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    tcfg = TrainConfig(mode=resolve_mode(model, "auto"))
-    x = torch.randn(batch, 3, size, size)
-    if tcfg.mode == "patch":  # pairs of (good, defect with a square mask) from distinct sources
-        masks = torch.zeros(batch // 2, 2, size, size)
+    cfg = TrainConfig(mode=resolve_mode(model, "auto"), loss=loss)  # type: ignore[arg-type]
+    size, pairs = case.size, max(1, batch // 2)
+    x = torch.randn(2 * pairs, 3, size, size)
+    data: tuple[torch.Tensor, ...]
+    if cfg.mode == "patch":  # pairs of (good, defect with a square mask) from distinct sources
+        masks = torch.zeros(pairs, 2, size, size)
         masks[:, 1, size // 4 : size // 2, size // 4 : size // 2] = 1
-        data = (
-            x.view(batch // 2, 2, 3, size, size),
-            masks,
-            torch.arange(batch).view(-1, 2) // 2,
-            torch.tensor([[0, 1]]).repeat(batch // 2, 1),
-        )
+        sources = torch.arange(2 * pairs).view(-1, 2) // 2
+        data = (x.view(pairs, 2, 3, size, size), masks, sources, torch.tensor([[0, 1]]).repeat(pairs, 1))
     else:
-        data = (x, torch.arange(batch) % 2)
+        data = (x, torch.arange(2 * pairs) % 2)
     use_amp = device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
         with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
-            loss, _, _ = batch_loss(model, data, tcfg, device)
-        scaler.scale(loss).backward()
+            value, _, _ = batch_loss(model, data, cfg, device)
+        scaler.scale(value).backward()
         scaler.step(opt)
         scaler.update()
 
@@ -67,22 +86,33 @@ def measure(cfg: EmbedderConfig, size: int, batch: int, steps: int, device: torc
         step()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return batch * steps / (time.perf_counter() - t0)
+    return 2 * pairs * steps / (time.perf_counter() - t0)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--batch", type=int, default=32)
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=5, help="timed steps per case")
+    p.add_argument("--batch", type=int, default=32, help="images per step (pairs of two)")
     p.add_argument("--device", default="auto")
-    args = p.parse_args()
+    p.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of {', '.join(CASES)}")
+    p.add_argument("--loss", default="contrastive", choices=["contrastive", "triplet"])
+    p.add_argument("--json", type=Path, default=None, help="also write the figures to this file")
+    args = p.parse_args(argv)
+    names = [c.strip() for c in args.cases.split(",") if c.strip()]
+    unknown = sorted(set(names) - set(CASES))
+    if unknown:
+        p.error(f"unknown case(s) {unknown}: choose from {list(CASES)}")
     device = resolve_device(args.device)
     print(f"device {device}, torch threads {torch.get_num_threads()}, batch {args.batch}, {args.steps} timed steps")
-    baseline = None
-    for name, cfg, size in CASES:
-        ips = measure(cfg, size, args.batch, args.steps, device)
-        baseline = baseline or ips
-        print(f"{name:<50} {ips:8.1f} img/s   x{ips / baseline:5.2f} vs default")
+    rates: dict[str, float] = {}
+    for name in names:
+        case = CASES[name]
+        rates[name] = images_per_second(case, args.batch, args.steps, device, args.loss)
+        first = rates[names[0]]
+        print(f"{case.description:<52} {rates[name]:8.1f} img/s   x{rates[name] / first:5.2f} vs {names[0]}")
+    figures = {"device": str(device), "batch": args.batch, "loss": args.loss, "images_per_second": rates}
+    write_json(args.json, figures)
+    return figures
 
 
 if __name__ == "__main__":

@@ -29,7 +29,10 @@ from inspector.errors import BundleError
 from inspector.preprocess import PreprocessConfig
 from inspector.scoring import ScoringConfig
 
-SCHEMA_VERSION = 1
+#: 2: the whole-part view (``density``, ``descriptors.npy``), the on-part patch rule (``scoring.content_only``) and the
+#: camera bit depth (``preprocessing.bit_depth``) written explicitly; 1: bundles written before them
+SCHEMA_VERSION = 2
+READABLE_SCHEMAS = (1, 2)
 MANIFEST = "inspector.json"
 MODEL_FILE = "model.onnx"
 REFERENCES_FILE = "references.npy"
@@ -193,11 +196,20 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BundleError(f"{manifest_path}: not valid JSON ({exc})") from None
     version = manifest.get("schema_version")
-    if version != SCHEMA_VERSION:
-        raise BundleError(
-            f"{manifest_path}: unknown schema_version {version!r} (this inspector reads {SCHEMA_VERSION})"
-        )
-    return manifest
+    if version not in READABLE_SCHEMAS:
+        readable = ", ".join(map(str, READABLE_SCHEMAS))
+        raise BundleError(f"{manifest_path}: unknown schema_version {version!r} (this inspector reads {readable})")
+    return upgraded_manifest(manifest)
+
+
+def upgraded_manifest(manifest: dict[str, Any]) -> dict[str, Any]:
+    """A version-1 manifest read as version 2: what version 1 left implicit is made explicit as it behaved (its
+    patches were scored with the letterbox padding, ``content_only`` false), so an old bundle scores as it did."""
+    if manifest.get("schema_version") != 1:
+        return manifest
+    out = dict(manifest)
+    out["scoring"] = {"content_only": False, **manifest.get("scoring", {})}
+    return out
 
 
 def load_bundle(path: str | Path) -> Bundle:

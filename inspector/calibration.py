@@ -91,6 +91,41 @@ def frr_upper_bound(rejects: int, n: int, confidence: float = CONFIDENCE) -> flo
     return float(hi)
 
 
+def goods_to_resolve(target_frr: float, confidence: float = CONFIDENCE) -> int | None:
+    """How many calibration goods it takes to show the false-reject rate is at most ``target_frr``: the fewest n for
+    which, with no good rejected, the one-sided bound at ``confidence`` is within the target, ``(1 − t)^n ≤ 1 − c``
+    (299 goods for 1 % at 95 %). None for a target of 0, which no finite sample can show."""
+    if target_frr <= 0.0:
+        return None
+    return int(math.ceil(math.log(1.0 - confidence) / math.log1p(-target_frr) - 1e-9))
+
+
+def resolution(n_good: int, target_frr: float | None, confidence: float = CONFIDENCE) -> dict[str, Any]:
+    """Whether ``n_good`` calibration goods can resolve the target false-reject rate, and how many would."""
+    if target_frr is None:
+        return {}
+    needed = goods_to_resolve(target_frr, confidence)
+    return {"goods_to_resolve_target": needed, "resolves_target": needed is not None and n_good >= needed}
+
+
+def shortfall(details: dict[str, Any]) -> str | None:
+    """A sentence naming the shortfall when a threshold's calibration goods were too few to resolve its target
+    false-reject rate (run summaries, MLflow and the gate print it), else None."""
+    if details.get("resolves_target", True):
+        return None
+    n, target, needed = (
+        details.get("n_good"),
+        details.get("target_false_reject_rate"),
+        details.get("goods_to_resolve_target"),
+    )
+    bound = details.get("frr_upper_95")
+    if not isinstance(n, int) or not isinstance(target, float):
+        return None
+    promise = "no finite set can show a 0 % rate" if needed is None else f"{needed} goods would resolve it"
+    bound_text = f" (the 95 % bound on the false-reject rate is {bound:.1%})" if isinstance(bound, float) else ""
+    return f"{n} calibration goods are too few to resolve a {target:.1%} false-reject target{bound_text}; {promise}"
+
+
 # --------------------------------------------------------------------------------------------------- inputs
 
 
@@ -197,7 +232,8 @@ def calibrate(good_scores: Any, defect_scores: Any = None, rule: str = "auto", t
     ``details`` keys: ``rule``, ``n_good``, ``n_defect``, ``target_false_reject_rate`` (None for ``best_f1``),
     ``good_rejects``, ``false_reject_rate`` (realised on the calibration goods), ``frr_upper_95`` (one-sided
     Clopper-Pearson bound on the true FRR at 95 %), and with defects ``recall``, ``escape_rate``,
-    ``precision``, ``f1``.
+    ``precision``, ``f1``; with a target, ``goods_to_resolve_target`` and ``resolves_target`` (:func:`shortfall`
+    puts them in words). The one calibration front end: the pipelines, re-calibration and INT8 use it.
     """
     if rule not in RULES:
         raise CalibrationError(f"unknown calibration rule {rule!r}; expected one of {', '.join(RULES)}")
@@ -228,5 +264,6 @@ def calibrate(good_scores: Any, defect_scores: Any = None, rule: str = "auto", t
         **rates,
         "min_resolvable_frr": 1.0 / len(good),
         "frr_upper_95": frr_upper_bound(rates["good_rejects"], len(good), CONFIDENCE),
+        **resolution(len(good), target),
     }
     return Threshold(value=value, rule=rule, details=details)

@@ -23,7 +23,8 @@ import numpy as np
 
 from inspector.errors import InspectorError
 
-#: how the patch and whole-part scores become one: each standardised on the calibration goods, the larger counts
+#: how the patch and whole-part scores become one (inspector.scorer): each standardised on the calibration goods,
+#: the larger counts
 COMBINE = "max"
 
 
@@ -129,26 +130,6 @@ class ScoreScale:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ScoreScale:
         return cls(float(data["median"]), float(data["spread"]))
-
-
-def standardised_views(
-    patch: np.ndarray, density: np.ndarray, patch_scale: ScoreScale, density_scale: ScoreScale
-) -> dict[str, np.ndarray]:
-    """Each view's scores in units of the good parts' spread above their median: ``patch`` and ``part``."""
-    return {"patch": patch_scale.standardise(patch), "part": density_scale.standardise(density)}
-
-
-def fused_scores(
-    patch: np.ndarray, density: np.ndarray, patch_scale: ScoreScale, density_scale: ScoreScale
-) -> np.ndarray:
-    """One score per part: the larger of its patch and whole-part scores, each standardised
-    (:func:`standardised_views`) — a part is as anomalous as the more alarmed of the two views."""
-    return fused_scores_of(standardised_views(patch, density, patch_scale, density_scale))
-
-
-def fused_scores_of(views: dict[str, np.ndarray]) -> np.ndarray:
-    """The line's score from the views already standardised (``Inspector.views``): the largest."""
-    return np.maximum.reduce([np.asarray(v, dtype=np.float64) for v in views.values()])
 
 
 @dataclass(frozen=True)

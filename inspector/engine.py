@@ -20,10 +20,10 @@ import onnxruntime as ort
 from PIL import Image
 
 from inspector.bundle import Bundle, load_bundle
-from inspector.density import GaussianDensity, fused_scores_of, standardised_views
 from inspector.errors import ImageError, InspectorError
 from inspector.preprocess import PreprocessConfig, Preprocessor, full_placement, patch_grid
-from inspector.scoring import GoldenBank, use_one_blas_thread
+from inspector.scorer import RawScores, Scorer
+from inspector.scoring import use_one_blas_thread
 
 ImageSource = str | Path | bytes | Image.Image
 
@@ -195,10 +195,6 @@ class OnnxEmbedder:
             else None
         )
 
-    def embed_arrays(self, batch: np.ndarray, sizes: Sequence[tuple[int, int]] | None = None) -> np.ndarray:
-        """Embed an already-preprocessed float32 NCHW batch, in chunks of ``batch_size``."""
-        return self.run(batch, sizes)[0]
-
     def placements(self, sizes: Sequence[tuple[int, int]]) -> np.ndarray:
         """(N, 4) where each image of original (width, height) sits on the input: left, top, width, height."""
         return self.preprocessor.placements(sizes)
@@ -277,18 +273,9 @@ class OnnxEmbedder:
         cfg = self.preprocessing
         return self.preprocessor.content_mask(list(sizes), patch_grid(int(embeddings.shape[1]), cfg.height, cfg.width))
 
-    def embed(self, images: Sequence[ImageSource]) -> tuple[np.ndarray, list[str | None]]:
-        """Embeddings of the images that could be read (rows in input order) and a per-image error (or None)."""
-        embeddings, _, errors = self.embed_parts(images)
-        return embeddings, errors
-
-    def embed_parts(self, images: Sequence[ImageSource]) -> tuple[np.ndarray, np.ndarray | None, list[str | None]]:
-        """:meth:`embed` plus, for patch embeddings, which patches lie on each part (:meth:`patch_valid`)."""
-        embedded = self.embed_all(images)
-        return embedded.embeddings, embedded.valid, embedded.errors
-
-    def embed_all(self, images: Sequence[ImageSource]) -> Embedded:
-        """:meth:`embed_parts` plus the whole-part descriptors of a model that outputs them."""
+    def embed(self, images: Sequence[ImageSource]) -> Embedded:
+        """What the model makes of the readable images (rows in input order): embeddings, the patches on each part,
+        whole-part descriptors (models that output them), and a per-image error (or None)."""
         batch, errors, sizes = self.prepare(images)
         if not len(batch):
             return Embedded(np.zeros((0, self.embedding_dim or 0), dtype=np.float32), None, None, errors)
@@ -330,17 +317,15 @@ class Inspector:
             raise InspectorError(
                 f"{bundle.path}: model outputs {dim}-d embeddings but references are {bundle.references.shape[1]}-d"
             )
-        self.golden = GoldenBank(bundle.references, chunk_size=bundle.spec.scoring.chunk_size)
-        self.density: GaussianDensity | None = None
-        if bundle.spec.density is not None and bundle.descriptors is not None:
-            if not self.embedder.describes_parts:
-                raise InspectorError(
-                    f"{bundle.path}: the bundle scores whole parts but its model has no '{PLACEMENT_INPUT}' input"
-                )
-            self.density = GaussianDensity(bundle.descriptors, bundle.spec.density.blocks)
-        if self.golden.cells > 1:
+        if bundle.spec.density is not None and not self.embedder.describes_parts:
+            raise InspectorError(
+                f"{bundle.path}: the bundle scores whole parts but its model has no '{PLACEMENT_INPUT}' input"
+            )
+        #: the one composition from embeddings to verdicts (inspector.scorer)
+        self.scorer = Scorer.from_bundle(bundle)
+        if self.scorer.bank.cells > 1:
             use_one_blas_thread()  # from the loading (usually main) thread: see its docstring
-            self.golden.partition()  # at load, not on the first part of the line
+            self.scorer.bank.partition()  # at load, not on the first part of the line
 
     @classmethod
     def from_bundle(cls, path: str | Path, **kwargs: Any) -> Inspector:
@@ -354,44 +339,19 @@ class Inspector:
     def model_version(self) -> str:
         return self.bundle.model_version
 
-    def embed(self, images: Sequence[ImageSource]) -> tuple[np.ndarray, list[str | None]]:
+    def embed(self, images: Sequence[ImageSource]) -> Embedded:
         return self.embedder.embed(images)
 
     def score_embeddings(
         self, embeddings: np.ndarray, valid: np.ndarray | None = None, descriptors: np.ndarray | None = None
     ) -> np.ndarray:
-        """Scores of embeddings already computed; ``valid`` marks the patches on each part (OnnxEmbedder.patch_valid);
-        a bundle that also scores whole parts needs their ``descriptors`` (OnnxEmbedder.run)."""
-        return self.with_whole_part(
-            self.golden.anomaly_scores(embeddings, self.bundle.spec.scoring, valid), descriptors
-        )
-
-    def with_whole_part(self, patch_scores: np.ndarray, descriptors: np.ndarray | None) -> np.ndarray:
-        """The line's scores from the patch scores: fused with the whole-part score when the bundle has one."""
-        views = self.views(patch_scores, descriptors)
-        return np.asarray(patch_scores) if views is None else fused_scores_of(views)
-
-    def views(self, patch_scores: np.ndarray, descriptors: np.ndarray | None) -> dict[str, np.ndarray] | None:
-        """Each view's scores in the threshold's units (``patch``, ``part``), or None for a patch-score-only bundle."""
-        density = self.bundle.spec.density
-        if self.density is None or density is None:
-            return None
-        if descriptors is None:
-            raise InspectorError(
-                f"{self.bundle.path}: this bundle scores whole parts too; pass the model's descriptors"
-            )
-        return standardised_views(
-            patch_scores, self.density.distances(descriptors), density.patch_scale, density.density_scale
-        )
+        """The line's scores of embeddings already computed (:meth:`OnnxEmbedder.embed` gives all three inputs)."""
+        return self.scorer.score(embeddings, valid, descriptors)
 
     @property
     def patch_threshold(self) -> float:
-        """The threshold on the patch distance alone (heatmaps): with a whole-part score, the patch distance at
-        which the patch view by itself flags a part."""
-        density = self.bundle.spec.density
-        if self.density is None or density is None:
-            return self.threshold
-        return density.patch_scale.median + self.threshold * density.patch_scale.spread
+        """The threshold in the patch view's units, which heatmaps are drawn against (``Scorer.patch_threshold``)."""
+        return self.scorer.patch_threshold
 
     def score(self, images: Sequence[ImageSource] | ImageSource) -> list[ScoreResult]:
         """Score one or many images; unreadable ones get a result with ``error`` set instead of failing the batch."""
@@ -419,12 +379,10 @@ class Inspector:
     ) -> list[ScoreResult]:
         """Verdicts from the model's outputs: the golden-bank search, the whole-part view, one result per image."""
         if outputs is None:
-            return self.results_for(images, [], prepared.errors, start=start)
+            return self.results_for(images, None, prepared.errors, start=start)
         embeddings, descriptors = outputs
-        patch = self.golden.anomaly_scores(
-            embeddings, self.bundle.spec.scoring, self.embedder.patch_valid(prepared.sizes, embeddings)
-        )
-        return self.results_for(images, patch, prepared.errors, descriptors, start=start)
+        raw = self.scorer.raw(embeddings, self.embedder.patch_valid(prepared.sizes, embeddings), descriptors)
+        return self.results_for(images, raw, prepared.errors, start=start)
 
     def _scored_alone(self, images: list[ImageSource], start: int = 0) -> list[ScoreResult]:
         """One batch from decode to verdicts in the calling thread, its forward pass on one core (batches side by side)."""
@@ -452,23 +410,18 @@ class Inspector:
                     future.cancel()
 
     def results_for(
-        self,
-        images: Sequence[ImageSource],
-        patch_scores: Sequence[float] | np.ndarray,
-        errors: list[str | None],
-        descriptors: np.ndarray | None = None,
-        *,
-        start: int = 0,
+        self, images: Sequence[ImageSource], raw: RawScores | None, errors: list[str | None], *, start: int = 0
     ) -> list[ScoreResult]:
-        """Verdicts for ``images`` from the patch scores of the readable ones (in order), their descriptors when the
-        bundle also scores whole parts, and a per-image error (or None); ``start``: the first image's index in the
-        caller's list (it names in-memory images)."""
-        views = self.views(np.asarray(patch_scores, dtype=np.float64), descriptors) if len(patch_scores) else None
-        fused = fused_scores_of(views) if views is not None else np.asarray(patch_scores, dtype=np.float64)
-        scores = iter(fused.tolist())
-        per_view = iter(
-            [{k: float(v[i]) for k, v in views.items()} for i in range(len(fused))] if views is not None else []
-        )
+        """Verdicts for ``images`` from the raw view scores of the readable ones (in order; None when none was
+        readable) and a per-image error (or None); ``start``: the first image's index in the caller's list (it names
+        in-memory images)."""
+        scores: Iterator[float] = iter(())
+        per_view: Iterator[dict[str, float]] = iter(())
+        if raw is not None and len(raw):
+            scores = iter(self.scorer.fuse(raw).tolist())
+            views = self.scorer.standardised(raw)
+            if views is not None:
+                per_view = iter([{k: float(v[i]) for k, v in views.items()} for i in range(len(raw))])
         results = []
         for i, (source, error) in enumerate(zip(images, errors), start):
             name = _source_name(source, i)

@@ -18,8 +18,7 @@ from PIL import Image
 
 from inspector.engine import Inspector, ScoreResult
 from inspector.errors import ImageError, InspectorError
-from inspector.preprocess import Preprocessor, load_image, patch_grid
-from inspector.scoring import GoldenBank, ScoringConfig, patch_mask
+from inspector.preprocess import Preprocessor, load_image
 
 #: Colour stops (value in [0, 1] → RGB) of the overlay: dark blue (far below threshold) to red (well above).
 _STOPS = np.array(
@@ -33,35 +32,6 @@ _STOPS = np.array(
     ],
     dtype=np.float32,
 )
-
-
-def patch_distance_maps(
-    patch_embeddings: np.ndarray,
-    references: np.ndarray | GoldenBank,
-    scoring: ScoringConfig,
-    height: int,
-    width: int,
-    valid: np.ndarray | None = None,
-) -> np.ndarray:
-    """(N, P, D) patch embeddings → (N, rows, cols) distance of each patch to the golden bank (the score's own rule).
-
-    With ``scoring.offset`` the part's own offset is taken off every patch, and patches off the part (``valid``,
-    letterbox padding) read 0, so a map's maximum is the part's score.
-    """
-    emb = np.asarray(patch_embeddings, dtype=np.float32)
-    if emb.ndim != 3:
-        raise InspectorError(
-            f"heatmaps need patch embeddings (N, P, D); this model gives shape {emb.shape} (an image-level model)"
-        )
-    rows, cols = patch_grid(emb.shape[1], height, width)
-    bank = references if isinstance(references, GoldenBank) else GoldenBank(references, chunk_size=scoring.chunk_size)
-    maps = bank.patch_distances(emb, scoring)
-    if scoring.offset > 0:
-        maps = maps - np.float32(scoring.offset) * bank.typical_distances(emb, scoring, valid)[:, None]
-    mask = patch_mask(emb, scoring, valid)
-    if mask is not None:
-        maps = np.where(mask, maps, np.float32(0.0))
-    return maps.reshape(len(emb), rows, cols)
 
 
 def _resize_float(values: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -139,15 +109,14 @@ def score_with_maps(
             decoded.append(None)
             errors.append(str(exc))
     readable = [img for img in decoded if img is not None]
-    grids, descriptors = np.zeros((0, 1, 1), np.float32), None
+    grids, raw = np.zeros((0, 1, 1), np.float32), None
     if readable:
         sizes = [img.size for img in model_inputs]
         emb, descriptors = inspector.embedder.run(pre.batch(model_inputs), sizes)
         valid = inspector.embedder.patch_valid(sizes, emb)
-        grids = patch_distance_maps(
-            emb, inspector.golden, inspector.bundle.spec.scoring, pre.config.height, pre.config.width, valid
-        )
-    results = inspector.results_for(sources, grids.max(axis=(1, 2)), errors, descriptors)
+        grids = inspector.scorer.patch_maps(emb, pre.config.height, pre.config.width, valid)
+        raw = inspector.scorer.raw_of_maps(grids, descriptors)
+    results = inspector.results_for(sources, raw, errors)
     maps = iter(to_image_map(g, pre, img.size) for g, img in zip(grids, readable))
     return [(result, None if img is None else next(maps), img) for result, img in zip(results, decoded)]
 

@@ -273,6 +273,23 @@ def full_placement(n: int, height: int, width: int) -> np.ndarray:
     return np.tile(np.array([[0.0, 0.0, width, height]], dtype=np.float32), (n, 1))
 
 
+def cells_on_part(placement: tuple[int, int, int, int], grid: tuple[int, int], size: tuple[int, int]) -> np.ndarray:
+    """(rows, cols) True for the cells of a ``grid`` over an input of ``size`` (height, width) whose centre lies in
+    the part's ``placement`` (left, top, width, height, whole pixels).
+
+    In whole numbers: row i's centre ``(i + ½)·H/rows`` lies in ``[top, top + h)`` exactly when
+    ``top·2·rows ≤ (2i + 1)·H < (top + h)·2·rows``; the torch rule inside the model (``models.siamese.on_part_weights``)
+    compares the same whole numbers, so the two agree for every image size, never differing by a rounding.
+    """
+    (rows, cols), (height, width) = grid, size
+    left, top, part_w, part_h = (int(v) for v in placement)
+    ys = (2 * np.arange(rows, dtype=np.int64) + 1) * height
+    xs = (2 * np.arange(cols, dtype=np.int64) + 1) * width
+    on_rows = (ys >= 2 * top * rows) & (ys < 2 * (top + part_h) * rows)
+    on_cols = (xs >= 2 * left * cols) & (xs < 2 * (left + part_w) * cols)
+    return on_rows[:, None] & on_cols[None, :]
+
+
 class Preprocessor:
     """Turns decoded images into the float32 NCHW batches the embedder takes."""
 
@@ -343,15 +360,10 @@ class Preprocessor:
         its image was cropped rather than on the part (on the magnetic tiles the crop shape alone separated goods
         from defects at AUROC 0.65; benchmarks/README.md). ``sizes`` are the original (width, height) images.
         """
-        rows, cols = grid
-        ys = (np.arange(rows) + 0.5) * (self.config.height / rows)
-        xs = (np.arange(cols) + 0.5) * (self.config.width / cols)
-        out = np.empty((len(sizes), rows * cols), dtype=bool)
+        out = np.empty((len(sizes), grid[0] * grid[1]), dtype=bool)
         for i, (width, height) in enumerate(sizes):
             new_w, new_h, left, top = self.placement(width, height)
-            out[i] = (
-                ((ys >= top) & (ys < top + new_h))[:, None] & ((xs >= left) & (xs < left + new_w))[None, :]
-            ).ravel()
+            out[i] = cells_on_part((left, top, new_w, new_h), grid, (self.config.height, self.config.width)).ravel()
         return out
 
     def _place(

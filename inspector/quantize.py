@@ -116,11 +116,11 @@ def _images_per_second(
     embedder: OnnxEmbedder, batch: np.ndarray, min_seconds: float = 0.2, max_repeats: int = 20
 ) -> float:
     """Throughput on ``batch`` (best of a few timed passes after one warm-up pass)."""
-    embedder.embed_arrays(batch)
+    embedder.run(batch)
     best, spent, repeats = float("inf"), 0.0, 0
     while repeats < 3 or (spent < min_seconds and repeats < max_repeats):
         t0 = time.perf_counter()
-        embedder.embed_arrays(batch)
+        embedder.run(batch)
         dt = time.perf_counter() - t0
         best, spent, repeats = min(best, dt), spent + dt, repeats + 1
     return float(len(batch) / max(best, 1e-9))
@@ -137,8 +137,9 @@ def _drift(
     units), and how many verdicts flip at its threshold. ``fp32`` / ``int8``: each model's embeddings and descriptors."""
     (emb32, desc32), (emb8, desc8) = fp32, int8
     diff = np.abs(emb32.astype(np.float64) - emb8.astype(np.float64))
-    s32 = line.score_embeddings(emb32, valid, desc32)
-    s8 = line.score_embeddings(emb8, valid, desc8)
+    scorer = line.scorer
+    raw32, raw8 = scorer.raw(emb32, valid, desc32), scorer.raw(emb8, valid, desc8)
+    s32, s8 = scorer.fuse(raw32), scorer.fuse(raw8)
     dscore = np.abs(s32 - s8)
     threshold = line.threshold
     out: dict[str, Any] = {
@@ -157,8 +158,7 @@ def _drift(
         "verdict_flips": int(np.sum((s32 > threshold) != (s8 > threshold))),
     }
     if desc32 is not None and desc8 is not None:  # each view alone, in the threshold's units
-        patch32, patch8 = (line.golden.anomaly_scores(e, line.bundle.spec.scoring, valid) for e in (emb32, emb8))
-        views32, views8 = line.views(patch32, desc32), line.views(patch8, desc8)
+        views32, views8 = scorer.standardised(raw32), scorer.standardised(raw8)
         spread = (
             line.bundle.descriptors.std(axis=0) if line.bundle.descriptors is not None else np.abs(desc32).mean(axis=0)
         )

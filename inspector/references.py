@@ -27,11 +27,11 @@ import numpy as np
 from inspector.bundle import MANIFEST, Bundle, Threshold, load_bundle, sha256_file, write_bundle
 from inspector.bundle import derived_provenance as bundle_lineage
 from inspector.calibration import CalibrationError, calibrate
-from inspector.density import DensitySpec, GaussianDensity, ScoreScale, fused_scores
+from inspector.density import DensitySpec
 from inspector.engine import Embedded, OnnxEmbedder
 from inspector.errors import BundleError, InspectorError
-from inspector.metrics import roc_auc
-from inspector.scoring import anomaly_scores, patch_mask
+from inspector.scorer import Scorer
+from inspector.scoring import patch_mask
 
 INITIAL_SOURCE = "initial"
 SOURCES_KEY = "reference_sources"
@@ -180,60 +180,17 @@ def drop_references(
     return np.asarray(bank, dtype=np.float32)[keep_rows], out_sources
 
 
-def frr_threshold(good_scores: np.ndarray, target_frr: float) -> tuple[float, dict[str, Any]]:
-    """The lowest threshold that flags at most ``floor(target_frr · n)`` of the good scores (verdict: score > t).
-
-    This is the empirical (1 − target FRR) quantile (``numpy.quantile(..., method="inverted_cdf")``), chosen as
-    an observed score, so the FRR on these goods is guaranteed ≤ target; lower would flag one more good part.
-    The rule itself lives in :mod:`inspector.calibration` (``good_quantile``), shared with the pipelines.
-    """
-    threshold = _calibrate(good_scores, None, "good_quantile", target_frr)
-    return threshold.value, threshold.details
-
-
-def _calibrate(good_scores: np.ndarray, defective_scores: np.ndarray | None, rule: str, target_frr: float) -> Threshold:
-    """:func:`inspector.calibration.calibrate` with this module's error type and historical detail keys."""
-    try:
-        threshold = calibrate(good_scores, defective_scores, rule=rule, target_frr=target_frr)
-    except CalibrationError as exc:
-        if "at least one good" in str(exc):
-            raise ReferencesError("re-calibration needs at least one good image") from None
-        raise ReferencesError(f"re-calibration: {exc}") from None
-    threshold.details["target_false_reject_rate"] = float(target_frr)
-    threshold.details["quantile"] = 1.0 - float(target_frr)
-    return threshold
-
-
-def calibrate_threshold(
-    good_scores: np.ndarray,
-    defective_scores: np.ndarray | None,
-    target_frr: float,
-    inputs: dict[str, Any] | None = None,
+def recalibrated_threshold(
+    good_scores: np.ndarray, defective_scores: np.ndarray | None, target_frr: float, inputs: dict[str, Any]
 ) -> Threshold:
-    """Goods only → rule ``good_quantile``; with defectives too → ``good_quantile+defects`` (recall reported).
-
-    Both pick the same threshold (:func:`inspector.calibration.good_quantile_threshold`: with defects, the
-    ``target_frr`` rule, which meets the target FRR and so maximises recall); the defects add recall, escape
-    rate, precision and AUROC to the record.
-    """
-    has_defects = defective_scores is not None and len(defective_scores) > 0
-    threshold = _calibrate(
-        good_scores,
-        defective_scores if has_defects else None,
-        "target_frr" if has_defects else "good_quantile",
-        target_frr,
-    )
-    details = threshold.details
-    rule = "good_quantile"
-    if has_defects:
-        good = np.asarray(good_scores, dtype=np.float64).ravel()
-        bad = np.asarray(defective_scores, dtype=np.float64).ravel()
-        labels = np.r_[np.zeros(len(good), bool), np.ones(len(bad), bool)]
-        rule = "good_quantile+defects"
-        details.update({"n_defective": int(len(bad)), "auroc": roc_auc(labels, np.r_[good, bad])})
-    details["rule"] = rule
-    details.update(inputs or {})
-    return Threshold(value=threshold.value, rule=rule, details=details)
+    """The calibration front end (:func:`inspector.calibration.calibrate`, rule ``auto``) on the re-calibration
+    images' scores, with what they were (``inputs``) recorded beside the rule's own report."""
+    try:
+        threshold = calibrate(good_scores, defective_scores, rule="auto", target_frr=target_frr)
+    except CalibrationError as exc:
+        raise ReferencesError(f"re-calibration: {exc}") from None
+    threshold.details.update(inputs)
+    return threshold
 
 
 def derived_provenance(parent: Bundle, change: dict[str, Any], sources: list[dict[str, Any]]) -> dict[str, Any]:
@@ -260,7 +217,7 @@ def _read_and_embed(embedder: OnnxEmbedder, paths: Sequence[Path]) -> tuple[Embe
             shas.append("")
             pre_errors.append(f"{p}: {exc.strerror or exc}")
     readable = [p for p, e in zip(paths, pre_errors) if e is None]
-    embedded = embedder.embed_all(readable) if readable else Embedded(np.zeros((0,), np.float32), None, None, [])
+    embedded = embedder.embed(readable) if readable else Embedded(np.zeros((0,), np.float32), None, None, [])
     it = iter(embedded.errors)
     errors = [e if e is not None else next(it) for e in pre_errors]
     return embedded, shas, errors
@@ -405,8 +362,6 @@ def _recalibrate(
     in_bank = {s["sha256"]: s["id"] for s in sources if s.get("sha256")}
     good, good_sha, good_err = _read_and_embed(embedder, good_paths)
     bad, bad_sha, bad_err = _read_and_embed(embedder, bad_paths) if bad_paths else (None, [], [])
-    good_emb, good_valid = good.embeddings, good.valid
-    bad_emb, bad_valid = (bad.embeddings, bad.valid) if bad is not None else (None, None)
     problems = [e for e in good_err + bad_err if e is not None]
     for p, sha in zip(good_paths + bad_paths, good_sha + bad_sha):
         if sha and sha in in_bank:
@@ -417,25 +372,28 @@ def _recalibrate(
     problems += [f"{p}: given as both good and defective" for p, sha in zip(bad_paths, bad_sha) if sha in overlap]
     if problems:
         _fail("cannot re-calibrate the threshold", problems)
-    scoring = parent.spec.scoring
-    good_scores = anomaly_scores(good_emb, bank, scoring, good_valid)
-    bad_scores = anomaly_scores(bad_emb, bank, scoring, bad_valid) if bad_paths else None
-    if density is not None and descriptors is not None and good.descriptors is not None:
-        gauss = GaussianDensity(descriptors, density.blocks)
-        good_density = gauss.distances(good.descriptors)
-        density = replace(density, patch_scale=ScoreScale.of(good_scores), density_scale=ScoreScale.of(good_density))
-        good_scores = fused_scores(good_scores, good_density, density.patch_scale, density.density_scale)
-        if bad_scores is not None and bad is not None and bad.descriptors is not None:
-            bad_scores = fused_scores(
-                bad_scores, gauss.distances(bad.descriptors), density.patch_scale, density.density_scale
-            )
+    part_view = density is not None and descriptors is not None
+    scorer = Scorer.of(
+        bank,
+        parent.spec.scoring,
+        part_references=descriptors if part_view else None,
+        part_blocks=density.blocks if density is not None else None,
+    )
+    good_raw = scorer.raw(good.embeddings, good.valid, good.descriptors if part_view else None)
+    scorer = scorer.fitted_on(good_raw)  # both views' scales re-measured on the goods, against the new references
+    good_scores = scorer.fuse(good_raw)
+    bad_scores = None
+    if bad is not None:
+        bad_scores = scorer.fuse(scorer.raw(bad.embeddings, bad.valid, bad.descriptors if part_view else None))
+    if density is not None:
+        density = scorer.density_spec(density.ids)
     inputs = {
         "scored_against": "new reference bank",
         "good": [{"file": str(p), "sha256": s} for p, s in zip(good_paths, good_sha)],
         "defective": [{"file": str(p), "sha256": s} for p, s in zip(bad_paths, bad_sha)],
         "previous": parent.spec.threshold.to_dict(),
     }
-    return calibrate_threshold(good_scores, bad_scores, target_frr, inputs), density
+    return recalibrated_threshold(good_scores, bad_scores, target_frr, inputs), density
 
 
 def remove_references(bundle_path: str | Path, ids: Sequence[str], out_path: str | Path) -> Path:

@@ -12,7 +12,8 @@ Artifacts are read through the tracking server's proxy (``mlflow-artifacts:/…`
 (s3, gcs…) is refused with a message saying to run the server with ``--serve-artifacts``.
 
 A downloaded bundle is verified (:func:`~inspector.bundle.load_bundle`: schema and sha256 of every file, plus the
-hashes the registry recorded as version tags) in a temp dir, then renamed into ``<cache>/<name>/<version>``, so the
+hashes the registry recorded as version tags, :func:`~inspector.registry_contract.check_bundle_matches_tags`) in a
+temp dir, then renamed into ``<cache>/<name>/<version>``, so the
 cache only ever holds whole, verified versions; a cached version is reused without a download. The cache also
 remembers which version an alias pointed to when it was last served, so a restart with the registry down can
 serve that version.
@@ -37,19 +38,12 @@ import urllib.request
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Protocol
 
-from inspector.bundle import DESCRIPTORS_FILE, MANIFEST, MODEL_FILE, REFERENCES_FILE, Bundle, load_bundle
+from inspector.bundle import MANIFEST, Bundle, load_bundle
 from inspector.errors import BundleError, InspectorError
+from inspector.registry_contract import BUNDLE_ARTIFACT, check_bundle_matches_tags, slug
 
-#: The name under which ``pipelines.tracking.register_bundle`` logs the bundle directory (pyfunc artifacts).
-BUNDLE_ARTIFACT = "bundle"
-#: Version tags written at registration that must match the downloaded bundle's manifest.
-HASH_TAGS = {
-    "bundle_sha256.model": MODEL_FILE,
-    "bundle_sha256.references": REFERENCES_FILE,
-    "bundle_sha256.descriptors": DESCRIPTORS_FILE,
-}
 API = "/api/2.0/mlflow"
 ARTIFACTS_API = "/api/2.0/mlflow-artifacts/artifacts"
 MAX_BUNDLE_FILES = 64
@@ -251,19 +245,25 @@ class RegistryClient:
         if parsed.scheme in ("http", "https") and ARTIFACTS_API in parsed.path:
             prefix, _, rest = parsed.path.partition(ARTIFACTS_API)
             return ProxiedArtifacts(self, f"{parsed.scheme}://{parsed.netloc}{prefix}", rest.strip("/"), what)
-        if parsed.scheme == "file" or (not parsed.scheme and artifact_uri.startswith("/")):
-            root = Path(urllib.parse.unquote(parsed.path))
-            if not root.is_dir():
-                raise RegistryError(
-                    f"{what}: artifact location {artifact_uri} is not a directory readable from this host "
-                    "(serve artifacts through the tracking server: mlflow server --artifacts-destination …)"
-                )
-            return LocalArtifacts(root)
-        raise RegistryError(
-            f"{what}: artifact location {artifact_uri!r} ({parsed.scheme or 'no scheme'}) is not readable "
-            "without mlflow; run the tracking server with proxied artifacts (--serve-artifacts, "
-            "--artifacts-destination …) so the line reads them over HTTP"
-        )
+        return local_artifacts(artifact_uri, what)
+
+
+def local_artifacts(artifact_uri: str, what: str) -> LocalArtifacts:
+    """A ``file:`` (or absolute path) artifact location this host reads straight from disk; any other is refused."""
+    parsed = urllib.parse.urlsplit(artifact_uri)
+    if parsed.scheme == "file" or (not parsed.scheme and artifact_uri.startswith("/")):
+        root = Path(urllib.parse.unquote(parsed.path))
+        if not root.is_dir():
+            raise RegistryError(
+                f"{what}: artifact location {artifact_uri} is not a directory readable from this host "
+                "(serve artifacts through the tracking server: mlflow server --artifacts-destination …)"
+            )
+        return LocalArtifacts(root)
+    raise RegistryError(
+        f"{what}: artifact location {artifact_uri!r} ({parsed.scheme or 'no scheme'}) is not readable "
+        "without mlflow; run the tracking server with proxied artifacts (--serve-artifacts, "
+        "--artifacts-destination …) so the line reads them over HTTP"
+    )
 
 
 def _http_error(code: int, body: str, what: str, base: str) -> RegistryError:
@@ -343,6 +343,18 @@ class LocalArtifacts(ArtifactStore):
             raise RegistryError(f"{self.root / path}: cannot read artifact ({exc.strerror})") from None
 
 
+class RegistryReader(Protocol):
+    """What the cache needs from a registry: resolve a URI to a version with its tags, find where that version's
+    artifacts are, and read them. :class:`RegistryClient` is the line's; a training host with a local store (no
+    REST API) passes its own lookup, and downloads, verification and cache stay the line's."""
+
+    def resolve(self, uri: str | ModelUri) -> ModelVersionRef: ...
+
+    def download_uri(self, ref: ModelVersionRef) -> str: ...
+
+    def artifacts(self, artifact_uri: str, what: str) -> ArtifactStore: ...
+
+
 # ------------------------------------------------------------------------------------------------- the cache
 
 
@@ -357,25 +369,13 @@ class FetchedBundle:
     downloaded: bool  # False: served from the cache without a download
 
 
-def _safe(part: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in part).strip(".") or "_"
-
-
 def default_cache_dir() -> Path:
     """``$XDG_CACHE_HOME/inspector/registry`` (``~/.cache/…``); systemd units point it at ``/var/cache/inspector``."""
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "inspector" / "registry"
 
 
-def check_registry_hashes(bundle: Bundle, ref: ModelVersionRef) -> None:
-    """The registry's version tags record the bundle's hashes at registration: the download must match them."""
-    files = bundle.manifest.get("files", {})
-    for tag, name in HASH_TAGS.items():
-        expected = ref.tags.get(tag)
-        if expected and files.get(name) != expected:
-            raise BundleError(
-                f"{ref.uri} (version {ref.version}): {name} sha256 in the bundle ({str(files.get(name))[:12]}…) "
-                f"does not match the registry's tag {tag} ({expected[:12]}…): artifact replaced or corrupt"
-            )
+def _check_tags(bundle: Bundle, ref: ModelVersionRef) -> None:
+    check_bundle_matches_tags(bundle, ref.tags, f"{ref.uri} (version {ref.version})")
 
 
 class BundleCache:
@@ -386,7 +386,7 @@ class BundleCache:
         self.root = Path(root).expanduser()
 
     def version_dir(self, name: str, version: str) -> Path:
-        return self.root / _safe(name) / _safe(version)
+        return self.root / slug(name) / slug(version)
 
     def cached(self, name: str, version: str) -> Bundle | None:
         """The cached version, verified again (hashes), or None; a cached copy that fails verification is dropped."""
@@ -403,13 +403,13 @@ class BundleCache:
         model = parse_model_uri(uri)
         if not model.alias:
             return
-        folder = self.root / _safe(model.name) / _ALIASES_DIR
+        folder = self.root / slug(model.name) / _ALIASES_DIR
         folder.mkdir(parents=True, exist_ok=True)
         record = json.dumps({"uri": uri, "version": version, "served_at": time.time()})
         fd, tmp = tempfile.mkstemp(prefix=".alias-", dir=folder)
         with os.fdopen(fd, "w") as fh:
             fh.write(record)
-        os.replace(tmp, folder / _safe(model.alias))
+        os.replace(tmp, folder / slug(model.alias))
 
     def remembered(self, uri: str) -> str | None:
         """The version last served for ``uri`` (alias URIs), or the pinned version of ``models:/name/N``."""
@@ -418,19 +418,19 @@ class BundleCache:
             return model.version
         try:
             return str(
-                json.loads((self.root / _safe(model.name) / _ALIASES_DIR / _safe(str(model.alias))).read_text())[
+                json.loads((self.root / slug(model.name) / _ALIASES_DIR / slug(str(model.alias))).read_text())[
                     "version"
                 ]
             )
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
-    def fetch(self, client: RegistryClient, ref: ModelVersionRef) -> FetchedBundle:
+    def fetch(self, client: RegistryReader, ref: ModelVersionRef) -> FetchedBundle:
         """The verified bundle of ``ref``: from the cache, or downloaded, verified, then renamed into the cache."""
         hit = self.cached(ref.name, ref.version)
         if hit is not None:
             try:
-                check_registry_hashes(hit, ref)
+                _check_tags(hit, ref)
                 return FetchedBundle(ref.uri, ref.name, ref.version, hit.path, downloaded=False)
             except BundleError:  # the registry now holds another bundle under this number (store rebuilt): refetch
                 shutil.rmtree(hit.path, ignore_errors=True)
@@ -446,7 +446,7 @@ class BundleCache:
                 bundle = load_bundle(tmp)
             except BundleError as exc:
                 raise BundleError(f"{what}: downloaded bundle refused: {exc}") from None
-            check_registry_hashes(bundle, ref)
+            _check_tags(bundle, ref)
             try:
                 tmp.rename(final)
             except OSError:  # another process cached it meanwhile: keep theirs
@@ -477,7 +477,8 @@ def _download_tree(store: ArtifactStore, root: str, dst: Path, what: str) -> Non
         raise RegistryError(f"{what}: the bundle artifact {root!r} is empty or missing")
     if len(files) > MAX_BUNDLE_FILES:
         raise RegistryError(
-            f"{what}: the bundle artifact holds {len(files)} files (at most {MAX_BUNDLE_FILES}): not an inspector bundle"
+            f"{what}: the bundle artifact holds {len(files)} files (at most {MAX_BUNDLE_FILES}): "
+            "not an inspector bundle"
         )
     for path, size in files:
         target = dst / path[len(root) + 1 :]
@@ -496,7 +497,7 @@ def _download_tree(store: ArtifactStore, root: str, dst: Path, what: str) -> Non
 class RegistrySource:
     """Where registry models come from on this host: a REST client and the local cache of verified versions."""
 
-    client: RegistryClient
+    client: RegistryReader
     cache: BundleCache
 
     def fetch(self, uri: str, ref: ModelVersionRef | None = None) -> FetchedBundle:

@@ -52,8 +52,8 @@ class ScoringConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ScoringConfig:
-        """A stored config; one written before ``content_only`` existed scored the padding too, and still does."""
-        return cls(**{"content_only": False, **{k: v for k, v in data.items() if k in cls.__dataclass_fields__}})
+        """A stored config (a version-1 bundle's is upgraded by ``inspector.bundle.upgraded_manifest`` first)."""
+        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
 
 
 def knn_distances(queries: np.ndarray, references: np.ndarray, k: int = 1, chunk_size: int = 8192) -> np.ndarray:

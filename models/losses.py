@@ -1,11 +1,14 @@
-"""Metric-learning losses for the Siamese embedder: contrastive and triplet, on explicit pairs/triplets or in-batch.
+"""Metric-learning losses for the Siamese embedder: contrastive and triplet, on patches or on whole images.
 
-Labels are integers; ``0`` means a good part by convention and any other value is a defect (types may differ).
-The in-batch variants take every usable pair or triplet from ONE N×N distance matrix, so a batch of N labelled
-images gives N·(N-1)/2 pairs for the cost of N forward passes. With ``normal_label`` set (the default) only
-constraints that involve a good part are used: goods are pulled together and pushed away from defects, while two
-defects carry no constraint between them — two different defects need not look alike, and forcing them together
-would teach the model that "defective" is one appearance, which is exactly what fails on a never-seen defect type.
+The patch losses (the default patch model) work on the distance the line scores with, a patch's distance to its
+nearest good patch: :func:`patch_contrastive_loss` and :func:`patch_triplet_loss`. The image losses serve an image
+embedder. Labels are integers; ``0`` means a good part by convention and any other value is a defect (types may
+differ). Both kinds mine their pairs or triplets inside the batch, from ONE distance matrix, so a batch of N labelled
+images gives N·(N-1)/2 pairs for the cost of N forward passes. In the image losses, with ``normal_label`` set (the
+default) only constraints that involve a good part are used: goods are pulled together and pushed away from
+defects, while two defects carry no constraint between them — two different defects need not look alike, and forcing
+them together would teach the model that "defective" is one appearance, which is exactly what fails on a never-seen
+defect type.
 
 Distances are Euclidean and computed in float32 with autocast off (half-precision Gram matrices lose the small
 distances between near-identical goods), with gradients that stay finite when two embeddings coincide.
@@ -13,8 +16,8 @@ distances between near-identical goods), with gradients that stay finite when tw
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-from typing import ContextManager, Literal
+from contextlib import AbstractContextManager, nullcontext
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +29,7 @@ Mining = Literal["hard", "all"]
 _EPS = 1e-12
 
 
-def _full_precision(t: Tensor) -> ContextManager[None]:
+def _full_precision(t: Tensor) -> AbstractContextManager[None]:
     """Autocast switched off for ``t``'s device when it is on; distances are computed in float32."""
     device_type = t.device.type
     try:
@@ -67,17 +70,6 @@ def pairwise_distances(embeddings: Tensor) -> Tensor:
         d = d2.clamp_min(_EPS).sqrt()
         eye = torch.eye(x.shape[0], dtype=torch.bool, device=x.device)
         return d.masked_fill(eye, 0.0)
-
-
-def paired_distances(first: Tensor, second: Tensor) -> Tensor:
-    """Row-wise Euclidean distances between two (N, D) batches (the two Siamese branches), NaN-free gradient."""
-    if first.shape != second.shape or first.dim() != 2:
-        raise ValueError(
-            f"need two (N, D) batches of the same shape, got {tuple(first.shape)} and {tuple(second.shape)}"
-        )
-    with _full_precision(first):
-        diff = first.float() - second.float()
-        return (diff * diff).sum(dim=1).clamp_min(_EPS).sqrt()
 
 
 def contrastive_loss(distance: Tensor, dissimilar: Tensor, margin: float = 1.0) -> Tensor:
@@ -124,14 +116,6 @@ def in_batch_contrastive_loss(
         return _zero_with_grad(embeddings)
     distance = pairwise_distances(embeddings)[i, j]
     return contrastive_loss(distance, labels[i] != labels[j], margin=margin)
-
-
-def triplet_loss(anchor: Tensor, positive: Tensor, negative: Tensor, margin: float = 0.5) -> Tensor:
-    """``mean(relu(d(a,p) - d(a,n) + margin))`` over explicit triplets, Euclidean distance."""
-    if anchor.numel() == 0:
-        return _zero_with_grad(anchor)
-    losses = torch.relu(paired_distances(anchor, positive) - paired_distances(anchor, negative) + margin)
-    return losses.mean()
 
 
 def _triplet_masks(labels: Tensor, normal_label: int | None) -> tuple[Tensor, Tensor]:
@@ -200,10 +184,6 @@ class ContrastiveLoss(nn.Module):
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         return in_batch_contrastive_loss(embeddings, labels, margin=self.margin, normal_label=self.normal_label)
 
-    def forward_pairs(self, first: Tensor, second: Tensor, dissimilar: Tensor) -> Tensor:
-        """Explicit-pairs mode: the two Siamese branches' embeddings and Y (1 = dissimilar)."""
-        return contrastive_loss(paired_distances(first, second), dissimilar, margin=self.margin)
-
     def extra_repr(self) -> str:
         return f"margin={self.margin}, normal_label={self.normal_label}"
 
@@ -223,10 +203,6 @@ class TripletLoss(nn.Module):
         return in_batch_triplet_loss(
             embeddings, labels, margin=self.margin, mining=self.mining, normal_label=self.normal_label
         )
-
-    def forward_triplets(self, anchor: Tensor, positive: Tensor, negative: Tensor) -> Tensor:
-        """Explicit-triplets mode."""
-        return triplet_loss(anchor, positive, negative, margin=self.margin)
 
     def extra_repr(self) -> str:
         return f"margin={self.margin}, mining={self.mining!r}, normal_label={self.normal_label}"
@@ -270,14 +246,11 @@ def patch_contrastive_loss(
     flat = patches.reshape(n * p, -1).float()
     labels = patch_labels.reshape(-1)
     owner = torch.arange(n, device=patches.device).repeat_interleave(p)
-    bank_idx = torch.nonzero(labels == 0).squeeze(1)
-    if bank_idx.numel() > max_bank:
-        bank_idx = bank_idx[torch.linspace(0, bank_idx.numel() - 1, max_bank, device=patches.device).long()]
+    bank_idx = _strided(torch.nonzero(labels == 0).squeeze(1), max_bank)
     if bank_idx.numel() == 0:
         return _zero_with_grad(patches)
     with _full_precision(patches):
-        bank = flat[bank_idx]
-        d2 = (flat.pow(2).sum(1)[:, None] + bank.pow(2).sum(1)[None, :] - 2.0 * flat @ bank.T).clamp_min(_EPS)
+        d2 = _squared_distances(flat, flat[bank_idx])
         same_source = sources[owner][:, None] == sources[owner[bank_idx]][None, :]
         big = torch.finfo(d2.dtype).max
         d_other = d2.masked_fill(same_source, big).min(dim=1).values.sqrt()
@@ -294,3 +267,77 @@ def patch_contrastive_loss(
             worst = d_any.reshape(n, p).max(dim=1).values[unmasked]
             terms.append(0.5 * torch.relu(margin - worst).pow(2).mean())
     return torch.stack(terms).sum() if terms else _zero_with_grad(patches)
+
+
+def _strided(idx: Tensor, most: int) -> Tensor:
+    """At most ``most`` of ``idx``, evenly strided (a fixed subset, so the loss of a batch is deterministic)."""
+    if idx.numel() <= most:
+        return idx
+    return idx[torch.linspace(0, idx.numel() - 1, most, device=idx.device).long()]
+
+
+def _squared_distances(x: Tensor, bank: Tensor) -> Tensor:
+    """(M, K) squared Euclidean distances, clamped to ``1e-12`` so their square roots have finite gradients."""
+    return (x.pow(2).sum(1)[:, None] + bank.pow(2).sum(1)[None, :] - 2.0 * x @ bank.T).clamp_min(_EPS)
+
+
+def patch_triplet_loss(
+    patches: Tensor,
+    patch_labels: Tensor,
+    image_labels: Tensor,
+    sources: Tensor,
+    margin: float = 1.0,
+    max_bank: int = 4096,
+) -> Tensor:
+    """Batch-hard triplet loss on the distance the line scores with: a patch's distance to its nearest normal patch.
+
+    Inputs as :func:`patch_contrastive_loss`. Anchor: every normal patch. Positive: its counterpart in another good
+    part of the batch, i.e. its nearest normal patch in a good image of another source (not any patch of that part:
+    pulling an edge patch onto a centre patch would fold the map); the hardest positive is the counterpart in the
+    good part that matches the anchor worst. Negative: a defect patch (masked real defects, synthetic defects, and
+    the worst patch of a defect photo without a mask, the one farthest from every good patch); the hardest negative
+    is the nearest one. ``mean(relu(d(a, p*) - d(a, n*) + margin))`` over the anchors that have both; 0 (with grad)
+    when none has. Good patches are capped at ``max_bank`` positives and defect patches at ``max_bank`` negatives.
+    """
+    n, p, _ = patches.shape
+    flat = patches.reshape(n * p, -1).float()
+    labels = patch_labels.reshape(-1)
+    owner = torch.arange(n, device=patches.device).repeat_interleave(p)
+    normal = labels == 0
+    anchor_idx = torch.nonzero(normal).squeeze(1)
+    positive_idx = _strided(torch.nonzero(normal & (image_labels[owner] == 0)).squeeze(1), max_bank)
+    if anchor_idx.numel() == 0 or positive_idx.numel() == 0:
+        return _zero_with_grad(patches)
+    with _full_precision(patches):
+        negative_idx = _strided(
+            torch.cat(
+                [torch.nonzero(labels == 1).squeeze(1), _worst_unmasked(flat, positive_idx, patch_labels, image_labels)]
+            ),
+            max_bank,
+        )
+        if negative_idx.numel() == 0:
+            return _zero_with_grad(patches)
+        anchors = flat[anchor_idx]
+        part_of_positive = sources[owner[positive_idx]]
+        parts = torch.unique(part_of_positive)
+        d2_positive = _squared_distances(anchors, flat[positive_idx])
+        counterpart = torch.stack([d2_positive[:, part_of_positive == s].min(dim=1).values for s in parts], dim=1)
+        own_part = sources[owner[anchor_idx]][:, None] == parts[None, :]
+        hardest_positive = counterpart.masked_fill(own_part, -1.0).amax(dim=1)
+        hardest_negative = _squared_distances(anchors, flat[negative_idx]).min(dim=1).values
+        usable = ~own_part.all(dim=1)
+        if not bool(usable.any()):
+            return _zero_with_grad(patches)
+        return torch.relu(hardest_positive[usable].sqrt() - hardest_negative[usable].sqrt() + margin).mean()
+
+
+def _worst_unmasked(flat: Tensor, bank_idx: Tensor, patch_labels: Tensor, image_labels: Tensor) -> Tensor:
+    """Flat index of the worst patch (farthest from its nearest good patch) of each defect photo without a mask."""
+    p = patch_labels.shape[1]
+    unmasked = torch.nonzero((image_labels > 0) & (patch_labels < 0).all(dim=1)).squeeze(1)
+    if unmasked.numel() == 0:
+        return unmasked
+    with torch.no_grad():
+        rows = (unmasked[:, None] * p + torch.arange(p, device=flat.device)[None, :]).reshape(-1)
+        nearest = _squared_distances(flat[rows], flat[bank_idx]).min(dim=1).values.reshape(-1, p)
+        return unmasked * p + nearest.argmax(dim=1)

@@ -281,11 +281,12 @@ def on_part_weights(placement: Tensor, grid: tuple[int, int], size: tuple[int, i
     each part's ``placement`` (left, top, width, height), else 0 (the line's patch rule, inspector.preprocess);
     a part too small to cover any centre gets every cell."""
     (h, w), (height, width) = grid, size
-    ys = (torch.arange(h, dtype=torch.float32, device=placement.device) + 0.5) * (height / h)
-    xs = (torch.arange(w, dtype=torch.float32, device=placement.device) + 0.5) * (width / w)
+    # whole numbers on both sides, as inspector.preprocess.cells_on_part compares them (exact in float32)
+    ys = (2.0 * torch.arange(h, dtype=torch.float32, device=placement.device) + 1.0) * height
+    xs = (2.0 * torch.arange(w, dtype=torch.float32, device=placement.device) + 1.0) * width
     left, top, part_w, part_h = (placement[:, i, None].float() for i in range(4))
-    rows = ((ys[None, :] >= top) & (ys[None, :] < top + part_h)).float()
-    cols = ((xs[None, :] >= left) & (xs[None, :] < left + part_w)).float()
+    rows = ((ys[None, :] >= top * (2 * h)) & (ys[None, :] < (top + part_h) * (2 * h))).float()
+    cols = ((xs[None, :] >= left * (2 * w)) & (xs[None, :] < (left + part_w) * (2 * w))).float()
     weights = rows[:, None, :, None] * cols[:, None, None, :]
     empty = (weights.sum(dim=(1, 2, 3), keepdim=True) == 0).float()
     return weights + empty * (1.0 - weights)

@@ -14,31 +14,30 @@ import random
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from inspector.density import GaussianDensity, ScoreScale, standardised_views
 from inspector.metrics import roc_auc
 from inspector.preprocess import PreprocessConfig, Preprocessor, full_placement, patch_grid
-from inspector.scoring import ScoringConfig, anomaly_scores
+from inspector.scorer import PART_VIEW, PATCH_VIEW, Scorer, golden_rows
+from inspector.scoring import ScoringConfig
 from models.losses import (
-    contrastive_loss,
     in_batch_contrastive_loss,
     in_batch_triplet_loss,
     patch_contrastive_loss,
     patch_labels_from_masks,
-    triplet_loss,
+    patch_triplet_loss,
 )
-from models.siamese import Embedder, PatchEmbedder, pair_distance
+from models.siamese import Embedder, PatchEmbedder
 
 log = logging.getLogger(__name__)
 
 LossName = Literal["contrastive", "triplet"]
-Mode = Literal["auto", "patch", "in_batch", "pairs", "triplets"]
+Mode = Literal["auto", "patch", "in_batch"]
 
 
 @dataclass(frozen=True)
@@ -99,6 +98,7 @@ class TrainHistory:
         None  # with a whole-part score: each view's AUROC on the starting weights
     )
     skipped: str | None = None  # why no training happened (the starting weights are the model), when it was skipped
+    loss: str | None = None  # the loss the loop trained with, e.g. "patch_triplet" (see ``loss_name``)
     stopped_early: bool = False
     collapsed: bool = False
     device: str = "cpu"
@@ -209,6 +209,14 @@ def describes_parts(embedder: nn.Module, data: ValidationData) -> bool:
     )
 
 
+def _on_part(data: ValidationData, sizes: list[tuple[int, int]] | None, embeddings: np.ndarray) -> np.ndarray | None:
+    """(N, P) the patches on each part (the line's rule), for patch embeddings of images of known size."""
+    if embeddings.ndim != 3 or sizes is None or data.preprocess is None:
+        return None
+    cfg = data.preprocess
+    return Preprocessor(cfg).content_mask(sizes, patch_grid(embeddings.shape[1], cfg.height, cfg.width))
+
+
 def validation_views(
     embedder: Embedder | PatchEmbedder, data: ValidationData, device: torch.device | None = None
 ) -> tuple[dict[str, np.ndarray], float]:
@@ -231,18 +239,17 @@ def validation_views(
     else:
         refs = embed_tensor(embedder, data.references, device=device)
         queries = embed_tensor(embedder, data.queries, device=device)
-    valid = None
-    if queries.ndim == 3 and data.query_sizes is not None and data.preprocess is not None:
-        cfg = data.preprocess
-        valid = Preprocessor(cfg).content_mask(data.query_sizes, patch_grid(queries.shape[1], cfg.height, cfg.width))
-    views = {"patch": np.asarray(anomaly_scores(queries, refs, data.scoring, valid), dtype=np.float64)}
-    if ref_desc is not None and query_desc is not None:
-        density = GaussianDensity(ref_desc, embedder.descriptor_blocks).distances(query_desc)  # type: ignore[union-attr]
-        good = np.asarray(data.labels) == 0
-        z = standardised_views(
-            views["patch"], density, ScoreScale.of(views["patch"][good]), ScoreScale.of(density[good])
-        )
-        views.update(part=density, fused=np.maximum(z["patch"], z["part"]))
+    scorer = Scorer.of(
+        golden_rows(refs, data.scoring, _on_part(data, data.reference_sizes, refs)),
+        data.scoring,
+        part_references=ref_desc,
+        part_blocks=embedder.descriptor_blocks if ref_desc is not None else None,  # type: ignore[union-attr]
+    )
+    raw = scorer.raw(queries, _on_part(data, data.query_sizes, queries), query_desc)
+    views = {PATCH_VIEW: raw.patch}
+    if raw.part is not None:
+        scorer = scorer.fitted_on(raw.subset(np.asarray(data.labels) == 0))  # the goods scale both views
+        views.update({PART_VIEW: raw.part, "fused": scorer.fuse(raw)})
     both = np.concatenate([refs, queries])
     variance = float(both.reshape(-1, both.shape[-1]).var(axis=0).mean())
     return views, variance
@@ -267,18 +274,37 @@ def resolve_mode(embedder: nn.Module, mode: Mode) -> Mode:
     return mode
 
 
+def loss_name(cfg: TrainConfig) -> str:
+    """The loss ``batch_loss`` runs for a resolved mode, e.g. ``patch_triplet``; an error for a pairing it lacks.
+
+    Patch triplets are mined batch-hard only: batch-all over every (anchor, positive, negative) patch triple of a
+    batch is millions of triplets."""
+    if cfg.loss not in ("contrastive", "triplet"):
+        raise ValueError(f"unknown loss {cfg.loss!r}: use 'contrastive' or 'triplet'")
+    if cfg.mode not in ("patch", "in_batch"):
+        raise ValueError(f"unknown training mode {cfg.mode!r}: use 'auto', 'patch' or 'in_batch'")
+    if cfg.mode == "patch" and cfg.loss == "triplet" and cfg.mining != "hard":
+        raise ValueError(f"the patch triplet loss mines batch-hard only, got mining={cfg.mining!r}")
+    return f"{cfg.mode}_{cfg.loss}"
+
+
 def batch_loss(
     embedder: Embedder | PatchEmbedder, batch: Any, cfg: TrainConfig, device: torch.device
 ) -> tuple[Tensor, Tensor, int]:
-    """Loss for one batch in the configured mode; returns (loss, embeddings for the collapse monitor, images seen)."""
+    """Loss for one batch in the configured mode; returns (loss, embeddings for the collapse monitor, images seen).
+
+    ``patch``: batches of :class:`~models.training_data.PatchPairDataset` (images, masks, sources, labels), the loss
+    on patch embeddings. ``in_batch``: batches of :class:`~models.training_data.LabelledImageDataset` (images,
+    labels), the loss on image embeddings mined from the batch."""
     move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
     fmt = (lambda t: t.contiguous(memory_format=torch.channels_last)) if device.type == "cuda" else (lambda t: t)
     if cfg.mode == "patch":
         images, masks, sources, labels = (move(t).flatten(0, 1) for t in batch[:4])
-        maps = embedder.forward_map(fmt(images))  # type: ignore[union-attr]
-        patch_labels = patch_labels_from_masks(masks, tuple(maps.shape[-2:]))
+        maps = cast(PatchEmbedder, embedder).forward_map(fmt(images))  # patch mode: resolve_mode checked the embedder
+        patch_labels = patch_labels_from_masks(masks, (maps.shape[-2], maps.shape[-1]))
         patches = maps.flatten(2).transpose(1, 2)
-        loss = patch_contrastive_loss(patches, patch_labels.flatten(1), labels, sources, margin=cfg.margin)
+        patch_loss = patch_triplet_loss if cfg.loss == "triplet" else patch_contrastive_loss
+        loss = patch_loss(patches, patch_labels.flatten(1), labels, sources, margin=cfg.margin)
         return loss, patches.reshape(-1, patches.shape[-1]), len(images)
     if cfg.mode == "in_batch":
         x, labels = move(batch[0]), move(batch[1])
@@ -288,18 +314,6 @@ def batch_loss(
         else:
             loss = in_batch_triplet_loss(z, labels, margin=cfg.margin, mining=cfg.mining)
         return loss, z, len(x)
-    if cfg.mode == "pairs":
-        x1, x2, y = move(batch[0]), move(batch[1]), move(batch[2])
-        z = embedder(fmt(torch.cat([x1, x2])))
-        d = pair_distance(z[: len(x1)], z[len(x1) :])
-        if cfg.loss != "contrastive":
-            raise ValueError("mode 'pairs' trains with the contrastive loss; use mode 'triplets' for the triplet loss")
-        return contrastive_loss(d, y.float(), margin=cfg.margin), z, 2 * len(x1)
-    if cfg.mode == "triplets":
-        a, p, n = (move(t) for t in batch[:3])
-        z = embedder(fmt(torch.cat([a, p, n])))
-        za, zp, zn = z.split(len(a))
-        return triplet_loss(za, zp, zn, margin=cfg.margin), z, 3 * len(a)
     raise ValueError(f"unknown training mode {cfg.mode!r}")
 
 
@@ -361,7 +375,7 @@ def train(
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(cfg.epochs, 1))
     use_amp = cfg.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    history = TrainHistory(device=str(device))
+    history = TrainHistory(device=str(device), loss=loss_name(cfg))
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir else None
     best_state: dict[str, Tensor] | None = None
     start_epoch = 0
@@ -414,7 +428,7 @@ def train(
 
     for epoch in range(start_epoch, cfg.epochs):
         if hasattr(dataset, "set_epoch"):
-            dataset.set_epoch(epoch)  # type: ignore[attr-defined]
+            dataset.set_epoch(epoch)
         loader_gen.manual_seed(cfg.seed * 1_000_003 + epoch)
         embedder.train()
         t0 = time.perf_counter()

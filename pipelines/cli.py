@@ -144,6 +144,7 @@ def _settings(args: argparse.Namespace) -> PipelineSettings:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from pipelines.evaluation import calibration_shortfall
     from pipelines.flows import DataSource, train_flow
     from pipelines.recipe import Recipe
     from pipelines.settings import apply_overrides, load_overrides
@@ -169,6 +170,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         )
     )
     print(summary_table(result.metrics))
+    if note := calibration_shortfall(result.bundle):
+        print(f"calibration: {note}")
     print(f"registered models:/{settings.model_name}/{result.model_version} (alias challenger)")
     return 0
 

@@ -12,11 +12,10 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from inspector.registry_contract import CHALLENGER, CHAMPION
 from models.demo_data import generate_demo_dataset
 from pipelines.recipe import Recipe, tiny_recipe
 from pipelines.settings import PipelineSettings
-
-CHAMPION = "champion"
 
 
 def demo_recipe(fast: bool = False) -> Recipe:
@@ -63,7 +62,7 @@ def run_demo(workdir: Path, *, seed: int = 0, fast: bool = False) -> dict[str, o
     db = workdir / "mlflow.db"
     summary = {
         "registered_model": f"models:/{settings.model_name}/{result.model_version}",
-        "aliases": ["challenger", CHAMPION] if promoted else ["challenger"],
+        "aliases": [CHALLENGER, CHAMPION] if promoted else [CHALLENGER],
         "bundle": str(result.bundle),
         "test_images": len(result.scores),
         "image_auroc": round(m["test_image_auroc"], 4),

@@ -18,27 +18,27 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from pipelines.datasets import capture_groups, scan_dataset
-from pipelines.ingest import Manifest, SplitFractions, assign_splits, build_manifest, read_manifest, write_manifest
-from pipelines.recipe import (
-    DataSplit,
+from pipelines.bundle_building import build_bundle
+from pipelines.data.layouts import scan_dataset
+from pipelines.data.manifest import Manifest, build_manifest, read_manifest, reading_code, write_manifest
+from pipelines.data.records import capture_groups
+from pipelines.data.split import DataSplit, SplitFractions, assign_splits
+from pipelines.embedder_training import fit_embedder
+from pipelines.evaluation import (
     Evaluation,
-    Recipe,
-    build_bundle,
+    calibration_shortfall,
     evaluate_bundle,
-    fit_embedder,
     pixel_level_auroc,
-    resolve_bit_depth,
-    resolve_input_size,
     threshold_metrics,
 )
+from pipelines.recipe import Recipe, resolve_bit_depth, resolve_input_size
 from pipelines.settings import PipelineSettings
 
 
 @dataclass(frozen=True)
 class DataSource:
     """Where the images are: an MVTec-layout ``root``, ``good`` (and optional ``defective``) folders, or a
-    ``manifest`` written before (``pipelines.ingest.write_manifest``: its images are used as listed)."""
+    ``manifest`` written before (``pipelines.data.manifest.write_manifest``: its images are used as listed)."""
 
     root: str | None = None
     good: str | None = None
@@ -62,9 +62,7 @@ class TrainResult:
 def _ingest_code() -> bytes:
     """The source of the code that reads a dataset: a release that reads layouts, masks or groups differently must
     not be handed a manifest the old code built."""
-    from pipelines import datasets, ingest
-
-    return b"".join(Path(m.__file__).read_bytes() for m in (datasets, ingest) if m.__file__)
+    return reading_code()
 
 
 def _files_fingerprint(context: Any, parameters: dict[str, Any]) -> str:
@@ -217,7 +215,10 @@ def train_flow(
             plots=save_evaluation_plots(evaluation, run_dir / "plots")
             + save_heatmap_examples(bundle, evaluation, run_dir / "plots"),
             dataset_hash=manifest.dataset_hash,
-            tags={"settings": json.dumps(settings.model_dump(mode="json"))},
+            tags={
+                "settings": json.dumps(settings.model_dump(mode="json")),
+                **({"calibration_shortfall": note} if (note := calibration_shortfall(bundle)) else {}),
+            },
         )
         mlflow.log_artifact(str(scores_path), "evaluation")
         key = {

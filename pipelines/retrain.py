@@ -14,8 +14,9 @@ from typing import Any, Literal
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from inspector.registry_contract import CHAMPION
 from pipelines.flows import DataSource, train_flow
-from pipelines.promotion import CHAMPION, GateRules, alias_version, promote_flow
+from pipelines.promotion import GateRules, alias_version, promote_flow
 from pipelines.settings import PipelineSettings, apply_overrides
 
 

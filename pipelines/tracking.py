@@ -9,7 +9,10 @@ Plain functions (no Prefect here) so a flow, the CLI and the tests call the same
   ``mlflow.pyfunc.load_model("models:/<name>@challenger")`` and ``mlflow models serve`` give the line's scores.
 - :func:`register_bundle`: verify the bundle, log it, and only then create the model version and move the
   ``challenger`` alias; anything that raises before leaves the registry untouched.
-- :func:`download_bundle`: fetch a registered version's bundle and verify it.
+- :func:`download_bundle`: fetch a registered version's bundle the way the line fetches it, verified.
+
+The names registration shares with the gate and the line (artifact, aliases, version tags, the hash check) are
+:mod:`inspector.registry_contract`'s.
 
 This module imports only mlflow, pandas and ``inspector`` (no torch), because it is also shipped inside the
 logged model as code for the serving environment.
@@ -37,22 +40,34 @@ import pandas as pd
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
-from mlflow.models import Model, ModelSignature
+from mlflow.models import ModelSignature
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, RESOURCE_DOES_NOT_EXIST, ErrorCode
+from mlflow.pyfunc.model import PythonModel, PythonModelContext
 from mlflow.tracking import MlflowClient
 from mlflow.types import ColSpec, Schema
 
 from inspector.bundle import Bundle, load_bundle
 from inspector.engine import Inspector
+from inspector.registry_contract import (
+    BUNDLE_ARTIFACT,
+    BUNDLE_MODEL_VERSION_TAG,
+    CHALLENGER,
+    DATASET_HASH_TAG,
+    GIT_COMMIT_TAG,
+    RUN_ID_TAG,
+    THRESHOLD_RULE_TAG,
+    THRESHOLD_TAG,
+    WHOLE_PART_SCORE_TAG,
+    bundle_hash_tags,
+    slug,
+)
 
 log = logging.getLogger(__name__)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 TRACKING_DB = "mlflow.db"
 ARTIFACTS_DIR = "mlartifacts"
-BUNDLE_ARTIFACT = "bundle"
 MODEL_NAME_IN_RUN = "model"
-CHALLENGER = "challenger"
 EPOCH_METRICS = ("train_loss", "val_auroc", "embedding_variance", "images_per_second")
 OUTPUT_COLUMNS = ("path", "score", "threshold", "verdict", "model_version", "error")
 SERVING_PACKAGES = ("onnxruntime", "numpy", "pillow")
@@ -94,10 +109,6 @@ def _local_sqlite_file(uri: str) -> Path | None:
     return None
 
 
-def _slug(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name).strip(".") or "experiment"
-
-
 def ensure_experiment(name: str, artifact_root: Path | None = None) -> str:
     """Get or create the experiment ``name`` (one per product line), make it the active one, return its id.
 
@@ -113,7 +124,7 @@ def ensure_experiment(name: str, artifact_root: Path | None = None) -> str:
             artifact_root = db.parent / ARTIFACTS_DIR if db is not None else None
         location = None
         if artifact_root is not None:
-            path = Path(artifact_root).expanduser().resolve() / _slug(name)
+            path = Path(artifact_root).expanduser().resolve() / slug(name, fallback="experiment")
             path.mkdir(parents=True, exist_ok=True)
             location = path.as_uri()
         try:
@@ -325,7 +336,7 @@ def _as_paths(model_input: Any) -> list[str]:
     )
 
 
-class InspectorModel(mlflow.pyfunc.PythonModel):
+class InspectorModel(PythonModel):
     """The bundle as an MLflow pyfunc: ``predict`` scores image files through ``inspector.Inspector``.
 
     Output: one row per input path with path, score, threshold, verdict ("good" / "anomalous" / None),
@@ -338,7 +349,7 @@ class InspectorModel(mlflow.pyfunc.PythonModel):
     def __getstate__(self) -> dict[str, Any]:  # an onnxruntime session is never pickled into the model
         return {**self.__dict__, "_inspector": None}
 
-    def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
+    def load_context(self, context: PythonModelContext) -> None:
         self._inspector = Inspector.from_bundle(context.artifacts[BUNDLE_ARTIFACT])
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
@@ -414,19 +425,16 @@ def _ensure_registered_model(client: MlflowClient, name: str) -> None:
 
 
 def _version_tags(bundle: Bundle, run_id: str, tags: Mapping[str, Any]) -> dict[str, str]:
-    derived = {
-        "run_id": run_id,
-        "bundle_model_version": bundle.model_version,
-        "bundle_sha256.model": bundle.manifest["files"]["model.onnx"],
-        "bundle_sha256.references": bundle.manifest["files"]["references.npy"],
-        "threshold": bundle.spec.threshold.value,
-        "threshold_rule": bundle.spec.threshold.rule,
-        "whole_part_score": "on" if bundle.spec.density is not None else "off",
-        "dataset_hash": bundle.spec.provenance.get("dataset_hash", "unknown"),
-        "git_commit": git_commit(),
+    derived: dict[str, Any] = {
+        RUN_ID_TAG: run_id,
+        BUNDLE_MODEL_VERSION_TAG: bundle.model_version,
+        **bundle_hash_tags(bundle),
+        THRESHOLD_TAG: bundle.spec.threshold.value,
+        THRESHOLD_RULE_TAG: bundle.spec.threshold.rule,
+        WHOLE_PART_SCORE_TAG: "on" if bundle.spec.density is not None else "off",
+        DATASET_HASH_TAG: bundle.spec.provenance.get("dataset_hash", "unknown"),
+        GIT_COMMIT_TAG: git_commit(),
     }
-    if "descriptors.npy" in bundle.manifest["files"]:
-        derived["bundle_sha256.descriptors"] = bundle.manifest["files"]["descriptors.npy"]
     derived.update(tags)
     return {str(k): _param_value(v) for k, v in derived.items()}
 
@@ -499,19 +507,16 @@ def register_bundle(
 def download_bundle(model_uri: str, dst: Path) -> Path:
     """Fetch the bundle of a registered version (``models:/name@challenger``, ``models:/name/3``) into ``dst``.
 
-    The bundle is verified (``load_bundle``) before it is moved into place; ``dst`` must not exist yet.
+    Fetched as the line fetches it (:func:`pipelines.line_registry.line_registry_source`): verified against its
+    manifest and its version's hash tags before it is moved into place; ``dst`` must not exist yet.
     """
+    from pipelines.line_registry import line_registry_source
+
     dst = Path(dst)
     if dst.exists():
         raise FileExistsError(f"{dst}: already exists")
     dst.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{dst.name}.", dir=dst.parent) as tmp:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp))
-        pyfunc_conf = Model.load(str(local / "MLmodel")).flavors.get("python_function", {})
-        artifacts = pyfunc_conf.get("artifacts") or {}
-        if BUNDLE_ARTIFACT not in artifacts:
-            raise ValueError(f"{model_uri}: not an inspector model (no {BUNDLE_ARTIFACT!r} artifact)")
-        source = local / artifacts[BUNDLE_ARTIFACT]["path"]
-        load_bundle(source)
-        source.rename(dst)
+    with tempfile.TemporaryDirectory(prefix=f".{dst.name}.", dir=dst.parent) as cache:
+        fetched = line_registry_source(Path(cache)).fetch(model_uri)
+        fetched.path.rename(dst)
     return dst

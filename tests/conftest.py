@@ -90,7 +90,7 @@ def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     pre = PreprocessConfig(height=32, width=32)
     rng = np.random.default_rng(0)
     refs = [Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)) for _ in range(3)]
-    bank, _ = OnnxEmbedder(onnx_path, pre).embed(refs)
+    bank = OnnxEmbedder(onnx_path, pre).embed(refs).embeddings
     spec = BundleSpec(pre, ScoringConfig(), Threshold(0.5), model={"name": "tiny", "version": "1", "mode": "patch"})
     return write_bundle(tmp / "bundle", onnx_path, bank.reshape(-1, bank.shape[-1]), spec)
 
@@ -104,10 +104,10 @@ def density_bundle(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict
     from inspector.bundle import BundleSpec, Threshold, write_bundle
     from inspector.engine import OnnxEmbedder
     from inspector.preprocess import PreprocessConfig
-    from inspector.scoring import ScoringConfig, anomaly_scores
+    from inspector.scorer import Scorer
+    from inspector.scoring import ScoringConfig
     from models.export import export_onnx
     from models.siamese import EmbedderConfig, build_embedder
-    from pipelines.recipe import whole_part_scores
 
     tmp = tmp_path_factory.mktemp("density")
     torch.manual_seed(0)
@@ -133,13 +133,14 @@ def density_bundle(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict
         img = np.concatenate([low[:, :16], high[:, 16:]], axis=1)
         files["patchy"].append(tmp / f"patchy{i}.png")
         Image.fromarray(img).save(files["patchy"][-1])
-    refs = onnx.embed_all(files["refs"])
-    cal = onnx.embed_all(files["cal"])
+    refs = onnx.embed(files["refs"])
+    cal = onnx.embed(files["cal"])
     bank = refs.embeddings.reshape(-1, refs.embeddings.shape[-1])
-    cal_patch = anomaly_scores(cal.embeddings, bank, ScoringConfig())
-    density, cal_scores, _ = whole_part_scores(
-        refs.descriptors, tuple(model.descriptor_blocks), ["initial"] * 40, cal.descriptors, cal_patch, None, None
-    )
+    scorer = Scorer.of(bank, ScoringConfig(), part_references=refs.descriptors, part_blocks=model.descriptor_blocks)
+    cal_raw = scorer.raw(cal.embeddings, None, cal.descriptors)
+    scorer = scorer.fitted_on(cal_raw)
+    cal_scores = scorer.fuse(cal_raw)
+    density = scorer.density_spec(["initial"] * 40)
     threshold = Threshold(float(np.quantile(cal_scores, 0.99)), rule="good_quantile")
     spec = BundleSpec(
         pre, ScoringConfig(), threshold, model={"name": "tiny", "version": "1", "mode": "patch"}, density=density

@@ -48,6 +48,7 @@ def _params(module: nn.Module) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("name", sorted(BACKBONES))
 def test_every_backbone_gives_a_spatial_map(name: str) -> None:
+    torch.manual_seed(0)
     backbone = build_backbone(name).eval()
     with torch.no_grad():
         y = backbone(torch.randn(2, 3, 64, 64))
@@ -59,6 +60,7 @@ def test_every_backbone_gives_a_spatial_map(name: str) -> None:
 
 
 def test_tiny_cnn_width_and_non_square_input() -> None:
+    torch.manual_seed(0)
     backbone = build_backbone("tiny_cnn", width=8).eval()
     with torch.no_grad():
         y = backbone(torch.randn(1, 3, 96, 64))
@@ -240,7 +242,7 @@ def test_larger_lite_sizes_share_lite0_stages_and_name_their_weights_package(
     name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # same stage indices and strides as Lite0, so feature_stages=(3, 4) means the same grid for every size
-    x = torch.randn(1, 3, 64, 80)
+    x = torch.randn(1, 3, 64, 80, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         shapes = [tuple(m.shape[-2:]) for m in _stage_outputs(build_backbone(name).eval(), x)]
         lite0 = [tuple(m.shape[-2:]) for m in _stage_outputs(build_backbone("tf_efficientnet_lite0").eval(), x)]
@@ -284,6 +286,7 @@ def _grad_flags(stage: nn.Module) -> set[bool]:
 
 
 def test_freeze_stages_freezes_the_early_stages_and_keeps_their_bn_in_eval() -> None:
+    torch.manual_seed(0)
     backbone = tiny_cnn(width=8)
     freeze_stages(backbone, trainable_last=1)
     backbone.train()

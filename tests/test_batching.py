@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from inspector.batching import RequestBatcher
+pytest.importorskip("fastapi")  # the batcher lives in the service package, which needs the serve extra
+
 from inspector.engine import Inspector
+from inspector.service.batching import RequestBatcher
 
 
 def _parts(seed: int, n: int) -> list[Image.Image]:

@@ -148,3 +148,19 @@ def test_edge_cases() -> None:
         calibrate([0.1], rule="median")
     # 2-d score arrays are flattened
     assert calibrate(GOODS.reshape(2, 5), target_frr=0.25).value == 0.8
+
+
+def test_the_front_end_names_a_calibration_set_too_small_for_its_target() -> None:
+    from inspector.calibration import goods_to_resolve, shortfall
+
+    assert goods_to_resolve(0.01) == 299  # (1 - 0.01)^299 <= 0.05 < (1 - 0.01)^298
+    assert 0.99**299 <= 0.05 < 0.99**298
+    assert goods_to_resolve(0.05) == 59 and goods_to_resolve(0.0) is None
+    few = calibrate(np.linspace(0.0, 1.0, 50), target_frr=0.01)
+    assert few.details["goods_to_resolve_target"] == 299 and few.details["resolves_target"] is False
+    note = shortfall(few.details)
+    assert note is not None and note.startswith("50 calibration goods are too few to resolve a 1.0% false-reject")
+    assert note.endswith("299 goods would resolve it")
+    enough = calibrate(np.linspace(0.0, 1.0, 300), target_frr=0.01)
+    assert enough.details["resolves_target"] is True and shortfall(enough.details) is None
+    assert "resolves_target" not in calibrate(np.r_[0.1, 0.2], np.r_[0.9], rule="best_f1").details

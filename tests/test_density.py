@@ -10,11 +10,13 @@ import torch
 from sklearn.covariance import LedoitWolf
 
 from inspector.bundle import load_bundle, write_bundle
-from inspector.density import DensitySpec, GaussianDensity, ScoreScale, fused_scores
+from inspector.density import DensitySpec, GaussianDensity, ScoreScale
 from inspector.engine import Inspector, OnnxEmbedder
 from inspector.errors import BundleError, InspectorError
 from inspector.preprocess import PreprocessConfig
 from inspector.references import ReferencesError, add_references, remove_references
+from inspector.scorer import RawScores, Scorer, ViewScales
+from inspector.scoring import GoldenBank, ScoringConfig
 from models.export import check_parity, export_onnx
 from models.siamese import EmbedderConfig, build_embedder, pooled_on_part, stage_maps
 from tests.parts import textured_parts
@@ -52,12 +54,15 @@ def test_fused_score_is_the_more_alarmed_view_in_units_of_the_goods_spread() -> 
         ScoreScale.of(np.array([10.0, 20.0, 30.0])),
     )
     assert (patch_scale.median, patch_scale.spread) == (3.0, 2.0)
-    fused = fused_scores(np.array([3.0, 9.0, 3.0]), np.array([20.0, 20.0, 60.0]), patch_scale, part_scale)
+    scorer = Scorer(GoldenBank(np.zeros((1, 2))), ScoringConfig(), scales=ViewScales(patch_scale, part_scale))
+    scorer.part_model = GaussianDensity(np.eye(3), [3])  # fusion needs a whole-part view; the raw scores are given
+    fused = scorer.fuse(RawScores(np.array([3.0, 9.0, 3.0]), np.array([20.0, 20.0, 60.0])))
     np.testing.assert_allclose(fused, [0.0, 3.0, 4.0])
+    np.testing.assert_allclose(scorer.patch_only().fuse(RawScores(np.array([3.0, 9.0]))), [3.0, 9.0])
 
 
 def test_descriptor_pools_over_the_part_only() -> None:
-    fmap = torch.randn(2, 3, 4, 6)
+    fmap = torch.randn(2, 3, 4, 6, generator=torch.Generator().manual_seed(0))
     placement = torch.tensor(
         [[16.0, 0.0, 16.0, 32.0], [0.0, 0.0, 48.0, 32.0]]
     )  # image 0: the middle third of a 32x48 input
@@ -66,10 +71,12 @@ def test_descriptor_pools_over_the_part_only() -> None:
     changed[0, :, :, :2] = 100.0  # padding of image 0 (cells whose centre is left of x = 16)
     changed[0, :, :, 4:] = -100.0
     np.testing.assert_allclose(pooled_on_part(changed, placement, (32, 48))[0], out[0], rtol=1e-6)
-    part = fmap[0, :, :, 2:4].reshape(3, -1)
-    np.testing.assert_allclose(out[0, :3], part.mean(1), rtol=1e-5)
-    np.testing.assert_allclose(out[0, 3:], part.std(1, unbiased=False), rtol=1e-4)
-    np.testing.assert_allclose(out[1, :3], fmap[1].reshape(3, -1).mean(1), rtol=1e-5)
+    # each channel's mean and sqrt(variance + eps) over the on-part cells, against float64; an absolute tolerance
+    # too, since a mean of 8 normal draws can sit near 0, where float32 rounding is large relative to it
+    for i, cells in ((0, fmap[0, :, :, 2:4]), (1, fmap[1])):
+        cells = cells.reshape(3, -1).double()
+        np.testing.assert_allclose(out[i, :3], cells.mean(1), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(out[i, 3:], (cells.var(1, unbiased=False) + 1e-6).sqrt(), rtol=1e-5, atol=1e-6)
 
 
 def _embedder(density_stages: int = 2, density_downscales: tuple[int, ...] = ()) -> torch.nn.Module:
@@ -141,12 +148,12 @@ def test_whole_part_score_finds_parts_whose_every_patch_looks_good(
 
     bundle_path, files = density_bundle
     inspector = Inspector.from_bundle(bundle_path)
-    assert inspector.density is not None
+    assert inspector.scorer.fuses
     good, patchy = files["good"], files["patchy"]
     onnx = inspector.embedder
-    emb = onnx.embed_all(good + patchy)
+    emb = onnx.embed(good + patchy)
     labels = np.r_[np.zeros(len(good)), np.ones(len(patchy))]
-    patch_only = inspector.golden.anomaly_scores(emb.embeddings, inspector.bundle.spec.scoring, emb.valid)
+    patch_only = inspector.scorer.raw(emb.embeddings, emb.valid, emb.descriptors).patch
     fused = np.array([r.score for r in inspector.score(good + patchy)])
     assert roc_auc(labels, fused) > 0.95
     assert roc_auc(labels, fused) > roc_auc(labels, patch_only) + 0.2
@@ -186,10 +193,23 @@ def test_new_golden_parts_join_the_gaussian_without_retraining(
     assert child.descriptors.shape[0] == 44
     assert child.spec.density.ids[:40] == ("initial",) * 40 and len(set(child.spec.density.ids[40:])) == 4
     np.testing.assert_array_equal(child.descriptors[:40], parent.descriptors)
-    assert child.spec.threshold.value != parent.spec.threshold.value or child.spec.density != parent.spec.density
+    # re-calibrated as the grown bundle's line scores the goods: both view scales re-measured on them, the threshold
+    # the calibration front end's on their fused scores
+    from inspector.calibration import calibrate
+
+    line = Inspector.from_bundle(grown)
+    cal = line.embedder.embed(files["cal"])
+    raw = line.scorer.raw(cal.embeddings, cal.valid, cal.descriptors)
+    got, want, before = line.scorer.scales, ViewScales.of_goods(raw), Inspector.from_bundle(bundle_path).scorer.scales
+    for view in ("patch", "part"):
+        assert getattr(got, view).to_dict() == pytest.approx(getattr(want, view).to_dict(), rel=1e-5), view
+        assert getattr(got, view) != getattr(before, view), view
+    assert child.spec.threshold.value == pytest.approx(calibrate(line.scorer.fuse(raw)).value, rel=1e-5)
+    assert child.spec.threshold.details["previous"] == parent.spec.threshold.to_dict()
     added = [i for i in child.spec.density.ids if i != "initial"]
     shrunk = load_bundle(remove_references(grown, added[:2], tmp_path / "shrunk"))
     assert shrunk.descriptors.shape[0] == 42 and not set(added[:2]) & set(shrunk.spec.density.ids)
+    assert shrunk.spec.threshold == child.spec.threshold  # removing references keeps the threshold
     with pytest.raises(ReferencesError, match="at least 2"):
         remove_references(grown, ["initial", *added[:3]], tmp_path / "empty")
     assert not (tmp_path / "empty").exists()
@@ -229,7 +249,7 @@ def test_each_verdict_says_which_view_flagged_it(
 
 
 def test_whole_part_score_is_dropped_only_when_held_out_defects_clearly_prefer_the_patch_score() -> None:
-    from pipelines.recipe import keep_whole_part
+    from pipelines.bundle_building import keep_whole_part
 
     rng = np.random.default_rng(0)
     good_patch, bad_patch = rng.normal(0, 1, 60), rng.normal(4, 1, 30)  # the patch score separates well

@@ -224,17 +224,21 @@ def _settings_from(env: dict[str, str], args: argparse.Namespace):
 
 
 def test_units_are_hardened_non_root_restarting_and_use_example_env_files() -> None:
-    assert {u.name for u in UNITS} == {
-        "mlflow.service",
-        "prefect-server.service",
-        "prefect-worker.service",
-        "inspector.service",
+    # each runs as its own non-root account; the servers restart when they fail, the line and the worker also
+    # after a clean exit (they must always run)
+    expected = {
+        "mlflow.service": ("mlflow", "on-failure"),
+        "prefect-server.service": ("prefect", "on-failure"),
+        "prefect-worker.service": ("inspector", "always"),
+        "inspector.service": ("inspector", "always"),
     }
+    assert {u.name for u in UNITS} == set(expected)
     for unit in UNITS:
         d = unit_directives(unit)
         service = d["Service"]
-        assert service["User"][0] not in ("root", "0") and service["Group"], unit.name
-        assert service["Restart"][0] in ("always", "on-failure"), unit.name
+        user, restart = expected[unit.name]
+        assert service["User"] == service["Group"] == [user], unit.name
+        assert service["Restart"] == [restart], unit.name
         for key in ("NoNewPrivileges", "ProtectHome", "PrivateTmp", "ProtectKernelModules", "RestrictSUIDSGID"):
             assert service[key] == ["yes"], f"{unit.name}: {key}"
         assert service["ProtectSystem"] == ["strict"] and service["CapabilityBoundingSet"] == [""], unit.name

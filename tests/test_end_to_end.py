@@ -15,8 +15,12 @@ import pytest
 from inspector.engine import Inspector
 from inspector.metrics import roc_auc
 from models.demo_data import generate_demo_dataset
-from pipelines.ingest import SplitFractions, assign_splits, ingest
-from pipelines.recipe import build_bundle, evaluate_bundle, fit_embedder, tiny_recipe
+from pipelines.bundle_building import build_bundle
+from pipelines.data.manifest import ingest
+from pipelines.data.split import SplitFractions, assign_splits
+from pipelines.embedder_training import fit_embedder
+from pipelines.evaluation import evaluate_bundle
+from pipelines.recipe import tiny_recipe
 
 pytestmark = pytest.mark.slow
 

@@ -44,7 +44,8 @@ def test_inspector_embeddings_equal_torch_on_image_files(
     """The line's decode + preprocessing + ORT path gives what torch gives on the same files."""
     model, path = exported
     paths, batch = _real_batch(demo_root)
-    ort_emb, errors = OnnxEmbedder(path, CFG).embed(paths)
+    embedded = OnnxEmbedder(path, CFG).embed(paths)
+    ort_emb, errors = embedded.embeddings, embedded.errors
     assert errors == [None] * len(paths)
     with torch.no_grad():
         torch_emb = model(torch.from_numpy(batch)).numpy()
@@ -69,7 +70,7 @@ def test_patch_embedder_exports_with_parity(tmp_path: Path, demo_root: Path) -> 
     path = export_onnx(model, tmp_path / "patch.onnx", height=64, width=64)
     _, batch = _real_batch(demo_root, n=3)
     assert check_parity(model, path, batch) <= 1e-4
-    out, _ = OnnxEmbedder(path, CFG).embed(sorted((demo_root / "train" / "good").glob("*.png"))[:2])
+    out = OnnxEmbedder(path, CFG).embed(sorted((demo_root / "train" / "good").glob("*.png"))[:2]).embeddings
     assert (
         out.shape == (2, 16, model.embedding_dim) and model.embedding_dim > 16
     )  # N x patches (4x4) x D (head + features)

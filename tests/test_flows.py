@@ -68,6 +68,12 @@ def test_train_flow_registers_challenger_with_reproducible_scores(prefect_harnes
         0.0 <= run.data.metrics["calibration_false_reject_rate"] <= run.data.metrics["calibration_frr_upper_95"] <= 1.0
     )
     assert run.data.metrics["threshold"] == pytest.approx(load_bundle(result.bundle).spec.threshold.value)
+    # the operating points a quality engineer chooses from, and what the calibration goods could not resolve
+    assert {f"test_escape_at_frr_{p}pct" for p in ("0.5", "1", "2", "5")} <= set(run.data.metrics)
+    n_cal = run.data.metrics["calibration_n_good"]
+    assert n_cal < 299 and run.data.metrics["calibration_resolves_target"] == 0.0  # a 1 % target needs 299 goods
+    assert run.data.metrics["calibration_goods_to_resolve_target"] == 299
+    assert run.data.tags["calibration_shortfall"].startswith(f"{int(n_cal)} calibration goods are too few")
 
     # the bundle downloaded from the registry scores the test images exactly as the run logged them
     logged = json.loads(
@@ -90,6 +96,37 @@ def test_train_flow_registers_challenger_with_reproducible_scores(prefect_harnes
     assert {"test_image_auroc_patch", "test_image_auroc_part"} <= set(run.data.metrics)
     # the demo's defects have masks: the run says where on the part, too (pixel AUROC of its heatmaps)
     assert 0.5 < run.data.metrics["test_pixel_auroc"] <= 1.0
+
+
+def test_train_flow_trains_the_patch_model_with_the_triplet_loss_when_set(
+    prefect_harness: None, tmp_path: Path
+) -> None:
+    """``--set train.loss=triplet`` reaches the default patch model's training loop and still yields a bundle."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from pipelines.flows import DataSource, train_flow
+    from pipelines.settings import apply_overrides, load_overrides
+
+    data = tmp_path / "data"
+    generate_demo_dataset(data, seed=5, n_train_good=16, n_test_good=4, n_test_per_defect=2, height=64, width=64)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    settings = PipelineSettings(
+        work_dir=tmp_path / "work", tracking_uri=uri, experiment="triplet", model_name="triplet", baseline=False
+    )
+    options = ["train.loss=triplet", "train.epochs=1", "epoch_size=16", "preprocess.height=64", "preprocess.width=64"]
+    recipe = apply_overrides(tiny_recipe(), load_overrides(None, options))  # as `pipelines train --set ...` reads them
+
+    result = train_flow(DataSource(root=str(data)), recipe, settings)
+
+    assert load_bundle(result.bundle).spec.model["mode"] == "patch"  # a verified bundle of the default patch model
+    assert MlflowClient(uri).get_run(result.run_id).data.params["train.loss"] == "triplet"
+    logged = mlflow.artifacts.download_artifacts(
+        run_id=result.run_id, artifact_path="training/history.json", dst_path=str(tmp_path / "dl")
+    )
+    history = json.loads(Path(logged).read_text())
+    assert history["skipped"] is None and len(history["epochs"]) == 1
+    assert history["loss"] == "patch_triplet" and np.isfinite(history["epochs"][0]["train_loss"])
 
 
 def test_failed_run_registers_nothing(prefect_harness: None, tmp_path: Path) -> None:
@@ -125,7 +162,8 @@ def test_ingest_cache_key_follows_the_files_the_grouping_and_the_reading_code(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A manifest cached by an older release (other layout, mask or group rules) or for other files is never reused."""
-    from pipelines import datasets, flows
+    from pipelines import flows
+    from pipelines.data import layouts, split
 
     generate_demo_dataset(
         tmp_path / "data", n_train_good=4, n_test_good=2, n_test_per_defect=1, height=32, width=32, seed=0
@@ -133,12 +171,13 @@ def test_ingest_cache_key_follows_the_files_the_grouping_and_the_reading_code(
     source = flows.DataSource(root=str(tmp_path / "data"))
     key = flows._files_fingerprint(None, {"source": source})
     assert key == flows._files_fingerprint(None, {"source": source})
-    assert Path(datasets.__file__).read_bytes() in flows._ingest_code()
+    assert Path(layouts.__file__).read_bytes() in flows._ingest_code()
+    assert Path(split.__file__).read_bytes() in flows._ingest_code()
     assert key != flows._files_fingerprint(None, {"source": source, "group_by_folder": True})
     image = next((tmp_path / "data" / "train" / "good").iterdir())
     image.write_bytes(image.read_bytes() + b"\0")
     changed = flows._files_fingerprint(None, {"source": source})
     assert changed != key
     # a release whose reading code differs (the one fault here that needs a stand-in: the code on disk is ours)
-    monkeypatch.setattr(flows, "_ingest_code", lambda: b"a later release of datasets.py and ingest.py")
+    monkeypatch.setattr(flows, "_ingest_code", lambda: b"a later release of pipelines/data")
     assert flows._files_fingerprint(None, {"source": source}) != changed

@@ -11,9 +11,9 @@ from PIL import Image
 
 from inspector.cli import main as inspector_main
 from inspector.engine import Inspector
-from inspector.heatmap import colourise, heatmap_filename, patch_grid, score_with_maps, to_image_map
+from inspector.heatmap import colourise, heatmap_filename, score_with_maps, to_image_map
 from inspector.metrics import pixel_auroc
-from inspector.preprocess import PreprocessConfig, Preprocessor
+from inspector.preprocess import PreprocessConfig, Preprocessor, patch_grid
 
 
 @pytest.mark.parametrize(
@@ -105,9 +105,13 @@ def test_cli_writes_heatmaps(
 
 def test_heatmaps_find_the_defects(demo_root: Path, tmp_path: Path) -> None:
     """Frozen pretrained patch features on the generated parts: the map is hotter on the mask than off it."""
+    import torch
+
     from models.siamese import build_embedder
-    from pipelines.datasets import scan_mvtec
-    from pipelines.recipe import DataSplit, build_bundle, tiny_recipe
+    from pipelines.bundle_building import build_bundle
+    from pipelines.data.layouts import scan_mvtec
+    from pipelines.data.split import DataSplit
+    from pipelines.recipe import tiny_recipe
 
     records = scan_mvtec(demo_root)
     train = [r.path for r in records if r.is_good and r.source_split == "train"]
@@ -116,6 +120,7 @@ def test_heatmaps_find_the_defects(demo_root: Path, tmp_path: Path) -> None:
     split = DataSplit(
         train_good=train[:-8], train_defective=[], calibration_good=train[-8:], validation_defective=[], test=[]
     )
+    torch.manual_seed(0)  # the projection head's initial weights
     bundle = build_bundle(build_embedder(recipe.embedder).eval(), split, recipe, tmp_path / "bundle")
     scored = score_with_maps(Inspector.from_bundle(bundle), [r.path for r in defects])
     masks = [np.asarray(Image.open(r.mask).convert("L")) >= 128 for r in defects]
@@ -123,8 +128,8 @@ def test_heatmaps_find_the_defects(demo_root: Path, tmp_path: Path) -> None:
     assert value > 0.75, value
 
     # the training run logs the same overlays as examples
+    from pipelines.evaluation import evaluate_bundle
     from pipelines.plots import save_heatmap_examples
-    from pipelines.recipe import evaluate_bundle
 
     goods = [r for r in records if r.is_good and r.source_split == "test"][:4]
     drawn = save_heatmap_examples(bundle, evaluate_bundle(bundle, defects[:4] + goods), tmp_path / "plots", per_kind=2)

@@ -63,11 +63,17 @@ def test_models_do_not_import_orchestration() -> None:
     assert "prefect" not in loaded and "mlflow" not in loaded
 
 
+def test_dataset_split_without_training_stack() -> None:
+    """Reading a layout, validating the images and splitting them needs neither torch nor orchestration."""
+    loaded = _loaded_after("import pipelines.data.layouts, pipelines.data.manifest, pipelines.data.split")
+    assert loaded == [], f"reading and splitting a dataset pulls in {loaded}"
+
+
 def test_no_forbidden_import_statements() -> None:
     """Static check too, so a lazy import inside a function cannot hide from the runtime probe."""
     import re
 
-    rule = {"inspector": HEAVY, "models": ("prefect", "mlflow")}
+    rule = {"inspector": HEAVY, "models": ("prefect", "mlflow"), "pipelines/data": HEAVY}
     for package, banned in rule.items():
         pattern = re.compile(rf"^\s*(import|from)\s+({'|'.join(banned)})\b", re.M)
         for path in (ROOT / package).rglob("*.py"):

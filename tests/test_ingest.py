@@ -1,4 +1,5 @@
-"""Ingest on real image files: bad files, duplicates, label conflicts, both layouts, dataset hash, split stability."""
+"""The dataset path (`pipelines.data`) on real image files: bad files, duplicates, label conflicts, every layout,
+dataset hash, split stability."""
 
 from __future__ import annotations
 
@@ -11,18 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines.datasets import ImageRecord, capture_groups, group_by_regex, scan_folders, scan_mvtec, scan_visa
-from pipelines.ingest import (
-    Manifest,
-    SplitFractions,
-    assign_splits,
-    build_manifest,
-    ingest,
-    read_manifest,
-    split_roles,
-    with_splits,
-    write_manifest,
-)
+from pipelines.data.layouts import scan_folders, scan_mvtec, scan_visa
+from pipelines.data.manifest import Manifest, build_manifest, ingest, read_manifest, write_manifest
+from pipelines.data.records import ImageRecord, capture_groups, group_by_regex
+from pipelines.data.split import SplitFractions, assign_splits, split_roles, with_splits
 
 
 def _image(path: Path, seed: int, size: tuple[int, int] = (24, 16)) -> Path:

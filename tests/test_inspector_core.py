@@ -242,7 +242,7 @@ def test_pipelined_scoring_equals_one_batch_and_the_plain_path(
         assert named_in_order(list(side.score_paths(blobs, chunk=3)))
     # the plain path: one image at a time through the preprocessor, brute-force scores of the ORT embeddings
     pre, embedder = inspector.embedder.preprocessor, inspector.embedder
-    plain = embedder.embed_arrays(np.stack([pre(load_image(p)) for p in goods[:4] + goods[4:]]))
+    plain = embedder.run(np.stack([pre(load_image(p)) for p in goods[:4] + goods[4:]]))[0]
     on_part = embedder.patch_valid([load_image(p).size for p in goods], plain)
     assert on_part is not None and not on_part.all(), "these 16-px-wide parts are letterboxed: some patches are padding"
     brute = GoldenBank(inspector.bundle.references, cells=0).anomaly_scores(
@@ -302,3 +302,43 @@ def test_large_jpegs_decode_at_a_reduced_scale_alike_on_every_path(tiny_bundle: 
     upright = pre.load(rotated)
     assert upright.size == (120, 160) and load_image(rotated).size == (480, 640)
     assert np.abs(pre.resize(upright).astype(int) - one_step.resize(load_image(rotated)).astype(int)).mean() < 2.0
+
+
+def test_a_version_1_bundle_loads_and_scores_as_before(tmp_path: Path) -> None:
+    """Version 1 left the on-part rule implicit and scored the letterbox padding: read as version 2, it still does."""
+    from dataclasses import replace
+
+    import torch
+
+    from inspector.bundle import MANIFEST, SCHEMA_VERSION
+    from inspector.engine import Inspector, OnnxEmbedder
+    from inspector.scoring import GoldenBank
+    from models.export import export_onnx
+    from models.siamese import EmbedderConfig, build_embedder
+
+    torch.manual_seed(0)
+    model = build_embedder(EmbedderConfig(backbone="tiny_cnn", weights=None, feature_stages=(2, 3), embedding_dim=8))
+    onnx_path = export_onnx(model, tmp_path / "m.onnx", height=64, width=64)  # a 4 x 4 patch grid
+    pre = PreprocessConfig(height=64, width=64)
+    rng = np.random.default_rng(0)
+    refs = [Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)) for _ in range(3)]
+    bank = OnnxEmbedder(onnx_path, pre).embed(refs).embeddings
+    spec = BundleSpec(
+        pre, ScoringConfig(offset=0.5), Threshold(0.5), model={"name": "t", "version": "1", "mode": "patch"}
+    )
+    old = write_bundle(tmp_path / "v1", onnx_path, bank.reshape(-1, bank.shape[-1]), spec)
+    manifest = json.loads((old / MANIFEST).read_text())
+    assert manifest["schema_version"] == SCHEMA_VERSION == 2
+    manifest["schema_version"] = 1
+    del manifest["scoring"]["content_only"]  # as version 1 wrote it
+    (old / MANIFEST).write_text(json.dumps(manifest))
+    narrow = Image.fromarray(rng.integers(0, 255, (64, 24, 3), dtype=np.uint8))  # letterboxed: padding left and right
+    v1 = Inspector.from_bundle(old, threads=1)
+    assert not v1.scorer.scoring.content_only
+    emb, valid, _, _ = v1.embed([narrow])
+    assert valid is not None and 0 < valid.sum() < valid.size
+    golden = GoldenBank(v1.bundle.references, cells=0)
+    with_padding = float(golden.anomaly_scores(emb, v1.scorer.scoring)[0])  # what version 1 computed: every patch
+    on_part = float(golden.anomaly_scores(emb, replace(v1.scorer.scoring, content_only=True), valid)[0])
+    assert v1.score([narrow])[0].score == pytest.approx(with_padding, abs=1e-6)
+    assert with_padding != pytest.approx(on_part, abs=1e-3), "the test image tells the two rules apart"

@@ -1,10 +1,12 @@
-"""Losses against hand-computed examples, against each other (in-batch = explicit pairs), and on a toy problem."""
+"""Losses against hand-computed examples, against brute force, in the training loop, and on a toy problem."""
 
 from __future__ import annotations
 
 import itertools
 import math
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -14,9 +16,9 @@ from models.losses import (
     contrastive_loss,
     in_batch_contrastive_loss,
     in_batch_triplet_loss,
-    paired_distances,
     pairwise_distances,
-    triplet_loss,
+    patch_labels_from_masks,
+    patch_triplet_loss,
 )
 
 
@@ -60,11 +62,12 @@ def test_gradients_are_finite_when_two_embeddings_are_identical() -> None:
         lambda e: in_batch_contrastive_loss(e, labels, normal_label=None),
         lambda e: in_batch_triplet_loss(e, labels, mining="hard"),
         lambda e: in_batch_triplet_loss(e, labels, mining="all"),
-        lambda e: triplet_loss(e[:1], e[1:2], e[2:3]),
-        lambda e: contrastive_loss(paired_distances(e[:2], e[1:3]), torch.tensor([0.0, 1.0])),
+        lambda e: patch_triplet_loss(
+            e[:, None], torch.zeros(4, 1), torch.tensor([0, 0, 1, 0]), torch.tensor([0, 1, 2, 3])
+        ),
     ):
         e = base.clone()
-        e[1] = e[0]  # rows 0 and 1 coincide (and row 0 paired with row 1 in the paired/triplet cases)
+        e[1] = e[0]  # rows 0 and 1 coincide
         e.requires_grad_(True)
         loss = loss_fn(e)
         loss.backward()
@@ -115,10 +118,9 @@ def test_in_batch_contrastive_equals_explicit_pairs(normal_label: int | None) ->
     ]
     first, second = e[[i for i, _ in pairs]], e[[j for _, j in pairs]]
     dissimilar = torch.tensor([labels[i] != labels[j] for i, j in pairs])
-    expected = contrastive_loss(paired_distances(first, second), dissimilar, margin=1.5)
+    expected = contrastive_loss((first - second).norm(dim=1), dissimilar, margin=1.5)
     got = in_batch_contrastive_loss(e, labels, margin=1.5, normal_label=normal_label)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(ContrastiveLoss(margin=1.5).forward_pairs(first, second, dissimilar), expected)
 
 
 def test_in_batch_contrastive_without_usable_pairs_is_zero_with_grad() -> None:
@@ -138,19 +140,6 @@ def test_in_batch_losses_check_shapes() -> None:
 
 
 # --- triplet --------------------------------------------------------------------------------------------------
-
-
-def test_triplet_loss_hand_computed() -> None:
-    # triplet 1: d(a,p)=0.3, d(a,n)=0.4, m=0.5 → 0.3-0.4+0.5 = 0.4
-    # triplet 2: d(a,p)=1.0, d(a,n)=3.0        → relu(1-3+0.5) = 0
-    # mean = 0.2
-    a = torch.tensor([[0.0, 0.0], [0.0, 0.0]])
-    p = torch.tensor([[0.3, 0.0], [1.0, 0.0]])
-    n = torch.tensor([[0.0, 0.4], [0.0, 3.0]])
-    assert triplet_loss(a, p, n).item() == pytest.approx(0.2)
-    assert TripletLoss().forward_triplets(a, p, n).item() == pytest.approx(0.2)
-    # margin 2: (0.3-0.4+2) = 1.9, (1-3+2) = 0 → 0.95
-    assert triplet_loss(a, p, n, margin=2.0).item() == pytest.approx(0.95)
 
 
 def test_batch_hard_picks_the_farthest_positive_and_nearest_negative() -> None:
@@ -192,7 +181,7 @@ def test_batch_all_is_the_mean_over_active_triplets(normal_label: int | None) ->
     triplets = _brute_force_triplets(labels, normal_label)
     idx = torch.tensor(triplets)
     per_triplet = torch.relu(
-        paired_distances(e[idx[:, 0]], e[idx[:, 1]]) - paired_distances(e[idx[:, 0]], e[idx[:, 2]]) + 0.5
+        (e[idx[:, 0]] - e[idx[:, 1]]).norm(dim=1) - (e[idx[:, 0]] - e[idx[:, 2]]).norm(dim=1) + 0.5
     )
     expected = per_triplet[per_triplet > 0].mean()
     got = in_batch_triplet_loss(e, labels, margin=0.5, mining="all", normal_label=normal_label)
@@ -227,6 +216,154 @@ def test_triplet_without_valid_triplets_is_zero_with_grad() -> None:
     # all triplets already satisfied → "all" has no active triplet
     e2 = points(0.0, 0.1, 5.0)
     assert in_batch_triplet_loss(e2, torch.tensor([0, 0, 1]), mining="all").item() == 0.0
+
+
+# --- patch triplet --------------------------------------------------------------------------------------------
+
+
+def patch_points(*images: list[float]) -> torch.Tensor:
+    """Per image a list of 1-D patch positions → (N, P, 2) patch embeddings on the x axis."""
+    return torch.tensor([[[x, 0.0] for x in image] for image in images], requires_grad=True)
+
+
+def test_patch_triplet_hand_computed_and_ignored_patches_play_no_part() -> None:
+    # image 0: good, source 0      patches 0.0, 1.0 and 4.0 (ignored)
+    # image 1: good, source 1      patches 0.2, 1.5 and 0.9 (ignored)
+    # image 2: synthetic defect made from source 0: 0.1 normal, 0.6 defect, 0.05 (ignored); m = 0.5
+    # anchor 0.0 (s0): counterpart in part 1 is 0.2 (d 0.2), nearest defect 0.6 (d 0.6) → 0.2-0.6+0.5 = 0.1
+    # anchor 1.0 (s0): counterpart 1.5 (d 0.5), defect d 0.4                             → 0.6
+    # anchor 0.2 (s1): counterpart in part 0 is 0.0 (d 0.2), defect d 0.4                → 0.3
+    # anchor 1.5 (s1): counterpart 1.0 (d 0.5), defect d 0.9                             → 0.1
+    # anchor 0.1 (s0, the synthetic image's normal patch): counterpart 0.2 (d 0.1), defect d 0.5 → 0.1
+    # mean = 1.2 / 5; an ignored patch used as anchor, positive or negative would change every figure it touches
+    e = patch_points([0.0, 1.0, 4.0], [0.2, 1.5, 0.9], [0.1, 0.6, 0.05])
+    labels = torch.tensor([[0, 0, -1], [0, 0, -1], [0, 1, -1]])
+    loss = patch_triplet_loss(e, labels, torch.tensor([0, 0, 1]), torch.tensor([0, 1, 0]), margin=0.5)
+    assert loss.item() == pytest.approx(0.24, abs=1e-6)
+    loss.backward()
+    assert torch.equal(e.grad[:, 2], torch.zeros(3, 2))  # the ignored patches get no gradient
+    assert e.grad[2, 1, 0] < 0  # a descent step moves the defect patch away from the goods (towards +x)
+
+
+def test_patch_triplet_positive_is_the_counterpart_in_the_worst_matching_good_part() -> None:
+    # three good parts and a real defect photo (source -1) with a mask; m = 1
+    # anchor 0.0 (s0):  part 1 → 0.3 (not 2.0: the counterpart is the nearest patch), part 2 → 0.1; hardest 0.3;
+    #                   nearest defect 0.8                                                       → 0.3-0.8+1 = 0.5
+    # anchor 0.3 (s1):  part 0 → 0.3, part 2 → 0.2; hardest 0.3; defect 0.5                       → 0.8
+    # anchor 2.0 (s1):  part 0 → 2.0, part 2 → 1.9; hardest 2.0; defect 1.2                       → 1.8
+    # anchor 0.1 (s2):  part 0 → 0.1, part 1 → 0.2; hardest 0.2; defect 0.7                       → 0.5
+    # anchor -3.0 (s2): part 0 → 3.0, part 1 → 3.3; hardest 3.3; defect 3.8                       → 0.5
+    # mean = 4.1 / 5 (the nearest patch over all parts as positive would give 0.7, the farthest 1.42)
+    e = patch_points([0.0, 0.0], [0.3, 2.0], [0.1, -3.0], [0.8, 5.0])
+    labels = torch.tensor([[0, -1], [0, 0], [0, 0], [1, -1]])
+    loss = patch_triplet_loss(e, labels, torch.tensor([0, 0, 0, 1]), torch.tensor([0, 1, 2, -1]), margin=1.0)
+    assert loss.item() == pytest.approx(0.82, abs=1e-6)
+
+
+def test_patch_triplet_takes_the_worst_patch_of_a_defect_photo_without_mask() -> None:
+    # goods 0.0, 1.0 (s0) and 0.1, 1.1 (s1); an unmasked defect photo with patches 0.5 and 2.0: its worst patch is
+    # 2.0 (1.1 → 0.9 from the nearest good, against 0.4 for 0.5), the one negative; m = 1
+    # anchors 0.0 → relu(0.1-2.0+1) = 0, 1.0 → 0.1-1.0+1 = 0.1, 0.1 → 0, 1.1 → 0.1-0.9+1 = 0.2; mean 0.3 / 4
+    e = patch_points([0.0, 1.0], [0.1, 1.1], [0.5, 2.0])
+    labels = torch.tensor([[0, 0], [0, 0], [-1, -1]])
+    loss = patch_triplet_loss(e, labels, torch.tensor([0, 0, 1]), torch.tensor([0, 1, -1]), margin=1.0)
+    assert loss.item() == pytest.approx(0.075, abs=1e-6)
+    loss.backward()
+    assert torch.equal(e.grad[2, 0], torch.zeros(2)) and e.grad[2, 1, 0] < 0
+
+
+def _patch_triplet_brute_force(
+    patches: torch.Tensor, labels: torch.Tensor, image_labels: torch.Tensor, sources: torch.Tensor, margin: float
+) -> float:
+    """The documented rule, one anchor at a time in plain Python."""
+    n, p, _ = patches.shape
+    cells = [(i, j) for i in range(n) for j in range(p)]
+
+    def d(a: tuple[int, int], b: tuple[int, int]) -> float:
+        return float((patches[a] - patches[b]).norm())
+
+    positives = [c for c in cells if labels[c] == 0 and image_labels[c[0]] == 0]
+    negatives = [c for c in cells if labels[c] == 1]
+    for i in range(n):
+        if image_labels[i] > 0 and bool((labels[i] < 0).all()):
+            negatives.append(max(((i, j) for j in range(p)), key=lambda c: min(d(c, q) for q in positives)))
+    losses = []
+    for a in (c for c in cells if labels[c] == 0):
+        counterpart: dict[int, float] = {}
+        for q in positives:
+            part = int(sources[q[0]])
+            if part != int(sources[a[0]]):
+                counterpart[part] = min(counterpart.get(part, math.inf), d(a, q))
+        if counterpart and negatives:
+            losses.append(max(max(counterpart.values()) - min(d(a, q) for q in negatives) + margin, 0.0))
+    return sum(losses) / len(losses)
+
+
+def test_patch_triplet_matches_brute_force_on_random_patches() -> None:
+    g = torch.Generator().manual_seed(7)
+    e = torch.nn.functional.normalize(torch.randn(7, 6, 4, generator=g), dim=2)
+    image_labels = torch.tensor([0, 0, 0, 1, 1, 1, 0])
+    sources = torch.tensor([0, 1, 2, 0, 1, -1, 0])  # image 6: a second view of part 0
+    labels = torch.randint(-1, 1, (7, 6), generator=g)  # goods: normal or ignored
+    labels[3:5] = torch.randint(-1, 2, (2, 6), generator=g)
+    labels[3:5, 0] = 1  # every defect image marks at least one defect patch ...
+    labels[5] = -1  # ... but image 5, a defect photo without a mask
+    expected = _patch_triplet_brute_force(e, labels, image_labels, sources, margin=0.7)
+    got = patch_triplet_loss(e, labels, image_labels, sources, margin=0.7)
+    assert got.item() == pytest.approx(expected, abs=1e-5)
+
+
+def test_patch_triplet_without_a_triplet_is_zero_with_grad() -> None:
+    e = patch_points([0.0, 1.0], [0.1, 0.6])
+    no_defect = patch_triplet_loss(e, torch.zeros(2, 2, dtype=torch.long), torch.tensor([0, 0]), torch.tensor([0, 1]))
+    one_part = patch_triplet_loss(e, torch.tensor([[0, 0], [0, 1]]), torch.tensor([0, 1]), torch.tensor([0, 0]))
+    for loss in (no_defect, one_part):
+        assert loss.item() == 0.0
+        loss.backward()
+    assert torch.equal(e.grad, torch.zeros_like(e))
+
+
+def test_patch_triplet_gradients_reach_the_embedding_map() -> None:
+    """On a real batch shape (masks → patch labels → loss) the gradient reaches every part that takes part."""
+    g = torch.Generator().manual_seed(2)
+    maps = torch.randn(4, 8, 4, 4, generator=g, requires_grad=True)
+    masks = torch.zeros(4, 16, 16)
+    masks[1, 0:4, 0:4] = 1.0  # image 1: a synthetic defect made from image 0, top-left cell
+    labels = patch_labels_from_masks(masks, (4, 4))
+    patches = torch.nn.functional.normalize(maps, dim=1).flatten(2).transpose(1, 2)
+    loss = patch_triplet_loss(patches, labels.flatten(1), torch.tensor([0, 1, 0, 0]), torch.tensor([0, 0, 1, 2]))
+    loss.backward()
+    assert loss.item() > 0 and torch.isfinite(maps.grad).all()
+    assert bool((maps.grad[1, :, 0, 0] != 0).any())  # the defect patch is pushed
+    assert torch.equal(maps.grad[1, :, 1, 1], torch.zeros(8))  # the ignored ring around it is not
+
+
+def test_the_training_loop_trains_the_patch_model_with_the_triplet_loss(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from inspector.preprocess import PreprocessConfig, Preprocessor
+    from models.siamese import EmbedderConfig, build_embedder
+    from models.training import TrainConfig, train
+    from models.training_data import PatchPairDataset
+
+    rng = np.random.default_rng(0)
+    good = []
+    for i in range(4):
+        good.append(tmp_path / f"good{i}.png")
+        Image.fromarray(rng.integers(60, 200, (32, 32, 3), dtype=np.uint8)).save(good[-1])
+    dataset = PatchPairDataset(good, [], Preprocessor(PreprocessConfig(height=32, width=32)), seed=0)
+    torch.manual_seed(0)
+    model = build_embedder(EmbedderConfig(backbone="tiny_cnn", weights=None, feature_stages=(2, 3), embedding_dim=8))
+    before = [t.detach().clone() for t in model.head.parameters()]
+    cfg = TrainConfig(epochs=2, batch_size=4, loss="triplet", progress=False)
+    history = train(model, dataset, cfg)
+    assert history.loss == "patch_triplet" and len(history.epochs) == 2
+    assert all(math.isfinite(r.train_loss) and r.train_loss > 0 for r in history.epochs)
+    assert all(not torch.equal(a, b) for a, b in zip(before, model.head.parameters()))  # weight and bias trained
+    default = TrainConfig(epochs=0, progress=False)
+    assert train(model, dataset, default).loss == "patch_contrastive"
+    with pytest.raises(ValueError, match="batch-hard only"):
+        train(model, dataset, TrainConfig(epochs=1, loss="triplet", mining="all", progress=False))
 
 
 # --- learning -------------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from inspector.references import (
     ReferencesError,
     add_references,
     drop_references,
-    frr_threshold,
+    recalibrated_threshold,
     remove_references,
     sources_from_ids,
 )
@@ -55,7 +55,7 @@ def _score(bundle: Path, paths: list[Path]) -> np.ndarray:
 
 
 def _patches_per_image(bundle: Path) -> int:
-    emb, _ = Inspector.from_bundle(bundle, threads=1).embed([Image.fromarray(_random_image(0))])
+    emb = Inspector.from_bundle(bundle, threads=1).embed([Image.fromarray(_random_image(0))]).embeddings
     return int(emb.shape[1])
 
 
@@ -103,7 +103,7 @@ def test_bad_image_named_and_nothing_written(tiny_bundle: Path, bad_images: dict
         )
     message = str(err.value)
     assert all(name in message for name in ("truncated.jpg", "notes.png", "typo.png")) and "good.png" not in message
-    assert not out.exists() and not (out.parent.exists() and any(out.parent.iterdir()))
+    assert not out.parent.exists()  # not even the folder it would have gone in
 
     out = add_references(tiny_bundle, [bad_images["good"], bad_images["empty"]], tmp_path / "v2s", skip_bad=True)
     change = load_bundle(out).spec.provenance["reference_change"]
@@ -137,10 +137,12 @@ def test_remove_references_round_trip(tiny_bundle: Path, new_parts: dict[str, Pa
 
 def test_pure_helpers() -> None:
     scores = np.array([0.5, 0.1, 0.9, 0.3, 0.7, 0.2, 0.8, 0.4, 0.6, 0.05])
-    value, details = frr_threshold(scores, 0.25)  # 10 goods: at most 2 may be flagged
-    assert value == 0.7 and details["false_reject_rate"] == 0.2 and details["good_rejects_allowed"] == 2
-    assert value == np.quantile(scores, 0.75, method="inverted_cdf")
-    assert frr_threshold(scores, 0.0)[0] == 0.9
+    threshold = recalibrated_threshold(scores, None, 0.25, {"scored_against": "test"})  # 10 goods: 2 may be flagged
+    details = threshold.details
+    assert threshold.value == 0.7 and details["false_reject_rate"] == 0.2 and details["good_rejects_allowed"] == 2
+    assert threshold.value == np.quantile(scores, 0.75, method="inverted_cdf")
+    assert details["rule"] == "good_quantile" and details["scored_against"] == "test"
+    assert recalibrated_threshold(scores, None, 0.0, {}).value == 0.9
     sources = sources_from_ids(["x", "x", "y", "z", "z"])
     assert sources == [{"id": "x", "rows": [0, 2]}, {"id": "y", "rows": [2, 3]}, {"id": "z", "rows": [3, 5]}]
     bank, kept = drop_references(np.arange(10, dtype=np.float32).reshape(5, 2), sources, ["y"])
@@ -182,7 +184,7 @@ def test_recalibration_picks_the_quantile(tiny_bundle: Path, new_parts: dict[str
     )
     threshold = load_bundle(out).spec.threshold
     bad_scores = _score(out, defects)
-    assert threshold.rule == "good_quantile+defects" and threshold.value == pytest.approx(expected, abs=1e-6)
+    assert threshold.rule == "target_frr" and threshold.value == pytest.approx(expected, abs=1e-6)
     assert threshold.details["recall"] == pytest.approx(np.mean(bad_scores > threshold.value))
 
     with pytest.raises(ReferencesError, match="a.png: is in the reference bank"):
@@ -256,7 +258,7 @@ def test_image_mode_bundle_keeps_one_id_per_row(tmp_path: Path) -> None:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
     pre = PreprocessConfig(height=16, width=16)
     refs = [_save(tmp_path / "refs" / f"r{i}.png", _random_image(10 + i)) for i in range(3)]
-    bank, _ = OnnxEmbedder(_write(tmp_path / "gap.onnx", model), pre).embed(refs)
+    bank = OnnxEmbedder(_write(tmp_path / "gap.onnx", model), pre).embed(refs).embeddings
     spec = BundleSpec(
         pre,
         ScoringConfig(),
@@ -293,7 +295,7 @@ def test_added_references_keep_only_the_patches_on_the_part(tiny_bundle: Path, t
         narrow
     )  # 32x16 on the canvas
     inspector = Inspector.from_bundle(tiny_bundle, threads=1)
-    emb, on_part, _ = inspector.embedder.embed_parts([narrow])
+    emb, on_part, _, _ = inspector.embedder.embed([narrow])
     assert on_part is not None and 0 < on_part.sum() < on_part.size
     parent = load_bundle(tiny_bundle)
     out = add_references(tiny_bundle, [narrow], tmp_path / "v2", threads=1)

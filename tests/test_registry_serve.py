@@ -37,10 +37,10 @@ from inspector.registry import (
     RegistryUnreachable,
     _auth_header,
     bundle_path_in_mlmodel,
-    check_registry_hashes,
     mlmodel_scalars,
     parse_model_uri,
 )
+from inspector.registry_contract import bundle_hash_tags, check_bundle_matches_tags
 from tests.servers import _stop_process, free_port, start_mlflow_server
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -144,14 +144,11 @@ def test_cache_remembers_served_versions_and_drops_tampered_copies(tiny_bundle: 
     source = RegistrySource(RegistryClient("http://127.0.0.1:9", timeout=1, env={}), cache)
     assert source.cached_for("models:/tiny@champion").version == "3"  # type: ignore[union-attr]
 
-    good = ModelVersionRef(
-        "models:/tiny@champion", "tiny", "3", {"bundle_sha256.model": bundle.manifest["files"]["model.onnx"]}
-    )
-    check_registry_hashes(bundle, good)
-    with pytest.raises(BundleError, match="model.onnx sha256 .* does not match the registry's tag"):
-        check_registry_hashes(
-            bundle, ModelVersionRef("models:/tiny@champion", "tiny", "3", {"bundle_sha256.model": "0" * 64})
-        )
+    tags = bundle_hash_tags(bundle)
+    assert tags["bundle_sha256.model"] == bundle.manifest["files"]["model.onnx"]
+    check_bundle_matches_tags(bundle, tags, "models:/tiny/3")
+    with pytest.raises(BundleError, match=r"models:/tiny/3: model.onnx sha256 .* does not match the registry's tag"):
+        check_bundle_matches_tags(bundle, {**tags, "bundle_sha256.model": "0" * 64}, "models:/tiny/3")
 
     # the registry now holds another bundle under number 3 (store rebuilt): the stale copy goes, a download is tried
     shutil.copytree(tiny_bundle, cache.version_dir("tiny", "5"))
@@ -468,7 +465,7 @@ def test_line_service_follows_the_champion(
     assert retries <= polls() // 2, (polls(), retries)  # backed off (1, 2, 4 … s): not one download per poll
     started = time.monotonic()
     svc.stop()  # SIGTERM: uvicorn drains, the lifespan stops the poller, uvicorn re-raises SIGTERM (clean for systemd)
-    assert svc.proc.returncode in (0, -signal.SIGTERM) and time.monotonic() - started < 15, svc.log.read_text()[-2000:]
+    assert svc.proc.returncode == -signal.SIGTERM and time.monotonic() - started < 15, svc.log.read_text()[-2000:]
 
     # restart with the registry down: the cache serves the version last served for the alias (2, not the bad 3)
     registry["stop"]()

@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+import urllib.parse
 from importlib import metadata
 from pathlib import Path
 
@@ -18,9 +19,10 @@ mlflow = pytest.importorskip("mlflow")
 
 from mlflow.tracking import MlflowClient  # noqa: E402
 
-from inspector.bundle import load_bundle  # noqa: E402
+from inspector.bundle import load_bundle, sha256_file  # noqa: E402
 from inspector.engine import Inspector  # noqa: E402
 from inspector.errors import BundleError  # noqa: E402
+from inspector.registry_contract import BUNDLE_ARTIFACT  # noqa: E402
 from pipelines import tracking  # noqa: E402
 
 
@@ -148,8 +150,10 @@ def test_log_training_run(store: dict, tmp_path: Path) -> None:
     assert data.metrics["initial_val_auroc_part"] == 0.6 and data.metrics["initial_val_auroc"] == 0.45
     assert {"embedding_variance", "images_per_second", "best_val_auroc"} <= set(data.metrics)
     assert data.tags["dataset_hash"] == "abc123"
-    commit = data.tags["git_commit"]
-    assert commit == "unknown" or len(commit) == 40
+    # the project checkout's HEAD where it is a git checkout (here: where git says so), else "unknown"
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tracking.PROJECT_ROOT, capture_output=True, text=True)
+    assert data.tags["git_commit"] == (head.stdout.strip() if head.returncode == 0 else "unknown")
+    assert tracking.git_commit(tmp_path) == "unknown"  # not a git checkout
     # the run says which versions produced it (its figures move with numpy, Pillow, torch)
     assert data.tags["env.numpy"] == metadata.version("numpy") and data.tags["env.torch"] == metadata.version("torch")
     assert data.tags["env.python"].count(".") == 2 and set(tracking.RESULT_PACKAGES) == {
@@ -168,7 +172,7 @@ def test_log_training_run(store: dict, tmp_path: Path) -> None:
         "training/history.json",
     } <= artifacts
     assert Path(client.get_run(run.info.run_id).info.artifact_uri.removeprefix("file://")).is_relative_to(tmp_path)
-    assert not (Path.cwd() / "mlruns").exists() or not any((Path.cwd() / "mlruns").glob(f"{store['experiment_id']}/*"))
+    assert not any((Path.cwd() / "mlruns").glob(f"{store['experiment_id']}/*"))  # nothing in the working directory
 
 
 def test_register_needs_a_run(store: dict, tiny_bundle: Path) -> None:
@@ -228,15 +232,30 @@ def test_register_load_predict_download_and_failed_registration(
     got = tracking.download_bundle(f"models:/{name}@challenger", tmp_path / "downloaded")
     assert load_bundle(got).manifest["files"] == load_bundle(tiny_bundle).manifest["files"]
 
+    # a stored bundle replaced whole (its own manifest agrees with its files): the version's hash tags refuse it
+    stored = Path(urllib.parse.urlsplit(client.get_model_version_download_uri(name, "2")).path) / "artifacts"
+    stored = stored / BUNDLE_ARTIFACT
+    references = np.load(stored / "references.npy")
+    np.save(stored / "references.npy", np.concatenate([references, references[:1]]))
+    manifest = json.loads((stored / "inspector.json").read_text())
+    manifest["files"]["references.npy"] = sha256_file(stored / "references.npy")
+    (stored / "inspector.json").write_text(json.dumps(manifest))
+    assert load_bundle(stored).references.shape[0] == references.shape[0] + 1  # consistent in itself
+    with pytest.raises(BundleError, match="references.npy sha256 in the bundle .* does not match the registry's tag"):
+        tracking.download_bundle(f"models:/{name}/2", tmp_path / "replaced")
+    assert not (tmp_path / "replaced").exists()
+
     # a bundle corrupted before registration: raises, no new version, alias unchanged
     broken = tmp_path / "broken"
     shutil.copytree(tiny_bundle, broken)
     with open(broken / "references.npy", "r+b") as fh:
         fh.seek(-4, 2)
         fh.write(b"\x01\x02\x03\x04")
-    with mlflow.start_run(experiment_id=store["experiment_id"]) as run:
-        with pytest.raises(BundleError, match="references.npy"):
-            tracking.register_bundle(broken, name, run_id=run.info.run_id, tags={})
+    with (
+        mlflow.start_run(experiment_id=store["experiment_id"]) as run,
+        pytest.raises(BundleError, match="references.npy"),
+    ):
+        tracking.register_bundle(broken, name, run_id=run.info.run_id, tags={})
     assert sorted(str(v.version) for v in client.search_model_versions(f"name='{name}'")) == ["1", "2"]
     assert str(client.get_model_version_by_alias(name, "challenger").version) == "2"
     assert not client.list_artifacts(run.info.run_id)

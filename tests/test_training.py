@@ -63,7 +63,8 @@ def test_trains_checkpoints_and_learns(tmp_path: Path) -> None:
     assert (tmp_path / "last.pt").is_file() and (tmp_path / "best.pt").is_file()
     assert len(history.epochs) >= 1 and all(np.isfinite(e.train_loss) for e in history.epochs)
     assert history.best_val_auroc is not None and history.best_val_auroc >= 0.9
-    assert history.epochs[-1].train_loss < history.epochs[0].train_loss or history.best_val_auroc == 1.0
+    losses = [e.train_loss for e in history.epochs]
+    assert len(losses) >= 2 and np.all(np.diff(losses) < 0), losses  # the loss falls every epoch
 
 
 def test_resume_after_interruption_matches_uninterrupted_run(tmp_path: Path) -> None:
@@ -142,6 +143,7 @@ def test_starting_weights_are_kept_when_no_epoch_beats_them() -> None:
 
 
 def test_collapse_monitor_flags_constant_embeddings() -> None:
+    torch.manual_seed(0)
     model = build_embedder(TINY)
     torch.nn.init.zeros_(model.head[-1].weight)
     torch.nn.init.constant_(model.head[-1].bias, 1.0)
@@ -210,8 +212,8 @@ def test_validation_scores_with_the_line_s_fused_score(tmp_path: Path) -> None:
 
 def test_training_records_each_view_and_keeps_the_best_fused_epoch(tmp_path: Path) -> None:
     from inspector.preprocess import PreprocessConfig, Preprocessor
-    from models.pairs import PatchPairDataset
     from models.synthetic import SyntheticDefects
+    from models.training_data import PatchPairDataset
 
     data, files = _part_validation(tmp_path)
     torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""Ingest: from found image files to a validated, de-duplicated manifest, and a split keyed by content.
+"""From found image files to a validated, de-duplicated manifest: what a training run was given, and its version.
 
 Every image is read and decoded once here, with the line's own :func:`inspector.preprocess.load_image`, so a bad
 file (unreadable, empty, truncated, not an image, absurdly large) is reported by path and left out instead of
@@ -6,8 +6,8 @@ crashing training hours later. Exact duplicates (same sha256) are kept once; the
 labels (good and defective, or two defect types) is rejected altogether, since no one knows which label is right.
 
 The manifest's ``dataset_hash`` is a sha256 over the sorted ``(sha256, label, defect_type)`` of the kept images:
-renaming or reordering files does not change it, changing one pixel does. Splits (:func:`assign_splits`) hash each
-image's content (or its capture group) rather than its name or position, so adding images never moves old ones.
+renaming or reordering files does not change it, changing one pixel does. A cached manifest is keyed by the files'
+identity and by :func:`reading_code`, so a release that reads datasets differently never reuses an old one.
 
 Pure functions, no Prefect or MLflow: flows wrap them.
 """
@@ -18,24 +18,19 @@ import hashlib
 import json
 import math
 import os
-import re
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from inspector.errors import ImageError
 from inspector.preprocess import DEFAULT_MAX_PIXELS, load_image, open_mask, significant_bits
-from pipelines.datasets import LABEL_BY_MASK, ImageRecord, assign_split, detect_layout, scan_dataset, scan_layout
-
-if TYPE_CHECKING:  # recipe.py pulls in torch; imported lazily where a DataSplit is built
-    from pipelines.recipe import DataSplit
+from pipelines.data.layouts import detect_layout, scan_dataset, scan_layout
+from pipelines.data.records import LABEL_BY_MASK, GroupOf, ImageRecord, group_of_path
 
 MANIFEST_SCHEMA = 1
 DEFAULT_MAX_BYTES = 512 * 1024**2  # no single inspection photo is half a gigabyte
-
-GroupOf = Callable[[Path], str] | Mapping[Path, str]
 
 
 @dataclass(frozen=True)
@@ -51,7 +46,7 @@ class ManifestEntry:
     group: str  # capture group (session, part id) or "" when none is known
     width: int
     height: int
-    split: str = ""  # role assigned by :func:`with_splits` ("" before splitting)
+    split: str = ""  # role assigned by :func:`pipelines.data.split.with_splits` ("" before splitting)
     bits: int = 8  # camera bit depth of a high-bit single-channel image (inspector.preprocess.significant_bits)
 
     @property
@@ -177,15 +172,12 @@ def read_manifest(path: str | Path) -> Manifest:
     return Manifest.from_json(Path(path).read_text(encoding="utf-8"))
 
 
-# --------------------------------------------------------------------------------------------------- building
-
-
-def _group(group_of: GroupOf | None, path: Path) -> str:
-    if group_of is None:
-        return ""
-    if isinstance(group_of, Mapping):
-        return str(group_of.get(path, ""))
-    return str(group_of(path))
+def reading_code() -> bytes:
+    """The source of every module of :mod:`pipelines.data`, in name order: what a manifest cache key must cover,
+    since a release that reads layouts, masks, groups or splits differently must not be handed a manifest the old
+    code built."""
+    package = Path(__file__).parent
+    return b"".join(path.read_bytes() for path in sorted(package.glob("*.py")))
 
 
 def _read_one(path: Path, max_pixels: int, max_bytes: int) -> tuple[str, int, int, int]:
@@ -223,7 +215,7 @@ def build_manifest(
     Records are taken in path order. A file that cannot be used goes to ``rejected`` with the reason. Files with
     equal bytes and equal (label, defect type) keep the first by path; the rest go to ``duplicates``. Equal bytes
     under different labels or defect types are all rejected as ``conflict``. ``group_of`` (a function of the path,
-    or a mapping) gives each image its capture group, which :func:`assign_splits` keeps together.
+    or a mapping) gives each image its capture group, which the split (:mod:`pipelines.data.split`) keeps together.
     """
     ordered = sorted(records, key=lambda r: (str(r.path), r.label, r.defect_type))
     rejected: list[RejectedFile] = []
@@ -283,7 +275,7 @@ def build_manifest(
                 defect_type,
                 r.source_split,
                 mask,
-                _group(group_of, Path(r.path)),
+                group_of_path(group_of, Path(r.path)),
                 width,
                 height,
                 bits=bits,
@@ -343,150 +335,3 @@ def ingest(
         "defective": str(defective) if defective is not None else None,
     }
     return build_manifest(records, max_pixels=max_pixels, max_bytes=max_bytes, group_of=group_of, source=source)
-
-
-# --------------------------------------------------------------------------------------------------- splitting
-
-
-@dataclass(frozen=True)
-class SplitFractions:
-    """How images are shared between roles; the same meaning as the fields of ``pipelines.recipe.Recipe``."""
-
-    calibration_fraction: float = 0.2
-    defect_train_fraction: float = 0.5
-    defect_val_fraction: float = 0.15
-    use_real_defects: bool = True
-    seed: int = 0
-    good_test_fraction: float = 0.2
-    good_test_split: str = "hash"  # "latest": the test goods are the last capture groups (or files) in name order
-
-    @classmethod
-    def from_recipe(cls, recipe: Any) -> SplitFractions:
-        return cls(**{k: getattr(recipe, k) for k in cls.__dataclass_fields__})
-
-
-def _entry_group(entry: ManifestEntry, group_of: GroupOf | None) -> str:
-    """The entry's capture group: from ``group_of`` when given at split time, else the one recorded at ingest."""
-    return _group(group_of, Path(entry.path)) if group_of is not None else entry.group
-
-
-def split_key(entry: ManifestEntry, group_of: GroupOf | None = None) -> str:
-    """What an image is split by: its capture group when it has one, else its content hash (never its name)."""
-    group = _entry_group(entry, group_of)
-    return f"group:{group}" if group else f"sha256:{entry.sha256}"
-
-
-def _capture_order(entry: ManifestEntry, group_of: GroupOf | None) -> str:
-    """What orders captures in time for ``good_test_split="latest"``: the capture group, else the file's path."""
-    return _entry_group(entry, group_of) or entry.path
-
-
-def _natural(text: str) -> list[Any]:
-    """Sort key in which ``g200`` comes before ``g1000`` and ``2026-11-02`` after ``2026-11-01``."""
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
-
-
-def split_roles(
-    manifest: Manifest, fractions: SplitFractions = SplitFractions(), group_of: GroupOf | None = None
-) -> list[str]:
-    """The role of each entry, in order: ``train`` / ``calibration`` (goods), ``train_defective`` / ``validation``
-    (defects), or ``test``.
-
-    Goods from an MVTec ``test`` folder are test. Other goods go to calibration with ``calibration_fraction``;
-    defects to train / validation / test with the defect fractions (train and validation are empty without
-    ``use_real_defects``). A dataset with no test goods of its own (plain folders, VisA without its split file) keeps
-    ``good_test_fraction`` of its goods for test: without them the test AUROC and the false-reject rate on later
-    goods cannot be measured. Each role depends only on the key and the seed, so adding images never moves old
-    ones, and all images of one group with the same label share a role. ``good_test_split="latest"`` makes those
-    test goods the last capture groups (or files) in natural name order — date folders, frame numbers — so the test
-    asks whether a threshold set on earlier captures holds on later ones; new later captures then move the window.
-    """
-    cal = fractions.calibration_fraction
-    good_test = (
-        0.0 if any(e.is_good and e.source_split == "test" for e in manifest.entries) else fractions.good_test_fraction
-    )
-    if not 0.0 < cal + good_test < 1.0:
-        raise ValueError(
-            f"calibration_fraction {cal} and good_test_fraction {good_test} leave no good parts to train on"
-        )
-    good_roles = (
-        [("calibration", cal), ("train", 1.0 - cal)]
-        if not good_test
-        else [("calibration", cal), ("test", good_test), ("train", 1.0 - cal - good_test)]
-    )
-    latest: set[str] = set()
-    if good_test and fractions.good_test_split == "latest":
-        order = sorted({_capture_order(e, group_of) for e in manifest.entries if e.is_good}, key=_natural)
-        latest = set(order[len(order) - math.ceil(good_test * len(order)) :])
-        good_roles = [("calibration", cal / (1.0 - good_test)), ("train", 1.0 - cal / (1.0 - good_test))]
-    elif fractions.good_test_split not in ("hash", "latest"):
-        raise ValueError(f"good_test_split {fractions.good_test_split!r} is not 'hash' or 'latest'")
-    d_train = fractions.defect_train_fraction if fractions.use_real_defects else 0.0
-    d_val = fractions.defect_val_fraction if fractions.use_real_defects else 0.0
-    salt = f"seed{fractions.seed}"
-    roles: list[str] = []
-    for e in manifest.entries:
-        key = split_key(e, group_of)
-        if e.is_good:
-            if e.source_split == "test" or _capture_order(e, group_of) in latest:
-                roles.append("test")
-            else:
-                roles.append(assign_split(key, good_roles, salt + ":good"))
-        else:
-            roles.append(
-                assign_split(
-                    key,
-                    [("train_defective", d_train), ("validation", d_val), ("test", 1.0 - d_train - d_val)],
-                    salt + ":defect",
-                )
-            )
-    return roles
-
-
-def with_splits(
-    manifest: Manifest, fractions: SplitFractions = SplitFractions(), group_of: GroupOf | None = None
-) -> Manifest:
-    """A copy of the manifest with each entry's ``split`` filled in (what gets written as the run's artifact)."""
-    roles = split_roles(manifest, fractions, group_of)
-    return replace(manifest, entries=[replace(e, split=r) for e, r in zip(manifest.entries, roles)])
-
-
-def assign_splits(
-    manifest: Manifest, fractions: SplitFractions = SplitFractions(), group_of: GroupOf | None = None
-) -> DataSplit:
-    """The content-keyed split as the :class:`pipelines.recipe.DataSplit` the training steps take.
-
-    Keyed by sha256 or capture group, never by file name or order.
-    """
-    from pipelines.recipe import DataSplit
-
-    train_good, cal_good, train_def, val_def, test = [], [], [], [], []
-    groups: dict[str, str] = {}
-    for e, role in zip(manifest.entries, split_roles(manifest, fractions, group_of)):
-        groups[str(Path(e.path))] = split_key(e, group_of)
-        if role == "train":
-            train_good.append(Path(e.path))
-        elif role == "calibration":
-            cal_good.append(Path(e.path))
-        elif role == "train_defective":
-            train_def.append(e.record())
-        elif role == "validation":
-            val_def.append(Path(e.path))
-        else:
-            test.append(e.record())
-    if len(train_good) < 2:
-        raise ValueError(f"only {len(train_good)} good training images after the split: need at least 2")
-    good_groups = len({groups[str(Path(e.path))] for e in manifest.entries if e.is_good})
-    asked = (
-        ("calibration", cal_good, fractions.calibration_fraction),
-        ("test", [r for r in test if r.is_good], fractions.good_test_fraction),
-    )
-    missing = [role for role, got, fraction in asked if fraction > 0 and not got]
-    if missing:  # few capture groups (say three date folders) can leave a role without a single group
-        raise ValueError(
-            f"the {sum(e.is_good for e in manifest.entries)} good images form {good_groups} capture group(s), and "
-            f"none fell to {' or '.join(missing)}: calibration and test need goods the model never trained on (an empty calibration set "
-            "would leave the line without a threshold). Give more good images, from more capture groups (folders, "
-            "sessions) when they are grouped, or split without grouping them"
-        )
-    return DataSplit(train_good, train_def, cal_good, val_def, test, groups)

@@ -1,9 +1,12 @@
-"""Training datasets: labelled images for in-batch losses, explicit pairs for contrastive loss, triplets.
+"""Every training dataset: good/defective part pairs for the patch losses, labelled images for the in-batch losses.
 
-Every item goes through the one eval preprocessing of :mod:`inspector.preprocess`:
-``Preprocessor.load -> Preprocessor.resize -> (synthetic defect, augmentation on the uint8 array) -> Preprocessor.normalize``,
-so a model never trains on pixels the line would not produce. Images are decoded once (:class:`ImageStore`), which
-also turns an unreadable file into an :class:`~inspector.errors.ImageError` naming it before training starts.
+The patch model (the default) trains on :class:`PatchPairDataset`, an image embedder on :class:`LabelledImageDataset`;
+both mine their pairs or triplets inside the batch (``models.losses``), so no dataset here enumerates them.
+
+Every item goes through the one eval preprocessing of :mod:`inspector.preprocess`: ``Preprocessor.load ->
+Preprocessor.resize -> (synthetic defect, augmentation on the uint8 array) -> Preprocessor.normalize``, so a model
+never trains on pixels the line would not produce. Images are decoded once (:class:`ImageStore`), which also turns
+an unreadable file into an :class:`~inspector.errors.ImageError` naming it before training starts.
 
 Determinism: which images make up item ``i`` of an epoch (the *plan*) is a function of ``(seed, epoch)`` alone, and
 how item ``i`` looks (augmentation, synthetic defect) of ``np.random.default_rng([seed, epoch, i])`` alone. So the
@@ -19,7 +22,7 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
+from typing import TypeAlias
 
 import albumentations as A
 import cv2
@@ -33,7 +36,7 @@ from models.synthetic import SyntheticDefects
 GOOD, DEFECT, SYNTHETIC = 0, 1, 2
 
 #: An albumentations transform (seeded per item from the item's rng), or ``f(image, rng) -> image`` on HxWx3 uint8.
-Augment = Union[A.BasicTransform, A.BaseCompose, Callable[[np.ndarray, np.random.Generator], np.ndarray]]
+Augment: TypeAlias = A.BasicTransform | A.BaseCompose | Callable[[np.ndarray, np.random.Generator], np.ndarray]
 
 # Seed-sequence key of the per-epoch plan; 4 entries with a non-zero last one, so it never equals an item's
 # [seed, epoch, index] (numpy's SeedSequence ignores trailing zeros).
@@ -119,9 +122,9 @@ def augment_image(augment: Augment | None, image: np.ndarray, rng: np.random.Gen
 class EpochPlan:
     """Which images make up each item of one epoch.
 
-    ``kinds[i]`` is GOOD, DEFECT or SYNTHETIC: the label of a labelled item, or the kind of the last image of a
-    pair or triplet (GOOD for a similar pair). ``sources[i]`` holds one index per image of the item; every index
-    is into the good images except the last one of an item whose kind is DEFECT, which indexes the defective images.
+    ``kinds[i]`` is GOOD, DEFECT or SYNTHETIC: the label of a labelled item, or the kind of the negative of a
+    patch pair. ``sources[i]`` holds one index per image of the item; every index is into the good images except
+    the last one of an item whose kind is DEFECT, which indexes the defective images.
     """
 
     kinds: np.ndarray
@@ -160,7 +163,7 @@ class _SeededImageDataset(Dataset):
         self._cached: tuple[int, EpochPlan] | None = None
 
     def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose items this dataset returns (new pairings, augmentations and defects)."""
+        """Select the epoch whose items this dataset returns (new draws of images, augmentations and defects)."""
         if epoch < 0:
             raise ValueError(f"epoch must be >= 0, got {epoch}")
         self._epoch.fill_(int(epoch))
@@ -196,20 +199,7 @@ class _SeededImageDataset(Dataset):
         plan = self._plan_for(epoch)
         return int(plan.kinds[index]), plan.sources[index], np.random.default_rng([self.seed, epoch, index])
 
-    def _good_view(self, i: int, rng: np.random.Generator) -> torch.Tensor:
-        return self._to_tensor(augment_image(self.augment, self.good[int(i)], rng))
-
-    def _negative_view(self, kind: int, i: int, rng: np.random.Generator) -> torch.Tensor:
-        if kind == DEFECT:
-            image = self.defective[int(i)]
-        else:
-            image, _ = self.synthetic(self.good[int(i)], rng)
-        return self._to_tensor(augment_image(self.augment, image, rng))
-
-    def _to_tensor(self, image: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(self.preprocessor.normalize(image))
-
-    def _negative_counts(self, n: int) -> dict[int, float]:
+    def _negative_counts(self, n: float) -> dict[int, float]:
         return {DEFECT: n * (1.0 - self.synthetic_fraction), SYNTHETIC: n * self.synthetic_fraction}
 
 
@@ -257,9 +247,14 @@ class LabelledImageDataset(_SeededImageDataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         kind, sources, rng = self._item(index)
+        i = int(sources[0])
         if kind == GOOD:
-            return self._good_view(sources[0], rng), GOOD
-        return self._negative_view(kind, sources[0], rng), kind
+            image = self.good[i]
+        elif kind == DEFECT:
+            image = self.defective[i]
+        else:
+            image, _ = self.synthetic(self.good[i], rng)
+        return torch.from_numpy(self.preprocessor.normalize(augment_image(self.augment, image, rng))), kind
 
     def _make_plan(self, rng: np.random.Generator) -> EpochPlan:
         n = self.epoch_size
@@ -270,123 +265,6 @@ class LabelledImageDataset(_SeededImageDataset):
             where = kinds == kind
             sources[where, 0] = cycled_indices(int(where.sum()), len(store), rng)
         return EpochPlan(kinds, sources)
-
-
-class PairDataset(_SeededImageDataset):
-    """Explicit pairs ``(x1, x2, y)`` for contrastive loss: y=0 similar (good, good), y=1 dissimilar.
-
-    ``x1`` is always a good image; for y=1 ``x2`` is a defective image or a synthetic defect made from a good one
-    (``synthetic_fraction`` of them). The two branches are augmented independently. Anchors cycle through all good
-    images; the two images of a similar pair are always different files.
-    """
-
-    def __init__(
-        self,
-        good: Sequence[str | Path],
-        defective: Sequence[str | Path] = (),
-        preprocessor: Preprocessor | None = None,
-        *,
-        num_pairs: int = 1000,
-        positive_fraction: float = 0.5,
-        synthetic_fraction: float | None = None,
-        augment: Augment | None = None,
-        synthetic: SyntheticDefects | None = None,
-        seed: int = 0,
-    ) -> None:
-        if num_pairs < 1:
-            raise ValueError(f"num_pairs must be >= 1, got {num_pairs}")
-        if not 0.0 <= positive_fraction <= 1.0:
-            raise ValueError(f"positive_fraction must be in [0, 1], got {positive_fraction}")
-        if positive_fraction == 1.0 and synthetic_fraction is None:
-            synthetic_fraction = 1.0
-        super().__init__(
-            good,
-            defective,
-            preprocessor,
-            synthetic_fraction=synthetic_fraction,
-            augment=augment,
-            synthetic=synthetic,
-            seed=seed,
-        )
-        self.num_pairs = num_pairs
-        self.positive_fraction = positive_fraction
-
-    def __len__(self) -> int:
-        return self.num_pairs
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-        kind, (first, second), rng = self._item(index)
-        x1 = self._good_view(first, rng)
-        if kind == GOOD:
-            return x1, self._good_view(second, rng), 0
-        return x1, self._negative_view(kind, second, rng), 1
-
-    def _make_plan(self, rng: np.random.Generator) -> EpochPlan:
-        n = self.num_pairs
-        positives = n * self.positive_fraction
-        kinds = balanced_kinds({GOOD: positives, **self._negative_counts(n - positives)}, rng)
-        n_good = len(self.good)
-        first = cycled_indices(n, n_good, rng)
-        second = _other_than(first, n_good, rng)  # similar pairs: a different good image
-        synthetic = kinds == SYNTHETIC
-        second[synthetic] = cycled_indices(int(synthetic.sum()), n_good, rng)
-        real = kinds == DEFECT
-        second[real] = cycled_indices(int(real.sum()), len(self.defective), rng)
-        return EpochPlan(kinds, np.stack([first, second], axis=1))
-
-
-class TripletDataset(_SeededImageDataset):
-    """Explicit triplets ``(anchor, positive, negative)``: two different good images and a defective or synthetic one.
-
-    Options as :class:`PairDataset`; every item has a negative, ``synthetic_fraction`` of them synthetic.
-    """
-
-    def __init__(
-        self,
-        good: Sequence[str | Path],
-        defective: Sequence[str | Path] = (),
-        preprocessor: Preprocessor | None = None,
-        *,
-        num_triplets: int = 1000,
-        synthetic_fraction: float | None = None,
-        augment: Augment | None = None,
-        synthetic: SyntheticDefects | None = None,
-        seed: int = 0,
-    ) -> None:
-        if num_triplets < 1:
-            raise ValueError(f"num_triplets must be >= 1, got {num_triplets}")
-        super().__init__(
-            good,
-            defective,
-            preprocessor,
-            synthetic_fraction=synthetic_fraction,
-            augment=augment,
-            synthetic=synthetic,
-            seed=seed,
-        )
-        self.num_triplets = num_triplets
-
-    def __len__(self) -> int:
-        return self.num_triplets
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        kind, (anchor, positive, negative), rng = self._item(index)
-        return (self._good_view(anchor, rng), self._good_view(positive, rng), self._negative_view(kind, negative, rng))
-
-    def _make_plan(self, rng: np.random.Generator) -> EpochPlan:
-        n = self.num_triplets
-        kinds = balanced_kinds(self._negative_counts(n), rng)
-        n_good = len(self.good)
-        anchor = cycled_indices(n, n_good, rng)
-        positive = _other_than(anchor, n_good, rng)
-        negative = np.zeros(n, np.int64)
-        for kind, count in ((SYNTHETIC, n_good), (DEFECT, len(self.defective))):
-            where = kinds == kind
-            negative[where] = cycled_indices(int(where.sum()), count, rng)
-        return EpochPlan(kinds, np.stack([anchor, positive, negative], axis=1))
-
-
-# ------------------------------------------------------------------------------------------ pure helpers
 
 
 class PatchPairDataset(_SeededImageDataset):
@@ -502,11 +380,6 @@ def cycled_indices(n: int, pool: int, rng: np.random.Generator) -> np.ndarray:
         raise ValueError(f"cannot draw {n} indices from an empty set of images")
     passes = -(-n // pool)
     return np.concatenate([rng.permutation(pool) for _ in range(passes)])[:n].astype(np.int64)
-
-
-def _other_than(first: np.ndarray, pool: int, rng: np.random.Generator) -> np.ndarray:
-    """A uniformly random index per entry, never equal to that entry (pool >= 2)."""
-    return (first + 1 + rng.integers(0, pool - 1, size=len(first))) % pool
 
 
 def _resolve_synthetic_fraction(synthetic_fraction: float | None, n_defective: int) -> float:

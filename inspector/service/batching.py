@@ -71,7 +71,8 @@ class RequestBatcher:
         return pending.results
 
     def _take(self) -> list[_Pending]:
-        """Requests from the head of the queue for one batch: one model, at most ``max_images`` (at least one request)."""
+        """Requests from the head of the queue for one batch: one model, at most ``max_images`` images (at least one
+        request)."""
         with self._lock:
             batch = [self._queue.popleft()]
             size = len(batch[0].images)

@@ -1,39 +1,21 @@
-"""Finding the images of a dataset and splitting them deterministically.
+"""Reading each dataset layout into :class:`~pipelines.data.records.ImageRecord`: which files are images, which
+are masks, and what each image's label, defect type and source split are. Nothing is opened here: the manifest
+validates every image once.
 
-Reads the MVTec AD / anomalib Folder layout (``train/good``, ``test/good``, ``test/<defect>``; BTAD's ``ok`` for
-``good``), VisA's own layout (``Data/Images/Normal|Anomaly``, ``Data/Masks/Anomaly``), datasets whose masks say
-which parts are defective (KolektorSDD, KolektorSDD2, DAGM 2007), or plain folders of good and defective images.
-Splits are by a hash of each image's *group* (by default the file itself), never by file order, so adding images
-never moves old ones, and all images of one group (a physical part photographed several times, a capture session)
-land on the same side.
+Layouts read: MVTec AD / anomalib Folder (``train/good``, ``test/good``, ``test/<defect>``, masks under
+``ground_truth/``), with BTAD's ``ok`` for ``good``, MVTec AD 2's ``test_public/`` and MVTec LOCO's mask folders;
+VisA's own layout (``Data/Images/Normal|Anomaly``, ``Data/Masks/Anomaly``, its ``split_csv/1cls.csv``); datasets
+whose masks say which parts are defective (KolektorSDD, KolektorSDD2, DAGM 2007); and plain folders of good and
+defective images. Adding a layout means one ``scan_*`` function here and one branch in :func:`detect_layout`.
 """
 
 from __future__ import annotations
 
 import csv
-import hashlib
-import os
-import re
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 from inspector.preprocess import IMAGE_SUFFIXES
-
-
-@dataclass(frozen=True)
-class ImageRecord:
-    """One image of a dataset: where it is, whether it is good, its defect type and its origin folder split."""
-
-    path: Path
-    label: int  # 0 good, 1 defective, LABEL_BY_MASK: defective if its mask marks any pixel (read at ingest)
-    defect_type: str  # "good" for good images
-    source_split: str  # "train" / "test" in the MVTec layout, "" for plain folders
-    mask: Path | None = None  # ground-truth defect mask, when the dataset has one
-
-    @property
-    def is_good(self) -> bool:
-        return self.label == 0
+from pipelines.data.records import LABEL_BY_MASK, ImageRecord
 
 
 def list_images(folder: Path) -> list[Path]:
@@ -44,10 +26,6 @@ def list_images(folder: Path) -> list[Path]:
         p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
     )
 
-
-#: The label of an image whose mask decides it (KolektorSDD keeps an all-black mask beside every good part):
-#: :func:`pipelines.ingest.build_manifest` reads the mask and makes it good (marks nothing) or defective.
-LABEL_BY_MASK = -1
 
 #: The good parts' folder in MVTec-like layouts: MVTec AD's ``good``, BTAD's ``ok``.
 GOOD_FOLDERS = ("good", "ok")
@@ -63,7 +41,8 @@ def scan_mvtec(root: str | Path) -> list[ImageRecord]:
     good = next((name for name in GOOD_FOLDERS if (root / "train" / name).is_dir()), None)
     if good is None:
         raise FileNotFoundError(
-            f"{root}: no train/good (or train/ok) folder (expected the MVTec AD layout: train/good, test/good, test/<defect>)"
+            f"{root}: no train/good (or train/ok) folder "
+            "(expected the MVTec AD layout: train/good, test/good, test/<defect>)"
         )
     records = [
         ImageRecord(p, 0, "good", "train")
@@ -115,7 +94,7 @@ def images_and_masks(folder: Path) -> list[tuple[Path, Path | None]]:
     masks: dict[Path, Path] = {}
     for p in files:
         if (stem := _masked_stem(p.stem)) in by_stem:
-            masks[by_stem[stem]] = p  # type: ignore[index]
+            masks[by_stem[stem]] = p
     mask_files = set(masks.values())
     return [(p, masks.get(p)) for p in files if p not in mask_files]
 
@@ -298,86 +277,3 @@ def scan_dataset(
             raise ValueError("a defective folder goes with a good folder, not with a dataset root")
         return scan_root(root)
     return scan_folders(good, defective)  # type: ignore[arg-type]
-
-
-def hash_fraction(key: str, salt: str = "") -> float:
-    """A stable number in [0, 1) for a key: the basis of every split here."""
-    digest = hashlib.sha256(f"{salt}:{key}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64
-
-
-def assign_split(key: str, fractions: Sequence[tuple[str, float]], salt: str = "") -> str:
-    """Deterministic split of one group key given ``[(name, fraction), …]`` summing to 1."""
-    total = sum(f for _, f in fractions)
-    if abs(total - 1.0) > 1e-6:
-        raise ValueError(f"split fractions sum to {total}, not 1")
-    u = hash_fraction(key, salt)
-    acc = 0.0
-    for name, frac in fractions:
-        acc += frac
-        if u < acc:
-            return name
-    return fractions[-1][0]
-
-
-GroupKey = Callable[[Path], str]
-
-
-def group_by_regex(pattern: str) -> GroupKey:
-    """Group by the first capture group of ``pattern`` in the file name (e.g. a session or part id prefix)."""
-    rx = re.compile(pattern)
-
-    def key(path: Path) -> str:
-        m = rx.search(path.name)
-        return m.group(1) if m and m.groups() else path.name
-
-    return key
-
-
-def group_by_number_gaps(paths: Iterable[Path], pattern: str, gap: int) -> dict[Path, str]:
-    """Group images whose sorted numeric ids (first capture group of ``pattern``) lie within ``gap`` of each other.
-
-    For capture sequences where one physical part is photographed several times in consecutive frames.
-    """
-    rx = re.compile(pattern)
-    numbered: list[tuple[int, Path]] = []
-    groups: dict[Path, str] = {}
-    for p in paths:
-        m = rx.search(p.name)
-        if m:
-            numbered.append((int(m.group(1)), p))
-        else:
-            groups[p] = p.name
-    numbered.sort()
-    current, prev = None, None
-    for n, p in numbered:
-        if prev is None or n - prev > gap:
-            current = f"g{n}"
-        groups[p] = str(current)
-        prev = n
-    return groups
-
-
-def capture_groups(
-    records: Sequence[ImageRecord], pattern: str | None = None, gap: int = 0, *, by_folder: bool = False
-) -> dict[Path, str] | None:
-    """Each image's capture group, or None to split image by image: frame numbers within ``gap`` of each other
-    (:func:`group_by_number_gaps`), the image's folder (``by_folder``: goods kept by date, shift or camera), or
-    both (frames within a folder). A defect photo's folder named after its defect type is its type, not a capture
-    group (a whole type on one side of the split would leave it untested or untrained): those are not grouped by
-    folder, their own sub-folders (``bad/scratch/2026-11-30/``) are."""
-    if not pattern and not by_folder:
-        return None
-    paths = [r.path for r in records]
-    numbered = group_by_number_gaps(paths, pattern, gap) if pattern else {}
-    base = Path(os.path.commonpath([str(p.parent) for p in paths])) if by_folder and paths else None
-
-    def folder(
-        record: ImageRecord,
-    ) -> str:  # relative to the dataset, so the split survives moving the dataset elsewhere
-        if base is None or (not record.is_good and record.path.parent.name == record.defect_type):
-            return ""
-        return record.path.parent.relative_to(base).as_posix()
-
-    # "" (a type folder, no frame number): the image is its own group, split by its content like ungrouped images
-    return {r.path: "/".join(part for part in (folder(r), numbered.get(r.path, "")) if part) for r in records}

@@ -17,18 +17,17 @@ from torch.utils.data import DataLoader
 
 from inspector.errors import ImageError
 from inspector.preprocess import PreprocessConfig, Preprocessor, load_image
-from models.pairs import (
+from models.synthetic import SyntheticDefects
+from models.training_data import (
     DEFECT,
     GOOD,
     SYNTHETIC,
     ImageStore,
     LabelledImageDataset,
-    PairDataset,
-    TripletDataset,
+    PatchPairDataset,
     augment_image,
     default_augmentation,
 )
-from models.synthetic import SyntheticDefects
 
 CONFIG = PreprocessConfig(height=48, width=48, resize="letterbox")
 
@@ -87,7 +86,7 @@ def test_corrupt_image_raises_image_error_naming_the_file(images, tmp_path: Path
     truncated.write_bytes(good[0].read_bytes()[:60])
     for path in (bad, truncated):
         with pytest.raises(ImageError, match=path.name) as caught:
-            PairDataset([*good, path], preprocessor=Preprocessor(CONFIG), num_pairs=4)
+            PatchPairDataset([*good, path], preprocessor=Preprocessor(CONFIG), epoch_size=4)
         assert caught.value.path == str(path)
     with pytest.raises(ImageError, match="broken_part.png"):
         LabelledImageDataset(good, [bad], Preprocessor(CONFIG))
@@ -95,7 +94,7 @@ def test_corrupt_image_raises_image_error_naming_the_file(images, tmp_path: Path
 
 def test_fewer_than_two_good_images_is_a_clear_error(images) -> None:
     good, defective = images
-    for cls in (LabelledImageDataset, PairDataset, TripletDataset):
+    for cls in (LabelledImageDataset, PatchPairDataset):
         with pytest.raises(ValueError, match="at least 2 good images"):
             cls(good[:1], defective, Preprocessor(CONFIG))
 
@@ -103,7 +102,7 @@ def test_fewer_than_two_good_images_is_a_clear_error(images) -> None:
 def test_real_defects_requested_without_any_is_a_clear_error(images) -> None:
     good, _ = images
     with pytest.raises(ValueError, match="defective"):
-        PairDataset(good, preprocessor=Preprocessor(CONFIG), synthetic_fraction=0.5)
+        PatchPairDataset(good, preprocessor=Preprocessor(CONFIG), synthetic_fraction=0.5)
 
 
 # ------------------------------------------------------------------------------------------ eval path
@@ -126,30 +125,27 @@ def test_tensor_shapes_and_dtypes(images) -> None:
     pre = Preprocessor(CONFIG)
     x, label = LabelledImageDataset(good, defective, pre)[0]
     assert x.dtype == torch.float32 and x.shape == (3, 48, 48) and isinstance(label, int)
-    x1, x2, y = PairDataset(good, defective, pre, num_pairs=4)[0]
-    assert x1.shape == x2.shape == (3, 48, 48) and x2.dtype == torch.float32 and y in (0, 1)
-    triplet = TripletDataset(good, defective, pre, num_triplets=4)[0]
-    assert len(triplet) == 3 and all(t.shape == (3, 48, 48) and t.dtype == torch.float32 for t in triplet)
+    pair, masks, sources, labels = PatchPairDataset(good, defective, pre, epoch_size=4)[0]
+    assert pair.shape == (2, 3, 48, 48) and pair.dtype == torch.float32
+    assert masks.shape == (2, 48, 48) and masks.dtype == torch.float32
+    assert sources.shape == labels.shape == (2,) and labels.tolist() == [GOOD, 1]
     with pytest.raises(IndexError):
-        PairDataset(good, defective, pre, num_pairs=4)[4]
+        PatchPairDataset(good, defective, pre, epoch_size=4)[4]
 
 
 # -------------------------------------------------------------------------------------------- balance
 
 
-def test_pair_balance_matches_the_requested_fractions(images) -> None:
+def test_patch_pair_balance_matches_the_requested_fraction(images) -> None:
     good, defective = images
-    dataset = PairDataset(good, defective, Preprocessor(CONFIG), num_pairs=200, positive_fraction=0.3, seed=5)
+    dataset = PatchPairDataset(good, defective, Preprocessor(CONFIG), synthetic_fraction=0.3, epoch_size=200, seed=5)
     kinds = dataset.kinds()
-    assert (kinds == GOOD).sum() == 60
-    assert (kinds == SYNTHETIC).sum() == 70 and (kinds == DEFECT).sum() == 70  # default 0.5 with real defects
+    assert (kinds == SYNTHETIC).sum() == 60 and (kinds == DEFECT).sum() == 140 and (kinds == GOOD).sum() == 0
     sources = dataset.plan().sources
-    similar = kinds == GOOD
-    assert np.all(sources[similar, 0] != sources[similar, 1])  # a similar pair is two different parts
-    assert np.bincount(sources[:, 0], minlength=6).min() >= 200 // 6  # anchors cycle through every good image
-    assert np.bincount(sources[kinds == DEFECT, 1], minlength=3).min() >= 70 // 3
-    labels = [dataset[i][2] for i in range(0, 200, 10)]
-    assert labels == [int(k != GOOD) for k in kinds[::10]]
+    assert np.bincount(sources[:, 0], minlength=6).min() >= 200 // 6  # good parts cycle through every good image
+    assert np.bincount(sources[kinds == DEFECT, 1], minlength=3).min() >= 140 // 3
+    default = PatchPairDataset(good, defective, Preprocessor(CONFIG), epoch_size=20)
+    assert len(default) == 20 and np.bincount(default.kinds(), minlength=3).tolist() == [0, 10, 10]
 
 
 def test_labelled_dataset_label_distribution(images) -> None:
@@ -165,41 +161,34 @@ def test_labelled_dataset_label_distribution(images) -> None:
     assert len(default) == 12 and np.bincount(default.kinds(), minlength=3).tolist() == [6, 0, 6]
 
 
-def test_triplets_have_two_different_goods_and_a_negative(images) -> None:
-    good, defective = images
-    dataset = TripletDataset(good, defective, Preprocessor(CONFIG), num_triplets=50, synthetic_fraction=0.2)
-    plan = dataset.plan()
-    assert np.all(plan.sources[:, 0] != plan.sources[:, 1])
-    assert (plan.kinds == DEFECT).sum() == 40 and (plan.kinds == SYNTHETIC).sum() == 10
-
-
 # ---------------------------------------------------------------------------------------- where negatives come from
 
 
 def test_zero_defect_mode_uses_only_synthetic_negatives(images) -> None:
     good, _ = images
-    dataset = PairDataset(good, preprocessor=Preprocessor(CONFIG), num_pairs=40)
-    assert dataset.synthetic_fraction == 1.0
-    kinds = dataset.kinds()
-    assert set(kinds.tolist()) == {GOOD, SYNTHETIC} and (kinds == SYNTHETIC).sum() == 20
+    dataset = PatchPairDataset(good, preprocessor=Preprocessor(CONFIG), epoch_size=12)
+    assert dataset.synthetic_fraction == 1.0 and set(dataset.kinds().tolist()) == {SYNTHETIC}
     goods = torch.stack([_eval_tensor(p) for p in good])
-    for index in np.flatnonzero(kinds == SYNTHETIC)[:8]:
-        x1, x2, y = dataset[int(index)]
-        assert y == 1
-        base = goods[dataset.plan().sources[index, 1]]
-        assert not torch.equal(x2, base)  # damaged ...
-        assert (x2 != base).float().mean() < 0.5  # ... locally, the rest of the part is intact
+    for index in range(8):
+        pair, masks, sources, _ = dataset[index]
+        base = goods[dataset.plan().sources[index, 0]]
+        assert torch.equal(pair[0], base) and sources[0] == sources[1]  # the good part and its damaged twin
+        assert not torch.equal(pair[1], base)  # damaged ...
+        assert (pair[1] != base).float().mean() < 0.5  # ... locally, the rest of the part is intact
+        assert (masks[1] > 0).any()
+    labelled = LabelledImageDataset(good, preprocessor=Preprocessor(CONFIG))
+    assert set(labelled.kinds().tolist()) == {GOOD, SYNTHETIC}
 
 
 def test_real_defects_are_used_when_present(images) -> None:
     good, defective = images
-    dataset = PairDataset(good, defective, Preprocessor(CONFIG), num_pairs=30, synthetic_fraction=0.0)
-    kinds = dataset.kinds()
-    assert set(kinds.tolist()) == {GOOD, DEFECT}
-    sources = dataset.plan().sources
-    for index in np.flatnonzero(kinds == DEFECT)[:5]:
-        _, x2, y = dataset[int(index)]
-        assert y == 1 and torch.equal(x2, _eval_tensor(defective[sources[index, 1]]))
+    dataset = PatchPairDataset(good, defective, Preprocessor(CONFIG), epoch_size=6, synthetic_fraction=0.0)
+    assert set(dataset.kinds().tolist()) == {DEFECT}
+    plan = dataset.plan().sources
+    for index in range(6):
+        pair, masks, sources, _ = dataset[index]
+        assert torch.equal(pair[1], _eval_tensor(defective[plan[index, 1]]))
+        assert sources[1] == -1 - plan[index, 1] and bool((masks[1] == -1).all())  # no clean twin, no mask
     labelled = LabelledImageDataset(good, defective, Preprocessor(CONFIG), synthetic_fraction=0.0)
     assert set(labelled.kinds().tolist()) == {GOOD, DEFECT}
 
@@ -211,12 +200,12 @@ def test_real_defects_are_used_when_present(images) -> None:
 def augmented_pairs(images):
     good, defective = images
 
-    def make(seed: int = 0) -> PairDataset:
-        return PairDataset(
+    def make(seed: int = 0) -> PatchPairDataset:
+        return PatchPairDataset(
             good,
             defective,
             Preprocessor(CONFIG),
-            num_pairs=24,
+            epoch_size=24,
             augment=default_augmentation(),
             synthetic=SyntheticDefects(),
             seed=seed,
@@ -257,19 +246,15 @@ def test_dataloader_workers_give_the_same_batches(augmented_pairs) -> None:
         assert all(torch.equal(x, y) for x, y in zip(a, b))
 
 
-def test_the_two_branches_are_augmented_independently(images, tmp_path: Path) -> None:
+def test_the_good_part_and_its_damaged_twin_are_augmented_independently(images) -> None:
     good, _ = images
-    twin = _write(tmp_path, "twin.png", np.asarray(Image.open(good[0])))
-    dataset = PairDataset(
-        [good[0], twin],
-        preprocessor=Preprocessor(CONFIG),
-        num_pairs=6,
-        positive_fraction=1.0,
-        augment=default_augmentation(1.0),
+    dataset = PatchPairDataset(
+        good[:2], preprocessor=Preprocessor(CONFIG), epoch_size=6, augment=default_augmentation()
     )
     for index in range(6):
-        x1, x2, y = dataset[index]
-        assert y == 0 and not torch.equal(x1, x2)  # same pixels on disk, different augmentation draws
+        pair, masks, _, _ = dataset[index]
+        outside = masks[1] == 0
+        assert not torch.equal(pair[0][:, outside], pair[1][:, outside])  # pose and lighting jitter too
 
 
 # -------------------------------------------------------------------------------------------- augmentation

@@ -1,0 +1,140 @@
+"""The HTTP API: score, reload, health, readiness and the Prometheus page.
+
+Why: the routes only translate between HTTP and the service's parts, which they are given by dependency injection
+(:mod:`inspector.service.dependencies`): the model a request scores with, the holder that reloads, the metrics.
+Scoring and reloading run in the threadpool, so the event loop keeps answering probes while a model works.
+"""
+
+import logging
+import time
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, PlainTextResponse
+from starlette.concurrency import run_in_threadpool
+
+from inspector.errors import InspectorError
+from inspector.registry import RegistryUnreachable
+from inspector.service.auth import require_token
+from inspector.service.dependencies import Batcher, Holder, Metrics, Model, Settings, Watcher
+from inspector.service.holder import describe
+from inspector.service.schemas import (
+    ErrorResponse,
+    HealthResponse,
+    ReadyResponse,
+    ReloadRequest,
+    ReloadResponse,
+    ScoreResponse,
+    error_response,
+)
+from inspector.service.uploads import read_uploads, score_uploads
+
+log = logging.getLogger("inspector.service")
+
+router = APIRouter()
+
+#: ``/v1/score`` takes its images from the raw request (multipart or one image body): documented by hand.
+_MULTIPART_DOC: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["files"],
+                    "properties": {"files": {"type": "array", "items": {"type": "string", "format": "binary"}}},
+                },
+            },
+            "image/*": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
+_ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (400, 401, 413, 415, 422, 503)}
+
+
+@router.post(
+    "/v1/score",
+    response_model=ScoreResponse,
+    responses=_ERRORS,
+    openapi_extra=_MULTIPART_DOC,
+    dependencies=[Depends(require_token)],
+)
+async def score(
+    request: Request, model: Model, settings: Settings, batcher: Batcher, metrics: Metrics
+) -> ScoreResponse | JSONResponse:
+    """Score one or many images; a bad image gets an error naming it, the others are scored."""
+    start = time.perf_counter()
+    uploads = await read_uploads(request, settings)
+    if isinstance(uploads, JSONResponse):
+        return uploads
+    results = await run_in_threadpool(score_uploads, model, uploads, batcher)
+    scored = [r for r in results if r.error is None]
+    metrics.images.inc(len(scored))
+    metrics.image_errors.inc(len(results) - len(scored))
+    metrics.anomalies.inc(sum(r.verdict == "anomalous" for r in scored))
+    metrics.parts_scored([r.verdict == "anomalous" for r in scored])
+    if not scored:
+        reasons = "; ".join(r.error or "" for r in results)
+        return error_response(422, f"no image could be scored: {reasons}", errors=results, model_version=model.version)
+    return ScoreResponse(
+        model_version=model.version,
+        latency_ms=round((time.perf_counter() - start) * 1000, 3),
+        results=results,
+        registry_version=model.registry_version,
+    )
+
+
+@router.post("/v1/reload", response_model=ReloadResponse, responses=_ERRORS, dependencies=[Depends(require_token)])
+async def reload(holder: Holder, metrics: Metrics, body: ReloadRequest | None = None) -> ReloadResponse | JSONResponse:
+    """Load and verify a bundle or registry model off to the side, then swap it in; on failure the old model
+    keeps serving (422 bad model, 503 registry unreachable)."""
+    body = body or ReloadRequest()
+    if body.bundle is not None and body.model_uri is not None:
+        return error_response(422, "give either bundle or model_uri, not both")
+    try:
+        previous, new = await run_in_threadpool(holder.load, body.bundle, model_uri=body.model_uri)
+    except InspectorError as exc:
+        metrics.reloads.labels("failed").inc()
+        current = holder.current
+        log.warning("reload failed, still serving %s: %s", describe(current) if current else "nothing", exc)
+        return error_response(
+            503 if isinstance(exc, RegistryUnreachable) else 422,
+            f"reload failed, still serving the previous model: {exc}",
+            model_version=current.version if current else None,
+        )
+    metrics.reloads.labels("ok").inc()
+    return ReloadResponse(
+        model_version=new.version,
+        previous_version=previous.version if previous else None,
+        bundle=str(new.bundle),
+        registry_version=new.registry_version,
+    )
+
+
+@router.get("/healthz", response_model=HealthResponse)
+async def healthz() -> HealthResponse:
+    return HealthResponse(status="ok")
+
+
+@router.get("/readyz", response_model=ReadyResponse, responses={503: {"model": ReadyResponse}})
+async def readyz(holder: Holder, watcher: Watcher) -> ReadyResponse | JSONResponse:
+    model = holder.current
+    registry = watcher.report() if watcher is not None else None
+    if model is None:
+        body = ReadyResponse(status="not ready", error=holder.last_error or "model not loaded yet", registry=registry)
+        return JSONResponse(body.model_dump(), status_code=503)
+    return ReadyResponse(
+        status="ready",
+        model_version=model.version,
+        bundle=str(model.bundle),
+        model_uri=model.model_uri,
+        registry_version=model.registry_version,
+        registry=registry,
+        error=registry.error if registry is not None else None,
+    )
+
+
+@router.get("/metrics", response_class=PlainTextResponse)
+async def prometheus_metrics(metrics: Metrics) -> PlainTextResponse:
+    payload, content_type = metrics.render()
+    return PlainTextResponse(payload, media_type=content_type)

@@ -1,0 +1,158 @@
+"""Smoke tests of the product benchmarks: each runs for real (generated images, real onnxruntime, the product's
+training and bundle code) with its smallest settings, so a change to the product that breaks one fails here."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks import decode_resize, inspector_speed, quality, score_memory, train_throughput
+
+#: the smallest patch model with a whole-part view: a tiny CNN at 64 px, one short epoch
+TINY_MODEL = [
+    "--set=embedder.backbone=tiny_cnn",
+    "--set=embedder.weights=null",
+    "--set=embedder.feature_stages=2,3",
+    "--set=embedder.embedding_dim=8",
+    "--set=embedder.density_stages=2",
+]
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads() -> Iterator[None]:
+    """The speed benchmark sets torch's threads for the whole process; put them back for the next test."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def _sane(figure: dict[str, float]) -> None:
+    """A figure with its interval: all within [0, 1], the interval ordered."""
+    assert 0.0 <= figure["value"] <= 1.0
+    assert 0.0 <= figure["low"] <= figure["high"] <= 1.0
+
+
+def test_quality_cross_validates_every_defect_once_and_reports_intervals(
+    demo_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "quality"
+    results = quality.main(
+        [
+            str(demo_root),
+            f"--out={out}",
+            "--experiments=product,good-only,few-shot,loto",
+            "--folds=2",
+            "--int8",
+            "--no-baseline",
+            "--group-pattern=(\\d+)",  # demo files share numbers across folders: groups mix types and labels
+            "--group-gap=0",
+            "--size=64x64",
+            "--epochs=1",
+            "--epoch-size=8",
+            "--set=train.batch_size=4",
+            "--resamples=40",
+            "--few-shot=2",
+            "--loto-types=crack",
+            "--loto-frozen-only",
+            *TINY_MODEL,
+        ]
+    )
+    assert json.loads((out / "results.json").read_text())["product"]["folds"] == 2
+    n_defects = results["defect_images"]
+    assert n_defects == 36
+    product = results["product"]
+    assert product["defects_scored"] == n_defects  # every defect image tested ...
+    assert product["defect_rows"] == n_defects  # ... exactly once
+    assert product["counts"]["overall"] == n_defects
+    fused = {"frozen patch", "trained", "trained, INT8"}
+    columns = set(product["auroc"])
+    assert {c for c in columns if ":" not in c} == fused
+    assert {f"{c}: patch" for c in fused} <= columns  # each view alone beside the fused score
+    assert columns - fused - {f"{c}: patch" for c in fused} <= {f"{c}: part" for c in fused}  # where every fold kept it
+    for column in product["auroc"].values():
+        assert len(column) == 7  # overall and the six defect types
+        for figure in column.values():
+            _sane(figure)
+    trained_escape = product["escape"]["trained"]
+    for rate in ("0.5", "1", "2", "5"):
+        _sane(trained_escape[f"escape at FRR {rate} %"])
+    _sane(trained_escape["false-reject rate"])
+    assert sum(info["images"] for info in product["int8"]) == 2 * 16 + n_defects  # both folds' test images
+    assert len(product["calibration"]["trained"]) == 2
+    assert product["images_per_second"]["trained"] > 0
+    good_only = results["good-only"]
+    assert good_only["counts"]["overall"] == n_defects  # with folds: every defect, none trained on
+    _sane(good_only["auroc"]["trained on synthetic"]["overall"])
+    assert set(results["few-shot"]["auroc"]) == {"2 photos"}
+    loto = results["loto"]
+    assert loto["counts"] == {"overall": 6, "crack": 6}
+    assert set(loto["auroc"]["frozen patch"]) == {"overall", "crack", "mean of types"}
+    printed = capsys.readouterr().out
+    assert "2-fold cross-validation by capture group: 36 defects" in printed
+    assert "escape at FRR 1 %" in printed
+
+
+def test_inspector_speed_measures_every_stage_and_the_service(tmp_path: Path) -> None:
+    figures = inspector_speed.main(
+        [
+            "--images=32",
+            "--requests=8",
+            "--rounds=1",
+            "--size=64",
+            "--no-patch-only",
+            "--no-global",
+            f"--json={tmp_path / 'speed.json'}",
+            *TINY_MODEL,
+        ]
+    )
+    assert json.loads((tmp_path / "speed.json").read_text())["size"] == 64
+    model = figures["models"]["patch (default)"]
+    assert set(model["images_per_second"]) == {
+        "ort",
+        "ort_spinning",
+        "ort_side_by_side",
+        "score",
+        "stream",
+        "stream_one_at_a_time",
+    }
+    assert min(model["images_per_second"].values()) > 0
+    assert "whole-part Gaussian" in model["stage_ms"]
+    assert min(model["stage_ms"].values()) > 0
+    assert model["eager"]["ort_32"] > 0
+    assert 0 < model["latency_ms"]["p50"] <= model["latency_ms"]["p99"]
+    assert model["service"]["errors"] == 0
+    assert model["service"]["combined"] > 0
+
+
+def test_train_throughput_times_an_image_and_a_patch_model(tmp_path: Path) -> None:
+    figures = train_throughput.main(["--steps=1", "--batch=4", "--cases=tiny,demo", f"--json={tmp_path / 't.json'}"])
+    rates = json.loads((tmp_path / "t.json").read_text())["images_per_second"]
+    assert rates == figures["images_per_second"]
+    assert set(rates) == {"tiny", "demo"}
+    assert all(math.isfinite(r) and r > 0 for r in rates.values())
+
+
+def test_decode_resize_times_each_way_and_mono_keeps_the_same_array(tmp_path: Path) -> None:
+    figures = decode_resize.main(["--sizes=96x64,640x480", "--input=32x32", "--repeats=1"])
+    rows = figures["rows"]
+    assert len(rows) == 2 * 2 * 2  # sizes x formats x colour/mono
+    assert all(r["line_ms"] > 0 for r in rows)
+    assert [r["same_array"] for r in rows if r["mono"]] == [True] * 4
+    big_jpeg = next(r for r in rows if r["photo"] == "640x480" and r["format"] == "JPEG" and not r["mono"])
+    assert big_jpeg["max_pixel_difference"] <= 2  # the reduced decode changes pixels by a grey level or two
+
+
+@pytest.mark.parametrize("one_batch", [False, True])
+def test_score_memory_scores_the_whole_folder(tiny_bundle: Path, demo_root: Path, one_batch: bool) -> None:
+    figures = score_memory.main(
+        [str(tiny_bundle), str(demo_root), "--limit=40", *(["--one-batch"] if one_batch else [])]
+    )
+    assert figures["images"] == 40
+    assert figures["scored"] == 40
+    assert figures["peak_rss_mb"] >= figures["loaded_rss_mb"] > 0
+    assert figures["images_per_second"] > 0
