@@ -470,7 +470,7 @@ def product(ctx: Context) -> dict[str, Any]:
         if args.baseline:
             global_model = FrozenGlobalEmbedder()
             bundles["frozen global"] = build_bundle(
-                global_model,  # type: ignore[arg-type]  # build_bundle takes any embedder module
+                global_model,
                 split,
                 recipe,
                 ctx.out / f"{tag}frozen_global_bundle",

@@ -115,7 +115,8 @@ def sha256_file(path: Path, block: int = 1 << 20) -> str:
 def _check_descriptors(where: Path, descriptors: np.ndarray | None, density: DensitySpec | None) -> None:
     if (descriptors is None) != (density is None):
         raise BundleError(
-            f"{where}: descriptors and the density spec come together (got {'descriptors' if density is None else 'a density spec'} alone)"
+            f"{where}: descriptors and the density spec come together "
+            f"(got {'descriptors' if density is None else 'a density spec'} alone)"
         )
     if descriptors is None or density is None:
         return
@@ -226,7 +227,8 @@ def load_bundle(path: str | Path) -> Bundle:
         actual = sha256_file(file_path)
         if actual != files[name]:
             raise BundleError(
-                f"{file_path}: sha256 {actual[:12]}… does not match the manifest ({files[name][:12]}…): file changed or corrupt"
+                f"{file_path}: sha256 {actual[:12]}… does not match the manifest ({files[name][:12]}…): "
+                "file changed or corrupt"
             )
     try:
         references = np.load(path / REFERENCES_FILE, allow_pickle=False)

@@ -19,6 +19,7 @@ from inspector.bundle import load_bundle
 from inspector.engine import Inspector, ScoreResult
 from inspector.errors import InspectorError
 from inspector.preprocess import IMAGE_SUFFIXES
+from inspector.settings import RuntimeSettings
 
 if TYPE_CHECKING:
     from inspector.service import ServiceSettings
@@ -28,7 +29,8 @@ T = TypeVar("T")
 
 
 def expand_paths(items: Iterable[str]) -> tuple[list[Path], list[str]]:
-    """Files, folders (recursively, image suffixes only) and globs → image paths, plus the items that matched nothing."""
+    """Files, folders (recursively, image suffixes only) and globs → image paths, plus the items that matched
+    nothing."""
     found: list[Path] = []
     missing: list[str] = []
     for item in items:
@@ -50,10 +52,9 @@ def _print_table(results: list[ScoreResult]) -> None:
         if r.error:
             print(f"{r.source:<{width}}  {'-':>8}  {r.threshold:>9.4f}  ERROR {r.error}")
         else:
-            why = f" ({max(r.views, key=lambda k: r.views[k])})" if r.anomalous and r.views else ""  # type: ignore[union-attr]
-            print(
-                f"{r.source:<{width}}  {r.score:>8.4f}  {r.threshold:>9.4f}  {'ANOMALOUS' if r.anomalous else 'good'}{why}"
-            )
+            why = f" ({max(r.views, key=r.views.__getitem__)})" if r.anomalous and r.views else ""
+            verdict = "ANOMALOUS" if r.anomalous else "good"
+            print(f"{r.source:<{width}}  {r.score:>8.4f}  {r.threshold:>9.4f}  {verdict}{why}")
 
 
 def cmd_score(args: argparse.Namespace) -> int:
@@ -63,7 +64,8 @@ def cmd_score(args: argparse.Namespace) -> int:
     if not paths:
         print("error: no images to score", file=sys.stderr)
         return EXIT_BAD_INPUT
-    inspector = Inspector.from_bundle(args.bundle, threads=args.threads, streams=args.streams)
+    runtime = RuntimeSettings.from_env(threads=args.threads, streams=args.streams)
+    inspector = Inspector.from_bundle(args.bundle, **runtime.engine_options())
     if args.heatmaps is not None:
         from inspector.heatmap import write_heatmaps
 
@@ -212,7 +214,7 @@ def cmd_add_references(args: argparse.Namespace) -> int:
         recalibrate_defective=bad,
         target_false_reject_rate=args.target_frr,
         skip_bad=args.skip_bad,
-        threads=args.threads,
+        threads=RuntimeSettings.from_env(threads=args.threads).threads,
     )
     print(json.dumps(_reference_summary(args.bundle, out), indent=2))
     return EXIT_OK
@@ -245,7 +247,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         per_channel=not args.per_tensor,
         max_images=args.max_images,
         activation_type=args.activations,
-        threads=args.threads,
+        threads=RuntimeSettings.from_env(threads=args.threads).threads,
     )
     new = load_bundle(out)
     report = new.spec.provenance["quantization"]
@@ -293,7 +295,9 @@ def _parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="write an anomaly-heatmap overlay PNG per image into DIR (patch-mode bundles)",
     )
-    s.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: all cores)")
+    s.add_argument(
+        "--threads", type=int, default=None, help="onnxruntime intra-op threads (default: INSPECTOR_THREADS, all cores)"
+    )
     s.add_argument(
         "--streams",
         type=_positive_int,
@@ -327,7 +331,9 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument(
         "--skip-bad", action="store_true", help="skip unreadable or already-present images instead of failing"
     )
-    a.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: all cores)")
+    a.add_argument(
+        "--threads", type=int, default=None, help="onnxruntime intra-op threads (default: INSPECTOR_THREADS, all cores)"
+    )
     a.set_defaults(func=cmd_add_references)
     r = sub.add_parser("remove-references", help="write a new bundle without the given reference ids")
     r.add_argument("bundle", type=Path)
@@ -351,7 +357,9 @@ def _parser() -> argparse.ArgumentParser:
         default="uint8",
         help="activation type (default uint8: fastest on x86 CPUs)",
     )
-    q.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: all cores)")
+    q.add_argument(
+        "--threads", type=int, default=None, help="onnxruntime intra-op threads (default: INSPECTOR_THREADS, all cores)"
+    )
     q.set_defaults(func=cmd_quantize)
     v = sub.add_parser("serve", help="HTTP scoring service (needs the 'serve' extra: fastapi, uvicorn)")
     v.add_argument("--bundle", type=Path, default=None, help="bundle directory (or INSPECTOR_BUNDLE)")
@@ -373,7 +381,9 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--token", default=None, help="bearer token for /v1/score and /v1/reload (prefer INSPECTOR_TOKEN)")
     v.add_argument("--max-bytes", type=int, default=None, help="largest request body in bytes (default 20 MiB)")
     v.add_argument("--max-images", type=int, default=None, help="most images per request (default 64)")
-    v.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: all cores)")
+    v.add_argument(
+        "--threads", type=int, default=None, help="onnxruntime intra-op threads (default: INSPECTOR_THREADS, all cores)"
+    )
     v.add_argument(
         "--combine-images",
         type=int,

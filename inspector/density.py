@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 from typing import Any
 
 import numpy as np
@@ -82,7 +83,7 @@ class GaussianDensity:
             raise InspectorError("reference descriptors contain NaN or infinite values")
         self.blocks = tuple(blocks)
         edges = np.cumsum([0, *blocks])
-        self._slices = [slice(int(s), int(e)) for s, e in zip(edges[:-1], edges[1:])]
+        self._slices = [slice(int(s), int(e)) for s, e in pairwise(edges)]
         self._fits = [_fit_block(x[:, s]) for s in self._slices]
 
     @property

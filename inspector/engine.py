@@ -43,7 +43,7 @@ class ScoreResult:
     views: dict[str, float] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        out = {
+        out: dict[str, Any] = {
             "path": self.source,
             "score": self.score,
             "threshold": self.threshold,
@@ -81,32 +81,25 @@ def make_session(
     *,
     threads: int | None = None,
     providers: Sequence[str] | None = None,
-    spinning: bool | None = None,
+    spinning: bool = False,
 ) -> ort.InferenceSession:
     """An onnxruntime session with full graph optimisation; CUDA first when the runtime has it.
 
-    Spinning is off by default (``spinning=True`` or ``INSPECTOR_ORT_SPIN=1`` turns it on): ORT's idle worker
-    threads otherwise busy-wait after every run and take the cores from the decode threads and the kNN that run
-    alongside; on 2 cores that cost end-to-end throughput and left the forward pass itself no faster
+    Spinning is off by default (``spinning=True``; ``INSPECTOR_ORT_SPIN=1`` at the CLI): ORT's idle worker threads
+    otherwise busy-wait after every run and take the cores from the decode threads and the kNN that run alongside;
+    on 2 cores that cost end-to-end throughput and left the forward pass itself no faster
     (benchmarks/README.md).
     """
     opts = ort.SessionOptions()
-    spin = spinning if spinning is not None else os.environ.get("INSPECTOR_ORT_SPIN", "0") == "1"
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.intra_op_num_threads = _configured_threads(threads)
+    opts.intra_op_num_threads = threads or 0
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     if providers is None:
         available = ort.get_available_providers()
         providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
     return ort.InferenceSession(str(model_path), sess_options=opts, providers=list(providers))
-
-
-def _configured_threads(threads: int | None) -> int:
-    """The intra-op thread count a session gets: ``threads``, else ``INSPECTOR_THREADS``, else 0 (onnxruntime's
-    choice: all physical cores)."""
-    return threads if threads is not None else int(os.environ.get("INSPECTOR_THREADS", "0"))
 
 
 def _usable_cores() -> int:
@@ -130,18 +123,11 @@ def default_streams(threads: int | None, providers: Sequence[str]) -> int:
     decode and golden-bank search that share the cores make some thread the slowest at every layer. Whole batches
     run side by side, one core each, never wait for each other, and the scheduler slots the decode and search into
     the gaps (end to end ×1.40 → ×1.22 the forward alone on 2 cores; benchmarks/README.md).
-    ``INSPECTOR_STREAMS`` overrides; a GPU session runs one batch at a time.
+    A GPU session runs one batch at a time.
     """
-    env = os.environ.get("INSPECTOR_STREAMS")
-    if env is not None:
-        try:
-            return max(1, int(env))
-        except ValueError:
-            raise InspectorError(f"INSPECTOR_STREAMS must be a whole number of batches, got {env!r}") from None
     if "CUDAExecutionProvider" in providers:
         return 1
-    configured = _configured_threads(threads)
-    return max(1, min(MAX_STREAMS, configured if configured > 0 else _usable_cores()))
+    return max(1, min(MAX_STREAMS, threads if threads else _usable_cores()))
 
 
 def _source_name(source: ImageSource, index: int) -> str:
@@ -171,11 +157,12 @@ class OnnxEmbedder:
         batch_size: int = 32,
         decode_workers: int | None = None,
         streams: int | None = None,
+        spinning: bool = False,
     ) -> None:
         self.preprocessing = preprocessing
         self.preprocessor = Preprocessor(preprocessing)
         self.model_path = Path(model_path)
-        self.session = make_session(model_path, threads=threads, providers=providers)
+        self.session = make_session(model_path, threads=threads, providers=providers, spinning=spinning)
         #: batches :meth:`Inspector.score_paths` scores side by side, each on one core (see :func:`default_streams`)
         self.streams = (
             max(1, streams) if streams is not None else default_streams(threads, self.session.get_providers())
@@ -301,6 +288,7 @@ class Inspector:
         batch_size: int = 32,
         decode_workers: int | None = None,
         streams: int | None = None,
+        spinning: bool = False,
     ) -> None:
         self.bundle = bundle
         self.embedder = OnnxEmbedder(
@@ -311,6 +299,7 @@ class Inspector:
             batch_size=batch_size,
             decode_workers=decode_workers,
             streams=streams,
+            spinning=spinning,
         )
         dim = self.embedder.embedding_dim
         if dim is not None and dim != bundle.references.shape[1]:
@@ -385,7 +374,8 @@ class Inspector:
         return self.results_for(images, raw, prepared.errors, start=start)
 
     def _scored_alone(self, images: list[ImageSource], start: int = 0) -> list[ScoreResult]:
-        """One batch from decode to verdicts in the calling thread, its forward pass on one core (batches side by side)."""
+        """One batch from decode to verdicts in the calling thread, its forward pass on one core (batches run
+        side by side)."""
         prepared = self.embedder.prepare(images, pooled=False, start=start)
         outputs = self.embedder.run(prepared.batch, prepared.sizes, serial=True) if len(prepared.batch) else None
         return self._scored(images, prepared, outputs, start)

@@ -186,7 +186,7 @@ def load_image(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own max_pixels check decides
-            img = Image.open(stream)
+            img: Image.Image = Image.open(stream)
         with img:
             width, height = img.size
             if width * height > max_pixels:
@@ -353,7 +353,8 @@ class Preprocessor:
         return out
 
     def content_mask(self, sizes: list[tuple[int, int]], grid: tuple[int, int]) -> np.ndarray:
-        """(N, rows·cols) True for each feature-grid patch whose centre lies on the part, False on the letterbox padding.
+        """(N, rows·cols) True for each feature-grid patch whose centre lies on the part, False on the letterbox
+        padding.
 
         Why: padding is not the part. Scored with it, a narrow or wide crop's patches are mostly padding, which
         matches the golden padding exactly; the part's score and its typical patch distance then depend on how

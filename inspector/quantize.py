@@ -134,7 +134,8 @@ def _drift(
 ) -> dict[str, Any]:
     """How far the INT8 model moves the line's scores from the FP32 model's, both scored by the parent bundle as the
     line scores (``line``: patch score, fused with the whole-part score when the bundle has one; the threshold's
-    units), and how many verdicts flip at its threshold. ``fp32`` / ``int8``: each model's embeddings and descriptors."""
+    units), and how many verdicts flip at its threshold. ``fp32`` / ``int8``: each model's embeddings and
+    descriptors."""
     (emb32, desc32), (emb8, desc8) = fp32, int8
     diff = np.abs(emb32.astype(np.float64) - emb8.astype(np.float64))
     scorer = line.scorer
@@ -198,7 +199,8 @@ def quantize_bundle(
         raise QuantizeError(f"{out_path}: already exists (choose a new bundle path)")
     if parent.spec.provenance.get("quantized"):
         raise QuantizeError(
-            f"{parent.path}: is already quantized ({parent.spec.provenance['quantized']}); quantize the FP32 parent instead"
+            f"{parent.path}: is already quantized ({parent.spec.provenance['quantized']}); "
+            "quantize the FP32 parent instead"
         )
     try:
         from onnxruntime.quantization import (

@@ -4,15 +4,16 @@ Two granularities share one code path. *Image* embeddings (N, D): the score is t
 reference embeddings. *Patch* embeddings (N, P, D): every patch of the part is compared with a bank of patches
 of the golden parts and the part's score is its worst patch (a small scratch is one far patch, which an
 image-level average would dilute), less ``ScoringConfig.offset`` times the part's own typical patch distance (a
-part that is merely unlike the golden ones all over is not a defect). Pure numpy, so the line, training-time evaluation and the registry's pyfunc
-share one implementation. Queries and the bank are scanned in chunks, so a bank of 100,000 references never
-needs a full queries x references matrix in memory.
+part that is merely unlike the golden ones all over is not a defect). Pure numpy, so the line, training-time
+evaluation and the registry's pyfunc share one implementation. Queries and the bank are scanned in chunks, so a
+bank of 100,000 references never needs a full queries x references matrix in memory.
 """
 
 from __future__ import annotations
 
 import functools
 import threading
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -115,12 +116,16 @@ def _knn_block(q: np.ndarray, r: np.ndarray, r_sq: np.ndarray, k: int, chunk_siz
     return best
 
 
+#: how the k nearest distances of one query become its distance (``ScoringConfig.aggregation``)
+_REDUCERS: dict[Aggregation, Callable[..., Any]] = {"mean": np.mean, "max": np.max, "min": np.min}
+
+
 def _aggregate(sq: np.ndarray, config: ScoringConfig) -> np.ndarray:
     """(Q, k) squared distances to one distance per query (mean, max or min of the k nearest)."""
     d = _sqrt(np.array(sq, dtype=np.float32))
     if d.shape[1] == 1:
         return d[:, 0]
-    return {"mean": np.mean, "max": np.max, "min": np.min}[config.aggregation](d, axis=1).astype(np.float32)
+    return _REDUCERS[config.aggregation](d, axis=1).astype(np.float32)
 
 
 class GoldenBank:
@@ -265,7 +270,8 @@ class GoldenBank:
     def _patch_bounds(
         self, emb: np.ndarray, cfg: ScoringConfig, mask: np.ndarray | None = None, fill: float = np.nan
     ) -> np.ndarray:
-        """Each patch's upper bound (N, P); with ``mask`` only the masked-in patches are searched, the rest get ``fill``."""
+        """Each patch's upper bound (N, P); with ``mask`` only the masked-in patches are searched, the rest get
+        ``fill``."""
         use_one_blas_thread()
         flat = emb.reshape(-1, emb.shape[-1])
         if mask is None:

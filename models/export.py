@@ -13,7 +13,7 @@ import logging
 import os
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import onnxruntime as ort
@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from inspector.preprocess import full_placement
+from models.siamese import PatchEmbedder
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ class _ExportWrapper(nn.Module):
 class _PartsWrapper(nn.Module):
     """Patch embeddings and the whole-part descriptor, arguments ``x`` and ``placement``."""
 
-    def __init__(self, embedder: nn.Module) -> None:
+    def __init__(self, embedder: PatchEmbedder) -> None:
         super().__init__()
         self.embedder = embedder
 
@@ -73,7 +74,8 @@ def export_onnx(embedder: nn.Module, path: str | Path, *, height: int, width: in
     was_training = embedder.training
     device = next(embedder.parameters()).device
     parts = describes_parts(embedder)
-    model = (_PartsWrapper(embedder) if parts else _ExportWrapper(embedder)).cpu().float().eval()
+    wrapper = _PartsWrapper(cast(PatchEmbedder, embedder)) if parts else _ExportWrapper(embedder)
+    model = wrapper.cpu().float().eval()
     dummy: tuple[torch.Tensor, ...] = (torch.zeros(2, 3, height, width),)
     inputs, outputs = [INPUT_NAME], [OUTPUT_NAME]
     batch = torch.export.Dim("batch")
@@ -100,6 +102,7 @@ def export_onnx(embedder: nn.Module, path: str | Path, *, height: int, width: in
                     verbose=False,
                     optimize=True,
                 )
+                assert program is not None  # the dynamo exporter always returns its program
                 program.save(str(tmp), external_data=False)
             else:
                 torch.onnx.export(
@@ -154,7 +157,7 @@ def check_parity(
     embedder.cpu().float().eval()
     try:
         expected = (
-            [t.numpy() for t in embedder.forward_parts(x, torch.from_numpy(placement))]
+            [t.numpy() for t in cast(PatchEmbedder, embedder).forward_parts(x, torch.from_numpy(placement))]
             if parts
             else [embedder(x).numpy()]
         )

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.backbones import build_backbone, freeze_stages
+from models.backbones import Backbone, build_backbone, freeze_stages
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ class Embedder(nn.Module):
     mode: Mode = "global"
 
     def __init__(
-        self, backbone: nn.Module, embedding_dim: int = 128, hidden_dim: int = 512, pooling: Pooling = "gem"
+        self, backbone: Backbone, embedding_dim: int = 128, hidden_dim: int = 512, pooling: Pooling = "gem"
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -153,7 +153,7 @@ class PatchEmbedder(nn.Module):
 
     def __init__(
         self,
-        backbone: nn.Module,
+        backbone: Backbone,
         feature_stages: tuple[int, ...] = (3, 4),
         embedding_dim: int = 128,
         context: int = 1,
@@ -192,6 +192,7 @@ class PatchEmbedder(nn.Module):
             )
         self.head = nn.Conv2d(channels, embedding_dim, kernel_size=1)
         nn.init.orthogonal_(self.head.weight)
+        assert self.head.bias is not None  # a Conv2d built with its default bias=True
         nn.init.zeros_(self.head.bias)
         self.keep_pretrained = keep_pretrained
         self.learned_weight = learned_weight
@@ -250,14 +251,14 @@ class PatchEmbedder(nn.Module):
         k x k: the same stages then see a k times larger share of the part, so a shading or crack network that
         spans the part changes them more. Off by default: on the magnetic tiles a half-size pass lifted the frozen
         fused score by +0.011 to +0.013 on all 392 defects (`uneven` +0.05) but the trained product split by
-        -0.007, for about a quarter of the line's images/s (benchmarks/README.md, session 15).
+        -0.007, for about a quarter of the line's images/s (docs/decisions.md).
         """
         if not self.density_stages:
             raise ValueError("this embedder has no density stages (EmbedderConfig.density_stages = 0)")
         stages = list(self.backbone.stages)
         maps = self._stage_maps(x, stages, self.density_stages)
         patches = self._embed(self._fuse(maps[: len(self.feature_stages)])).flatten(2).transpose(1, 2)
-        size = x.shape[-2:]
+        size = (x.shape[-2], x.shape[-1])
         descriptor = [pooled_on_part(m, placement, size) for m in maps[len(self.feature_stages) :]]
         for k in self.density_downscales:  # a downscaled pass needs no patch features
             small = stage_maps(F.avg_pool2d(x, k), stages, self.density_stages)
@@ -350,7 +351,8 @@ def pair_distance(z1: Tensor, z2: Tensor, eps: float = 1e-12) -> Tensor:
 def build_embedder(
     config: EmbedderConfig | None = None, *, weights: str | Path | Literal["config"] | None = "config"
 ) -> Embedder | PatchEmbedder:
-    """Build an embedder from its config; ``weights`` overrides the backbone weights (e.g. None when loading a checkpoint)."""
+    """Build an embedder from its config; ``weights`` overrides the backbone weights (e.g. None when loading a
+    checkpoint)."""
     cfg = config or EmbedderConfig()
     backbone_weights = cfg.weights if weights == "config" else weights
     backbone = build_backbone(cfg.backbone, weights=backbone_weights)

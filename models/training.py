@@ -1,4 +1,4 @@
-"""Training loop for the Siamese embedder: seeded, checkpointed each epoch, resumable, early-stopped on validation AUROC.
+"""Siamese embedder training loop: seeded, checkpointed each epoch, resumable, early-stopped on validation AUROC.
 
 Kept apart from the network (``models.siamese``) the way anomalib keeps ``lightning_model`` apart from
 ``torch_model``. CUDA when present (AMP, pinned memory, non-blocking copies, channels_last), CPU otherwise.
@@ -148,7 +148,7 @@ def seed_everything(seed: int) -> None:
 
 @torch.no_grad()
 def embed_tensor(
-    embedder: Embedder, images: Tensor, batch_size: int = 64, device: torch.device | None = None
+    embedder: Embedder | PatchEmbedder, images: Tensor, batch_size: int = 64, device: torch.device | None = None
 ) -> np.ndarray:
     """Embed a preprocessed NCHW tensor in eval mode; float32 numpy out."""
     device = device or next(embedder.parameters()).device
@@ -227,15 +227,16 @@ def validation_views(
     query goods (the calibration goods, as ``build_bundle`` scales them) and the larger taken, the line's score.
     Why: the epoch the line keeps must be the one that separates best with the score the line will use; picked by
     the patch score alone, training was kept where it lowered the fused score (benchmarks/README.md)."""
-    parts = isinstance(embedder, PatchEmbedder) and describes_parts(embedder, data)
     ref_desc = query_desc = None
-    if parts:
+    part_blocks: tuple[int, ...] | None = None
+    if isinstance(embedder, PatchEmbedder) and describes_parts(embedder, data):
         refs, ref_desc = embed_parts(
             embedder, data.references, _placements(data, data.reference_sizes, len(data.references)), device=device
-        )  # type: ignore[arg-type]
+        )
         queries, query_desc = embed_parts(
             embedder, data.queries, _placements(data, data.query_sizes, len(data.queries)), device=device
-        )  # type: ignore[arg-type]
+        )
+        part_blocks = embedder.descriptor_blocks
     else:
         refs = embed_tensor(embedder, data.references, device=device)
         queries = embed_tensor(embedder, data.queries, device=device)
@@ -243,7 +244,7 @@ def validation_views(
         golden_rows(refs, data.scoring, _on_part(data, data.reference_sizes, refs)),
         data.scoring,
         part_references=ref_desc,
-        part_blocks=embedder.descriptor_blocks if ref_desc is not None else None,  # type: ignore[union-attr]
+        part_blocks=part_blocks,
     )
     raw = scorer.raw(queries, _on_part(data, data.query_sizes, queries), query_desc)
     views = {PATCH_VIEW: raw.patch}
@@ -317,7 +318,7 @@ def batch_loss(
     raise ValueError(f"unknown training mode {cfg.mode!r}")
 
 
-def _optimizer(embedder: Embedder, cfg: TrainConfig) -> torch.optim.Optimizer:
+def _optimizer(embedder: Embedder | PatchEmbedder, cfg: TrainConfig) -> torch.optim.Optimizer:
     """AdamW with a smaller learning rate for the (pretrained) backbone than for the fresh projection head."""
     backbone = [p for p in embedder.backbone.parameters() if p.requires_grad]
     head = [p for n, p in embedder.named_parameters() if p.requires_grad and not n.startswith("backbone.")]
@@ -345,7 +346,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 
 def train(
-    embedder: Embedder,
+    embedder: Embedder | PatchEmbedder,
     dataset: Dataset,
     config: TrainConfig | None = None,
     *,

@@ -23,7 +23,7 @@ from inspector.scorer import RawScores, Scorer, golden_rows
 from inspector.scoring import GoldenBank, ScoringConfig, offset_scores
 from models.coreset import greedy_coreset
 from models.export import check_parity, export_onnx
-from models.siamese import Embedder, PatchEmbedder
+from models.siamese import Embedder, FrozenGlobalEmbedder, PatchEmbedder
 from pipelines.data.split import DataSplit
 from pipelines.embedder_training import load_preprocessed
 from pipelines.recipe import Recipe
@@ -181,7 +181,7 @@ def bootstrap_wins(
 
 
 def build_bundle(
-    embedder: Embedder | PatchEmbedder,
+    embedder: Embedder | PatchEmbedder | FrozenGlobalEmbedder,
     split: DataSplit,
     recipe: Recipe,
     out: Path,
@@ -240,7 +240,7 @@ def build_bundle(
 
 
 def calibrated_scorer(
-    embedder: Embedder | PatchEmbedder,
+    embedder: Embedder | PatchEmbedder | FrozenGlobalEmbedder,
     onnx: OnnxEmbedder,
     references: np.ndarray,
     scoring: ScoringConfig,
@@ -255,20 +255,26 @@ def calibrated_scorer(
     part_view = (
         descriptors is not None and cal.descriptors is not None and len(descriptors) >= 2 and len(cal.embeddings)
     )
+    part_blocks: tuple[int, ...] | None = None
+    if part_view:
+        assert isinstance(embedder, PatchEmbedder), "only a patch embedder describes whole parts"
+        part_blocks = tuple(embedder.descriptor_blocks)
     scorer = Scorer.of(
         references,
         scoring,
         part_references=descriptors if part_view else None,
-        part_blocks=tuple(embedder.descriptor_blocks) if part_view else None,  # type: ignore[union-attr]
+        part_blocks=part_blocks,
     )
     good_groups = split.group_ids(split.calibration_good)
     defective_groups = split.group_ids(split.validation_defective)
     has_val = len(val.embeddings) > 0
     choice: dict[str, Any] = {}
     if has_val and np.ndim(cal.embeddings) == 3 and recipe.offset_candidates:  # one search serves choice and threshold
-        terms = scorer.patch_terms(cal.embeddings, cal.valid), scorer.patch_terms(val.embeddings, val.valid)
+        cal_terms = scorer.patch_terms(cal.embeddings, cal.valid)
+        val_terms = scorer.patch_terms(val.embeddings, val.valid)
         chosen, choice = pick_offset(
-            *((t.worst, t.typical) for t in terms),
+            (cal_terms.worst, cal_terms.typical),
+            (val_terms.worst, val_terms.typical),
             scoring,
             recipe.offset_candidates,
             confidence=recipe.offset_confidence,
@@ -277,7 +283,7 @@ def calibrated_scorer(
             defective_groups=defective_groups,
         )
         scorer = scorer.with_offset(chosen.offset)
-        cal_patch, val_patch = (t.view(chosen.offset) for t in terms)
+        cal_patch, val_patch = cal_terms.view(chosen.offset), val_terms.view(chosen.offset)
         cal_raw = RawScores(cal_patch, scorer.part_distances(cal.descriptors) if part_view else None)
         val_raw: RawScores | None = RawScores(val_patch, scorer.part_distances(val.descriptors) if part_view else None)
     else:

@@ -41,7 +41,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     src.add_argument("--good", type=Path, help="folder of good images (with --defective for defect photos)")
     train.add_argument("--defective", type=Path, help="folder of defective images (sub-folders = defect types)")
-    train.add_argument("--config", type=Path, help="JSON file of recipe settings (nested or dotted keys)")
+    train.add_argument(
+        "--config", type=Path, help="JSON or YAML file of recipe settings (nested or dotted keys; --set wins)"
+    )
     train.add_argument(
         "--set",
         dest="overrides",
@@ -117,7 +119,9 @@ def _parser() -> argparse.ArgumentParser:
     serve = sub.add_parser(
         "serve-deployments", help="serve the retraining and promotion deployments (cron schedules) from this host"
     )
-    serve.add_argument("--config", type=Path, help="JSON file of deployment parameters (see pipelines/deployments.py)")
+    serve.add_argument(
+        "--config", type=Path, help="JSON or YAML file of deployment parameters (see pipelines/deployments.py)"
+    )
     serve.add_argument("--retrain-cron", help="cron of the retraining deployment (default: nightly 02:00)")
     serve.add_argument("--dry-run", action="store_true", help="print the deployments and exit without serving")
     return p
@@ -244,6 +248,8 @@ def cmd_promote(args: argparse.Namespace) -> int:
         print(f"{'PROMOTED' if decision['moved'] else 'REFUSED'}: {decision['note']}")
         for reason in decision["reasons"]:
             print(f"  {reason}")
+        if shortfall := decision["challenger"].get("calibration_shortfall"):
+            print(f"  [warn] calibration: {shortfall}")
     return 0 if decision["moved"] else 1
 
 
@@ -252,9 +258,8 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
     _set_tracking(args.tracking_uri)
     result = rollback(args.model_name, args.to_version)
-    print(
-        f"champion of {result.model_name}: v{result.from_version} -> v{result.to_version} (recorded in run {result.run_id})"
-    )
+    moved = f"v{result.from_version} -> v{result.to_version}"
+    print(f"champion of {result.model_name}: {moved} (recorded in run {result.run_id})")
     return 0
 
 

@@ -53,8 +53,8 @@ def run_demo(workdir: Path, *, seed: int = 0, fast: bool = False) -> dict[str, o
     recipe = replace(demo_recipe(fast), seed=seed)
     settings = PipelineSettings(work_dir=workdir, experiment="demo-flanges", model_name="demo-flange-inspector")
     print(
-        f"[2/3] training flow: {recipe.embedder.backbone} patch embedder, {recipe.preprocess.height}x{recipe.preprocess.width} px, "
-        f"{recipe.train.epochs} epochs"
+        f"[2/3] training flow: {recipe.embedder.backbone} patch embedder, "
+        f"{recipe.preprocess.height}x{recipe.preprocess.width} px, {recipe.train.epochs} epochs"
     )
     result = train_flow(DataSource(root=str(data_root)), recipe, settings)
     promoted = promote_first_version(settings.model_name, result.model_version)
@@ -78,6 +78,7 @@ def run_demo(workdir: Path, *, seed: int = 0, fast: bool = False) -> dict[str, o
     print(f"MLflow UI:        .venv/bin/mlflow ui --backend-store-uri sqlite:///{db}")
     print(f"Score new parts:  .venv/bin/inspector score --bundle {result.bundle} PATH...")
     print(
-        f"         or:      MLFLOW_TRACKING_URI=sqlite:///{db} .venv/bin/pipelines score PATH... --model models:/{settings.model_name}@{CHAMPION}"
+        f"         or:      MLFLOW_TRACKING_URI=sqlite:///{db} .venv/bin/pipelines score PATH... "
+        f"--model models:/{settings.model_name}@{CHAMPION}"
     )
     return summary

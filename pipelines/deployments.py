@@ -7,17 +7,19 @@ Two ways to run them, same flows and parameters:
 - a GPU training host with a worker: ``deploy/prefect.yaml`` (``prefect deploy --all``) puts them in the
   ``inspector-training`` process work pool and ``prefect worker start --pool inspector-training`` runs them.
 
-Parameters come from a JSON file (``--config``) or ``INSPECTOR_DEPLOY_*`` environment variables.
+Parameters come from a JSON or YAML file (``--config``) or ``INSPECTOR_PIPELINE_DEPLOY_*`` environment variables
+(the ``pipelines`` program's one prefix, :mod:`pipelines.settings`).
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from pipelines.settings import ENV_PREFIX, read_config_file
 
 RETRAIN_DEPLOYMENT = "retrain-nightly"
 PROMOTE_DEPLOYMENT = "promote-on-demand"
@@ -27,7 +29,7 @@ WORK_POOL = "inspector-training"
 class DeploymentSettings(BaseSettings):
     """Schedules and parameters of the two deployments."""
 
-    model_config = SettingsConfigDict(env_prefix="INSPECTOR_DEPLOY_", extra="forbid")
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX + "DEPLOY_", extra="forbid")
 
     retrain_cron: str = Field("0 2 * * *", description="when retraining runs (cron, in `timezone`)")
     timezone: str = Field("UTC")
@@ -45,9 +47,9 @@ class DeploymentSettings(BaseSettings):
         if path is None:
             return cls()
         try:
-            return cls(**json.loads(Path(path).read_text()))
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ValueError(f"{path}: cannot read deployment settings ({exc})") from None
+            return cls(**read_config_file(path))
+        except ValidationError as exc:
+            raise ValueError(f"{path}: bad deployment settings ({exc})") from None
 
 
 def _schedules(cron: str | None, timezone: str) -> list[Any]:
@@ -83,9 +85,8 @@ def serve_deployments(settings: DeploymentSettings, *, dry_run: bool = False) ->
     """Register both deployments and serve them from this process until interrupted (``dry_run``: only build)."""
     deployments = build_deployments(settings)
     for d in deployments:
-        print(
-            f"{d.flow_name}/{d.name}: schedules {[getattr(s.schedule, 'cron', None) for s in d.schedules]}, parameters {d.parameters}"
-        )
+        crons = [getattr(s.schedule, "cron", None) for s in d.schedules]
+        print(f"{d.flow_name}/{d.name}: schedules {crons}, parameters {d.parameters}")
     if not dry_run:
         from prefect import serve
 

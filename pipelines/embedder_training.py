@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import TypedDict
 
 import numpy as np
 import torch
@@ -17,9 +18,19 @@ from inspector.preprocess import Preprocessor
 from models.siamese import Embedder, PatchEmbedder, build_embedder
 from models.synthetic import SyntheticDefects
 from models.training import TrainHistory, ValidationData, train
-from models.training_data import LabelledImageDataset, PatchPairDataset, default_augmentation
+from models.training_data import Augment, LabelledImageDataset, PatchPairDataset, default_augmentation
 from pipelines.data.split import DataSplit
 from pipelines.recipe import Recipe
+
+
+class _SamplingOptions(TypedDict):
+    """The keyword arguments both training datasets take alike."""
+
+    synthetic_fraction: float | None
+    epoch_size: int | None
+    augment: Augment | None
+    synthetic: SyntheticDefects | None
+    seed: int
 
 
 def load_preprocessed(paths: Sequence[Path], preprocessor: Preprocessor) -> np.ndarray:
@@ -91,9 +102,12 @@ def fit_embedder(
         and not recipe.train_without_defect_photos
         and recipe.embedder.mode == "patch"
     ):
-        reason = "no defect photos: pretrained patch features kept (set train_without_defect_photos to train on synthetic defects)"
+        reason = (
+            "no defect photos: pretrained patch features kept "
+            "(set train_without_defect_photos to train on synthetic defects)"
+        )
         return embedder.cpu().eval(), TrainHistory(skipped=reason)
-    common = dict(
+    common = _SamplingOptions(
         synthetic_fraction=recipe.synthetic_fraction,
         epoch_size=recipe.epoch_size,
         augment=default_augmentation(recipe.augment_strength) if recipe.augment_strength > 0 else None,

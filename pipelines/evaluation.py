@@ -112,6 +112,6 @@ def evaluate_bundle(bundle: Path, test: Sequence[ImageRecord]) -> Evaluation:
         labels=np.array([r.label for r, _ in kept]),
         scores=np.array([res.score for _, res in kept], dtype=np.float64),
         threshold=inspector.threshold,
-        errors=[res.error for res in results if res.error],  # type: ignore[misc]
+        errors=[res.error for res in results if res.error],
         views={k: np.array([res.views[k] for _, res in kept]) for k in (kept[0][1].views or {})} if kept else {},  # type: ignore[index]
     )

@@ -51,7 +51,7 @@ def save_evaluation_plots(evaluation: Evaluation, out_dir: Path, *, worst: int =
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    bins = np.linspace(float(scores.min()), float(scores.max()) + 1e-9, 30)
+    bins = np.linspace(float(scores.min()), float(scores.max()) + 1e-9, 30).tolist()
     ax.hist(scores[labels == 0], bins=bins, alpha=0.6, label="good")
     for t in sorted(set(np.asarray(evaluation.defect_types)[labels == 1])):
         ax.hist(

@@ -27,12 +27,9 @@ class Recipe:
     embedder: EmbedderConfig = field(default_factory=EmbedderConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     scoring: ScoringConfig = field(default_factory=lambda: ScoringConfig(offset=0.5))
-    offset_candidates: tuple[float, ...] = (
-        0.0,
-        0.5,
-        1.0,
-    )  # patch mode: the scoring offset moves to one of these only when
-    # held-out parts show it separates better with ``offset_confidence`` (see choose_offset); () keeps ``scoring.offset``
+    # patch mode: the scoring offset moves to one of these only when held-out parts show it separates better with
+    # ``offset_confidence`` (see choose_offset); () keeps ``scoring.offset``
+    offset_candidates: tuple[float, ...] = (0.0, 0.5, 1.0)
     offset_confidence: float = 0.95
     use_real_defects: bool = True
     defect_fraction: float = 0.5
@@ -41,9 +38,7 @@ class Recipe:
     augment_strength: float = 1.0
     calibration_fraction: float = 0.2
     good_test_fraction: float = 0.2  # goods kept for test where the data has no test goods of its own (plain folders)
-    good_test_split: Literal["hash", "latest"] = (
-        "hash"  # "latest": those test goods are the last capture groups by name
-    )
+    good_test_split: Literal["hash", "latest"] = "hash"  # "latest": those test goods are the last capture groups
     defect_train_fraction: float = 0.5
     defect_val_fraction: float = 0.15
     target_false_reject_rate: float = 0.01
@@ -52,13 +47,10 @@ class Recipe:
     max_validation_queries: int = 160
     max_bank_patches: int = 16384
     bank_selection: Literal["random", "coreset"] = "coreset"  # how max_bank_patches are picked from the goods' patches
-    train_without_defect_photos: bool = (
-        False  # no real defect photos: keep the pretrained patch features (see fit_embedder)
-    )
-    input_pixels: int | None = (
-        81920  # input HxW follow the training goods' median aspect at about this many pixels (320x256 for
-    )
-    # 5:4 portrait parts); None keeps ``preprocess.height``/``width`` as given
+    train_without_defect_photos: bool = False  # no real defect photos: keep the pretrained patch features
+    # input HxW follow the training goods' median aspect at about this many pixels (320x256 for 5:4 portrait parts);
+    # None keeps ``preprocess.height``/``width`` as given
+    input_pixels: int | None = 81920
     seed: int = 0
 
     def to_dict(self) -> dict[str, Any]:

@@ -40,9 +40,7 @@ def build_recipe(base: Literal["default", "tiny"] = "default", overrides: dict[s
     from pipelines.recipe import Recipe, tiny_recipe
 
     recipe = tiny_recipe() if base == "tiny" else Recipe()
-    return apply_overrides(
-        recipe, {k: str(v) if isinstance(v, (int, float, bool)) else v for k, v in (overrides or {}).items()}
-    )
+    return apply_overrides(recipe, overrides or {})
 
 
 @task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)

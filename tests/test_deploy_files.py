@@ -159,7 +159,7 @@ def test_compose_services_health_volumes_and_images() -> None:
 def test_compose_variables_are_in_the_example_env_and_no_secrets_are_inline() -> None:
     text = (DEPLOY / "compose.yaml").read_text()
     example = read_env_file(DEPLOY / "stack.env.example")
-    for name, default in re.findall(r"\$\{([A-Z_][A-Z0-9_]*)(:?[-?][^}]*)?\}", text):
+    for name, _default in re.findall(r"\$\{([A-Z_][A-Z0-9_]*)(:?[-?][^}]*)?\}", text):
         assert name in example, f"compose.yaml uses ${{{name}}} but stack.env.example does not set it"
     inline = re.findall(r"^\s*\w*(?:PASSWORD|TOKEN)\w*:\s*(?!\$\{)\S.*$", text, re.M)
     assert inline == [], f"secrets written into compose.yaml: {inline}"
@@ -366,11 +366,13 @@ def test_postgres_init_script_creates_both_databases(tmp_path: Path) -> None:
         try:
             with conn.cursor() as cur:
                 cur.execute(
-                    "SELECT datname, pg_get_userbyid(datdba) FROM pg_database WHERE datname IN ('mlflow', 'prefect') ORDER BY 1"
+                    "SELECT datname, pg_get_userbyid(datdba) FROM pg_database "
+                    "WHERE datname IN ('mlflow', 'prefect') ORDER BY 1"
                 )
                 assert cur.fetchall() == [("mlflow", "mlflow"), ("prefect", "prefect")]
                 cur.execute(
-                    "SELECT rolname FROM pg_authid WHERE rolcanlogin AND rolpassword IS NOT NULL AND rolname IN ('mlflow', 'prefect') ORDER BY 1"
+                    "SELECT rolname FROM pg_authid WHERE rolcanlogin AND rolpassword IS NOT NULL "
+                    "AND rolname IN ('mlflow', 'prefect') ORDER BY 1"
                 )
                 assert cur.fetchall() == [("mlflow",), ("prefect",)]
         finally:

@@ -289,7 +289,7 @@ def test_large_jpegs_decode_at_a_reduced_scale_alike_on_every_path(tiny_bundle: 
     line = inspector.score([path])[0].score
     assert line is not None
     assert inspector.score([pre.load(path, keep_gray=True)])[0].score == line  # the service decodes, then scores
-    result, amap, overlay = score_with_maps(inspector, [path])[0]
+    result, _amap, overlay = score_with_maps(inspector, [path])[0]
     assert result.score == pytest.approx(line, abs=1e-6) and overlay is not None and overlay.size == (640, 480)
     truncated = tmp_path / "truncated.jpg"
     truncated.write_bytes(path.read_bytes()[: path.stat().st_size // 2])

@@ -32,7 +32,8 @@ def test_patch_labels_from_masks_marks_defect_ring_and_unknown() -> None:
 
 
 def test_patch_contrastive_loss_hand_example() -> None:
-    # two images, one patch each, D=2. image 0 good at (0,0); image 1 has a defect patch at (0.6,0) from the same source.
+    # two images from the same source, one patch each, D=2.
+    # image 0 good at (0,0); image 1 has a defect patch at (0.6,0).
     # normal term: image 0's only normal neighbour of another source → none (same source) → no normal term.
     # defect term: D to nearest normal = 0.6, margin 1 → 0.5*(0.4)^2 = 0.08
     patches = torch.tensor([[[0.0, 0.0]], [[0.6, 0.0]]], requires_grad=True)
@@ -252,7 +253,7 @@ def test_masks_mark_the_defect_however_they_are_stored(tmp_path: Path) -> None:
 
 
 def _scores_before_golden_bank(emb: np.ndarray, bank: np.ndarray, k: int, aggregation: str, chunk: int) -> np.ndarray:
-    """The line's scoring as it was before the pruned search (session 1), frozen here as the equality oracle."""
+    """The line's scoring as it was before the pruned search, frozen here as the equality oracle."""
     q, r = emb.reshape(-1, emb.shape[-1]).astype(np.float32), bank.astype(np.float32)
     r_sq = np.einsum("ij,ij->i", r, r)
     best = np.full((len(q), 0), np.inf, dtype=np.float32)

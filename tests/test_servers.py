@@ -105,9 +105,9 @@ def test_retraining_deployment_runs_through_a_real_worker(
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = {
         **base_env,
-        "INSPECTOR_RETRAIN_DATA": str(demo_root),
-        "INSPECTOR_GATE_MANIFEST": str(gate.path),
-        "INSPECTOR_WORK_DIR": str(tmp_path / "work"),
+        "INSPECTOR_PIPELINE_RETRAIN_DATA": str(demo_root),
+        "INSPECTOR_PIPELINE_GATE_MANIFEST": str(gate.path),
+        "INSPECTOR_PIPELINE_WORK_DIR": str(tmp_path / "work"),
         "MLFLOW_TRACKING_URI": uri,
     }
     prefect = str(VENV_BIN / "prefect")
@@ -221,7 +221,7 @@ def test_serve_deployments_registers_scheduled_deployments(server: tuple[str, di
 def test_serve_deployments_dry_run(capsys: pytest.CaptureFixture[str]) -> None:
     from pipelines.cli import main
 
-    os.environ.pop("INSPECTOR_DEPLOY_RETRAIN_CRON", None)
+    os.environ.pop("INSPECTOR_PIPELINE_DEPLOY_RETRAIN_CRON", None)
     assert main(["serve-deployments", "--dry-run", "--retrain-cron", "15 1 * * *"]) == 0
     out = capsys.readouterr().out
     assert (

@@ -111,7 +111,7 @@ class ModelHolder:
             raise
 
     def _build(self, path: Path, fetched: FetchedBundle | None) -> LoadedModel:
-        inspector = Inspector.from_bundle(path, threads=self.settings.threads)  # verifies hashes, schema, dims
+        inspector = Inspector.from_bundle(path, **self.settings.engine_options())  # verifies hashes, schema, dims
         pre = inspector.bundle.spec.preprocessing
         probe = Image.new("RGB", (pre.width, pre.height), tuple(int(round(m * 255)) for m in pre.mean))
         result = inspector.score([probe])[0]  # the whole path once: decode-free preprocess, ORT run, kNN

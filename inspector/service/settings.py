@@ -1,26 +1,24 @@
-"""The service's one settings model: what ``inspector serve`` needs, with defaults that work.
+"""The service's settings model: what ``inspector serve`` needs, with defaults that work.
 
 Why a module of its own: the CLI builds the settings from flags and ``INSPECTOR_*`` variables before anything is
-served, and the deploy files are checked against the same model, so it must stand apart from the app. Every field
-is also an environment variable (``INSPECTOR_<FIELD>``); ``MLFLOW_TRACKING_URI`` is honoured for the registry.
+served, and the deploy files are checked against the same model, so it must stand apart from the app. It extends
+the line's :class:`inspector.settings.RuntimeSettings` and reads the environment the same way (``INSPECTOR_<FIELD>``);
+``MLFLOW_TRACKING_URI`` is honoured for the registry.
 """
 
-import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import Field, SecretStr, model_validator
 
 from inspector.errors import InspectorError
 from inspector.registry import BundleCache, RegistryClient, RegistrySource, default_cache_dir, parse_model_uri
+from inspector.settings import RuntimeSettings
 
-ENV_PREFIX = "INSPECTOR_"
 
-
-class ServiceSettings(BaseModel):
+class ServiceSettings(RuntimeSettings):
     """Everything ``inspector serve`` needs; defaults work, env vars (``INSPECTOR_*``) and CLI flags override."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid", protected_namespaces=())
 
     bundle: Path | None = Field(None, description="bundle directory to serve")
     model_uri: str | None = Field(None, description="registry model to serve and follow (models:/<name>@champion)")
@@ -33,9 +31,6 @@ class ServiceSettings(BaseModel):
     token: SecretStr | None = Field(None, description="bearer token required on /v1/score and /v1/reload")
     max_bytes: int = Field(20 * 1024 * 1024, gt=0, description="largest request body accepted (413 above)")
     max_images: int = Field(64, gt=0, description="most images in one request (413 above)")
-    threads: int | None = Field(
-        None, ge=0, description="onnxruntime intra-op threads (None: INSPECTOR_THREADS or all cores)"
-    )
     combine_images: int = Field(
         32,
         ge=1,
@@ -53,24 +48,14 @@ class ServiceSettings(BaseModel):
         return self
 
     @classmethod
-    def from_env(cls, **overrides: Any) -> "ServiceSettings":
-        """Defaults, then ``INSPECTOR_<FIELD>`` env vars, then the non-None ``overrides`` (CLI flags)."""
+    def environment_values(cls, environ: Mapping[str, str]) -> dict[str, Any]:
+        """``INSPECTOR_<FIELD>`` variables, over ``MLFLOW_TRACKING_URI`` for the registry when it is an http(s) server
+        (a local sqlite/file store there is the training stack's, not ours)."""
         values: dict[str, Any] = {}
-        mlflow_uri = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
-        # The MLflow convention, over http only: a local sqlite/file store there is the training stack's, not ours.
-        # INSPECTOR_TRACKING_URI, read next, wins.
+        mlflow_uri = environ.get("MLFLOW_TRACKING_URI", "").strip()
         if mlflow_uri.startswith(("http://", "https://")):
             values["tracking_uri"] = mlflow_uri
-        for name in cls.model_fields:
-            env = os.environ.get(ENV_PREFIX + name.upper())
-            if env not in (None, ""):
-                values[name] = env
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        try:
-            return cls(**values)
-        except ValidationError as exc:
-            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors())
-            raise InspectorError(f"invalid service settings: {problems}") from None
+        return values | super().environment_values(environ)
 
     def check_source(self) -> None:
         """Fail at startup, with a message an operator can act on, when there is nothing we can load."""

@@ -25,6 +25,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pipelines.promotion.gate_set import GateSet
+from pipelines.settings import parse_pairs
 
 
 class GateRules(BaseModel):
@@ -58,13 +59,10 @@ class GateRules(BaseModel):
     def from_overrides(cls, pairs: Sequence[str], base: Mapping[str, Any] | None = None) -> GateRules:
         """``["min_auroc=0.95", …]`` on top of ``base``; an unknown rule or a bad value raises ValueError."""
         values = dict(base or {})
-        for pair in pairs:
-            if "=" not in pair:
-                raise ValueError(f"--set expects rule=value, got {pair!r}")
-            key, value = (s.strip() for s in pair.split("=", 1))
+        for key, value in parse_pairs(pairs).items():
             if key not in cls.model_fields:
                 raise ValueError(f"unknown gate rule {key!r}: rules are {sorted(cls.model_fields)}")
-            values[key] = None if value.lower() in ("none", "null", "") else value
+            values[key] = value
         try:
             return cls(**values)
         except ValidationError as exc:  # names the field and the problem
