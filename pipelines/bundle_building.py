@@ -19,8 +19,8 @@ from inspector.density import DensitySpec
 from inspector.engine import OnnxEmbedder
 from inspector.metrics import roc_auc
 from inspector.preprocess import Preprocessor
-from inspector.scorer import RawScores, Scorer, golden_rows
-from inspector.scoring import GoldenBank, ScoringConfig, offset_scores
+from inspector.scorer import PatchTerms, RawScores, Scorer, golden_rows
+from inspector.scoring import GoldenBank, ScoringConfig
 from models.coreset import greedy_coreset
 from models.export import check_parity, export_onnx
 from models.siamese import Embedder, FrozenGlobalEmbedder, PatchEmbedder
@@ -88,9 +88,10 @@ def choose_offset(
     of one tile are one piece of evidence, not six. Returns the scoring to use and what was measured (recorded in
     the threshold's details).
     """
+    scorer = Scorer(bank, scoring)
     return pick_offset(
-        bank.worst_and_typical(good, scoring, good_valid),
-        bank.worst_and_typical(defective, scoring, defective_valid),
+        scorer.patch_terms(good, good_valid),
+        scorer.patch_terms(defective, defective_valid),
         scoring,
         candidates,
         confidence=confidence,
@@ -118,8 +119,8 @@ def _cluster_draws(groups: Sequence[str] | None, n: int, resamples: int, rng: np
 
 
 def pick_offset(
-    good: tuple[np.ndarray, np.ndarray],
-    defective: tuple[np.ndarray, np.ndarray],
+    good: PatchTerms,
+    defective: PatchTerms,
     scoring: ScoringConfig,
     candidates: Sequence[float],
     *,
@@ -129,17 +130,17 @@ def pick_offset(
     good_groups: Sequence[str] | None = None,
     defective_groups: Sequence[str] | None = None,
 ) -> tuple[ScoringConfig, dict[str, Any]]:
-    """:func:`choose_offset` on (worst, typical) patch distances already searched, so calibration can reuse them."""
+    """:func:`choose_offset` on the scorer's patch terms already searched, so calibration can reuse them."""
     offsets = sorted({*(float(c) for c in candidates), scoring.offset})
     aurocs, wins = bootstrap_wins(
-        {c: (offset_scores(*good, c), offset_scores(*defective, c)) for c in offsets},
+        {c: (good.view(c), defective.view(c)) for c in offsets},
         scoring.offset,
         resamples=resamples,
         seed=seed,
         good_groups=good_groups,
         defective_groups=defective_groups,
     )
-    n_good, n_bad = len(good[0]), len(defective[0])
+    n_good, n_bad = len(good.worst), len(defective.worst)
     better = [c for c in offsets if c != scoring.offset and wins[c] >= confidence]
     best = max(better, key=lambda c: aurocs[c]) if better else scoring.offset
     units = {
@@ -273,8 +274,8 @@ def calibrated_scorer(
         cal_terms = scorer.patch_terms(cal.embeddings, cal.valid)
         val_terms = scorer.patch_terms(val.embeddings, val.valid)
         chosen, choice = pick_offset(
-            (cal_terms.worst, cal_terms.typical),
-            (val_terms.worst, val_terms.typical),
+            cal_terms,
+            val_terms,
             scoring,
             recipe.offset_candidates,
             confidence=recipe.offset_confidence,
