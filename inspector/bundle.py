@@ -103,6 +103,14 @@ class Bundle:
         model = self.manifest.get("model", {})
         return f"{model.get('name', 'model')}:{model.get('version', 'unversioned')}"
 
+    @property
+    def mode(self) -> str:
+        """``"image"`` (one embedding per image) or ``"patch"`` (P patch embeddings per image: heatmaps)."""
+        mode = str(self.manifest.get("model", {}).get("mode", self.spec.model.get("mode", "image")))
+        if mode not in ("image", "patch"):
+            raise BundleError(f"{self.path / MANIFEST}: unknown model mode {mode!r} (expected 'image' or 'patch')")
+        return mode
+
 
 def sha256_file(path: Path, block: int = 1 << 20) -> str:
     h = hashlib.sha256()

@@ -129,7 +129,7 @@ def write_heatmaps(
     Yields (result, overlay path) as it goes, so a long folder streams with bounded memory. With ``save_maps`` the
     raw float32 map is saved beside each PNG as ``.npy`` (for pixel-level evaluation against masks).
     """
-    if inspector.bundle.spec.model.get("mode") == "image":
+    if inspector.bundle.mode != "patch":
         raise InspectorError(
             f"{inspector.bundle.path}: this bundle scores whole images; heatmaps need a patch-mode bundle"
         )

@@ -44,14 +44,6 @@ class ReferencesError(InspectorError):
 # --------------------------------------------------------------------------------------------------- pure parts
 
 
-def bundle_mode(bundle: Bundle) -> str:
-    """``"image"`` (one embedding per image) or ``"patch"`` (P patch embeddings per image)."""
-    mode = str(bundle.manifest.get("model", {}).get("mode", bundle.spec.model.get("mode", "image")))
-    if mode not in ("image", "patch"):
-        raise BundleError(f"{bundle.path / MANIFEST}: unknown model mode {mode!r} (expected 'image' or 'patch')")
-    return mode
-
-
 def sources_from_ids(ids: Sequence[str]) -> list[dict[str, Any]]:
     """Run-length encode per-row ids into sources (consecutive equal ids are one source)."""
     sources: list[dict[str, Any]] = []
@@ -266,7 +258,7 @@ def add_references(
         raise ReferencesError("re-calibration with defective images also needs good images (--recalibrate-good)")
     _check_out(bundle_path, out_path)
     parent = load_bundle(bundle_path)
-    mode = bundle_mode(parent)
+    mode = parent.mode
     sources = reference_sources(parent)
     embedder = OnnxEmbedder(parent.model_path, parent.spec.preprocessing, threads=threads)
 
@@ -403,7 +395,7 @@ def remove_references(bundle_path: str | Path, ids: Sequence[str], out_path: str
         raise ReferencesError("no reference ids to remove")
     _check_out(bundle_path, out_path)
     parent = load_bundle(bundle_path)
-    mode = bundle_mode(parent)
+    mode = parent.mode
     bank, new_sources = drop_references(parent.references, reference_sources(parent), ids)
     descriptors, density = parent.descriptors, parent.spec.density
     if density is not None and descriptors is not None:

@@ -89,6 +89,8 @@ def pixel_level_auroc(bundle: Path, records: Sequence[ImageRecord], limit: int =
     if all(r.is_good for r in chosen):
         return None
     inspector = Inspector.from_bundle(bundle)
+    if inspector.bundle.mode != "patch":  # an image-level model draws no maps
+        return None
     maps: list[np.ndarray] = []
     masks: list[np.ndarray | None] = []
     for start in range(0, len(chosen), 32):

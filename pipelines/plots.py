@@ -104,7 +104,7 @@ def save_heatmap_examples(bundle: Path, evaluation: Evaluation, out_dir: Path, *
     from inspector.heatmap import overlay, score_with_maps
 
     inspector = Inspector.from_bundle(bundle)
-    if inspector.bundle.spec.model.get("mode") == "image" or not len(evaluation.scores):
+    if inspector.bundle.mode != "patch" or not len(evaluation.scores):
         return []
     order = np.argsort(-evaluation.scores)
     picks = [i for i in order if evaluation.labels[i] == 1][:per_kind] + [

@@ -98,10 +98,16 @@ def test_train_flow_registers_challenger_with_reproducible_scores(prefect_harnes
     assert 0.5 < run.data.metrics["test_pixel_auroc"] <= 1.0
 
 
-def test_train_flow_trains_the_patch_model_with_the_triplet_loss_when_set(
-    prefect_harness: None, tmp_path: Path
+@pytest.mark.parametrize(
+    ("mode", "loss"),
+    [("patch", "patch_triplet"), ("image", "in_batch_triplet")],
+    ids=["patch-model", "image-level-model"],
+)
+def test_train_flow_trains_with_the_triplet_loss_when_set(
+    prefect_harness: None, tmp_path: Path, mode: str, loss: str
 ) -> None:
-    """``--set train.loss=triplet`` reaches the default patch model's training loop and still yields a bundle."""
+    """``--set train.loss=triplet`` reaches the training loop of the default patch model and of the image-level
+    model (``embedder.mode=global``), and each run still yields a verified bundle."""
     import mlflow
     from mlflow import MlflowClient
 
@@ -115,18 +121,20 @@ def test_train_flow_trains_the_patch_model_with_the_triplet_loss_when_set(
         work_dir=tmp_path / "work", tracking_uri=uri, experiment="triplet", model_name="triplet", baseline=False
     )
     options = ["train.loss=triplet", "train.epochs=1", "epoch_size=16", "preprocess.height=64", "preprocess.width=64"]
+    options.append(f"embedder.mode={'patch' if mode == 'patch' else 'global'}")
     recipe = apply_overrides(tiny_recipe(), load_overrides(None, options))  # as `pipelines train --set ...` reads them
 
     result = train_flow(DataSource(root=str(data)), recipe, settings)
 
-    assert load_bundle(result.bundle).spec.model["mode"] == "patch"  # a verified bundle of the default patch model
+    assert load_bundle(result.bundle).spec.model["mode"] == mode  # a verified bundle of the model asked for
     assert MlflowClient(uri).get_run(result.run_id).data.params["train.loss"] == "triplet"
     logged = mlflow.artifacts.download_artifacts(
         run_id=result.run_id, artifact_path="training/history.json", dst_path=str(tmp_path / "dl")
     )
     history = json.loads(Path(logged).read_text())
     assert history["skipped"] is None and len(history["epochs"]) == 1
-    assert history["loss"] == "patch_triplet" and np.isfinite(history["epochs"][0]["train_loss"])
+    assert history["loss"] == loss
+    assert np.isfinite(history["epochs"][0]["train_loss"])
 
 
 def test_failed_run_registers_nothing(prefect_harness: None, tmp_path: Path) -> None:
