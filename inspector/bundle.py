@@ -5,7 +5,8 @@ bundle/
   model.onnx        embedder: input NCHW float32, dynamic batch, output NxD (L2-normalised)
   references.npy    golden reference embeddings, float32 (R x D)
   descriptors.npy   optional: golden parts' whole-part descriptors, float32 (G x K), for the density score
-  inspector.json    schema version, preprocessing, scoring, threshold + rule, provenance, sha256 of every file
+  inspector.json    schema version, preprocessing, scoring, threshold + rule, provenance, sha256 of every file,
+                    and the sha256 of its own content (``manifest_sha256``), so the threshold is verified too
 ```
 A bundle is written to a temporary sibling directory and renamed into place, so a reader never sees half of one.
 """
@@ -29,11 +30,17 @@ from inspector.errors import BundleError
 from inspector.preprocess import PreprocessConfig
 from inspector.scoring import ScoringConfig
 
-#: 2: the whole-part view (``density``, ``descriptors.npy``), the on-part patch rule (``scoring.content_only``) and the
-#: camera bit depth (``preprocessing.bit_depth``) written explicitly; 1: bundles written before them
-SCHEMA_VERSION = 2
-READABLE_SCHEMAS = (1, 2)
+#: 3: ``inspector.json`` carries the digest of its own content (``manifest_sha256``), so the threshold, preprocessing
+#: and scoring settings are verified like the files; 2: the whole-part view (``density``, ``descriptors.npy``), the
+#: on-part patch rule (``scoring.content_only``) and the camera bit depth (``preprocessing.bit_depth``) written
+#: explicitly; 1: bundles written before them
+SCHEMA_VERSION = 3
+READABLE_SCHEMAS = (1, 2, 3)
+#: the first schema whose manifest must carry a digest of its own content
+DIGESTED_SCHEMA = 3
 MANIFEST = "inspector.json"
+#: the manifest key holding the sha256 of the manifest's canonical content (every other key)
+MANIFEST_DIGEST = "manifest_sha256"
 MODEL_FILE = "model.onnx"
 REFERENCES_FILE = "references.npy"
 DESCRIPTORS_FILE = "descriptors.npy"
@@ -120,6 +127,31 @@ def sha256_file(path: Path, block: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def manifest_digest(manifest: dict[str, Any]) -> str:
+    """The sha256 of a manifest's content in canonical JSON (sorted keys, no whitespace), its own digest left out.
+
+    Why the content and not the file's bytes: the digest must survive a re-indent or a copy through a store that
+    rewrites JSON, and must change when any value (the threshold first) changes."""
+    content = json.loads(json.dumps({k: v for k, v in manifest.items() if k != MANIFEST_DIGEST}))  # as read back
+    canonical = json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(canonical.encode("ascii")).hexdigest()
+
+
+def _check_manifest_digest(manifest_path: Path, manifest: dict[str, Any]) -> None:
+    """Refuse a manifest edited after it was written (schema 3 on): the threshold raised tenfold, say."""
+    if manifest.get("schema_version", 0) < DIGESTED_SCHEMA:
+        return
+    recorded = manifest.get(MANIFEST_DIGEST)
+    if not isinstance(recorded, str):
+        raise BundleError(f"{manifest_path}: no {MANIFEST_DIGEST} recorded (schema {manifest['schema_version']})")
+    actual = manifest_digest(manifest)
+    if actual != recorded:
+        raise BundleError(
+            f"{manifest_path}: content sha256 {actual[:12]}… does not match its recorded {MANIFEST_DIGEST} "
+            f"({recorded[:12]}…): threshold or settings edited, or the file is corrupt"
+        )
+
+
 def _check_descriptors(where: Path, descriptors: np.ndarray | None, density: DensitySpec | None) -> None:
     if (descriptors is None) != (density is None):
         raise BundleError(
@@ -175,6 +207,7 @@ def write_bundle(
             **manifest["provenance"],
         }
         manifest["files"] = {name: sha256_file(tmp / name) for name in names}
+        manifest[MANIFEST_DIGEST] = manifest_digest(manifest)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         for name in (*names, MANIFEST):
             with open(tmp / name, "rb") as fh:
@@ -204,10 +237,13 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
         manifest = json.loads(manifest_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BundleError(f"{manifest_path}: not valid JSON ({exc})") from None
+    if not isinstance(manifest, dict):
+        raise BundleError(f"{manifest_path}: not a bundle manifest (a JSON object)")
     version = manifest.get("schema_version")
     if version not in READABLE_SCHEMAS:
         readable = ", ".join(map(str, READABLE_SCHEMAS))
         raise BundleError(f"{manifest_path}: unknown schema_version {version!r} (this inspector reads {readable})")
+    _check_manifest_digest(manifest_path, manifest)
     return upgraded_manifest(manifest)
 
 
@@ -222,7 +258,8 @@ def upgraded_manifest(manifest: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_bundle(path: str | Path) -> Bundle:
-    """Read and verify a bundle: schema known, every file present and matching its sha256."""
+    """Read and verify a bundle: schema known, ``inspector.json`` matching its own digest (schema 3 on), every file
+    present and matching its sha256."""
     path = Path(path)
     manifest = read_manifest(path)
     files = manifest.get("files") or {}

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from inspector.bundle import DESCRIPTORS_FILE, MODEL_FILE, REFERENCES_FILE, Bundle
+from inspector.bundle import DESCRIPTORS_FILE, MANIFEST, MANIFEST_DIGEST, MODEL_FILE, REFERENCES_FILE, Bundle
 from inspector.errors import BundleError
 
 #: The pyfunc artifact under which registration logs the bundle directory (``artifacts/bundle`` in MLmodel).
@@ -28,11 +28,13 @@ THRESHOLD_RULE_TAG = "threshold_rule"
 WHOLE_PART_SCORE_TAG = "whole_part_score"
 DATASET_HASH_TAG = "dataset_hash"
 GIT_COMMIT_TAG = "git_commit"
-#: Version tag → bundle file: the sha256 recorded at registration that every download must match.
+#: Version tag → bundle file: the sha256 recorded at registration that every download must match (for
+#: ``inspector.json``, the digest of its content: threshold, preprocessing and scoring settings included).
 HASH_TAGS: Mapping[str, str] = {
     "bundle_sha256.model": MODEL_FILE,
     "bundle_sha256.references": REFERENCES_FILE,
     "bundle_sha256.descriptors": DESCRIPTORS_FILE,
+    "bundle_sha256.manifest": MANIFEST,
 }
 
 # Version tags written by the promotion gate and by rollback.
@@ -71,10 +73,18 @@ def slug(name: str, fallback: str = "_") -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name).strip(".") or fallback
 
 
+def recorded_hashes(bundle: Bundle) -> dict[str, str]:
+    """File name → the sha256 the bundle records for it (its manifest's content digest for ``inspector.json``)."""
+    hashes = {name: str(value) for name, value in bundle.manifest.get("files", {}).items()}
+    if MANIFEST_DIGEST in bundle.manifest:
+        hashes[MANIFEST] = str(bundle.manifest[MANIFEST_DIGEST])
+    return hashes
+
+
 def bundle_hash_tags(bundle: Bundle) -> dict[str, str]:
     """The hash tags registration writes for ``bundle``: the sha256 of each of its files that a tag covers."""
-    files = bundle.manifest.get("files", {})
-    return {tag: str(files[name]) for tag, name in HASH_TAGS.items() if name in files}
+    hashes = recorded_hashes(bundle)
+    return {tag: hashes[name] for tag, name in HASH_TAGS.items() if name in hashes}
 
 
 def check_bundle_matches_tags(bundle: Bundle, tags: Mapping[str, str], what: str) -> None:
@@ -83,11 +93,11 @@ def check_bundle_matches_tags(bundle: Bundle, tags: Mapping[str, str], what: str
     ``load_bundle`` only proves the files match the bundle's own manifest; an artifact replaced whole (manifest
     included) passes that, and only the registry's tags, written when the version was created, catch it.
     """
-    files = bundle.manifest.get("files", {})
+    hashes = recorded_hashes(bundle)
     for tag, name in HASH_TAGS.items():
         expected = tags.get(tag)
-        if expected and files.get(name) != expected:
+        if expected and hashes.get(name) != expected:
             raise BundleError(
-                f"{what}: {name} sha256 in the bundle ({str(files.get(name))[:12]}…) does not match the registry's "
+                f"{what}: {name} sha256 in the bundle ({str(hashes.get(name))[:12]}…) does not match the registry's "
                 f"tag {tag} ({expected[:12]}…): artifact replaced or corrupt"
             )

@@ -144,6 +144,28 @@ def test_bundle_round_trip_and_tamper_detection(tmp_path: Path) -> None:
         load_bundle(out)
 
 
+def test_an_edited_manifest_is_refused_by_name_and_a_reformatted_one_loads(tmp_path: Path) -> None:
+    """The threshold lives in inspector.json: raising it must not pass as the bundle that was verified."""
+    from inspector.bundle import MANIFEST_DIGEST, manifest_digest
+
+    out = write_bundle(tmp_path / "b", b"m", np.ones((2, 4), np.float32), _spec())
+    manifest = json.loads((out / "inspector.json").read_text())
+    assert manifest[MANIFEST_DIGEST] == manifest_digest(manifest)
+    (out / "inspector.json").write_text(json.dumps(manifest, indent=None, sort_keys=False))  # same content, new bytes
+    assert load_bundle(out).spec.threshold.value == 0.5
+    for field, value in [("threshold", {"value": 5.0, "rule": "manual", "details": {}}), ("scoring", {"k": 9})]:
+        edited = {**manifest, field: value}
+        (out / "inspector.json").write_text(json.dumps(edited))
+        with pytest.raises(BundleError, match=r"inspector.json: content sha256 .* does not match its recorded"):
+            load_bundle(out)
+    unsigned = {k: v for k, v in manifest.items() if k != MANIFEST_DIGEST}
+    (out / "inspector.json").write_text(json.dumps(unsigned))
+    with pytest.raises(BundleError, match="inspector.json: no manifest_sha256 recorded"):
+        load_bundle(out)
+    (out / "inspector.json").write_text(json.dumps({**unsigned, "schema_version": 2}))  # written before digests
+    assert load_bundle(out).spec.threshold.value == 0.5
+
+
 def test_bundle_unknown_schema_refused(tmp_path: Path) -> None:
     out = write_bundle(tmp_path / "b", b"m", np.ones((1, 4), np.float32), _spec())
     manifest = json.loads((out / "inspector.json").read_text())
@@ -328,8 +350,9 @@ def test_a_version_1_bundle_loads_and_scores_as_before(tmp_path: Path) -> None:
     )
     old = write_bundle(tmp_path / "v1", onnx_path, bank.reshape(-1, bank.shape[-1]), spec)
     manifest = json.loads((old / MANIFEST).read_text())
-    assert manifest["schema_version"] == SCHEMA_VERSION == 2
+    assert manifest["schema_version"] == SCHEMA_VERSION == 3
     manifest["schema_version"] = 1
+    del manifest["manifest_sha256"]
     del manifest["scoring"]["content_only"]  # as version 1 wrote it
     (old / MANIFEST).write_text(json.dumps(manifest))
     narrow = Image.fromarray(rng.integers(0, 255, (64, 24, 3), dtype=np.uint8))  # letterboxed: padding left and right

@@ -146,9 +146,12 @@ def test_cache_remembers_served_versions_and_drops_tampered_copies(tiny_bundle: 
 
     tags = bundle_hash_tags(bundle)
     assert tags["bundle_sha256.model"] == bundle.manifest["files"]["model.onnx"]
+    assert tags["bundle_sha256.manifest"] == bundle.manifest["manifest_sha256"]
     check_bundle_matches_tags(bundle, tags, "models:/tiny/3")
     with pytest.raises(BundleError, match=r"models:/tiny/3: model.onnx sha256 .* does not match the registry's tag"):
         check_bundle_matches_tags(bundle, {**tags, "bundle_sha256.model": "0" * 64}, "models:/tiny/3")
+    with pytest.raises(BundleError, match=r"inspector.json sha256 .* does not match the registry's tag"):
+        check_bundle_matches_tags(bundle, {**tags, "bundle_sha256.manifest": "0" * 64}, "models:/tiny/3")
 
     # the registry now holds another bundle under number 3 (store rebuilt): the stale copy goes, a download is tried
     shutil.copytree(tiny_bundle, cache.version_dir("tiny", "5"))

@@ -19,7 +19,7 @@ mlflow = pytest.importorskip("mlflow")
 
 from mlflow.tracking import MlflowClient  # noqa: E402
 
-from inspector.bundle import load_bundle, sha256_file  # noqa: E402
+from inspector.bundle import load_bundle, manifest_digest, sha256_file  # noqa: E402
 from inspector.engine import Inspector  # noqa: E402
 from inspector.errors import BundleError  # noqa: E402
 from inspector.registry_contract import BUNDLE_ARTIFACT  # noqa: E402
@@ -239,6 +239,7 @@ def test_register_load_predict_download_and_failed_registration(
     np.save(stored / "references.npy", np.concatenate([references, references[:1]]))
     manifest = json.loads((stored / "inspector.json").read_text())
     manifest["files"]["references.npy"] = sha256_file(stored / "references.npy")
+    manifest["manifest_sha256"] = manifest_digest(manifest)
     (stored / "inspector.json").write_text(json.dumps(manifest))
     assert load_bundle(stored).references.shape[0] == references.shape[0] + 1  # consistent in itself
     with pytest.raises(BundleError, match="references.npy sha256 in the bundle .* does not match the registry's tag"):
