@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from inspector.density import DensitySpec
+from inspector.durable import replace_durably
 from inspector.errors import BundleError
 from inspector.preprocess import PreprocessConfig
 from inspector.scoring import ScoringConfig
@@ -209,16 +210,13 @@ def write_bundle(
         manifest["files"] = {name: sha256_file(tmp / name) for name in names}
         manifest[MANIFEST_DIGEST] = manifest_digest(manifest)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        for name in (*names, MANIFEST):
-            with open(tmp / name, "rb") as fh:
-                os.fsync(fh.fileno())
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}-{time.time_ns()}")
             out.rename(old)
-            tmp.rename(out)
+            replace_durably(tmp, out)
             shutil.rmtree(old, ignore_errors=True)
         else:
-            tmp.rename(out)
+            replace_durably(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

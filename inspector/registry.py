@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 
 from inspector.bundle import MANIFEST, Bundle, load_bundle
+from inspector.durable import replace_durably
 from inspector.errors import BundleError, InspectorError
 from inspector.registry_contract import BUNDLE_ARTIFACT, check_bundle_matches_tags, slug
 
@@ -409,7 +410,7 @@ class BundleCache:
         fd, tmp = tempfile.mkstemp(prefix=".alias-", dir=folder)
         with os.fdopen(fd, "w") as fh:
             fh.write(record)
-        os.replace(tmp, folder / slug(model.alias))
+        replace_durably(tmp, folder / slug(model.alias))
 
     def remembered(self, uri: str) -> str | None:
         """The version last served for ``uri`` (alias URIs), or the pinned version of ``models:/name/N``."""
@@ -448,7 +449,7 @@ class BundleCache:
                 raise BundleError(f"{what}: downloaded bundle refused: {exc}") from None
             _check_tags(bundle, ref)
             try:
-                tmp.rename(final)
+                replace_durably(tmp, final)
             except OSError:  # another process cached it meanwhile: keep theirs
                 if self.cached(ref.name, ref.version) is None:
                     raise

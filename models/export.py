@@ -20,6 +20,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+from inspector.durable import replace_durably
 from inspector.preprocess import full_placement
 from models.siamese import PatchEmbedder
 
@@ -115,7 +116,7 @@ def export_onnx(embedder: nn.Module, path: str | Path, *, height: int, width: in
                     opset_version=17,
                     dynamo=False,
                 )
-        os.replace(tmp, path)
+        replace_durably(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from inspector.durable import replace_durably
 from inspector.metrics import roc_auc
 from inspector.preprocess import PreprocessConfig, Preprocessor, full_placement, patch_grid
 from inspector.scorer import PART_VIEW, PATCH_VIEW, Scorer, golden_rows
@@ -333,12 +334,15 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     torch.save(state, tmp)
-    os.replace(tmp, path)
+    replace_durably(tmp, path)
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """A checkpoint's state: tensors and plain types only (``weights_only``), never code. Scheduled retraining
+    warm-starts from the champion's checkpoint in the artifact store: whoever can write the store must not be able to
+    run code on the training worker through it."""
     try:
-        return torch.load(path, map_location=map_location, weights_only=False)
+        return torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: checkpoint not found") from None
     except Exception as exc:  # a truncated or foreign file

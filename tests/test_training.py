@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -105,6 +106,30 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path: Path) -> 
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         train(build_embedder(TINY), SpotDataset(), _config(), checkpoint_dir=tmp_path, resume=True)
+
+
+class _RunsCode:
+    """A pickle payload that would create a file when unpickled (what a hostile checkpoint in the store does)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (os.mkdir, (str(self.marker),))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_without_running_it(tmp_path: Path) -> None:
+    from models.training import load_checkpoint
+
+    marker = tmp_path / "pwned.txt"
+    hostile = tmp_path / "best.pt"
+    torch.save({"model": {}, "payload": _RunsCode(marker)}, hostile)
+    with pytest.raises(ValueError, match="best.pt: not a readable checkpoint"):
+        load_checkpoint(hostile)
+    assert not marker.exists(), "unpickling ran the payload"
+    fine = tmp_path / "fine.pt"
+    torch.save({"model": {"w": torch.ones(2)}, "epoch": 1, "history": {"epochs": [{"loss": 0.5}]}}, fine)
+    assert load_checkpoint(fine)["epoch"] == 1
 
 
 def test_early_stopping_when_validation_does_not_improve() -> None:

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from inspector.durable import replace_durably
 from inspector.errors import ImageError
 from inspector.preprocess import DEFAULT_MAX_PIXELS, load_image, open_mask, significant_bits
 from pipelines.data.layouts import detect_layout, scan_dataset, scan_layout
@@ -152,16 +153,14 @@ def dataset_hash(entries: Sequence[ManifestEntry]) -> str:
 
 
 def write_manifest(manifest: Manifest, path: str | Path) -> Path:
-    """Write the manifest as JSON atomically (temp file in the same folder, fsync, rename)."""
+    """Write the manifest as JSON atomically and durably (temp file in the same folder, fsync, rename, fsync)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(manifest.to_json())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        replace_durably(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
