@@ -4,6 +4,7 @@ and an atomic reload under concurrent requests with zero failed requests."""
 from __future__ import annotations
 
 import io
+import logging
 import math
 import os
 import shutil
@@ -487,3 +488,36 @@ def test_each_request_alone_when_combining_is_off(start_server: Callable[..., Li
         == 3
         == _gauge(metrics, "inspector_score_batched_requests_total")
     )
+
+
+def test_a_camera_that_drops_its_link_mid_upload_is_counted_not_a_traceback(
+    server: LiveServer, client: httpx.Client, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client that closes its connection half-way through the body: one log line and a counter, no traceback."""
+    host, port = server.url.removeprefix("http://").split(":")
+    body = b"--cut\r\nContent-Disposition: form-data; name=files; filename=a.png\r\n\r\n" + png_bytes(1)[:200]
+    head = (
+        f"POST /v1/score HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {TOKEN}\r\n"
+        "Content-Type: multipart/form-data; boundary=cut\r\nContent-Length: 50000\r\n\r\n"
+    )
+
+    def disconnects() -> float:
+        line = next(
+            (x for x in client.get("/metrics").text.splitlines() if x.startswith("inspector_client_disconnects_total")),
+            "inspector_client_disconnects_total 0",
+        )
+        return float(line.split()[-1])
+
+    before = disconnects()
+    with caplog.at_level(logging.INFO):
+        for _ in range(2):
+            with socket.create_connection((host, int(port)), timeout=10) as raw:
+                raw.sendall(head.encode() + body)
+                time.sleep(0.2)
+        deadline = time.monotonic() + 10
+        while disconnects() < before + 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert disconnects() == before + 2
+    assert not [r for r in caplog.records if r.exc_info], "no traceback in the service log"
+    assert sum("disconnected" in r.getMessage() for r in caplog.records) == 2
+    assert client.post("/v1/score", files=files(("ok.png", png_bytes(2)))).status_code == 200

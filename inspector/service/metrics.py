@@ -58,6 +58,9 @@ class ServiceMetrics:
         self.ready = Gauge("inspector_model_ready", "1 while a verified model is loaded", registry=r)
         self.reloads = Counter("inspector_model_reloads", "model (re)loads by result", ["result"], registry=r)
         self.swaps = Counter("inspector_model_swaps", "times a loaded model was replaced by another", registry=r)
+        self.client_disconnects = Counter(
+            "inspector_client_disconnects", "requests whose client left before the body was complete", registry=r
+        )
         self.served_version = Gauge(
             "inspector_model_registry_version", "registry version being served (0: not from the registry)", registry=r
         )

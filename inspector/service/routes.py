@@ -12,6 +12,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
 
 from inspector.errors import InspectorError
 from inspector.registry import RegistryUnreachable
@@ -64,7 +65,12 @@ async def score(
 ) -> ScoreResponse | JSONResponse:
     """Score one or many images; a bad image gets an error naming it, the others are scored."""
     start = time.perf_counter()
-    uploads = await read_uploads(request, settings)
+    try:
+        uploads = await read_uploads(request, settings)
+    except ClientDisconnect:  # a camera dropped its link mid-upload: nothing to answer, nothing broken
+        metrics.client_disconnects.inc()
+        log.info("client %s disconnected mid-upload; nothing scored", request.client.host if request.client else "?")
+        return error_response(400, "client disconnected before the request body was complete")
     if isinstance(uploads, JSONResponse):
         return uploads
     results = await run_in_threadpool(score_uploads, model, uploads, batcher)
