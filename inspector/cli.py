@@ -12,6 +12,7 @@ import glob
 import json
 import sys
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
@@ -28,21 +29,47 @@ EXIT_OK, EXIT_ANOMALY, EXIT_BAD_INPUT = 0, 1, 2
 T = TypeVar("T")
 
 
-def expand_paths(items: Iterable[str]) -> tuple[list[Path], list[str]]:
-    """Files, folders (recursively, image suffixes only) and globs → image paths, plus the items that matched
-    nothing."""
+@dataclass(frozen=True)
+class PathScan:
+    """What the paths given on the command line came to: images, items that matched nothing, and the files in the
+    folders given that were left out, each with why (a folder scan says what it skipped, it never drops silently)."""
+
+    found: list[Path]
+    missing: list[str]
+    skipped: list[tuple[Path, str]]
+
+    def report_skipped(self) -> None:
+        """One line on stderr naming what the folder scans left out, when they left anything out."""
+        if self.skipped:
+            names = ", ".join(str(p) for p, _ in self.skipped[:10]) + (" …" if len(self.skipped) > 10 else "")
+            print(
+                f"note: skipped {len(self.skipped)} file(s) in the folders given, not an image type: {names}",
+                file=sys.stderr,
+            )
+
+
+def expand_paths(items: Iterable[str]) -> PathScan:
+    """Files, folders (recursively, image suffixes only) and globs → image paths, plus the items that matched nothing
+    and the files in folders that are not images by their suffix."""
     found: list[Path] = []
     missing: list[str] = []
+    skipped: list[tuple[Path, str]] = []
+    kinds = ", ".join(sorted(IMAGE_SUFFIXES))
     for item in items:
         p = Path(item)
         if p.is_dir():
-            found += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            for f in sorted(f for f in p.rglob("*") if f.is_file()):
+                if f.suffix.lower() in IMAGE_SUFFIXES:
+                    found.append(f)
+                else:
+                    why = f"not an image type ({f.suffix or 'no suffix'}; folders are scanned for {kinds})"
+                    skipped.append((f, why))
         elif p.is_file():
             found.append(p)
         else:
             matches = sorted(Path(m) for m in glob.glob(item, recursive=True) if Path(m).is_file())
             (found.extend(matches) if matches else missing.append(item))
-    return found, missing
+    return PathScan(found, missing, skipped)
 
 
 def _print_table(results: list[ScoreResult]) -> None:
@@ -58,7 +85,8 @@ def _print_table(results: list[ScoreResult]) -> None:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    paths, missing = expand_paths(args.paths)
+    scan = expand_paths(args.paths)
+    paths, missing = scan.found, scan.missing
     for m in missing:
         print(f"error: {m}: no such file, folder or matching glob", file=sys.stderr)
     if not paths:
@@ -77,15 +105,22 @@ def cmd_score(args: argparse.Namespace) -> int:
     else:
         results = list(_progress(inspector.score_paths(paths), len(paths), not (args.json or args.csv)))
         rows = [r.to_dict() for r in results]
+    rows += [
+        {"path": str(p), "score": None, "threshold": inspector.threshold, "verdict": None, "skipped": why}
+        for p, why in scan.skipped
+    ]
     if args.json:
         json.dump(rows, sys.stdout, indent=2)
         print()
     elif args.csv:
-        writer = csv.DictWriter(sys.stdout, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(sys.stdout, fieldnames=list(dict.fromkeys(k for row in rows for k in row)))
         writer.writeheader()
         writer.writerows(rows)
     else:
         _print_table(results)
+        for p, why in scan.skipped:
+            print(f"{p}  SKIPPED {why}")
+    scan.report_skipped()
     errors = [r for r in results if r.error]
     for r in errors:
         print(f"error: {r.error}", file=sys.stderr)
@@ -186,10 +221,11 @@ def _reference_summary(before_path: Path, after_path: Path) -> dict:
 
 
 def _expand_or_report(items: list[str], what: str) -> list[Path] | None:
-    paths, missing = expand_paths(items)
-    for m in missing:
+    scan = expand_paths(items)
+    for m in scan.missing:
         print(f"error: {m}: no such file, folder or matching glob ({what})", file=sys.stderr)
-    return None if missing else paths
+    scan.report_skipped()
+    return None if scan.missing else scan.found
 
 
 def cmd_add_references(args: argparse.Namespace) -> int:

@@ -40,6 +40,29 @@ def test_score_folder_json(tiny_bundle: Path, parts: Path, capsys: pytest.Captur
         main(["score", str(parts), "--bundle", str(tiny_bundle), "--streams", "0"])
 
 
+def test_a_folder_scan_says_what_it_skipped_and_why(
+    tiny_bundle: Path, parts: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    frames = [Image.new("RGB", (30, 40), c) for c in ("red", "blue")]
+    frames[0].save(parts / "spin.gif", save_all=True, append_images=frames[1:])  # an animated GIF: not a line image
+    (parts / "notes.txt").write_text("shift 2")
+    assert main(["score", str(parts), "--bundle", str(tiny_bundle), "--json"]) == 0  # skipping is not an error
+    captured = capsys.readouterr()
+    rows = json.loads(captured.out)
+    skipped = {Path(r["path"]).name: r["skipped"] for r in rows if "skipped" in r}
+    assert sorted(skipped) == ["notes.txt", "spin.gif"]
+    assert "not an image type (.gif;" in skipped["spin.gif"]
+    assert sum(r["score"] is not None for r in rows) == 3
+    assert "skipped 2 file(s) in the folders given" in captured.err
+    assert main(["score", str(parts), "--bundle", str(tiny_bundle)]) == 0
+    table = capsys.readouterr().out
+    assert "spin.gif  SKIPPED not an image type" in table
+    assert main(["score", str(parts), "--bundle", str(tiny_bundle), "--csv"]) == 0
+    csv_rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert len(csv_rows) == 5
+    assert sum(bool(r["skipped"]) for r in csv_rows) == 2
+
+
 def test_bad_file_named_rest_scored_exit_2(
     tiny_bundle: Path, parts: Path, bad_images: dict[str, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
