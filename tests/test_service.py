@@ -223,6 +223,8 @@ def test_readyz_healthz_and_metrics(client: httpx.Client) -> None:
     assert "inspector_http_request_duration_seconds_bucket" in text
     assert "inspector_images_scored_total" in text and "inspector_anomalies_flagged_total" in text
     assert "inspector_model_ready 1.0" in text
+    assert _gauge(text, "process_resident_memory_bytes") > 0  # the process and platform, on the service's registry
+    assert "python_info{" in text
     # drift: the flag rate of the latest parts, beside what the threshold was calibrated for (not recorded here: NaN)
     assert math.isnan(_gauge(text, "inspector_model_calibrated_false_reject_rate"))
     verdicts = [r["verdict"] == "anomalous" for r in first.json()["results"]]

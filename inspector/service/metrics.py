@@ -11,7 +11,17 @@ import threading
 import time
 from collections import deque
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from inspector.service.holder import LoadedModel
@@ -26,6 +36,8 @@ class ServiceMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        ProcessCollector(registry=r)  # memory, CPU seconds, open files of this process (Linux)
+        PlatformCollector(registry=r)  # the Python build, for telling two line PCs apart
         self.requests = Counter(
             "inspector_http_requests",
             "HTTP requests by method, path and status",
