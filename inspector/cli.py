@@ -92,8 +92,13 @@ def cmd_score(args: argparse.Namespace) -> int:
     if not paths:
         print("error: no images to score", file=sys.stderr)
         return EXIT_BAD_INPUT
-    runtime = RuntimeSettings.from_env(threads=args.threads, streams=args.streams)
-    inspector = Inspector.from_bundle(args.bundle, **runtime.engine_options())
+    runtime = RuntimeSettings.from_env(
+        threads=args.threads,
+        streams=args.streams,
+        require_signature=args.require_signature or None,
+        public_key=args.public_key,
+    )
+    inspector = Inspector(runtime.trusted_bundle(args.bundle), **runtime.engine_options())
     if args.heatmaps is not None:
         from inspector.heatmap import write_heatmaps
 
@@ -193,6 +198,8 @@ def serve_settings(args: argparse.Namespace) -> ServiceSettings:
         poll_seconds=args.poll_seconds,
         cache_dir=args.cache_dir,
         registry_timeout=args.registry_timeout,
+        require_signature=args.require_signature or None,
+        public_key=args.public_key,
         combine_images=args.combine_images,
     )
 
@@ -341,7 +348,12 @@ def _parser() -> argparse.ArgumentParser:
         help="batches scored side by side, one core each (default: "
         "INSPECTOR_STREAMS, else --threads or the cores; 1: one batch at a time on all cores)",
     )
+    _signature_flags(s)
     s.set_defaults(func=cmd_score)
+    g = sub.add_parser("sign", help="sign a verified bundle with an Ed25519 private key (writes signature.json)")
+    g.add_argument("bundle", type=Path)
+    g.add_argument("--key", required=True, type=Path, help="Ed25519 private key, PEM (never logged or copied)")
+    g.set_defaults(func=cmd_sign)
     c = sub.add_parser("check", help="verify a bundle (hashes, schema, model loads)")
     c.add_argument("bundle", type=Path)
     c.set_defaults(func=cmd_check)
@@ -428,8 +440,27 @@ def _parser() -> argparse.ArgumentParser:
         "together, up to this many images (default 32; 1: every request alone)",
     )
     v.add_argument("--log-level", default=None, choices=["critical", "error", "warning", "info", "debug"])
+    _signature_flags(v)
     v.set_defaults(func=cmd_serve)
     return p
+
+
+def _signature_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--require-signature",
+        action="store_true",
+        help="run only bundles signed by --public-key (or INSPECTOR_REQUIRE_SIGNATURE=1)",
+    )
+    p.add_argument("--public-key", type=Path, default=None, help="Ed25519 public key, PEM (or INSPECTOR_PUBLIC_KEY)")
+
+
+def cmd_sign(args: argparse.Namespace) -> int:
+    from inspector.signing import fingerprint, load_private_key, sign_bundle
+
+    out = sign_bundle(args.bundle, args.key)
+    key_id = fingerprint(load_private_key(args.key).public_key())
+    print(json.dumps({"bundle": str(args.bundle), "signature": str(out), "key_sha256": key_id}, indent=2))
+    return EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:

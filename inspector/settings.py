@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Self
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from inspector.bundle import Bundle, load_bundle
 from inspector.errors import InspectorError
 
 #: the one environment prefix of the ``inspector`` program
@@ -31,6 +33,14 @@ class RuntimeSettings(BaseModel):
     ort_spin: bool = Field(
         False, description="let onnxruntime's idle threads busy-wait (off: they take the cores from decode and search)"
     )
+    require_signature: bool = Field(False, description="run only bundles signed by the key in public_key")
+    public_key: Path | None = Field(None, description="Ed25519 public key (PEM) that signs the bundles this line runs")
+
+    @model_validator(mode="after")
+    def _signature_needs_a_key(self) -> Self:
+        if self.require_signature and self.public_key is None:
+            raise ValueError("require_signature needs public_key (the PEM file of the key that signs bundles)")
+        return self
 
     @classmethod
     def environment_values(cls, environ: Mapping[str, str]) -> dict[str, Any]:
@@ -51,6 +61,17 @@ class RuntimeSettings(BaseModel):
         except ValidationError as exc:
             problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors())
             raise InspectorError(f"invalid {ENV_PREFIX}* settings: {problems}") from None
+
+    def trusted_bundle(self, path: str | Path) -> Bundle:
+        """The bundle at ``path``, verified (hashes, content digest) and, where this line asks for it, signed by its
+        key: checked before onnxruntime ever opens the model."""
+        bundle = load_bundle(path)
+        if self.require_signature:
+            from inspector.signing import load_public_key, verify_signature
+
+            assert self.public_key is not None  # the validator's promise
+            verify_signature(bundle, load_public_key(self.public_key))
+        return bundle
 
     def engine_options(self) -> dict[str, Any]:
         """The keyword arguments :class:`inspector.engine.Inspector` takes from these settings."""

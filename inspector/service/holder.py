@@ -111,7 +111,8 @@ class ModelHolder:
             raise
 
     def _build(self, path: Path, fetched: FetchedBundle | None) -> LoadedModel:
-        inspector = Inspector.from_bundle(path, **self.settings.engine_options())  # verifies hashes, schema, dims
+        bundle = self.settings.trusted_bundle(path)  # hashes, content digest, and the signature where required
+        inspector = Inspector(bundle, **self.settings.engine_options())
         pre = inspector.bundle.spec.preprocessing
         probe = Image.new("RGB", (pre.width, pre.height), tuple(int(round(m * 255)) for m in pre.mean))
         result = inspector.score([probe])[0]  # the whole path once: decode-free preprocess, ORT run, kNN
