@@ -43,7 +43,8 @@ from typing import Any, BinaryIO, Protocol
 from inspector.bundle import MANIFEST, Bundle, load_bundle
 from inspector.durable import replace_durably
 from inspector.errors import BundleError, InspectorError
-from inspector.registry_contract import BUNDLE_ARTIFACT, check_bundle_matches_tags, slug
+from inspector.registry_contract import BUNDLE_ARTIFACT, SIGNATURE_TAG, check_bundle_matches_tags, slug
+from inspector.signing import write_signature
 
 API = "/api/2.0/mlflow"
 ARTIFACTS_API = "/api/2.0/mlflow-artifacts/artifacts"
@@ -379,6 +380,12 @@ def _check_tags(bundle: Bundle, ref: ModelVersionRef) -> None:
     check_bundle_matches_tags(bundle, ref.tags, f"{ref.uri} (version {ref.version})")
 
 
+def _apply_signature(folder: Path, ref: ModelVersionRef) -> None:
+    """The gate's signature (a version tag) as the bundle's ``signature.json``; checked where a line requires it."""
+    if signature := ref.tags.get(SIGNATURE_TAG):
+        write_signature(folder, signature)
+
+
 class BundleCache:
     """``<root>/<name>/<version>/`` holds whole, verified bundles; ``<root>/<name>/_aliases/<alias>`` the last
     version served for an alias. Writes are temp-dir-then-rename, so a crash never leaves half a version."""
@@ -432,6 +439,7 @@ class BundleCache:
         if hit is not None:
             try:
                 _check_tags(hit, ref)
+                _apply_signature(hit.path, ref)  # the gate may have signed it since it was cached
                 return FetchedBundle(ref.uri, ref.name, ref.version, hit.path, downloaded=False)
             except BundleError:  # the registry now holds another bundle under this number (store rebuilt): refetch
                 shutil.rmtree(hit.path, ignore_errors=True)
@@ -448,6 +456,7 @@ class BundleCache:
             except BundleError as exc:
                 raise BundleError(f"{what}: downloaded bundle refused: {exc}") from None
             _check_tags(bundle, ref)
+            _apply_signature(tmp, ref)
             try:
                 replace_durably(tmp, final)
             except OSError:  # another process cached it meanwhile: keep theirs

@@ -24,6 +24,9 @@ CHALLENGER = "challenger"
 RUN_ID_TAG = "run_id"
 BUNDLE_MODEL_VERSION_TAG = "bundle_model_version"
 THRESHOLD_TAG = "threshold"
+#: Written by the promotion gate when it is given a signing key: the bundle's ``signature.json``, which the line's
+#: client writes beside the bundle it downloads (so a line that requires signatures runs gated bundles only).
+SIGNATURE_TAG = "bundle_signature"
 THRESHOLD_RULE_TAG = "threshold_rule"
 WHOLE_PART_SCORE_TAG = "whole_part_score"
 DATASET_HASH_TAG = "dataset_hash"

@@ -93,24 +93,33 @@ def _digest_of(bundle: Bundle) -> str:
     return digest
 
 
-def sign_bundle(path: str | Path, key_path: str | Path) -> Path:
-    """Verify the bundle at ``path``, sign its content digest with the private key, write ``signature.json``
-    (atomically); returns the signature file."""
-    bundle = load_bundle(path)
-    key = load_private_key(key_path)
-    digest = _digest_of(bundle)
-    record = {
+def signature_record(digest: str, key: Ed25519PrivateKey) -> dict[str, Any]:
+    """What ``signature.json`` holds for a bundle whose content digest is ``digest``: the signature, what it signs,
+    and the key's fingerprint (the promotion gate stores the same record as a version tag)."""
+    return {
         "algorithm": ALGORITHM,
         "signed": {MANIFEST_DIGEST: digest},
         "key_sha256": fingerprint(key.public_key()),
         "signature": base64.b64encode(key.sign(_CONTEXT + digest.encode("ascii"))).decode("ascii"),
     }
-    out = bundle.path / SIGNATURE_FILE
-    fd, tmp = tempfile.mkstemp(prefix=f".{SIGNATURE_FILE}.", dir=bundle.path)
+
+
+def write_signature(folder: str | Path, text: str) -> Path:
+    """``signature.json`` in a bundle folder, written atomically (a line never reads half a signature)."""
+    out = Path(folder) / SIGNATURE_FILE
+    fd, tmp = tempfile.mkstemp(prefix=f".{SIGNATURE_FILE}.", dir=out.parent)
     with open(fd, "w") as fh:
-        fh.write(json.dumps(record, indent=2) + "\n")
+        fh.write(text)
     replace_durably(tmp, out)
     return out
+
+
+def sign_bundle(path: str | Path, key_path: str | Path) -> Path:
+    """Verify the bundle at ``path``, sign its content digest with the private key, write ``signature.json``
+    (atomically); returns the signature file."""
+    bundle = load_bundle(path)
+    record = signature_record(_digest_of(bundle), load_private_key(key_path))
+    return write_signature(bundle.path, json.dumps(record, indent=2) + "\n")
 
 
 def verify_signature(bundle: Bundle, public_key: Ed25519PublicKey) -> str:

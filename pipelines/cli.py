@@ -108,6 +108,11 @@ def _parser() -> argparse.ArgumentParser:
         help="gate rule, e.g. min_auroc=0.95",
     )
     promote.add_argument("--json", action="store_true", help="print the whole decision as JSON")
+    promote.add_argument(
+        "--signing-key",
+        type=Path,
+        help="Ed25519 private key (PEM): sign a challenger that passes, so lines with --require-signature run it",
+    )
 
     rollback = sub.add_parser("rollback", help="move 'champion' back to the previous champion, or to --to VERSION")
     rollback.add_argument("--model-name", required=True)
@@ -241,7 +246,8 @@ def cmd_promote(args: argparse.Namespace) -> int:
     else:
         gate = load_gate_set(args.gate_manifest)
     _set_tracking(args.tracking_uri)
-    decision = promote_flow(args.model_name, str(gate.path.resolve()), rules)
+    key = str(args.signing_key.resolve()) if args.signing_key else None
+    decision = promote_flow(args.model_name, str(gate.path.resolve()), rules, signing_key=key)
     if args.json:
         print(json.dumps(decision, indent=2, default=str))
     else:

@@ -533,3 +533,39 @@ def test_promote_cli_bad_input(kit: Kit, tmp_path: Path, capsys: pytest.CaptureF
     assert "unknown gate rule" in capsys.readouterr().err
     assert main(["promote", "--model-name", "x", "--gate-data", str(tmp_path / "nowhere")]) == 2
     assert "gate data folder not found" in capsys.readouterr().err
+
+
+def test_a_signing_gate_signs_what_it_promotes_and_a_strict_line_runs_only_that(
+    kit: Kit, prefect_harness: None, use_registry, sqlite_server: dict, tmp_path: Path
+) -> None:
+    from mlflow import MlflowClient
+
+    from inspector.errors import BundleError, InspectorError
+    from inspector.registry import BundleCache, RegistryClient, RegistrySource
+    from inspector.registry_contract import SIGNATURE_TAG
+    from inspector.settings import RuntimeSettings
+    from pipelines.promotion import promote_flow
+    from tests.test_signing import _key_pair
+
+    private, public = _key_pair(tmp_path, "release")
+    use_registry(sqlite_server["url"])
+    name = "signed"
+    first = register(kit.better, name)
+    assert promote_flow(name, str(kit.gate), RULES, signing_key=str(private))["moved"]
+    tags = MlflowClient().get_model_version(name, first).tags
+    assert private.read_text().splitlines()[1] not in tags[SIGNATURE_TAG], "the key itself goes nowhere"
+
+    strict = RuntimeSettings(require_signature=True, public_key=public)
+    line = RegistrySource(RegistryClient(sqlite_server["url"]), BundleCache(tmp_path / "line-cache"))
+    champion = line.fetch(f"models:/{name}@champion")
+    assert strict.trusted_bundle(champion.path).spec.threshold.value > 0  # the gated bundle runs on a strict line
+
+    second = register(kit.better, name)  # registered, not gated
+    challenger = line.fetch(f"models:/{name}@challenger")
+    with pytest.raises(BundleError, match="signature.json: missing"):
+        strict.trusted_bundle(challenger.path)
+    unusable = tmp_path / "unusable.pem"
+    unusable.write_text("not a key\n")
+    with pytest.raises(InspectorError, match="unusable.pem: not a PEM private key"):
+        promote_flow(name, str(kit.gate), RULES, signing_key=str(unusable))
+    assert aliases(name) == {"champion": first, "challenger": second}, "a gate that cannot sign moves nothing"

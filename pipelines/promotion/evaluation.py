@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from inspector.bundle import load_bundle
+from inspector.bundle import MANIFEST_DIGEST, load_bundle
 from inspector.calibration import shortfall
 from inspector.errors import InspectorError
 from inspector.registry import RegistrySource, RegistryUnreachable
@@ -36,6 +36,8 @@ def score_version(model_name: str, alias: str, version: Any, gate: GateSet, regi
         score.bundle_error = str(exc)
         return score
     score.calibration_shortfall = shortfall(bundle.spec.threshold.details)
+    digest = bundle.manifest.get(MANIFEST_DIGEST)
+    score.content_digest = str(digest) if digest else None
     parity = bundle.spec.model.get("parity_max_abs_diff")
     score.parity = float(parity) if parity is not None else None
     records = [e.record() for e in gate.manifest.entries]

@@ -27,6 +27,7 @@ from pipelines.promotion.registry_ops import (
     pin_gate_hash,
     pinned_gate_hash,
     record_decision,
+    sign_version,
 )
 from pipelines.promotion.rules import GateDecision, GateRules, ModelScore, decide
 
@@ -50,6 +51,13 @@ def score_task(model_name: str, alias: str, version: Any, gate: GateSet, registr
 
 
 @task(cache_policy=NO_CACHE)
+def sign_task(model_name: str, challenger: ModelScore, signing_key: str) -> str:
+    key_id = sign_version(model_name, challenger, signing_key)
+    get_run_logger().info("signed v%s with key %s…", challenger.version, key_id[:12])
+    return key_id
+
+
+@task(cache_policy=NO_CACHE)
 def record_task(decision: GateDecision) -> str:
     return record_decision(decision)
 
@@ -65,8 +73,13 @@ def promote_flow(
     gate_manifest: str,
     rules: GateRules | dict[str, Any] | None = None,
     tracking_uri: str | None = None,
+    signing_key: str | None = None,
 ) -> dict[str, Any]:
     """Gate ``challenger`` against ``champion`` on the frozen gate set; move ``champion`` only if every rule passes.
+
+    With ``signing_key`` (the path of an Ed25519 private key, PEM) a challenger that passes is signed before
+    anything is recorded or moved, so a line that requires signatures runs gated bundles only; a key that cannot
+    sign stops the run with ``champion`` unchanged.
 
     Returns the decision as a dict (``promote``, ``moved``, ``rules``, both models' metrics, ``reasons``).
     Raises (moving nothing) when the gate set is unreadable, there is no challenger, or the registry is down.
@@ -89,6 +102,8 @@ def promote_flow(
             score_task(model_name, CHAMPION, champion_version, gate, registry) if champion_version is not None else None
         )
         decision = decide(model_name, challenger, champion, rules, gate, pinned, changed_gate_images(gate))
+    if decision.promote and signing_key:
+        sign_task(model_name, challenger, signing_key)
     record_task(decision)
     if not pinned and decision.rules[0].passed:
         pin_gate_hash(model_name, gate.hash)

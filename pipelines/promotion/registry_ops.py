@@ -39,10 +39,11 @@ from inspector.registry_contract import (
     REFUSED,
     ROLLBACK_TO_AT_TAG,
     ROLLED_BACK_AT_TAG,
+    SIGNATURE_TAG,
     gate_metric_tag,
     gate_rule_tag,
 )
-from pipelines.promotion.rules import GateDecision
+from pipelines.promotion.rules import GateDecision, ModelScore
 from pipelines.tracking import _param_value, ensure_experiment
 
 MAX_HISTORY = 50
@@ -236,3 +237,16 @@ def rollback(model_name: str, to_version: str | int | None = None) -> RollbackRe
     if current_v:
         client.set_model_version_tag(model_name, current_v, ROLLED_BACK_AT_TAG, stamp)
     return RollbackResult(model_name, current_v, target, run.info.run_id)
+
+
+def sign_version(model_name: str, score: ModelScore, key_path: str) -> str:
+    """Sign a gated version's content digest and store the signature as its version tag (``SIGNATURE_TAG``), which
+    the line's client writes beside the bundle: a line that requires signatures then runs gated bundles only.
+    Returns the key's fingerprint; the key itself is read from its file and goes nowhere else."""
+    from inspector.signing import load_private_key, signature_record
+
+    if not score.content_digest:
+        raise GateError(f"{model_name} v{score.version}: the bundle has no content digest to sign (schema before 3)")
+    record = signature_record(score.content_digest, load_private_key(key_path))
+    MlflowClient().set_model_version_tag(model_name, score.version, SIGNATURE_TAG, json.dumps(record))
+    return str(record["key_sha256"])

@@ -91,6 +91,8 @@ class ModelScore:
     score_errors: int = 0
     #: the bundle's calibration goods were too few to resolve its target false-reject rate (a warning, not a rule)
     calibration_shortfall: str | None = None
+    #: the bundle's content digest (``manifest_sha256``): what the gate signs when it promotes with a key
+    content_digest: str | None = None
 
 
 @dataclass
