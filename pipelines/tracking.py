@@ -5,8 +5,9 @@ Plain functions (no Prefect here) so a flow, the CLI and the tests call the same
 - :func:`tracking_uri` / :func:`ensure_experiment`: where runs go (SQLite under the data directory by default,
   ``MLFLOW_TRACKING_URI`` wins) and an experiment per product line whose artifacts never land in the cwd.
 - :func:`log_training_run`: the whole config as params, per-epoch history, final metrics, artifacts, tags.
-- :class:`InspectorModel`: a pyfunc that scores with ``inspector`` (the line's only scoring implementation), so
-  ``mlflow.pyfunc.load_model("models:/<name>@challenger")`` and ``mlflow models serve`` give the line's scores.
+- the registered model is :class:`pipelines.pyfunc_model.InspectorModel`, logged as code (models from code), so
+  ``mlflow.pyfunc.load_model("models:/<name>@challenger")`` and ``mlflow models serve`` give the line's scores and
+  never unpickle anything.
 - :func:`register_bundle`: verify the bundle, log it, and only then create the model version and move the
   ``challenger`` alias; anything that raises before leaves the registry untouched.
 - :func:`download_bundle`: fetch a registered version's bundle the way the line fetches it, verified.
@@ -14,8 +15,7 @@ Plain functions (no Prefect here) so a flow, the CLI and the tests call the same
 The names registration shares with the gate and the line (artifact, aliases, version tags, the hash check) are
 :mod:`inspector.registry_contract`'s.
 
-This module imports only mlflow, pandas and ``inspector`` (no torch), because it is also shipped inside the
-logged model as code for the serving environment.
+This module imports only mlflow, pandas and ``inspector`` (no torch).
 """
 
 from __future__ import annotations
@@ -36,15 +36,11 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-import pandas as pd
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
-from mlflow.models import ModelSignature
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, RESOURCE_DOES_NOT_EXIST, ErrorCode
-from mlflow.pyfunc.model import PythonModel, PythonModelContext
 from mlflow.tracking import MlflowClient
-from mlflow.types import ColSpec, Schema
 
 from inspector.bundle import Bundle, load_bundle
 from inspector.engine import Inspector
@@ -61,6 +57,7 @@ from inspector.registry_contract import (
     bundle_hash_tags,
     slug,
 )
+from pipelines.pyfunc_model import ENTRY_FILE, model_signature, serving_requirements, stage_code
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +66,6 @@ TRACKING_DB = "mlflow.db"
 ARTIFACTS_DIR = "mlartifacts"
 MODEL_NAME_IN_RUN = "model"
 EPOCH_METRICS = ("train_loss", "val_auroc", "embedding_variance", "images_per_second")
-OUTPUT_COLUMNS = ("path", "score", "threshold", "verdict", "model_version", "error")
-SERVING_PACKAGES = ("onnxruntime", "numpy", "pillow")
 #: Packages whose version can move a run's figures (numerics, image decoding and resizing, augmentation, export):
 #: tagged on every training run as ``env.<package>``
 RESULT_PACKAGES = (
@@ -308,104 +303,6 @@ def _existing_file(path: str | Path, what: str) -> Path:
     return path
 
 
-# --------------------------------------------------------------------------------------------- the pyfunc
-
-
-def _as_paths(model_input: Any) -> list[str]:
-    """A DataFrame with a ``path`` column (or a single column), a Series, a list of paths or one path."""
-    if isinstance(model_input, pd.DataFrame):
-        if "path" in model_input.columns:
-            column = model_input["path"]
-        elif model_input.shape[1] == 1:
-            column = model_input.iloc[:, 0]
-        else:
-            raise ValueError(f"expected a DataFrame with a 'path' column, got columns {list(model_input.columns)}")
-        return [str(p) for p in column.tolist()]
-    if isinstance(model_input, pd.Series):
-        return [str(p) for p in model_input.tolist()]
-    if isinstance(model_input, (str, Path)):
-        return [str(model_input)]
-    if isinstance(model_input, Mapping) and "path" in model_input:
-        return _as_paths(model_input["path"])
-    if hasattr(model_input, "tolist"):  # numpy array of paths
-        model_input = model_input.tolist()
-    if isinstance(model_input, (list, tuple)):
-        return [str(p) for p in model_input]
-    raise TypeError(
-        f"expected image paths (DataFrame with a 'path' column, list or str), got {type(model_input).__name__}"
-    )
-
-
-class InspectorModel(PythonModel):
-    """The bundle as an MLflow pyfunc: ``predict`` scores image files through ``inspector.Inspector``.
-
-    Output: one row per input path with path, score, threshold, verdict ("good" / "anomalous" / None),
-    model_version and error (set, with score None, when that image could not be read).
-    """
-
-    def __init__(self) -> None:
-        self._inspector: Inspector | None = None
-
-    def __getstate__(self) -> dict[str, Any]:  # an onnxruntime session is never pickled into the model
-        return {**self.__dict__, "_inspector": None}
-
-    def load_context(self, context: PythonModelContext) -> None:
-        self._inspector = Inspector.from_bundle(context.artifacts[BUNDLE_ARTIFACT])
-
-    def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
-        if self._inspector is None:
-            self.load_context(context)
-        assert self._inspector is not None
-        paths = _as_paths(model_input)
-        rows = [r.to_dict() for r in self._inspector.score(paths)] if paths else []
-        frame = pd.DataFrame(rows, columns=list(OUTPUT_COLUMNS))
-        frame["score"] = frame["score"].astype("float64")
-        frame["threshold"] = frame["threshold"].astype("float64")
-        return frame
-
-
-def model_signature() -> ModelSignature:
-    """Outputs only: inputs stay free-form (DataFrame with a ``path`` column, list of paths, one path), which a
-    column schema would reject before ``predict`` sees them."""
-    return ModelSignature(
-        inputs=None,
-        outputs=Schema(
-            [
-                ColSpec("string", "path"),
-                ColSpec("double", "score", required=False),
-                ColSpec("double", "threshold"),
-                ColSpec("string", "verdict", required=False),
-                ColSpec("string", "model_version"),
-                ColSpec("string", "error", required=False),
-            ]
-        ),
-    )
-
-
-def serving_requirements() -> list[str]:
-    """The pyfunc's pip requirements: what ``inspector`` needs, pinned to what produced the logged scores."""
-    reqs = []
-    for package in SERVING_PACKAGES:
-        try:
-            reqs.append(f"{package}=={metadata.version(package)}")
-        except metadata.PackageNotFoundError:
-            reqs.append(package)
-    return reqs
-
-
-def _stage_code(dst: Path) -> list[str]:
-    """Copy ``inspector`` and this module (nothing torch) so the logged model loads where the project is absent."""
-    import inspector
-
-    shutil.copytree(
-        Path(inspector.__file__).parent, dst / "inspector", ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
-    )
-    (dst / "pipelines").mkdir()
-    (dst / "pipelines" / "__init__.py").write_text('"""Only the tracking module, shipped with a logged model."""\n')
-    shutil.copyfile(Path(__file__), dst / "pipelines" / "tracking.py")
-    return [str(dst / "inspector"), str(dst / "pipelines")]
-
-
 # --------------------------------------------------------------------------------------------- the registry
 
 
@@ -468,10 +365,10 @@ def register_bundle(
         shutil.copytree(bundle_dir, staged)
         bundle = load_bundle(staged)  # raises BundleError on a tampered, incomplete or unknown bundle
         Inspector(bundle)  # and the model must load in onnxruntime with references of the right width
-        code_paths = _stage_code(Path(staging) / "code")
+        code_paths = stage_code(Path(staging) / "code")
         log_kwargs = dict(
             name=MODEL_NAME_IN_RUN,
-            python_model=InspectorModel(),
+            python_model=str(ENTRY_FILE),  # models from code: MLflow runs the file, nothing is pickled
             artifacts={BUNDLE_ARTIFACT: str(staged)},
             code_paths=code_paths,
             pip_requirements=serving_requirements(),

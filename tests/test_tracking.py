@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import urllib.parse
+import urllib.request
 from importlib import metadata
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from inspector.engine import Inspector  # noqa: E402
 from inspector.errors import BundleError  # noqa: E402
 from inspector.registry_contract import BUNDLE_ARTIFACT  # noqa: E402
 from pipelines import tracking  # noqa: E402
+from pipelines.pyfunc_model import OUTPUT_COLUMNS  # noqa: E402
 
 
 @pytest.fixture()
@@ -204,7 +206,7 @@ def test_register_load_predict_download_and_failed_registration(
     model = mlflow.pyfunc.load_model(f"models:/{name}@challenger")
     missing = tmp_path / "missing.png"
     frame = model.predict(pd.DataFrame({"path": [str(p) for p in part_images] + [str(missing)]}))
-    assert list(frame.columns) == list(tracking.OUTPUT_COLUMNS)
+    assert list(frame.columns) == list(OUTPUT_COLUMNS)
     expected = Inspector.from_bundle(tiny_bundle).score(part_images)
     np.testing.assert_allclose(frame["score"].to_numpy()[:4], [r.score for r in expected], atol=1e-6, rtol=0)
     assert list(frame["verdict"][:4]) == [r.to_dict()["verdict"] for r in expected]
@@ -220,14 +222,14 @@ def test_register_load_predict_download_and_failed_registration(
         "import sys, mlflow, json\n"
         f"m = mlflow.pyfunc.load_model('models:/{name}/1')\n"
         f"s = float(m.predict([{str(part_images[0])!r}])['score'][0])\n"
-        "import inspector, pipelines.tracking\n"
-        "print(json.dumps([s, inspector.__file__, pipelines.tracking.__file__, 'torch' in sys.modules]))\n"
+        "import inspector, pipelines.pyfunc_model\n"
+        "print(json.dumps([s, inspector.__file__, pipelines.pyfunc_model.__file__, 'torch' in sys.modules]))\n"
     )
     out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
-    score, inspector_file, tracking_file, torch_loaded = json.loads(out.stdout.strip().splitlines()[-1])
+    score, inspector_file, pyfunc_file, torch_loaded = json.loads(out.stdout.strip().splitlines()[-1])
     assert score == pytest.approx(expected[0].score, abs=1e-6) and not torch_loaded
-    assert "/artifacts/code/inspector/" in inspector_file and "/artifacts/code/pipelines/" in tracking_file
+    assert "/artifacts/code/inspector/" in inspector_file and "/artifacts/code/pipelines/" in pyfunc_file
 
     got = tracking.download_bundle(f"models:/{name}@challenger", tmp_path / "downloaded")
     assert load_bundle(got).manifest["files"] == load_bundle(tiny_bundle).manifest["files"]
@@ -260,3 +262,45 @@ def test_register_load_predict_download_and_failed_registration(
     assert sorted(str(v.version) for v in client.search_model_versions(f"name='{name}'")) == ["1", "2"]
     assert str(client.get_model_version_by_alias(name, "challenger").version) == "2"
     assert not client.list_artifacts(run.info.run_id)
+
+
+def test_the_registered_model_is_code_not_a_pickle_and_serves_image_bytes(
+    store: dict, tiny_bundle: Path, part_images: list[Path], tmp_path: Path
+) -> None:
+    """Loading a registered model runs the shipped code (models from code): no pickle in the artifact store. A remote
+    client of ``mlflow models serve`` posts image bytes (base64) and gets the line's scores, a bad row named."""
+    import base64
+
+    from tests.servers import VENV_BIN, _env, _stop_process, free_port, wait_http
+
+    with mlflow.start_run(experiment_id=store["experiment_id"]) as run:
+        version = tracking.register_bundle(tiny_bundle, "from-code", run_id=run.info.run_id)
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/from-code/{version.version}", dst_path=str(tmp_path)))
+    assert not list(local.rglob("*.pkl")), "nothing pickled in the logged model"
+    assert "model_code_path" in (local / "MLmodel").read_text()
+
+    expected = Inspector.from_bundle(tiny_bundle).score(part_images[:2])
+    images = [base64.b64encode(p.read_bytes()).decode() for p in part_images[:2]]
+    rows = {"image_b64": [*images, "not base64!"], "name": ["a.png", "b.png", "c.png"]}
+    frame = mlflow.pyfunc.load_model(f"models:/from-code/{version.version}").predict(pd.DataFrame(rows))
+    assert list(frame["path"]) == ["a.png", "b.png", "c.png"]
+    np.testing.assert_allclose(frame["score"][:2], [r.score for r in expected], atol=1e-6, rtol=0)
+    assert frame["error"][2].startswith("c.png: image_b64 is not base64")
+
+    port, log = free_port(), tmp_path / "serve.log"
+    command = [str(VENV_BIN / "mlflow"), "models", "serve", "-m", f"models:/from-code/{version.version}"]
+    command += ["--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=_env(), start_new_session=True)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/ping", 180, proc, log)
+        body = json.dumps({"dataframe_split": {"columns": ["image_b64", "name"], "data": [[images[0], "cam1.png"]]}})
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations", body.encode(), {"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=60) as response:
+            served = json.loads(response.read())["predictions"][0]
+    finally:
+        _stop_process(proc)
+    assert served["path"] == "cam1.png"
+    assert served["score"] == pytest.approx(expected[0].score, abs=1e-6)
