@@ -108,6 +108,7 @@ def test_retraining_deployment_runs_through_a_real_worker(
         "INSPECTOR_PIPELINE_RETRAIN_DATA": str(demo_root),
         "INSPECTOR_PIPELINE_GATE_MANIFEST": str(gate.path),
         "INSPECTOR_PIPELINE_WORK_DIR": str(tmp_path / "work"),
+        "INSPECTOR_PIPELINE_CODE_DIR": str(ROOT),
         "MLFLOW_TRACKING_URI": uri,
     }
     prefect = str(VENV_BIN / "prefect")
@@ -120,6 +121,9 @@ def test_retraining_deployment_runs_through_a_real_worker(
         gate.path
     )
     assert [s["schedule"]["cron"] for s in deployment["schedules"]] == ["0 2 * * *"]
+    assert deployment["pull_steps"] == [
+        {"prefect.deployments.steps.set_working_directory": {"directory": str(ROOT)}}
+    ], "the worker is told where the code is, explicitly"
 
     # one run now, on the tiny recipe, through the pool's real worker
     params = {
