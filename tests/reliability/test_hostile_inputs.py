@@ -86,7 +86,7 @@ def write_corpus(folder: Path) -> Path:
         "page.png": b"<!doctype html><html><body><img src=x onerror=alert(1)></body></html>",
         "script.bmp": b"#!/bin/sh\nrm -rf /\n",
         "archive.tiff": b"PK\x03\x04" + bytes(100),
-        "bomb.png": _encoded(Image.new("1", (20000, 20000)), "PNG"),  # 400 MP of zeros: a few KB on disk
+        "bomb.png": _encoded(Image.new("1", (8200, 8200)), "PNG"),  # 67 MP of zeros, over the 64 MP limit: tiny on disk
         "liar_header.png": _png_claiming(30000, 30000),
         "garbage.webp": b"RIFF\x10\x00\x00\x00WEBPVP8 " + bytes(8),
         "half_header.bmp": _encoded(photo, "BMP")[:20],
