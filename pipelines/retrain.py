@@ -76,8 +76,10 @@ def retrain_flow(
     warm_start: bool = False,
     rules: dict[str, Any] | None = None,
     baseline: bool = False,
+    signing_key: str | None = None,
 ) -> dict[str, Any]:
-    """Retrain on the given images, register the result as ``challenger`` and run the promotion gate.
+    """Retrain on the given images, register the result as ``challenger`` and run the promotion gate (which signs
+    what it promotes when given ``signing_key``, the path of an Ed25519 private key on the training host).
 
     Returns ``{"model_version", "run_id", "metrics", "decision"}``. Training failures raise before the gate, so
     ``champion`` never moves on a failed run.
@@ -106,7 +108,7 @@ def retrain_flow(
             overrides["train.init_checkpoint"] = checkpoint
     result = train_flow(source, build_recipe(recipe, overrides), settings.model_copy(update={"tracking_uri": uri}))
     print(f"registered {model_name} v{result.model_version} as challenger; gating it")
-    decision = promote_flow(model_name, gate_manifest, rules_obj, tracking_uri=uri)
+    decision = promote_flow(model_name, gate_manifest, rules_obj, tracking_uri=uri, signing_key=signing_key)
     return {
         "model_version": result.model_version,
         "run_id": result.run_id,
