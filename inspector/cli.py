@@ -455,10 +455,10 @@ def _signature_flags(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_sign(args: argparse.Namespace) -> int:
-    from inspector.signing import fingerprint, load_private_key, sign_bundle
+    from inspector.signing import sign_bundle
 
     out = sign_bundle(args.bundle, args.key)
-    key_id = fingerprint(load_private_key(args.key).public_key())
+    key_id = json.loads(out.read_text())["key_sha256"]
     print(json.dumps({"bundle": str(args.bundle), "signature": str(out), "key_sha256": key_id}, indent=2))
     return EXIT_OK
 

@@ -44,7 +44,7 @@ from inspector.bundle import MANIFEST, Bundle, load_bundle
 from inspector.durable import replace_durably
 from inspector.errors import BundleError, InspectorError
 from inspector.registry_contract import BUNDLE_ARTIFACT, SIGNATURE_TAG, check_bundle_matches_tags, slug
-from inspector.signing import write_signature
+from inspector.signing import SIGNATURE_FILE, write_signature
 
 API = "/api/2.0/mlflow"
 ARTIFACTS_API = "/api/2.0/mlflow-artifacts/artifacts"
@@ -382,7 +382,9 @@ def _check_tags(bundle: Bundle, ref: ModelVersionRef) -> None:
 
 def _apply_signature(folder: Path, ref: ModelVersionRef) -> None:
     """The gate's signature (a version tag) as the bundle's ``signature.json``; checked where a line requires it."""
-    if signature := ref.tags.get(SIGNATURE_TAG):
+    signature = ref.tags.get(SIGNATURE_TAG)
+    existing = folder / SIGNATURE_FILE
+    if signature and not (existing.is_file() and existing.read_text() == signature):  # a cache hit rewrites nothing
         write_signature(folder, signature)
 
 
@@ -494,9 +496,7 @@ def _download_tree(store: ArtifactStore, root: str, dst: Path, what: str) -> Non
         target = dst / path[len(root) + 1 :]
         target.parent.mkdir(parents=True, exist_ok=True)
         with store.open(path) as src, open(target, "wb") as out:
-            shutil.copyfileobj(src, out, 1 << 20)
-            out.flush()
-            os.fsync(out.fileno())
+            shutil.copyfileobj(src, out, 1 << 20)  # flushed to disk with the tree when it is renamed into the cache
         if size is not None and target.stat().st_size != size:
             raise RegistryUnreachable(
                 f"{what}: {path} arrived with {target.stat().st_size} of {size} bytes (transfer cut)"
