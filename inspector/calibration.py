@@ -1,7 +1,8 @@
 """Choosing the decision threshold from scores, one way for the line (re-calibration) and the pipelines.
 
 The verdict everywhere is ``score > threshold`` → flagged. Every rule returns an *observed* score as the threshold
-(never an interpolated one), so what it promises on the calibration data holds exactly, and every rule reports
+(never an interpolated one) where the goods can resolve its promise, so what it promises on the calibration data
+holds exactly, and every rule reports
 what it realised there: the false-reject rate (FRR) on the goods, recall / escape rate on the defects, and a
 one-sided 95 % Clopper-Pearson upper bound on the true FRR — a calibration slice of 100 goods with no rejects
 still allows an FRR of up to ≈ 3 % on the line, and the bound says so.
@@ -14,6 +15,20 @@ Rules:
   recall and the escape rate (and how far the threshold could rise before losing a detected defect).
 - ``best_f1`` (goods and defects): the threshold of highest F1 on the calibration data (ties: the lowest).
 - ``auto``: ``target_frr`` when defect scores are given, ``good_quantile`` otherwise.
+
+What the target promises (``promise``, for the two target rules):
+
+- ``point``: at most ``floor(target · n)`` calibration goods flagged. A *new* good then exceeds the threshold with
+  probability ``(allowed + 1) / (n + 1)``: 2 % for a 1 % target on 50 goods, where the threshold is their maximum.
+- ``expected`` (default): the rate a new good is flagged is at most the target on average over calibration sets
+  (the split-conformal order statistic, ``allowed = floor(target · (n + 1)) − 1``).
+- ``bound``: the one-sided 95 % Clopper-Pearson bound on that rate is within the target (plants that must not
+  exceed it); it costs recall, which the report states.
+
+Where the goods are too few for the promise (fewer than ``1 / target − 1`` for ``expected``, than
+:func:`goods_to_resolve` for ``bound``), no observed score can keep it and the threshold is extrapolated above the
+highest good from an exponential fit to the goods' upper tail (peaks over a threshold; for ``bound`` with the fit's
+95 % upper confidence on the tail's scale): a model-based threshold, recorded as ``extrapolated`` with its tail.
 
 Pure numpy (and :mod:`math`): no scipy on a line PC.
 """
@@ -29,7 +44,10 @@ from inspector.bundle import Threshold
 from inspector.errors import InspectorError
 
 RULES = ("auto", "good_quantile", "target_frr", "best_f1")
+PROMISES = ("point", "expected", "bound")
 CONFIDENCE = 0.95
+#: the upper tail an extrapolated threshold is fitted on: the top fifth of the goods, and at least this many
+TAIL_MIN = 10
 
 
 class CalibrationError(InspectorError, ValueError):
@@ -152,17 +170,99 @@ def allowed_rejects(n_good: int, target_frr: float) -> int:
 # --------------------------------------------------------------------------------------------------- rules
 
 
-def good_quantile_threshold(good_scores: Any, target_frr: float) -> float:
-    """The lowest threshold that flags at most ``floor(target_frr · n)`` of the good scores.
+def promised_rejects(n_good: int, target_frr: float, promise: str = "point") -> int | None:
+    """How many of ``n_good`` calibration goods the threshold may flag so that ``promise`` holds for the target;
+    None where no observed score can keep it (too few goods: the threshold must lie above them all).
 
-    The empirical (1 − target) quantile, ``numpy.quantile(..., method="inverted_cdf")``, as an observed score:
-    with the goods sorted ascending it is ``s[n − 1 − allowed]``; any lower value flags ``allowed + 1`` goods.
+    ``point``: ``floor(t · n)``. ``expected``: a new good exceeds the (n − k)-th smallest of n exchangeable goods
+    with probability (k + 1) / (n + 1), so ``k = floor(t · (n + 1)) − 1``. ``bound``: the largest k whose
+    Clopper-Pearson bound is within the target."""
+    target = _target(target_frr)
+    if promise == "point" or target == 0.0:  # no sample resolves a zero rate: the highest good is the best there is
+        return allowed_rejects(n_good, target)
+    if promise == "expected":
+        k = int(math.floor(target * (n_good + 1) + 1e-9)) - 1
+        return k if k >= 0 else None
+    if promise == "bound":
+        k = -1
+        while k + 1 < n_good and frr_upper_bound(k + 1, n_good) <= target:
+            k += 1
+        return k if k >= 0 else None
+    raise CalibrationError(f"unknown promise {promise!r}; expected one of {', '.join(PROMISES)}")
+
+
+def _gamma_lower_quantile(shape: int, alpha: float) -> float:
+    """x with P(Gamma(shape, 1) ≤ x) = alpha, by bisection on P(Poisson(x) ≥ shape) (no scipy on a line PC)."""
+
+    i = np.arange(shape, dtype=np.float64)
+    log_factorial = np.concatenate([[0.0], np.cumsum(np.log(np.arange(1.0, shape)))])
+
+    def cdf(x: float) -> float:
+        return float(1.0 - np.exp(i * math.log(x) - x - log_factorial).sum())
+
+    lo, hi = 1e-12, float(shape) + 40.0 * math.sqrt(shape) + 40.0
+    while hi - lo > 1e-10 * hi:
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if cdf(mid) < alpha else (lo, mid)
+    return hi
+
+
+def tail_threshold(
+    good_scores: Any, exceedance: float, confidence: float | None = None
+) -> tuple[float, dict[str, Any]]:
+    """A threshold above the goods that a new good exceeds with probability ``exceedance``, from an exponential fit
+    to their upper tail (the excesses of the top ``m`` scores over the next one, ``m`` the top fifth and at least
+    ``TAIL_MIN``); with ``confidence``, the tail's scale is its one-sided upper confidence bound (chi-square on
+    2m degrees of freedom), so the threshold keeps the promise with that confidence under the model. Never below the
+    highest good. Why exponential: score tails of distances are light (sub-exponential), so it errs high."""
+    s = np.sort(_scores(good_scores, "good"))
+    n = len(s)
+    if n < 3:
+        raise CalibrationError(f"{n} good scores are too few to extrapolate a threshold; calibrate on more goods")
+    if not 0.0 < exceedance < 1.0:
+        raise CalibrationError(f"exceedance must be in (0, 1), got {exceedance}")
+    m = min(n - 1, max(TAIL_MIN, int(math.ceil(0.2 * n))))
+    base = float(s[n - 1 - m])
+    scale = float(np.mean(s[n - m :] - base))
+    if confidence is not None:
+        scale *= m / _gamma_lower_quantile(m, 1.0 - confidence)
+    value = base + scale * math.log(m / (n * exceedance)) if m / n > exceedance else float(s[-1])
+    value = max(value, float(s[-1]))
+    tail = {"tail_size": m, "tail_base": base, "tail_scale": scale, "tail_confidence": confidence}
+    tail["tail_exceedance"] = (m / n) * math.exp(-(value - base) / scale) if scale > 0 else 0.0
+    return value, tail
+
+
+def good_quantile_threshold(good_scores: Any, target_frr: float, promise: str = "point") -> float:
+    """The lowest observed good score that flags at most :func:`promised_rejects` of the goods.
+
+    For ``point`` the empirical (1 − target) quantile, ``numpy.quantile(..., method="inverted_cdf")``: with the
+    goods sorted ascending it is ``s[n − 1 − allowed]``; any lower value flags ``allowed + 1`` goods. Where the goods
+    cannot resolve the promise, :func:`promised_threshold` extrapolates; this returns the highest good.
     """
     s = np.sort(_scores(good_scores, "good"))
-    return float(s[len(s) - 1 - allowed_rejects(len(s), target_frr)])
+    allowed = promised_rejects(len(s), target_frr, promise)
+    return float(s[len(s) - 1 - (allowed or 0)])
 
 
-def frr_constrained_threshold(good_scores: Any, defect_scores: Any, target_frr: float) -> tuple[float, dict[str, Any]]:
+def promised_threshold(good_scores: Any, target_frr: float, promise: str = "point") -> tuple[float, dict[str, Any]]:
+    """The threshold that keeps ``promise`` for the target on these goods, and how it was set: an observed score
+    where the goods resolve it, else :func:`tail_threshold` (``extrapolated``)."""
+    good = _scores(good_scores, "good")
+    allowed = promised_rejects(len(good), target_frr, promise)
+    info: dict[str, Any] = {"promise": promise, "extrapolated": allowed is None, "promise_kept": True}
+    if allowed is not None:
+        info["good_rejects_allowed"] = allowed
+        return good_quantile_threshold(good, target_frr, promise), info
+    if len(good) < 3:  # nothing to fit a tail on: the highest good, and the record says the promise is not kept
+        return float(good.max()), {**info, "extrapolated": False, "promise_kept": False, "good_rejects_allowed": 0}
+    value, tail = tail_threshold(good, _target(target_frr), CONFIDENCE if promise == "bound" else None)
+    return value, {**info, "good_rejects_allowed": 0, **tail}
+
+
+def frr_constrained_threshold(
+    good_scores: Any, defect_scores: Any, target_frr: float, promise: str = "point"
+) -> tuple[float, dict[str, Any]]:
     """Meet ``target_frr`` on the goods and maximise recall on the defects; return (threshold, report).
 
     Recall (defects scoring above the threshold) never rises with the threshold, so the best threshold meeting the
@@ -172,7 +272,7 @@ def frr_constrained_threshold(good_scores: Any, defect_scores: Any, target_frr: 
     """
     good = _scores(good_scores, "good")
     bad = _scores(defect_scores, "defect")
-    value = good_quantile_threshold(good, target_frr)
+    value, how = promised_threshold(good, target_frr, promise)
     detected = bad[bad > value]
     if len(detected):
         weakest = float(detected.min())
@@ -181,7 +281,7 @@ def frr_constrained_threshold(good_scores: Any, defect_scores: Any, target_frr: 
         plateau = float(below.max())
     else:
         plateau = float("inf")
-    report = {**_rates(good, bad, value), "recall_plateau_upper": plateau}
+    report = {**_rates(good, bad, value), "recall_plateau_upper": plateau, **how}
     return value, report
 
 
@@ -226,7 +326,13 @@ def _rates(good: np.ndarray, bad: np.ndarray, value: float) -> dict[str, Any]:
     return out
 
 
-def calibrate(good_scores: Any, defect_scores: Any = None, rule: str = "auto", target_frr: float = 0.01) -> Threshold:
+def calibrate(
+    good_scores: Any,
+    defect_scores: Any = None,
+    rule: str = "auto",
+    target_frr: float = 0.01,
+    promise: str = "expected",
+) -> Threshold:
     """Choose the threshold by ``rule`` and record how: rule, sample sizes, target, realised rates, FRR bound.
 
     ``details`` keys: ``rule``, ``n_good``, ``n_defect``, ``target_false_reject_rate`` (None for ``best_f1``),
@@ -245,12 +351,12 @@ def calibrate(good_scores: Any, defect_scores: Any = None, rule: str = "auto", t
         raise CalibrationError(f"rule {rule!r} needs defect scores; with good images only use 'good_quantile'")
     extra: dict[str, Any] = {}
     target: float | None = _target(target_frr)
+    if promise not in PROMISES:
+        raise CalibrationError(f"unknown promise {promise!r}; expected one of {', '.join(PROMISES)}")
     if rule == "good_quantile":
-        value = good_quantile_threshold(good, target_frr)
-        extra["good_rejects_allowed"] = allowed_rejects(len(good), target_frr)
+        value, extra = promised_threshold(good, target_frr, promise)
     elif rule == "target_frr":
-        value, extra = frr_constrained_threshold(good, bad, target_frr)
-        extra["good_rejects_allowed"] = allowed_rejects(len(good), target_frr)
+        value, extra = frr_constrained_threshold(good, bad, target_frr, promise)
     else:
         value, extra = best_f1_threshold(good, bad)
         target = None

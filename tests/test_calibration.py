@@ -41,10 +41,10 @@ def test_good_quantile_hand_computed() -> None:
 def test_good_quantile_with_ties() -> None:
     # sorted [0.1, 0.5, 0.5, 0.5, 0.9], target 0.4 → floor(2.0) = 2 → s[5 - 1 - 2] = s[2] = 0.5;
     # flagged: only 0.9 (the tied 0.5s are not > 0.5) → FRR 1/5 ≤ 0.4
-    t = calibrate([0.5, 0.9, 0.1, 0.5, 0.5], rule="good_quantile", target_frr=0.4)
+    t = calibrate([0.5, 0.9, 0.1, 0.5, 0.5], rule="good_quantile", target_frr=0.4, promise="point")
     assert t.value == 0.5 and t.details["good_rejects"] == 1 and t.details["false_reject_rate"] == 0.2
     # all equal: nothing can be flagged without flagging all → threshold is that score, FRR 0
-    assert calibrate([0.3] * 10, target_frr=0.1).value == 0.3
+    assert calibrate([0.3] * 10, target_frr=0.1, promise="point").value == 0.3
 
 
 def test_target_frr_maximises_recall_and_reports_it() -> None:
@@ -58,7 +58,7 @@ def test_target_frr_maximises_recall_and_reports_it() -> None:
     # defects [0.95, 1.5]: the threshold could rise to 0.9 (highest score < 0.95) keeping recall 1
     assert frr_constrained_threshold(GOODS, [0.95, 1.5], 0.25)[1]["recall_plateau_upper"] == 0.9
 
-    t = calibrate(GOODS, defects, target_frr=0.25)  # auto → target_frr
+    t = calibrate(GOODS, defects, target_frr=0.25, promise="point")  # auto → target_frr
     d = t.details
     assert t.rule == "target_frr" and t.value == 0.8
     assert (d["n_good"], d["n_defect"], d["target_false_reject_rate"]) == (10, 4, 0.25)
@@ -126,7 +126,7 @@ def test_frr_upper_bound_known_values() -> None:
 
 def test_edge_cases() -> None:
     # no defects: auto is the good quantile; the defect rules refuse
-    t = calibrate(GOODS, None, target_frr=0.25)
+    t = calibrate(GOODS, None, target_frr=0.25, promise="point")
     assert t.rule == "good_quantile" and t.value == 0.8 and t.details["n_defect"] == 0 and "recall" not in t.details
     assert t.details["frr_upper_95"] == pytest.approx(frr_upper_bound(2, 10))
     assert calibrate(GOODS, [], target_frr=0.25).rule == "good_quantile"
@@ -147,7 +147,9 @@ def test_edge_cases() -> None:
     with pytest.raises(CalibrationError, match="unknown calibration rule"):
         calibrate([0.1], rule="median")
     # 2-d score arrays are flattened
-    assert calibrate(GOODS.reshape(2, 5), target_frr=0.25).value == 0.8
+    assert calibrate(GOODS.reshape(2, 5), target_frr=0.25, promise="point").value == 0.8
+    with pytest.raises(CalibrationError, match="unknown promise"):
+        calibrate([0.1], promise="maybe")
 
 
 def test_the_front_end_names_a_calibration_set_too_small_for_its_target() -> None:
@@ -164,3 +166,65 @@ def test_the_front_end_names_a_calibration_set_too_small_for_its_target() -> Non
     enough = calibrate(np.linspace(0.0, 1.0, 300), target_frr=0.01)
     assert enough.details["resolves_target"] is True and shortfall(enough.details) is None
     assert "resolves_target" not in calibrate(np.r_[0.1, 0.2], np.r_[0.9], rule="best_f1").details
+
+
+def _exceedance_of_normal(threshold: float) -> float:
+    """P(Z > threshold) for a standard normal: the false-reject rate a threshold gives on new goods."""
+    return 0.5 * math.erfc(threshold / math.sqrt(2.0))
+
+
+def test_each_promise_allows_its_number_of_rejects() -> None:
+    from inspector.calibration import promised_rejects
+
+    # point: floor(0.25 · 10) = 2; expected: floor(0.25 · 11) − 1 = 1 (a new good exceeds s[8] with 2/11 ≤ 0.25)
+    assert promised_rejects(10, 0.25, "point") == 2 and promised_rejects(10, 0.25, "expected") == 1
+    assert calibrate(GOODS, target_frr=0.25).value == 0.9  # "expected" is the default
+    # expected at 1 %: 99 goods resolve it (k = 0, the highest good), 98 do not
+    assert promised_rejects(99, 0.01, "expected") == 0 and promised_rejects(98, 0.01, "expected") is None
+    # bound: the largest k whose Clopper-Pearson bound is within the target
+    for n, target in [(300, 0.01), (1000, 0.01), (2000, 0.05)]:
+        k = promised_rejects(n, target, "bound")
+        assert k is not None and frr_upper_bound(k, n) <= target < frr_upper_bound(k + 1, n)
+    assert promised_rejects(298, 0.01, "bound") is None  # goods_to_resolve(0.01) = 299
+    assert promised_rejects(50, 0.0, "expected") == 0  # a zero target: the highest good, whatever the promise
+
+
+def test_expected_keeps_the_target_on_new_goods_where_point_does_not() -> None:
+    # 1000 calibration sets of 150 normal goods, target 2 %: the rate a new good is flagged, exactly, per set
+    rng = np.random.default_rng(7)
+    sets = rng.normal(size=(1000, 150))
+    rate = {
+        promise: np.mean([_exceedance_of_normal(calibrate(s, target_frr=0.02, promise=promise).value) for s in sets])
+        for promise in ("point", "expected")
+    }
+    # point flags floor(3.0) = 3 → (3 + 1) / 151 = 2.65 % on average; expected k = floor(3.02) − 1 = 2 → 3 / 151
+    assert rate["point"] == pytest.approx(4 / 151, abs=0.001)
+    assert rate["expected"] == pytest.approx(3 / 151, abs=0.001) and rate["expected"] <= 0.02
+
+
+def test_too_few_goods_extrapolate_a_tail_that_keeps_the_promise() -> None:
+    # 40 goods cannot resolve 1 % from observed scores (99 would): the threshold is extrapolated above the highest
+    rng = np.random.default_rng(3)
+    sets = rng.normal(size=(1000, 40))
+    expected = [calibrate(s, target_frr=0.01) for s in sets]
+    bound = [calibrate(s, target_frr=0.01, promise="bound") for s in sets]
+    assert all(t.details["extrapolated"] and t.value >= s.max() for t, s in zip(expected, sets))
+    point_rate = np.mean([_exceedance_of_normal(s.max()) for s in sets])  # today's rule: the highest good
+    expected_rate = np.array([_exceedance_of_normal(t.value) for t in expected])
+    bound_rate = np.array([_exceedance_of_normal(t.value) for t in bound])
+    assert point_rate == pytest.approx(1 / 41, abs=0.002)  # 2.4 %: the realised rate over twice the target
+    assert expected_rate.mean() < 0.015  # the exponential tail errs high on light-tailed goods
+    assert np.mean(bound_rate <= 0.01) >= 0.95 and bound_rate.mean() < expected_rate.mean()
+    d = expected[0].details
+    assert d["promise"] == "expected" and d["tail_size"] == 10 and d["tail_exceedance"] <= 0.01 + 1e-12
+    # two goods: no tail to fit, the highest good, and the record says the promise is not kept
+    two = calibrate([0.1, 0.3])
+    assert two.value == 0.3 and two.details["promise_kept"] is False
+
+
+def test_gamma_quantile_matches_known_chi_square_values() -> None:
+    from inspector.calibration import _gamma_lower_quantile
+
+    # chi-square 5 % quantiles: 20 dof 10.851, 10 dof 3.940 (tables); Gamma(m, 1) = chi-square(2m) / 2
+    assert 2 * _gamma_lower_quantile(10, 0.05) == pytest.approx(10.851, abs=1e-3)
+    assert 2 * _gamma_lower_quantile(5, 0.05) == pytest.approx(3.940, abs=1e-3)
