@@ -65,7 +65,7 @@ from pipelines.bundle_building import build_bundle
 from pipelines.data.layouts import scan_root
 from pipelines.data.manifest import Manifest, build_manifest
 from pipelines.data.records import ImageRecord, capture_groups
-from pipelines.data.split import DataSplit, SplitFractions, assign_splits, hash_fraction
+from pipelines.data.split import DataSplit, SplitFractions, assign_splits, grouped_folds, hash_fraction
 from pipelines.embedder_training import fit_embedder
 from pipelines.evaluation import calibration_shortfall, evaluate_bundle, pixel_level_auroc
 from pipelines.recipe import Recipe, resolve_bit_depth, resolve_input_size
@@ -254,29 +254,6 @@ def product_split(
     fractions = SplitFractions.from_recipe(recipe)
     split = assign_splits(manifest, fractions if split_seed is None else replace(fractions, seed=split_seed))
     return manifest, split, recipe
-
-
-def grouped_folds(groups: Sequence[str], types: Sequence[str], k: int, seed: int) -> np.ndarray:
-    """Each item's fold: whole groups to one fold, each type's groups dealt largest first to the fold with the
-    fewest items of that type (then the fewest items), so every type spreads evenly; ties broken by the seed."""
-    members: dict[str, list[int]] = defaultdict(list)
-    for i, g in enumerate(groups):
-        members[g].append(i)
-    if len(members) < k:
-        raise SystemExit(f"--folds {k}: the defects form only {len(members)} capture groups")
-    kind = {g: Counter(types[i] for i in rows).most_common(1)[0][0] for g, rows in members.items()}
-    order = sorted(members)
-    np.random.default_rng(seed).shuffle(order)
-    order.sort(key=lambda g: (kind[g], -len(members[g])))  # stable: the shuffle orders equal groups
-    per_type: dict[str, np.ndarray] = defaultdict(lambda: np.zeros(k))
-    total = np.zeros(k)
-    fold = np.empty(len(groups), dtype=np.int64)
-    for g in order:
-        f = min(range(k), key=lambda j: (per_type[kind[g]][j], total[j], j))
-        fold[members[g]] = f
-        per_type[kind[g]][f] += len(members[g])
-        total[f] += len(members[g])
-    return fold
 
 
 def validation_groups(groups: Sequence[str], share: float, salt: str) -> set[str]:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 from inspector.bundle import load_bundle
+from inspector.calibration import PROMISES
 from inspector.engine import Inspector, ScoreResult
 from inspector.errors import InspectorError
 from inspector.preprocess import IMAGE_SUFFIXES
@@ -256,6 +257,7 @@ def cmd_add_references(args: argparse.Namespace) -> int:
         recalibrate_good=good,
         recalibrate_defective=bad,
         target_false_reject_rate=args.target_frr,
+        promise=args.promise,
         skip_bad=args.skip_bad,
         threads=RuntimeSettings.from_env(threads=args.threads).threads,
     )
@@ -375,6 +377,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     a.add_argument(
         "--target-frr", type=float, default=0.01, help="target false-reject rate on good parts (default 0.01)"
+    )
+    a.add_argument(
+        "--promise",
+        choices=PROMISES,
+        default="expected",
+        help="what the target promises: 'expected' (a new good is flagged at most at the target on average), "
+        "'bound' (its 95 %% upper bound is within it), 'point' (at most target x n re-calibration goods flagged)",
     )
     a.add_argument(
         "--skip-bad", action="store_true", help="skip unreadable or already-present images instead of failing"

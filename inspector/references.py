@@ -173,12 +173,16 @@ def drop_references(
 
 
 def recalibrated_threshold(
-    good_scores: np.ndarray, defective_scores: np.ndarray | None, target_frr: float, inputs: dict[str, Any]
+    good_scores: np.ndarray,
+    defective_scores: np.ndarray | None,
+    target_frr: float,
+    inputs: dict[str, Any],
+    promise: str = "expected",
 ) -> Threshold:
-    """The calibration front end (:func:`inspector.calibration.calibrate`, rule ``auto``) on the re-calibration
-    images' scores, with what they were (``inputs``) recorded beside the rule's own report."""
+    """The calibration front end (:func:`inspector.calibration.calibrate`, rule ``auto``, the target's ``promise``)
+    on the re-calibration images' scores, with what they were (``inputs``) recorded beside the rule's own report."""
     try:
-        threshold = calibrate(good_scores, defective_scores, rule="auto", target_frr=target_frr)
+        threshold = calibrate(good_scores, defective_scores, rule="auto", target_frr=target_frr, promise=promise)
     except CalibrationError as exc:
         raise ReferencesError(f"re-calibration: {exc}") from None
     threshold.details.update(inputs)
@@ -234,6 +238,7 @@ def add_references(
     recalibrate_good: Sequence[str | Path] = (),
     recalibrate_defective: Sequence[str | Path] = (),
     target_false_reject_rate: float = 0.01,
+    promise: str = "expected",
     skip_bad: bool = False,
     ids: Sequence[str] | None = None,
     threads: int | None = None,
@@ -242,9 +247,10 @@ def add_references(
 
     Unreadable images, images already in the bank (same file sha256) or given twice are errors that name each file
     and write nothing, unless ``skip_bad`` (then they are skipped and listed in ``provenance.reference_change``).
-    With ``recalibrate_good`` the threshold becomes the (1 − ``target_false_reject_rate``) quantile of those goods'
-    scores against the NEW bank; with ``recalibrate_defective`` too, recall at that threshold is reported. The
-    re-calibration images must not be in the bank. Without them the parent's threshold is kept.
+    With ``recalibrate_good`` the threshold is set on those goods' scores against the NEW bank to keep ``promise``
+    for ``target_false_reject_rate`` (:mod:`inspector.calibration`); with ``recalibrate_defective`` too, recall at
+    that threshold is reported. The re-calibration images must not be in the bank. Without them the parent's
+    threshold is kept.
     """
     bundle_path, out_path = Path(bundle_path), Path(out_path)
     paths = [Path(p) for p in images]
@@ -309,7 +315,16 @@ def add_references(
     threshold = parent.spec.threshold
     if good_paths:
         threshold, density = _recalibrate(
-            embedder, parent, bank, new_sources, good_paths, bad_paths, target_false_reject_rate, descriptors, density
+            embedder,
+            parent,
+            bank,
+            new_sources,
+            good_paths,
+            bad_paths,
+            target_false_reject_rate,
+            descriptors,
+            density,
+            promise,
         )
 
     change = {
@@ -348,6 +363,7 @@ def _recalibrate(
     target_frr: float,
     descriptors: np.ndarray | None = None,
     density: DensitySpec | None = None,
+    promise: str = "expected",
 ) -> tuple[Threshold, DensitySpec | None]:
     """The threshold for the new references from re-calibration goods (and defects); a bundle that also scores
     whole parts gets both scores' scales re-measured on those goods and its threshold set on the fused score."""
@@ -385,7 +401,7 @@ def _recalibrate(
         "defective": [{"file": str(p), "sha256": s} for p, s in zip(bad_paths, bad_sha)],
         "previous": parent.spec.threshold.to_dict(),
     }
-    return recalibrated_threshold(good_scores, bad_scores, target_frr, inputs), density
+    return recalibrated_threshold(good_scores, bad_scores, target_frr, inputs, promise), density
 
 
 def remove_references(bundle_path: str | Path, ids: Sequence[str], out_path: str | Path) -> Path:

@@ -179,7 +179,11 @@ class Scorer:
     # ----------------------------------------------------------------------------------------------- stages
 
     def patch_terms(self, embeddings: np.ndarray, valid: np.ndarray | None = None) -> PatchTerms:
-        """Each part's exact worst and typical patch distance (one search serves every offset candidate)."""
+        """Each part's exact worst and typical patch distance (one search serves every offset candidate); an
+        image-level model's distance, with no typical term (the offset is a patch rule)."""
+        if np.ndim(embeddings) == 2:
+            distance = np.asarray(self.bank.anomaly_scores(embeddings, self.scoring), dtype=np.float64)
+            return PatchTerms(distance, np.zeros_like(distance))
         worst, typical = self.bank.worst_and_typical(embeddings, self.scoring, valid)
         return PatchTerms(worst, typical)
 

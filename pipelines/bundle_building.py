@@ -7,7 +7,7 @@ line will produce."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -16,47 +16,17 @@ import numpy as np
 from inspector.bundle import BundleSpec, Threshold, write_bundle
 from inspector.calibration import calibrate
 from inspector.density import DensitySpec
-from inspector.engine import OnnxEmbedder
+from inspector.engine import Embedded, OnnxEmbedder
 from inspector.metrics import roc_auc
 from inspector.preprocess import Preprocessor
-from inspector.scorer import PatchTerms, RawScores, Scorer, golden_rows
+from inspector.scorer import PatchTerms, RawScores, Scorer
 from inspector.scoring import GoldenBank, ScoringConfig
-from models.coreset import greedy_coreset
 from models.export import check_parity, export_onnx
 from models.siamese import Embedder, FrozenGlobalEmbedder, PatchEmbedder
 from pipelines.data.split import DataSplit
 from pipelines.embedder_training import load_preprocessed
+from pipelines.golden import fold_count, out_of_fold, reference_bank
 from pipelines.recipe import Recipe
-
-
-def reference_bank(embeddings: np.ndarray, recipe: Recipe, valid: np.ndarray | None = None) -> np.ndarray:
-    """Image embeddings as they are; patch embeddings flattened and cut to ``max_bank_patches``.
-
-    ``coreset`` (default): PatchCore's greedy k-center choice keeps rare-but-normal patches, so the worst good parts
-    score low and the threshold at a 1 % false-reject rate stays low. ``random``: a seeded uniform subset keeps the
-    goods' patch density, which the scoring offset compares against; on the magnetic tiles it ranked unseen defect
-    types better (leave-one-type-out mean 0.816 -> 0.871 frozen, but measured while the letterbox padding was
-    scored, which inflated the offset's effect) and raised the threshold's tail (escape at 1 % FRR 0.85 -> 0.99 on
-    the product split), so it is not the default (benchmarks/README.md). Patches off the part (``valid``, letterbox
-    padding) are never scored, so they take no room in the bank.
-    """
-    if recipe.bank_selection not in ("random", "coreset"):
-        raise ValueError(f"unknown bank_selection {recipe.bank_selection!r}: use 'random' or 'coreset'")
-    if embeddings.ndim == 2:
-        return embeddings
-    flat = golden_rows(embeddings, recipe.scoring, valid)
-    size = recipe.max_bank_patches
-    if len(flat) <= size:
-        return flat
-    if size <= 0:
-        return flat[:0]
-    rng = np.random.default_rng(recipe.seed)
-    if recipe.bank_selection == "random":
-        return flat[np.sort(rng.choice(len(flat), size, replace=False))]
-    pool = 8 * size
-    if len(flat) > pool:  # greedy selection costs O(len × size): pick from an even random pool
-        flat = flat[np.sort(rng.choice(len(flat), pool, replace=False))]
-    return flat[greedy_coreset(flat, size, seed=recipe.seed)]
 
 
 def choose_offset(
@@ -181,6 +151,16 @@ def bootstrap_wins(
     return aurocs, {c: float(np.mean(boot[c] > boot[baseline])) for c in scores}
 
 
+def golden_goods(split: DataSplit, recipe: Recipe) -> list[Path]:
+    """The goods a bundle's golden bank is built from: every good outside the test split when calibration can be
+    cross-fitted (``calibration_folds`` ≥ 2 and two capture groups or more), else the training goods (the
+    calibration slice stays out of the bank it is scored against)."""
+    every = [*split.train_good, *split.calibration_good]
+    if split.calibration_good and fold_count(split.group_ids(every), recipe.calibration_folds):
+        return every
+    return list(split.train_good)
+
+
 def build_bundle(
     embedder: Embedder | PatchEmbedder | FrozenGlobalEmbedder,
     split: DataSplit,
@@ -201,7 +181,8 @@ def build_bundle(
         parity_paths = (split.calibration_good or split.train_good)[:8]
         parity = check_parity(embedder, onnx_path, load_preprocessed(parity_paths, pre))
         onnx = OnnxEmbedder(onnx_path, recipe.preprocess)
-        refs = onnx.embed(split.train_good)
+        golden = golden_goods(split, recipe)
+        refs = onnx.embed(golden)
         bad_refs = [e for e in refs.errors if e]
         if bad_refs:
             raise ValueError(f"{len(bad_refs)} golden reference images could not be read: {bad_refs[:3]}")
@@ -213,7 +194,9 @@ def build_bundle(
         density: DensitySpec | None = None
         descriptors = refs.descriptors
         if split.calibration_good:
-            scorer, threshold = calibrated_scorer(embedder, onnx, references, scoring, split, recipe, descriptors)
+            part_blocks = tuple(embedder.descriptor_blocks) if isinstance(embedder, PatchEmbedder) else None
+            data = calibration_set(onnx, refs, split, recipe)
+            scorer, threshold = calibrated_scorer(data, references, scoring, recipe, part_blocks)
             density = scorer.density_spec(["initial"] * len(descriptors)) if descriptors is not None else None
             scoring = scorer.scoring
         else:
@@ -230,7 +213,7 @@ def build_bundle(
                 "parity_max_abs_diff": parity,
             },
             provenance=provenance or {},
-            reference_ids=[p.name for p in split.train_good] if references.shape[0] == len(split.train_good) else [],
+            reference_ids=[p.name for p in golden] if references.shape[0] == len(golden) else [],
             density=density,
         )
         return write_bundle(
@@ -240,77 +223,154 @@ def build_bundle(
         onnx_path.unlink(missing_ok=True)
 
 
-def calibrated_scorer(
-    embedder: Embedder | PatchEmbedder | FrozenGlobalEmbedder,
-    onnx: OnnxEmbedder,
+@dataclass(frozen=True)
+class CalibrationSet:
+    """What a bundle's threshold and choices are made on, as the ONNX model embedded it: the golden goods the bank
+    is built from, the held-out calibration goods (none when they are cross-fitted), the validation defects, each
+    with its capture groups, and which golden goods the embedder trained on."""
+
+    golden: Embedded
+    golden_groups: list[str]
+    defects: Embedded
+    defect_groups: list[str]
+    held_out: Embedded | None = None
+    held_out_groups: list[str] = field(default_factory=list)
+    trained: np.ndarray | None = None
+
+
+def calibration_set(onnx: OnnxEmbedder, golden: Embedded, split: DataSplit, recipe: Recipe) -> CalibrationSet:
+    """Embed what calibration needs beside the golden goods (already embedded for the bank)."""
+    paths = golden_goods(split, recipe)
+    val = onnx.embed(split.validation_defective)
+    val_paths = [p for p, e in zip(split.validation_defective, val.errors) if e is None]
+    trained = np.arange(len(paths)) < len(split.train_good)
+    if len(paths) > len(split.train_good):  # cross-fitted: the calibration goods are golden too
+        return CalibrationSet(golden, split.group_ids(paths), val, split.group_ids(val_paths), trained=trained)
+    cal = onnx.embed(split.calibration_good)
+    cal_paths = [p for p, e in zip(split.calibration_good, cal.errors) if e is None]
+    return CalibrationSet(
+        golden, split.group_ids(paths), val, split.group_ids(val_paths), cal, split.group_ids(cal_paths)
+    )
+
+
+@dataclass(frozen=True)
+class GoodEvidence:
+    """The goods' scores the threshold, the offset and the view choice are made on, and their capture groups."""
+
+    terms: PatchTerms
+    part: np.ndarray | None
+    groups: list[str]
+    how: dict[str, Any]
+    trained: np.ndarray | None = None  # cross-fitted: which goods the embedder trained on
+
+
+def good_evidence(
+    data: CalibrationSet, scorer: Scorer, recipe: Recipe, part_blocks: tuple[int, ...] | None
+) -> GoodEvidence:
+    """The held-out calibration goods scored against the shipped bank, or, without them, every golden good scored
+    out of fold: what the line's goods will score, either way."""
+    if data.held_out is not None:
+        cal = data.held_out
+        part = scorer.part_distances(cal.descriptors) if part_blocks is not None else None
+        groups = data.held_out_groups
+        how = {"calibration": "held_out_slice", "goods": len(groups), "groups": len(set(groups))}
+        return GoodEvidence(scorer.patch_terms(cal.embeddings, cal.valid), part, groups, how)
+    groups = data.golden_groups
+    folds = fold_count(groups, recipe.calibration_folds)
+    oof = out_of_fold(data.golden, groups, folds, recipe, scorer.scoring, part_blocks)
+    how = {"calibration": "cross_fitted", "folds": folds, "goods": len(groups), "groups": len(set(groups))}
+    return GoodEvidence(oof.terms, oof.part, groups, how, data.trained)
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """The bundle's scorer before its threshold, the scores the threshold is set on, and the choices made."""
+
+    scorer: Scorer
+    good: np.ndarray  # the goods' line scores (held out, or out of fold)
+    defects: np.ndarray | None  # the validation defects' line scores
+    choice: dict[str, Any]
+    trained: np.ndarray | None = None
+
+
+def scored_evidence(
+    data: CalibrationSet,
     references: np.ndarray,
     scoring: ScoringConfig,
-    split: DataSplit,
     recipe: Recipe,
-    descriptors: np.ndarray | None,
-) -> tuple[Scorer, Threshold]:
-    """The bundle's scorer and threshold from the calibration goods and validation defects, scored by the ONNX model
-    as the line scores them: the offset chosen on held-out parts, the whole-part view's scales fitted on the goods
-    and kept only where it does not lose to the patch view alone, and the threshold set on the fused score."""
-    cal, val = onnx.embed(split.calibration_good), onnx.embed(split.validation_defective)
-    part_view = (
-        descriptors is not None and cal.descriptors is not None and len(descriptors) >= 2 and len(cal.embeddings)
-    )
-    part_blocks: tuple[int, ...] | None = None
-    if part_view:
-        assert isinstance(embedder, PatchEmbedder), "only a patch embedder describes whole parts"
-        part_blocks = tuple(embedder.descriptor_blocks)
+    part_blocks: tuple[int, ...] | None,
+) -> Evidence:
+    """The goods' evidence (:func:`good_evidence`) and the validation defects scored as the line scores them, with
+    the offset chosen on them and the whole-part view's scales fitted on the goods, kept only where it does not
+    lose to the patch view alone. Pure numpy: the benchmarks call it on embeddings they sub-sample."""
+    descriptors = data.golden.descriptors
+    part_view = part_blocks is not None and descriptors is not None and len(descriptors) >= 2
     scorer = Scorer.of(
         references,
         scoring,
         part_references=descriptors if part_view else None,
-        part_blocks=part_blocks,
+        part_blocks=part_blocks if part_view else None,
     )
-    good_groups = split.group_ids(split.calibration_good)
-    defective_groups = split.group_ids(split.validation_defective)
-    has_val = len(val.embeddings) > 0
-    choice: dict[str, Any] = {}
-    if has_val and np.ndim(cal.embeddings) == 3 and recipe.offset_candidates:  # one search serves choice and threshold
-        cal_terms = scorer.patch_terms(cal.embeddings, cal.valid)
-        val_terms = scorer.patch_terms(val.embeddings, val.valid)
-        chosen, choice = pick_offset(
-            cal_terms,
+    goods = good_evidence(data, scorer, recipe, part_blocks if part_view else None)
+    val = data.defects
+    val_terms = scorer.patch_terms(val.embeddings, val.valid) if len(val.embeddings) else None
+    choice: dict[str, Any] = {"evidence": goods.how}
+    if val_terms is not None and np.ndim(val.embeddings) == 3 and recipe.offset_candidates:
+        chosen, offset_choice = pick_offset(
+            goods.terms,
             val_terms,
             scoring,
             recipe.offset_candidates,
             confidence=recipe.offset_confidence,
             seed=recipe.seed,
-            good_groups=good_groups,
-            defective_groups=defective_groups,
+            good_groups=goods.groups,
+            defective_groups=data.defect_groups,
         )
+        choice.update(offset_choice)
         scorer = scorer.with_offset(chosen.offset)
-        cal_patch, val_patch = cal_terms.view(chosen.offset), val_terms.view(chosen.offset)
-        cal_raw = RawScores(cal_patch, scorer.part_distances(cal.descriptors) if part_view else None)
-        val_raw: RawScores | None = RawScores(val_patch, scorer.part_distances(val.descriptors) if part_view else None)
-    else:
-        cal_raw = scorer.raw(cal.embeddings, cal.valid, cal.descriptors if part_view else None)
-        val_raw = scorer.raw(val.embeddings, val.valid, val.descriptors if part_view else None) if has_val else None
+    offset = scorer.scoring.offset
+    good_raw = RawScores(goods.terms.view(offset), goods.part)
+    val_raw = None if val_terms is None else RawScores(val_terms.view(offset), scorer.part_distances(val.descriptors))
     if part_view:
-        scorer = scorer.fitted_on(cal_raw)
+        scorer = scorer.fitted_on(good_raw)
         keep, choice["whole_part_score"] = keep_whole_part(
-            (cal_raw.patch, None if val_raw is None else val_raw.patch),
-            (scorer.fuse(cal_raw), None if val_raw is None else scorer.fuse(val_raw)),
+            (good_raw.patch, None if val_raw is None else val_raw.patch),
+            (scorer.fuse(good_raw), None if val_raw is None else scorer.fuse(val_raw)),
             confidence=recipe.offset_confidence,
             seed=recipe.seed,
-            good_groups=good_groups,
-            defective_groups=defective_groups,
+            good_groups=goods.groups,
+            defective_groups=data.defect_groups,
         )
         choice["whole_part_score"]["references"] = len(descriptors)  # type: ignore[arg-type]
         if not keep:
             scorer = scorer.patch_only()
+    defects = None if val_raw is None else scorer.fuse(val_raw)
+    return Evidence(scorer, scorer.fuse(good_raw), defects, choice, goods.trained)
+
+
+def calibrated_scorer(
+    data: CalibrationSet,
+    references: np.ndarray,
+    scoring: ScoringConfig,
+    recipe: Recipe,
+    part_blocks: tuple[int, ...] | None,
+) -> tuple[Scorer, Threshold]:
+    """The bundle's scorer and threshold: :func:`scored_evidence`, then the threshold set on the fused scores with
+    the recipe's rule, target and promise, with the evidence and choices recorded in its details."""
+    ev = scored_evidence(data, references, scoring, recipe, part_blocks)
     threshold = calibrate(
-        scorer.fuse(cal_raw),
-        None if val_raw is None else scorer.fuse(val_raw),
+        ev.good,
+        ev.defects,
         rule=recipe.calibration_rule,
         target_frr=recipe.target_false_reject_rate,
+        promise=recipe.threshold_promise,
     )
-    threshold.details.update(choice)
-    return scorer.with_threshold(threshold.value), threshold
+    if ev.trained is not None:  # did training pull the goods it saw below the held-out ones? the rejects say
+        flagged = ev.good > threshold.value
+        ev.choice["evidence"]["rejects_trained_on"] = [int(flagged[ev.trained].sum()), int(ev.trained.sum())]
+        ev.choice["evidence"]["rejects_held_out"] = [int(flagged[~ev.trained].sum()), int((~ev.trained).sum())]
+    threshold.details.update(ev.choice)
+    return ev.scorer.with_threshold(threshold.value), threshold
 
 
 def keep_whole_part(

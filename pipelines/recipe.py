@@ -43,6 +43,12 @@ class Recipe:
     defect_val_fraction: float = 0.15
     target_false_reject_rate: float = 0.01
     calibration_rule: Literal["auto", "good_quantile", "target_frr", "best_f1"] = "auto"
+    # what the target promises (inspector.calibration): "expected" — a new good is flagged at most at the target on
+    # average; "bound" — the 95 % upper bound is within it; "point" — at most target · n calibration goods flagged
+    threshold_promise: Literal["point", "expected", "bound"] = "expected"
+    # >= 2: every good outside the test split is scored against a bank built without its capture-group fold, the
+    # threshold rests on all of them and the shipped bank holds them all (pipelines.golden); 0: the held-out slice
+    calibration_folds: int = 5
     max_validation_references: int = 64
     max_validation_queries: int = 160
     max_bank_patches: int = 16384

@@ -92,7 +92,7 @@ def test_greedy_coreset_from_given_centres_adds_what_they_miss() -> None:
 
 
 def test_reference_bank_random_subset_keeps_density_and_coreset_spreads() -> None:
-    from pipelines.bundle_building import reference_bank
+    from pipelines.golden import reference_bank
     from pipelines.recipe import tiny_recipe
 
     rng = np.random.default_rng(0)
@@ -547,7 +547,7 @@ def test_heatmap_reads_zero_off_the_part_and_keeps_the_score() -> None:
 
 
 def test_golden_bank_holds_no_padding() -> None:
-    from pipelines.bundle_building import reference_bank
+    from pipelines.golden import reference_bank
     from pipelines.recipe import tiny_recipe
 
     emb = np.arange(2 * 6 * 3, dtype=np.float32).reshape(2, 6, 3)

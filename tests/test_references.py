@@ -137,12 +137,14 @@ def test_remove_references_round_trip(tiny_bundle: Path, new_parts: dict[str, Pa
 
 def test_pure_helpers() -> None:
     scores = np.array([0.5, 0.1, 0.9, 0.3, 0.7, 0.2, 0.8, 0.4, 0.6, 0.05])
-    threshold = recalibrated_threshold(scores, None, 0.25, {"scored_against": "test"})  # 10 goods: 2 may be flagged
+    threshold = recalibrated_threshold(scores, None, 0.25, {"scored_against": "test"}, "point")  # 2 may be flagged
     details = threshold.details
     assert threshold.value == 0.7 and details["false_reject_rate"] == 0.2 and details["good_rejects_allowed"] == 2
     assert threshold.value == np.quantile(scores, 0.75, method="inverted_cdf")
     assert details["rule"] == "good_quantile" and details["scored_against"] == "test"
     assert recalibrated_threshold(scores, None, 0.0, {}).value == 0.9
+    # the default promise: a new good flagged at most at 25 % on average → floor(0.25 · 11) − 1 = 1 flagged
+    assert recalibrated_threshold(scores, None, 0.25, {}).value == 0.8
     sources = sources_from_ids(["x", "x", "y", "z", "z"])
     assert sources == [{"id": "x", "rows": [0, 2]}, {"id": "y", "rows": [2, 3]}, {"id": "z", "rows": [3, 5]}]
     bank, kept = drop_references(np.arange(10, dtype=np.float32).reshape(5, 2), sources, ["y"])
@@ -160,7 +162,12 @@ def test_recalibration_picks_the_quantile(tiny_bundle: Path, new_parts: dict[str
         for i in range(3)
     ]
     out = add_references(
-        tiny_bundle, [new_parts["a"]], tmp_path / "v2", recalibrate_good=goods, target_false_reject_rate=0.2
+        tiny_bundle,
+        [new_parts["a"]],
+        tmp_path / "v2",
+        recalibrate_good=goods,
+        target_false_reject_rate=0.2,
+        promise="point",
     )
     threshold = load_bundle(out).spec.threshold
     good_scores = _score(out, goods)  # independently, through the public scorer on the NEW bundle
@@ -184,7 +191,8 @@ def test_recalibration_picks_the_quantile(tiny_bundle: Path, new_parts: dict[str
     )
     threshold = load_bundle(out).spec.threshold
     bad_scores = _score(out, defects)
-    assert threshold.rule == "target_frr" and threshold.value == pytest.approx(expected, abs=1e-6)
+    # the default promise: a new good flagged at most at 20 % on average → floor(0.2 · 9) − 1 = 0: the highest good
+    assert threshold.rule == "target_frr" and threshold.value == pytest.approx(good_scores.max(), abs=1e-6)
     assert threshold.details["recall"] == pytest.approx(np.mean(bad_scores > threshold.value))
 
     with pytest.raises(ReferencesError, match="a.png: is in the reference bank"):

@@ -12,10 +12,13 @@ from __future__ import annotations
 import hashlib
 import math
 import re
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from pipelines.data.manifest import Manifest, ManifestEntry
 from pipelines.data.records import GroupOf, ImageRecord, group_of_path
@@ -74,7 +77,7 @@ def _capture_order(entry: ManifestEntry, group_of: GroupOf | None) -> str:
     return _entry_group(entry, group_of) or entry.path
 
 
-def _natural(text: str) -> list[Any]:
+def natural_order(text: str) -> list[Any]:
     """Sort key in which ``g200`` comes before ``g1000`` and ``2026-11-02`` after ``2026-11-01``."""
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
 
@@ -109,7 +112,7 @@ def split_roles(
     )
     latest: set[str] = set()
     if good_test and fractions.good_test_split == "latest":
-        order = sorted({_capture_order(e, group_of) for e in manifest.entries if e.is_good}, key=_natural)
+        order = sorted({_capture_order(e, group_of) for e in manifest.entries if e.is_good}, key=natural_order)
         latest = set(order[len(order) - math.ceil(good_test * len(order)) :])
         good_roles = [("calibration", cal / (1.0 - good_test)), ("train", 1.0 - cal / (1.0 - good_test))]
     elif fractions.good_test_split not in ("hash", "latest"):
@@ -213,3 +216,27 @@ def assign_splits(
             "from more capture groups (folders, sessions) when they are grouped, or split without grouping them"
         )
     return DataSplit(train_good, train_def, cal_good, val_def, test, groups)
+
+
+def grouped_folds(groups: Sequence[str], types: Sequence[str], k: int, seed: int) -> np.ndarray:
+    """Each item's fold: whole groups to one fold, each type's groups dealt largest first to the fold with the
+    fewest items of that type (then the fewest items), so every type spreads evenly; ties broken by the seed.
+    Photos of one physical part never sit on both sides of a fold (cross-validation and cross-fitted calibration)."""
+    members: dict[str, list[int]] = defaultdict(list)
+    for i, g in enumerate(groups):
+        members[g].append(i)
+    if len(members) < k:
+        raise ValueError(f"{k} folds need {k} capture groups; these images form only {len(members)}")
+    kind = {g: Counter(types[i] for i in rows).most_common(1)[0][0] for g, rows in members.items()}
+    order = sorted(members)
+    np.random.default_rng(seed).shuffle(order)
+    order.sort(key=lambda g: (kind[g], -len(members[g])))  # stable: the shuffle orders equal groups
+    per_type: dict[str, np.ndarray] = defaultdict(lambda: np.zeros(k))
+    total = np.zeros(k)
+    fold = np.empty(len(groups), dtype=np.int64)
+    for g in order:
+        f = min(range(k), key=lambda j: (per_type[kind[g]][j], total[j], j))
+        fold[members[g]] = f
+        per_type[kind[g]][f] += len(members[g])
+        total[f] += len(members[g])
+    return fold
