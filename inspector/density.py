@@ -25,8 +25,10 @@ import numpy as np
 from inspector.errors import InspectorError
 
 #: how the patch and whole-part scores become one (inspector.scorer): each standardised on the calibration goods,
-#: the larger counts
+#: the larger counts ("max"), or the whole-part view alone decides ("part": where calibration's evidence showed the
+#: patch view only adding noise; the patch view still draws the heatmap)
 COMBINE = "max"
+COMBINES = (COMBINE, "part")
 
 
 @dataclass(frozen=True)
@@ -155,8 +157,8 @@ class DensitySpec:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DensitySpec:
         combine = str(data.get("combine", COMBINE))
-        if combine != COMBINE:
-            raise ValueError(f"unknown density combine rule {combine!r}: this inspector knows {COMBINE!r}")
+        if combine not in COMBINES:
+            raise ValueError(f"unknown density combine rule {combine!r}: this inspector knows {', '.join(COMBINES)}")
         return cls(
             tuple(int(b) for b in data["blocks"]),
             ScoreScale.from_dict(data["patch_scale"]),

@@ -12,8 +12,8 @@ The stages, each a named method of :class:`Scorer`:
    (:mod:`inspector.density`), when the bundle has one.
 3. **scales** (:meth:`Scorer.standardised`): each view in units of the calibration goods' spread above their median,
    so the two are comparable (:class:`ViewScales`, fitted by :meth:`ViewScales.of_goods`).
-4. **fusion** (:meth:`Scorer.fuse`): the larger of the two standardised views; the patch view alone without a
-   whole-part view.
+4. **fusion** (:meth:`Scorer.fuse`): the larger of the two standardised views (``combine="max"``), the whole-part
+   view alone (``"part"``), or the patch view alone without a whole-part view.
 5. **verdict** (:meth:`Scorer.verdicts`): score strictly above the threshold.
 
 Heatmap values (:meth:`Scorer.patch_maps`) are the patch view per patch, in the patch view's raw units, with the
@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from inspector.density import COMBINE, DensitySpec, GaussianDensity, ScoreScale
+from inspector.density import COMBINE, COMBINES, DensitySpec, GaussianDensity, ScoreScale
 from inspector.errors import InspectorError
 from inspector.preprocess import patch_grid
 from inspector.scoring import GoldenBank, ScoringConfig, offset_scores, patch_mask
@@ -105,12 +105,16 @@ class Scorer:
         part_model: GaussianDensity | None = None,
         scales: ViewScales | None = None,
         threshold: float = math.inf,
+        combine: str = COMBINE,
     ) -> None:
+        if combine not in COMBINES:
+            raise InspectorError(f"unknown combine rule {combine!r}: expected one of {', '.join(COMBINES)}")
         self.bank = bank
         self.scoring = scoring
         self.part_model = part_model
         self.scales = scales
         self.threshold = float(threshold)
+        self.combine = combine
 
     @classmethod
     def of(
@@ -139,11 +143,13 @@ class Scorer:
         """The scorer a verified bundle defines: its bank, scoring, whole-part view and scales, and threshold."""
         spec = bundle.spec
         part = scales = None
+        combine = COMBINE
         if spec.density is not None and bundle.descriptors is not None:
             part = GaussianDensity(bundle.descriptors, spec.density.blocks)
             scales = ViewScales(spec.density.patch_scale, spec.density.density_scale)
+            combine = spec.density.combine
         bank = GoldenBank(bundle.references, chunk_size=spec.scoring.chunk_size)
-        return cls(bank, spec.scoring, part_model=part, scales=scales, threshold=spec.threshold.value)
+        return cls(bank, spec.scoring, part_model=part, scales=scales, threshold=spec.threshold.value, combine=combine)
 
     # ----------------------------------------------------------------------------------------------- settings
 
@@ -152,8 +158,20 @@ class Scorer:
         """Whether the score fuses the whole-part view (a Gaussian and the scales that put it in patch units)."""
         return self.part_model is not None and self.scales is not None
 
+    def _with(self, **changes: object) -> Scorer:
+        """A copy with some of its settings changed."""
+        settings: dict[str, object] = {
+            "part_model": self.part_model,
+            "scales": self.scales,
+            "threshold": self.threshold,
+            "combine": self.combine,
+            **changes,
+        }
+        scoring = settings.pop("scoring", self.scoring)
+        return Scorer(self.bank, scoring, **settings)  # type: ignore[arg-type]
+
     def with_scales(self, scales: ViewScales | None) -> Scorer:
-        return Scorer(self.bank, self.scoring, part_model=self.part_model, scales=scales, threshold=self.threshold)
+        return self._with(scales=scales)
 
     def fitted_on(self, good: RawScores) -> Scorer:
         """This scorer with its view scales fitted on good parts' raw scores (no-op without a whole-part view)."""
@@ -161,20 +179,23 @@ class Scorer:
 
     def patch_only(self) -> Scorer:
         """The same bank and scoring without the whole-part view (the bundle that does not fuse it)."""
-        return Scorer(self.bank, self.scoring, threshold=self.threshold)
+        return self._with(part_model=None, scales=None, combine=COMBINE)
+
+    def with_combine(self, combine: str) -> Scorer:
+        """The same views combined by another rule (``COMBINES``)."""
+        return self._with(combine=combine)
 
     def with_threshold(self, threshold: float) -> Scorer:
-        return Scorer(self.bank, self.scoring, part_model=self.part_model, scales=self.scales, threshold=threshold)
+        return self._with(threshold=threshold)
 
     def with_offset(self, offset: float) -> Scorer:
-        scoring = replace(self.scoring, offset=float(offset))
-        return Scorer(self.bank, scoring, part_model=self.part_model, scales=self.scales, threshold=self.threshold)
+        return self._with(scoring=replace(self.scoring, offset=float(offset)))
 
     def density_spec(self, ids: Sequence[str]) -> DensitySpec | None:
         """What the bundle stores of the whole-part view (blocks, scales, one id per golden descriptor)."""
         if self.part_model is None or self.scales is None:
             return None
-        return DensitySpec(self.part_model.blocks, self.scales.patch, self.scales.part, tuple(ids), COMBINE)
+        return DensitySpec(self.part_model.blocks, self.scales.patch, self.scales.part, tuple(ids), self.combine)
 
     # ----------------------------------------------------------------------------------------------- stages
 
@@ -210,10 +231,13 @@ class Scorer:
         return {PATCH_VIEW: self.scales.patch.standardise(raw.patch), PART_VIEW: self.scales.part.standardise(raw.part)}
 
     def fuse(self, raw: RawScores) -> np.ndarray:
-        """The line's score of each part: the more alarmed standardised view, or the patch view alone."""
+        """The line's score of each part: the more alarmed standardised view, the whole-part view alone, or the
+        patch view alone (as the bundle's ``combine`` and views say)."""
         views = self.standardised(raw)
         if views is None:
             return np.asarray(raw.patch, dtype=np.float64)
+        if self.combine == "part":
+            return views[PART_VIEW]
         return np.maximum(views[PATCH_VIEW], views[PART_VIEW])
 
     def score(

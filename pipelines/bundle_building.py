@@ -19,7 +19,7 @@ from inspector.density import DensitySpec
 from inspector.engine import Embedded, OnnxEmbedder
 from inspector.metrics import roc_auc
 from inspector.preprocess import Preprocessor
-from inspector.scorer import PatchTerms, RawScores, Scorer
+from inspector.scorer import PART_VIEW, PATCH_VIEW, PatchTerms, RawScores, Scorer
 from inspector.scoring import GoldenBank, ScoringConfig
 from models.export import check_parity, export_onnx
 from models.siamese import Embedder, FrozenGlobalEmbedder, PatchEmbedder
@@ -291,6 +291,7 @@ class Evidence:
     defects: np.ndarray | None  # the validation defects' line scores
     choice: dict[str, Any]
     trained: np.ndarray | None = None
+    both_views: Scorer | None = None  # both views fused by the max, before the choice (what each view alone scores)
 
 
 def scored_evidence(
@@ -331,21 +332,21 @@ def scored_evidence(
     offset = scorer.scoring.offset
     good_raw = RawScores(goods.terms.view(offset), goods.part)
     val_raw = None if val_terms is None else RawScores(val_terms.view(offset), scorer.part_distances(val.descriptors))
+    both_views = None
     if part_view:
-        scorer = scorer.fitted_on(good_raw)
-        keep, choice["whole_part_score"] = keep_whole_part(
-            (good_raw.patch, None if val_raw is None else val_raw.patch),
-            (scorer.fuse(good_raw), None if val_raw is None else scorer.fuse(val_raw)),
+        scorer = both_views = scorer.fitted_on(good_raw)
+        chosen_views, choice["whole_part_score"] = choose_views(
+            view_scores(scorer, good_raw),
+            None if val_raw is None else view_scores(scorer, val_raw),
             confidence=recipe.offset_confidence,
             seed=recipe.seed,
             good_groups=goods.groups,
             defective_groups=data.defect_groups,
         )
         choice["whole_part_score"]["references"] = len(descriptors)  # type: ignore[arg-type]
-        if not keep:
-            scorer = scorer.patch_only()
+        scorer = scorer.patch_only() if chosen_views == PATCH_VIEW else scorer.with_combine(VIEW_COMBINES[chosen_views])
     defects = None if val_raw is None else scorer.fuse(val_raw)
-    return Evidence(scorer, scorer.fuse(good_raw), defects, choice, goods.trained)
+    return Evidence(scorer, scorer.fuse(good_raw), defects, choice, goods.trained, both_views)
 
 
 def calibrated_scorer(
@@ -373,33 +374,56 @@ def calibrated_scorer(
     return ev.scorer.with_threshold(threshold.value), threshold
 
 
-def keep_whole_part(
-    patch: tuple[np.ndarray, np.ndarray | None],
-    fused: tuple[np.ndarray, np.ndarray | None],
+FUSED = "fused"
+
+
+def view_scores(scorer: Scorer, raw: RawScores) -> dict[str, np.ndarray]:
+    """Each view standardised and the fused score, as :func:`choose_views` weighs them (a scorer with both views)."""
+    views = scorer.standardised(raw)
+    if views is None:
+        raise ValueError("choosing views needs a scorer with both views and their scales")
+    return {**views, FUSED: scorer.fuse(raw)}
+
+
+#: each choice of views, as the scorer combines them
+VIEW_COMBINES = {FUSED: "max", PART_VIEW: "part"}
+
+
+def choose_views(
+    good: dict[str, np.ndarray],
+    defective: dict[str, np.ndarray] | None,
     *,
     confidence: float = 0.95,
     resamples: int = 400,
     seed: int = 0,
     good_groups: Sequence[str] | None = None,
     defective_groups: Sequence[str] | None = None,
-) -> tuple[bool, dict[str, Any]]:
-    """Whether the bundle fuses the whole-part score: yes, unless the held-out defects show the patch score alone
-    separating them better in at least ``confidence`` of bootstrap resamples (by capture group when known).
+) -> tuple[str, dict[str, Any]]:
+    """Which views the bundle scores with: both fused by the max (``fused``), unless the held-out defects show one
+    view alone (``patch`` or ``part``) separating them better in at least ``confidence`` of bootstrap resamples of
+    whole capture groups; of two such, the one of higher AUROC. ``good``/``defective``: :func:`view_scores` (the
+    goods' out of fold when calibration is cross-fitted, so every good is evidence).
 
-    Why a default with a tested override: on defect types no model has seen, the fused score is far better (magnetic
-    tiles, leave-one-type-out mean 0.78 → 0.87), and held-out defects of the *seen* types cannot speak for those;
-    but where the part view is only noise (small local defects on small photos: the generated flanges at 128 px,
-    patch 0.936, fused 0.916), the validation defects show it and the patch score is kept alone.
-    (``patch`` and ``fused``: calibration-good and validation-defect scores of each.)"""
-    if patch[1] is None or fused[1] is None or not len(patch[1]):
-        return True, {"kept": True, "reason": "no validation defects to test it on"}
+    Why fused by default, with a tested override: on defect types no model has seen, the fused score is far better
+    (magnetic tiles, leave-one-type-out mean 0.78 → 0.87), and held-out defects of the *seen* types cannot speak for
+    those; but where one view is only noise (small local defects on small photos: the generated flanges at 128 px,
+    patch 0.936, fused 0.916; textures whose every patch has a golden twin), the validation defects show it and the
+    other view decides alone."""
+    if defective is None or not len(defective[FUSED]):
+        return FUSED, {"kept": True, "views": FUSED, "reason": "no validation defects to test it on"}
     aurocs, wins = bootstrap_wins(
-        {"fused": (fused[0], fused[1]), "patch": (patch[0], patch[1])},
-        "fused",
+        {view: (good[view], defective[view]) for view in (FUSED, PATCH_VIEW, PART_VIEW)},
+        FUSED,
         resamples=resamples,
         seed=seed,
         good_groups=good_groups,
         defective_groups=defective_groups,
     )
-    keep = wins["patch"] < confidence
-    return keep, {"kept": keep, "validation_auroc": aurocs, "patch_wins": wins["patch"]}
+    better = [v for v in (PATCH_VIEW, PART_VIEW) if wins[v] >= confidence]
+    chosen = max(better, key=lambda v: aurocs[v]) if better else FUSED
+    return chosen, {
+        "kept": chosen != PATCH_VIEW,
+        "views": chosen,
+        "validation_auroc": aurocs,
+        "wins_over_fused": {v: wins[v] for v in (PATCH_VIEW, PART_VIEW)},
+    }

@@ -7,6 +7,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -74,7 +75,22 @@ def threshold_metrics(bundle: Path) -> dict[str, float]:
     if isinstance(details.get("goods_to_resolve_target"), int):  # what calibration could and could not resolve
         out["calibration_goods_to_resolve_target"] = float(details["goods_to_resolve_target"])
         out["calibration_resolves_target"] = float(bool(details.get("resolves_target")))
+    if "extrapolated" in details:  # too few goods for the promise: a threshold above them all, from a fitted tail
+        out["calibration_extrapolated"] = float(bool(details["extrapolated"]))
+    evidence = details.get("evidence") or {}
+    if evidence:
+        out["calibration_cross_fitted"] = float(evidence.get("calibration") == "cross_fitted")
+    views = details.get("whole_part_score") or {}
+    if "kept" in views:
+        out["whole_part_fused"] = float(bool(views["kept"]))
     return out
+
+
+def calibration_record(bundle: Path) -> dict[str, Any]:
+    """The threshold and everything its calibration recorded (rule, promise, evidence, the offset and view choices
+    with what they were measured on), as MLflow keeps it beside the run."""
+    threshold = load_bundle(bundle).spec.threshold
+    return {"value": threshold.value, "rule": threshold.rule, **threshold.details}
 
 
 def pixel_level_auroc(bundle: Path, records: Sequence[ImageRecord], limit: int = 400) -> float | None:

@@ -26,6 +26,7 @@ from pipelines.data.split import DataSplit, SplitFractions, assign_splits
 from pipelines.embedder_training import fit_embedder
 from pipelines.evaluation import (
     Evaluation,
+    calibration_record,
     calibration_shortfall,
     evaluate_bundle,
     pixel_level_auroc,
@@ -221,6 +222,7 @@ def train_flow(
             },
         )
         mlflow.log_artifact(str(scores_path), "evaluation")
+        mlflow.log_dict(calibration_record(bundle), "calibration/threshold.json")
         key = {
             k: round(v, 4)
             for k, v in metrics.items()

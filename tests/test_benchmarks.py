@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import decode_resize, inspector_speed, quality, score_memory, train_throughput
+from benchmarks import decode_resize, inspector_speed, quality, score_memory, thresholds, train_throughput
 
 #: the smallest patch model with a whole-part view: a tiny CNN at 64 px, one short epoch
 TINY_MODEL = [
@@ -156,3 +156,32 @@ def test_score_memory_scores_the_whole_folder(tiny_bundle: Path, demo_root: Path
     assert figures["scored"] == 40
     assert figures["peak_rss_mb"] >= figures["loaded_rss_mb"] > 0
     assert figures["images_per_second"] > 0
+
+
+def test_thresholds_calibrates_every_way_and_measures_later_goods(demo_root: Path, tmp_path: Path) -> None:
+    results = thresholds.main(
+        [
+            str(demo_root),
+            f"--out={tmp_path / 'thresholds.json'}",
+            "--goods=20,all",
+            "--draws=2",
+            "--set=preprocess.height=64",
+            "--set=preprocess.width=64",
+            *TINY_MODEL,
+        ]
+    )
+    assert json.loads((tmp_path / "thresholds.json").read_text())["sizes"].keys() == {"20", "all"}
+    small, every = results["sizes"]["20"], results["sizes"]["all"]
+    methods = {f"{m}+{p}" for m in ("slice", "crossfit") for p in ("point", "expected", "bound")}
+    assert set(small["table"]) == methods and set(every["table"]) == methods
+    for row in small["rows"] + every["rows"]:
+        assert 0.0 <= row["realised_frr"] <= 1.0 and 0.0 <= row["recall"] <= 1.0
+    # cross-fitting calibrates on every good of the draw, the slice on a fifth of them
+    assert small["table"]["crossfit+point"]["calibration_goods"] == 20
+    assert every["table"]["slice+point"]["calibration_goods"] < every["table"]["crossfit+point"]["calibration_goods"]
+    # a stricter promise never sets a lower threshold on the same evidence
+    for rows in (small["rows"], every["rows"]):
+        by = {(r["draw"], r["method"], r["promise"]): r["threshold"] for r in rows}
+        for draw, method, _ in by:
+            assert by[(draw, method, "point")] <= by[(draw, method, "expected")] <= by[(draw, method, "bound")]
+    assert {"patch", "part", "fused", "chosen"} <= set(every["views"])

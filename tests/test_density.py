@@ -248,23 +248,44 @@ def test_each_verdict_says_which_view_flagged_it(
     assert check["whole_part_score"]["references"] == 40 and check["whole_part_score"]["combine"] == "max"
 
 
-def test_whole_part_score_is_dropped_only_when_held_out_defects_clearly_prefer_the_patch_score() -> None:
-    from pipelines.bundle_building import keep_whole_part
+def test_a_view_decides_alone_only_when_held_out_defects_clearly_prefer_it() -> None:
+    from pipelines.bundle_building import choose_views
 
     rng = np.random.default_rng(0)
-    good_patch, bad_patch = rng.normal(0, 1, 60), rng.normal(4, 1, 30)  # the patch score separates well
-    noisy_good, noisy_bad = rng.normal(0, 3, 60), rng.normal(0.5, 3, 30)  # a fused score drowned in noise
-    keep, info = keep_whole_part((good_patch, bad_patch), (noisy_good, noisy_bad))
-    assert (
-        not keep
-        and info["patch_wins"] >= 0.95
-        and info["validation_auroc"]["patch"] > info["validation_auroc"]["fused"]
-    )
-    keep, info = keep_whole_part((good_patch, bad_patch), (good_patch + 0.01 * rng.normal(size=60), bad_patch))
-    assert keep, "a tie keeps the default"
-    assert keep_whole_part((good_patch, None), (noisy_good, None))[0], "no validation defects: the default"
-    few = keep_whole_part((good_patch[:8], bad_patch[:2]), (noisy_good[:8], noisy_bad[:2]))
-    assert few[0] == (few[1]["patch_wins"] < 0.95)
+
+    def views(patch: np.ndarray, part: np.ndarray) -> dict[str, np.ndarray]:
+        return {"patch": patch, "part": part, "fused": np.maximum(patch, part)}
+
+    sharp_good, sharp_bad = rng.normal(0, 1, 60), rng.normal(4, 1, 30)  # a view that separates well
+    noise_good, noise_bad = rng.normal(0, 3, 60), rng.normal(0.5, 3, 30)  # a view that is only noise
+    chosen, info = choose_views(views(sharp_good, noise_good), views(sharp_bad, noise_bad))
+    assert chosen == "patch" and not info["kept"] and info["wins_over_fused"]["patch"] >= 0.95
+    assert info["validation_auroc"]["patch"] > info["validation_auroc"]["fused"]
+    chosen, info = choose_views(views(noise_good, sharp_good), views(noise_bad, sharp_bad))
+    assert chosen == "part" and info["kept"] and info["wins_over_fused"]["part"] >= 0.95
+    twin_good, twin_bad = sharp_good + 0.01 * rng.normal(size=60), sharp_bad + 0.01 * rng.normal(size=30)
+    assert choose_views(views(sharp_good, twin_good), views(sharp_bad, twin_bad))[0] == "fused", "a tie: the default"
+    assert choose_views(views(sharp_good, noise_good), None)[0] == "fused", "no validation defects: the default"
+    few_good, few_bad = views(sharp_good[:8], noise_good[:8]), views(sharp_bad[:2], noise_bad[:2])
+    chosen, info = choose_views(few_good, few_bad)
+    assert (chosen == "fused") == all(w < 0.95 for w in info["wins_over_fused"].values())
+
+
+def test_a_bundle_scored_by_its_whole_part_view_alone_scores_so_on_the_line(
+    density_bundle: tuple[Path, dict[str, list[Path]]], tmp_path: Path
+) -> None:
+    """``combine: part`` in the bundle: the line's score is the standardised whole-part view, and it round-trips."""
+    from dataclasses import replace
+
+    bundle_path, images = density_bundle
+    bundle = load_bundle(bundle_path)
+    assert bundle.spec.density is not None
+    spec = replace(bundle.spec, density=replace(bundle.spec.density, combine="part"))
+    out = write_bundle(tmp_path / "part", bundle.model_path, bundle.references, spec, descriptors=bundle.descriptors)
+    inspector = Inspector.from_bundle(out)
+    results = inspector.score(images["good"][:3])
+    assert all(r.score == pytest.approx(r.views["part"], abs=1e-6) for r in results)
+    assert Scorer.from_bundle(load_bundle(out)).combine == "part"
 
 
 def test_quantised_drift_is_measured_on_the_line_s_fused_score(
