@@ -371,6 +371,10 @@ def calibration_of(bundle: Path, test: TestScores) -> dict[str, Any]:
         "offset": spec.scoring.offset,
         "offset_validation_auroc": offset_tried,
         "whole_part_kept": (details.get("whole_part_score") or {}).get("kept"),
+        "views": (details.get("whole_part_score") or {}).get("views"),
+        "promise": details.get("promise"),
+        "extrapolated": details.get("extrapolated"),
+        "evidence": (details.get("evidence") or {}).get("calibration"),
     }
 
 
@@ -388,10 +392,12 @@ def print_calibration(name: str, rows: list[dict[str, Any]]) -> None:
             f"{c['realised_frr']:.3f}; offset {c['offset']:g}"
             + (f" (validation AUROC {tried})" if tried else "")
             + (
-                "; whole-part view dropped (validation preferred the patch view)"
-                if c["whole_part_kept"] is False
+                f"; scored by the {c['views']} view alone (validation preferred it)"
+                if c["views"] in ("patch", "part")
                 else ""
             )
+            + (f"; {c['evidence']} calibration, promise {c['promise']}" if c["evidence"] else "")
+            + ("; threshold extrapolated from the goods' tail" if c["extrapolated"] else "")
             + (f"; {c['shortfall']}" if c["shortfall"] else "")
         )
 

@@ -94,9 +94,10 @@ def embedded(onnx: OnnxEmbedder, paths: Sequence[Path], groups: Sequence[str], t
 
 
 def first_groups(groups: np.ndarray, order: Sequence[str], share: float) -> np.ndarray:
-    """Rows of whole groups taken in ``order`` until they hold ``share`` of the rows (at least one group)."""
+    """Rows of whole groups taken in ``order`` until they hold ``share`` of the rows (at least one group, never
+    all of them)."""
     chosen: list[str] = []
-    for g in order:
+    for g in list(order)[: max(1, len(order) - 1)]:  # one group always stays on the other side
         if chosen and np.isin(groups, chosen).sum() >= share * len(groups):
             break
         chosen.append(g)

@@ -69,6 +69,7 @@ def threshold_metrics(bundle: Path) -> dict[str, float]:
         ("frr_upper_95", "calibration_frr_upper_95"),
         ("target_false_reject_rate", "calibration_target_false_reject_rate"),
         ("n_good", "calibration_n_good"),
+        ("recall", "calibration_validation_recall"),  # what the promise costs: validation defects caught
     ):
         if isinstance(details.get(key), (int, float)):
             out[name] = float(details[key])
@@ -81,8 +82,8 @@ def threshold_metrics(bundle: Path) -> dict[str, float]:
     if evidence:
         out["calibration_cross_fitted"] = float(evidence.get("calibration") == "cross_fitted")
     views = details.get("whole_part_score") or {}
-    if "kept" in views:
-        out["whole_part_fused"] = float(bool(views["kept"]))
+    if "kept" in views:  # the whole-part view scores (fused, or alone) or was left out on the evidence
+        out["whole_part_view_used"] = float(bool(views["kept"]))
     return out
 
 

@@ -91,9 +91,19 @@ def test_train_flow_registers_challenger_with_reproducible_scores(prefect_harnes
     # the logged AUROC is the one recomputed from those scores
     labels = np.array([0 if "/good/" in p else 1 for p in paths])
     assert run.data.metrics["test_image_auroc"] == pytest.approx(roc_auc(labels, np.array(rescored)), abs=1e-9)
-    # the default bundle also scores whole parts; the run says what each view alone would have scored
-    assert load_bundle(result.bundle).spec.density is not None
-    assert {"test_image_auroc_patch", "test_image_auroc_part"} <= set(run.data.metrics)
+    # which views score was chosen on the evidence (every good out of fold, the validation defects), and the choice
+    # and its evidence travel with the bundle and the run; a bundle that scores whole parts says what each view
+    # alone would have scored
+    spec = load_bundle(result.bundle).spec
+    views = spec.threshold.details["whole_part_score"]
+    assert views["views"] in ("fused", "patch", "part") and set(views["wins_over_fused"]) == {"patch", "part"}
+    assert (spec.density is None) == (views["views"] == "patch")
+    assert run.data.metrics["whole_part_view_used"] == float(views["views"] != "patch")
+    record = mlflow.artifacts.load_dict(f"runs:/{result.run_id}/calibration/threshold.json")
+    assert record["value"] == spec.threshold.value and record["evidence"]["calibration"] == "cross_fitted"
+    assert record["evidence"]["goods"] == run.data.metrics["calibration_n_good"] and record["promise"] == "expected"
+    if spec.density is not None:
+        assert {"test_image_auroc_patch", "test_image_auroc_part"} <= set(run.data.metrics)
     # the demo's defects have masks: the run says where on the part, too (pixel AUROC of its heatmaps)
     assert 0.5 < run.data.metrics["test_pixel_auroc"] <= 1.0
 
