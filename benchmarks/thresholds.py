@@ -45,7 +45,7 @@ from models.export import export_onnx
 from models.siamese import PatchEmbedder, build_embedder
 from pipelines.bundle_building import CalibrationSet, scored_evidence, view_scores
 from pipelines.data.split import natural_order
-from pipelines.golden import reference_bank
+from pipelines.golden import golden_bank
 from pipelines.recipe import Recipe
 from pipelines.settings import apply_overrides, load_overrides
 
@@ -155,7 +155,8 @@ def one_draw(
     for method, folds in METHODS.items():
         r = replace(recipe, calibration_folds=folds)
         data = calibration_data(pool, validation, folds, r, np.random.default_rng([recipe.seed, 5]))
-        references = reference_bank(data.golden.embeddings, r, data.golden.valid)
+        references, sources = golden_bank(data.golden.embeddings, r, data.golden.valid)
+        data = replace(data, bank_sources=sources)
         ev = scored_evidence(data, references, r.scoring, r, blocks)
         labels = np.r_[np.zeros(len(later)), np.ones(len(test_defects))]
         line, views_of = {}, {}

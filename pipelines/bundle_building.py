@@ -25,7 +25,7 @@ from models.export import check_parity, export_onnx
 from models.siamese import Embedder, FrozenGlobalEmbedder, PatchEmbedder
 from pipelines.data.split import DataSplit
 from pipelines.embedder_training import load_preprocessed
-from pipelines.golden import fold_count, out_of_fold, reference_bank
+from pipelines.golden import fold_count, golden_bank, out_of_fold
 from pipelines.recipe import Recipe
 
 
@@ -186,7 +186,7 @@ def build_bundle(
         bad_refs = [e for e in refs.errors if e]
         if bad_refs:
             raise ValueError(f"{len(bad_refs)} golden reference images could not be read: {bad_refs[:3]}")
-        references = reference_bank(refs.embeddings, recipe, refs.valid)
+        references, sources = golden_bank(refs.embeddings, recipe, refs.valid)
         patch_mode = getattr(embedder, "mode", "global") == "patch"
         scoring = (
             recipe.scoring if patch_mode else replace(recipe.scoring, offset=0.0)
@@ -195,7 +195,7 @@ def build_bundle(
         descriptors = refs.descriptors
         if split.calibration_good:
             part_blocks = tuple(embedder.descriptor_blocks) if isinstance(embedder, PatchEmbedder) else None
-            data = calibration_set(onnx, refs, split, recipe)
+            data = calibration_set(onnx, refs, split, recipe, sources)
             scorer, threshold = calibrated_scorer(data, references, scoring, recipe, part_blocks)
             density = scorer.density_spec(["initial"] * len(descriptors)) if descriptors is not None else None
             scoring = scorer.scoring
@@ -236,16 +236,22 @@ class CalibrationSet:
     held_out: Embedded | None = None
     held_out_groups: list[str] = field(default_factory=list)
     trained: np.ndarray | None = None
+    bank_sources: np.ndarray | None = None  # the golden good each row of the shipped bank came from
 
 
-def calibration_set(onnx: OnnxEmbedder, golden: Embedded, split: DataSplit, recipe: Recipe) -> CalibrationSet:
+def calibration_set(
+    onnx: OnnxEmbedder, golden: Embedded, split: DataSplit, recipe: Recipe, bank_sources: np.ndarray
+) -> CalibrationSet:
     """Embed what calibration needs beside the golden goods (already embedded for the bank)."""
     paths = golden_goods(split, recipe)
     val = onnx.embed(split.validation_defective)
     val_paths = [p for p, e in zip(split.validation_defective, val.errors) if e is None]
     trained = np.arange(len(paths)) < len(split.train_good)
     if len(paths) > len(split.train_good):  # cross-fitted: the calibration goods are golden too
-        return CalibrationSet(golden, split.group_ids(paths), val, split.group_ids(val_paths), trained=trained)
+        groups = split.group_ids(paths)
+        return CalibrationSet(
+            golden, groups, val, split.group_ids(val_paths), trained=trained, bank_sources=bank_sources
+        )
     cal = onnx.embed(split.calibration_good)
     cal_paths = [p for p, e in zip(split.calibration_good, cal.errors) if e is None]
     return CalibrationSet(
@@ -265,7 +271,11 @@ class GoodEvidence:
 
 
 def good_evidence(
-    data: CalibrationSet, scorer: Scorer, recipe: Recipe, part_blocks: tuple[int, ...] | None
+    data: CalibrationSet,
+    scorer: Scorer,
+    references: np.ndarray,
+    recipe: Recipe,
+    part_blocks: tuple[int, ...] | None,
 ) -> GoodEvidence:
     """The held-out calibration goods scored against the shipped bank, or, without them, every golden good scored
     out of fold: what the line's goods will score, either way."""
@@ -277,7 +287,8 @@ def good_evidence(
         return GoodEvidence(scorer.patch_terms(cal.embeddings, cal.valid), part, groups, how)
     groups = data.golden_groups
     folds = fold_count(groups, recipe.calibration_folds)
-    oof = out_of_fold(data.golden, groups, folds, recipe, scorer.scoring, part_blocks)
+    bank = None if data.bank_sources is None else (references, data.bank_sources)
+    oof = out_of_fold(data.golden, groups, folds, recipe, scorer.scoring, part_blocks, bank)
     how = {"calibration": "cross_fitted", "folds": folds, "goods": len(groups), "groups": len(set(groups))}
     return GoodEvidence(oof.terms, oof.part, groups, how, data.trained)
 
@@ -312,7 +323,7 @@ def scored_evidence(
         part_references=descriptors if part_view else None,
         part_blocks=part_blocks if part_view else None,
     )
-    goods = good_evidence(data, scorer, recipe, part_blocks if part_view else None)
+    goods = good_evidence(data, scorer, references, recipe, part_blocks if part_view else None)
     val = data.defects
     val_terms = scorer.patch_terms(val.embeddings, val.valid) if len(val.embeddings) else None
     choice: dict[str, Any] = {"evidence": goods.how}

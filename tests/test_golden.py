@@ -9,7 +9,7 @@ from inspector.engine import Embedded
 from inspector.scorer import Scorer
 from inspector.scoring import ScoringConfig
 from pipelines.data.split import grouped_folds
-from pipelines.golden import fold_count, out_of_fold, reference_bank
+from pipelines.golden import fold_count, golden_bank, out_of_fold, reference_bank
 from pipelines.recipe import tiny_recipe
 
 
@@ -49,3 +49,19 @@ def test_out_of_fold_scores_each_good_as_a_new_part() -> None:
     assert oof.part is None and np.allclose(oof.raw(0.0).patch, oof.terms.worst)
     with pytest.raises(ValueError, match="group ids"):
         out_of_fold(goods, groups[:-1], 3, recipe, scoring)
+
+
+def test_a_fold_is_scored_against_the_shipped_bank_less_its_own_rows() -> None:
+    goods, groups = _goods()
+    recipe, scoring = tiny_recipe(max_bank_patches=60), ScoringConfig(offset=0.0)  # a coreset of 60 of 216 patches
+    bank, sources = golden_bank(goods.embeddings, recipe)
+    assert bank.shape == (60, 5) and np.array_equal(bank, reference_bank(goods.embeddings, recipe))
+    # each row's source is the good whose patch it is
+    flat = goods.embeddings.reshape(len(groups), -1, 5)
+    assert all(any(np.array_equal(row, p) for p in flat[i]) for row, i in zip(bank, sources))
+    oof = out_of_fold(goods, groups, 3, recipe, scoring, bank=(bank, sources))
+    for f in range(3):
+        inside = oof.fold == f
+        kept = bank[~inside[sources]]
+        alone = Scorer.of(kept, scoring).patch_terms(goods.embeddings[inside])
+        assert np.allclose(alone.worst, oof.terms.worst[inside], atol=1e-5)
