@@ -56,7 +56,9 @@ class PipelineSettings(BaseSettings):
     group_by_folder: bool = Field(
         False, description="the images of one folder are one capture group (goods kept by date, shift or camera)"
     )
-    baseline: bool = Field(True, description="also evaluate the frozen ImageNet baseline on the same test split")
+    baseline: bool = Field(
+        True, description="also evaluate the frozen baseline (the run's trunk, pooled) on the same test split"
+    )
 
 
 def read_config_file(path: Path) -> dict[str, Any]:
