@@ -1,4 +1,5 @@
-"""What the benchmarks share: best-of-N timing and the JSON file each writes its figures to."""
+"""What the benchmarks share: best-of-N timing, the JSON file each writes its figures to, and stand-in weights for
+trunks whose pretrained files this machine cannot fetch."""
 
 from __future__ import annotations
 
@@ -43,3 +44,19 @@ def write_json(path: Path | None, figures: Mapping[str, Any]) -> None:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(figures, indent=2, default=float) + "\n")
+
+
+def generated_weights(backbone: str, folder: Path, seed: int = 0) -> Path:
+    """A weights file of ``backbone``'s own names and shapes, from its builder's seeded random init: a stand-in for a
+    pretrained file, so the trunk loads and freezes as it would with real weights (speed does not depend on the
+    values). Written once per folder."""
+    import torch
+
+    from models.backbones import build_backbone
+
+    path = folder / f"{backbone}-generated-{seed}.pth"
+    if not path.is_file():
+        torch.manual_seed(seed)
+        folder.mkdir(parents=True, exist_ok=True)
+        torch.save(build_backbone(backbone).state_dict(), path)
+    return path

@@ -20,7 +20,15 @@ speed does not depend on training), bundled by the product's own ``build_bundle`
 ``--patch-only``, ``--multi-scale``, ``--head-only`` and ``--global`` add the models of other product settings
 (what the default costs over each). ``--set`` changes the recipe as ``pipelines train --set`` does.
 
+``--backbones A,B`` measures trunks instead, beside the recipe's own (Lite0 by default, ImageNet weights): each as
+the recipe reads it (``pipelines.recipe.trunk_overrides``) on a generated weights file of its shapes, bundled the
+same way, then quantised to static INT8 (``inspector quantize``, on the generated goods); for FP32 and INT8, the ORT
+forward and the golden-bank search of a batch of 32, and end to end (``score_paths``, batches side by side), with
+the bank's size. The values of the weights do not change the forward's cost; the pruned search may prune
+differently with real features.
+
     .venv/bin/python -m benchmarks.inspector_speed [--images 128] [--requests 64] [--mono] [--skip-eager]
+    .venv/bin/python -m benchmarks.inspector_speed --backbones wide_resnet50_2,vit_small_patch14_dinov2 --images 64
 """
 
 from __future__ import annotations
@@ -46,14 +54,17 @@ import onnxruntime as ort
 import torch
 from PIL import Image
 
-from benchmarks.common import best_seconds, interleaved_rates, write_json
+from benchmarks.common import best_seconds, generated_weights, interleaved_rates, write_json
+from benchmarks.train_throughput import backbone_names
 from inspector.engine import PLACEMENT_INPUT, Inspector, make_session
 from inspector.preprocess import full_placement
+from inspector.quantize import quantize_bundle
 from inspector.scoring import GoldenBank
 from models.demo_data import render_good_part
 from models.export import describes_parts
 from models.siamese import Embedder, EmbedderConfig, PatchEmbedder, build_embedder
 from pipelines.bundle_building import build_bundle
+from pipelines.cli import add_allow_download
 from pipelines.data.split import DataSplit
 from pipelines.recipe import Recipe
 from pipelines.settings import apply_overrides, load_overrides
@@ -291,6 +302,74 @@ def measure(
     return figures
 
 
+def line_rates(bundle: Path, paths: list[Path], rounds: int) -> dict[str, float]:
+    """Images/s of one bundle on the line: the ORT forward and the golden-bank search of one batch of 32, and end to
+    end (``score_paths`` over ``paths``, batches side by side), measured in turn."""
+    inspector = Inspector.from_bundle(bundle)
+    emb = inspector.embedder
+    first = paths[:BATCH]
+    images = [emb.preprocessor.load(q) for q in first]
+    sizes = [im.size for im in images]
+    batch = emb.preprocessor.batch(images)
+    embeddings, _ = emb.run(batch, sizes)
+    valid = emb.patch_valid(sizes, embeddings)
+    scorer = inspector.scorer
+    return interleaved_rates(
+        {
+            "forward": lambda: emb.run(batch, sizes),
+            "search": lambda: scorer.bank.anomaly_scores(embeddings, scorer.scoring, valid),
+            "end_to_end": lambda: list(inspector.score_paths(paths, chunk=BATCH)),
+        },
+        {"forward": BATCH, "search": BATCH, "end_to_end": len(paths)},
+        rounds,
+    )
+
+
+def trunk_speed(name: str, recipe: Recipe, parts: dict[str, list[Path]], work: Path, rounds: int) -> dict[str, Any]:
+    """One trunk's FP32 and INT8 line speed and its bank (see the module doc)."""
+    torch.manual_seed(0)
+    model = build_embedder(recipe.embedder).eval()
+    work.mkdir(parents=True, exist_ok=True)
+    fp32 = bundle_of(model, recipe, parts["golden"], parts["calibration"], work / f"{name}_fp32")
+    calibration = parts["calibration"] + parts["golden"]
+    int8 = quantize_bundle(fp32, calibration, work / f"{name}_int8", max_images=len(calibration))
+    bank = Inspector.from_bundle(fp32).bundle.references
+    paths = parts["scored"][: len(parts["scored"]) // BATCH * BATCH]
+    figures: dict[str, Any] = {"bank": list(bank.shape), "bank_mb": bank.nbytes / 2**20}
+    for precision, bundle in (("fp32", fp32), ("int8", int8)):
+        figures[precision] = line_rates(bundle, paths, rounds)
+    return figures
+
+
+def compare_trunks(
+    names: list[str], recipe: Recipe, parts: dict[str, list[Path]], work: Path, rounds: int
+) -> dict[str, Any]:
+    """The recipe's own trunk (its own weights, measured once even when named) and each other named one, as the
+    recipe reads it on a generated weights file; printed as a table with each trunk's end-to-end ratio to the
+    recipe's."""
+    base_name = recipe.embedder.backbone
+    rows: dict[str, Any] = {f"{base_name} (recipe)": trunk_speed(base_name, recipe, parts, work / "recipe", rounds)}
+    for name in (n for n in names if n != base_name):
+        trunk = apply_overrides(
+            recipe, {"embedder.backbone": name, "embedder.weights": str(generated_weights(name, work / "weights"))}
+        )
+        rows[name] = trunk_speed(name, trunk, parts, work, rounds)
+    base = next(iter(rows.values()))
+    print(
+        f"\n{'trunk':<26}{'bank (rows x dim, MB)':>24}  "
+        + "  ".join(f"{p} forward / search / end to end img/s (x base)" for p in ("FP32", "INT8"))
+    )
+    for name, row in rows.items():
+        cells = [
+            f"{row[p]['forward']:6.1f} / {row[p]['search']:7.1f} / {row[p]['end_to_end']:6.1f} "
+            f"(x{row[p]['end_to_end'] / base['fp32']['end_to_end']:.2f})"
+            for p in ("fp32", "int8")
+        ]
+        bank = f"{row['bank'][0]} x {row['bank'][1]}, {row['bank_mb']:.0f}"
+        print(f"{name:<34}{bank:>24}  " + "  ".join(f"{c:<44}" for c in cells))
+    return rows
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", type=int, default=128, help="images streamed through score_paths (a multiple of 32)")
@@ -316,8 +395,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     p.add_argument("--global", dest="global_mode", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="recipe setting")
+    add_allow_download(p)
+    p.add_argument("--backbones", default="", help="comma-separated trunks: FP32 and INT8 line speed of each instead")
     p.add_argument("--json", type=Path, default=None, help="also write every figure to this file")
     args = p.parse_args(argv)
+    trunks = backbone_names(args.backbones, p)
     torch.set_num_threads(os.cpu_count() or 2)
     recipe = apply_overrides(Recipe(input_pixels=None), load_overrides(None, args.overrides))
     recipe = replace(recipe, preprocess=replace(recipe.preprocess, height=args.size, width=args.size))
@@ -337,8 +419,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "golden": generated_parts(work / "golden", 48, 256, seed=2),
             "calibration": generated_parts(work / "calibration", 16, 256, seed=3),
         }
-        for index, (label, cfg) in enumerate(models):
-            figures["models"][label] = measure(label, cfg, recipe, work / f"bundle_{index}", parts, args)
+        if trunks:
+            figures["trunks"] = compare_trunks(trunks, recipe, parts, work, args.rounds)
+        else:
+            for index, (label, cfg) in enumerate(models):
+                figures["models"][label] = measure(label, cfg, recipe, work / f"bundle_{index}", parts, args)
     write_json(args.json, figures)
     return figures
 

@@ -62,6 +62,7 @@ from inspector.preprocess import PreprocessConfig
 from inspector.quantize import quantize_bundle
 from models.siamese import FrozenGlobalEmbedder, build_embedder
 from pipelines.bundle_building import build_bundle
+from pipelines.cli import add_allow_download
 from pipelines.data.layouts import scan_root
 from pipelines.data.manifest import Manifest, build_manifest
 from pipelines.data.records import ImageRecord, capture_groups
@@ -604,6 +605,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--loto-frozen-only", action="store_true", help="leave-one-type-out without training")
     p.add_argument("--loto-types", default=None, help="comma-separated types to hold out in turn (default: all)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="recipe setting")
+    add_allow_download(p)
     args = p.parse_args(argv)
     experiments = [e.strip() for e in args.experiments.split(",") if e.strip()]
     unknown = sorted(set(experiments) - set(EXPERIMENTS))

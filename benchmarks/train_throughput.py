@@ -3,13 +3,20 @@
 Each case times forward + its mode's loss + backward + an AdamW step on random batches (after one warm-up step);
 every row prints its ratio to the first case measured (the default line model unless ``--cases`` leaves it out).
 
+``--backbones`` adds one case per named trunk after ``--cases``: the patch embedder as the recipe reads that trunk
+(``models.backbones.PATCH_READING``), 224 px, projection head only, on a generated weights file of the trunk's
+shapes (the trunk is frozen as with pretrained weights; its values do not change the speed).
+
     .venv/bin/python -m benchmarks.train_throughput [--steps 5] [--batch 32] [--cases default,demo] [--loss triplet]
+    .venv/bin/python -m benchmarks.train_throughput --cases default \
+        --backbones wide_resnet50_2,vit_small_patch14_dinov2,vit_base_patch14_dinov2
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +26,8 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import torch
 
-from benchmarks.common import write_json
+from benchmarks.common import generated_weights, write_json
+from models.backbones import BACKBONES, PATCH_READING
 from models.siamese import EmbedderConfig, build_embedder
 from models.training import TrainConfig, batch_loss, resolve_device, resolve_mode
 
@@ -49,6 +57,21 @@ CASES = {
         64,
     ),
 }
+
+
+def trunk_case(backbone: str, folder: Path, size: int = 224) -> Case:
+    """The patch embedder on ``backbone`` as the recipe reads it, on a generated weights file (see module doc)."""
+    weights = str(generated_weights(backbone, folder))
+    config = EmbedderConfig(backbone=backbone, weights=weights, **PATCH_READING.get(backbone, {}))
+    return Case(f"{backbone} patch {size} px, projection head only", config, size)
+
+
+def backbone_names(text: str, parser: argparse.ArgumentParser) -> list[str]:
+    """``--backbones`` as a list of registered trunk names (an unknown one is a usage error naming those known)."""
+    names = [b.strip() for b in text.split(",") if b.strip()]
+    if unknown := sorted(set(names) - set(BACKBONES)):
+        parser.error(f"unknown backbone(s) {unknown}: choose from {sorted(BACKBONES)}")
+    return names
 
 
 def images_per_second(case: Case, batch: int, steps: int, device: torch.device, loss: str) -> float:
@@ -96,6 +119,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--device", default="auto")
     p.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of {', '.join(CASES)}")
     p.add_argument("--loss", default="contrastive", choices=["contrastive", "triplet"])
+    p.add_argument("--backbones", default="", help="comma-separated trunks, one patch case each (see above)")
     p.add_argument("--json", type=Path, default=None, help="also write the figures to this file")
     args = p.parse_args(argv)
     names = [c.strip() for c in args.cases.split(",") if c.strip()]
@@ -105,11 +129,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     device = resolve_device(args.device)
     print(f"device {device}, torch threads {torch.get_num_threads()}, batch {args.batch}, {args.steps} timed steps")
     rates: dict[str, float] = {}
-    for name in names:
-        case = CASES[name]
-        rates[name] = images_per_second(case, args.batch, args.steps, device, args.loss)
-        first = rates[names[0]]
-        print(f"{case.description:<52} {rates[name]:8.1f} img/s   x{rates[name] / first:5.2f} vs {names[0]}")
+    with tempfile.TemporaryDirectory(prefix="train_throughput_") as tmp:
+        cases = {name: CASES[name] for name in names}
+        cases.update({b: trunk_case(b, Path(tmp)) for b in backbone_names(args.backbones, p)})
+        first = next(iter(cases))
+        for name, case in cases.items():
+            rates[name] = images_per_second(case, args.batch, args.steps, device, args.loss)
+            print(f"{case.description:<60} {rates[name]:8.1f} img/s   x{rates[name] / rates[first]:5.2f} vs {first}")
     figures = {"device": str(device), "batch": args.batch, "loss": args.loss, "images_per_second": rates}
     write_json(args.json, figures)
     return figures

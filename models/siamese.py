@@ -74,6 +74,7 @@ class EmbedderConfig:
         4  # patch mode: the backbone's last N stages, pooled over the part, describe it whole (0 = off)
     )
     density_downscales: tuple[int, ...] = ()  # the whole-part descriptor also from the input average-pooled k x k
+    allow_download: bool = False  # weights="imagenet" not on this machine: fetch it (else a clear error)
 
     def __post_init__(self) -> None:
         if self.mode not in ("patch", "global"):
@@ -177,7 +178,7 @@ class PatchEmbedder(nn.Module):
         #: the descriptor is computed again on the input average-pooled by each of these factors (see forward_parts)
         self.density_downscales = tuple(density_downscales) if self.density_stages else ()
         self.context = context
-        channels, density_channels = self._channels(stages)
+        channels, density_channels = self._channels()
         #: descriptor columns per density stage and scale (each channel's mean and standard deviation): one Gaussian
         #: each, the input's own scale first, then each downscale in order
         self.descriptor_blocks = tuple(2 * c for c in density_channels) * (1 + len(self.density_downscales))
@@ -198,23 +199,24 @@ class PatchEmbedder(nn.Module):
         self.learned_weight = learned_weight
         self.embedding_dim = embedding_dim + (channels if keep_pretrained else 0)
 
-    def _channels(self, stages: list[nn.Module]) -> tuple[int, list[int]]:
+    def _channels(self) -> tuple[int, list[int]]:
         """One dry run: the fused feature channels, and the channels of each density stage."""
         with torch.no_grad():
             was = self.backbone.training
             self.backbone.eval()
-            maps = self._stage_maps(torch.zeros(1, 3, 64, 64), stages, self.density_stages)
+            side = -(-64 // self.backbone.patch_size) * self.backbone.patch_size  # a vision transformer: whole patches
+            maps = self._stage_maps(torch.zeros(1, 3, side, side), self.density_stages)
             self.backbone.train(was)
         n = len(self.feature_stages)
         return sum(int(m.shape[1]) for m in maps[:n]), [int(m.shape[1]) for m in maps[n:]]
 
-    def _stage_maps(self, x: Tensor, stages: list[nn.Module], extra: tuple[int, ...] = ()) -> list[Tensor]:
+    def _stage_maps(self, x: Tensor, extra: tuple[int, ...] = ()) -> list[Tensor]:
         """The maps of ``feature_stages`` in order, then those of ``extra`` (running only as deep as either needs)."""
-        return stage_maps(x, stages, self.feature_stages + tuple(extra))
+        return stage_maps(x, self.backbone, self.feature_stages + tuple(extra))
 
     def features(self, x: Tensor) -> Tensor:
         """Fused multi-stage feature map (N, C, h, w) on the coarsest selected grid, with neighbourhood context."""
-        return self._fuse(self._stage_maps(x, list(self.backbone.stages)))
+        return self._fuse(self._stage_maps(x))
 
     def _fuse(self, maps: list[Tensor]) -> Tensor:
         h, w = maps[-1].shape[-2:]
@@ -255,25 +257,26 @@ class PatchEmbedder(nn.Module):
         """
         if not self.density_stages:
             raise ValueError("this embedder has no density stages (EmbedderConfig.density_stages = 0)")
-        stages = list(self.backbone.stages)
-        maps = self._stage_maps(x, stages, self.density_stages)
+        maps = self._stage_maps(x, self.density_stages)
         patches = self._embed(self._fuse(maps[: len(self.feature_stages)])).flatten(2).transpose(1, 2)
         size = (x.shape[-2], x.shape[-1])
         descriptor = [pooled_on_part(m, placement, size) for m in maps[len(self.feature_stages) :]]
         for k in self.density_downscales:  # a downscaled pass needs no patch features
-            small = stage_maps(F.avg_pool2d(x, k), stages, self.density_stages)
+            small = stage_maps(F.avg_pool2d(x, k), self.backbone, self.density_stages)
             descriptor += [pooled_on_part(m, placement, size) for m in small]
         return patches, torch.cat(descriptor, dim=1)
 
 
-def stage_maps(x: Tensor, stages: list[nn.Module], order: tuple[int, ...]) -> list[Tensor]:
-    """The output maps of the stages numbered in ``order`` (in that order), running only as deep as the deepest."""
+def stage_maps(x: Tensor, backbone: Backbone, order: tuple[int, ...]) -> list[Tensor]:
+    """The output maps (N, C, h, w) of the stages numbered in ``order`` (in that order), running only as deep as the
+    deepest; a vision transformer's token outputs are laid back on its patch grid (``Backbone.feature_map``)."""
     wanted = set(order)
+    size = (int(x.shape[-2]), int(x.shape[-1]))
     found: dict[int, Tensor] = {}
-    for i, stage in enumerate(stages[: max(wanted) + 1]):
+    for i, stage in enumerate(backbone.stages[: max(wanted) + 1]):
         x = stage(x)
         if i in wanted:
-            found[i] = x
+            found[i] = backbone.feature_map(x, size)
     return [found[i] for i in order]
 
 
@@ -355,7 +358,7 @@ def build_embedder(
     checkpoint)."""
     cfg = config or EmbedderConfig()
     backbone_weights = cfg.weights if weights == "config" else weights
-    backbone = build_backbone(cfg.backbone, weights=backbone_weights)
+    backbone = build_backbone(cfg.backbone, weights=backbone_weights, allow_download=cfg.allow_download)
     if backbone_weights is not None:
         trainable = cfg.trainable_stages
         if cfg.mode == "patch" and trainable >= 0:
@@ -384,9 +387,15 @@ class FrozenGlobalEmbedder(nn.Module):
 
     mode: Mode = "global"
 
-    def __init__(self, backbone: str = "tf_efficientnet_lite0", weights: str | Path | None = "imagenet") -> None:
+    def __init__(
+        self,
+        backbone: str = "tf_efficientnet_lite0",
+        weights: str | Path | None = "imagenet",
+        *,
+        allow_download: bool = False,
+    ) -> None:
         super().__init__()
-        self.backbone = build_backbone(backbone, weights=weights)
+        self.backbone = build_backbone(backbone, weights=weights, allow_download=allow_download)
         self.embedding_dim = int(self.backbone.out_channels)
         self.eval()
 

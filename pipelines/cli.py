@@ -52,6 +52,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="recipe setting, e.g. train.epochs=3",
     )
+    add_allow_download(train)
     train.add_argument(
         "--work-dir", type=Path, help="where runs, bundles and the default MLflow store go (default: runs)"
     )
@@ -130,6 +131,18 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--retrain-cron", help="cron of the retraining deployment (default: nightly 02:00)")
     serve.add_argument("--dry-run", action="store_true", help="print the deployments and exit without serving")
     return p
+
+
+def add_allow_download(parser: argparse.ArgumentParser) -> None:
+    """``--allow-download``: the one way a run may fetch a trunk's pretrained weights (``embedder.allow_download``)."""
+    parser.add_argument(
+        "--allow-download",
+        dest="overrides",
+        action="append_const",
+        const="embedder.allow_download=true",
+        help="fetch the trunk's pretrained weights when they are not on this machine (torch hub or Hugging Face "
+        "cache); without it a missing file is an error naming the file and where to put it",
+    )
 
 
 def _settings(args: argparse.Namespace) -> PipelineSettings:

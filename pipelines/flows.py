@@ -149,10 +149,13 @@ def evaluate_task(bundle: Path, split: DataSplit) -> Evaluation:
 
 @task(cache_policy=NO_CACHE)
 def baseline_task(split: DataSplit, recipe: Recipe, out: Path) -> dict[str, float]:
-    """The frozen ImageNet baseline on the same split and test images, so every run shows what training added."""
+    """The run's trunk, frozen and pooled (its pretrained global features), on the same split and test images, so
+    every run shows what training added; the same trunk, because the recipe's preprocessing is that trunk's."""
     from models.siamese import FrozenGlobalEmbedder
 
-    bundle = build_bundle(FrozenGlobalEmbedder(), split, recipe, out, model_name="frozen-baseline")
+    trunk = recipe.embedder
+    baseline = FrozenGlobalEmbedder(trunk.backbone, trunk.weights, allow_download=trunk.allow_download)
+    bundle = build_bundle(baseline, split, recipe, out, model_name="frozen-baseline")
     evaluation = evaluate_bundle(bundle, split.test)
     return {f"baseline_{k}": v for k, v in _float_metrics(evaluation).items()}
 

@@ -15,6 +15,13 @@ import numpy as np
 
 from inspector.preprocess import PreprocessConfig
 from inspector.scoring import ScoringConfig
+from models.backbones import (
+    PATCH_READING,
+    has_pretrained_weights,
+    input_multiple,
+    pretrained_preprocessing,
+    required_input_multiple,
+)
 from models.siamese import EmbedderConfig
 from models.training import TrainConfig
 
@@ -59,6 +66,16 @@ class Recipe:
     input_pixels: int | None = 81920
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        multiple = size_multiple(self.embedder, required=True)
+        height, width = self.preprocess.height, self.preprocess.width
+        if height % multiple or width % multiple:
+            raise ValueError(
+                f"input {height}x{width} does not fit {self.embedder.backbone}: its sides must be multiples of "
+                f"{multiple} (its patch size, times each density_downscales factor); e.g. "
+                f"{round(height / multiple) * multiple or multiple}x{round(width / multiple) * multiple or multiple}"
+            )
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "preprocess": self.preprocess.to_dict(),
@@ -93,11 +110,34 @@ def auto_input_size(
     return height, width
 
 
+def size_multiple(embedder: EmbedderConfig, *, required: bool = False) -> int:
+    """What the input's sides are multiples of for this embedder: its trunk's (:func:`models.backbones.input_multiple`;
+    ``required``: only what it cannot run without, a vision transformer's patch), times each ``density_downscales``
+    factor where the trunk needs whole patches (the downscaled pass sees the input shrunk k times)."""
+    patch = required_input_multiple(embedder.backbone)
+    base = patch if required else input_multiple(embedder.backbone)
+    return base * math.lcm(*embedder.density_downscales) if patch > 1 and embedder.density_downscales else base
+
+
+def trunk_overrides(backbone: str, mode: str = "patch") -> dict[str, Any]:
+    """The recipe values that go with a trunk, as dotted overrides: the normalisation and resize its pretrained
+    weights expect and, for a patch embedder on a trunk that has one, its patch reading (feature stages, a head as
+    wide as them: ``models.backbones.PATCH_READING``). Why: picking a trunk must not leave the last trunk's mean or
+    stages behind; any of these set beside the trunk wins (``pipelines.settings.apply_overrides``)."""
+    out: dict[str, Any] = {}
+    if has_pretrained_weights(backbone):
+        out.update({f"preprocess.{k}": v for k, v in pretrained_preprocessing(backbone).items()})
+    if mode == "patch":
+        out.update({f"embedder.{k}": v for k, v in PATCH_READING.get(backbone, {}).items()})
+    return out
+
+
 def resolve_input_size(recipe: Recipe, sizes: Sequence[tuple[int, int]]) -> Recipe:
-    """The recipe with its input size chosen from the training goods' sizes when ``input_pixels`` asks for it."""
+    """The recipe with its input size chosen from the training goods' sizes when ``input_pixels`` asks for it, in
+    multiples of what the trunk needs (14 for a DINOv2 patch grid)."""
     if recipe.input_pixels is None:
         return recipe
-    height, width = auto_input_size(sizes, recipe.input_pixels)
+    height, width = auto_input_size(sizes, recipe.input_pixels, multiple=size_multiple(recipe.embedder))
     return replace(recipe, preprocess=replace(recipe.preprocess, height=height, width=width))
 
 

@@ -56,7 +56,9 @@ class PipelineSettings(BaseSettings):
     group_by_folder: bool = Field(
         False, description="the images of one folder are one capture group (goods kept by date, shift or camera)"
     )
-    baseline: bool = Field(True, description="also evaluate the frozen ImageNet baseline on the same test split")
+    baseline: bool = Field(
+        True, description="also evaluate the frozen baseline (the run's trunk, pooled) on the same test split"
+    )
 
 
 def read_config_file(path: Path) -> dict[str, Any]:
@@ -139,8 +141,15 @@ def apply_overrides(recipe: Recipe, overrides: Mapping[str, Any]) -> Recipe:
 
     An unknown key is a ``KeyError`` that lists the keys there are; a value of the wrong type a ``ValueError`` naming
     the key. An explicit ``preprocess.height``/``preprocess.width`` means a fixed input size: it turns off the
-    automatic size (``input_pixels``) unless that is set in the same overrides.
+    automatic size (``input_pixels``) unless that is set in the same overrides. An ``embedder.backbone`` brings the
+    values that go with that trunk (``pipelines.recipe.trunk_overrides``: its normalisation, its patch reading),
+    except those set in the same overrides.
     """
+    if "embedder.backbone" in overrides:
+        from pipelines.recipe import trunk_overrides
+
+        mode = overrides.get("embedder.mode", recipe.embedder.mode)
+        overrides = {**trunk_overrides(str(overrides["embedder.backbone"]), str(mode)), **overrides}
     data = dataclasses.asdict(recipe)
     for key, value in overrides.items():
         _set_path(data, key.split("."), value, key)

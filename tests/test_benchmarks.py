@@ -129,11 +129,34 @@ def test_inspector_speed_measures_every_stage_and_the_service(tmp_path: Path) ->
     assert model["service"]["combined"] > 0
 
 
+def test_inspector_speed_compares_trunks_in_fp32_and_int8(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    figures = inspector_speed.main(
+        ["--images=32", "--rounds=1", "--size=64", "--backbones=tiny_cnn", f"--json={tmp_path / 's.json'}", *TINY_MODEL]
+    )
+    trunks = json.loads((tmp_path / "s.json").read_text())["trunks"]
+    assert set(trunks) == {"tiny_cnn (recipe)"}  # the recipe's own trunk is measured once, with its own weights
+    row = trunks["tiny_cnn (recipe)"]
+    for precision in ("fp32", "int8"):
+        assert set(row[precision]) == {"forward", "search", "end_to_end"}
+        assert min(row[precision].values()) > 0
+    assert row["bank"][1] == 8 + 128 + 256  # the 8-d head beside the features of stages 2+3
+    assert figures["models"] == {}  # trunks instead of the product settings
+    assert "INT8 forward / search / end to end" in capsys.readouterr().out
+
+
 def test_train_throughput_times_an_image_and_a_patch_model(tmp_path: Path) -> None:
-    figures = train_throughput.main(["--steps=1", "--batch=4", "--cases=tiny,demo", f"--json={tmp_path / 't.json'}"])
+    figures = train_throughput.main(
+        [
+            "--steps=1",
+            "--batch=4",
+            "--cases=tiny,demo",
+            "--backbones=mobilenet_v3_small",
+            f"--json={tmp_path / 't.json'}",
+        ]
+    )
     rates = json.loads((tmp_path / "t.json").read_text())["images_per_second"]
     assert rates == figures["images_per_second"]
-    assert set(rates) == {"tiny", "demo"}
+    assert set(rates) == {"tiny", "demo", "mobilenet_v3_small"}  # a trunk named by --backbones is a case of its own
     assert all(math.isfinite(r) and r > 0 for r in rates.values())
 
 

@@ -129,7 +129,7 @@ def test_downscaled_pass_describes_the_part_again_from_the_pooled_input() -> Non
     with torch.no_grad():
         emb1, d1 = single.forward_parts(x, placement)
         emb2, d2 = double.forward_parts(x, placement)
-        small = stage_maps(torch.nn.functional.avg_pool2d(x, 2), list(double.backbone.stages), double.density_stages)
+        small = stage_maps(torch.nn.functional.avg_pool2d(x, 2), double.backbone, double.density_stages)
     width = sum(single.descriptor_blocks)
     torch.testing.assert_close(emb2, emb1)
     torch.testing.assert_close(d2[:, :width], d1)
