@@ -86,7 +86,10 @@ def _parser() -> argparse.ArgumentParser:
         help="score folders, a manifest or list files of paths in shards on Dask or Ray workers (Parquet results)",
     )
     batch.add_argument(
-        "sources", nargs="+", metavar="SOURCE", help="image folders, a dataset manifest (.json), list files of paths "
+        "sources",
+        nargs="+",
+        metavar="SOURCE",
+        help="image folders, a dataset manifest (.json), list files of paths "
         "(.txt: one path a line), image files or globs",
     )
     batch.add_argument(
@@ -95,17 +98,25 @@ def _parser() -> argparse.ArgumentParser:
     batch.add_argument("--out", required=True, type=Path, help="results folder (run.json, shards/*.parquet, summary)")
     batch.add_argument("--engine", choices=["dask", "ray"], default="dask", help="where shards run (default dask)")
     batch.add_argument(
-        "--workers", type=int, default=None, help="worker processes of the local cluster (default: the cores, at most 4)"
+        "--workers",
+        type=int,
+        default=None,
+        help="worker processes of the local cluster (default: the cores, at most 4)",
     )
     batch.add_argument("--dask-address", help="an existing Dask scheduler, tcp://host:8786 (default: a LocalCluster)")
     batch.add_argument("--ray-address", help="an existing Ray cluster, host:6379 or ray://host:10001 (default: local)")
     batch.add_argument("--shard-size", type=int, default=256, help="images per shard and Parquet file (default 256)")
     batch.add_argument("--heatmaps", type=Path, default=None, metavar="DIR", help="also write an overlay PNG per image")
     batch.add_argument(
-        "--threads", type=int, default=None, help="onnxruntime threads per worker (default: the local cores shared out; "
+        "--threads",
+        type=int,
+        default=None,
+        help="onnxruntime threads per worker (default: the local cores shared out; "
         "on a cluster, each worker's INSPECTOR_THREADS or its cores)",
     )
-    batch.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else SQLite under runs/)")
+    batch.add_argument(
+        "--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else SQLite under runs/)"
+    )
     batch.add_argument(
         "--cache-dir", type=Path, help="verified registry bundles on each worker (default ~/.cache/inspector/registry)"
     )

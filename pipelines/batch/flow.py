@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+from uuid import UUID
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -199,7 +200,9 @@ def score_batch_flow(request: BatchRequest) -> BatchResult:
     result.summary = summary
     artifacts = [
         write_summary(out, summary),
-        histogram_plot(scores, summary.threshold, out / "score_histogram.png", f"{model.version}: {summary.images} images"),
+        histogram_plot(
+            scores, summary.threshold, out / "score_histogram.png", f"{model.version}: {summary.images} images"
+        ),
         out / "run.json",
     ]
     if model.registry is not None:
@@ -218,6 +221,7 @@ def _run_shards(jobs: list[ShardJob], total: int) -> tuple[list[ShardReport], li
         return [], []
     done_before = total - len(jobs)
     progress = create_progress_artifact(100.0 * done_before / total, key="score-batch-progress")
+    assert isinstance(progress, UUID)  # called from a sync flow: the id, not a coroutine
     futures = score_shard_task.map(jobs)
     reports: list[ShardReport] = []
     failed: list[str] = []

@@ -54,7 +54,9 @@ def plan_shards(paths: Sequence[str], shard_size: int = DEFAULT_SHARD_SIZE) -> l
     """The ordered image list cut into shards of ``shard_size`` (the last may be smaller)."""
     if shard_size < 1:
         raise ValueError(f"shard size must be 1 or more, got {shard_size}")
-    return [Shard(i, tuple(paths[start : start + shard_size])) for i, start in enumerate(range(0, len(paths), shard_size))]
+    return [
+        Shard(i, tuple(paths[start : start + shard_size])) for i, start in enumerate(range(0, len(paths), shard_size))
+    ]
 
 
 def run_key(model: str, paths: Sequence[str], shard_size: int, heatmaps: bool) -> str:
@@ -128,9 +130,7 @@ def write_run_manifest(out: Path, manifest: RunManifest) -> Path:
     return out / RUN_MANIFEST
 
 
-def resume_or_start(
-    out: Path, planned: RunManifest, previous: RunManifest | None
-) -> RunManifest:
+def resume_or_start(out: Path, planned: RunManifest, previous: RunManifest | None) -> RunManifest:
     """The manifest this start runs under: the previous one when it is the same run (its pinned model version kept),
     else the new plan when the folder holds no run; a folder that holds another run is refused."""
     if previous is None:

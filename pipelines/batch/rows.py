@@ -97,8 +97,10 @@ def shard_is_done(path: Path, run_key: str, shard_digest: str, rows: int) -> boo
     except (OSError, pa.ArrowException):
         return False
     kv = meta.metadata or {}
-    return kv.get(RUN_KEY_META) == run_key.encode() and kv.get(SHARD_DIGEST_META) == shard_digest.encode() and (
-        meta.num_rows == rows
+    return (
+        kv.get(RUN_KEY_META) == run_key.encode()
+        and kv.get(SHARD_DIGEST_META) == shard_digest.encode()
+        and (meta.num_rows == rows)
     )
 
 

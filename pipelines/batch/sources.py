@@ -10,12 +10,13 @@
   error, as any bad image does;
 - an image file, or a glob.
 
-Paths are made absolute (not resolved through links) so a run restarted from another directory plans the same
+Paths are made absolute (``..`` folded, links not resolved) so a run restarted from another directory plans the same
 shards. A path given twice is scored once.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,7 +59,8 @@ def read_manifest_paths(path: Path) -> list[str]:
 
 
 def absolute(path: str) -> str:
-    return str(Path(path).expanduser().absolute())
+    """Absolute, with ``..`` folded lexically (links are not resolved: the path stays the one the user gave)."""
+    return os.path.normpath(Path(path).expanduser().absolute())
 
 
 def collect_images(items: Sequence[str]) -> SourceScan:
