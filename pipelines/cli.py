@@ -53,6 +53,12 @@ def _parser() -> argparse.ArgumentParser:
         help="recipe setting, e.g. train.epochs=3",
     )
     train.add_argument(
+        "--nproc",
+        type=int,
+        help="train on N processes under torchrun (DDP: one GPU each, or CPU processes on gloo); "
+        "the same as --set train.devices=N",
+    )
+    train.add_argument(
         "--work-dir", type=Path, help="where runs, bundles and the default MLflow store go (default: runs)"
     )
     train.add_argument("--experiment", help="MLflow experiment (one per product line)")
@@ -198,7 +204,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from pipelines.recipe import Recipe
     from pipelines.settings import apply_overrides, load_overrides
 
-    recipe = apply_overrides(Recipe(), load_overrides(args.config, args.overrides))
+    overrides = load_overrides(args.config, args.overrides)
+    if args.nproc is not None:
+        overrides["train.devices"] = args.nproc
+    recipe = apply_overrides(Recipe(), overrides)
     source = (
         DataSource(root=str(args.data))
         if args.data
