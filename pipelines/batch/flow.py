@@ -292,6 +292,41 @@ def run_score_batch(
         return score_batch_flow.with_options(task_runner=runner)(request)
 
 
+@flow(name="score-batch-job", log_prints=True)
+def score_batch_deployment(
+    sources: list[str],
+    model: str,
+    out: str,
+    engine: str = "dask",
+    dask_address: str | None = None,
+    ray_address: str | None = None,
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    heatmaps: str | None = None,
+    threads: int | None = None,
+    workers: int | None = None,
+) -> dict[str, Any]:
+    """The scoring deployment (``deploy/prefect-scoring.yaml``): ``pipelines score-batch`` run by a Prefect worker,
+    on the Dask or Ray cluster at ``dask_address``/``ray_address`` (a local one when empty). The registry is the
+    worker's ``MLFLOW_TRACKING_URI``."""
+    import mlflow
+
+    registry_uri = None if Path(model).is_dir() else mlflow.get_registry_uri()
+    request = BatchRequest(
+        sources=list(sources),
+        model=model,
+        out=out,
+        shard_size=shard_size,
+        heatmaps=heatmaps or None,
+        threads=threads,
+        registry_uri=registry_uri,
+    )
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}: choose from {', '.join(ENGINES)}")
+    result = run_score_batch(request, engine, workers, dask_address or None, ray_address or None)
+    assert result.summary is not None
+    return {"out": result.out, "summary": result.summary.to_dict(), "mlflow_run_id": result.mlflow_run_id}
+
+
 def _with(request: BatchRequest, **changes: Any) -> BatchRequest:
     from dataclasses import replace
 

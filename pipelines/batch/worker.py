@@ -74,6 +74,10 @@ class ShardReport:
     host: str
     engine_loads: int
     model_version: str
+    load_seconds: float = 0.0  # fetching, verifying and loading the engine (its first shard in a process only)
+    started: float = 0.0  # wall clock (time.time()) when the shard began and ended: the run's scoring span
+    finished: float = 0.0
+    peak_rss_mb: float = 0.0  # the worker process's peak resident memory so far
 
 
 _LOCK = threading.Lock()
@@ -125,8 +129,9 @@ def file_sha256(path: str) -> Hashed:
 def score_shard(job: ShardJob) -> ShardReport:
     """Score one shard with this process's engine and write its Parquet file atomically; a bad image is a row with
     its error, never a failed shard."""
-    t0 = time.perf_counter()
+    started, t0 = time.time(), time.perf_counter()
     engine = engine_for(job.model, job.options)
+    load_seconds = time.perf_counter() - t0
     paths = list(job.shard.paths)
     hashes = [file_sha256(p) for p in paths]
     pairs: list[tuple[ScoreResult, Path | None]]
@@ -149,4 +154,16 @@ def score_shard(job: ShardJob) -> ShardReport:
         host=socket.gethostname(),
         engine_loads=engine_loads(),
         model_version=version,
+        load_seconds=load_seconds,
+        started=started,
+        finished=time.time(),
+        peak_rss_mb=_peak_rss_mb(),
     )
+
+
+def _peak_rss_mb() -> float:
+    try:
+        import resource
+    except ImportError:  # not on POSIX
+        return float("nan")
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
