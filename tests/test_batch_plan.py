@@ -144,3 +144,15 @@ def test_a_shard_is_done_only_when_its_file_is_whole_and_its_own(tmp_path: Path)
     assert [f.name for f in (tmp_path / "shards").iterdir() if f.name.startswith(".")] == []
     table = read_results([shard_file(tmp_path, shards[0])])
     assert table.column("path").to_pylist() == list(shards[0].paths)
+
+
+def test_a_cluster_by_address_needs_a_prefect_server_its_workers_reach(monkeypatch: pytest.MonkeyPatch) -> None:
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from pipelines.batch.flow import BatchRequest, run_score_batch
+
+    request = BatchRequest(sources=["x"], model="y", out="z")
+    with temporary_settings({PREFECT_API_URL: None}), pytest.raises(ValueError, match="PREFECT_API_URL"):
+        run_score_batch(request, "dask", dask_address="tcp://127.0.0.1:9")
+    with pytest.raises(ValueError, match="unknown engine"):
+        run_score_batch(request, "spark")  # type: ignore[arg-type]

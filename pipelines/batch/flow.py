@@ -284,6 +284,14 @@ def run_score_batch(
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}: choose from {', '.join(ENGINES)}")
     remote = dask_address if engine == "dask" else ray_address
+    if remote:
+        from prefect.settings import PREFECT_API_URL
+
+        if not PREFECT_API_URL.value():
+            raise ValueError(
+                f"scoring on the cluster at {remote} needs a Prefect server its workers reach: set PREFECT_API_URL "
+                "(a temporary server on this host is reachable from local workers only)"
+            )
     if request.threads is None and not remote:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         request = _with(request, threads=max(1, cores // local_workers(workers)))

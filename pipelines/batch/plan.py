@@ -123,6 +123,7 @@ def write_run_manifest(out: Path, manifest: RunManifest) -> Path:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(manifest.to_json())
+        os.chmod(tmp, 0o644)
         replace_durably(tmp, out / RUN_MANIFEST)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -81,6 +81,7 @@ def write_shard(path: Path, rows: Sequence[dict[str, Any]], run_key: str, shard_
     os.close(fd)
     try:
         pq.write_table(table, tmp)
+        os.chmod(tmp, 0o644)  # results are read by others (mkstemp makes 0600)
         replace_durably(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
