@@ -16,7 +16,7 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[train,serve,sign,dev]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[train,serve,sign,cluster,dev]'
 	@touch $(STAMP)
 
 demo: $(STAMP)

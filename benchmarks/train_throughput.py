@@ -112,6 +112,20 @@ def images_per_second(case: Case, batch: int, steps: int, device: torch.device, 
     return 2 * pairs * steps / (time.perf_counter() - t0)
 
 
+def gpu_beside_cpu(names: list[str], batch: int, steps: int, loss: str) -> dict[str, dict[str, float]] | None:
+    """Each case's img/s on the CPU and on CUDA (AMP), where torch has CUDA; None (and a line saying so) otherwise."""
+    if not torch.cuda.is_available():
+        print("torch has no CUDA device here: GPU training throughput not timed")
+        return None
+    out = {}
+    for name in names:
+        cpu = images_per_second(CASES[name], batch, steps, torch.device("cpu"), loss)
+        gpu = images_per_second(CASES[name], batch, steps, torch.device("cuda"), loss)
+        out[name] = {"cpu": cpu, "cuda": gpu}
+        print(f"{CASES[name].description:<52} CPU {cpu:8.1f} img/s   CUDA (AMP) {gpu:8.1f} img/s   x{gpu / cpu:5.1f}")
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=5, help="timed steps per case")
@@ -120,6 +134,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of {', '.join(CASES)}")
     p.add_argument("--loss", default="contrastive", choices=["contrastive", "triplet"])
     p.add_argument("--backbones", default="", help="comma-separated trunks, one patch case each (see above)")
+    p.add_argument(
+        "--gpu", action="store_true", help="also time each case on CUDA (with AMP) beside the CPU, where torch has CUDA"
+    )
     p.add_argument("--json", type=Path, default=None, help="also write the figures to this file")
     args = p.parse_args(argv)
     names = [c.strip() for c in args.cases.split(",") if c.strip()]
@@ -136,7 +153,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for name, case in cases.items():
             rates[name] = images_per_second(case, args.batch, args.steps, device, args.loss)
             print(f"{case.description:<60} {rates[name]:8.1f} img/s   x{rates[name] / rates[first]:5.2f} vs {first}")
-    figures = {"device": str(device), "batch": args.batch, "loss": args.loss, "images_per_second": rates}
+    figures: dict[str, Any] = {
+        "device": str(device),
+        "batch": args.batch,
+        "loss": args.loss,
+        "images_per_second": rates,
+    }
+    if args.gpu:
+        figures["gpu"] = gpu_beside_cpu(names, args.batch, args.steps, args.loss)
     write_json(args.json, figures)
     return figures
 

@@ -26,6 +26,8 @@ from inspector.metrics import roc_auc
 from inspector.preprocess import PreprocessConfig, Preprocessor, full_placement, patch_grid
 from inspector.scorer import PART_VIEW, PATCH_VIEW, Scorer, golden_rows
 from inspector.scoring import ScoringConfig
+from models import distributed
+from models.distributed import DistributedContext, gather_items
 from models.losses import (
     in_batch_contrastive_loss,
     in_batch_triplet_loss,
@@ -62,11 +64,18 @@ class TrainConfig:
     device: str = "auto"
     amp: bool = True
     num_workers: int = 0
+    #: processes the fit runs on (one GPU each on CUDA, CPU processes on gloo otherwise); above 1 ``pipelines``
+    #: launches it with ``torchrun`` (``pipelines/ddp.py``), and ``train`` finds the process group made for it
+    devices: int = 1
     progress: bool = True
     init_checkpoint: str | None = None  # warm start: a checkpoint whose "model" weights are loaded before epoch 1
     keep_initial: bool = (
         True  # validate the starting weights too: if no epoch beats them, they are what train() returns
     )
+
+    def __post_init__(self) -> None:
+        if self.devices < 1:
+            raise ValueError(f"devices must be 1 or more, got {self.devices}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -290,32 +299,63 @@ def loss_name(cfg: TrainConfig) -> str:
     return f"{cfg.mode}_{cfg.loss}"
 
 
+class TrainingForward(nn.Module):
+    """What the loss needs from the embedder in one ``forward`` (patch maps in ``patch`` mode, image embeddings in
+    ``in_batch`` mode), so that DDP, which wraps a module's ``forward``, wraps the training step's one call."""
+
+    def __init__(self, embedder: Embedder | PatchEmbedder, mode: Mode) -> None:
+        super().__init__()
+        self.embedder = embedder
+        self.mode = mode
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.mode == "patch":  # resolve_mode checked the embedder
+            return cast(PatchEmbedder, self.embedder).forward_map(x)
+        return cast(Tensor, self.embedder(x))
+
+
 def batch_loss(
-    embedder: Embedder | PatchEmbedder, batch: Any, cfg: TrainConfig, device: torch.device
+    embedder: Embedder | PatchEmbedder,
+    batch: Any,
+    cfg: TrainConfig,
+    device: torch.device,
+    *,
+    forward: nn.Module | None = None,
+    ctx: DistributedContext | None = None,
 ) -> tuple[Tensor, Tensor, int]:
     """Loss for one batch in the configured mode; returns (loss, embeddings for the collapse monitor, images seen).
 
     ``patch``: batches of :class:`~models.training_data.PatchPairDataset` (images, masks, sources, labels), the loss
     on patch embeddings. ``in_batch``: batches of :class:`~models.training_data.LabelledImageDataset` (images,
-    labels), the loss on image embeddings mined from the batch."""
+    labels), the loss on image embeddings mined from the batch. ``forward``: the module that runs the embedder (a
+    :class:`TrainingForward`, DDP-wrapped under ``torchrun``); ``ctx``: this rank's process group, whose shares of
+    the batch are gathered before the loss (the whole batch's pairs, as one process sees them)."""
     move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
     fmt = (lambda t: t.contiguous(memory_format=torch.channels_last)) if device.type == "cuda" else (lambda t: t)
+    run = forward if forward is not None else TrainingForward(embedder, cfg.mode)
     if cfg.mode == "patch":
-        images, masks, sources, labels = (move(t).flatten(0, 1) for t in batch[:4])
-        maps = cast(PatchEmbedder, embedder).forward_map(fmt(images))  # patch mode: resolve_mode checked the embedder
+        images, masks, sources, labels = (move(t) for t in batch[:4])  # (items, images per item, ...)
+        per_item = images.shape[1]
+        maps = run(fmt(images.flatten(0, 1)))
+        if ctx is not None:
+            maps = gather_items(maps.unflatten(0, (-1, per_item)), ctx, grad=True).flatten(0, 1)
+            masks, sources, labels = (gather_items(t, ctx) for t in (masks, sources, labels))
+        masks, sources, labels = (t.flatten(0, 1) for t in (masks, sources, labels))
         patch_labels = patch_labels_from_masks(masks, (maps.shape[-2], maps.shape[-1]))
         patches = maps.flatten(2).transpose(1, 2)
         patch_loss = patch_triplet_loss if cfg.loss == "triplet" else patch_contrastive_loss
         loss = patch_loss(patches, patch_labels.flatten(1), labels, sources, margin=cfg.margin)
-        return loss, patches.reshape(-1, patches.shape[-1]), len(images)
+        return loss, patches.reshape(-1, patches.shape[-1]), len(maps)
     if cfg.mode == "in_batch":
         x, labels = move(batch[0]), move(batch[1])
-        z = embedder(fmt(x))
+        z = run(fmt(x))
+        if ctx is not None:
+            z, labels = gather_items(z, ctx, grad=True), gather_items(labels, ctx)
         if cfg.loss == "contrastive":
             loss = in_batch_contrastive_loss(z, labels, margin=cfg.margin)
         else:
             loss = in_batch_triplet_loss(z, labels, margin=cfg.margin, mining=cfg.mining)
-        return loss, z, len(x)
+        return loss, z, len(z)
     raise ValueError(f"unknown training mode {cfg.mode!r}")
 
 
@@ -363,10 +403,18 @@ def train(
 
     With ``checkpoint_dir``, ``last.pt`` is written after every epoch and ``best.pt`` whenever validation improves;
     ``resume=True`` continues from ``last.pt`` (same config) as if the run had not been interrupted.
+
+    In a process group of several ranks (``torchrun``, :mod:`models.distributed`) the model runs under DDP, each rank
+    on its share of every global batch of ``batch_size``; rank 0 alone validates, checkpoints and shows progress,
+    and every rank ends with the same weights.
     """
     cfg = config or TrainConfig()
     cfg = replace(cfg, mode=resolve_mode(embedder, cfg.mode))
+    ctx = distributed.current()
+    main = ctx is None or ctx.is_main
     device = resolve_device(cfg.device)
+    if ctx is not None:
+        device = distributed.rank_device(ctx, device)
     seed_everything(cfg.seed)
     if (
         cfg.init_checkpoint and not resume
@@ -382,6 +430,27 @@ def train(
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     history = TrainHistory(device=str(device), loss=loss_name(cfg))
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir else None
+    forward: nn.Module = TrainingForward(embedder, cfg.mode)
+    if ctx is not None:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # static_graph: the parameters the step uses never change, and the stages past the deepest feature stage
+        # (trainable but never run by forward_map) are left out of every reduction
+        forward = DistributedDataParallel(
+            forward, device_ids=[device.index] if device.type == "cuda" else None, static_graph=True
+        )
+    loss_scale = ctx.world_size if ctx is not None else 1  # see models.distributed: the mean over ranks
+
+    def checkpoint(name: str, state: dict[str, Any]) -> None:
+        if ckpt_dir is not None and main:
+            save_checkpoint(ckpt_dir / name, state)
+
+    def validated() -> tuple[float, float, dict[str, float]]:
+        assert validation is not None
+        if ctx is None:
+            return validate(embedder, validation, device)
+        return distributed.broadcast_from_main(validate(embedder, validation, device) if main else None)
+
     best_state: dict[str, Tensor] | None = None
     start_epoch = 0
     bad_epochs = 0
@@ -407,51 +476,59 @@ def train(
         log.info("resumed from %s at epoch %d", ckpt_dir / "last.pt", start_epoch)
 
     loader_gen = torch.Generator().manual_seed(cfg.seed)
-    loader = DataLoader(
-        dataset,
-        batch_size=cfg.batch_size,
-        shuffle=True,
-        drop_last=len(dataset) > cfg.batch_size,  # type: ignore[arg-type]
-        num_workers=cfg.num_workers,
-        pin_memory=device.type == "cuda",
-        generator=loader_gen,
-        persistent_workers=cfg.num_workers > 0,
-    )
+    loader_options: dict[str, Any] = {
+        "num_workers": cfg.num_workers,
+        "pin_memory": device.type == "cuda",
+        "persistent_workers": cfg.num_workers > 0,
+    }
+    sampler: distributed.GlobalBatchSampler | None = None
+    if ctx is None:
+        loader = DataLoader(
+            dataset,
+            batch_size=cfg.batch_size,
+            shuffle=True,
+            drop_last=len(dataset) > cfg.batch_size,  # type: ignore[arg-type]
+            generator=loader_gen,
+            **loader_options,
+        )
+    else:  # the same global batches, shared out over the ranks
+        loader, sampler = distributed.rank_loader(dataset, ctx, cfg.batch_size, cfg.seed * 1_000_003, loader_options)
 
     if cfg.keep_initial and validation is not None and start_epoch == 0 and cfg.epochs > 0:
         # training must earn its keep: the starting (pretrained or warm-started) weights are the first candidate
-        initial_auroc, _, initial_views = validate(embedder, validation, device)
+        initial_auroc, _, initial_views = validated()
         if not math.isnan(initial_auroc):
             history.initial_val_auroc = best_score = history.best_val_auroc = initial_auroc
             best_tiebreak = _tiebreak(initial_views)
             history.initial_val_views = initial_views if len(initial_views) > 1 else None
             history.best_epoch = -1
             best_state = {k: v.detach().cpu().clone() for k, v in embedder.state_dict().items()}
-            if ckpt_dir is not None:
-                save_checkpoint(ckpt_dir / "best.pt", {"model": best_state, "epoch": -1, **(extra_state or {})})
+            checkpoint("best.pt", {"model": best_state, "epoch": -1, **(extra_state or {})})
             log.info("starting weights: val_auroc %.4f %s", initial_auroc, _views_text(initial_views))
 
     for epoch in range(start_epoch, cfg.epochs):
         if hasattr(dataset, "set_epoch"):
             dataset.set_epoch(epoch)
         loader_gen.manual_seed(cfg.seed * 1_000_003 + epoch)
+        if sampler is not None:
+            sampler.set_epoch(epoch)
         embedder.train()
         t0 = time.perf_counter()
         total, n_batches, n_images = 0.0, 0, 0
         variances: list[float] = []
         steps = len(loader) if cfg.max_steps_per_epoch is None else min(len(loader), cfg.max_steps_per_epoch)
-        bar = _progress(steps, f"epoch {epoch + 1}/{cfg.epochs}", cfg.progress)
+        bar = _progress(steps, f"epoch {epoch + 1}/{cfg.epochs}", cfg.progress and main)
         for step, batch in enumerate(loader):
             if step >= steps:
                 break
             optimizer.zero_grad(set_to_none=True)
             with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
-                loss, z, seen = batch_loss(embedder, batch, cfg, device)
+                loss, z, seen = batch_loss(embedder, batch, cfg, device, forward=forward, ctx=ctx)
             if not torch.isfinite(loss):
                 raise FloatingPointError(
                     f"epoch {epoch + 1}, step {step + 1}: loss is {loss.item()} (diverged); lower the learning rate"
                 )
-            scaler.scale(loss).backward()
+            scaler.scale(loss * loss_scale if loss_scale != 1 else loss).backward()
             scaler.step(optimizer)
             scaler.update()
             total += float(loss.detach())
@@ -467,7 +544,7 @@ def train(
         seconds = time.perf_counter() - t0
         val_auroc, variance, val_views = (None, float(np.mean(variances)) if variances else 0.0, None)
         if validation is not None:
-            val_auroc, variance, val_views = validate(embedder, validation, device)
+            val_auroc, variance, val_views = validated()
         record = EpochRecord(
             epoch,
             total / max(n_batches, 1),
@@ -507,13 +584,12 @@ def train(
                 0,
             )
             best_state = {k: v.detach().cpu().clone() for k, v in embedder.state_dict().items()}
-            if ckpt_dir is not None:
-                save_checkpoint(ckpt_dir / "best.pt", {"model": best_state, "epoch": epoch, **(extra_state or {})})
+            checkpoint("best.pt", {"model": best_state, "epoch": epoch, **(extra_state or {})})
         else:
             bad_epochs += 1
         stop = validation is not None and bad_epochs >= cfg.early_stopping_patience
         history.stopped_early = stop and epoch + 1 < cfg.epochs
-        if ckpt_dir is not None:
+        if ckpt_dir is not None and main:
             save_checkpoint(
                 ckpt_dir / "last.pt",
                 {

@@ -54,6 +54,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     add_allow_download(train)
     train.add_argument(
+        "--nproc",
+        type=int,
+        help="train on N processes under torchrun (DDP: one GPU each, or CPU processes on gloo); "
+        "the same as --set train.devices=N",
+    )
+    train.add_argument(
         "--work-dir", type=Path, help="where runs, bundles and the default MLflow store go (default: runs)"
     )
     train.add_argument("--experiment", help="MLflow experiment (one per product line)")
@@ -81,6 +87,46 @@ def _parser() -> argparse.ArgumentParser:
     score.add_argument("--model", required=True, help="models:/<name>@<alias> or models:/<name>/<version>")
     score.add_argument("--tracking-uri", help="MLflow tracking URI (default: SQLite under runs/)")
     score.add_argument("--json", action="store_true")
+
+    batch = sub.add_parser(
+        "score-batch",
+        help="score folders, a manifest or list files of paths in shards on Dask or Ray workers (Parquet results)",
+    )
+    batch.add_argument(
+        "sources",
+        nargs="+",
+        metavar="SOURCE",
+        help="image folders, a dataset manifest (.json), list files of paths "
+        "(.txt: one path a line), image files or globs",
+    )
+    batch.add_argument(
+        "--model", required=True, help="models:/<name>@<alias>, models:/<name>/<version>, or a bundle folder"
+    )
+    batch.add_argument("--out", required=True, type=Path, help="results folder (run.json, shards/*.parquet, summary)")
+    batch.add_argument("--engine", choices=["dask", "ray"], default="dask", help="where shards run (default dask)")
+    batch.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="worker processes of the local cluster (default: the cores, at most 4)",
+    )
+    batch.add_argument("--dask-address", help="an existing Dask scheduler, tcp://host:8786 (default: a LocalCluster)")
+    batch.add_argument("--ray-address", help="an existing Ray cluster, host:6379 or ray://host:10001 (default: local)")
+    batch.add_argument("--shard-size", type=int, default=256, help="images per shard and Parquet file (default 256)")
+    batch.add_argument("--heatmaps", type=Path, default=None, metavar="DIR", help="also write an overlay PNG per image")
+    batch.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="onnxruntime threads per worker (default: the local cores shared out; "
+        "on a cluster, each worker's INSPECTOR_THREADS or its cores)",
+    )
+    batch.add_argument(
+        "--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else SQLite under runs/)"
+    )
+    batch.add_argument(
+        "--cache-dir", type=Path, help="verified registry bundles on each worker (default ~/.cache/inspector/registry)"
+    )
 
     promote = sub.add_parser(
         "promote",
@@ -171,7 +217,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from pipelines.recipe import Recipe
     from pipelines.settings import apply_overrides, load_overrides
 
-    recipe = apply_overrides(Recipe(), load_overrides(args.config, args.overrides))
+    overrides = load_overrides(args.config, args.overrides)
+    if args.nproc is not None:
+        overrides["train.devices"] = args.nproc
+    recipe = apply_overrides(Recipe(), overrides)
     source = (
         DataSource(root=str(args.data))
         if args.data
@@ -228,6 +277,44 @@ def cmd_score(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         bundle = download_bundle(args.model, Path(tmp) / "bundle")
         return inspector_main(["score", *args.paths, "--bundle", str(bundle), *(["--json"] if args.json else [])])
+
+
+def cmd_score_batch(args: argparse.Namespace) -> int:
+    from pipelines.batch.flow import BatchRequest, run_score_batch
+
+    registry_uri = None
+    if not Path(args.model).is_dir():
+        import mlflow
+
+        _set_tracking(args.tracking_uri)
+        registry_uri = mlflow.get_registry_uri()
+    request = BatchRequest(
+        sources=list(args.sources),
+        model=args.model,
+        out=str(args.out),
+        shard_size=args.shard_size,
+        heatmaps=str(args.heatmaps) if args.heatmaps else None,
+        threads=args.threads,
+        registry_uri=registry_uri,
+        cache_dir=str(args.cache_dir) if args.cache_dir else None,
+    )
+    result = run_score_batch(request, args.engine, args.workers, args.dask_address, args.ray_address)
+    assert result.summary is not None
+    print(
+        json.dumps(
+            {
+                "out": result.out,
+                "model_version": result.manifest.model_version,
+                "shards": len(result.manifest.shards),
+                "shards_scored_now": len(result.scored_now),
+                "shards_done_before": result.skipped_shards,
+                "summary": result.summary.to_dict(),
+                "mlflow_run_id": result.mlflow_run_id,
+            },
+            indent=2,
+        )
+    )
+    return 0
 
 
 def _set_tracking(uri: str | None) -> None:
@@ -295,6 +382,7 @@ def cmd_serve_deployments(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     default_env()
     args = _parser().parse_args(argv)
+    from inspector.errors import InspectorError
     from pipelines.promotion import GateError
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -307,12 +395,13 @@ def main(argv: list[str] | None = None) -> int:
         commands = {
             "train": cmd_train,
             "score": cmd_score,
+            "score-batch": cmd_score_batch,
             "promote": cmd_promote,
             "rollback": cmd_rollback,
             "serve-deployments": cmd_serve_deployments,
         }
         return commands[args.command](args)
-    except (FileNotFoundError, KeyError, ValueError, GateError) as exc:
+    except (FileNotFoundError, KeyError, ValueError, GateError, InspectorError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

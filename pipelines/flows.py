@@ -130,6 +130,12 @@ def split_task(manifest: Manifest, recipe: Recipe) -> DataSplit:
 
 @task(cache_policy=NO_CACHE)
 def train_task(split: DataSplit, recipe: Recipe, checkpoint_dir: Path) -> tuple[Any, Any]:
+    """The fit, in this process or (``train.devices`` > 1) on that many processes under ``torchrun`` (DDP)."""
+    if recipe.train.devices > 1:
+        from pipelines.ddp import fit_distributed
+
+        get_run_logger().info("training on %d processes (torchrun, DDP)", recipe.train.devices)
+        return fit_distributed(split, recipe, checkpoint_dir)
     return fit_embedder(split, recipe, checkpoint_dir=checkpoint_dir)
 
 

@@ -162,6 +162,11 @@ def apply_overrides(recipe: Recipe, overrides: Mapping[str, Any]) -> Recipe:
         raise ValueError(f"bad recipe setting: {problems}") from None
 
 
+def recipe_from_dict(data: Mapping[str, Any]) -> Recipe:
+    """A recipe from its ``dataclasses.asdict`` form (e.g. read back from JSON), validated like any override."""
+    return apply_overrides(_recipe_type().validate_python(dict(data)), {})
+
+
 @cache
 def _recipe_type() -> TypeAdapter[Recipe]:
     """The recipe's validator, built on first use: importing this module must not import torch (deployments and

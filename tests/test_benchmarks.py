@@ -11,7 +11,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import decode_resize, inspector_speed, quality, score_memory, thresholds, train_throughput
+from benchmarks import (
+    batch_scoring,
+    decode_resize,
+    inspector_speed,
+    quality,
+    score_memory,
+    thresholds,
+    train_throughput,
+)
 
 #: the smallest patch model with a whole-part view: a tiny CNN at 64 px, one short epoch
 TINY_MODEL = [
@@ -151,9 +159,12 @@ def test_train_throughput_times_an_image_and_a_patch_model(tmp_path: Path) -> No
             "--batch=4",
             "--cases=tiny,demo",
             "--backbones=mobilenet_v3_small",
+            "--gpu",
             f"--json={tmp_path / 't.json'}",
         ]
     )
+    if not torch.cuda.is_available():
+        assert figures["gpu"] is None  # said so, never timed
     rates = json.loads((tmp_path / "t.json").read_text())["images_per_second"]
     assert rates == figures["images_per_second"]
     assert set(rates) == {"tiny", "demo", "mobilenet_v3_small"}  # a trunk named by --backbones is a case of its own
@@ -208,3 +219,38 @@ def test_thresholds_calibrates_every_way_and_measures_later_goods(demo_root: Pat
         for draw, method, _ in by:
             assert by[(draw, method, "point")] <= by[(draw, method, "expected")] <= by[(draw, method, "bound")]
     assert {"patch", "part", "fused", "chosen"} <= set(every["views"])
+
+
+@pytest.mark.slow
+def test_batch_scoring_runs_the_cli_and_a_local_cluster_on_the_same_images(tiny_bundle: Path, tmp_path: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(24):
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(folder / f"p{i:02d}.png")
+    figures = batch_scoring.main(
+        [
+            str(tiny_bundle),
+            str(folder),
+            "--limit=24",
+            "--engines=dask",
+            "--workers=1",
+            "--shard-size=8",
+            "--gpu",
+            f"--json={tmp_path / 'batch.json'}",
+        ]
+    )
+    assert json.loads((tmp_path / "batch.json").read_text())["rows"] == json.loads(json.dumps(figures["rows"]))
+    rows = {(r["engine"], r["workers"]): r for r in figures["rows"]}
+    assert set(rows) == {("cli", 1), ("dask", 1)}
+    for row in rows.values():
+        assert row["images"] == row["scored"] == 24
+        assert row["images_per_second"] > 0 and row["wall_seconds"] > 0 and row["peak_rss_mb_per_worker"] > 0
+    assert rows[("dask", 1)]["engine_loads_per_worker"] == 1 and rows[("dask", 1)]["scaling_efficiency"] == 1.0
+    import onnxruntime
+
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        assert figures["gpu"] is None  # said so, never timed

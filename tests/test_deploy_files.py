@@ -30,6 +30,8 @@ DEPLOY = ROOT / "deploy"
 UNITS = sorted((DEPLOY / "systemd").glob("*.service"))
 VENV_BIN = Path(sys.executable).parent
 SERVICES = {"postgres", "mlflow", "prefect-server", "worker", "inspector"}
+#: the batch-scoring services, in compose profile "batch" (started with --profile batch)
+BATCH_SERVICES = {"dask-scheduler", "dask-worker", "ray-head", "scoring-worker"}
 
 
 # --------------------------------------------------------------------------------------------------- helpers
@@ -106,10 +108,16 @@ def check_command(argv: list[str], where: str) -> None:
             cli.commands["server"].make_context("server", list(argv[2:]))
         except click.UsageError as exc:
             pytest.fail(f"{where}: {' '.join(argv)!r} is rejected by mlflow server: {exc}")
+    elif program in ("dask", "ray"):
+        words = [a for a in argv[1:] if not a.startswith("-")][:1]
+        assert words and words[0] in {"dask": {"scheduler", "worker"}, "ray": {"start"}}[program], (where, argv)
+        flags = cli_flags(program, words[0])
+        used = {a.split("=", 1)[0] for a in argv[1:] if a.startswith("--")}
+        assert used <= flags, f"{where}: {program} {words[0]} has no {sorted(used - flags)}"
     elif program == "prefect":
         args = [a for a in argv[1:] if a != "--no-prompt"]
         words = [a for a in args if not a.startswith("-")]
-        sub = {"server": 2, "worker": 2, "work-pool": 2, "deploy": 1}[words[0]]
+        sub = {"server": 2, "worker": 2, "work-pool": 2, "deploy": 1, "deployment": 2}[words[0]]
         flags = cli_flags("prefect", *words[:sub])
         used = {a.split("=", 1)[0] for a in args if a.startswith("--")}
         assert used <= flags, f"{where}: prefect {' '.join(words[:sub])} has no {sorted(used - flags)}"
@@ -127,7 +135,9 @@ def compose() -> dict:
 def test_compose_services_health_volumes_and_images() -> None:
     spec = compose()
     services = spec["services"]
-    assert set(services) == SERVICES
+    assert set(services) == SERVICES | BATCH_SERVICES
+    assert all(services[name].get("profiles") == ["batch"] for name in BATCH_SERVICES)  # a plain `up` leaves them out
+    assert not any(services[name].get("profiles") for name in SERVICES)
     declared_volumes = set(spec.get("volumes") or {})
     targets = set(re.findall(r"^FROM \S+ AS (\S+)$", (DEPLOY / "Dockerfile").read_text(), re.M))
     for name, svc in services.items():
@@ -143,6 +153,8 @@ def test_compose_services_health_volumes_and_images() -> None:
                 assert source in declared_volumes, f"{name}: volume {source} not declared"
         for dep, cond in (svc.get("depends_on") or {}).items():
             assert dep in services and cond == {"condition": "service_healthy"}, (name, dep)
+        if name in BATCH_SERVICES:  # the batch image: scoring without torch, the same code as the flow
+            assert svc["build"]["target"] == "scorer" and svc["image"] == "siamese-inspector/scorer:latest", name
         if "build" in svc:
             assert svc["build"]["target"] in targets, f"{name}: Dockerfile has no target {svc['build']['target']}"
             assert svc["build"]["dockerfile"] == "deploy/Dockerfile" and svc["build"]["context"] == ".."
@@ -178,7 +190,49 @@ def test_compose_commands_parse_with_the_real_clis() -> None:
             argv = ["inspector", *argv]  # the line image's ENTRYPOINT
         check_command(argv, f"compose.yaml service {name}")
         checked.append(argv[0])
-    assert sorted(checked) == ["inspector", "mlflow", "prefect", "prefect"]
+    assert sorted(checked) == ["dask", "dask", "inspector", "mlflow", "prefect", "prefect", "prefect", "ray"]
+
+
+def test_batch_services_share_results_and_point_at_the_cluster() -> None:
+    """Workers read the sources and write results at the same paths as the flow; the scoring worker's default cluster
+    is the compose scheduler; every worker reports to the Prefect API and reads the registry."""
+    services = compose()["services"]
+    for name in ("dask-worker", "ray-head", "scoring-worker"):
+        assert "batch-results:/batch" in services[name]["volumes"], name
+        assert services[name]["environment"]["PREFECT_API_URL"] == "http://prefect-server:4200/api", name
+        assert services[name]["environment"]["MLFLOW_TRACKING_URI"] == "http://mlflow:5000", name
+    scheduler = services["dask-scheduler"]["command"]
+    port = scheduler[scheduler.index("--port") + 1]
+    assert (
+        services["scoring-worker"]["environment"]["INSPECTOR_PIPELINE_DASK_ADDRESS"] == f"tcp://dask-scheduler:{port}"
+    )
+    assert services["dask-worker"]["command"][2] == f"tcp://dask-scheduler:{port}"
+    assert services["scoring-worker"]["command"][3:5] == ["--pool", "inspector-scoring"]
+
+
+def test_scoring_deployment_names_the_flow_with_its_parameters() -> None:
+    import importlib.util
+    import inspect
+
+    from prefect import Flow
+
+    config = yaml.safe_load((DEPLOY / "prefect-scoring.yaml").read_text())
+    (deployment,) = config["deployments"]
+    path, name = deployment["entrypoint"].rsplit(":", 1)
+    spec = importlib.util.spec_from_file_location("_scoring_entry", ROOT / path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    flow = getattr(module, name)
+    assert isinstance(flow, Flow)
+    parameters = inspect.signature(flow.fn).parameters
+    assert set(deployment["parameters"]) <= set(parameters)
+    assert deployment["work_pool"]["name"] == "inspector-scoring"
+    assert deployment["parameters"]["engine"] in ("dask", "ray")
+    assert config["pull"][0]["prefect.deployments.steps.set_working_directory"]["directory"] == (
+        "{{ $INSPECTOR_PIPELINE_CODE_DIR }}"
+    )
 
 
 def test_compose_inspector_environment_is_a_valid_registry_service() -> None:

@@ -78,3 +78,14 @@ def test_no_forbidden_import_statements() -> None:
         pattern = re.compile(rf"^\s*(import|from)\s+({'|'.join(banned)})\b", re.M)
         for path in (ROOT / package).rglob("*.py"):
             assert not pattern.search(path.read_text()), f"{path} imports one of {banned}"
+
+
+def test_batch_scoring_path_without_torch() -> None:
+    """A batch-scoring worker (the `scorer` image, the `cluster` extra) runs the flow and the line's engine with no
+    training stack: neither the flow, the worker code, the registry lookup nor the CLI entry imports torch."""
+    code = (
+        "import pipelines.batch.flow, pipelines.batch.worker, pipelines.line_registry\n"
+        "from pipelines.cli import _parser\n"
+        "_parser().parse_args(['score-batch', 'x', '--model', 'y', '--out', 'z'])\n"
+    )
+    assert set(_loaded_after(code)) <= {"prefect", "mlflow"}
