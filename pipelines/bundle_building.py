@@ -246,9 +246,9 @@ def calibration_set(
     paths = golden_goods(split, recipe)
     val = onnx.embed(split.validation_defective)
     val_paths = [p for p, e in zip(split.validation_defective, val.errors) if e is None]
-    trained = np.arange(len(paths)) < len(split.train_good)
     if len(paths) > len(split.train_good):  # cross-fitted: the calibration goods are golden too
         groups = split.group_ids(paths)
+        trained = np.arange(len(paths)) < len(split.train_good)
         return CalibrationSet(
             golden, groups, val, split.group_ids(val_paths), trained=trained, bank_sources=bank_sources
         )
