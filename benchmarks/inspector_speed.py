@@ -22,10 +22,12 @@ speed does not depend on training), bundled by the product's own ``build_bundle`
 
 ``--backbones A,B`` measures trunks instead, beside the recipe's own (Lite0 by default, ImageNet weights): each as
 the recipe reads it (``pipelines.recipe.trunk_overrides``) on a generated weights file of its shapes, bundled the
-same way, then quantised to static INT8 (``inspector quantize``, on the generated goods); for FP32 and INT8, the ORT
-forward and the golden-bank search of a batch of 32, and end to end (``score_paths``, batches side by side), with
-the bank's size. The values of the weights do not change the forward's cost; the pruned search may prune
-differently with real features.
+same way, and its INT8 candidate as the training flow builds it (``pipelines.line_model``: quantised on the golden
+goods, bank and threshold on its own scores); for FP32 and INT8, the ORT forward and the golden-bank search of a
+batch of 32, and end to end (``score_paths``, batches side by side), with the bank's size. ``--also-set KEY=VALUE``
+adds the recipe's trunk with other settings (the line model before a change of default: ``--backbones
+tf_efficientnet_lite0 --also-set embedder.density_skip=0``). The values of the weights do not change the
+forward's cost; the pruned search may prune differently with real features.
 
     .venv/bin/python -m benchmarks.inspector_speed [--images 128] [--requests 64] [--mono] [--skip-eager]
     .venv/bin/python -m benchmarks.inspector_speed --backbones wide_resnet50_2,vit_small_patch14_dinov2 --images 64
@@ -58,7 +60,6 @@ from benchmarks.common import best_seconds, generated_weights, interleaved_rates
 from benchmarks.train_throughput import backbone_names
 from inspector.engine import PLACEMENT_INPUT, Inspector, make_session
 from inspector.preprocess import full_placement
-from inspector.quantize import quantize_bundle
 from inspector.scoring import GoldenBank
 from models.demo_data import render_good_part
 from models.export import describes_parts
@@ -66,6 +67,7 @@ from models.siamese import Embedder, EmbedderConfig, PatchEmbedder, build_embedd
 from pipelines.bundle_building import build_bundle
 from pipelines.cli import add_allow_download
 from pipelines.data.split import DataSplit
+from pipelines.line_model import int8_candidate
 from pipelines.recipe import Recipe
 from pipelines.settings import apply_overrides, load_overrides
 
@@ -178,10 +180,20 @@ def service_rate(
     return requests / elapsed, errors
 
 
-def bundle_of(model: Embedder | PatchEmbedder, recipe: Recipe, refs: list[Path], cal: list[Path], out: Path) -> Path:
+def split_of(parts: dict[str, list[Path]]) -> DataSplit:
+    """The generated goods as a split: golden and calibration goods, nothing else."""
+    return DataSplit(
+        train_good=parts["golden"],
+        train_defective=[],
+        calibration_good=parts["calibration"],
+        validation_defective=[],
+        test=[],
+    )
+
+
+def bundle_of(model: Embedder | PatchEmbedder, recipe: Recipe, parts: dict[str, list[Path]], out: Path) -> Path:
     """The product's bundle of ``model`` on generated goods: golden bank, whole-part view, calibrated threshold."""
-    split = DataSplit(train_good=refs, train_defective=[], calibration_good=cal, validation_defective=[], test=[])
-    return build_bundle(model, split, recipe, out, model_name=out.name)
+    return build_bundle(model, split_of(parts), recipe, out, model_name=out.name)
 
 
 def measure(
@@ -192,7 +204,7 @@ def measure(
     paths = parts["scored"]
     torch.manual_seed(0)
     model = build_embedder(cfg).eval()
-    bundle = bundle_of(model, replace(recipe, embedder=cfg), parts["golden"], parts["calibration"], bundle_dir)
+    bundle = bundle_of(model, replace(recipe, embedder=cfg), parts, bundle_dir)
     inspector = Inspector.from_bundle(bundle)
     emb = inspector.embedder
     figures: dict[str, Any] = {"bank": list(inspector.bundle.references.shape)}
@@ -330,9 +342,8 @@ def trunk_speed(name: str, recipe: Recipe, parts: dict[str, list[Path]], work: P
     torch.manual_seed(0)
     model = build_embedder(recipe.embedder).eval()
     work.mkdir(parents=True, exist_ok=True)
-    fp32 = bundle_of(model, recipe, parts["golden"], parts["calibration"], work / f"{name}_fp32")
-    calibration = parts["calibration"] + parts["golden"]
-    int8 = quantize_bundle(fp32, calibration, work / f"{name}_int8", max_images=len(calibration))
+    fp32 = bundle_of(model, recipe, parts, work / f"{name}_fp32")
+    int8 = int8_candidate(fp32, split_of(parts), recipe, work / f"{name}_int8")
     bank = Inspector.from_bundle(fp32).bundle.references
     paths = parts["scored"][: len(parts["scored"]) // BATCH * BATCH]
     figures: dict[str, Any] = {"bank": list(bank.shape), "bank_mb": bank.nbytes / 2**20}
@@ -342,13 +353,21 @@ def trunk_speed(name: str, recipe: Recipe, parts: dict[str, list[Path]], work: P
 
 
 def compare_trunks(
-    names: list[str], recipe: Recipe, parts: dict[str, list[Path]], work: Path, rounds: int
+    names: list[str],
+    recipe: Recipe,
+    parts: dict[str, list[Path]],
+    work: Path,
+    rounds: int,
+    also: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The recipe's own trunk (its own weights, measured once even when named) and each other named one, as the
-    recipe reads it on a generated weights file; printed as a table with each trunk's end-to-end ratio to the
-    recipe's."""
+    """The recipe's own trunk (its own weights, measured once even when named), the recipe with the ``also``
+    settings, and each other named trunk, as the recipe reads it on a generated weights file; printed as a table
+    with each row's end-to-end ratio to the recipe's FP32."""
     base_name = recipe.embedder.backbone
     rows: dict[str, Any] = {f"{base_name} (recipe)": trunk_speed(base_name, recipe, parts, work / "recipe", rounds)}
+    if also:
+        label = ", ".join(f"{k}={v}" for k, v in also.items())
+        rows[label] = trunk_speed(base_name, apply_overrides(recipe, also), parts, work / "also", rounds)
     for name in (n for n in names if n != base_name):
         trunk = apply_overrides(
             recipe, {"embedder.backbone": name, "embedder.weights": str(generated_weights(name, work / "weights"))}
@@ -397,6 +416,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="recipe setting")
     add_allow_download(p)
     p.add_argument("--backbones", default="", help="comma-separated trunks: FP32 and INT8 line speed of each instead")
+    p.add_argument(
+        "--also-set",
+        dest="also",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="with --backbones: also the recipe's trunk with these settings (e.g. a previous default)",
+    )
     p.add_argument("--json", type=Path, default=None, help="also write every figure to this file")
     args = p.parse_args(argv)
     trunks = backbone_names(args.backbones, p)
@@ -420,7 +447,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "calibration": generated_parts(work / "calibration", 16, 256, seed=3),
         }
         if trunks:
-            figures["trunks"] = compare_trunks(trunks, recipe, parts, work, args.rounds)
+            also = load_overrides(None, args.also, {}) if args.also else None
+            figures["trunks"] = compare_trunks(trunks, recipe, parts, work, args.rounds, also)
         else:
             for index, (label, cfg) in enumerate(models):
                 figures["models"][label] = measure(label, cfg, recipe, work / f"bundle_{index}", parts, args)

@@ -44,7 +44,8 @@ from inspector.metrics import roc_auc
 from models.export import export_onnx
 from models.siamese import PatchEmbedder, build_embedder
 from pipelines.bundle_building import CalibrationSet, scored_evidence, view_scores
-from pipelines.data.split import natural_order
+from pipelines.data.manifest import Manifest
+from pipelines.data.split import DataSplit, natural_order
 from pipelines.golden import golden_bank
 from pipelines.recipe import Recipe
 from pipelines.settings import apply_overrides, load_overrides
@@ -134,6 +135,25 @@ def sub_sample(goods: Images, n: int | None, rng: np.random.Generator) -> Images
     return goods.take(rows[:n] if len(rows) > n else rows)
 
 
+def embed_dataset(
+    embedder: PatchEmbedder, manifest: Manifest, split: DataSplit, recipe: Recipe, onnx_path: Path
+) -> tuple[Images, Images]:
+    """Every good and every defect of the manifest embedded once by the embedder's ONNX export, as the line embeds."""
+    export_onnx(embedder, onnx_path, height=recipe.preprocess.height, width=recipe.preprocess.width)
+    try:
+        onnx = OnnxEmbedder(onnx_path, recipe.preprocess)
+        records = manifest.records()
+        goods_r = [r for r in records if r.is_good]
+        bad_r = [r for r in records if not r.is_good]
+        goods = embedded(
+            onnx, [r.path for r in goods_r], split.group_ids([r.path for r in goods_r]), ["good"] * len(goods_r)
+        )
+        types = [r.defect_type for r in bad_r]
+        return goods, embedded(onnx, [r.path for r in bad_r], split.group_ids([r.path for r in bad_r]), types)
+    finally:
+        onnx_path.unlink(missing_ok=True)
+
+
 def calibration_data(
     pool: Images, defects: Images, folds: int, recipe: Recipe, rng: np.random.Generator
 ) -> CalibrationSet:
@@ -148,11 +168,17 @@ def calibration_data(
 
 
 def one_draw(
-    pool: Images, validation: Images, later: Images, test_defects: Images, recipe: Recipe, blocks: tuple[int, ...]
+    pool: Images,
+    validation: Images,
+    later: Images,
+    test_defects: Images,
+    recipe: Recipe,
+    blocks: tuple[int, ...],
+    methods: dict[str, int] = METHODS,
 ) -> list[dict[str, Any]]:
     """Each method and promise calibrated on ``pool`` and scored on the later goods and the test defects."""
     rows = []
-    for method, folds in METHODS.items():
+    for method, folds in methods.items():
         r = replace(recipe, calibration_folds=folds)
         data = calibration_data(pool, validation, folds, r, np.random.default_rng([recipe.seed, 5]))
         references, sources = golden_bank(data.golden.embeddings, r, data.golden.valid)
@@ -261,6 +287,23 @@ def print_summary(size: str, table: dict[str, dict[str, Any]], views: dict[str, 
         )
 
 
+def add_dataset_arguments(p: argparse.ArgumentParser) -> None:
+    """How the images' capture groups are read, the seed and recipe settings (with ``root`` before them)."""
+    p.add_argument("--group-pattern", default=None, help="regex with one numeric capture group in file names")
+    p.add_argument("--group-gap", type=int, default=0)
+    p.add_argument("--group-by-folder", action="store_true", help="each folder is one capture group")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="recipe setting")
+
+
+def dataset_of(args: argparse.Namespace) -> tuple[Manifest, DataSplit, Recipe]:
+    """The manifest, the product's split and the recipe (input size chosen from the goods) of the parsed arguments."""
+    recipe = apply_overrides(Recipe(seed=args.seed), load_overrides(None, args.overrides, {}))
+    return product_split(
+        args.root, recipe, args.group_pattern, args.group_gap, args.group_by_folder, None, resolve_size=True
+    )
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("root", type=Path)
@@ -268,36 +311,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--goods", default="50,100,all", help="goods per draw, comma-separated ('all': every one)")
     p.add_argument("--draws", type=int, default=10)
     p.add_argument("--later", choices=["random", "latest"], default="random", help="which goods are the later ones")
-    p.add_argument("--group-pattern", default=None, help="regex with one numeric capture group in file names")
-    p.add_argument("--group-gap", type=int, default=0)
-    p.add_argument("--group-by-folder", action="store_true", help="each folder is one capture group")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="recipe setting")
+    add_dataset_arguments(p)
     args = p.parse_args(argv)
-    recipe = apply_overrides(Recipe(seed=args.seed), load_overrides(None, args.overrides, {}))
-    manifest, split, recipe = product_split(
-        args.root, recipe, args.group_pattern, args.group_gap, args.group_by_folder, None, resolve_size=True
-    )
+    manifest, split, recipe = dataset_of(args)
     torch.manual_seed(recipe.seed)
     embedder = build_embedder(recipe.embedder).eval()
     if not isinstance(embedder, PatchEmbedder):
         raise SystemExit("the threshold benchmark needs a patch embedder (embedder.mode=patch)")
     work = args.out.parent if args.out else Path("runs")
     work.mkdir(parents=True, exist_ok=True)
-    onnx_path = work / ".thresholds.model.onnx"
-    export_onnx(embedder, onnx_path, height=recipe.preprocess.height, width=recipe.preprocess.width)
-    onnx = OnnxEmbedder(onnx_path, recipe.preprocess)
-    records = manifest.records()
     t0 = time.perf_counter()
-    goods_r = [r for r in records if r.is_good]
-    bad_r = [r for r in records if not r.is_good]
-    goods = embedded(
-        onnx, [r.path for r in goods_r], split.group_ids([r.path for r in goods_r]), ["good"] * len(goods_r)
-    )
-    defects = embedded(
-        onnx, [r.path for r in bad_r], split.group_ids([r.path for r in bad_r]), [r.defect_type for r in bad_r]
-    )
-    onnx_path.unlink(missing_ok=True)
+    goods, defects = embed_dataset(embedder, manifest, split, recipe, work / ".thresholds.model.onnx")
     pre = recipe.preprocess
     print(
         f"{len(goods)} goods, {len(defects)} defects embedded at {pre.height}x{pre.width} in "

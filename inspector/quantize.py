@@ -112,7 +112,7 @@ def load_calibration_batch(
     return batch, used, problems, sizes
 
 
-def _images_per_second(
+def images_per_second(
     embedder: OnnxEmbedder, batch: np.ndarray, min_seconds: float = 0.2, max_repeats: int = 20
 ) -> float:
     """Throughput on ``batch`` (best of a few timed passes after one warm-up pass)."""
@@ -170,6 +170,75 @@ def _drift(
     return out
 
 
+def quantize_model(
+    fp32: OnnxEmbedder,
+    batch: np.ndarray,
+    sizes: Sequence[tuple[int, int]],
+    out_model: Path,
+    *,
+    per_channel: bool = True,
+    activation_type: Literal["uint8", "int8"] = "uint8",
+    reduce_range: bool = True,
+) -> dict[str, Any]:
+    """Write a static INT8 (QDQ) copy of ``fp32``'s model to ``out_model``, its activation ranges calibrated on
+    ``batch`` (preprocessed as the line does; ``sizes``: each image's original size, where the part sits); returns
+    the settings used, as a bundle records them."""
+    try:
+        from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    except ImportError as exc:  # pragma: no cover - depends on the install
+        raise QuantizeError(f"onnxruntime.quantization is unavailable (needs the 'onnx' package): {exc}") from None
+    if activation_type not in ("int8", "uint8"):
+        raise QuantizeError(f"activation_type must be 'int8' or 'uint8', got {activation_type!r}")
+    if len(batch) < MIN_CALIBRATION_IMAGES:
+        raise QuantizeError(f"{len(batch)} calibration images: at least {MIN_CALIBRATION_IMAGES} are needed")
+    act = QuantType.QInt8 if activation_type == "int8" else QuantType.QUInt8
+    with tempfile.TemporaryDirectory(prefix="inspector-quantize-") as tmp:
+        source, pre_processed, pre_notes = fp32.model_path, "no", []
+        try:
+            from onnxruntime.quantization.shape_inference import quant_pre_process
+        except ImportError as exc:  # pragma: no cover - depends on the onnxruntime version
+            quant_pre_process, pre_notes = None, [f"quant_pre_process unavailable: {exc}"]
+        # symbolic shape inference chokes on some exported graphs (e.g. Expand with a computed shape): retry without it
+        for label, kwargs in (("full", {}), ("without symbolic shape inference", {"skip_symbolic_shape": True})):
+            if quant_pre_process is None:
+                break
+            try:
+                quant_pre_process(str(fp32.model_path), str(Path(tmp) / "pre.onnx"), **kwargs)
+                source, pre_processed = Path(tmp) / "pre.onnx", label
+                break
+            except Exception as exc:
+                pre_notes.append(f"quant_pre_process ({label}) failed: {type(exc).__name__}: {exc}")
+        try:
+            quantize_static(
+                str(source),
+                str(out_model),
+                _reader(fp32.input_name, batch, fp32.placements(sizes) if fp32.describes_parts else None),
+                quant_format=QuantFormat.QDQ,
+                per_channel=per_channel,
+                reduce_range=reduce_range,
+                activation_type=act,
+                weight_type=QuantType.QInt8,
+                calibrate_method=CalibrationMethod.MinMax,
+            )
+        except Exception as exc:
+            raise QuantizeError(
+                f"{fp32.model_path}: static INT8 quantisation failed: {type(exc).__name__}: {exc}"
+            ) from None
+    settings: dict[str, Any] = {
+        "method": QUANTIZED_TAG,
+        "format": "QDQ",
+        "weights": "int8"
+        + (" per-channel" if per_channel else " per-tensor")
+        + (", 7-bit range" if reduce_range else ""),
+        "activations": activation_type,
+        "calibrate_method": "MinMax",
+        "pre_processed": pre_processed,
+    }
+    if pre_notes:
+        settings["pre_process_notes"] = pre_notes
+    return settings
+
+
 def quantize_bundle(
     bundle_path: str | Path,
     calibration_images: Sequence[str | Path],
@@ -188,8 +257,6 @@ def quantize_bundle(
     The drift against the FP32 model, model sizes and throughput are in ``provenance.quantization``.
     """
     bundle_path, out_path = Path(bundle_path), Path(out_path)
-    if activation_type not in ("int8", "uint8"):
-        raise QuantizeError(f"activation_type must be 'int8' or 'uint8', got {activation_type!r}")
     if max_images < MIN_CALIBRATION_IMAGES:
         raise QuantizeError(f"max_images={max_images}: at least {MIN_CALIBRATION_IMAGES} calibration images are needed")
     parent = load_bundle(bundle_path)
@@ -202,16 +269,6 @@ def quantize_bundle(
             f"{parent.path}: is already quantized ({parent.spec.provenance['quantized']}); "
             "quantize the FP32 parent instead"
         )
-    try:
-        from onnxruntime.quantization import (
-            CalibrationMethod,
-            QuantFormat,
-            QuantType,
-            quantize_static,
-        )
-    except ImportError as exc:  # pragma: no cover - depends on the install
-        raise QuantizeError(f"onnxruntime.quantization is unavailable (needs the 'onnx' package): {exc}") from None
-
     fp32 = OnnxEmbedder(parent.model_path, parent.spec.preprocessing, threads=threads)
     batch, used, problems, sizes = load_calibration_batch(fp32, calibration_images, max_images)
     if len(batch) < MIN_CALIBRATION_IMAGES:
@@ -221,70 +278,37 @@ def quantize_bundle(
             f"nothing was written{detail}"
         )
 
-    act = QuantType.QInt8 if activation_type == "int8" else QuantType.QUInt8
     with tempfile.TemporaryDirectory(prefix="inspector-quantize-") as tmp:
-        source, pre_processed, pre_notes = parent.model_path, "no", []
-        try:
-            from onnxruntime.quantization.shape_inference import quant_pre_process
-        except ImportError as exc:  # pragma: no cover - depends on the onnxruntime version
-            quant_pre_process, pre_notes = None, [f"quant_pre_process unavailable: {exc}"]
-        # symbolic shape inference chokes on some exported graphs (e.g. Expand with a computed shape): retry without it
-        for label, kwargs in (("full", {}), ("without symbolic shape inference", {"skip_symbolic_shape": True})):
-            if quant_pre_process is None:
-                break
-            try:
-                quant_pre_process(str(parent.model_path), str(Path(tmp) / "pre.onnx"), **kwargs)
-                source, pre_processed = Path(tmp) / "pre.onnx", label
-                break
-            except Exception as exc:
-                pre_notes.append(f"quant_pre_process ({label}) failed: {type(exc).__name__}: {exc}")
         q_path = Path(tmp) / MODEL_FILE
-        try:
-            quantize_static(
-                str(source),
-                str(q_path),
-                _reader(fp32.input_name, batch, fp32.placements(sizes) if fp32.describes_parts else None),
-                quant_format=QuantFormat.QDQ,
-                per_channel=per_channel,
-                reduce_range=reduce_range,
-                activation_type=act,
-                weight_type=QuantType.QInt8,
-                calibrate_method=CalibrationMethod.MinMax,
-            )
-            int8 = OnnxEmbedder(q_path, parent.spec.preprocessing, threads=threads)
-        except Exception as exc:
-            raise QuantizeError(
-                f"{parent.model_path}: static INT8 quantisation failed: {type(exc).__name__}: {exc}"
-            ) from None
-
+        settings = quantize_model(
+            fp32,
+            batch,
+            sizes,
+            q_path,
+            per_channel=per_channel,
+            activation_type=activation_type,
+            reduce_range=reduce_range,
+        )
+        int8 = OnnxEmbedder(q_path, parent.spec.preprocessing, threads=threads)
         out32, out8 = fp32.run(batch, sizes), int8.run(batch, sizes)
         if out32[0].shape != out8[0].shape:
             raise QuantizeError(
                 f"quantised model outputs {out8[0].shape}, the FP32 model {out32[0].shape}; nothing was written"
             )
         report: dict[str, Any] = {
-            "method": QUANTIZED_TAG,
-            "format": "QDQ",
-            "weights": "int8"
-            + (" per-channel" if per_channel else " per-tensor")
-            + (", 7-bit range" if reduce_range else ""),
-            "activations": activation_type,
-            "calibrate_method": "MinMax",
-            "pre_processed": pre_processed,
+            **settings,
             "calibration": {"images": len(used), "files": used, "skipped": problems},
             "drift": _drift(Inspector(parent, threads=threads), out32, out8, fp32.patch_valid(sizes, out32[0])),
             "model_bytes": {"fp32": parent.model_path.stat().st_size, "int8": q_path.stat().st_size},
             "images_per_second": {
-                "fp32": _images_per_second(fp32, batch),
-                "int8": _images_per_second(int8, batch),
+                "fp32": images_per_second(fp32, batch),
+                "int8": images_per_second(int8, batch),
                 "batch": len(batch),
                 "threads": threads,
             },
             "bank": "kept from the FP32 parent (embedded by the FP32 model; not re-embedded)"
             + ("; so are the whole-part descriptors and score scales" if parent.spec.density else ""),
         }
-        if pre_notes:
-            report["pre_process_notes"] = pre_notes
 
         prov = derived_provenance(parent, drop=("reference_change",))
         prov["quantized"] = QUANTIZED_TAG

@@ -73,6 +73,7 @@ class EmbedderConfig:
     density_stages: int = (
         4  # patch mode: the backbone's last N stages, pooled over the part, describe it whole (0 = off)
     )
+    density_skip: int = 0  # the whole-part view leaves out the trunk's last N stages (they are then never run)
     density_downscales: tuple[int, ...] = ()  # the whole-part descriptor also from the input average-pooled k x k
     allow_download: bool = False  # weights="imagenet" not on this machine: fetch it (else a clear error)
 
@@ -86,6 +87,8 @@ class EmbedderConfig:
             raise ValueError(f"learned_weight must be in (0, 1), got {self.learned_weight}")
         if self.density_stages < 0:
             raise ValueError(f"density_stages must be >= 0 (0 = no whole-part descriptor), got {self.density_stages}")
+        if self.density_skip < 0:
+            raise ValueError(f"density_skip must be >= 0 (stages left out at the end), got {self.density_skip}")
         object.__setattr__(self, "density_downscales", tuple(int(k) for k in self.density_downscales))
         if any(k < 2 for k in self.density_downscales) or len(set(self.density_downscales)) != len(
             self.density_downscales
@@ -104,6 +107,7 @@ class EmbedderConfig:
         known.setdefault("keep_pretrained", False)  # configs written before the option existed meant the head alone
         known.setdefault("density_stages", 0)  # nor did they describe the whole part
         known.setdefault("density_downscales", ())  # or did so at the input's own scale only
+        known.setdefault("density_skip", 0)  # and ran the trunk to its last stage for it
         return cls(**known)
 
 
@@ -162,6 +166,7 @@ class PatchEmbedder(nn.Module):
         learned_weight: float = 0.5,
         density_stages: int = 0,
         density_downscales: tuple[int, ...] = (),
+        density_skip: int = 0,
     ) -> None:
         super().__init__()
         stages = list(backbone.stages)
@@ -172,9 +177,7 @@ class PatchEmbedder(nn.Module):
         self.backbone = backbone
         self.feature_stages = tuple(sorted(feature_stages))
         #: indices of the stages whose pooled statistics form the whole-part descriptor (:meth:`forward_parts`)
-        self.density_stages = (
-            tuple(range(max(0, len(stages) - density_stages), len(stages))) if density_stages > 0 else ()
-        )
+        self.density_stages = density_stage_indices(len(stages), density_stages, density_skip)
         #: the descriptor is computed again on the input average-pooled by each of these factors (see forward_parts)
         self.density_downscales = tuple(density_downscales) if self.density_stages else ()
         self.context = context
@@ -265,6 +268,20 @@ class PatchEmbedder(nn.Module):
             small = stage_maps(F.avg_pool2d(x, k), self.backbone, self.density_stages)
             descriptor += [pooled_on_part(m, placement, size) for m in small]
         return patches, torch.cat(descriptor, dim=1)
+
+
+def density_stage_indices(n_stages: int, count: int, skip: int = 0) -> tuple[int, ...]:
+    """The ``count`` stages that describe the whole part, ending ``skip`` stages before the trunk's last.
+
+    Why a skip: a trunk's last stages are its costliest per pixel of output and the least needed to see a part as a
+    whole; on Lite0 the 1280-channel head conv alone is a fifth of the default line model's forward
+    (benchmarks/README.md, "A cheaper whole-part view")."""
+    if count <= 0:
+        return ()
+    end = n_stages - skip
+    if end < 1:
+        raise ValueError(f"density_skip={skip} leaves none of the trunk's {n_stages} stages for the whole-part view")
+    return tuple(range(max(0, end - count), end))
 
 
 def stage_maps(x: Tensor, backbone: Backbone, order: tuple[int, ...]) -> list[Tensor]:
@@ -375,6 +392,7 @@ def build_embedder(
             learned_weight=cfg.learned_weight,
             density_stages=cfg.density_stages,
             density_downscales=cfg.density_downscales,
+            density_skip=cfg.density_skip,
         )
     return Embedder(backbone, embedding_dim=cfg.embedding_dim, hidden_dim=cfg.hidden_dim, pooling=cfg.pooling)
 

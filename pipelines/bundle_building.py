@@ -180,47 +180,68 @@ def build_bundle(
     try:
         parity_paths = (split.calibration_good or split.train_good)[:8]
         parity = check_parity(embedder, onnx_path, load_preprocessed(parity_paths, pre))
-        onnx = OnnxEmbedder(onnx_path, recipe.preprocess)
-        golden = golden_goods(split, recipe)
-        refs = onnx.embed(golden)
-        bad_refs = [e for e in refs.errors if e]
-        if bad_refs:
-            raise ValueError(f"{len(bad_refs)} golden reference images could not be read: {bad_refs[:3]}")
-        references, sources = golden_bank(refs.embeddings, recipe, refs.valid)
         patch_mode = getattr(embedder, "mode", "global") == "patch"
-        scoring = (
-            recipe.scoring if patch_mode else replace(recipe.scoring, offset=0.0)
-        )  # the offset is a patch-mode rule
-        density: DensitySpec | None = None
-        descriptors = refs.descriptors
-        if split.calibration_good:
-            part_blocks = tuple(embedder.descriptor_blocks) if isinstance(embedder, PatchEmbedder) else None
-            data = calibration_set(onnx, refs, split, recipe, sources)
-            scorer, threshold = calibrated_scorer(data, references, scoring, recipe, part_blocks)
-            density = scorer.density_spec(["initial"] * len(descriptors)) if descriptors is not None else None
-            scoring = scorer.scoring
-        else:
-            threshold = Threshold(float("inf"), rule="uncalibrated", details={"reason": "no calibration images"})
-        spec = BundleSpec(
-            preprocessing=recipe.preprocess,
-            scoring=scoring,
-            threshold=threshold,
-            model={
-                "name": model_name,
-                "version": model_version,
-                "backbone": recipe.embedder.backbone,
-                "mode": "patch" if patch_mode else "image",
-                "parity_max_abs_diff": parity,
-            },
-            provenance=provenance or {},
-            reference_ids=[p.name for p in golden] if references.shape[0] == len(golden) else [],
-            density=density,
-        )
-        return write_bundle(
-            out, onnx_path, references, spec, overwrite=overwrite, descriptors=descriptors if density else None
-        )
+        model: dict[str, Any] = {
+            "name": model_name,
+            "version": model_version,
+            "backbone": recipe.embedder.backbone,
+            "mode": "patch" if patch_mode else "image",
+            "parity_max_abs_diff": parity,
+        }
+        if isinstance(embedder, PatchEmbedder) and embedder.density_stages:
+            model[DESCRIPTOR_BLOCKS] = list(embedder.descriptor_blocks)
+        return bundle_from_onnx(onnx_path, split, recipe, out, model, provenance or {}, overwrite=overwrite)
     finally:
         onnx_path.unlink(missing_ok=True)
+
+
+#: where a bundle's model record keeps the whole-part descriptor's blocks (the view may be calibrated off)
+DESCRIPTOR_BLOCKS = "descriptor_blocks"
+
+
+def bundle_from_onnx(
+    onnx_path: Path,
+    split: DataSplit,
+    recipe: Recipe,
+    out: Path,
+    model: dict[str, Any],
+    provenance: dict[str, Any],
+    *,
+    overwrite: bool = True,
+) -> Path:
+    """The bundle of an ONNX model (``model``: its record, as :func:`build_bundle` writes it): the golden bank
+    embedded by that model, the offset, views and threshold chosen on its own scores."""
+    onnx = OnnxEmbedder(onnx_path, recipe.preprocess)
+    golden = golden_goods(split, recipe)
+    refs = onnx.embed(golden)
+    bad_refs = [e for e in refs.errors if e]
+    if bad_refs:
+        raise ValueError(f"{len(bad_refs)} golden reference images could not be read: {bad_refs[:3]}")
+    references, sources = golden_bank(refs.embeddings, recipe, refs.valid)
+    patch_mode = model["mode"] == "patch"
+    scoring = recipe.scoring if patch_mode else replace(recipe.scoring, offset=0.0)  # the offset is a patch-mode rule
+    density: DensitySpec | None = None
+    descriptors = refs.descriptors
+    if split.calibration_good:
+        part_blocks = tuple(model[DESCRIPTOR_BLOCKS]) if DESCRIPTOR_BLOCKS in model else None
+        data = calibration_set(onnx, refs, split, recipe, sources)
+        scorer, threshold = calibrated_scorer(data, references, scoring, recipe, part_blocks)
+        density = scorer.density_spec(["initial"] * len(descriptors)) if descriptors is not None else None
+        scoring = scorer.scoring
+    else:
+        threshold = Threshold(float("inf"), rule="uncalibrated", details={"reason": "no calibration images"})
+    spec = BundleSpec(
+        preprocessing=recipe.preprocess,
+        scoring=scoring,
+        threshold=threshold,
+        model=model,
+        provenance=provenance,
+        reference_ids=[p.name for p in golden] if references.shape[0] == len(golden) else [],
+        density=density,
+    )
+    return write_bundle(
+        out, onnx_path, references, spec, overwrite=overwrite, descriptors=descriptors if density else None
+    )
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ from pipelines.evaluation import (
     pixel_level_auroc,
     threshold_metrics,
 )
+from pipelines.line_model import choose_line_model, int8_candidate, int8_refusal, line_metrics, ship
 from pipelines.recipe import Recipe, resolve_bit_depth, resolve_input_size
 from pipelines.settings import PipelineSettings
 
@@ -149,6 +150,11 @@ def bundle_task(
 
 
 @task(cache_policy=NO_CACHE)
+def int8_task(fp32_bundle: Path, split: DataSplit, recipe: Recipe, out: Path) -> Path:
+    return int8_candidate(fp32_bundle, split, recipe, out)
+
+
+@task(cache_policy=NO_CACHE)
 def evaluate_task(bundle: Path, split: DataSplit) -> Evaluation:
     return evaluate_bundle(bundle, split.test)
 
@@ -171,6 +177,31 @@ def register_task(bundle: Path, model_name: str, run_id: str, tags: dict[str, An
     from pipelines.tracking import register_bundle
 
     return str(register_bundle(bundle, model_name, run_id=run_id, tags=tags).version)
+
+
+def line_model(
+    fp32: Path, split: DataSplit, recipe: Recipe, candidates: Path, out: Path
+) -> tuple[Path, Evaluation, dict[str, Any]]:
+    """The run's bundle at ``out``: FP32, or its INT8 copy where that holds FP32's verdicts (pipelines.line_model),
+    with the evaluation of the one shipped and the choice."""
+    from inspector.quantize import QuantizeError
+
+    evaluations = {"fp32": evaluate_task(fp32, split)}
+    paths, refusal = {"fp32": fp32}, None
+    if recipe.line_precision != "fp32" and not (refusal := int8_refusal(split, recipe)):
+        try:
+            paths["int8"] = int8_task(fp32, split, recipe, candidates / "int8")
+            evaluations["int8"] = evaluate_task(paths["int8"], split)
+        except QuantizeError as exc:
+            refusal = f"INT8 quantisation failed: {exc}"
+    if refusal and recipe.line_precision == "int8":
+        raise ValueError(f"line_precision=int8 asked for, but {refusal}")
+    record = choose_line_model(evaluations["fp32"], evaluations.get("int8"), recipe, refusal)
+    if refusal:
+        get_run_logger().warning("line model: FP32 (%s)", refusal)
+    else:
+        get_run_logger().info("line model: %s (%s)", record["shipped"], record["reason"])
+    return ship(paths[record["shipped"]], out, record), evaluations[record["shipped"]], record
 
 
 def _float_metrics(evaluation: Evaluation) -> dict[str, float]:
@@ -203,9 +234,10 @@ def train_flow(
         split = split_task(manifest, recipe)
         embedder, history = train_task(split, recipe, run_dir / "checkpoints")
         provenance = {"run_id": run.info.run_id, "dataset_hash": manifest.dataset_hash}
-        bundle = bundle_task(embedder, split, recipe, run_dir / "bundle", provenance, settings.model_name)
-        evaluation = evaluate_task(bundle, split)
-        metrics = {**_float_metrics(evaluation), **threshold_metrics(bundle)}
+        candidates = run_dir / "candidates"
+        fp32 = bundle_task(embedder, split, recipe, candidates / "fp32", provenance, settings.model_name)
+        bundle, evaluation, line = line_model(fp32, split, recipe, candidates, run_dir / "bundle")
+        metrics = {**_float_metrics(evaluation), **threshold_metrics(bundle), **line_metrics(line)}
         if (
             pixel := pixel_level_auroc(bundle, split.test)
         ) is not None:  # the test defects have masks: where, not only whether
@@ -232,6 +264,8 @@ def train_flow(
         )
         mlflow.log_artifact(str(scores_path), "evaluation")
         mlflow.log_dict(calibration_record(bundle), "calibration/threshold.json")
+        mlflow.log_dict(line, "line_model.json")
+        mlflow.set_tag("line_precision", line["shipped"])
         key = {
             k: round(v, 4)
             for k, v in metrics.items()

@@ -56,6 +56,11 @@ class Recipe:
     # >= 2: every good outside the test split is scored against a bank built without its capture-group fold, the
     # threshold rests on all of them and the shipped bank holds them all (pipelines.golden); 0: the held-out slice
     calibration_folds: int = 5
+    # the line model (pipelines.line_model): "auto" ships a static INT8 copy, bundled on its own scores, where its
+    # drift from FP32 on the test parts is within both tolerances below, else FP32; "fp32" / "int8" force one
+    line_precision: Literal["auto", "fp32", "int8"] = "auto"
+    int8_max_auroc_loss: float = 0.005  # image AUROC INT8 may lose against FP32
+    int8_max_flip_rate: float = 0.02  # share of test parts whose verdict INT8 may change
     max_validation_references: int = 64
     max_validation_queries: int = 160
     max_bank_patches: int = 16384
@@ -67,6 +72,8 @@ class Recipe:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if self.line_precision not in ("auto", "fp32", "int8"):
+            raise ValueError(f"line_precision must be 'auto', 'fp32' or 'int8', got {self.line_precision!r}")
         multiple = size_multiple(self.embedder, required=True)
         height, width = self.preprocess.height, self.preprocess.width
         if height % multiple or width % multiple:

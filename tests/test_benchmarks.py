@@ -19,6 +19,7 @@ from benchmarks import (
     score_memory,
     thresholds,
     train_throughput,
+    whole_part_view,
 )
 
 #: the smallest patch model with a whole-part view: a tiny CNN at 64 px, one short epoch
@@ -29,6 +30,8 @@ TINY_MODEL = [
     "--set=embedder.embedding_dim=8",
     "--set=embedder.density_stages=2",
 ]
+
+SMALL_INPUT = ["--set=preprocess.height=64", "--set=preprocess.width=64"]
 
 
 @pytest.fixture(autouse=True)
@@ -139,10 +142,19 @@ def test_inspector_speed_measures_every_stage_and_the_service(tmp_path: Path) ->
 
 def test_inspector_speed_compares_trunks_in_fp32_and_int8(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     figures = inspector_speed.main(
-        ["--images=32", "--rounds=1", "--size=64", "--backbones=tiny_cnn", f"--json={tmp_path / 's.json'}", *TINY_MODEL]
+        [
+            "--images=32",
+            "--rounds=1",
+            "--size=64",
+            "--backbones=tiny_cnn",
+            "--also-set=embedder.density_skip=1",
+            f"--json={tmp_path / 's.json'}",
+            *TINY_MODEL,
+        ]
     )
     trunks = json.loads((tmp_path / "s.json").read_text())["trunks"]
-    assert set(trunks) == {"tiny_cnn (recipe)"}  # the recipe's own trunk is measured once, with its own weights
+    # the recipe's own trunk is measured once, with its own weights, and again with the other settings
+    assert set(trunks) == {"tiny_cnn (recipe)", "embedder.density_skip=1"}
     row = trunks["tiny_cnn (recipe)"]
     for precision in ("fp32", "int8"):
         assert set(row[precision]) == {"forward", "search", "end_to_end"}
@@ -199,8 +211,7 @@ def test_thresholds_calibrates_every_way_and_measures_later_goods(demo_root: Pat
             f"--out={tmp_path / 'thresholds.json'}",
             "--goods=20,all",
             "--draws=2",
-            "--set=preprocess.height=64",
-            "--set=preprocess.width=64",
+            *SMALL_INPUT,
             *TINY_MODEL,
         ]
     )
@@ -219,6 +230,24 @@ def test_thresholds_calibrates_every_way_and_measures_later_goods(demo_root: Pat
         for draw, method, _ in by:
             assert by[(draw, method, "point")] <= by[(draw, method, "expected")] <= by[(draw, method, "bound")]
     assert {"patch", "part", "fused", "chosen"} <= set(every["views"])
+
+
+def test_whole_part_view_times_and_scores_each_choice_of_stages(demo_root: Path, tmp_path: Path) -> None:
+    results = whole_part_view.main(
+        [str(demo_root), f"--out={tmp_path / 'w.json'}", "--draws=1", "--rounds=1", *SMALL_INPUT, *TINY_MODEL]
+    )
+    choices = results["choices"]
+    # the recipe's own stages first (tiny_cnn: 2, 3), then each cheaper choice the trunk's four stages allow
+    assert {name: c["stages"] for name, c in choices.items()} == {
+        "stages 2,3": [2, 3],
+        "stages 0,1,2": [0, 1, 2],
+        "stages 0": [0],
+    }
+    assert set(results["images_per_second"]) == {"patch view only", *choices}
+    assert min(results["images_per_second"].values()) > 0
+    for c in choices.values():
+        assert 0.0 <= c["part"]["mean"] <= 1.0 and 0.0 <= c["recall"]["mean"] <= 1.0
+    assert choices["stages 2,3"]["part"]["diff_mean"] == 0.0  # each draw is paired with the default's
 
 
 @pytest.mark.slow

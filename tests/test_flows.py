@@ -107,6 +107,22 @@ def test_train_flow_registers_challenger_with_reproducible_scores(prefect_harnes
     # the demo's defects have masks: the run says where on the part, too (pixel AUROC of its heatmaps)
     assert 0.5 < run.data.metrics["test_pixel_auroc"] <= 1.0
 
+    # the line model: an INT8 copy was bundled on its own scores and measured against FP32 on the test parts; the
+    # one shipped, and why, is in the bundle, the run's artifact, tag and metrics alike
+    line = spec.provenance["line_model"]
+    assert line == mlflow.artifacts.load_dict(f"runs:/{result.run_id}/line_model.json")
+    assert run.data.tags["line_precision"] == line["shipped"]
+    assert run.data.metrics["line_int8"] == float(line["shipped"] == "int8")
+    assert line["parts"] == len(paths) and 0 <= line["verdict_flips"] <= line["parts"]
+    within = line["auroc_loss"] <= 0.005 and line["verdict_flips"] / line["parts"] <= 0.02
+    assert line["shipped"] == ("int8" if within else "fp32")
+    int8 = load_bundle(result.bundle.parent / "candidates" / "int8")
+    fp32 = load_bundle(result.bundle.parent / "candidates" / "fp32")
+    assert int8.spec.provenance["quantized"] == "int8-static" and int8.model_version.endswith("+int8")
+    assert int8.references.shape == fp32.references.shape and not np.allclose(int8.references, fp32.references)
+    assert run.data.metrics["int8_test_image_auroc"] == pytest.approx(line["int8"]["image_auroc"])
+    assert load_bundle(result.bundle).model_version == (int8 if within else fp32).model_version
+
 
 @pytest.mark.parametrize(
     ("mode", "loss"),

@@ -1,0 +1,160 @@
+"""A cheaper whole-part view: what each choice of the trunk's stages costs in the forward pass and gives in quality.
+
+The whole-part view pools each channel's mean and spread over the part at some of the trunk's stages
+(``embedder.density_stages``, ending ``embedder.density_skip`` stages before the last). The later a stage, the more
+the forward pass must run beyond what the patch view needs. For each choice this prints, in one run:
+
+* the onnxruntime forward (batch 32, the recipe's input size, the line's session settings) in images/s, beside the
+  patch view alone (no whole-part view: the floor) and the default;
+* image AUROC of the whole-part view alone, of the fused score and of the score calibration chose, and the recall
+  at the 1 % target, over ``--draws`` draws: each holds out a random fifth of the goods' capture groups as later
+  goods and a share of the defects' groups as validation defects, and calibrates cross-fitted on the rest with the
+  product's own code (``benchmarks.thresholds.one_draw``); the difference to the default is paired per draw.
+
+The embedder is the default recipe's before training, embedded once with every stage any choice needs; each choice
+is the descriptor's columns of its stages (exactly what a model with that choice computes).
+
+    .venv/bin/python -m benchmarks.whole_part_view ../shared/data/magnetic_tile_defect/magnetic_tile \\
+        --group-pattern 'num_(\\d+)' --group-gap 2000 --draws 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from benchmarks.common import interleaved_rates, write_json
+from benchmarks.thresholds import Images, add_dataset_arguments, dataset_of, embed_dataset, groups_share, one_draw
+from inspector.engine import Embedded, OnnxEmbedder
+from models.export import export_onnx
+from models.siamese import EmbedderConfig, PatchEmbedder, build_embedder, density_stage_indices
+from pipelines.recipe import Recipe
+
+#: (density_stages, density_skip) of each choice measured where the trunk has the stages; the recipe's own first
+CHOICES = ((3, 1), (1, 3), (2, 4))
+
+
+def stage_columns(union: tuple[int, ...], blocks: tuple[int, ...], stages: tuple[int, ...]) -> np.ndarray:
+    """The descriptor columns of ``stages`` in a descriptor built from ``union`` (one block of columns each)."""
+    starts = np.cumsum((0, *blocks))
+    return np.concatenate([np.arange(starts[union.index(s)], starts[union.index(s) + 1]) for s in stages])
+
+
+def with_columns(images: Images, columns: np.ndarray) -> Images:
+    e = images.emb
+    assert e.descriptors is not None
+    return replace(images, emb=Embedded(e.embeddings, e.valid, e.descriptors[:, columns], e.errors))
+
+
+def forward_rates(configs: dict[str, EmbedderConfig], recipe: Recipe, work: Path, rounds: int) -> dict[str, float]:
+    """Images/s of each embedder's ONNX forward at batch 32, measured in turn (load from other jobs hits all)."""
+    pre = recipe.preprocess
+    rng = np.random.default_rng(0)
+    batch = rng.standard_normal((32, 3, pre.height, pre.width)).astype(np.float32)
+    sizes = [(pre.width, pre.height)] * len(batch)
+    runs: dict[str, Callable[[], object]] = {}
+    for name, cfg in configs.items():
+        path = work / f".whole_part_view.{len(runs)}.onnx"
+        torch.manual_seed(recipe.seed)
+        export_onnx(build_embedder(cfg).eval(), path, height=pre.height, width=pre.width)
+        onnx = OnnxEmbedder(path, pre)
+        runs[name] = partial(onnx.run, batch, sizes)
+        path.unlink(missing_ok=True)
+    return interleaved_rates(runs, dict.fromkeys(runs, len(batch)), rounds=rounds)
+
+
+def label(stages: tuple[int, ...]) -> str:
+    return "stages " + ",".join(map(str, stages)) if stages else "patch view only"
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("root", type=Path)
+    p.add_argument("--out", type=Path, default=None, help="write the figures to this JSON file")
+    p.add_argument("--draws", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=5, help="timed rounds of each forward pass")
+    add_dataset_arguments(p)
+    args = p.parse_args(argv)
+    manifest, split, recipe = dataset_of(args)
+    base = recipe.embedder
+    if base.density_downscales or not base.density_stages:
+        raise SystemExit("needs the whole-part view at the input's own scale (density_stages > 0, no downscales)")
+    n_stages = len(build_embedder(replace(base, density_stages=0), weights=None).backbone.stages)
+    asked = ((base.density_stages, base.density_skip), *((c, s) for c, s in CHOICES if s < n_stages))
+    choices = {label(density_stage_indices(n_stages, c, s)): (c, s) for c, s in asked}  # same stages: measured once
+    stages_of = {name: density_stage_indices(n_stages, c, s) for name, (c, s) in choices.items()}
+    union = tuple(sorted({i for st in stages_of.values() for i in st}))
+    work = args.out.parent if args.out else Path("runs")
+    work.mkdir(parents=True, exist_ok=True)
+
+    configs = {label(()): replace(base, density_stages=0)}
+    configs.update({name: replace(base, density_stages=c, density_skip=s) for name, (c, s) in choices.items()})
+    rates = forward_rates(configs, recipe, work, args.rounds)
+
+    torch.manual_seed(recipe.seed)
+    embedder = build_embedder(replace(base, density_stages=len(union), density_skip=n_stages - 1 - union[-1])).eval()
+    assert isinstance(embedder, PatchEmbedder) and embedder.density_stages == union
+    t0 = time.perf_counter()
+    goods, defects = embed_dataset(embedder, manifest, split, recipe, work / ".whole_part_view.onnx")
+    print(f"{len(goods)} goods, {len(defects)} defects embedded in {time.perf_counter() - t0:.0f} s", flush=True)
+
+    share = recipe.defect_val_fraction / (recipe.defect_train_fraction + recipe.defect_val_fraction)
+    blocks = tuple(embedder.descriptor_blocks)
+    per_draw: dict[str, list[dict[str, float]]] = {name: [] for name in choices}
+    for draw in range(args.draws):
+        rng = np.random.default_rng([args.seed, draw])
+        later = groups_share(goods.groups, 0.2, rng)
+        val = groups_share(defects.groups, share, rng)
+        for name, stages in stages_of.items():
+            cols = stage_columns(union, blocks, stages)
+            rows = one_draw(
+                with_columns(goods.take(np.flatnonzero(~later)), cols),
+                with_columns(defects.take(np.flatnonzero(val)), cols),
+                with_columns(goods.take(np.flatnonzero(later)), cols),
+                with_columns(defects.take(np.flatnonzero(~val)), cols),
+                replace(recipe, embedder=replace(base, density_stages=len(stages))),
+                tuple(blocks[union.index(s)] for s in stages),
+                {"crossfit": max(2, recipe.calibration_folds)},
+            )
+            row = next(r for r in rows if r["promise"] == recipe.threshold_promise)
+            per_draw[name].append({**row["auroc"], "recall": row["recall"]})
+        print(f"  draw {draw + 1} of {args.draws} done", flush=True)
+
+    default = next(iter(choices))
+    results: dict[str, Any] = {"recipe": recipe.to_dict(), "images_per_second": rates, "choices": {}}
+    print(f"\nforward, batch 32 at {recipe.preprocess.height}x{recipe.preprocess.width}, images/s (x the default):")
+    for name, rate in rates.items():
+        print(f"  {name:24s} {rate:7.1f}  x{rate / rates[default]:.2f}")
+    print(f"\nimage AUROC over {args.draws} draws, mean [min, max]; difference to the default paired per draw:")
+    for name, rows in per_draw.items():
+        summary: dict[str, Any] = {}
+        for key in ("part", "fused", "chosen", "recall"):
+            values = np.array([r[key] for r in rows])
+            diff = values - np.array([r[key] for r in per_draw[default]])
+            summary[key] = {"mean": float(values.mean()), "min": float(values.min()), "max": float(values.max())}
+            summary[key]["diff_mean"] = float(diff.mean())
+            summary[key]["diff_min"], summary[key]["diff_max"] = float(diff.min()), float(diff.max())
+        results["choices"][name] = {"stages": list(stages_of[name]), **summary}
+        print(
+            f"  {name:24s} "
+            + "  ".join(
+                f"{k} {summary[k]['mean']:.3f} [{summary[k]['min']:.3f}, {summary[k]['max']:.3f}] "
+                f"({summary[k]['diff_mean']:+.3f})"
+                for k in ("part", "fused", "chosen", "recall")
+            ),
+            flush=True,
+        )
+    write_json(args.out, results)
+    return results
+
+
+if __name__ == "__main__":
+    main()
