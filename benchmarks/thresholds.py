@@ -44,7 +44,8 @@ from inspector.metrics import roc_auc
 from models.export import export_onnx
 from models.siamese import PatchEmbedder, build_embedder
 from pipelines.bundle_building import CalibrationSet, scored_evidence, view_scores
-from pipelines.data.split import natural_order
+from pipelines.data.manifest import Manifest
+from pipelines.data.split import DataSplit, natural_order
 from pipelines.golden import golden_bank
 from pipelines.recipe import Recipe
 from pipelines.settings import apply_overrides, load_overrides
@@ -261,49 +262,65 @@ def print_summary(size: str, table: dict[str, dict[str, Any]], views: dict[str, 
         )
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("root", type=Path)
-    p.add_argument("--out", type=Path, default=None, help="write the figures to this JSON file")
-    p.add_argument("--goods", default="50,100,all", help="goods per draw, comma-separated ('all': every one)")
-    p.add_argument("--draws", type=int, default=10)
-    p.add_argument("--later", choices=["random", "latest"], default="random", help="which goods are the later ones")
-    p.add_argument("--group-pattern", default=None, help="regex with one numeric capture group in file names")
-    p.add_argument("--group-gap", type=int, default=0)
-    p.add_argument("--group-by-folder", action="store_true", help="each folder is one capture group")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="recipe setting")
-    args = p.parse_args(argv)
-    recipe = apply_overrides(Recipe(seed=args.seed), load_overrides(None, args.overrides, {}))
-    manifest, split, recipe = product_split(
-        args.root, recipe, args.group_pattern, args.group_gap, args.group_by_folder, None, resolve_size=True
-    )
+def frozen_embedded(
+    manifest: Manifest, split: DataSplit, recipe: Recipe, work: Path
+) -> tuple[Images, Images, PatchEmbedder]:
+    """Every good and defect of the product embedded once by the recipe's embedder before training (exported to
+    ONNX and run through the line's :class:`OnnxEmbedder`), with their capture groups, and the embedder."""
     torch.manual_seed(recipe.seed)
     embedder = build_embedder(recipe.embedder).eval()
     if not isinstance(embedder, PatchEmbedder):
-        raise SystemExit("the threshold benchmark needs a patch embedder (embedder.mode=patch)")
-    work = args.out.parent if args.out else Path("runs")
+        raise SystemExit("this benchmark needs a patch embedder (embedder.mode=patch)")
     work.mkdir(parents=True, exist_ok=True)
-    onnx_path = work / ".thresholds.model.onnx"
+    onnx_path = work / f".frozen-{time.time_ns()}.model.onnx"
     export_onnx(embedder, onnx_path, height=recipe.preprocess.height, width=recipe.preprocess.width)
-    onnx = OnnxEmbedder(onnx_path, recipe.preprocess)
-    records = manifest.records()
-    t0 = time.perf_counter()
-    goods_r = [r for r in records if r.is_good]
-    bad_r = [r for r in records if not r.is_good]
-    goods = embedded(
-        onnx, [r.path for r in goods_r], split.group_ids([r.path for r in goods_r]), ["good"] * len(goods_r)
-    )
-    defects = embedded(
-        onnx, [r.path for r in bad_r], split.group_ids([r.path for r in bad_r]), [r.defect_type for r in bad_r]
-    )
-    onnx_path.unlink(missing_ok=True)
+    try:
+        onnx = OnnxEmbedder(onnx_path, recipe.preprocess)
+        records = manifest.records()
+        t0 = time.perf_counter()
+        goods_r = [r for r in records if r.is_good]
+        bad_r = [r for r in records if not r.is_good]
+        goods = embedded(
+            onnx, [r.path for r in goods_r], split.group_ids([r.path for r in goods_r]), ["good"] * len(goods_r)
+        )
+        defects = embedded(
+            onnx, [r.path for r in bad_r], split.group_ids([r.path for r in bad_r]), [r.defect_type for r in bad_r]
+        )
+    finally:
+        onnx_path.unlink(missing_ok=True)
     pre = recipe.preprocess
     print(
         f"{len(goods)} goods, {len(defects)} defects embedded at {pre.height}x{pre.width} in "
         f"{time.perf_counter() - t0:.0f} s; {len(set(goods.groups.tolist()))} good groups",
         flush=True,
     )
+    return goods, defects, embedder
+
+
+def later_goods_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of benchmarks that hold later goods out of a product's split: which goods, the capture groups, the
+    seed and recipe settings."""
+    p.add_argument("--later", choices=["random", "latest"], default="random", help="which goods are the later ones")
+    p.add_argument("--group-pattern", default=None, help="regex with one numeric capture group in file names")
+    p.add_argument("--group-gap", type=int, default=0)
+    p.add_argument("--group-by-folder", action="store_true", help="each folder is one capture group")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="recipe setting")
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("root", type=Path)
+    p.add_argument("--out", type=Path, default=None, help="write the figures to this JSON file")
+    p.add_argument("--goods", default="50,100,all", help="goods per draw, comma-separated ('all': every one)")
+    p.add_argument("--draws", type=int, default=10)
+    later_goods_arguments(p)
+    args = p.parse_args(argv)
+    recipe = apply_overrides(Recipe(seed=args.seed), load_overrides(None, args.overrides, {}))
+    manifest, split, recipe = product_split(
+        args.root, recipe, args.group_pattern, args.group_gap, args.group_by_folder, None, resolve_size=True
+    )
+    goods, defects, embedder = frozen_embedded(manifest, split, recipe, args.out.parent if args.out else Path("runs"))
     share = recipe.defect_val_fraction / (recipe.defect_train_fraction + recipe.defect_val_fraction)
     sizes = [s.strip() for s in args.goods.split(",") if s.strip()]
     results: dict[str, Any] = {"recipe": recipe.to_dict(), "goods": len(goods), "defects": len(defects), "sizes": {}}

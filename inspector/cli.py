@@ -202,6 +202,8 @@ def serve_settings(args: argparse.Namespace) -> ServiceSettings:
         require_signature=args.require_signature or None,
         public_key=args.public_key,
         combine_images=args.combine_images,
+        parts=args.parts,
+        bundles_dir=args.bundles_dir,
     )
 
 
@@ -467,6 +469,18 @@ def _parser() -> argparse.ArgumentParser:
         "--model-uri",
         default=None,
         help="registry model to serve and follow: models:/<name>@champion (or INSPECTOR_MODEL_URI)",
+    )
+    v.add_argument(
+        "--part",
+        dest="parts",
+        action="append",
+        default=None,
+        metavar="[NAME=]SOURCE",
+        help="serve several part types: repeat for each, a bundle folder or models:/<name>@champion, named NAME or "
+        "after the folder or model (or INSPECTOR_PARTS, comma-separated); requests name theirs",
+    )
+    v.add_argument(
+        "--bundles-dir", type=Path, default=None, help="a folder of bundles, each a part type named by its sub-folder"
     )
     v.add_argument("--tracking-uri", default=None, help="MLflow server, http(s)://host:port (or MLFLOW_TRACKING_URI)")
     v.add_argument(

@@ -103,7 +103,7 @@ def _problems(paths: Sequence[Path], shas: Sequence[str], errors: Sequence[str |
     return problems
 
 
-def _golden_bank(
+def few_shot_bank(
     golden: Embedded, scoring: ScoringConfig, mode: str, dim: int, ids: Sequence[str], shas: Sequence[str]
 ) -> tuple[np.ndarray, list[dict[str, Any]], np.ndarray]:
     """The goldens' bank rows (patches on the part), their sources, and the golden each row came from."""
@@ -174,7 +174,7 @@ def new_part(
         golden = embedder.embed(golden_paths)
     scoring, mode, dim = parent.spec.scoring, parent.mode, int(parent.references.shape[1])
     ids = default_ids(golden_paths, shas)
-    bank, sources, row_golden = _golden_bank(golden, scoring, mode, dim, ids, shas)
+    bank, sources, row_golden = few_shot_bank(golden, scoring, mode, dim, ids, shas)
     k, density = len(golden_paths), parent.spec.density
     descriptors = golden.descriptors
     part_view = density is not None and descriptors is not None and k >= (2 if good_paths else 3)
