@@ -13,6 +13,7 @@ later goods and ``--test-defects`` defects (seeded, the same for every k of a dr
     nice -n 10 .venv/bin/python -m benchmarks.few_shot ../shared/data/magnetic_tile_defect/magnetic_tile \\
         --group-pattern 'num_(\\d+)' --group-gap 2000 --draws 3
     nice -n 10 .venv/bin/python -m benchmarks.few_shot --demo runs/few-shot-demo --draws 3
+    nice -n 10 .venv/bin/python -m benchmarks.few_shot --demo runs/few-shot-ribbed --demo-size 96x192 --demo-ribs
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from benchmarks.common import write_json
 from benchmarks.quality import product_split
@@ -101,6 +103,18 @@ def print_table(name: str, table: dict[str, dict[str, Any]]) -> None:
         print(line, flush=True)
 
 
+def ribbed(root: Path, period: float = 6.0, depth: float = 0.2) -> None:
+    """Every photo under ``root`` (not the masks) with a ribbed surface: the same kind of part in another texture,
+    so a part type the embedder saw in no form."""
+    for path in sorted(root.rglob("*.png")):
+        if "ground_truth" in path.parts:
+            continue
+        with Image.open(path) as image:
+            pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
+        ribs = 1.0 + depth * np.sin(2 * np.pi * np.arange(pixels.shape[1]) / period)
+        Image.fromarray(np.clip(pixels * ribs[None, :, None], 0, 255).astype(np.uint8)).save(path)
+
+
 def subset(images: Images, n: int, rng: np.random.Generator) -> Images:
     """At most ``n`` of the images, drawn at random (sorted rows)."""
     if len(images) <= n:
@@ -112,6 +126,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("root", type=Path, nargs="?", help="a dataset root (MVTec layout); or --demo")
     p.add_argument("--demo", type=Path, default=None, help="generate the demo's flanges in this folder and use them")
+    p.add_argument("--demo-size", default="96x96", help="the generated parts' HxW (another shape: e.g. 96x192)")
+    p.add_argument("--demo-ribs", action="store_true", help="a ribbed surface on the generated parts (another texture)")
     p.add_argument("--out", type=Path, default=None, help="write the figures to this JSON file")
     p.add_argument("--shots", default=",".join(map(str, SHOTS)), help="golden counts, comma-separated")
     p.add_argument("--draws", type=int, default=3)
@@ -125,7 +141,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         root = args.demo / "data"
         if not root.exists():
-            generate_demo_dataset(root, seed=args.seed)
+            height, width = (int(v) for v in args.demo_size.lower().split("x"))
+            generate_demo_dataset(
+                root,
+                seed=args.seed,
+                n_train_good=400,
+                n_test_good=100,
+                n_test_per_defect=20,
+                height=height,
+                width=width,
+            )
+            if args.demo_ribs:
+                ribbed(root)
     if root is None:
         raise SystemExit("give a dataset root or --demo FOLDER")
     recipe = apply_overrides(Recipe(seed=args.seed), load_overrides(None, args.overrides, {}))
