@@ -135,25 +135,6 @@ def sub_sample(goods: Images, n: int | None, rng: np.random.Generator) -> Images
     return goods.take(rows[:n] if len(rows) > n else rows)
 
 
-def embed_dataset(
-    embedder: PatchEmbedder, manifest: Manifest, split: DataSplit, recipe: Recipe, onnx_path: Path
-) -> tuple[Images, Images]:
-    """Every good and every defect of the manifest embedded once by the embedder's ONNX export, as the line embeds."""
-    export_onnx(embedder, onnx_path, height=recipe.preprocess.height, width=recipe.preprocess.width)
-    try:
-        onnx = OnnxEmbedder(onnx_path, recipe.preprocess)
-        records = manifest.records()
-        goods_r = [r for r in records if r.is_good]
-        bad_r = [r for r in records if not r.is_good]
-        goods = embedded(
-            onnx, [r.path for r in goods_r], split.group_ids([r.path for r in goods_r]), ["good"] * len(goods_r)
-        )
-        types = [r.defect_type for r in bad_r]
-        return goods, embedded(onnx, [r.path for r in bad_r], split.group_ids([r.path for r in bad_r]), types)
-    finally:
-        onnx_path.unlink(missing_ok=True)
-
-
 def calibration_data(
     pool: Images, defects: Images, folds: int, recipe: Recipe, rng: np.random.Generator
 ) -> CalibrationSet:
@@ -287,8 +268,45 @@ def print_summary(size: str, table: dict[str, dict[str, Any]], views: dict[str, 
         )
 
 
-def add_dataset_arguments(p: argparse.ArgumentParser) -> None:
-    """How the images' capture groups are read, the seed and recipe settings (with ``root`` before them)."""
+def frozen_embedded(
+    manifest: Manifest, split: DataSplit, recipe: Recipe, work: Path
+) -> tuple[Images, Images, PatchEmbedder]:
+    """Every good and defect of the product embedded once by the recipe's embedder before training (exported to
+    ONNX and run through the line's :class:`OnnxEmbedder`), with their capture groups, and the embedder."""
+    torch.manual_seed(recipe.seed)
+    embedder = build_embedder(recipe.embedder).eval()
+    if not isinstance(embedder, PatchEmbedder):
+        raise SystemExit("this benchmark needs a patch embedder (embedder.mode=patch)")
+    work.mkdir(parents=True, exist_ok=True)
+    onnx_path = work / f".frozen-{time.time_ns()}.model.onnx"
+    export_onnx(embedder, onnx_path, height=recipe.preprocess.height, width=recipe.preprocess.width)
+    try:
+        onnx = OnnxEmbedder(onnx_path, recipe.preprocess)
+        records = manifest.records()
+        t0 = time.perf_counter()
+        goods_r = [r for r in records if r.is_good]
+        bad_r = [r for r in records if not r.is_good]
+        goods = embedded(
+            onnx, [r.path for r in goods_r], split.group_ids([r.path for r in goods_r]), ["good"] * len(goods_r)
+        )
+        defects = embedded(
+            onnx, [r.path for r in bad_r], split.group_ids([r.path for r in bad_r]), [r.defect_type for r in bad_r]
+        )
+    finally:
+        onnx_path.unlink(missing_ok=True)
+    pre = recipe.preprocess
+    print(
+        f"{len(goods)} goods, {len(defects)} defects embedded at {pre.height}x{pre.width} in "
+        f"{time.perf_counter() - t0:.0f} s; {len(set(goods.groups.tolist()))} good groups",
+        flush=True,
+    )
+    return goods, defects, embedder
+
+
+def later_goods_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of benchmarks that hold later goods out of a product's split: which goods, the capture groups, the
+    seed and recipe settings."""
+    p.add_argument("--later", choices=["random", "latest"], default="random", help="which goods are the later ones")
     p.add_argument("--group-pattern", default=None, help="regex with one numeric capture group in file names")
     p.add_argument("--group-gap", type=int, default=0)
     p.add_argument("--group-by-folder", action="store_true", help="each folder is one capture group")
@@ -296,11 +314,12 @@ def add_dataset_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="recipe setting")
 
 
-def dataset_of(args: argparse.Namespace) -> tuple[Manifest, DataSplit, Recipe]:
-    """The manifest, the product's split and the recipe (input size chosen from the goods) of the parsed arguments."""
+def dataset_of(args: argparse.Namespace, root: Path | None = None) -> tuple[Manifest, DataSplit, Recipe]:
+    """The manifest, the product's split and the recipe (input size chosen from the goods) that the parsed
+    :func:`later_goods_arguments` name, of ``root`` (else ``args.root``)."""
     recipe = apply_overrides(Recipe(seed=args.seed), load_overrides(None, args.overrides, {}))
     return product_split(
-        args.root, recipe, args.group_pattern, args.group_gap, args.group_by_folder, None, resolve_size=True
+        root or args.root, recipe, args.group_pattern, args.group_gap, args.group_by_folder, None, resolve_size=True
     )
 
 
@@ -310,24 +329,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--out", type=Path, default=None, help="write the figures to this JSON file")
     p.add_argument("--goods", default="50,100,all", help="goods per draw, comma-separated ('all': every one)")
     p.add_argument("--draws", type=int, default=10)
-    p.add_argument("--later", choices=["random", "latest"], default="random", help="which goods are the later ones")
-    add_dataset_arguments(p)
+    later_goods_arguments(p)
     args = p.parse_args(argv)
     manifest, split, recipe = dataset_of(args)
-    torch.manual_seed(recipe.seed)
-    embedder = build_embedder(recipe.embedder).eval()
-    if not isinstance(embedder, PatchEmbedder):
-        raise SystemExit("the threshold benchmark needs a patch embedder (embedder.mode=patch)")
-    work = args.out.parent if args.out else Path("runs")
-    work.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    goods, defects = embed_dataset(embedder, manifest, split, recipe, work / ".thresholds.model.onnx")
-    pre = recipe.preprocess
-    print(
-        f"{len(goods)} goods, {len(defects)} defects embedded at {pre.height}x{pre.width} in "
-        f"{time.perf_counter() - t0:.0f} s; {len(set(goods.groups.tolist()))} good groups",
-        flush=True,
-    )
+    goods, defects, embedder = frozen_embedded(manifest, split, recipe, args.out.parent if args.out else Path("runs"))
     share = recipe.defect_val_fraction / (recipe.defect_train_fraction + recipe.defect_val_fraction)
     sizes = [s.strip() for s in args.goods.split(",") if s.strip()]
     results: dict[str, Any] = {"recipe": recipe.to_dict(), "goods": len(goods), "defects": len(defects), "sizes": {}}

@@ -21,7 +21,6 @@ is the descriptor's columns of its stages (exactly what a model with that choice
 from __future__ import annotations
 
 import argparse
-import time
 from collections.abc import Callable
 from dataclasses import replace
 from functools import partial
@@ -32,10 +31,10 @@ import numpy as np
 import torch
 
 from benchmarks.common import interleaved_rates, write_json
-from benchmarks.thresholds import Images, add_dataset_arguments, dataset_of, embed_dataset, groups_share, one_draw
+from benchmarks.thresholds import Images, dataset_of, frozen_embedded, groups_share, later_goods_arguments, one_draw
 from inspector.engine import Embedded, OnnxEmbedder
 from models.export import export_onnx
-from models.siamese import EmbedderConfig, PatchEmbedder, build_embedder, density_stage_indices
+from models.siamese import EmbedderConfig, build_embedder, density_stage_indices
 from pipelines.recipe import Recipe
 
 #: (density_stages, density_skip) of each choice measured where the trunk has the stages; the recipe's own first
@@ -81,7 +80,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--out", type=Path, default=None, help="write the figures to this JSON file")
     p.add_argument("--draws", type=int, default=5)
     p.add_argument("--rounds", type=int, default=5, help="timed rounds of each forward pass")
-    add_dataset_arguments(p)
+    later_goods_arguments(p)
     args = p.parse_args(argv)
     manifest, split, recipe = dataset_of(args)
     base = recipe.embedder
@@ -99,12 +98,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     configs.update({name: replace(base, density_stages=c, density_skip=s) for name, (c, s) in choices.items()})
     rates = forward_rates(configs, recipe, work, args.rounds)
 
-    torch.manual_seed(recipe.seed)
-    embedder = build_embedder(replace(base, density_stages=len(union), density_skip=n_stages - 1 - union[-1])).eval()
-    assert isinstance(embedder, PatchEmbedder) and embedder.density_stages == union
-    t0 = time.perf_counter()
-    goods, defects = embed_dataset(embedder, manifest, split, recipe, work / ".whole_part_view.onnx")
-    print(f"{len(goods)} goods, {len(defects)} defects embedded in {time.perf_counter() - t0:.0f} s", flush=True)
+    every = replace(base, density_stages=len(union), density_skip=n_stages - 1 - union[-1])
+    goods, defects, embedder = frozen_embedded(manifest, split, replace(recipe, embedder=every), work)
+    assert embedder.density_stages == union
 
     share = recipe.defect_val_fraction / (recipe.defect_train_fraction + recipe.defect_val_fraction)
     blocks = tuple(embedder.descriptor_blocks)

@@ -202,6 +202,8 @@ def serve_settings(args: argparse.Namespace) -> ServiceSettings:
         require_signature=args.require_signature or None,
         public_key=args.public_key,
         combine_images=args.combine_images,
+        parts=args.parts,
+        bundles_dir=args.bundles_dir,
     )
 
 
@@ -262,6 +264,45 @@ def cmd_add_references(args: argparse.Namespace) -> int:
         threads=RuntimeSettings.from_env(threads=args.threads).threads,
     )
     print(json.dumps(_reference_summary(args.bundle, out), indent=2))
+    return EXIT_OK
+
+
+def cmd_new_part(args: argparse.Namespace) -> int:
+    from inspector.new_part import NEW_PART_KEY, new_part
+
+    goldens = _expand_or_report(args.goldens, "golden photos")
+    goods = _expand_or_report(args.goods or [], "--goods")
+    if goldens is None or goods is None:
+        return EXIT_BAD_INPUT
+    if args.goods and not goods:
+        print("error: --goods holds no images", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    out = new_part(
+        args.bundle,
+        goldens,
+        args.out,
+        goods=goods,
+        name=args.name,
+        target_false_reject_rate=args.target_frr,
+        promise=args.promise,
+        threads=RuntimeSettings.from_env(threads=args.threads).threads,
+    )
+    bundle = load_bundle(out)
+    made = bundle.spec.provenance[NEW_PART_KEY]
+    summary = {
+        "out": str(bundle.path),
+        "part": made["part"],
+        "model": bundle.model_version,
+        "embedder": made["embedder"],
+        "goldens": made["goldens"],
+        "input_size": made["input_size"],
+        "whole_part_score": made["whole_part_score"],
+        "threshold": bundle.spec.threshold.value,
+        "threshold_rule": bundle.spec.threshold.rule,
+        "promise": made["promise"],
+    }
+    print(json.dumps(summary, indent=2))
+    print(f"{made['part']}: {made['promise']}", file=sys.stderr)
     return EXIT_OK
 
 
@@ -375,23 +416,27 @@ def _parser() -> argparse.ArgumentParser:
         metavar="DIR_OR_FILES",
         help="defective parts: report recall at that threshold",
     )
-    a.add_argument(
-        "--target-frr", type=float, default=0.01, help="target false-reject rate on good parts (default 0.01)"
-    )
-    a.add_argument(
-        "--promise",
-        choices=PROMISES,
-        default="expected",
-        help="what the target promises: 'expected' (a new good is flagged at most at the target on average), "
-        "'bound' (its 95 %% upper bound is within it), 'point' (at most target x n re-calibration goods flagged)",
-    )
+    _threshold_flags(a)
     a.add_argument(
         "--skip-bad", action="store_true", help="skip unreadable or already-present images instead of failing"
     )
-    a.add_argument(
-        "--threads", type=int, default=None, help="onnxruntime intra-op threads (default: INSPECTOR_THREADS, all cores)"
-    )
     a.set_defaults(func=cmd_add_references)
+    n = sub.add_parser(
+        "new-part",
+        help="a bundle for a new part type from a few golden photos, with BUNDLE's embedder (no retraining)",
+    )
+    n.add_argument("bundle", type=Path, help="a bundle whose embedder serves the new part type")
+    n.add_argument("goldens", nargs="+", help="golden photos of the new part type: files, folders or globs")
+    n.add_argument("--out", required=True, type=Path, help="the new bundle directory (must not exist)")
+    n.add_argument(
+        "--goods",
+        nargs="+",
+        metavar="DIR_OR_FILES",
+        help="extra good photos (not goldens): the threshold is set on them instead of the goldens' leave-one-out",
+    )
+    n.add_argument("--name", default=None, help="the part type's name (default: the --out folder's name)")
+    _threshold_flags(n)
+    n.set_defaults(func=cmd_new_part)
     r = sub.add_parser("remove-references", help="write a new bundle without the given reference ids")
     r.add_argument("bundle", type=Path)
     r.add_argument("--ids", nargs="+", required=True, help="reference ids (file names as added; see the add summary)")
@@ -425,6 +470,18 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="registry model to serve and follow: models:/<name>@champion (or INSPECTOR_MODEL_URI)",
     )
+    v.add_argument(
+        "--part",
+        dest="parts",
+        action="append",
+        default=None,
+        metavar="[NAME=]SOURCE",
+        help="serve several part types: repeat for each, a bundle folder or models:/<name>@champion, named NAME or "
+        "after the folder or model (or INSPECTOR_PARTS, comma-separated); requests name theirs",
+    )
+    v.add_argument(
+        "--bundles-dir", type=Path, default=None, help="a folder of bundles, each a part type named by its sub-folder"
+    )
     v.add_argument("--tracking-uri", default=None, help="MLflow server, http(s)://host:port (or MLFLOW_TRACKING_URI)")
     v.add_argument(
         "--poll-seconds", type=float, default=None, help="re-resolve the alias every N seconds (default 30; 0: never)"
@@ -452,6 +509,23 @@ def _parser() -> argparse.ArgumentParser:
     _signature_flags(v)
     v.set_defaults(func=cmd_serve)
     return p
+
+
+def _threshold_flags(p: argparse.ArgumentParser) -> None:
+    """The flags of commands that set a threshold on good parts' scores, and their onnxruntime threads."""
+    p.add_argument(
+        "--target-frr", type=float, default=0.01, help="target false-reject rate on good parts (default 0.01)"
+    )
+    p.add_argument(
+        "--promise",
+        choices=PROMISES,
+        default="expected",
+        help="what the target promises: 'expected' (a new good is flagged at most at the target on average), "
+        "'bound' (its 95 %% upper bound is within it), 'point' (at most target x n re-calibration goods flagged)",
+    )
+    p.add_argument(
+        "--threads", type=int, default=None, help="onnxruntime intra-op threads (default: INSPECTOR_THREADS, all cores)"
+    )
 
 
 def _signature_flags(p: argparse.ArgumentParser) -> None:

@@ -200,7 +200,7 @@ def derived_provenance(parent: Bundle, change: dict[str, Any], sources: list[dic
 # --------------------------------------------------------------------------------------------------- orchestration
 
 
-def _read_and_embed(embedder: OnnxEmbedder, paths: Sequence[Path]) -> tuple[Embedded, list[str], list[str | None]]:
+def read_and_embed(embedder: OnnxEmbedder, paths: Sequence[Path]) -> tuple[Embedded, list[str], list[str | None]]:
     """What the model made of the readable images (in order: embeddings, patches on the part, whole-part
     descriptors), every file's sha256 ('' if unreadable) and per-file errors."""
     shas: list[str] = []
@@ -219,11 +219,11 @@ def _read_and_embed(embedder: OnnxEmbedder, paths: Sequence[Path]) -> tuple[Embe
     return embedded, shas, errors
 
 
-def _fail(what: str, problems: list[str]) -> None:
+def refuse(what: str, problems: list[str]) -> None:
     raise ReferencesError(f"{what}; nothing was written:\n  " + "\n  ".join(problems))
 
 
-def _check_out(bundle_path: Path, out_path: Path) -> None:
+def check_new_bundle_path(bundle_path: Path, out_path: Path) -> None:
     if out_path.resolve() == bundle_path.resolve():
         raise ReferencesError(f"{out_path}: the output must be a new bundle, not the input bundle")
     if out_path.exists():
@@ -262,13 +262,13 @@ def add_references(
         raise ReferencesError(f"{len(ids)} ids for {len(paths)} images")
     if bad_paths and not good_paths:
         raise ReferencesError("re-calibration with defective images also needs good images (--recalibrate-good)")
-    _check_out(bundle_path, out_path)
+    check_new_bundle_path(bundle_path, out_path)
     parent = load_bundle(bundle_path)
     mode = parent.mode
     sources = reference_sources(parent)
     embedder = OnnxEmbedder(parent.model_path, parent.spec.preprocessing, threads=threads)
 
-    embedded, shas, errors = _read_and_embed(embedder, paths)
+    embedded, shas, errors = read_and_embed(embedder, paths)
     emb, on_part = embedded.embeddings, embedded.valid
     new_ids = list(ids) if ids is not None else default_ids(paths, shas)
     existing_ids = {s["id"] for s in sources}
@@ -292,11 +292,11 @@ def add_references(
     if skippable and not skip_bad:
         problems = [msg for _, msg in skippable] + problems
     if problems:
-        _fail(f"cannot add references to {bundle_path}", problems)
+        refuse(f"cannot add references to {bundle_path}", problems)
     skip = {i for i, _ in skippable}
     keep = [i for i in range(len(paths)) if i not in skip]
     if not keep:
-        _fail(f"no usable images to add to {bundle_path}", [msg for _, msg in skippable])
+        refuse(f"no usable images to add to {bundle_path}", [msg for _, msg in skippable])
     readable_index = [i for i, e in enumerate(errors) if e is None]
     kept_rows = [readable_index.index(i) for i in keep]
     emb_keep = emb[kept_rows]
@@ -314,7 +314,7 @@ def add_references(
 
     threshold = parent.spec.threshold
     if good_paths:
-        threshold, density = _recalibrate(
+        threshold, density = recalibrate_on_goods(
             embedder,
             parent,
             bank,
@@ -353,7 +353,7 @@ def _descriptor_ids(bundle: Bundle) -> tuple[str, ...]:
     return tuple(ids) if len(ids) == n else (INITIAL_SOURCE,) * n
 
 
-def _recalibrate(
+def recalibrate_on_goods(
     embedder: OnnxEmbedder,
     parent: Bundle,
     bank: np.ndarray,
@@ -368,8 +368,8 @@ def _recalibrate(
     """The threshold for the new references from re-calibration goods (and defects); a bundle that also scores
     whole parts gets both scores' scales re-measured on those goods and its threshold set on the fused score."""
     in_bank = {s["sha256"]: s["id"] for s in sources if s.get("sha256")}
-    good, good_sha, good_err = _read_and_embed(embedder, good_paths)
-    bad, bad_sha, bad_err = _read_and_embed(embedder, bad_paths) if bad_paths else (None, [], [])
+    good, good_sha, good_err = read_and_embed(embedder, good_paths)
+    bad, bad_sha, bad_err = read_and_embed(embedder, bad_paths) if bad_paths else (None, [], [])
     problems = [e for e in good_err + bad_err if e is not None]
     for p, sha in zip(good_paths + bad_paths, good_sha + bad_sha):
         if sha and sha in in_bank:
@@ -379,7 +379,7 @@ def _recalibrate(
     overlap = set(filter(None, good_sha)) & set(filter(None, bad_sha))
     problems += [f"{p}: given as both good and defective" for p, sha in zip(bad_paths, bad_sha) if sha in overlap]
     if problems:
-        _fail("cannot re-calibrate the threshold", problems)
+        refuse("cannot re-calibrate the threshold", problems)
     part_view = density is not None and descriptors is not None
     scorer = Scorer.of(
         bank,
@@ -409,7 +409,7 @@ def remove_references(bundle_path: str | Path, ids: Sequence[str], out_path: str
     bundle_path, out_path = Path(bundle_path), Path(out_path)
     if not ids:
         raise ReferencesError("no reference ids to remove")
-    _check_out(bundle_path, out_path)
+    check_new_bundle_path(bundle_path, out_path)
     parent = load_bundle(bundle_path)
     mode = parent.mode
     bank, new_sources = drop_references(parent.references, reference_sources(parent), ids)

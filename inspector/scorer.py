@@ -287,3 +287,40 @@ class Scorer:
         """The raw views from :meth:`patch_maps` (each map's maximum is the part's patch view) and the descriptors:
         the heatmap and the verdict come from one patch search."""
         return RawScores(np.asarray(maps, dtype=np.float64).max(axis=(1, 2)), self.part_distances(descriptors))
+
+
+def out_of_fold_views(
+    embeddings: np.ndarray,
+    valid: np.ndarray | None,
+    descriptors: np.ndarray | None,
+    rows: np.ndarray,
+    sources: np.ndarray,
+    fold: np.ndarray,
+    scoring: ScoringConfig,
+    part_blocks: Sequence[int] | None = None,
+) -> tuple[PatchTerms, np.ndarray | None]:
+    """Each good part scored against the golden bank less the rows that came from its fold's parts (``sources``:
+    the part each bank row came from; ``fold``: each part's fold), and against the other folds' whole-part Gaussian
+    when ``part_blocks`` and ``descriptors`` are given: what the line's goods will score, for parts that are in the
+    bank. Cross-fitted calibration (folds of capture groups) and a few-shot part (each golden left out) both call it.
+    """
+    n = len(embeddings)
+    worst, typical = np.zeros(n), np.zeros(n)
+    part = np.zeros(n) if part_blocks is not None and descriptors is not None else None
+    folds = np.unique(fold)
+    for f in folds:
+        inside = fold == f
+        kept = rows[~inside[sources]]
+        if not len(kept):
+            raise InspectorError(f"fold {int(f) + 1} of {len(folds)}: every golden-bank row came from its parts")
+        scorer = Scorer.of(
+            kept,
+            scoring,
+            part_references=None if part is None or descriptors is None else descriptors[~inside],
+            part_blocks=part_blocks,
+        )
+        terms = scorer.patch_terms(embeddings[inside], None if valid is None else valid[inside])
+        worst[inside], typical[inside] = terms.worst, terms.typical
+        if part is not None and descriptors is not None:
+            part[inside] = scorer.part_distances(descriptors[inside])
+    return PatchTerms(worst, typical), part

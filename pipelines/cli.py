@@ -168,6 +168,22 @@ def _parser() -> argparse.ArgumentParser:
         "--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else SQLite under runs/)"
     )
 
+    part = sub.add_parser(
+        "new-part",
+        help="a bundle for a new part type from a few golden photos with an existing embedder, registered as its "
+        "own model (one per part type)",
+    )
+    part.add_argument("embedder", help="a bundle folder or a registered version (models:/<name>@champion)")
+    part.add_argument("goldens", nargs="+", help="golden photos of the new part type: files, folders or globs")
+    part.add_argument("--name", required=True, help="the part type: its registered model's name")
+    part.add_argument("--out", required=True, type=Path, help="where the new bundle goes (must not exist)")
+    part.add_argument("--goods", nargs="+", help="extra good photos (not goldens) to set the threshold on")
+    part.add_argument("--target-frr", type=float, default=0.01, help="target false-reject rate (default 0.01)")
+    part.add_argument("--alias", default="challenger", help="alias moved onto the new version (default challenger)")
+    part.add_argument(
+        "--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else SQLite under runs/)"
+    )
+
     serve = sub.add_parser(
         "serve-deployments", help="serve the retraining and promotion deployments (cron schedules) from this host"
     )
@@ -369,6 +385,42 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_new_part(args: argparse.Namespace) -> int:
+    from inspector.cli import expand_paths
+    from pipelines.new_part import register_new_part
+
+    goldens, goods = expand_paths(args.goldens), expand_paths(args.goods or [])
+    missing = goldens.missing + goods.missing
+    if missing:
+        raise FileNotFoundError(f"no such file, folder or matching glob: {', '.join(missing)}")
+    _set_tracking(args.tracking_uri)
+    version = register_new_part(
+        args.embedder,
+        goldens.found,
+        args.out,
+        args.name,
+        goods=goods.found,
+        target_false_reject_rate=args.target_frr,
+        alias=args.alias,
+    )
+    tags = version.tags or {}
+    print(
+        json.dumps(
+            {
+                "part": args.name,
+                "out": str(args.out),
+                "model_uri": f"models:/{args.name}@{args.alias}",
+                "version": version.version,
+                "embedder": tags.get("embedder"),
+                "threshold": tags.get("threshold"),
+                "promise": tags.get("few_shot_promise"),
+            },
+            indent=2,
+        )
+    )
+    return 0
+
+
 def cmd_serve_deployments(args: argparse.Namespace) -> int:
     from pipelines.deployments import DeploymentSettings, serve_deployments
 
@@ -399,6 +451,7 @@ def main(argv: list[str] | None = None) -> int:
             "promote": cmd_promote,
             "rollback": cmd_rollback,
             "serve-deployments": cmd_serve_deployments,
+            "new-part": cmd_new_part,
         }
         return commands[args.command](args)
     except (FileNotFoundError, KeyError, ValueError, GateError, InspectorError) as exc:

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from inspector.engine import Embedded
-from inspector.scorer import PatchTerms, RawScores, Scorer, golden_rows
+from inspector.errors import InspectorError
+from inspector.scorer import PatchTerms, RawScores, golden_rows, out_of_fold_views
 from inspector.scoring import ScoringConfig, patch_mask
 from models.coreset import greedy_coreset
 from pipelines.data.split import grouped_folds
@@ -114,21 +115,8 @@ def out_of_fold(
         raise ValueError(f"{len(groups)} group ids for {len(emb)} good embeddings")
     rows, sources = bank if bank is not None else golden_bank(emb, recipe, valid)
     fold = grouped_folds(groups, ["good"] * len(groups), folds, recipe.seed)
-    worst, typical = np.zeros(len(emb)), np.zeros(len(emb))
-    part = np.zeros(len(emb)) if part_blocks is not None and desc is not None else None
-    for f in range(folds):
-        inside, rest = fold == f, fold != f
-        kept = rows[rest[sources]]
-        if not len(kept):
-            raise ValueError(f"fold {f + 1} of {folds}: every golden-bank row came from its goods; use fewer folds")
-        scorer = Scorer.of(
-            kept,
-            scoring,
-            part_references=None if part is None or desc is None else desc[rest],
-            part_blocks=part_blocks,
-        )
-        terms = scorer.patch_terms(emb[inside], None if valid is None else valid[inside])
-        worst[inside], typical[inside] = terms.worst, terms.typical
-        if part is not None and desc is not None:
-            part[inside] = scorer.part_distances(desc[inside])
-    return OutOfFold(PatchTerms(worst, typical), part, fold)
+    try:
+        terms, part = out_of_fold_views(emb, valid, desc, rows, sources, fold, scoring, part_blocks)
+    except InspectorError as exc:
+        raise ValueError(f"{exc}; use fewer folds") from None
+    return OutOfFold(terms, part, fold)

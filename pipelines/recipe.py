@@ -11,9 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
-import numpy as np
-
-from inspector.preprocess import PreprocessConfig
+from inspector.preprocess import PreprocessConfig, auto_input_size
 from inspector.scoring import ScoringConfig
 from models.backbones import (
     PATCH_READING,
@@ -95,26 +93,6 @@ class Recipe:
                 if k not in ("preprocess", "embedder", "train", "scoring")
             },
         }
-
-
-def auto_input_size(
-    sizes: Sequence[tuple[int, int]], pixels: int, *, multiple: int = 32, max_aspect: float = 2.0
-) -> tuple[int, int]:
-    """Input (height, width) with about ``pixels`` pixels and the median aspect of the images' (width, height).
-
-    Parts photographed portrait stay portrait: letterboxing a 200x512 part into a square wastes most of the input
-    on padding and shrinks its defects. Sides are multiples of ``multiple`` (the embedder's coarsest stride), and
-    the aspect is capped at ``max_aspect`` so one odd dataset cannot ask for a sliver.
-    """
-    if not sizes:
-        raise ValueError("no image sizes to choose an input size from")
-    if pixels < multiple * multiple:
-        raise ValueError(f"input_pixels {pixels} is below one {multiple}x{multiple} cell")
-    aspect = float(np.median([h / w for w, h in sizes]))
-    aspect = min(max(aspect, 1.0 / max_aspect), max_aspect)
-    height = max(multiple, round(math.sqrt(pixels * aspect) / multiple) * multiple)
-    width = max(multiple, round(math.sqrt(pixels / aspect) / multiple) * multiple)
-    return height, width
 
 
 def size_multiple(embedder: EmbedderConfig, *, required: bool = False) -> int:

@@ -14,6 +14,7 @@ import torch
 from benchmarks import (
     batch_scoring,
     decode_resize,
+    few_shot,
     inspector_speed,
     quality,
     score_memory,
@@ -283,3 +284,24 @@ def test_batch_scoring_runs_the_cli_and_a_local_cluster_on_the_same_images(tiny_
 
     if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
         assert figures["gpu"] is None  # said so, never timed
+
+
+def test_few_shot_measures_each_k_on_later_goods(demo_root: Path, tmp_path: Path) -> None:
+    results = few_shot.main(
+        [
+            str(demo_root),
+            f"--out={tmp_path / 'few_shot.json'}",
+            "--shots=1,2,4",
+            "--draws=2",
+            "--test-goods=8",
+            "--test-defects=8",
+            *SMALL_INPUT,
+            *TINY_MODEL,
+        ]
+    )
+    table = results["table"]
+    assert set(table) == {"1", "2", "4"} and all(t["draws"] == 2 for t in table.values())
+    assert "realised_frr" not in table["1"]  # one golden: no threshold, as new-part refuses it
+    assert table["4"]["frr_upper_95"]["mean"] == pytest.approx(1 - 0.05 ** (1 / 4))  # no golden flagged of 4
+    for row in results["rows"]:
+        assert 0.0 <= row["auroc"] <= 1.0 and (row["k"] == 1 or 0.0 <= row["realised_frr"] <= 1.0)

@@ -1,9 +1,11 @@
-"""The production-line HTTP service (FastAPI + uvicorn, one model per process):
-``inspector serve --bundle PATH`` or ``inspector serve --model-uri models:/<name>@champion --tracking-uri URL``.
+"""The production-line HTTP service (FastAPI + uvicorn, one process for one or several part types):
+``inspector serve --bundle PATH``, ``inspector serve --model-uri models:/<name>@champion --tracking-uri URL``, or
+several part types with ``--bundles-dir DIR`` or repeated ``--part [NAME=]SOURCE``.
 
 ```
 POST /v1/score    one or many images (multipart field ``files``, or one raw ``image/*`` body) -> verdicts
 POST /v1/reload   load + verify a bundle or registry model off to the side, then swap it in atomically
+POST /v1/parts/{part}/score, /v1/parts/{part}/reload   the same for one of several part types
 GET  /healthz     the process is alive
 GET  /readyz      200 only while a verified model is loaded (reports its version and the registry's state)
 GET  /metrics     Prometheus text: requests by status, latency, images scored, anomalies, model version, registry
@@ -24,6 +26,7 @@ One concept a module:
 - :mod:`~inspector.service.uploads`: a request's images read, decoded and scored one result each
 - :mod:`~inspector.service.batching`: requests that queue behind a running batch scored together
 - :mod:`~inspector.service.holder`: the model served, swapped in whole
+- :mod:`~inspector.service.parts`: the part types served, each with its own holder and watcher
 - :mod:`~inspector.service.watcher`: following a registry alias, with the cache as fallback
 - :mod:`~inspector.service.metrics`: Prometheus metrics and the middleware that counts requests
 

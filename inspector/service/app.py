@@ -14,11 +14,11 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
-from inspector.errors import InspectorError
 from inspector.service.batching import RequestBatcher
 from inspector.service.holder import LoadedModel, ModelHolder, describe
 from inspector.service.limits import BodyLimitMiddleware
 from inspector.service.metrics import MetricsMiddleware, ServiceMetrics
+from inspector.service.parts import PartSet
 from inspector.service.routes import router
 from inspector.service.settings import ServiceSettings
 from inspector.service.watcher import RegistryWatcher
@@ -27,33 +27,34 @@ log = logging.getLogger("inspector.service")
 
 
 def create_app(settings: ServiceSettings, holder: ModelHolder | None = None) -> FastAPI:
-    """The service for ``settings``; the model is loaded at startup (lifespan) unless ``holder`` already has one."""
+    """The service for ``settings``: one part type (``bundle`` or ``model_uri``) or several (``parts``,
+    ``bundles_dir``), each with its own holder; models are loaded at startup (lifespan) unless already loaded.
+    ``holder``: the one part type's holder, already made."""
     settings.check_source()
-    holder = holder or ModelHolder(settings)
     metrics = ServiceMetrics()
-    holder.on_swap(metrics.model_loaded)
-    watcher = (
-        RegistryWatcher(holder, metrics, settings.model_uri, settings.poll_seconds) if settings.model_uri else None
-    )
+    parts = PartSet.from_settings(settings, metrics, holder)
+    first = parts.first
+    first.holder.on_swap(metrics.model_loaded)  # the unlabelled model gauges: the first (or only) part type
+    watchers = [part.watcher for part in parts if part.watcher is not None]
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        if holder.current is None:
-            await run_in_threadpool(load_initial_model, app)
-        if watcher is not None:
+        await run_in_threadpool(load_initial_model, app)
+        for watcher in watchers:
             watcher.start()
         try:
             yield
         finally:
-            if watcher is not None:
+            for watcher in watchers:
                 await run_in_threadpool(watcher.stop, settings.registry_timeout * 3)
 
     app = FastAPI(title="inspector", summary="Score part images against golden references", lifespan=lifespan)
     app.state.settings = settings
-    app.state.holder = holder
+    app.state.parts = parts
+    app.state.holder = first.holder
     app.state.metrics = metrics
     app.state.batcher = RequestBatcher(settings.combine_images, on_batch=metrics.batch_scored)
-    app.state.watcher = watcher
+    app.state.watcher = first.watcher
     app.include_router(router)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)  # added last = outermost: sees the 413s too
@@ -61,16 +62,15 @@ def create_app(settings: ServiceSettings, holder: ModelHolder | None = None) -> 
 
 
 def load_initial_model(app: FastAPI) -> LoadedModel:
-    """Load the model the settings name (the registry's, with the cache as fallback); count it in the metrics."""
-    holder: ModelHolder = app.state.holder
-    watcher: RegistryWatcher | None = app.state.watcher
+    """Load every part type's model not loaded yet, as the settings name it (the registry's, with the cache as
+    fallback), counted in the metrics; the first part type's model is returned."""
+    parts: PartSet = app.state.parts
     metrics: ServiceMetrics = app.state.metrics
-    try:
-        model = watcher.initial_load() if watcher is not None else holder.load()[1]
-    except InspectorError:
-        metrics.reloads.labels("failed").inc()
-        raise
-    metrics.reloads.labels("ok").inc()
+    for part in parts:
+        if part.holder.current is None:
+            part.load_initial(metrics)
+    model = parts.first.holder.current
+    assert model is not None
     return model
 
 
@@ -91,16 +91,19 @@ def serve(settings: ServiceSettings) -> int:
     _configure_logging(settings.log_level)
     app = create_app(settings)
     model = load_initial_model(app)
+    parts: PartSet = app.state.parts
     if settings.token is None and settings.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s without a bearer token: anyone who can reach it can score and reload", settings.host)
     watcher: RegistryWatcher | None = app.state.watcher
     note = ""
     if watcher is not None and watcher.up is False:
         note = f" (registry unreachable: serving the cached version; {watcher.last_error})"
-    print(
-        f"inspector: serving {describe(model)} from {model.bundle} on http://{settings.host}:{settings.port}{note}",
-        file=sys.stderr,
+    served = (
+        f"{describe(model)} from {model.bundle}"
+        if len(parts) == 1
+        else "part types " + ", ".join(f"{p.name} ({describe(p.holder.current)})" for p in parts if p.holder.current)
     )
+    print(f"inspector: serving {served} on http://{settings.host}:{settings.port}{note}", file=sys.stderr)
     uvicorn.run(
         app,
         host=settings.host,

@@ -13,6 +13,7 @@ from fastapi import Depends, HTTPException, Request
 from inspector.service.batching import RequestBatcher
 from inspector.service.holder import LoadedModel, ModelHolder
 from inspector.service.metrics import ServiceMetrics
+from inspector.service.parts import PartSet
 from inspector.service.settings import ServiceSettings
 from inspector.service.watcher import RegistryWatcher
 
@@ -27,6 +28,10 @@ def get_holder(request: Request) -> ModelHolder:
 
 def get_metrics(request: Request) -> ServiceMetrics:
     return request.app.state.metrics
+
+
+def get_parts(request: Request) -> PartSet:
+    return request.app.state.parts
 
 
 def get_batcher(request: Request) -> RequestBatcher:
@@ -49,5 +54,6 @@ Settings = Annotated[ServiceSettings, Depends(get_settings)]
 Holder = Annotated[ModelHolder, Depends(get_holder)]
 Metrics = Annotated[ServiceMetrics, Depends(get_metrics)]
 Batcher = Annotated[RequestBatcher, Depends(get_batcher)]
+Parts = Annotated[PartSet, Depends(get_parts)]
 Watcher = Annotated[RegistryWatcher | None, Depends(get_watcher)]
 Model = Annotated[LoadedModel, Depends(get_model)]

@@ -30,6 +30,30 @@ from inspector.service.holder import LoadedModel
 FLAG_WINDOW = 1000
 
 
+class FlagWindow:
+    """The share of the last ``FLAG_WINDOW`` verdicts that flagged a part, kept as they come and go (thread-safe)."""
+
+    def __init__(self) -> None:
+        self._flags: deque[bool] = deque(maxlen=FLAG_WINDOW)
+        self._flagged = 0  # how many of ``_flags`` are True (no sum over the window)
+        self._lock = threading.Lock()
+
+    def add(self, flagged: list[bool]) -> float:
+        """Count verdicts in; the rate now (NaN before the first)."""
+        with self._lock:
+            for flag in flagged:
+                if len(self._flags) == FLAG_WINDOW:
+                    self._flagged -= self._flags[0]
+                self._flags.append(flag)
+                self._flagged += flag
+            return self._flagged / len(self._flags) if self._flags else math.nan
+
+    def clear(self) -> None:
+        with self._lock:
+            self._flags.clear()
+            self._flagged = 0
+
+
 class ServiceMetrics:
     """Prometheus metrics in a registry of their own (one per app, so several apps can live in one process)."""
 
@@ -109,9 +133,34 @@ class ServiceMetrics:
             "model's true false-reject rate from its calibration (NaN: not recorded)",
             registry=r,
         )
-        self._flags: deque[bool] = deque(maxlen=FLAG_WINDOW)
-        self._flagged = 0  # how many of ``_flags`` are True, kept as they come and go (no sum over the window)
-        self._flags_lock = threading.Lock()
+        # each part type's own figures (a service of several part types; one label value for a single bundle)
+        self.part_images = Counter("inspector_part_images_scored", "images scored, by part type", ["part"], registry=r)
+        self.part_image_errors = Counter(
+            "inspector_part_image_errors", "images that could not be scored, by part type", ["part"], registry=r
+        )
+        self.part_anomalies = Counter(
+            "inspector_part_anomalies_flagged", "images scored above the threshold, by part type", ["part"], registry=r
+        )
+        self.part_model = Info("inspector_part_model", "the model served for each part type", ["part"], registry=r)
+        self.part_swaps = Counter(
+            "inspector_part_model_swaps", "times a part type's model was replaced by another", ["part"], registry=r
+        )
+        self.part_flag_rate = Gauge(
+            "inspector_part_recent_flag_rate",
+            f"share of each part type's last {FLAG_WINDOW} scored parts flagged (NaN before the first)",
+            ["part"],
+            registry=r,
+        )
+        self.part_frr_upper = Gauge(
+            "inspector_part_false_reject_rate_upper95",
+            "one-sided 95 % bound on each part type's false-reject rate from its calibration (a few-shot part's "
+            "few goods give a wide one; NaN: not recorded)",
+            ["part"],
+            registry=r,
+        )
+        self._flags = FlagWindow()
+        self._part_flags: dict[str, FlagWindow] = {}
+        self._part_loaded: dict[str, int] = {}
         self.recent_flag_rate.set(math.nan)
         self._loaded = 0
 
@@ -124,35 +173,38 @@ class ServiceMetrics:
         """Count the verdicts into the recent flag rate. Why: a camera, lens or lighting change shows up as a flag
         rate far above what the threshold was calibrated for (``calibrated_frr`` plus the line's defect rate) long
         before anyone reads the rejects; an alert on the ratio catches it within one window."""
-        with self._flags_lock:
-            for flag in flagged:
-                if len(self._flags) == FLAG_WINDOW:
-                    self._flagged -= self._flags[0]
-                self._flags.append(flag)
-                self._flagged += flag
-            if self._flags:
-                self.recent_flag_rate.set(self._flagged / len(self._flags))
+        rate = self._flags.add(flagged)
+        if not math.isnan(rate):
+            self.recent_flag_rate.set(rate)
+
+    def part_scored(self, part: str, flagged: list[bool], errors: int) -> None:
+        """One request's figures for its part type: images scored, per-item errors, flags and the part's flag rate."""
+        self.part_images.labels(part).inc(len(flagged))
+        self.part_image_errors.labels(part).inc(errors)
+        self.part_anomalies.labels(part).inc(sum(flagged))
+        rate = self._part_flags.setdefault(part, FlagWindow()).add(flagged)
+        if not math.isnan(rate):
+            self.part_flag_rate.labels(part).set(rate)
+
+    def part_loaded(self, part: str, model: LoadedModel) -> None:
+        """A part type's holder hook: its model info, its calibration bound, a fresh flag rate, a swap counted."""
+        self.part_model.labels(part).info(_model_info(model))
+        self.part_frr_upper.labels(part).set(_detail(model, "frr_upper_95"))
+        self._part_flags.setdefault(part, FlagWindow()).clear()
+        self.part_flag_rate.labels(part).set(math.nan)
+        if self._part_loaded.get(part, 0):
+            self.part_swaps.labels(part).inc()
+        self._part_loaded[part] = self._part_loaded.get(part, 0) + 1
 
     def model_loaded(self, model: LoadedModel) -> None:
         """The holder's hook: ``model`` is now served (its info, calibration gauges, a fresh flag rate)."""
-        self.model.info(
-            {
-                "version": model.version,
-                "bundle": str(model.bundle),
-                "model_uri": model.model_uri or "",
-                "registry_version": model.registry_version or "",
-            }
-        )
+        self.model.info(_model_info(model))
         self.ready.set(1)
         self.served_version.set(version_number(model.registry_version))
-        details = model.inspector.bundle.spec.threshold.details
         for gauge, key in ((self.calibrated_frr, "false_reject_rate"), (self.calibrated_frr_upper, "frr_upper_95")):
-            value = details.get(key)
-            gauge.set(float(value) if isinstance(value, (int, float)) else math.nan)
-        with self._flags_lock:  # a new model's rate starts afresh
-            self._flags.clear()
-            self._flagged = 0
-            self.recent_flag_rate.set(math.nan)
+            gauge.set(_detail(model, key))
+        self._flags.clear()  # a new model's rate starts afresh
+        self.recent_flag_rate.set(math.nan)
         if self._loaded:
             self.swaps.inc()
         self._loaded += 1
@@ -160,6 +212,22 @@ class ServiceMetrics:
     def render(self) -> tuple[bytes, str]:
         """The Prometheus text page and its content type."""
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+def _model_info(model: LoadedModel) -> dict[str, str]:
+    """What ``inspector_model_info`` (and each part type's ``inspector_part_model_info``) says of a model."""
+    return {
+        "version": model.version,
+        "bundle": str(model.bundle),
+        "model_uri": model.model_uri or "",
+        "registry_version": model.registry_version or "",
+    }
+
+
+def _detail(model: LoadedModel, key: str) -> float:
+    """A number the model's threshold recorded from its calibration (NaN where it recorded none)."""
+    value = model.inspector.bundle.spec.threshold.details.get(key)
+    return float(value) if isinstance(value, (int, float)) else math.nan
 
 
 def version_number(version: str | None) -> float:
@@ -172,6 +240,8 @@ def version_number(version: str | None) -> float:
 
 #: Paths that get their own metric label; anything else is counted as "other" (bounded label cardinality).
 ROUTES = ("/v1/score", "/v1/reload", "/healthz", "/readyz", "/metrics")
+#: A part type's routes (``/v1/parts/<part>/score``) are labelled by their template, never by the part's name.
+PART_ROUTES = {"score": "/v1/parts/{part}/score", "reload": "/v1/parts/{part}/reload"}
 
 
 class MetricsMiddleware:
@@ -186,7 +256,7 @@ class MetricsMiddleware:
             await self.app(scope, receive, send)
             return
         path = scope.get("path", "")
-        label = path if path in ROUTES else "other"
+        label = path if path in ROUTES else _part_route(path)
         method = scope.get("method", "")
         status = 500
         start = time.perf_counter()
@@ -202,3 +272,11 @@ class MetricsMiddleware:
         finally:
             self.metrics.requests.labels(method, label, str(status)).inc()
             self.metrics.latency.labels(method, label).observe(time.perf_counter() - start)
+
+
+def _part_route(path: str) -> str:
+    """``/v1/parts/<part>/score`` as its template (bounded label cardinality), anything else ``other``."""
+    pieces = path.split("/")
+    if len(pieces) == 5 and pieces[:3] == ["", "v1", "parts"] and pieces[4] in PART_ROUTES:
+        return PART_ROUTES[pieces[4]]
+    return "other"

@@ -30,6 +30,7 @@ class ScoreResponse(_Model):
     latency_ms: float
     results: list[ImageScore]
     registry_version: str | None = None  # the registry version that scored, when served from the registry
+    part: str | None = None  # the part type scored (the service's only one, or the one the request named)
 
 
 class ErrorResponse(_Model):
@@ -59,6 +60,7 @@ class ReloadRequest(_Model):
     model_uri: str | None = Field(
         None, description="registry model (models:/<name>@<alias> or models:/<name>/<version>)"
     )
+    part: str | None = Field(None, description="the part type to reload (needed where several are served)")
 
 
 class ReloadResponse(_Model):
@@ -94,3 +96,4 @@ class ReadyResponse(_Model):
     model_uri: str | None = None
     registry_version: str | None = None
     registry: RegistryReport | None = None
+    parts: dict[str, str | None] | None = None  # several part types: each one's model version (None: not loaded)

@@ -10,11 +10,33 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 
+from inspector.bundle import MANIFEST
 from inspector.errors import InspectorError
 from inspector.registry import BundleCache, RegistryClient, RegistrySource, default_cache_dir, parse_model_uri
 from inspector.settings import RuntimeSettings
+
+#: what a registry source starts with (anything else is a bundle folder)
+MODEL_URI_PREFIX = "models:/"
+
+
+def part_name(source: str | Path) -> str:
+    """The part type a source serves when not named: a registry model's name, or a bundle folder's name."""
+    text = str(source)
+    if text.startswith(MODEL_URI_PREFIX):
+        return parse_model_uri(text).name
+    return Path(text).name
+
+
+def parse_part(item: str) -> tuple[str, str]:
+    """``NAME=SOURCE`` or a bare SOURCE (a bundle folder or ``models:/<name>@<alias>``) as (name, source)."""
+    name, sep, source = item.partition("=")
+    if sep and not name.startswith(MODEL_URI_PREFIX) and "/" not in name:
+        if not name.strip() or not source.strip():
+            raise InspectorError(f"part {item!r}: give NAME=SOURCE with both sides, or a bare bundle path or URI")
+        return name.strip(), source.strip()
+    return part_name(item.rstrip("/")), item
 
 
 class ServiceSettings(RuntimeSettings):
@@ -37,9 +59,21 @@ class ServiceSettings(RuntimeSettings):
         description="requests queued behind a running batch are scored together, up to this many "
         "images (1: every request alone)",
     )
+    parts: list[str] = Field(
+        default_factory=list,
+        description="several part types, each NAME=SOURCE or a bare SOURCE (a bundle folder, or models:/<name>@champion"
+        " named after its model); env: comma-separated",
+    )
+    bundles_dir: Path | None = Field(None, description="a folder of bundles: each sub-folder a part type, named by it")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+
+    @field_validator("parts", mode="before")
+    @classmethod
+    def _split_parts(cls, value: Any) -> Any:
+        """``INSPECTOR_PARTS=a=/b/a,models:/c@champion``: one string from the environment, split on commas."""
+        return [item.strip() for item in value.split(",") if item.strip()] if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _token_not_blank(self) -> "ServiceSettings":
@@ -57,8 +91,51 @@ class ServiceSettings(RuntimeSettings):
             values["tracking_uri"] = mlflow_uri
         return values | super().environment_values(environ)
 
+    @property
+    def serves_parts(self) -> bool:
+        """Whether this service was asked for several part types (``parts`` or ``bundles_dir``)."""
+        return bool(self.parts) or self.bundles_dir is not None
+
+    def part_sources(self) -> dict[str, str]:
+        """Each part type and where it loads from (a bundle folder or a registry URI), in the order given: the
+        single ``bundle``/``model_uri`` as one part named after it, else ``bundles_dir``'s bundles, then ``parts``."""
+        if not self.serves_parts:
+            source = self.model_uri or (str(self.bundle) if self.bundle is not None else None)
+            return {} if source is None else {part_name(source): source}
+        found: list[tuple[str, str]] = []
+        if self.bundles_dir is not None:
+            if not self.bundles_dir.is_dir():
+                raise InspectorError(f"{self.bundles_dir}: not a folder of bundles (--bundles-dir)")
+            found += [(d.name, str(d)) for d in sorted(self.bundles_dir.iterdir()) if (d / MANIFEST).is_file()]
+            if not found:
+                raise InspectorError(f"{self.bundles_dir}: holds no bundle (no sub-folder with {MANIFEST})")
+        found += [parse_part(item) for item in self.parts]
+        sources: dict[str, str] = {}
+        for name, source in found:
+            if name in sources:
+                raise InspectorError(
+                    f"part type {name!r} is given twice ({sources[name]} and {source}): name them apart"
+                )
+            sources[name] = source
+        return sources
+
+    def for_part(self, source: str) -> "ServiceSettings":
+        """These settings serving one part type's source alone (what its model holder loads from)."""
+        uri = source if source.startswith(MODEL_URI_PREFIX) else None
+        return self.model_copy(
+            update={"bundle": None if uri else Path(source), "model_uri": uri, "parts": [], "bundles_dir": None}
+        )
+
     def check_source(self) -> None:
         """Fail at startup, with a message an operator can act on, when there is nothing we can load."""
+        if self.serves_parts:
+            if self.bundle is not None or self.model_uri is not None:
+                raise InspectorError(
+                    "give either --bundle/--model-uri (one part type) or --part/--bundles-dir, not both"
+                )
+            for source in self.part_sources().values():
+                self.for_part(source).check_source()
+            return
         if self.bundle is not None and self.model_uri is not None:
             raise InspectorError(
                 "give either --bundle or --model-uri, not both (INSPECTOR_BUNDLE / INSPECTOR_MODEL_URI)"

@@ -48,6 +48,8 @@ async def read_uploads(request: Request, settings: ServiceSettings) -> list[Uplo
             else f"malformed multipart body: {exc.detail}"
         )
         return error_response(status, detail)
+    part = form.get("part")  # the part type, for a service of several (the route chooses it)
+    request.state.part = part if isinstance(part, str) else None
     uploads: list[Upload] = []
     try:
         for i, item in enumerate(form.getlist("files")):
