@@ -15,6 +15,8 @@ from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
 from inspector.errors import InspectorError
+from inspector.review.context import open_review
+from inspector.review.pages import router as review_router
 from inspector.service.batching import RequestBatcher
 from inspector.service.holder import LoadedModel, ModelHolder, describe
 from inspector.service.limits import BodyLimitMiddleware
@@ -36,17 +38,23 @@ def create_app(settings: ServiceSettings, holder: ModelHolder | None = None) -> 
         RegistryWatcher(holder, metrics, settings.model_uri, settings.poll_seconds) if settings.model_uri else None
     )
 
+    review = open_review(settings, metrics.registry, token=settings.token) if settings.record else None
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if holder.current is None:
             await run_in_threadpool(load_initial_model, app)
         if watcher is not None:
             watcher.start()
+        if review is not None:
+            review.start()
         try:
             yield
         finally:
             if watcher is not None:
                 await run_in_threadpool(watcher.stop, settings.registry_timeout * 3)
+            if review is not None:
+                await run_in_threadpool(review.stop)
 
     app = FastAPI(title="inspector", summary="Score part images against golden references", lifespan=lifespan)
     app.state.settings = settings
@@ -54,7 +62,9 @@ def create_app(settings: ServiceSettings, holder: ModelHolder | None = None) -> 
     app.state.metrics = metrics
     app.state.batcher = RequestBatcher(settings.combine_images, on_batch=metrics.batch_scored)
     app.state.watcher = watcher
+    app.state.review = review
     app.include_router(router)
+    app.include_router(review_router)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)  # added last = outermost: sees the 413s too
     return app

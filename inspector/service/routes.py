@@ -16,6 +16,7 @@ from starlette.requests import ClientDisconnect
 
 from inspector.errors import InspectorError
 from inspector.registry import RegistryUnreachable
+from inspector.review.hook import record_scored
 from inspector.service.auth import require_token
 from inspector.service.dependencies import Batcher, Holder, Metrics, Model, Settings, Watcher
 from inspector.service.holder import describe
@@ -79,6 +80,7 @@ async def score(
     metrics.image_errors.inc(len(results) - len(scored))
     metrics.anomalies.inc(sum(r.verdict == "anomalous" for r in scored))
     metrics.parts_scored([r.verdict == "anomalous" for r in scored])
+    record_scored(request, model, uploads, results)
     if not scored:
         reasons = "; ".join(r.error or "" for r in results)
         return error_response(422, f"no image could be scored: {reasons}", errors=results, model_version=model.version)

@@ -14,10 +14,10 @@ from pydantic import Field, SecretStr, model_validator
 
 from inspector.errors import InspectorError
 from inspector.registry import BundleCache, RegistryClient, RegistrySource, default_cache_dir, parse_model_uri
-from inspector.settings import RuntimeSettings
+from inspector.review.settings import RecordingSettings
 
 
-class ServiceSettings(RuntimeSettings):
+class ServiceSettings(RecordingSettings):
     """Everything ``inspector serve`` needs; defaults work, env vars (``INSPECTOR_*``) and CLI flags override."""
 
     bundle: Path | None = Field(None, description="bundle directory to serve")
