@@ -119,6 +119,7 @@ class Recorder:
         self._thread: threading.Thread | None = None
         self._last_retention = 0.0
         self._last_log: dict[str, float] = {}
+        self.failed = 0  # parts (or retention passes) that could not be stored, since start
 
     # -------------------------------------------------------------------------------------- the request's side
 
@@ -165,6 +166,7 @@ class Recorder:
     def failure(self, reason: str, message: str) -> None:
         """Count a failure; log it unless this cause was logged within the last minute."""
         self.metrics.failures.labels(reason).inc()
+        self.failed += 1
         now = time.monotonic()
         if now - self._last_log.get(reason, -LOG_EVERY) >= LOG_EVERY:
             self._last_log[reason] = now
