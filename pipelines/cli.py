@@ -163,7 +163,7 @@ def _parser() -> argparse.ArgumentParser:
 
     review = sub.add_parser(
         "review-export",
-        help="reviewed parts from the line: false rejects -> golden references (challenger, gated), defects -> manifest",
+        help="reviewed parts: false rejects -> golden references (a gated challenger), defects -> a manifest",
     )
     review.add_argument("--db", help="review database URL (default: INSPECTOR_RECORD_DB, else the line's SQLite file)")
     review.add_argument("--record-dir", type=Path, help="the line's recording folder (INSPECTOR_RECORD_DIR)")
