@@ -18,11 +18,11 @@ import pytest
 pytest.importorskip("fastapi")
 pytest.importorskip("sqlalchemy")
 
-from inspector.review.estimates import ReviewCounts, line_estimates  # noqa: E402
-from inspector.review.retention import StoredPart, parts_to_purge  # noqa: E402
-from inspector.review.schema import KeptPart  # noqa: E402
-from inspector.review.store import PartFilter, ReviewError, ReviewStore, utcnow  # noqa: E402
-from tests.servers import postgres_cluster, postgres_missing  # noqa: E402
+from inspector.review.estimates import ReviewCounts, line_estimates
+from inspector.review.retention import StoredPart, parts_to_purge
+from inspector.review.schema import KeptPart
+from inspector.review.store import PartFilter, ReviewError, ReviewStore, utcnow
+from tests.servers import postgres_cluster, postgres_missing
 
 TOKEN = "review-secret"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -34,7 +34,9 @@ CHROMEDRIVER = shutil.which("chromedriver")
 
 def test_line_estimates_scale_reviews_to_the_kept_parts() -> None:
     # 100 flagged, half reviewed: 10 of 50 good; 20 passed kept at 2 % (= 1000 parts), 10 reviewed: 1 defect
-    c = ReviewCounts(flagged=100, passed=1000.0, flagged_reviewed=50, flagged_good=10, passed_reviewed=10, passed_defect=1)
+    c = ReviewCounts(
+        flagged=100, passed=1000.0, flagged_reviewed=50, flagged_good=10, passed_reviewed=10, passed_defect=1
+    )
     e = line_estimates(c)
     assert e.false_reject_share == pytest.approx(0.2)
     assert e.false_reject_rate == pytest.approx(20 / (20 + 900))
@@ -209,15 +211,19 @@ def test_retention_purges_old_and_over_budget_files_and_never_the_line_pcs(
     assert {Path(str(cli_store.file_of(p.id, "image"))) for p in cli_store.parts()} == set(line_files)
     from inspector.review.recorder import Recorder
 
-    Recorder(
-        cli_store, passed_rate=1.0, max_age=timedelta(days=1), budget_bytes=0, queue_size=4
-    ).apply_retention(now=utcnow() + timedelta(days=2))
+    Recorder(cli_store, passed_rate=1.0, max_age=timedelta(days=1), budget_bytes=0, queue_size=4).apply_retention(
+        now=utcnow() + timedelta(days=2)
+    )
     assert all(p.is_file() for p in line_files)
     cli_store.close()
 
 
 def test_a_down_database_a_full_disk_or_a_full_queue_never_fail_scoring(
-    tiny_bundle: Path, demo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    tiny_bundle: Path,
+    demo_root: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     from fastapi.testclient import TestClient
 
@@ -272,7 +278,13 @@ def browser() -> Iterator[object]:
     webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (the dev extra)")
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1400,1000"):
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--disable-gpu",
+        "--window-size=1400,1000",
+    ):
         options.add_argument(flag)
     driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=CHROMEDRIVER))
     driver.implicitly_wait(0)
@@ -356,8 +368,9 @@ def test_the_loop_flagged_parts_reviewed_in_chromium_become_a_gated_challenger(
         assert driver.find_elements(By.CSS_SELECTOR, "#plot-hist rect.bin")  # type: ignore[attr-defined]
         body = driver.find_element(By.TAG_NAME, "body")  # type: ignore[attr-defined]
 
-        def decision(i: int) -> str:
-            return str(driver.find_elements(By.CSS_SELECTOR, "article.part .decision")[i].text)  # type: ignore[attr-defined]
+        def decision(i: int) -> str:  # read in one script: a decided card is replaced under Selenium's feet
+            script = "return [...document.querySelectorAll('article.part .decision')].map(e => e.textContent.trim())"
+            return str(driver.execute_script(script)[i])  # type: ignore[attr-defined]
 
         body.send_keys("g")
         _wait(driver, lambda d: decision(0) == "good (false reject)")
@@ -395,8 +408,12 @@ def test_the_loop_flagged_parts_reviewed_in_chromium_become_a_gated_challenger(
             recalibrate_good=recal,
         )
         again = review_loop_flow(
-            settings.database_url(), str(settings.recording_dir()), "line", str(gate.path),
-            work_dir=str(tmp_path / "loop"), tracking_uri=uri,
+            settings.database_url(),
+            str(settings.recording_dir()),
+            "line",
+            str(gate.path),
+            work_dir=str(tmp_path / "loop"),
+            tracking_uri=uri,
         )
     print(f"review -> gated challenger: {outcome['seconds']} s")
     assert outcome["export"]["false_rejects"] == 2 and outcome["export"]["defects"] == 1
