@@ -5,9 +5,9 @@ the line flags parts, a reviewer marks three, the export re-references the champ
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
-import os
 import shutil
 from collections.abc import Iterator
 from datetime import datetime, timedelta
@@ -393,28 +393,22 @@ def test_the_loop_flagged_parts_reviewed_in_chromium_become_a_gated_challenger(
         server.stop()
 
     # 3. the export: two golden references, a labelled defect, a re-referenced challenger, the gate
-    os.environ["PREFECT_HOME"] = str(tmp_path / "prefect")
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect"))
     recal = [str(p) for p in _images(demo_root / "train" / "good", 16)]
+    loop = functools.partial(
+        review_loop_flow,
+        settings.database_url(),
+        str(settings.recording_dir()),
+        "line",
+        str(gate.path),
+        work_dir=str(tmp_path / "loop"),
+        experiment="review-loop",
+        tracking_uri=uri,
+        rules={"min_auroc": 0.0, "max_false_reject_rate": 1.0, "max_escape_rate": 1.0, "auroc_tolerance": 1.0},
+    )
     with prefect_test_harness(server_startup_timeout=120):
-        outcome = review_loop_flow(
-            settings.database_url(),
-            str(settings.recording_dir()),
-            "line",
-            str(gate.path),
-            work_dir=str(tmp_path / "loop"),
-            experiment="review-loop",
-            tracking_uri=uri,
-            rules={"min_auroc": 0.0, "max_false_reject_rate": 1.0, "max_escape_rate": 1.0, "auroc_tolerance": 1.0},
-            recalibrate_good=recal,
-        )
-        again = review_loop_flow(
-            settings.database_url(),
-            str(settings.recording_dir()),
-            "line",
-            str(gate.path),
-            work_dir=str(tmp_path / "loop"),
-            tracking_uri=uri,
-        )
+        outcome = loop(recalibrate_good=recal)
+        again = loop()
     print(f"review -> gated challenger: {outcome['seconds']} s")
     assert outcome["export"]["false_rejects"] == 2 and outcome["export"]["defects"] == 1
     assert outcome["challenger"] == "2" and outcome["decision"]["challenger"]["version"] == "2"
