@@ -140,9 +140,28 @@ def test_store_keeps_parts_decisions_and_their_audit(backend: str, tmp_path: Pat
         store.record_export(max(p.review_id for p in latest), 1, 2, {"challenger": None})
         assert store.reviewed_after(store.last_export_watermark()) == []
         store.close()
+        page_alone(url, tmp_path)
         again = ReviewStore(url, tmp_path)  # the migrations run again on a current schema: nothing changes
         assert len(again.parts()) == 6 and again.last_export_watermark() == max(p.review_id for p in latest)
         again.close()
+
+
+def page_alone(url: str, tmp_path: Path) -> None:
+    """``inspector review``'s app over the same database: the token guards it, the parts are there."""
+    from fastapi.testclient import TestClient
+
+    from inspector.review.pages import create_review_app
+    from inspector.review.settings import RecordingSettings
+
+    settings = RecordingSettings(record_db=url, record_dir=tmp_path, reviewer_token=TOKEN)
+    app = create_review_app(settings)
+    with TestClient(app) as client:
+        assert client.get("/review/api/parts").status_code == 401
+        assert client.post("/review/api/login", json={"reviewer": "ann", "token": "nope"}).status_code == 401
+        assert client.post("/review/api/login", json={"reviewer": "ann", "token": TOKEN}).status_code == 200
+        assert len(client.get("/review/api/parts").json()) == 6  # signed in by cookie now
+        assert client.get("/review/parts/1/image").status_code == 404  # these rows name no file on disk
+        assert app.state.review.recorder is None  # the page alone records nothing
 
 
 # --------------------------------------------------------------------------------------------- recording
