@@ -241,6 +241,9 @@ def serve_settings(args: argparse.Namespace) -> ServiceSettings:
         require_signature=args.require_signature or None,
         public_key=args.public_key,
         combine_images=args.combine_images,
+        record=args.record or None,
+        record_dir=args.record_dir,
+        record_db=args.record_db,
     )
 
 
@@ -500,6 +503,13 @@ def _parser() -> argparse.ArgumentParser:
         "together, up to this many images (default 32; 1: every request alone)",
     )
     v.add_argument("--log-level", default=None, choices=["critical", "error", "warning", "info", "debug"])
+    v.add_argument(
+        "--record",
+        action="store_true",
+        help="keep flagged parts and a sample of passed ones for review at /review (or INSPECTOR_RECORD=1)",
+    )
+    v.add_argument("--record-dir", type=Path, default=None, help="kept images and heatmaps (INSPECTOR_RECORD_DIR)")
+    v.add_argument("--record-db", default=None, help="review database URL (INSPECTOR_RECORD_DB; default SQLite)")
     _signature_flags(v)
     v.set_defaults(func=cmd_serve)
     return p

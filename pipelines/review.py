@@ -11,6 +11,7 @@ who decided what and when, beside the challenger's MLflow run.
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -180,7 +181,9 @@ def review_loop_flow(
 
     start = time.perf_counter()
     rules_obj = GateRules(**(rules or {}))  # bad rules fail before anything is exported
-    work = Path(work_dir).resolve() / time.strftime("%Y%m%dT%H%M%S")
+    root = Path(work_dir).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=time.strftime("%Y%m%dT%H%M%S-"), dir=root))  # one folder per run
     uri = tracking_uri or default_tracking_uri(Path(work_dir).resolve())
     mlflow.set_tracking_uri(uri)
     store = ReviewStore(db_url, Path(record_dir))

@@ -144,6 +144,10 @@ def test_store_keeps_parts_decisions_and_their_audit(backend: str, tmp_path: Pat
         again = ReviewStore(url, tmp_path)  # the migrations run again on a current schema: nothing changes
         assert len(again.parts()) == 6 and again.last_export_watermark() == max(p.review_id for p in latest)
         again.close()
+    with pytest.raises(ReviewError, match="'not a url': cannot be opened"):
+        ReviewStore("not a url", tmp_path)
+    with pytest.raises(ReviewError, match=r"'nosuchdb://app:\*\*\*@host/review': cannot be opened"):
+        ReviewStore("nosuchdb://app:secret@host/review", tmp_path)
 
 
 def page_alone(url: str, tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ folder and are named by path relative to it; an image recorded by path on the li
 from __future__ import annotations
 
 import math
+import re
 import threading
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
@@ -19,6 +20,7 @@ from alembic import command
 from alembic.config import Config
 from pydantic import BaseModel
 from sqlalchemy import Engine, case, create_engine, delete, func, select
+from sqlalchemy.exc import ArgumentError
 from sqlalchemy.orm import Session, aliased
 
 from inspector.errors import InspectorError
@@ -36,6 +38,11 @@ class ReviewError(InspectorError):
 def utcnow() -> datetime:
     """Naive UTC: what every timestamp column holds (SQLite keeps no time zone)."""
     return datetime.now(UTC).replace(tzinfo=None)
+
+
+def hide_password(url: str) -> str:
+    """``postgresql://user:***@host/db``: a URL fit for an error message or a log line."""
+    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
 
 
 def migrate(engine: Engine) -> None:
@@ -124,9 +131,16 @@ class ReviewStore:
         self.root = Path(root)
         self.url = url
         sqlite = url.startswith("sqlite")
-        self.engine = create_engine(
-            url, pool_pre_ping=not sqlite, connect_args={"timeout": 5} if sqlite else {"connect_timeout": 5}
-        )
+        try:
+            self.engine = create_engine(
+                url, pool_pre_ping=not sqlite, connect_args={"timeout": 5} if sqlite else {"connect_timeout": 5}
+            )
+        except (ArgumentError, ImportError) as exc:
+            raise ReviewError(
+                f"review database {hide_password(url)!r}: cannot be opened ({exc}); give a SQLAlchemy URL such as "
+                "sqlite:////var/lib/inspector/review.db or postgresql+psycopg2://user@host/review "
+                "(PostgreSQL needs pip install '.[postgres]')"
+            ) from None
         self._migrated = False
         self._lock = threading.Lock()
 
