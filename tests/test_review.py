@@ -258,6 +258,10 @@ def test_a_down_database_a_full_disk_or_a_full_queue_never_fail_scoring(
     auth = {"Authorization": f"Bearer {TOKEN}"}
     # nothing listens on this port: a real connection refused, every time
     down = f"postgresql+psycopg2://app@127.0.0.1:{free_port()}/review"
+    from inspector.service import ServiceSettings, create_app
+
+    with TestClient(create_app(ServiceSettings(bundle=tiny_bundle, threads=1))) as client:  # recording off
+        assert "start the service with --record" in client.get("/review").json()["detail"]
     app = _recorded_service(tiny_bundle, tmp_path, record_db=down, record_passed=1.0)
     with TestClient(app) as client:
         response = client.post("/v1/score", files=files, headers=auth)

@@ -124,7 +124,8 @@ def database() -> Iterator[None]:
 
 
 @router.get("", response_class=HTMLResponse, include_in_schema=False)
-async def page() -> HTMLResponse:
+async def page(_: Review) -> HTMLResponse:
+    """The page itself (404 with the reason while recording is off); it signs in and loads parts by itself."""
     return HTMLResponse(PAGE.read_text(encoding="utf-8"))
 
 
