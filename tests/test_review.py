@@ -293,6 +293,12 @@ def test_a_down_database_a_full_disk_or_a_full_queue_never_fail_scoring(
     offered = [recorder.keep(inspector, f"p{i}", 0.9, "anomalous", None, b"x", "tiny") for i in range(3)]
     assert offered == [True, False, False]
     assert recorder.metrics.failures.labels("queue_full")._value.get() == dropped + 2
+    # and a queue bounded in image bytes: a burst of large photos is dropped, not held in memory
+    monkeypatch.setattr(recorder_module, "QUEUE_BYTES", 5)
+    roomy = recorder_module.Recorder(
+        recorder.store, passed_rate=1.0, max_age=timedelta(days=1), budget_bytes=10**9, queue_size=10
+    )
+    assert [roomy.keep(inspector, f"p{i}", 0.9, "anomalous", None, b"abc", "tiny") for i in range(2)] == [True, False]
 
 
 # --------------------------------------------------------------------------------------------- the loop, in a browser

@@ -35,6 +35,8 @@ log = logging.getLogger("inspector.review")
 #: how often the writer applies retention (seconds), and how long a cause stays quiet in the log after a line
 RETENTION_EVERY = 60.0
 LOG_EVERY = 60.0
+#: image bytes the queue may hold: a burst of large photos is dropped and counted, never kept in memory unbounded
+QUEUE_BYTES = 256 * 1024 * 1024
 
 
 @dataclass
@@ -119,6 +121,8 @@ class Recorder:
         self._thread: threading.Thread | None = None
         self._last_retention = 0.0
         self._last_log: dict[str, float] = {}
+        self._queued_bytes = 0
+        self._bytes_lock = threading.Lock()
         self.failed = 0  # parts (or retention passes) that could not be stored, since start
 
     # -------------------------------------------------------------------------------------- the request's side
@@ -154,14 +158,28 @@ class Recorder:
         return self.offer(part)
 
     def offer(self, part: ScoredPart) -> bool:
-        """Queue ``part`` for writing without waiting; False (and a counted drop) when the queue is full."""
+        """Queue ``part`` for writing without waiting; False (and a counted drop) when the queue is full, in parts or
+        in image bytes (:data:`QUEUE_BYTES`)."""
+        size = len(part.data or b"")
+        with self._bytes_lock:
+            room = self._queued_bytes + size <= QUEUE_BYTES
+            if room:
+                self._queued_bytes += size
         try:
+            if not room:
+                raise queue.Full
             self._queue.put_nowait(part)
         except queue.Full:
+            if room:
+                self._release(size)
             self.failure("queue_full", f"{part.name}: review queue full, part not kept")
             return False
         self.metrics.queue_depth.set(self._queue.qsize())
         return True
+
+    def _release(self, size: int) -> None:
+        with self._bytes_lock:
+            self._queued_bytes -= size
 
     def failure(self, reason: str, message: str) -> None:
         """Count a failure; log it unless this cause was logged within the last minute."""
@@ -200,6 +218,7 @@ class Recorder:
                 if part is None:
                     return
                 self.write(part)
+                self._release(len(part.data or b""))
                 if time.monotonic() - self._last_retention >= RETENTION_EVERY:
                     self.apply_retention()
             finally:
