@@ -21,6 +21,7 @@ from inspector.calibration import PROMISES
 from inspector.engine import Inspector, ScoreResult
 from inspector.errors import InspectorError
 from inspector.preprocess import IMAGE_SUFFIXES
+from inspector.review.settings import RecordingSettings
 from inspector.settings import RuntimeSettings
 
 if TYPE_CHECKING:
@@ -93,11 +94,12 @@ def cmd_score(args: argparse.Namespace) -> int:
     if not paths:
         print("error: no images to score", file=sys.stderr)
         return EXIT_BAD_INPUT
-    runtime = RuntimeSettings.from_env(
+    runtime = RecordingSettings.from_env(
         threads=args.threads,
         streams=args.streams,
         require_signature=args.require_signature or None,
         public_key=args.public_key,
+        record=args.record or None,
     )
     inspector = Inspector(runtime.trusted_bundle(args.bundle), **runtime.engine_options())
     if args.heatmaps is not None:
@@ -111,6 +113,8 @@ def cmd_score(args: argparse.Namespace) -> int:
     else:
         results = list(_progress(inspector.score_paths(paths), len(paths), not (args.json or args.csv)))
         rows = [r.to_dict() for r in results]
+    if runtime.record:
+        _record(runtime, inspector, results)
     rows += [
         {"path": str(p), "score": None, "threshold": inspector.threshold, "verdict": None, "skipped": why}
         for p, why in scan.skipped
@@ -134,6 +138,41 @@ def cmd_score(args: argparse.Namespace) -> int:
         return EXIT_BAD_INPUT
     if args.fail_on_anomaly and any(r.anomalous for r in results):
         return EXIT_ANOMALY
+    return EXIT_OK
+
+
+def _record(settings: RecordingSettings, inspector: Inspector, results: list[ScoreResult]) -> None:
+    """Keep the flagged files (and a sample of passed ones) by path for review; a failure is a warning only."""
+    try:
+        from inspector.review.context import open_review
+        from inspector.review.hook import record_paths
+    except ImportError as exc:
+        print(f"warning: --record needs the 'serve' extra (sqlalchemy, alembic): {exc}", file=sys.stderr)
+        return
+    review = open_review(settings)
+    assert review.recorder is not None
+    review.start()
+    record_paths(review.recorder, inspector, results)
+    review.stop()
+    if review.recorder.failed:
+        print(f"warning: {review.recorder.failed} part(s) could not be kept for review (see the log)", file=sys.stderr)
+
+
+def cmd_review(args: argparse.Namespace) -> int:
+    """``inspector review``: the review page alone, over the database the line records into."""
+    try:
+        import uvicorn
+
+        from inspector.review.pages import create_review_app
+    except ImportError as exc:
+        print(f"error: `inspector review` needs the 'serve' extra: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    settings = RecordingSettings.from_env(record_db=args.db, record_dir=args.record_dir, reviewer_token=args.token)
+    app = create_review_app(settings)
+    print(
+        f"inspector: review page on http://{args.host}:{args.port}/review ({settings.database_url()})", file=sys.stderr
+    )
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", server_header=False)
     return EXIT_OK
 
 
@@ -204,6 +243,9 @@ def serve_settings(args: argparse.Namespace) -> ServiceSettings:
         combine_images=args.combine_images,
         parts=args.parts,
         bundles_dir=args.bundles_dir,
+        record=args.record or None,
+        record_dir=args.record_dir,
+        record_db=args.record_db,
     )
 
 
@@ -391,8 +433,20 @@ def _parser() -> argparse.ArgumentParser:
         help="batches scored side by side, one core each (default: "
         "INSPECTOR_STREAMS, else --threads or the cores; 1: one batch at a time on all cores)",
     )
+    s.add_argument(
+        "--record",
+        action="store_true",
+        help="keep flagged parts (and a sample of passed ones) by path for review (INSPECTOR_RECORD_* settings)",
+    )
     _signature_flags(s)
     s.set_defaults(func=cmd_score)
+    w = sub.add_parser("review", help="the review page alone, over the line's review database")
+    w.add_argument("--db", default=None, help="SQLAlchemy URL (default: INSPECTOR_RECORD_DB, else the SQLite file)")
+    w.add_argument("--record-dir", type=Path, default=None, help="where kept images are (INSPECTOR_RECORD_DIR)")
+    w.add_argument("--token", default=None, help="reviewer token (prefer INSPECTOR_REVIEWER_TOKEN)")
+    w.add_argument("--host", default="127.0.0.1")
+    w.add_argument("--port", type=int, default=8001)
+    w.set_defaults(func=cmd_review)
     g = sub.add_parser("sign", help="sign a verified bundle with an Ed25519 private key (writes signature.json)")
     g.add_argument("bundle", type=Path)
     g.add_argument("--key", required=True, type=Path, help="Ed25519 private key, PEM (never logged or copied)")
@@ -506,6 +560,13 @@ def _parser() -> argparse.ArgumentParser:
         "together, up to this many images (default 32; 1: every request alone)",
     )
     v.add_argument("--log-level", default=None, choices=["critical", "error", "warning", "info", "debug"])
+    v.add_argument(
+        "--record",
+        action="store_true",
+        help="keep flagged parts and a sample of passed ones for review at /review (or INSPECTOR_RECORD=1)",
+    )
+    v.add_argument("--record-dir", type=Path, default=None, help="kept images and heatmaps (INSPECTOR_RECORD_DIR)")
+    v.add_argument("--record-db", default=None, help="review database URL (INSPECTOR_RECORD_DB; default SQLite)")
     _signature_flags(v)
     v.set_defaults(func=cmd_serve)
     return p

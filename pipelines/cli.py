@@ -161,6 +161,29 @@ def _parser() -> argparse.ArgumentParser:
         help="Ed25519 private key (PEM): sign a challenger that passes, so lines with --require-signature run it",
     )
 
+    review = sub.add_parser(
+        "review-export",
+        help="reviewed parts: false rejects -> golden references (a gated challenger), defects -> a manifest",
+    )
+    review.add_argument("--db", help="review database URL (default: INSPECTOR_RECORD_DB, else the line's SQLite file)")
+    review.add_argument("--record-dir", type=Path, help="the line's recording folder (INSPECTOR_RECORD_DIR)")
+    review.add_argument("--model-name", required=True, help="registered model whose champion gets the references")
+    review.add_argument("--gate-manifest", type=Path, required=True, help="the frozen gate set the challenger faces")
+    review.add_argument("--work-dir", type=Path, default=Path("runs/review"), help="exports and bundles go here")
+    review.add_argument("--experiment", default="parts", help="MLflow experiment of the registration run")
+    review.add_argument(
+        "--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else SQLite under --work-dir)"
+    )
+    review.add_argument("--base-manifest", type=Path, help="training manifest the exported defects are added to")
+    review.add_argument(
+        "--recalibrate-good", nargs="+", default=[], help="more good images to recalibrate on (beside recent passes)"
+    )
+    review.add_argument("--target-frr", type=float, default=0.01, help="false-reject target of the recalibration")
+    review.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="RULE=VALUE", help="gate rule override"
+    )
+    review.add_argument("--json", action="store_true", help="print the outcome as JSON")
+
     rollback = sub.add_parser("rollback", help="move 'champion' back to the previous champion, or to --to VERSION")
     rollback.add_argument("--model-name", required=True)
     rollback.add_argument("--to", dest="to_version", help="version to make champion (default: the previous champion)")
@@ -375,6 +398,40 @@ def cmd_promote(args: argparse.Namespace) -> int:
     return 0 if decision["moved"] else 1
 
 
+def cmd_review_export(args: argparse.Namespace) -> int:
+    from inspector.review.settings import RecordingSettings
+    from pipelines.promotion import GateRules
+    from pipelines.review import review_loop_flow
+
+    recording = RecordingSettings.from_env(record_db=args.db, record_dir=args.record_dir)
+    if not args.gate_manifest.is_file():
+        raise FileNotFoundError(f"{args.gate_manifest}: gate manifest not found")
+    rules = GateRules.from_overrides(args.overrides)
+    outcome = review_loop_flow(
+        recording.database_url(),
+        str(recording.recording_dir()),
+        args.model_name,
+        str(args.gate_manifest.resolve()),
+        work_dir=str(args.work_dir),
+        experiment=args.experiment,
+        tracking_uri=args.tracking_uri,
+        rules=rules.model_dump(exclude_none=True),
+        base_manifest=str(args.base_manifest) if args.base_manifest else None,
+        recalibrate_good=[str(p) for p in args.recalibrate_good],
+        target_frr=args.target_frr,
+    )
+    if args.json:
+        print(json.dumps(outcome, indent=2, default=str))
+    else:
+        e = outcome["export"]
+        print(f"exported {e['false_rejects']} false reject(s), {e['defects']} defect(s); manifest: {e['manifest']}")
+        if outcome["challenger"]:
+            moved = outcome["decision"]["moved"]
+            print(f"challenger v{outcome['challenger']}: {'PROMOTED' if moved else 'REFUSED'} by the gate")
+        print(f"{outcome['seconds']} s from export to decision")
+    return 0
+
+
 def cmd_rollback(args: argparse.Namespace) -> int:
     from pipelines.promotion import rollback
 
@@ -450,6 +507,7 @@ def main(argv: list[str] | None = None) -> int:
             "score-batch": cmd_score_batch,
             "promote": cmd_promote,
             "rollback": cmd_rollback,
+            "review-export": cmd_review_export,
             "serve-deployments": cmd_serve_deployments,
             "new-part": cmd_new_part,
         }

@@ -14,6 +14,8 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
+from inspector.review.context import open_review
+from inspector.review.pages import router as review_router
 from inspector.service.batching import RequestBatcher
 from inspector.service.holder import LoadedModel, ModelHolder, describe
 from inspector.service.limits import BodyLimitMiddleware
@@ -37,16 +39,22 @@ def create_app(settings: ServiceSettings, holder: ModelHolder | None = None) -> 
     first.holder.on_swap(metrics.model_loaded)  # the unlabelled model gauges: the first (or only) part type
     watchers = [part.watcher for part in parts if part.watcher is not None]
 
+    review = open_review(settings, metrics.registry, token=settings.token) if settings.record else None
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await run_in_threadpool(load_initial_model, app)
         for watcher in watchers:
             watcher.start()
+        if review is not None:
+            review.start()
         try:
             yield
         finally:
             for watcher in watchers:
                 await run_in_threadpool(watcher.stop, settings.registry_timeout * 3)
+            if review is not None:
+                await run_in_threadpool(review.stop)
 
     app = FastAPI(title="inspector", summary="Score part images against golden references", lifespan=lifespan)
     app.state.settings = settings
@@ -55,7 +63,9 @@ def create_app(settings: ServiceSettings, holder: ModelHolder | None = None) -> 
     app.state.metrics = metrics
     app.state.batcher = RequestBatcher(settings.combine_images, on_batch=metrics.batch_scored)
     app.state.watcher = first.watcher
+    app.state.review = review
     app.include_router(router)
+    app.include_router(review_router)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)  # added last = outermost: sees the 413s too
     return app

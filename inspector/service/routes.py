@@ -16,6 +16,7 @@ from starlette.requests import ClientDisconnect
 
 from inspector.errors import InspectorError
 from inspector.registry import RegistryUnreachable
+from inspector.review.hook import record_scored
 from inspector.service.auth import require_token
 from inspector.service.batching import RequestBatcher
 from inspector.service.dependencies import Batcher, Holder, Metrics, Parts, Settings, Watcher
@@ -126,6 +127,7 @@ async def _score(
     metrics.anomalies.inc(sum(flagged))
     metrics.parts_scored(flagged)
     metrics.part_scored(served.name, flagged, len(results) - len(scored))
+    record_scored(request, model, uploads, results, served.name if len(parts) > 1 else None)
     if not scored:
         reasons = "; ".join(r.error or "" for r in results)
         return error_response(422, f"no image could be scored: {reasons}", errors=results, model_version=model.version)

@@ -15,7 +15,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from inspector.bundle import MANIFEST
 from inspector.errors import InspectorError
 from inspector.registry import BundleCache, RegistryClient, RegistrySource, default_cache_dir, parse_model_uri
-from inspector.settings import RuntimeSettings
+from inspector.review.settings import RecordingSettings
 
 #: what a registry source starts with (anything else is a bundle folder)
 MODEL_URI_PREFIX = "models:/"
@@ -39,7 +39,7 @@ def parse_part(item: str) -> tuple[str, str]:
     return part_name(item.rstrip("/")), item
 
 
-class ServiceSettings(RuntimeSettings):
+class ServiceSettings(RecordingSettings):
     """Everything ``inspector serve`` needs; defaults work, env vars (``INSPECTOR_*``) and CLI flags override."""
 
     bundle: Path | None = Field(None, description="bundle directory to serve")
