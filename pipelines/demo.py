@@ -40,6 +40,7 @@ def promote_first_version(model_name: str, version: str) -> bool:
 
 def run_demo(workdir: Path, *, seed: int = 0, fast: bool = False) -> dict[str, object]:
     """Run the demo end to end under ``workdir``; returns the summary it prints."""
+    from inspector.bundle import load_bundle
     from pipelines.flows import DataSource, train_flow
 
     t0 = time.perf_counter()
@@ -59,6 +60,7 @@ def run_demo(workdir: Path, *, seed: int = 0, fast: bool = False) -> dict[str, o
     result = train_flow(DataSource(root=str(data_root)), recipe, settings)
     promoted = promote_first_version(settings.model_name, result.model_version)
     m = result.metrics
+    line = load_bundle(result.bundle).spec.provenance["line_model"]
     db = workdir / "mlflow.db"
     summary = {
         "registered_model": f"models:/{settings.model_name}/{result.model_version}",
@@ -70,6 +72,7 @@ def run_demo(workdir: Path, *, seed: int = 0, fast: bool = False) -> dict[str, o
         "false_reject_rate": round(m["test_false_reject_rate"], 4),
         "escape_rate": round(m["test_escape_rate"], 4),
         "per_type_auroc": {k: round(v, 4) for k, v in result.per_type_auroc.items()},
+        "line_model": f"{line['shipped']} ({line['reason']})",
         "mlflow_run": result.run_id,
         "total_seconds": round(time.perf_counter() - t0, 1),
     }

@@ -193,23 +193,34 @@ def test_tampering_with_any_file_of_a_bundle_is_refused_by_name(tiny_bundle: Pat
             load_bundle(copy)
 
 
-def test_every_route_that_changes_state_wants_the_token(tiny_bundle: Path) -> None:
+def test_every_route_that_changes_state_wants_the_token(tiny_bundle: Path, tmp_path: Path) -> None:
     pytest.importorskip("fastapi")
     from fastapi.testclient import TestClient
 
     from inspector.service import ServiceSettings, create_app
 
-    app = create_app(ServiceSettings(bundle=tiny_bundle, threads=1, token="line-7"))
+    settings = ServiceSettings(bundle=tiny_bundle, threads=1, token="line-7", record=True, record_dir=tmp_path)
+    app = create_app(settings)
     changing = [  # every route the app declares that is not a read
         (path, method)
         for path, operations in app.openapi()["paths"].items()
         for method in operations
         if method in ("post", "put", "patch", "delete")
     ]
-    assert {path for path, _ in changing} == {"/v1/score", "/v1/reload"}
+    login = "/review/api/login"  # takes the token in its body, and refuses a wrong one
+    assert {path for path, _ in changing} == {
+        "/v1/score",
+        "/v1/reload",
+        "/v1/parts/{part}/score",
+        "/v1/parts/{part}/reload",
+        "/review/api/parts/{part_id}/review",
+        login,
+    }
     with TestClient(app) as client:
         for path, method in changing:
-            assert client.request(method, path).status_code == 401
-            assert client.request(method, path, headers={"Authorization": "Bearer wrong"}).status_code == 401
+            if path != login:
+                assert client.request(method, path).status_code == 401
+                assert client.request(method, path, headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert client.post(login, json={"reviewer": "qa", "token": "wrong"}).status_code == 401
         ok = client.post("/v1/reload", headers={"Authorization": "Bearer line-7"})
         assert ok.status_code == 200
