@@ -37,11 +37,11 @@ from inspector.density import GaussianDensity
 from inspector.engine import OnnxEmbedder
 from inspector.metrics import roc_auc
 from models.export import export_onnx
-from models.siamese import EmbedderConfig, build_embedder, density_stage_indices
+from models.siamese import EmbedderConfig, build_embedder, density_skip_of, density_stage_indices
 from pipelines.recipe import Recipe
 
 #: (density_stages, density_skip) of each choice measured where the trunk has the stages; the recipe's own first
-CHOICES = ((3, 1), (1, 3), (2, 4))
+CHOICES = ((4, 1), (3, 1), (1, 3), (2, 4))
 
 
 def stage_columns(union: tuple[int, ...], blocks: tuple[int, ...], stages: tuple[int, ...]) -> np.ndarray:
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if base.density_downscales or not base.density_stages:
         raise SystemExit("needs the whole-part view at the input's own scale (density_stages > 0, no downscales)")
     n_stages = len(build_embedder(replace(base, density_stages=0), weights=None).backbone.stages)
-    asked = ((base.density_stages, base.density_skip), *((c, s) for c, s in CHOICES if s < n_stages))
+    asked = ((base.density_stages, density_skip_of(base)), *((c, s) for c, s in CHOICES if s < n_stages))
     choices = {label(density_stage_indices(n_stages, c, s)): (c, s) for c, s in asked}  # same stages: measured once
     stages_of = {name: density_stage_indices(n_stages, c, s) for name, (c, s) in choices.items()}
     union = tuple(sorted({i for st in stages_of.values() for i in st}))

@@ -609,6 +609,26 @@ def pretrained_preprocessing(name: str) -> dict[str, Any]:
     return {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "interpolation": "bilinear"}
 
 
+#: Trunks whose last stage is the 1x1 convolution that widens the features for ImageNet's classifier (EfficientNet's
+#: and MobileNetV3's head conv): the whole-part view leaves it out by default (``EmbedderConfig.density_skip``), as
+#: measured on Lite0 (docs/decisions.md, "The whole-part view leaves the classifier's head conv out").
+CLASSIFIER_HEAD_TRUNKS = frozenset(
+    {
+        "tf_efficientnet_lite0",
+        "tf_efficientnet_lite1",
+        "tf_efficientnet_lite2",
+        "efficientnet_b0",
+        "mobilenet_v3_small",
+        "mobilenet_v3_large",
+    }
+)
+
+
+def head_stages(name: str) -> int:
+    """How many stages at the end of the trunk are its classifier's head conv (0 or 1)."""
+    return int(name in CLASSIFIER_HEAD_TRUNKS)
+
+
 #: How the patch embedder reads the larger trunks by default: their stages (PatchCore's layer2 + layer3; DINOv2's
 #: last block, as AnomalyDINO) and a head as wide as those features, so the untrained head is lossless (see
 #: ``models.siamese.PatchEmbedder``). Other trunks keep the embedder's own defaults.

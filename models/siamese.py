@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.backbones import Backbone, build_backbone, freeze_stages
+from models.backbones import Backbone, build_backbone, freeze_stages, head_stages
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,9 @@ class EmbedderConfig:
     density_stages: int = (
         4  # patch mode: the backbone's last N stages, pooled over the part, describe it whole (0 = off)
     )
-    density_skip: int = 0  # the whole-part view leaves out the trunk's last N stages (they are then never run)
+    # the whole-part view leaves out the trunk's last N stages (then never run); None: its classifier head conv, where
+    # it has one (models.backbones.head_stages)
+    density_skip: int | None = None
     density_downscales: tuple[int, ...] = ()  # the whole-part descriptor also from the input average-pooled k x k
     allow_download: bool = False  # weights="imagenet" not on this machine: fetch it (else a clear error)
 
@@ -87,7 +89,7 @@ class EmbedderConfig:
             raise ValueError(f"learned_weight must be in (0, 1), got {self.learned_weight}")
         if self.density_stages < 0:
             raise ValueError(f"density_stages must be >= 0 (0 = no whole-part descriptor), got {self.density_stages}")
-        if self.density_skip < 0:
+        if self.density_skip is not None and self.density_skip < 0:
             raise ValueError(f"density_skip must be >= 0 (stages left out at the end), got {self.density_skip}")
         object.__setattr__(self, "density_downscales", tuple(int(k) for k in self.density_downscales))
         if any(k < 2 for k in self.density_downscales) or len(set(self.density_downscales)) != len(
@@ -270,6 +272,11 @@ class PatchEmbedder(nn.Module):
         return patches, torch.cat(descriptor, dim=1)
 
 
+def density_skip_of(cfg: EmbedderConfig) -> int:
+    """The stages the whole-part view leaves out at the trunk's end: as set, else the trunk's classifier head conv."""
+    return cfg.density_skip if cfg.density_skip is not None else head_stages(cfg.backbone)
+
+
 def density_stage_indices(n_stages: int, count: int, skip: int = 0) -> tuple[int, ...]:
     """The ``count`` stages that describe the whole part, ending ``skip`` stages before the trunk's last.
 
@@ -392,7 +399,7 @@ def build_embedder(
             learned_weight=cfg.learned_weight,
             density_stages=cfg.density_stages,
             density_downscales=cfg.density_downscales,
-            density_skip=cfg.density_skip,
+            density_skip=density_skip_of(cfg),
         )
     return Embedder(backbone, embedding_dim=cfg.embedding_dim, hidden_dim=cfg.hidden_dim, pooling=cfg.pooling)
 
