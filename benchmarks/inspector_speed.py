@@ -314,9 +314,9 @@ def measure(
     return figures
 
 
-def line_rates(bundle: Path, paths: list[Path], rounds: int) -> dict[str, float]:
-    """Images/s of one bundle on the line: the ORT forward and the golden-bank search of one batch of 32, and end to
-    end (``score_paths`` over ``paths``, batches side by side), measured in turn."""
+def line_measures(bundle: Path, paths: list[Path]) -> dict[str, tuple[Callable[[], object], int]]:
+    """What is timed of one bundle on the line, with the images each call handles: the ORT forward and the
+    golden-bank search of one batch of 32, and end to end (``score_paths`` over ``paths``, batches side by side)."""
     inspector = Inspector.from_bundle(bundle)
     emb = inspector.embedder
     first = paths[:BATCH]
@@ -326,30 +326,26 @@ def line_rates(bundle: Path, paths: list[Path], rounds: int) -> dict[str, float]
     embeddings, _ = emb.run(batch, sizes)
     valid = emb.patch_valid(sizes, embeddings)
     scorer = inspector.scorer
-    return interleaved_rates(
-        {
-            "forward": lambda: emb.run(batch, sizes),
-            "search": lambda: scorer.bank.anomaly_scores(embeddings, scorer.scoring, valid),
-            "end_to_end": lambda: list(inspector.score_paths(paths, chunk=BATCH)),
-        },
-        {"forward": BATCH, "search": BATCH, "end_to_end": len(paths)},
-        rounds,
-    )
+    return {
+        "forward": (lambda: emb.run(batch, sizes), BATCH),
+        "search": (lambda: scorer.bank.anomaly_scores(embeddings, scorer.scoring, valid), BATCH),
+        "end_to_end": (lambda: list(inspector.score_paths(paths, chunk=BATCH)), len(paths)),
+    }
 
 
-def trunk_speed(name: str, recipe: Recipe, parts: dict[str, list[Path]], work: Path, rounds: int) -> dict[str, Any]:
-    """One trunk's FP32 and INT8 line speed and its bank (see the module doc)."""
+def trunk_bundles(name: str, recipe: Recipe, parts: dict[str, list[Path]], work: Path) -> dict[str, Any]:
+    """One trunk's FP32 bundle and its INT8 candidate (see the module doc), and its bank's size."""
     torch.manual_seed(0)
     model = build_embedder(recipe.embedder).eval()
     work.mkdir(parents=True, exist_ok=True)
     fp32 = bundle_of(model, recipe, parts, work / f"{name}_fp32")
-    int8 = int8_candidate(fp32, split_of(parts), recipe, work / f"{name}_int8")
     bank = Inspector.from_bundle(fp32).bundle.references
-    paths = parts["scored"][: len(parts["scored"]) // BATCH * BATCH]
-    figures: dict[str, Any] = {"bank": list(bank.shape), "bank_mb": bank.nbytes / 2**20}
-    for precision, bundle in (("fp32", fp32), ("int8", int8)):
-        figures[precision] = line_rates(bundle, paths, rounds)
-    return figures
+    return {
+        "fp32": fp32,
+        "int8": int8_candidate(fp32, split_of(parts), recipe, work / f"{name}_int8"),
+        "bank": list(bank.shape),
+        "bank_mb": bank.nbytes / 2**20,
+    }
 
 
 def compare_trunks(
@@ -361,18 +357,39 @@ def compare_trunks(
     also: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The recipe's own trunk (its own weights, measured once even when named), the recipe with the ``also``
-    settings, and each other named trunk, as the recipe reads it on a generated weights file; printed as a table
-    with each row's end-to-end ratio to the recipe's FP32."""
+    settings, and each other named trunk, as the recipe reads it on a generated weights file, each in FP32 and
+    INT8; every rate of every row measured in turn in the same rounds, so load from other jobs falls on all alike;
+    printed as a table with each row's end-to-end ratio to the recipe's FP32."""
     base_name = recipe.embedder.backbone
-    rows: dict[str, Any] = {f"{base_name} (recipe)": trunk_speed(base_name, recipe, parts, work / "recipe", rounds)}
+    built: dict[str, dict[str, Any]] = {
+        f"{base_name} (recipe)": trunk_bundles(base_name, recipe, parts, work / "recipe")
+    }
     if also:
         label = ", ".join(f"{k}={v}" for k, v in also.items())
-        rows[label] = trunk_speed(base_name, apply_overrides(recipe, also), parts, work / "also", rounds)
+        built[label] = trunk_bundles(base_name, apply_overrides(recipe, also), parts, work / "also")
     for name in (n for n in names if n != base_name):
         trunk = apply_overrides(
             recipe, {"embedder.backbone": name, "embedder.weights": str(generated_weights(name, work / "weights"))}
         )
-        rows[name] = trunk_speed(name, trunk, parts, work, rounds)
+        built[name] = trunk_bundles(name, trunk, parts, work)
+    paths = parts["scored"][: len(parts["scored"]) // BATCH * BATCH]
+    measures = {
+        (row, precision, what): timed
+        for row, b in built.items()
+        for precision in ("fp32", "int8")
+        for what, timed in line_measures(b[precision], paths).items()
+    }
+    rates = interleaved_rates(
+        {"|".join(k): fn for k, (fn, _) in measures.items()}, {"|".join(k): n for k, (_, n) in measures.items()}, rounds
+    )
+    rows: dict[str, Any] = {
+        row: {
+            "bank": b["bank"],
+            "bank_mb": b["bank_mb"],
+            **{p: {w: rates[f"{row}|{p}|{w}"] for w in ("forward", "search", "end_to_end")} for p in ("fp32", "int8")},
+        }
+        for row, b in built.items()
+    }
     base = next(iter(rows.values()))
     print(
         f"\n{'trunk':<26}{'bank (rows x dim, MB)':>24}  "
