@@ -67,6 +67,10 @@ def forward_rates(configs: dict[str, EmbedderConfig], recipe: Recipe, work: Path
     return interleaved_rates(runs, dict.fromkeys(runs, len(batch)), rounds=rounds)
 
 
+def pooled(k: int) -> str:
+    return f", late stages pooled {k}x{k}" if k > 1 else ""
+
+
 def label(stages: tuple[int, ...]) -> str:
     return "stages " + ",".join(map(str, stages)) if stages else "patch view only"
 
@@ -77,6 +81,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--out", type=Path, default=None, help="write the figures to this JSON file")
     p.add_argument("--draws", type=int, default=10)
     p.add_argument("--rounds", type=int, default=5, help="timed rounds of each forward pass")
+    p.add_argument(
+        "--pool",
+        type=int,
+        default=1,
+        help="also each choice with its late stages on the map pooled k x k (density_pool)",
+    )
     later_goods_arguments(p)
     args = p.parse_args(argv)
     manifest, split, recipe = dataset_of(args)
@@ -92,21 +102,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     work.mkdir(parents=True, exist_ok=True)
 
     configs = {label(()): replace(base, density_stages=0)}
-    configs.update({name: replace(base, density_stages=c, density_skip=s) for name, (c, s) in choices.items()})
+    pools = (base.density_pool, *((args.pool,) if args.pool != base.density_pool else ()))
+    named = {f"{name}{pooled(k)}": (name, k) for k in pools for name in choices}
+    configs.update(
+        {
+            label_k: replace(base, density_stages=choices[name][0], density_skip=choices[name][1], density_pool=k)
+            for label_k, (name, k) in named.items()
+        }
+    )
     rates = forward_rates(configs, recipe, work, args.rounds)
 
     every = replace(base, density_stages=len(union), density_skip=n_stages - 1 - union[-1])
-    goods, defects, embedder = frozen_embedded(manifest, split, replace(recipe, embedder=every), work)
-    assert embedder.density_stages == union
-
-    blocks = tuple(embedder.descriptor_blocks)
-    per_draw: dict[str, list[dict[str, float]]] = {name: [] for name in choices}
-    assert goods.emb.descriptors is not None and defects.emb.descriptors is not None
+    embedded_by = {
+        k: frozen_embedded(manifest, split, replace(recipe, embedder=replace(every, density_pool=k)), work)
+        for k in pools
+    }
+    blocks = tuple(embedded_by[pools[0]][2].descriptor_blocks)
+    per_draw: dict[str, list[dict[str, float]]] = {name: [] for name in named}
     for draw in range(args.draws):
-        later = groups_share(goods.groups, 0.2, np.random.default_rng([args.seed, draw]))
-        for name, stages in stages_of.items():
-            per_draw[name].append(part_view_aurocs(goods, defects, later, union, blocks, stages))
-    default = next(iter(choices))
+        later = groups_share(embedded_by[pools[0]][0].groups, 0.2, np.random.default_rng([args.seed, draw]))
+        for label_k, (name, k) in named.items():
+            goods, defects, _ = embedded_by[k]
+            per_draw[label_k].append(part_view_aurocs(goods, defects, later, union, blocks, stages_of[name]))
+    default = next(iter(named))
     results: dict[str, Any] = {"recipe": recipe.to_dict(), "images_per_second": rates, "choices": {}}
     print(f"\nforward, batch 32 at {recipe.preprocess.height}x{recipe.preprocess.width}, images/s (x the default):")
     for name, rate in rates.items():
@@ -116,7 +134,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "mean [min, max] (difference to the default, paired per draw: mean [min, max]):"
     )
     for name, rows in per_draw.items():
-        summary: dict[str, Any] = {"stages": list(stages_of[name])}
+        summary: dict[str, Any] = {"stages": list(stages_of[named[name][0]]), "pool": named[name][1]}
         for key in rows[0]:
             values = np.array([r[key] for r in rows])
             diff = values - np.array([r[key] for r in per_draw[default]])

@@ -76,6 +76,9 @@ class EmbedderConfig:
     # the whole-part view leaves out the trunk's last N stages (then never run); None: its classifier head conv, where
     # it has one (models.backbones.head_stages)
     density_skip: int | None = None
+    # the whole-part view's stages after the deepest feature stage run on its map average-pooled k x k: k² times
+    # fewer cells through the costliest stages (a CNN trunk only)
+    density_pool: int = 1
     density_downscales: tuple[int, ...] = ()  # the whole-part descriptor also from the input average-pooled k x k
     allow_download: bool = False  # weights="imagenet" not on this machine: fetch it (else a clear error)
 
@@ -89,6 +92,8 @@ class EmbedderConfig:
             raise ValueError(f"learned_weight must be in (0, 1), got {self.learned_weight}")
         if self.density_stages < 0:
             raise ValueError(f"density_stages must be >= 0 (0 = no whole-part descriptor), got {self.density_stages}")
+        if self.density_pool < 1:
+            raise ValueError(f"density_pool must be >= 1 (1 = no pooling), got {self.density_pool}")
         if self.density_skip is not None and self.density_skip < 0:
             raise ValueError(f"density_skip must be >= 0 (stages left out at the end), got {self.density_skip}")
         object.__setattr__(self, "density_downscales", tuple(int(k) for k in self.density_downscales))
@@ -110,6 +115,7 @@ class EmbedderConfig:
         known.setdefault("density_stages", 0)  # nor did they describe the whole part
         known.setdefault("density_downscales", ())  # or did so at the input's own scale only
         known.setdefault("density_skip", 0)  # and ran the trunk to its last stage for it
+        known.setdefault("density_pool", 1)  # at full resolution
         return cls(**known)
 
 
@@ -169,6 +175,7 @@ class PatchEmbedder(nn.Module):
         density_stages: int = 0,
         density_downscales: tuple[int, ...] = (),
         density_skip: int = 0,
+        density_pool: int = 1,
     ) -> None:
         super().__init__()
         stages = list(backbone.stages)
@@ -180,6 +187,10 @@ class PatchEmbedder(nn.Module):
         self.feature_stages = tuple(sorted(feature_stages))
         #: indices of the stages whose pooled statistics form the whole-part descriptor (:meth:`forward_parts`)
         self.density_stages = density_stage_indices(len(stages), density_stages, density_skip)
+        if density_pool > 1 and backbone.patch_size > 1:
+            raise ValueError("density_pool needs a CNN trunk: a vision transformer's tokens are not a map to pool")
+        #: the stages after the deepest feature stage see its map average-pooled this many times (forward_parts)
+        self.density_pool = density_pool if self.density_stages else 1
         #: the descriptor is computed again on the input average-pooled by each of these factors (see forward_parts)
         self.density_downscales = tuple(density_downscales) if self.density_stages else ()
         self.context = context
@@ -217,7 +228,9 @@ class PatchEmbedder(nn.Module):
 
     def _stage_maps(self, x: Tensor, extra: tuple[int, ...] = ()) -> list[Tensor]:
         """The maps of ``feature_stages`` in order, then those of ``extra`` (running only as deep as either needs)."""
-        return stage_maps(x, self.backbone, self.feature_stages + tuple(extra))
+        return stage_maps(
+            x, self.backbone, self.feature_stages + tuple(extra), (max(self.feature_stages), self.density_pool)
+        )
 
     def features(self, x: Tensor) -> Tensor:
         """Fused multi-stage feature map (N, C, h, w) on the coarsest selected grid, with neighbourhood context."""
@@ -291,16 +304,20 @@ def density_stage_indices(n_stages: int, count: int, skip: int = 0) -> tuple[int
     return tuple(range(max(0, end - count), end))
 
 
-def stage_maps(x: Tensor, backbone: Backbone, order: tuple[int, ...]) -> list[Tensor]:
+def stage_maps(x: Tensor, backbone: Backbone, order: tuple[int, ...], pool: tuple[int, int] = (0, 1)) -> list[Tensor]:
     """The output maps (N, C, h, w) of the stages numbered in ``order`` (in that order), running only as deep as the
-    deepest; a vision transformer's token outputs are laid back on its patch grid (``Backbone.feature_map``)."""
+    deepest; a vision transformer's token outputs are laid back on its patch grid (``Backbone.feature_map``).
+    ``pool`` = (stage, k): the stages after that one run on its output average-pooled k x k (partial cells kept)."""
     wanted = set(order)
     size = (int(x.shape[-2]), int(x.shape[-1]))
     found: dict[int, Tensor] = {}
+    after, k = pool
     for i, stage in enumerate(backbone.stages[: max(wanted) + 1]):
         x = stage(x)
         if i in wanted:
             found[i] = backbone.feature_map(x, size)
+        if i == after and k > 1:
+            x = F.avg_pool2d(x, k, ceil_mode=True)
     return [found[i] for i in order]
 
 
@@ -400,6 +417,7 @@ def build_embedder(
             density_stages=cfg.density_stages,
             density_downscales=cfg.density_downscales,
             density_skip=density_skip_of(cfg),
+            density_pool=cfg.density_pool,
         )
     return Embedder(backbone, embedding_dim=cfg.embedding_dim, hidden_dim=cfg.hidden_dim, pooling=cfg.pooling)
 

@@ -310,3 +310,31 @@ def test_quantised_drift_is_measured_on_the_line_s_fused_score(
     assert drift["score_abs_diff_max"] == pytest.approx(np.abs(fp32 - int8).max(), rel=1e-4, abs=1e-6)
     assert drift["verdict_flips"] == int(np.sum((fp32 > parent.threshold) != (int8 > parent.threshold)))
     assert drift["part_view_abs_diff_max"] > 0
+
+
+def test_late_stages_can_run_on_the_pooled_map(tmp_path: Path) -> None:
+    """``density_pool``: the stages after the deepest feature stage run on its map pooled k x k (fewer cells through
+    the costliest stages); the patch embeddings and the earlier stages' statistics stay exactly as they were, the
+    ONNX export computes the same, and configs written before the option read back without it."""
+    cfg = dict(backbone="tiny_cnn", weights=None, feature_stages=(1, 2), embedding_dim=8, density_stages=2)
+    full = build_embedder(EmbedderConfig(**cfg)).eval()
+    pooled = build_embedder(EmbedderConfig(**cfg, density_pool=2)).eval()
+    pooled.load_state_dict(full.state_dict())
+    assert pooled.density_stages == full.density_stages == (2, 3)
+    x = torch.rand(2, 3, 64, 48)
+    placement = torch.tensor([[0.0, 0.0, 48.0, 64.0], [8.0, 0.0, 32.0, 64.0]])
+    with torch.no_grad():
+        emb1, d1 = full.forward_parts(x, placement)
+        emb2, d2 = pooled.forward_parts(x, placement)
+        (stage2,) = stage_maps(x, pooled.backbone, (2,))
+        stage3 = pooled.backbone.stages[3](torch.nn.functional.avg_pool2d(stage2, 2, ceil_mode=True))
+    first = pooled.descriptor_blocks[0]
+    torch.testing.assert_close(emb2, emb1)
+    torch.testing.assert_close(d2[:, :first], d1[:, :first])
+    torch.testing.assert_close(d2[:, first:], pooled_on_part(stage3, placement, (64, 48)))
+    assert not torch.allclose(d2[:, first:], d1[:, first:])
+    path = export_onnx(pooled, tmp_path / "m.onnx", height=64, width=48)
+    assert check_parity(pooled, path, x.numpy(), placement=placement.numpy()) <= 1e-4
+    assert EmbedderConfig.from_dict({"density_stages": 4}).density_pool == 1
+    with pytest.raises(ValueError, match="density_pool"):
+        EmbedderConfig(density_pool=0)
