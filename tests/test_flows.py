@@ -147,6 +147,7 @@ def test_train_flow_trains_with_the_triplet_loss_when_set(
         work_dir=tmp_path / "work", tracking_uri=uri, experiment="triplet", model_name="triplet", baseline=False
     )
     options = ["train.loss=triplet", "train.epochs=1", "epoch_size=16", "preprocess.height=64", "preprocess.width=64"]
+    options.append("line_precision=fp32")  # the loss is the point here; the INT8 candidate: the test above
     options.append(f"embedder.mode={'patch' if mode == 'patch' else 'global'}")
     recipe = apply_overrides(tiny_recipe(), load_overrides(None, options))  # as `pipelines train --set ...` reads them
 

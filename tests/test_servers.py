@@ -139,6 +139,7 @@ def test_retraining_deployment_runs_through_a_real_worker(
             "train.epochs": 1,
             "epoch_size": 16,
             "train.progress": False,
+            "line_precision": "fp32",  # the deployment is the point here; the INT8 candidate is tested in test_flows
         },
     }
     out = _run(
