@@ -161,6 +161,10 @@ def golden_goods(split: DataSplit, recipe: Recipe) -> list[Path]:
     return list(split.train_good)
 
 
+#: where a bundle's model record keeps the whole-part descriptor's blocks (the view may be calibrated off)
+DESCRIPTOR_BLOCKS = "descriptor_blocks"
+
+
 def build_bundle(
     embedder: Embedder | PatchEmbedder | FrozenGlobalEmbedder,
     split: DataSplit,
@@ -193,10 +197,6 @@ def build_bundle(
         return bundle_from_onnx(onnx_path, split, recipe, out, model, provenance or {}, overwrite=overwrite)
     finally:
         onnx_path.unlink(missing_ok=True)
-
-
-#: where a bundle's model record keeps the whole-part descriptor's blocks (the view may be calibrated off)
-DESCRIPTOR_BLOCKS = "descriptor_blocks"
 
 
 def bundle_from_onnx(

@@ -18,6 +18,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from inspector.quantize import QuantizeError
 from pipelines.bundle_building import build_bundle
 from pipelines.data.layouts import scan_dataset
 from pipelines.data.manifest import Manifest, build_manifest, read_manifest, reading_code, write_manifest
@@ -184,8 +185,6 @@ def line_model(
 ) -> tuple[Path, Evaluation, dict[str, Any]]:
     """The run's bundle at ``out``: FP32, or its INT8 copy where that holds FP32's verdicts (pipelines.line_model),
     with the evaluation of the one shipped and the choice."""
-    from inspector.quantize import QuantizeError
-
     evaluations = {"fp32": evaluate_task(fp32, split)}
     paths, refusal = {"fp32": fp32}, None
     if recipe.line_precision != "fp32" and not (refusal := int8_refusal(split, recipe)):

@@ -101,9 +101,10 @@ def choose_line_model(
         reason = refusal or "INT8 not asked for (line_precision=fp32)"
         return {**record, "shipped": "fp32", "reason": reason}
     flips, parts = verdict_flips(fp32, int8)
-    loss = record["fp32"].get("image_auroc", float("nan")) - _at_threshold(int8).get("image_auroc", float("nan"))
+    scored = _at_threshold(int8)
+    loss = record["fp32"].get("image_auroc", float("nan")) - scored.get("image_auroc", float("nan"))
     record.update(
-        int8=_at_threshold(int8),
+        int8=scored,
         auroc_loss=loss,
         verdict_flips=flips,
         parts=parts,
