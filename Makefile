@@ -28,9 +28,10 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 
-# the linters first (CI runs exactly this), then the suite
+# the linters first (CI runs exactly this), then the suite: one test file per worker, a worker per core (at most
+# 4); a file's module fixtures (trained models, servers) stay on one worker
 test: lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --numprocesses=auto --maxprocesses=4 --dist=loadfile
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.train_throughput

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +28,22 @@ import numpy as np
 from PIL import Image
 
 from benchmarks.common import write_json
-from benchmarks.thresholds import Images, dataset_of, frozen_embedded, groups_share, later_goods_arguments, latest_share
+from benchmarks.thresholds import (
+    Images,
+    dataset_of,
+    embed_product,
+    frozen_embedded,
+    groups_share,
+    later_goods_arguments,
+    latest_share,
+)
+from inspector.bundle import load_bundle
+from inspector.engine import OnnxEmbedder
 from inspector.metrics import roc_auc
 from inspector.new_part import few_shot_bank, leave_one_out_threshold
 from inspector.scorer import Scorer
+from pipelines.data.manifest import Manifest
+from pipelines.data.split import DataSplit
 from pipelines.recipe import Recipe
 
 SHOTS = (1, 2, 4, 8, 16)
@@ -48,7 +61,7 @@ def one_draw(
     bank, _, row_golden = few_shot_bank(goldens.emb, scoring, mode, dim, ids, [""] * k)
     row: dict[str, Any] = {"k": k}
     if k >= 2:
-        part_blocks = blocks if k >= 3 and goldens.emb.descriptors is not None else None
+        part_blocks = blocks if k >= 3 and blocks and goldens.emb.descriptors is not None else None
         scorer, threshold = leave_one_out_threshold(
             goldens.emb,
             bank,
@@ -69,6 +82,20 @@ def one_draw(
         row["realised_frr"] = float(np.mean(good > row["threshold"]))
         row["recall"] = float(np.mean(bad > row["threshold"]))
     return row
+
+
+def bundle_embedded(
+    manifest: Manifest, split: DataSplit, recipe: Recipe, bundle_path: Path
+) -> tuple[Images, Images, tuple[int, ...], Recipe]:
+    """Every good and defect embedded by a bundle's embedder at the input size this part type's goods call for (as
+    ``new-part`` does), the bundle's whole-part descriptor blocks (none when it has no whole-part view), and the
+    recipe with the bundle's scoring (the one ``new-part`` keeps)."""
+    bundle = load_bundle(bundle_path)
+    pre = replace(bundle.spec.preprocessing, height=recipe.preprocess.height, width=recipe.preprocess.width)
+    goods, defects = embed_product(OnnxEmbedder(bundle.model_path, pre), manifest, split)
+    density = bundle.spec.density
+    blocks = tuple(density.blocks) if density is not None else ()
+    return goods, defects, blocks, replace(recipe, scoring=bundle.spec.scoring)
 
 
 def spread(values: list[float]) -> dict[str, float]:
@@ -129,6 +156,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--out", type=Path, default=None, help="write the figures to this JSON file")
     p.add_argument("--shots", default=",".join(map(str, SHOTS)), help="golden counts, comma-separated")
     p.add_argument("--draws", type=int, default=3)
+    p.add_argument(
+        "--embedder",
+        type=Path,
+        default=None,
+        help="a bundle whose embedder to use (e.g. one trained on other part types) instead of the frozen trunk",
+    )
     p.add_argument("--test-goods", type=int, default=60, help="later goods scored per draw (at most)")
     p.add_argument("--test-defects", type=int, default=60, help="defects scored per draw (at most)")
     later_goods_arguments(p)
@@ -154,8 +187,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if root is None:
         raise SystemExit("give a dataset root or --demo FOLDER")
     manifest, split, recipe = dataset_of(args, root)
-    goods, defects, embedder = frozen_embedded(manifest, split, recipe, args.out.parent if args.out else Path("runs"))
-    blocks = tuple(embedder.descriptor_blocks)
+    if args.embedder is not None:
+        goods, defects, blocks, recipe = bundle_embedded(manifest, split, recipe, args.embedder)
+    else:
+        goods, defects, frozen = frozen_embedded(manifest, split, recipe, args.out.parent if args.out else Path("runs"))
+        blocks = tuple(frozen.descriptor_blocks)
     rows: list[dict[str, Any]] = []
     shots = [int(k) for k in args.shots.split(",") if k.strip()]
     for draw in range(args.draws):
@@ -172,7 +208,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"  draw {draw + 1} of {args.draws} done", flush=True)
     table = summarise(rows)
     print_table(str(root), table)
-    results = {"root": str(root), "recipe": recipe.to_dict(), "table": table, "rows": rows}
+    embedder = str(args.embedder) if args.embedder else f"frozen {recipe.embedder.backbone}"
+    results = {"root": str(root), "embedder": embedder, "recipe": recipe.to_dict(), "table": table, "rows": rows}
     write_json(args.out, results)
     return results
 

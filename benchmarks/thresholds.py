@@ -281,26 +281,31 @@ def frozen_embedded(
     onnx_path = work / f".frozen-{time.time_ns()}.model.onnx"
     export_onnx(embedder, onnx_path, height=recipe.preprocess.height, width=recipe.preprocess.width)
     try:
-        onnx = OnnxEmbedder(onnx_path, recipe.preprocess)
-        records = manifest.records()
-        t0 = time.perf_counter()
-        goods_r = [r for r in records if r.is_good]
-        bad_r = [r for r in records if not r.is_good]
-        goods = embedded(
-            onnx, [r.path for r in goods_r], split.group_ids([r.path for r in goods_r]), ["good"] * len(goods_r)
-        )
-        defects = embedded(
-            onnx, [r.path for r in bad_r], split.group_ids([r.path for r in bad_r]), [r.defect_type for r in bad_r]
-        )
+        goods, defects = embed_product(OnnxEmbedder(onnx_path, recipe.preprocess), manifest, split)
     finally:
         onnx_path.unlink(missing_ok=True)
-    pre = recipe.preprocess
+    return goods, defects, embedder
+
+
+def embed_product(onnx: OnnxEmbedder, manifest: Manifest, split: DataSplit) -> tuple[Images, Images]:
+    """Every good and every defect of the product embedded by ``onnx``, with their capture groups."""
+    records = manifest.records()
+    t0 = time.perf_counter()
+    goods_r = [r for r in records if r.is_good]
+    bad_r = [r for r in records if not r.is_good]
+    goods = embedded(
+        onnx, [r.path for r in goods_r], split.group_ids([r.path for r in goods_r]), ["good"] * len(goods_r)
+    )
+    defects = embedded(
+        onnx, [r.path for r in bad_r], split.group_ids([r.path for r in bad_r]), [r.defect_type for r in bad_r]
+    )
+    pre = onnx.preprocessing
     print(
         f"{len(goods)} goods, {len(defects)} defects embedded at {pre.height}x{pre.width} in "
         f"{time.perf_counter() - t0:.0f} s; {len(set(goods.groups.tolist()))} good groups",
         flush=True,
     )
-    return goods, defects, embedder
+    return goods, defects
 
 
 def later_goods_arguments(p: argparse.ArgumentParser) -> None:

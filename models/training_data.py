@@ -344,6 +344,40 @@ class PatchPairDataset(_SeededImageDataset):
         return images, masks, torch.tensor([int(src[0]), neg_source]), torch.tensor([GOOD, 1])
 
 
+class PartTypePairs(Dataset):
+    """Several part types' :class:`PatchPairDataset` as one: every item of every type each epoch, the types'
+    sources kept apart (a good of one type never counts as the "same source" as a good of another).
+
+    Each pair stays within its part type (a good and its own defect); the batch mixes types, so the loss's bank of
+    normal patches holds every type's, and an embedder learns what separates a defect from its own part in
+    general, not in one part type. Every type is preprocessed at the same input size (one batch, one tensor).
+    """
+
+    def __init__(self, datasets: Sequence[PatchPairDataset]) -> None:
+        if not datasets:
+            raise ValueError("no part types to train on")
+        self.datasets = list(datasets)
+        self._ends = np.cumsum([len(d) for d in self.datasets])
+        self._good_base = np.r_[0, np.cumsum([len(d.good) for d in self.datasets])][:-1]
+        self._defect_base = np.r_[0, np.cumsum([len(d.defective) for d in self.datasets])][:-1]
+
+    def __len__(self) -> int:
+        return int(self._ends[-1])
+
+    def set_epoch(self, epoch: int) -> None:
+        for d in self.datasets:
+            d.set_epoch(epoch)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} items")
+        t = int(np.searchsorted(self._ends, index, side="right"))
+        start = int(self._ends[t - 1]) if t else 0
+        images, masks, sources, labels = self.datasets[t][index - start]
+        offset = torch.where(sources >= 0, int(self._good_base[t]), -int(self._defect_base[t]))
+        return images, masks, sources + offset, labels
+
+
 def augment_with_mask(
     augment: Augment | None, image: np.ndarray, mask: np.ndarray | None, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:

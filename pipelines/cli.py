@@ -42,6 +42,15 @@ def _parser() -> argparse.ArgumentParser:
     src.add_argument("--good", type=Path, help="folder of good images (with --defective for defect photos)")
     train.add_argument("--defective", type=Path, help="folder of defective images (sub-folders = defect types)")
     train.add_argument(
+        "--also",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="ROOT",
+        help="another part type's dataset root the embedder also trains on (repeatable): an embedder for part types "
+        "it never saw (new-part); the bundle stays --data's part type",
+    )
+    train.add_argument(
         "--config", type=Path, help="JSON or YAML file of recipe settings (nested or dotted keys; --set wins)"
     )
     train.add_argument(
@@ -266,7 +275,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         else DataSource(good=str(args.good), defective=str(args.defective) if args.defective else None)
     )
     settings = _settings(args)
-    result = train_flow(source, recipe, settings)
+    result = train_flow(source, recipe, settings, [DataSource(root=str(root)) for root in args.also] or None)
     print(
         json.dumps(
             {

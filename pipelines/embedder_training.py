@@ -18,7 +18,13 @@ from inspector.preprocess import Preprocessor
 from models.siamese import Embedder, PatchEmbedder, build_embedder
 from models.synthetic import SyntheticDefects
 from models.training import TrainHistory, ValidationData, train
-from models.training_data import Augment, LabelledImageDataset, PatchPairDataset, default_augmentation
+from models.training_data import (
+    Augment,
+    LabelledImageDataset,
+    PartTypePairs,
+    PatchPairDataset,
+    default_augmentation,
+)
 from pipelines.data.split import DataSplit
 from pipelines.recipe import Recipe
 
@@ -83,10 +89,27 @@ def validation_data(split: DataSplit, recipe: Recipe) -> ValidationData | None:
     )
 
 
+def patch_pairs(split: DataSplit, pre: Preprocessor, options: _SamplingOptions) -> PatchPairDataset:
+    """The split's training goods and defects (with their masks) as patch pairs."""
+    defective = [r.path for r in split.train_defective]
+    return PatchPairDataset(
+        split.train_good, defective, pre, defective_masks=[r.mask for r in split.train_defective], **options
+    )
+
+
 def fit_embedder(
-    split: DataSplit, recipe: Recipe, checkpoint_dir: Path | None = None, *, resume: bool = False
+    split: DataSplit,
+    recipe: Recipe,
+    checkpoint_dir: Path | None = None,
+    *,
+    resume: bool = False,
+    also: Sequence[DataSplit] = (),
 ) -> tuple[Embedder | PatchEmbedder, TrainHistory]:
     """Train the Siamese embedder on the split's training images (real defects + synthetic ones).
+
+    ``also``: other part types' splits trained on alongside (:class:`~models.training_data.PartTypePairs`, patch
+    mode), at this split's input size, for an embedder meant to serve part types it never saw (``new-part``);
+    validation, early stopping and ``keep_initial`` stay on this split's part type.
 
     Without any real defect photo (none to train on, none to validate with) the pretrained patch embedder is returned
     untrained unless ``train_without_defect_photos``: on real parts, training against synthetic defects alone *lowered*
@@ -96,9 +119,10 @@ def fit_embedder(
     """
     torch.manual_seed(recipe.seed)
     embedder = build_embedder(recipe.embedder)
+    if also and recipe.embedder.mode != "patch":
+        raise ValueError("training on several part types needs the patch embedder (embedder.mode=patch)")
     if (
-        not split.train_defective
-        and not split.validation_defective
+        not any(s.train_defective or s.validation_defective for s in (split, *also))
         and not recipe.train_without_defect_photos
         and recipe.embedder.mode == "patch"
     ):
@@ -114,15 +138,25 @@ def fit_embedder(
         synthetic=SyntheticDefects(),
         seed=recipe.seed,
     )
-    defective = [r.path for r in split.train_defective]
     pre = Preprocessor(recipe.preprocess)
-    if recipe.embedder.mode == "patch":
-        dataset: Dataset = PatchPairDataset(
-            split.train_good, defective, pre, defective_masks=[r.mask for r in split.train_defective], **common
+    dataset: Dataset
+    if also:  # a part type without defect photos trains on synthetic defects alone, whatever the recipe's share
+        synthetic_only = _SamplingOptions(**{**common, "synthetic_fraction": None})
+        dataset = PartTypePairs(
+            [
+                patch_pairs(s, pre, {**(common if s.train_defective else synthetic_only), "seed": recipe.seed + t})
+                for t, s in enumerate((split, *also))
+            ]
         )
+    elif recipe.embedder.mode == "patch":
+        dataset = patch_pairs(split, pre, common)
     else:
         dataset = LabelledImageDataset(
-            split.train_good, defective, pre, defect_fraction=recipe.defect_fraction, **common
+            split.train_good,
+            [r.path for r in split.train_defective],
+            pre,
+            defect_fraction=recipe.defect_fraction,
+            **common,
         )
     history = train(
         embedder,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -131,14 +132,19 @@ def split_task(manifest: Manifest, recipe: Recipe) -> DataSplit:
 
 
 @task(cache_policy=NO_CACHE)
-def train_task(split: DataSplit, recipe: Recipe, checkpoint_dir: Path) -> tuple[Any, Any]:
-    """The fit, in this process or (``train.devices`` > 1) on that many processes under ``torchrun`` (DDP)."""
+def train_task(
+    split: DataSplit, recipe: Recipe, checkpoint_dir: Path, also: Sequence[DataSplit] = ()
+) -> tuple[Any, Any]:
+    """The fit, in this process or (``train.devices`` > 1) on that many processes under ``torchrun`` (DDP);
+    ``also``: other part types' splits trained on alongside (an embedder for ``new-part``)."""
     if recipe.train.devices > 1:
+        if also:
+            raise ValueError("training on several part types runs in one process: set train.devices=1")
         from pipelines.ddp import fit_distributed
 
         get_run_logger().info("training on %d processes (torchrun, DDP)", recipe.train.devices)
         return fit_distributed(split, recipe, checkpoint_dir)
-    return fit_embedder(split, recipe, checkpoint_dir=checkpoint_dir)
+    return fit_embedder(split, recipe, checkpoint_dir=checkpoint_dir, also=also)
 
 
 @task(cache_policy=NO_CACHE)
@@ -211,9 +217,16 @@ def _float_metrics(evaluation: Evaluation) -> dict[str, float]:
 
 @flow(name="train-inspector", log_prints=True)
 def train_flow(
-    source: DataSource, recipe: Recipe | None = None, settings: PipelineSettings | None = None
+    source: DataSource,
+    recipe: Recipe | None = None,
+    settings: PipelineSettings | None = None,
+    also: list[DataSource] | None = None,
 ) -> TrainResult:
-    """Train, export, calibrate, evaluate and register one model version (alias ``challenger``)."""
+    """Train, export, calibrate, evaluate and register one model version (alias ``challenger``).
+
+    ``also``: other part types whose training images the embedder also learns from (the bundle, its threshold and
+    its evaluation stay this ``source``'s part type); an embedder meant to serve part types it never saw through
+    ``new-part``. Their dataset hashes are tagged on the run (``also_trained_on``)."""
     import mlflow
 
     from pipelines.plots import save_evaluation_plots, save_heatmap_examples
@@ -231,7 +244,10 @@ def train_flow(
         run_dir = work / "training" / run.info.run_id
         manifest_path = write_manifest(manifest, run_dir / "manifest.json")
         split = split_task(manifest, recipe)
-        embedder, history = train_task(split, recipe, run_dir / "checkpoints")
+        others = [
+            ingest_task(o, settings.group_pattern, settings.group_gap, settings.group_by_folder) for o in also or []
+        ]
+        embedder, history = train_task(split, recipe, run_dir / "checkpoints", [split_task(m, recipe) for m in others])
         provenance = {"run_id": run.info.run_id, "dataset_hash": manifest.dataset_hash}
         candidates = run_dir / "candidates"
         fp32 = bundle_task(embedder, split, recipe, candidates / "fp32", provenance, settings.model_name)
@@ -259,6 +275,7 @@ def train_flow(
             tags={
                 "settings": json.dumps(settings.model_dump(mode="json")),
                 **({"calibration_shortfall": note} if (note := calibration_shortfall(bundle)) else {}),
+                **({"also_trained_on": json.dumps([m.dataset_hash for m in others])} if others else {}),
             },
         )
         mlflow.log_artifact(str(scores_path), "evaluation")

@@ -9,6 +9,11 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 # a flow run without an API starts a temporary server; its default 20 s start is tight on a loaded 2-core machine
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
+if worker := os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs files side by side: one Prefect home each
+    import tempfile
+
+    os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix=f"prefect-home-{worker}-"))
+
 import sys
 from collections.abc import Iterator
 from pathlib import Path

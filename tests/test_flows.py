@@ -164,6 +164,40 @@ def test_train_flow_trains_with_the_triplet_loss_when_set(
     assert np.isfinite(history["epochs"][0]["train_loss"])
 
 
+def test_train_cli_also_learns_from_other_part_types_for_new_parts(
+    prefect_harness: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``pipelines train --also ROOT``: the embedder trains on another part type's pairs as well (twice the items per
+    epoch), the bundle stays the first part type's, the run names what else it learnt from, and ``new-part`` serves
+    a third part type from its goldens with that embedder."""
+    from mlflow import MlflowClient
+
+    from inspector.cli import main as inspector_main
+    from pipelines.cli import main
+
+    flanges, wide, ribbed = tmp_path / "flanges", tmp_path / "wide", tmp_path / "third"
+    generate_demo_dataset(flanges, seed=5, n_train_good=16, n_test_good=4, n_test_per_defect=2, height=64, width=64)
+    generate_demo_dataset(wide, seed=6, n_train_good=16, n_test_good=2, n_test_per_defect=1, height=48, width=96)
+    generate_demo_dataset(ribbed, seed=7, n_train_good=6, n_test_good=2, n_test_per_defect=1, height=64, width=64)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    options = ["train.epochs=1", "epoch_size=16", "input_pixels=null", "preprocess.height=64", "preprocess.width=64"]
+    options.append("line_precision=fp32")
+    argv = ["train", "--data", str(flanges), "--also", str(wide), "--tracking-uri", uri, "--no-baseline"]
+    argv += ["--work-dir", str(tmp_path / "work"), "--model-name", "transfer", "--experiment", "transfer"]
+    assert main([*argv, *[a for o in options for a in ("--set", o)]]) == 0
+    out = capsys.readouterr().out
+    summary = json.loads(out[: out.index("\n}\n") + 2])
+    run = MlflowClient(uri).get_run(summary["run_id"])
+    assert len(json.loads(run.data.tags["also_trained_on"])) == 1
+    history = json.loads(Path(run.info.artifact_uri.removeprefix("file://"), "training", "history.json").read_text())
+    assert history["skipped"] is None and history["epochs"][0]["images"] == 2 * 2 * 16  # both part types' pairs
+
+    goldens = sorted((ribbed / "train" / "good").glob("*.png"))
+    new = tmp_path / "third-part"
+    assert inspector_main(["new-part", summary["bundle"], *map(str, goldens), "--out", str(new), "--threads", "1"]) == 0
+    assert load_bundle(new).spec.provenance["new_part"]["embedder"] == load_bundle(summary["bundle"]).model_version
+
+
 def test_failed_run_registers_nothing(prefect_harness: None, tmp_path: Path) -> None:
     """A run that dies after training (here: an impossible bank size, caught while building the bundle) leaves the
     registry untouched and the MLflow run marked FAILED."""

@@ -302,3 +302,67 @@ def test_set_epoch_reaches_persistent_workers(augmented_pairs) -> None:
         expected = list(DataLoader(reference, batch_size=12, num_workers=0))
         for a, b in zip(loader, expected):
             assert all(torch.equal(x, y) for x, y in zip(a, b)), f"epoch {epoch}"
+
+
+# ------------------------------------------------------------------------------------------- several part types
+def test_part_types_keep_their_own_pairs_and_sources_apart(images, tmp_path: Path) -> None:
+    """Each item is a pair of one part type; sources of two types never collide (the loss would take a good of
+    one type for an augmented copy of a good of the other); set_epoch reaches every type."""
+    from models.training_data import PartTypePairs
+
+    good, defective = images
+    other = [_write(tmp_path, f"other_{i}.png", np.full((30, 30, 3), 40 * i + 20, np.uint8)) for i in range(4)]
+    pre = Preprocessor(CONFIG)
+    first = PatchPairDataset(good, defective, pre, synthetic_fraction=0.5, seed=0)
+    second = PatchPairDataset(other, [], pre, seed=1)
+    both = PartTypePairs([first, second])
+    assert len(both) == len(first) + len(second) == 10
+    items = [both[i] for i in range(len(both))]
+    for i in range(len(first)):
+        assert _same(items[i], first[i])  # the first type's items, unchanged
+    sources = [int(s) for _, _, src, lab in items for s, label in zip(src, lab) if label == GOOD]
+    assert set(sources[: len(first)]) <= set(range(len(good)))
+    assert set(sources[len(first) :]) <= set(range(len(good), len(good) + len(other)))
+    for j in range(len(second)):
+        images_j, masks_j, src_j, _ = items[len(first) + j]
+        expected = second[j]
+        assert torch.equal(images_j, expected[0]) and torch.equal(masks_j, expected[1])
+        assert int(src_j[0]) == int(expected[2][0]) + len(good)
+    both.set_epoch(3)
+    assert first.epoch == second.epoch == 3
+    with pytest.raises(IndexError):
+        both[len(both)]
+    with pytest.raises(ValueError, match="no part types"):
+        PartTypePairs([])
+
+
+def test_fit_embedder_learns_from_other_part_types_too(demo_root: Path, tmp_path: Path) -> None:
+    """``also``: the embedder trains on every part type's pairs (more items per epoch), validates on its own."""
+    from dataclasses import replace
+
+    from models.demo_data import generate_demo_dataset
+    from pipelines.data.layouts import scan_dataset
+    from pipelines.data.manifest import build_manifest
+    from pipelines.data.split import SplitFractions, assign_splits
+    from pipelines.embedder_training import fit_embedder
+    from pipelines.recipe import tiny_recipe
+
+    recipe = tiny_recipe()
+    recipe = replace(
+        recipe,
+        preprocess=replace(recipe.preprocess, height=64, width=64),
+        train=replace(recipe.train, epochs=1, batch_size=8, progress=False),
+        epoch_size=16,
+    )
+    other_root = tmp_path / "wide"
+    generate_demo_dataset(other_root, seed=5, n_train_good=12, n_test_good=2, n_test_per_defect=1, height=48, width=96)
+
+    def split_of(root: Path):  # type: ignore[no-untyped-def]
+        return assign_splits(build_manifest(scan_dataset(root=str(root))), SplitFractions.from_recipe(recipe), None)
+
+    _, history = fit_embedder(split_of(demo_root), recipe, also=[split_of(other_root)])
+    assert history.epochs[0].images == 2 * 2 * recipe.epoch_size  # 16 pairs (2 images each) of each part type
+    assert history.epochs[0].val_auroc is not None  # validated on the first part type's own held-out parts
+    image_recipe = replace(recipe, embedder=replace(recipe.embedder, mode="global"))
+    with pytest.raises(ValueError, match="patch embedder"):
+        fit_embedder(split_of(demo_root), image_recipe, also=[split_of(other_root)])
