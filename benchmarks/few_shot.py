@@ -40,7 +40,7 @@ from benchmarks.thresholds import (
 from inspector.bundle import load_bundle
 from inspector.engine import OnnxEmbedder
 from inspector.metrics import roc_auc
-from inspector.new_part import few_shot_bank, leave_one_out_threshold
+from inspector.new_part import few_shot_bank, input_size_choice, leave_one_out_threshold, model_input_size
 from inspector.scorer import Scorer
 from pipelines.data.manifest import Manifest
 from pipelines.data.split import DataSplit
@@ -87,11 +87,14 @@ def one_draw(
 def bundle_embedded(
     manifest: Manifest, split: DataSplit, recipe: Recipe, bundle_path: Path
 ) -> tuple[Images, Images, tuple[int, ...], Recipe]:
-    """Every good and defect embedded by a bundle's embedder at the input size this part type's goods call for (as
-    ``new-part`` does), the bundle's whole-part descriptor blocks (none when it has no whole-part view), and the
-    recipe with the bundle's scoring (the one ``new-part`` keeps)."""
+    """Every good and defect embedded by a bundle's embedder at the input size ``new-part`` would use (the goods'
+    aspect where the export is dynamic, else the bundle's, letterboxed), the bundle's whole-part descriptor blocks
+    (none when it has no whole-part view), and the recipe with the bundle's scoring (the one ``new-part`` keeps)."""
     bundle = load_bundle(bundle_path)
-    pre = replace(bundle.spec.preprocessing, height=recipe.preprocess.height, width=recipe.preprocess.width)
+    fixed = model_input_size(OnnxEmbedder(bundle.model_path, bundle.spec.preprocessing))
+    size = input_size_choice(bundle, fixed, [(e.width, e.height) for e in manifest.entries if e.is_good])
+    print(f"input {size['used'][0]}x{size['used'][1]}: {size['reason']}", flush=True)
+    pre = replace(bundle.spec.preprocessing, height=size["used"][0], width=size["used"][1])
     goods, defects = embed_product(OnnxEmbedder(bundle.model_path, pre), manifest, split)
     density = bundle.spec.density
     blocks = tuple(density.blocks) if density is not None else ()

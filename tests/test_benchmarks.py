@@ -305,3 +305,16 @@ def test_few_shot_measures_each_k_on_later_goods(demo_root: Path, tmp_path: Path
     assert table["4"]["frr_upper_95"]["mean"] == pytest.approx(1 - 0.05 ** (1 / 4))  # no golden flagged of 4
     for row in results["rows"]:
         assert 0.0 <= row["auroc"] <= 1.0 and (row["k"] == 1 or 0.0 <= row["realised_frr"] <= 1.0)
+
+
+def test_few_shot_borrows_a_bundles_embedder_as_new_part_does(
+    demo_root: Path, density_bundle: tuple[Path, dict[str, list[Path]]], tmp_path: Path
+) -> None:
+    """``--embedder BUNDLE``: the bundle's export (fixed at 32x32: the parts letterboxed into it, as ``new-part``
+    keeps it) and its whole-part view, instead of the frozen trunk."""
+    bundle, _ = density_bundle
+    argv = [str(demo_root), "--shots=2,4", "--draws=1", "--test-goods=8", "--test-defects=8", *SMALL_INPUT]
+    results = few_shot.main([*argv, f"--embedder={bundle}"])
+    assert results["embedder"] == str(bundle)
+    assert [r["k"] for r in results["rows"]] == [2, 4]
+    assert all(0.0 <= r["auroc"] <= 1.0 and 0.0 <= r["realised_frr"] <= 1.0 for r in results["rows"])
