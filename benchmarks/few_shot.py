@@ -91,11 +91,15 @@ def bundle_embedded(
     aspect where the export is dynamic, else the bundle's, letterboxed), the bundle's whole-part descriptor blocks
     (none when it has no whole-part view), and the recipe with the bundle's scoring (the one ``new-part`` keeps)."""
     bundle = load_bundle(bundle_path)
-    fixed = model_input_size(OnnxEmbedder(bundle.model_path, bundle.spec.preprocessing))
-    size = input_size_choice(bundle, fixed, [(e.width, e.height) for e in manifest.entries if e.is_good])
+    pre = bundle.spec.preprocessing
+    onnx = OnnxEmbedder(bundle.model_path, pre)
+    size = input_size_choice(
+        bundle, model_input_size(onnx), [(e.width, e.height) for e in manifest.entries if e.is_good]
+    )
     print(f"input {size['used'][0]}x{size['used'][1]}: {size['reason']}", flush=True)
-    pre = replace(bundle.spec.preprocessing, height=size["used"][0], width=size["used"][1])
-    goods, defects = embed_product(OnnxEmbedder(bundle.model_path, pre), manifest, split)
+    if size["used"] != [pre.height, pre.width]:  # a dynamic export: the size the goods' aspect calls for
+        onnx = OnnxEmbedder(bundle.model_path, replace(pre, height=size["used"][0], width=size["used"][1]))
+    goods, defects = embed_product(onnx, manifest, split)
     density = bundle.spec.density
     blocks = tuple(density.blocks) if density is not None else ()
     return goods, defects, blocks, replace(recipe, scoring=bundle.spec.scoring)

@@ -91,10 +91,8 @@ def validation_data(split: DataSplit, recipe: Recipe) -> ValidationData | None:
 
 def patch_pairs(split: DataSplit, pre: Preprocessor, options: _SamplingOptions) -> PatchPairDataset:
     """The split's training goods and defects (with their masks) as patch pairs."""
-    defective = [r.path for r in split.train_defective]
-    return PatchPairDataset(
-        split.train_good, defective, pre, defective_masks=[r.mask for r in split.train_defective], **options
-    )
+    defective, masks = [r.path for r in split.train_defective], [r.mask for r in split.train_defective]
+    return PatchPairDataset(split.train_good, defective, pre, defective_masks=masks, **options)
 
 
 def fit_embedder(
@@ -117,10 +115,10 @@ def fit_embedder(
     cannot tell. With defect photos, ``TrainConfig.keep_initial`` keeps the starting weights unless training beats them
     on the held-out real defects.
     """
-    torch.manual_seed(recipe.seed)
-    embedder = build_embedder(recipe.embedder)
     if also and recipe.embedder.mode != "patch":
         raise ValueError("training on several part types needs the patch embedder (embedder.mode=patch)")
+    torch.manual_seed(recipe.seed)
+    embedder = build_embedder(recipe.embedder)
     if (
         not any(s.train_defective or s.validation_defective for s in (split, *also))
         and not recipe.train_without_defect_photos
@@ -141,22 +139,26 @@ def fit_embedder(
     pre = Preprocessor(recipe.preprocess)
     dataset: Dataset
     if also:  # a part type without defect photos trains on synthetic defects alone, whatever the recipe's share
-        synthetic_only = _SamplingOptions(**{**common, "synthetic_fraction": None})
         dataset = PartTypePairs(
             [
-                patch_pairs(s, pre, {**(common if s.train_defective else synthetic_only), "seed": recipe.seed + t})
+                patch_pairs(
+                    s,
+                    pre,
+                    {
+                        **common,
+                        "seed": recipe.seed + t,
+                        "synthetic_fraction": recipe.synthetic_fraction if s.train_defective else None,
+                    },
+                )
                 for t, s in enumerate((split, *also))
             ]
         )
     elif recipe.embedder.mode == "patch":
         dataset = patch_pairs(split, pre, common)
     else:
+        defective = [r.path for r in split.train_defective]
         dataset = LabelledImageDataset(
-            split.train_good,
-            [r.path for r in split.train_defective],
-            pre,
-            defect_fraction=recipe.defect_fraction,
-            **common,
+            split.train_good, defective, pre, defect_fraction=recipe.defect_fraction, **common
         )
     history = train(
         embedder,
