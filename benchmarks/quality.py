@@ -394,6 +394,8 @@ def print_calibration(name: str, rows: list[dict[str, Any]]) -> None:
             + (
                 f"; scored by the {c['views']} view alone (validation preferred it)"
                 if c["views"] in ("patch", "part")
+                else "; the views fused by the larger (validation preferred it)"
+                if c["views"] == "max"
                 else ""
             )
             + (f"; {c['evidence']} calibration, promise {c['promise']}" if c["evidence"] else "")

@@ -24,11 +24,15 @@ import numpy as np
 
 from inspector.errors import InspectorError
 
-#: how the patch and whole-part scores become one (inspector.scorer): each standardised on the calibration goods,
-#: the larger counts ("max"), or the whole-part view alone decides ("part": where calibration's evidence showed the
-#: patch view only adding noise; the patch view still draws the heatmap)
-COMBINE = "max"
-COMBINES = (COMBINE, "part")
+#: how the patch and whole-part scores become one (inspector.scorer), each standardised on the calibration goods:
+#: their mean (the default: a part off a little in both views counts, and a view that is noise for a product costs
+#: less than under the max), the larger ("max": no part hides behind its good view), or the whole-part view alone
+#: ("part": where calibration's evidence showed the patch view only adding noise; the patch view still draws the
+#: heatmap). Measured on later goods in docs/decisions.md, "Views chosen on the same evidence".
+COMBINE = "mean"
+COMBINES = (COMBINE, "max", "part")
+#: what a bundle that names no rule was fused by (bundles written before the rule was recorded)
+LEGACY_COMBINE = "max"
 
 
 @dataclass(frozen=True)
@@ -156,7 +160,7 @@ class DensitySpec:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DensitySpec:
-        combine = str(data.get("combine", COMBINE))
+        combine = str(data.get("combine", LEGACY_COMBINE))
         if combine not in COMBINES:
             raise ValueError(f"unknown density combine rule {combine!r}: this inspector knows {', '.join(COMBINES)}")
         return cls(

@@ -39,7 +39,8 @@ class ScoreResult:
     model_version: str
     error: str | None = None
     #: with a whole-part score: each view's score in the threshold's units ("patch": the worst patch, "part": the
-    #: whole part); the score is the larger, so they say whether a flag came from a local defect or the whole part
+    #: whole part); the score is their mean (or the larger, as the bundle says), so they say whether a flag came
+    #: from a local defect or the whole part
     views: dict[str, float] | None = None
 
     def to_dict(self) -> dict[str, Any]:

@@ -389,6 +389,8 @@ def recalibrate_on_goods(
     )
     good_raw = scorer.raw(good.embeddings, good.valid, good.descriptors if part_view else None)
     scorer = scorer.fitted_on(good_raw)  # both views' scales re-measured on the goods, against the new references
+    if density is not None:  # the bundle's rule for the views stays: re-calibration moves scales, not the rule
+        scorer = scorer.with_combine(density.combine)
     good_scores = scorer.fuse(good_raw)
     bad_scores = None
     if bad is not None:

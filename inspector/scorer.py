@@ -12,8 +12,8 @@ The stages, each a named method of :class:`Scorer`:
    (:mod:`inspector.density`), when the bundle has one.
 3. **scales** (:meth:`Scorer.standardised`): each view in units of the calibration goods' spread above their median,
    so the two are comparable (:class:`ViewScales`, fitted by :meth:`ViewScales.of_goods`).
-4. **fusion** (:meth:`Scorer.fuse`): the larger of the two standardised views (``combine="max"``), the whole-part
-   view alone (``"part"``), or the patch view alone without a whole-part view.
+4. **fusion** (:meth:`Scorer.fuse`): the mean of the two standardised views (``combine="mean"``), the larger
+   (``"max"``), the whole-part view alone (``"part"``), or the patch view alone without a whole-part view.
 5. **verdict** (:meth:`Scorer.verdicts`): score strictly above the threshold.
 
 Heatmap values (:meth:`Scorer.patch_maps`) are the patch view per patch, in the patch view's raw units, with the
@@ -231,13 +231,15 @@ class Scorer:
         return {PATCH_VIEW: self.scales.patch.standardise(raw.patch), PART_VIEW: self.scales.part.standardise(raw.part)}
 
     def fuse(self, raw: RawScores) -> np.ndarray:
-        """The line's score of each part: the more alarmed standardised view, the whole-part view alone, or the
-        patch view alone (as the bundle's ``combine`` and views say)."""
+        """The line's score of each part: the standardised views' mean or the larger of them, the whole-part view
+        alone, or the patch view alone (as the bundle's ``combine`` and views say)."""
         views = self.standardised(raw)
         if views is None:
             return np.asarray(raw.patch, dtype=np.float64)
         if self.combine == "part":
             return views[PART_VIEW]
+        if self.combine == "mean":
+            return 0.5 * (views[PATCH_VIEW] + views[PART_VIEW])
         return np.maximum(views[PATCH_VIEW], views[PART_VIEW])
 
     def score(
@@ -254,12 +256,14 @@ class Scorer:
 
     @property
     def patch_threshold(self) -> float:
-        """The threshold in the patch view's raw units: the patch distance at which the patch view alone flags a
-        part (heatmaps are drawn against it)."""
+        """The threshold in the patch view's raw units: the patch distance at which a part whose whole-part view
+        sits at the goods' median is flagged (heatmaps are drawn against it; under ``mean`` the patch view carries
+        half the score, so it is twice the threshold above that median)."""
         if not self.fuses:
             return self.threshold
         assert self.scales is not None
-        return self.scales.patch.median + self.threshold * self.scales.patch.spread
+        share = 2.0 if self.combine == "mean" else 1.0
+        return self.scales.patch.median + share * self.threshold * self.scales.patch.spread
 
     def patch_maps(
         self, embeddings: np.ndarray, height: int, width: int, valid: np.ndarray | None = None

@@ -234,9 +234,9 @@ def validation_views(
 
     Always ``patch`` (worst patch, or image distance). For an embedder that describes whole parts, also ``part``
     (Mahalanobis distance to a Gaussian of the references' descriptors) and ``fused``: both standardised on the
-    query goods (the calibration goods, as ``build_bundle`` scales them) and the larger taken, the line's score.
-    Why: the epoch the line keeps must be the one that separates best with the score the line will use; picked by
-    the patch score alone, training was kept where it lowered the fused score (benchmarks/README.md)."""
+    query goods (the calibration goods, as ``build_bundle`` scales them) and fused by the default rule, the
+    line's score. Why: the epoch the line keeps must be the one that separates best with the score the line will
+    use; picked by the patch score alone, training was kept where it lowered the fused score (benchmarks/README.md)."""
     ref_desc = query_desc = None
     part_blocks: tuple[int, ...] | None = None
     if isinstance(embedder, PatchEmbedder) and describes_parts(embedder, data):

@@ -15,7 +15,7 @@ import numpy as np
 
 from inspector.bundle import BundleSpec, Threshold, write_bundle
 from inspector.calibration import calibrate
-from inspector.density import DensitySpec
+from inspector.density import COMBINE, DensitySpec
 from inspector.engine import Embedded, OnnxEmbedder
 from inspector.metrics import roc_auc
 from inspector.preprocess import Preprocessor
@@ -323,7 +323,7 @@ class Evidence:
     defects: np.ndarray | None  # the validation defects' line scores
     choice: dict[str, Any]
     trained: np.ndarray | None = None
-    both_views: Scorer | None = None  # both views fused by the max, before the choice (what each view alone scores)
+    both_views: Scorer | None = None  # both views fused by default, before the choice (what each view alone scores)
 
 
 def scored_evidence(
@@ -407,18 +407,21 @@ def calibrated_scorer(
 
 
 FUSED = "fused"
+#: the views fused by the larger, the alternative to the default fusion (:data:`inspector.density.COMBINE`)
+LARGER = "max"
+#: each choice of views, as the scorer combines them
+VIEW_COMBINES = {FUSED: COMBINE, LARGER: "max", PART_VIEW: "part"}
+#: the choices that replace the default fusion only on clear evidence
+ALTERNATIVES = (PATCH_VIEW, PART_VIEW, LARGER)
 
 
 def view_scores(scorer: Scorer, raw: RawScores) -> dict[str, np.ndarray]:
-    """Each view standardised and the fused score, as :func:`choose_views` weighs them (a scorer with both views)."""
+    """Each view standardised, the default fusion and the larger of the two, as :func:`choose_views` weighs them
+    (a scorer with both views)."""
     views = scorer.standardised(raw)
     if views is None:
         raise ValueError("choosing views needs a scorer with both views and their scales")
-    return {**views, FUSED: scorer.fuse(raw)}
-
-
-#: each choice of views, as the scorer combines them
-VIEW_COMBINES = {FUSED: "max", PART_VIEW: "part"}
+    return {**views, **{v: scorer.with_combine(VIEW_COMBINES[v]).fuse(raw) for v in (FUSED, LARGER)}}
 
 
 def choose_views(
@@ -431,31 +434,35 @@ def choose_views(
     good_groups: Sequence[str] | None = None,
     defective_groups: Sequence[str] | None = None,
 ) -> tuple[str, dict[str, Any]]:
-    """Which views the bundle scores with: both fused by the max (``fused``), unless the held-out defects show one
-    view alone (``patch`` or ``part``) separating them better in at least ``confidence`` of bootstrap resamples of
-    whole capture groups; of two such, the one of higher AUROC. ``good``/``defective``: :func:`view_scores` (the
-    goods' out of fold when calibration is cross-fitted, so every good is evidence).
+    """Which views the bundle scores with: both fused by their mean (``fused``), unless the held-out defects show
+    another choice (one view alone, ``patch`` or ``part``, or the larger of the two, ``max``) separating them better
+    in at least ``confidence`` of bootstrap resamples of whole capture groups; of several such, the one of higher
+    AUROC. ``good``/``defective``: :func:`view_scores` (the goods' out of fold when calibration is cross-fitted, so
+    every good is evidence).
 
     Why fused by default, with a tested override: on defect types no model has seen, the fused score is far better
     (magnetic tiles, leave-one-type-out mean 0.78 → 0.87), and held-out defects of the *seen* types cannot speak for
     those; but where one view is only noise (small local defects on small photos: the generated flanges at 128 px,
     patch 0.936, fused 0.916; textures whose every patch has a golden twin), the validation defects show it and the
-    other view decides alone."""
+    other view decides alone. Why the mean and not the larger: on later goods it was never further below the better
+    view alone and better on the tiles (docs/decisions.md)."""
     if defective is None or not len(defective[FUSED]):
-        return FUSED, {"kept": True, "views": FUSED, "reason": "no validation defects to test it on"}
+        reason = "no validation defects to test it on"
+        return FUSED, {"kept": True, "views": FUSED, "combine": COMBINE, "reason": reason}
     aurocs, wins = bootstrap_wins(
-        {view: (good[view], defective[view]) for view in (FUSED, PATCH_VIEW, PART_VIEW)},
+        {view: (good[view], defective[view]) for view in (FUSED, *ALTERNATIVES)},
         FUSED,
         resamples=resamples,
         seed=seed,
         good_groups=good_groups,
         defective_groups=defective_groups,
     )
-    better = [v for v in (PATCH_VIEW, PART_VIEW) if wins[v] >= confidence]
+    better = [v for v in ALTERNATIVES if wins[v] >= confidence]
     chosen = max(better, key=lambda v: aurocs[v]) if better else FUSED
     return chosen, {
         "kept": chosen != PATCH_VIEW,
         "views": chosen,
+        "combine": VIEW_COMBINES.get(chosen),
         "validation_auroc": aurocs,
-        "wins_over_fused": {v: wins[v] for v in (PATCH_VIEW, PART_VIEW)},
+        "wins_over_fused": {v: wins[v] for v in ALTERNATIVES},
     }

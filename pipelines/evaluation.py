@@ -58,6 +58,13 @@ def calibration_shortfall(bundle: Path) -> str | None:
     return shortfall(load_bundle(bundle).spec.threshold.details)
 
 
+def line_views(bundle: Path) -> str | None:
+    """Which views the bundle scores with, as calibration chose them (``fused``: their mean; ``max``: the larger;
+    ``patch`` or ``part`` alone), or None for a bundle without that choice (no whole-part view to choose)."""
+    views = load_bundle(bundle).spec.threshold.details.get("whole_part_score") or {}
+    return str(views["views"]) if "views" in views else None
+
+
 def threshold_metrics(bundle: Path) -> dict[str, float]:
     """The threshold and what calibration expects of it, as run metrics: the false-reject rate realised on the
     calibration goods and its one-sided 95 % upper bound (the rate the line should expect, with its uncertainty)."""

@@ -31,6 +31,7 @@ from pipelines.evaluation import (
     calibration_record,
     calibration_shortfall,
     evaluate_bundle,
+    line_views,
     pixel_level_auroc,
     threshold_metrics,
 )
@@ -276,6 +277,7 @@ def train_flow(
                 "settings": json.dumps(settings.model_dump(mode="json")),
                 **({"calibration_shortfall": note} if (note := calibration_shortfall(bundle)) else {}),
                 **({"also_trained_on": json.dumps([m.dataset_hash for m in others])} if others else {}),
+                **({"line_views": views} if (views := line_views(bundle)) else {}),
             },
         )
         mlflow.log_artifact(str(scores_path), "evaluation")

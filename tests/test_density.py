@@ -48,7 +48,7 @@ def test_gaussian_refuses_what_it_cannot_fit() -> None:
     assert same.distances(np.ones((1, 3)))[0] == pytest.approx(0.0)
 
 
-def test_fused_score_is_the_more_alarmed_view_in_units_of_the_goods_spread() -> None:
+def test_fused_score_is_the_views_mean_or_the_larger_in_units_of_the_goods_spread() -> None:
     patch_scale, part_scale = (
         ScoreScale.of(np.array([1.0, 2.0, 3.0, 4.0, 5.0])),
         ScoreScale.of(np.array([10.0, 20.0, 30.0])),
@@ -56,8 +56,14 @@ def test_fused_score_is_the_more_alarmed_view_in_units_of_the_goods_spread() -> 
     assert (patch_scale.median, patch_scale.spread) == (3.0, 2.0)
     scorer = Scorer(GoldenBank(np.zeros((1, 2))), ScoringConfig(), scales=ViewScales(patch_scale, part_scale))
     scorer.part_model = GaussianDensity(np.eye(3), [3])  # fusion needs a whole-part view; the raw scores are given
-    fused = scorer.fuse(RawScores(np.array([3.0, 9.0, 3.0]), np.array([20.0, 20.0, 60.0])))
-    np.testing.assert_allclose(fused, [0.0, 3.0, 4.0])
+    raw = RawScores(np.array([3.0, 9.0, 3.0]), np.array([20.0, 20.0, 60.0]))  # standardised: [0, 3, 0], [0, 0, 4]
+    np.testing.assert_allclose(scorer.fuse(raw), [0.0, 1.5, 2.0])
+    np.testing.assert_allclose(scorer.with_combine("max").fuse(raw), [0.0, 3.0, 4.0])
+    np.testing.assert_allclose(scorer.with_combine("part").fuse(raw), [0.0, 0.0, 4.0])
+    spec = scorer.density_spec(["a"] * 3)
+    assert spec is not None and DensitySpec.from_dict(spec.to_dict()).combine == "mean"
+    unnamed = {k: v for k, v in spec.to_dict().items() if k != "combine"}
+    assert DensitySpec.from_dict(unnamed).combine == "max", "a bundle that names no rule was fused by the larger"
     np.testing.assert_allclose(scorer.patch_only().fuse(RawScores(np.array([3.0, 9.0]))), [3.0, 9.0])
 
 
@@ -160,11 +166,15 @@ def test_whole_part_score_finds_parts_whose_every_patch_looks_good(
     np.testing.assert_allclose(fused, inspector.score_embeddings(emb.embeddings, emb.valid, emb.descriptors))
     with pytest.raises(InspectorError, match="descriptors"):
         inspector.score_embeddings(emb.embeddings, emb.valid)
-    # the heatmap colour scale is the patch distance at which the patch view alone would flag
+    # the heatmap colour scale is the patch distance that flags a part whose whole-part view is the goods' median:
+    # under the views' mean, twice the threshold above the patch view's median
     spec = inspector.bundle.spec.density
+    assert spec.combine == "mean"
     assert inspector.patch_threshold == pytest.approx(
-        spec.patch_scale.median + inspector.threshold * spec.patch_scale.spread
+        spec.patch_scale.median + 2 * inspector.threshold * spec.patch_scale.spread
     )
+    larger = inspector.scorer.with_combine("max")
+    assert larger.patch_threshold == pytest.approx(spec.patch_scale.median + larger.threshold * spec.patch_scale.spread)
 
 
 def test_density_bundle_round_trip_and_tampering(
@@ -238,14 +248,14 @@ def test_each_verdict_says_which_view_flagged_it(
     results = Inspector.from_bundle(bundle_path).score(files["good"][:2] + files["patchy"][:2])
     for r in results:
         assert r.views is not None and set(r.views) == {"patch", "part"}
-        assert r.score == pytest.approx(max(r.views.values()))
+        assert r.score == pytest.approx(np.mean(list(r.views.values())))  # the bundle fuses by the mean
     assert all(r.views["part"] > r.views["patch"] for r in results[2:])  # a patchy part is off as a whole
     main(["score", *map(str, files["patchy"][:2]), "--bundle", str(bundle_path), "--json"])
     rows = json.loads(capsys.readouterr().out)
     assert len(rows) == 2 and all(set(row["views"]) == {"patch", "part"} for row in rows)
     main(["check", str(bundle_path)])
     check = json.loads(capsys.readouterr().out)
-    assert check["whole_part_score"]["references"] == 40 and check["whole_part_score"]["combine"] == "max"
+    assert check["whole_part_score"]["references"] == 40 and check["whole_part_score"]["combine"] == "mean"
 
 
 def test_a_view_decides_alone_only_when_held_out_defects_clearly_prefer_it() -> None:
@@ -254,7 +264,7 @@ def test_a_view_decides_alone_only_when_held_out_defects_clearly_prefer_it() -> 
     rng = np.random.default_rng(0)
 
     def views(patch: np.ndarray, part: np.ndarray) -> dict[str, np.ndarray]:
-        return {"patch": patch, "part": part, "fused": np.maximum(patch, part)}
+        return {"patch": patch, "part": part, "fused": 0.5 * (patch + part), "max": np.maximum(patch, part)}
 
     sharp_good, sharp_bad = rng.normal(0, 1, 60), rng.normal(4, 1, 30)  # a view that separates well
     noise_good, noise_bad = rng.normal(0, 3, 60), rng.normal(0.5, 3, 30)  # a view that is only noise
@@ -266,6 +276,13 @@ def test_a_view_decides_alone_only_when_held_out_defects_clearly_prefer_it() -> 
     twin_good, twin_bad = sharp_good + 0.01 * rng.normal(size=60), sharp_bad + 0.01 * rng.normal(size=30)
     assert choose_views(views(sharp_good, twin_good), views(sharp_bad, twin_bad))[0] == "fused", "a tie: the default"
     assert choose_views(views(sharp_good, noise_good), None)[0] == "fused", "no validation defects: the default"
+    # defects of two kinds, each seen by one view only: the mean halves each, the larger keeps it
+    goods = rng.normal(0, 1, (2, 200))
+    kind = np.arange(100) < 50
+    bad_patch = np.where(kind, rng.normal(4, 1, 100), rng.normal(0, 1, 100))
+    bad_part = np.where(kind, rng.normal(0, 1, 100), rng.normal(4, 1, 100))
+    chosen, info = choose_views(views(*goods), views(bad_patch, bad_part))
+    assert chosen == "max" and info["combine"] == "max" and info["wins_over_fused"]["max"] >= 0.95
     few_good, few_bad = views(sharp_good[:8], noise_good[:8]), views(sharp_bad[:2], noise_bad[:2])
     chosen, info = choose_views(few_good, few_bad)
     assert (chosen == "fused") == all(w < 0.95 for w in info["wins_over_fused"].values())
@@ -286,6 +303,8 @@ def test_a_bundle_scored_by_its_whole_part_view_alone_scores_so_on_the_line(
     results = inspector.score(images["good"][:3])
     assert all(r.score == pytest.approx(r.views["part"], abs=1e-6) for r in results)
     assert Scorer.from_bundle(load_bundle(out)).combine == "part"
+    grown = add_references(out, images["more"], tmp_path / "grown", recalibrate_good=images["cal"])
+    assert load_bundle(grown).spec.density.combine == "part", "re-calibration re-measures scales, not the rule"
 
 
 def test_quantised_drift_is_measured_on_the_line_s_fused_score(

@@ -96,9 +96,11 @@ def test_train_flow_registers_challenger_with_reproducible_scores(prefect_harnes
     # alone would have scored
     spec = load_bundle(result.bundle).spec
     views = spec.threshold.details["whole_part_score"]
-    assert views["views"] in ("fused", "patch", "part") and set(views["wins_over_fused"]) == {"patch", "part"}
+    assert views["views"] in ("fused", "max", "patch", "part")
+    assert set(views["wins_over_fused"]) == {"patch", "part", "max"}
     assert (spec.density is None) == (views["views"] == "patch")
     assert run.data.metrics["whole_part_view_used"] == float(views["views"] != "patch")
+    assert run.data.tags["line_views"] == views["views"]
     record = mlflow.artifacts.load_dict(f"runs:/{result.run_id}/calibration/threshold.json")
     assert record["value"] == spec.threshold.value and record["evidence"]["calibration"] == "cross_fitted"
     assert record["evidence"]["goods"] == run.data.metrics["calibration_n_good"] and record["promise"] == "expected"
