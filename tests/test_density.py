@@ -283,9 +283,13 @@ def test_a_view_decides_alone_only_when_held_out_defects_clearly_prefer_it() -> 
     bad_part = np.where(kind, rng.normal(0, 1, 100), rng.normal(4, 1, 100))
     chosen, info = choose_views(views(*goods), views(bad_patch, bad_part))
     assert chosen == "max" and info["combine"] == "max" and info["wins_over_fused"]["max"] >= 0.95
-    few_good, few_bad = views(sharp_good[:8], noise_good[:8]), views(sharp_bad[:2], noise_bad[:2])
-    chosen, info = choose_views(few_good, few_bad)
-    assert (chosen == "fused") == all(w < 0.95 for w in info["wins_over_fused"].values())
+    # fewer than ten capture groups a side cannot move the default, however lopsided the resamples look
+    tiles = [f"tile-{i % 3}" for i in range(60)]
+    chosen, info = choose_views(views(sharp_good, noise_good), views(sharp_bad, noise_bad), good_groups=tiles)
+    assert chosen == "fused" and info["resample_units"] == {"good": 3, "defective": 30}
+    assert info["reason"].startswith("evidence from 3 good capture groups")
+    chosen, info = choose_views(views(sharp_good[:8], noise_good[:8]), views(sharp_bad[:2], noise_bad[:2]))
+    assert chosen == "fused" and info["reason"].startswith("evidence from 8 good and 2 defective capture groups")
 
 
 def test_a_bundle_scored_by_its_whole_part_view_alone_scores_so_on_the_line(

@@ -429,7 +429,9 @@ def test_choose_offset_follows_where_the_defects_are() -> None:
         few_parts.offset == 0.5
         and few["offset_auroc"]["1.0"] > few["offset_auroc"]["0.5"]
         and few["offset_wins"]["1.0"] < 0.95
+        and few["offset_kept_because"].startswith("evidence from 6 good and 4 defective capture groups")
     )
+    assert "offset_kept_because" not in info
     assert (
         choose_offset(bank, varied_good, local_defects, ScoringConfig(offset=0.0), ())[0].offset == 0.0
     )  # nothing else to try
@@ -458,6 +460,7 @@ def test_choose_offset_resamples_whole_capture_groups() -> None:
     )
     assert by_group.offset == 0.5 and why["offset_wins"]["1.0"] < 0.95
     assert why["offset_resampled"] == "groups" and why["offset_resample_units"] == {"good": 24, "defective": 2}
+    assert why["offset_kept_because"].startswith("evidence from 2 defective capture groups")
 
     draws = _cluster_draws(["a", "a", "b", "c", "c", "c"], 6, 50, np.random.default_rng(0))
     for d in draws:  # every draw is whole groups: a group's members come together, as often as it was drawn
