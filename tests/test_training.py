@@ -216,8 +216,8 @@ def _part_validation(tmp_path: Path) -> tuple[ValidationData, list[Path]]:
 
 
 def test_validation_scores_with_the_line_s_fused_score(tmp_path: Path) -> None:
-    """Epochs are chosen by the score the line will use: for an embedder that describes whole parts, the larger of the
-    standardised patch and whole-part scores; the patch score alone cannot see parts that are off as a whole."""
+    """Epochs are chosen by the score the line will use: for an embedder that describes whole parts, the standardised
+    patch and whole-part scores fused; the patch score alone cannot see parts that are off as a whole."""
     from models.training import validate
 
     data, _ = _part_validation(tmp_path)
