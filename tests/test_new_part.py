@@ -59,6 +59,8 @@ def test_new_part_cli_end_to_end(
     parent = load_bundle(bundle)
     assert new.manifest["files"]["model.onnx"] == parent.manifest["files"]["model.onnx"]  # the same embedder
     assert new.descriptors is not None and len(new.descriptors) == 8
+    assert new.spec.density is not None and parent.spec.density is not None
+    assert (new.spec.density.combine, parent.spec.density.combine) == ("max", "mean")  # goldens alone: the larger
     assert new.spec.provenance[NEW_PART_KEY]["embedder"] == parent.model_version
     assert new.spec.threshold.details["n_good"] == 8
     later, defects = _scores(new.path, striped["later"]), _scores(new.path, striped["defects"])
