@@ -113,6 +113,17 @@ def too_little_evidence(units: dict[str, int]) -> str | None:
     return f"evidence from {' and '.join(short)} capture groups: {MIN_EVIDENCE_UNITS} a side move a default"
 
 
+def chosen_on_evidence(
+    aurocs: dict[Any, float], wins: dict[Any, float], baseline: Any, confidence: float, units: dict[str, int]
+) -> tuple[Any, str | None]:
+    """The default ``baseline`` unless other candidates beat it in at least ``confidence`` of the resamples
+    (:func:`bootstrap_wins`) on enough evidence (:func:`too_little_evidence`); of several, the one of highest AUROC.
+    Also why the default stayed for want of evidence (None when the evidence sufficed)."""
+    short = too_little_evidence(units)
+    better = [] if short else [c for c in wins if c != baseline and wins[c] >= confidence]
+    return (max(better, key=lambda c: aurocs[c]) if better else baseline), short
+
+
 def pick_offset(
     good: PatchTerms,
     defective: PatchTerms,
@@ -136,9 +147,7 @@ def pick_offset(
         defective_groups=defective_groups,
     )
     units = evidence_units(good_groups, len(good.worst), defective_groups, len(defective.worst))
-    short = too_little_evidence(units)
-    better = [c for c in offsets if c != scoring.offset and wins[c] >= confidence and not short]
-    best = max(better, key=lambda c: aurocs[c]) if better else scoring.offset
+    best, short = chosen_on_evidence(aurocs, wins, scoring.offset, confidence, units)
     return replace(scoring, offset=best), {
         "offset_auroc": {str(c): aurocs[c] for c in offsets},
         "offset_wins": {str(c): wins[c] for c in offsets},
@@ -481,9 +490,7 @@ def choose_views(
         defective_groups=defective_groups,
     )
     units = evidence_units(good_groups, len(good[FUSED]), defective_groups, len(defective[FUSED]))
-    short = too_little_evidence(units)
-    better = [v for v in ALTERNATIVES if wins[v] >= confidence and not short]
-    chosen = max(better, key=lambda v: aurocs[v]) if better else FUSED
+    chosen, short = chosen_on_evidence(aurocs, wins, FUSED, confidence, units)
     return chosen, {
         "kept": chosen != PATCH_VIEW,
         "views": chosen,
