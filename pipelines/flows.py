@@ -202,7 +202,8 @@ def line_model(
             refusal = f"INT8 quantisation failed: {exc}"
     if refusal and recipe.line_precision == "int8":
         raise ValueError(f"line_precision=int8 asked for, but {refusal}")
-    record = choose_line_model(evaluations["fp32"], evaluations.get("int8"), recipe, refusal)
+    groups = split.group_ids([Path(p) for p in evaluations["fp32"].paths])
+    record = choose_line_model(evaluations["fp32"], evaluations.get("int8"), recipe, refusal, groups)
     if refusal:
         get_run_logger().warning("line model: FP32 (%s)", refusal)
     else:

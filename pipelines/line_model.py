@@ -7,12 +7,14 @@ golden goods through the bundle's own preprocessing, then goes through :func:`bu
 model did: its own bank, offset, views and threshold on its own out-of-fold scores. Both are scored on the test
 parts through the line's code; the INT8 one ships when its image AUROC loss and its share of changed verdicts are
 within the recipe's tolerances (``int8_max_auroc_loss``, ``int8_max_flip_rate``), else the FP32 one, the reason
-recorded in the bundle (``provenance.line_model``) and in MLflow.
+recorded in the bundle (``provenance.line_model``) and in MLflow, with the loss's interval over the test parts'
+capture groups.
 """
 
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,7 @@ import numpy as np
 
 from inspector.bundle import MODEL_FILE, load_bundle, write_bundle
 from inspector.engine import OnnxEmbedder
+from inspector.metrics import Interval, grouped_bootstrap, roc_auc
 from inspector.quantize import (
     MIN_CALIBRATION_IMAGES,
     QUANTIZED_TAG,
@@ -84,18 +87,52 @@ def _at_threshold(evaluation: Evaluation) -> dict[str, float]:
     return {k: float(m[k]) for k in ("image_auroc", "false_reject_rate", "escape_rate") if k in m}
 
 
+def _both_scored(fp32: Evaluation, int8: Evaluation) -> tuple[np.ndarray, np.ndarray]:
+    """The rows of ``fp32`` and of ``int8`` that hold the same parts, in the same order (a part one model could not
+    read is left out of both)."""
+    theirs = {p: i for i, p in enumerate(int8.paths)}
+    mine = [i for i, p in enumerate(fp32.paths) if p in theirs]
+    return np.asarray(mine, dtype=np.int64), np.asarray([theirs[fp32.paths[i]] for i in mine], dtype=np.int64)
+
+
 def verdict_flips(fp32: Evaluation, int8: Evaluation) -> tuple[int, int]:
     """How many of the parts both scored get another verdict from the INT8 model at its own threshold, of how many."""
-    theirs = dict(zip(int8.paths, int8.scores > int8.threshold))
-    mine = [(flagged, theirs[p]) for p, flagged in zip(fp32.paths, fp32.scores > fp32.threshold) if p in theirs]
-    return int(sum(a != b for a, b in mine)), len(mine)
+    mine, theirs = _both_scored(fp32, int8)
+    changed = (fp32.scores[mine] > fp32.threshold) != (int8.scores[theirs] > int8.threshold)
+    return int(changed.sum()), len(mine)
+
+
+def auroc_loss_interval(
+    fp32: Evaluation, int8: Evaluation, groups: Sequence[str], *, resamples: int = 1000, seed: int = 0
+) -> Interval:
+    """FP32's image AUROC minus INT8's on the parts both scored, with a 95 % interval over resamples of whole capture
+    groups (``groups``: each of ``fp32``'s parts' group), paired: both models score the same parts in every resample.
+
+    Why: the tolerance is a few thousandths of AUROC and a test split holds tens of parts, so the point loss alone
+    cannot say whether INT8 lost anything; the interval says how much the test parts could have moved it."""
+    mine, theirs = _both_scored(fp32, int8)
+    labels = fp32.labels[mine]
+    s32, s8 = fp32.scores[mine], int8.scores[theirs]
+
+    def loss(rows: np.ndarray) -> float:
+        return roc_auc(labels[rows], s32[rows]) - roc_auc(labels[rows], s8[rows])
+
+    return grouped_bootstrap(
+        loss, np.asarray(groups, dtype=object)[mine], strata=labels, resamples=resamples, seed=seed
+    )
 
 
 def choose_line_model(
-    fp32: Evaluation, int8: Evaluation | None, recipe: Recipe, refusal: str | None = None
+    fp32: Evaluation,
+    int8: Evaluation | None,
+    recipe: Recipe,
+    refusal: str | None = None,
+    groups: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Which model ships and why: INT8 under ``line_precision="auto"`` when its image AUROC loss and its share of
-    changed verdicts on the test parts are within the recipe's tolerances; what each scored, either way."""
+    changed verdicts on the test parts are within the recipe's tolerances; what each scored, either way. With
+    ``groups`` (each of ``fp32``'s parts' capture group) the loss is recorded with its interval
+    (:func:`auroc_loss_interval`); the rule reads the loss itself."""
     record: dict[str, Any] = {"precision_asked": recipe.line_precision, "fp32": _at_threshold(fp32)}
     if int8 is None:
         reason = refusal or "INT8 not asked for (line_precision=fp32)"
@@ -110,16 +147,22 @@ def choose_line_model(
         parts=parts,
         tolerances={"max_auroc_loss": recipe.int8_max_auroc_loss, "max_flip_rate": recipe.int8_max_flip_rate},
     )
+    within = ""
+    if groups is not None:
+        spread = auroc_loss_interval(fp32, int8, groups, seed=recipe.seed)
+        record["auroc_loss_interval"] = [spread.low, spread.high]
+        within = f" (95 % interval {spread.low:+.4f} to {spread.high:+.4f})"
     misses = []
     if not loss <= recipe.int8_max_auroc_loss:  # a NaN loss (one class only in the test) is no evidence either
-        misses.append(f"image AUROC {loss:+.4f} below FP32 (tolerance {recipe.int8_max_auroc_loss})")
+        misses.append(f"image AUROC {loss:+.4f} below FP32{within} (tolerance {recipe.int8_max_auroc_loss})")
     if parts == 0 or flips / parts > recipe.int8_max_flip_rate:
         misses.append(f"{flips} of {parts} verdicts changed (tolerance {recipe.int8_max_flip_rate:.1%})")
     if recipe.line_precision == "int8":
         return {**record, "shipped": "int8", "reason": "asked for (line_precision=int8)", "outside_tolerance": misses}
     if misses:
         return {**record, "shipped": "fp32", "reason": "INT8 outside tolerance: " + "; ".join(misses)}
-    return {**record, "shipped": "int8", "reason": "INT8 within tolerance"}
+    drift = f"image AUROC {loss:+.4f} below FP32{within}, {flips} of {parts} verdicts changed"
+    return {**record, "shipped": "int8", "reason": f"INT8 within tolerance: {drift}"}
 
 
 def ship(candidate: Path, out: Path, record: dict[str, Any]) -> Path:
@@ -136,6 +179,7 @@ def line_metrics(record: dict[str, Any]) -> dict[str, float]:
         out.update(
             int8_auroc_loss=float(record["auroc_loss"]),
             int8_verdict_flips=float(record["verdict_flips"]),
+            **dict(zip(("int8_auroc_loss_low", "int8_auroc_loss_high"), record.get("auroc_loss_interval", ()))),
             **{f"int8_test_{k}": v for k, v in record["int8"].items()},
             **{f"fp32_test_{k}": v for k, v in record["fp32"].items()},
         )

@@ -116,6 +116,9 @@ def test_train_flow_registers_challenger_with_reproducible_scores(prefect_harnes
     assert run.data.tags["line_precision"] == line["shipped"]
     assert run.data.metrics["line_int8"] == float(line["shipped"] == "int8")
     assert line["parts"] == len(paths) and 0 <= line["verdict_flips"] <= line["parts"]
+    low, high = line["auroc_loss_interval"]  # the loss over the test parts' capture groups, paired
+    assert low <= high
+    assert (run.data.metrics["int8_auroc_loss_low"], run.data.metrics["int8_auroc_loss_high"]) == (low, high)
     within = line["auroc_loss"] <= 0.005 and line["verdict_flips"] / line["parts"] <= 0.02
     assert line["shipped"] == ("int8" if within else "fp32")
     int8 = load_bundle(result.bundle.parent / "candidates" / "int8")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from pipelines.evaluation import Evaluation
-from pipelines.line_model import choose_line_model, line_metrics, verdict_flips
+from pipelines.line_model import auroc_loss_interval, choose_line_model, line_metrics, verdict_flips
 from pipelines.recipe import Recipe
 
 
@@ -29,6 +29,27 @@ def test_int8_within_both_tolerances_ships(fp32: Evaluation) -> None:
     record = choose_line_model(fp32, int8, Recipe())
     assert record["shipped"] == "int8" and record["verdict_flips"] == 0 and record["auroc_loss"] == pytest.approx(0)
     assert line_metrics(record)["line_int8"] == 1.0 and line_metrics(record)["int8_verdict_flips"] == 0.0
+    assert "0 of 120 verdicts changed" in record["reason"] and "auroc_loss_interval" not in record
+
+
+def test_the_auroc_loss_comes_with_its_interval_over_capture_groups(fp32: Evaluation) -> None:
+    same = auroc_loss_interval(fp32, _evaluation(fp32.scores * 1.3, threshold=1.3), fp32.paths)
+    assert (same.low, same.high) == (0.0, 0.0)  # paired: both models score the same parts in every resample
+    scores = fp32.scores.copy()
+    defects = np.flatnonzero(fp32.labels == 1)
+    lost = defects[np.argsort(-scores[defects])[:4]]
+    scores[lost] = 0.0  # four defects now ranked below every good
+    int8 = _evaluation(scores)
+    alone = auroc_loss_interval(fp32, int8, fp32.paths)
+    record = choose_line_model(fp32, int8, Recipe(), groups=fp32.paths)
+    assert 0.0 < alone.low < record["auroc_loss"] < alone.high
+    assert record["auroc_loss_interval"] == [alone.low, alone.high]
+    metrics = line_metrics(record)
+    assert (metrics["int8_auroc_loss_low"], metrics["int8_auroc_loss_high"]) == (alone.low, alone.high)
+    # the four lost defects photographed as one part (the rest as two): one piece of evidence, not four
+    groups = ["lost" if i in lost else f"part{i % 2 if i in defects else i}" for i in range(120)]
+    grouped = auroc_loss_interval(fp32, int8, groups)
+    assert grouped.low <= 0.0 < alone.low
 
 
 def test_changed_verdicts_keep_fp32_with_the_reason(fp32: Evaluation) -> None:
