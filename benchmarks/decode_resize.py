@@ -9,7 +9,10 @@ more CPU than the forward pass. On one thread, best of ``--repeats``, decode inc
 * + draft: the line's way (``Preprocessor.load``): a JPEG decoded at the DCT scale that keeps 3x the size it is
   resized to, then the two-step resize; the ratio is one step / this, with the largest pixel difference;
 * for one-channel photos (a mono camera): converted to RGB at decode against kept one channel until after the
-  resize, as the line does (the same array, bit for bit).
+  resize, as the line does (the same array, bit for bit);
+* the resize alone, of the photo as the line decodes it: Pillow's bicubic (the line's, antialiased) against
+  OpenCV's ``INTER_CUBIC`` (four taps, no antialias), with the largest pixel difference: what a faster resampler
+  would save, and how far it would move the pixels every bundle was calibrated on.
 
     .venv/bin/python -m benchmarks.decode_resize [--sizes 640x512,1280x1024,2448x2048] [--input 320x256]
 """
@@ -51,6 +54,28 @@ def encoded(img: Image.Image, fmt: str) -> bytes:
     return buf.getvalue()
 
 
+def opencv_resize(pre: Preprocessor, image: Image.Image, repeats: int) -> dict[str, Any]:
+    """Milliseconds of the line's resampling (Pillow's bicubic with the config's reducing gap, to where the part lands
+    on the input) and of OpenCV's bicubic to the same size, and their largest pixel difference."""
+    import cv2
+
+    new_w, new_h, _, _ = pre.placement(*image.size)
+    gap = pre.config.reducing_gap
+    pixels = np.asarray(image)
+
+    def pillow() -> np.ndarray:
+        return np.asarray(image.resize((new_w, new_h), Image.Resampling.BICUBIC, reducing_gap=gap))
+
+    def opencv() -> np.ndarray:
+        return np.asarray(cv2.resize(pixels, (new_w, new_h), interpolation=cv2.INTER_CUBIC))
+
+    return {
+        "resize_pillow_ms": best_ms(pillow, repeats),
+        "resize_opencv_ms": best_ms(opencv, repeats),
+        "opencv_max_diff": int(np.abs(pillow().astype(int) - opencv().astype(int)).max()),
+    }
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="640x512,1280x1024,2448x2048", help="photo sizes, WxH, comma-separated")
@@ -65,7 +90,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"input {in_w}x{in_h}, one thread, ms per photo (best of {args.repeats}); max diff: from one step")
     print(
         f"{'photo':>10} {'format':>6} {'colour':>6} | {'one step':>8} {'two steps':>9} {'+ draft':>8} {'ratio':>6} "
-        f"{'max diff':>8} | {'mono via RGB':>12} {'one channel':>11} {'ratio':>6}"
+        f"{'max diff':>8} | {'mono via RGB':>12} {'one channel':>11} {'ratio':>6} | resize: Pillow / OpenCV / max diff"
     )
     for size in args.sizes.split(","):
         w, h = (int(v) for v in size.split("x"))
@@ -92,6 +117,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         f" {row['via_rgb_ms']:12.1f} {row['line_ms']:11.1f} {row['via_rgb_ms'] / row['line_ms']:5.2f}x"
                     )
                     line += "" if row["same_array"] else "  (NOT the same array)"
+                else:
+                    line += " " * 32  # no mono columns
+                row.update(opencv_resize(two, two.load(data), args.repeats))
+                line += f" | {row['resize_pillow_ms']:6.2f} {row['resize_opencv_ms']:6.2f} {row['opencv_max_diff']:5d}"
                 print(line)
                 rows.append(row)
     figures = {"input": args.input, "rows": rows}

@@ -24,10 +24,10 @@ speed does not depend on training), bundled by the product's own ``build_bundle`
 the recipe reads it (``pipelines.recipe.trunk_overrides``) on a generated weights file of its shapes, bundled the
 same way, and its INT8 candidate as the training flow builds it (``pipelines.line_model``: quantised on the golden
 goods, bank and threshold on its own scores); for FP32 and INT8, the ORT forward and the golden-bank search of a
-batch of 32, and end to end (``score_paths``, batches side by side), with the bank's size. ``--also-set KEY=VALUE``
-adds the recipe's trunk with other settings (the line model before a change of default: ``--backbones
-tf_efficientnet_lite0 --also-set embedder.density_skip=0``). The values of the weights do not change the
-forward's cost; the pruned search may prune differently with real features.
+batch of 32, and end to end (``score_paths``, batches side by side), with the bank's size, then each one's stages
+(as above). ``--also-set KEY=VALUE`` adds the recipe's trunk with other settings (the line model before a change of
+default: ``--backbones tf_efficientnet_lite0 --also-set embedder.density_skip=0``). The values of the weights do
+not change the forward's cost; the pruned search may prune differently with real features.
 
     .venv/bin/python -m benchmarks.inspector_speed [--images 128] [--requests 64] [--mono] [--skip-eager]
     .venv/bin/python -m benchmarks.inspector_speed --backbones wide_resnet50_2,vit_small_patch14_dinov2 --images 64
@@ -103,6 +103,7 @@ def stage_ms(inspector: Inspector, paths: list[Path], rounds: int) -> dict[str, 
         "decode+resize (pool)": lambda: emb.prepare(paths),
         "normalise": lambda: pre.normalize(resized),
         "ORT forward": lambda: emb.run(batch, sizes),
+        "ORT forward (1 thread, as batches side by side)": lambda: emb.run(batch, sizes, serial=True),
         "golden-bank search (pruned, the line's)": lambda: scorer.bank.anomaly_scores(
             embeddings, scorer.scoring, valid
         ),
@@ -387,6 +388,7 @@ def compare_trunks(
             "bank": b["bank"],
             "bank_mb": b["bank_mb"],
             **{p: {w: rates[f"{row}|{p}|{w}"] for w in ("forward", "search", "end_to_end")} for p in ("fp32", "int8")},
+            "stage_ms": {p: stage_ms(Inspector.from_bundle(b[p]), paths[:BATCH], rounds) for p in ("fp32", "int8")},
         }
         for row, b in built.items()
     }
@@ -403,6 +405,10 @@ def compare_trunks(
         ]
         bank = f"{row['bank'][0]} x {row['bank'][1]}, {row['bank_mb']:.0f}"
         print(f"{name:<34}{bank:>24}  " + "  ".join(f"{c:<44}" for c in cells))
+    for name, row in rows.items():
+        for p in ("fp32", "int8"):
+            stages = ", ".join(f"{k} {v:.1f}" for k, v in row["stage_ms"][p].items())
+            print(f"{name}, {p.upper()}: one batch of 32, ms: {stages}")
     return rows
 
 

@@ -160,6 +160,8 @@ def test_inspector_speed_compares_trunks_in_fp32_and_int8(tmp_path: Path, capsys
     for precision in ("fp32", "int8"):
         assert set(row[precision]) == {"forward", "search", "end_to_end"}
         assert min(row[precision].values()) > 0
+        assert min(row["stage_ms"][precision].values()) > 0  # each stage of the line model, one core's forward too
+        assert "ORT forward (1 thread, as batches side by side)" in row["stage_ms"][precision]
     assert row["bank"][1] == 8 + 128 + 256  # the 8-d head beside the features of stages 2+3
     assert figures["models"] == {}  # trunks instead of the product settings
     assert "INT8 forward / search / end to end" in capsys.readouterr().out
@@ -192,6 +194,7 @@ def test_decode_resize_times_each_way_and_mono_keeps_the_same_array(tmp_path: Pa
     assert [r["same_array"] for r in rows if r["mono"]] == [True] * 4
     big_jpeg = next(r for r in rows if r["photo"] == "640x480" and r["format"] == "JPEG" and not r["mono"])
     assert big_jpeg["max_pixel_difference"] <= 2  # the reduced decode changes pixels by a grey level or two
+    assert min(r["resize_opencv_ms"] for r in rows) > 0 and big_jpeg["opencv_max_diff"] > 0  # other pixels
 
 
 @pytest.mark.parametrize("one_batch", [False, True])
