@@ -26,8 +26,9 @@ computed within each fold (each model on its own scale) and pooled with the fold
 trainings. good-only and loto test defects no model trained on anyway; with ``--folds`` good-only tests every
 defect image.
 
-``--int8`` also quantises each trained bundle (``inspector quantize``, on up to 64 calibration goods) and scores
-the same test images through it: score drift, verdict flips, AUROC, escape rates and images/s beside FP32.
+``--int8`` also builds each trained bundle's INT8 candidate as the training flow does (``pipelines.line_model``:
+quantised on up to 64 golden goods, its own bank, views and threshold) and scores the same test images through it:
+verdict flips, AUROC, escape rates and images/s beside FP32.
 
     .venv/bin/python -m benchmarks.quality ../shared/data/magnetic_tile_defect/magnetic_tile \\
         --group-pattern 'num_(\\d+)' --group-gap 2000 --folds 5 --experiments product,good-only,loto
