@@ -69,7 +69,7 @@ from pipelines.data.records import ImageRecord, capture_groups
 from pipelines.data.split import DataSplit, SplitFractions, assign_splits, grouped_folds, hash_fraction
 from pipelines.embedder_training import fit_embedder
 from pipelines.evaluation import calibration_shortfall, evaluate_bundle, pixel_level_auroc
-from pipelines.line_model import int8_candidate
+from pipelines.line_model import both_scored, int8_candidate
 from pipelines.recipe import Recipe, resolve_bit_depth, resolve_input_size
 from pipelines.settings import apply_overrides, load_overrides
 
@@ -414,9 +414,7 @@ def int8_of(
     candidate = int8_candidate(bundle, split, recipe, out)
     seconds = time.perf_counter() - t0
     int8 = TestScores.of(candidate, split, fold)
-    same = {p: i for i, p in enumerate(int8.paths.tolist())}
-    rows = np.array([same[p] for p in fp32.paths.tolist() if p in same])
-    mine = np.array([p in same for p in fp32.paths.tolist()])
+    mine, rows = both_scored(fp32.paths.tolist(), int8.paths.tolist())
     flips = int(np.sum((fp32.margins[mine] > 0) != (int8.margins[rows] > 0)))
     report = load_bundle(candidate).spec.provenance["quantization"]
     info = {

@@ -87,17 +87,17 @@ def _at_threshold(evaluation: Evaluation) -> dict[str, float]:
     return {k: float(m[k]) for k in ("image_auroc", "false_reject_rate", "escape_rate") if k in m}
 
 
-def _both_scored(fp32: Evaluation, int8: Evaluation) -> tuple[np.ndarray, np.ndarray]:
-    """The rows of ``fp32`` and of ``int8`` that hold the same parts, in the same order (a part one model could not
-    read is left out of both)."""
-    theirs = {p: i for i, p in enumerate(int8.paths)}
-    mine = [i for i, p in enumerate(fp32.paths) if p in theirs]
-    return np.asarray(mine, dtype=np.int64), np.asarray([theirs[fp32.paths[i]] for i in mine], dtype=np.int64)
+def both_scored(fp32_paths: Sequence[str], int8_paths: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """The rows of the FP32 and of the INT8 scores that hold the same parts, in the same order (a part one model
+    could not read is left out of both)."""
+    theirs = {p: i for i, p in enumerate(int8_paths)}
+    mine = [i for i, p in enumerate(fp32_paths) if p in theirs]
+    return np.asarray(mine, dtype=np.int64), np.asarray([theirs[fp32_paths[i]] for i in mine], dtype=np.int64)
 
 
 def verdict_flips(fp32: Evaluation, int8: Evaluation) -> tuple[int, int]:
     """How many of the parts both scored get another verdict from the INT8 model at its own threshold, of how many."""
-    mine, theirs = _both_scored(fp32, int8)
+    mine, theirs = both_scored(fp32.paths, int8.paths)
     changed = (fp32.scores[mine] > fp32.threshold) != (int8.scores[theirs] > int8.threshold)
     return int(changed.sum()), len(mine)
 
@@ -110,7 +110,7 @@ def auroc_loss_interval(
 
     Why: the tolerance is a few thousandths of AUROC and a test split holds tens of parts, so the point loss alone
     cannot say whether INT8 lost anything; the interval says how much the test parts could have moved it."""
-    mine, theirs = _both_scored(fp32, int8)
+    mine, theirs = both_scored(fp32.paths, int8.paths)
     labels = fp32.labels[mine]
     s32, s8 = fp32.scores[mine], int8.scores[theirs]
 
